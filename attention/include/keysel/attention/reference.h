@@ -1,0 +1,33 @@
+// Reference attention in double precision: probabilities, full attention and attention over a selection.
+//
+// These are the ground truth every faster kernel and every fidelity metric is checked against (SPEC §1, §4).
+// They favour clarity over speed but are parallelised with OpenMP over query tokens and heads.
+#pragma once
+
+#include "keysel/core/attention_inputs.h"
+#include "keysel/core/selection.h"
+
+namespace keysel {
+
+/// Per-head probabilities p[t,h,s] = softmax over allowed s of (scale * q[t,h] . k[s,kv(h)]).
+///   probabilities: fp64 [T, Hq, N], written in full; disallowed keys get 0.
+void attention_probabilities(const AttentionInputs& inputs, const TensorView& probabilities);
+
+/// Group-mean probabilities pbar[t,G,s] = (1/|G|) sum_{h in G} p[t,h,s] (SPEC §2).
+///   pbar: fp64 [T, G, N] with G = group_count(granularity, Hq, Hkv); disallowed keys get 0.
+void group_probabilities(const AttentionInputs& inputs, Granularity granularity, const TensorView& pbar);
+
+/// Full causal attention o[t,h] = sum_s p[t,h,s] v[s,kv(h)] and its log-sum-exp.
+///   out: fp32 or fp64 [T, Hq, Dv]
+///   lse: fp32 or fp64 [T, Hq], log sum_s exp(scale * q.k) over allowed s; may be an empty view.
+void full_attention(const AttentionInputs& inputs, const TensorView& out, const TensorView& lse = {});
+
+/// Attention restricted to a selection, renormalised on it (SPEC §4 o_A):
+///   o_A[t,h] = sum_{s in A} p[t,h,s] v[s] / sum_{s in A} p[t,h,s], computed with a log-sum-exp.
+///   selection: int32 [T, G, W] (G from granularity), -1 entries ignored; entries must be allowed and distinct.
+///   out:       fp32 or fp64 [T, Hq, Dv]; a query with no selected key gets zeros and lse = -infinity.
+///   lse:       fp32 or fp64 [T, Hq], log sum_{s in A} exp(scale * q.k); may be an empty view.
+void sparse_attention_reference(const AttentionInputs& inputs, const TensorView& selection,
+                                Granularity granularity, const TensorView& out, const TensorView& lse = {});
+
+}  // namespace keysel

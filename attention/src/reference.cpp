@@ -1,1 +1,268 @@
-// placeholder: being written
+#include "keysel/attention/reference.h"
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <vector>
+
+namespace keysel {
+namespace {
+
+// The inputs decoded once into row-major doubles: every computation below reads these, so fp16/bf16 inputs
+// cost one conversion and the arithmetic is double precision throughout.
+struct DecodedInputs {
+  AttentionShape shape;
+  double scale = 0.0;
+  std::vector<double> q;               // [T, Hq, D]
+  std::vector<double> k;               // [N, Hkv, D]
+  std::vector<double> v;               // [N, Hkv, Dv], empty when v is not given
+  std::vector<std::int64_t> allowed;   // [T], min(pos(t) + 1, N)
+
+  const double* query(std::int64_t t, std::int64_t h) const {
+    return q.data() + (t * shape.query_heads + h) * shape.head_dim;
+  }
+  const double* key(std::int64_t s, std::int64_t kv) const {
+    return k.data() + (s * shape.kv_heads + kv) * shape.head_dim;
+  }
+  const double* value(std::int64_t s, std::int64_t kv) const {
+    return v.data() + (s * shape.kv_heads + kv) * shape.value_dim;
+  }
+};
+
+DecodedInputs decode(const AttentionInputs& inputs, const AttentionShape& shape) {
+  DecodedInputs in;
+  in.shape = shape;
+  in.scale = inputs.effective_scale();
+  in.q = to_double_vector(inputs.q);
+  in.k = to_double_vector(inputs.k);
+  if (!inputs.v.empty()) in.v = to_double_vector(inputs.v);
+  const std::vector<double> positions = to_double_vector(inputs.positions);
+  in.allowed.resize(positions.size());
+  for (std::size_t t = 0; t < positions.size(); ++t) {
+    in.allowed[t] = allowed_keys(static_cast<std::int64_t>(positions[t]), shape.keys);
+  }
+  return in;
+}
+
+/// Checks an output argument completely; called for every output before anything is written.
+void check_output(std::string_view function, const TensorView& view, std::string_view argument,
+                  std::initializer_list<std::int64_t> shape, std::initializer_list<DType> dtypes) {
+  expect_shape(function, view, argument, shape);
+  expect_dtype(function, view, argument, dtypes);
+  expect_device(function, view, argument, Device::cpu());
+  expect_writable(function, view, argument);
+}
+
+/// Stores doubles into a checked fp32 or fp64 output, honouring its strides.
+class OutputWriter {
+ public:
+  explicit OutputWriter(const TensorView& view)
+      : data_(view.mutable_raw_data()), fp64_(view.dtype() == DType::fp64), rank_(view.rank()) {
+    for (int d = 0; d < rank_; ++d) strides_[d] = view.stride(d);
+  }
+  void store(std::int64_t i, std::int64_t j, double value) const { store_at(i * strides_[0] + j * strides_[1], value); }
+  void store(std::int64_t i, std::int64_t j, std::int64_t l, double value) const {
+    store_at(i * strides_[0] + j * strides_[1] + l * strides_[2], value);
+  }
+
+ private:
+  void store_at(std::int64_t offset, double value) const {
+    if (fp64_) {
+      static_cast<double*>(data_)[offset] = value;
+    } else {
+      static_cast<float*>(data_)[offset] = static_cast<float>(value);
+    }
+  }
+  void* data_;
+  bool fp64_;
+  int rank_;
+  std::int64_t strides_[TensorView::kMaxRank] = {};
+};
+
+/// exp(logit - max) of query (t, h) against each key in `keys`, into `weights`; returns the max logit and the
+/// sum of the weights (the softmax denominator relative to the max). An empty key list gives max = -inf, sum 0.
+struct Softmax {
+  double max_logit = -std::numeric_limits<double>::infinity();
+  double sum = 0.0;
+  double log_sum_exp() const {
+    return sum > 0.0 ? max_logit + std::log(sum) : -std::numeric_limits<double>::infinity();
+  }
+};
+
+Softmax softmax_weights(const DecodedInputs& in, std::int64_t t, std::int64_t h,
+                        std::span<const std::int64_t> keys, std::vector<double>& weights) {
+  const std::int64_t kv = h / in.shape.group_size();
+  const std::int64_t dim = in.shape.head_dim;
+  const double* qv = in.query(t, h);
+  weights.resize(keys.size());
+  Softmax result;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const double* kvec = in.key(keys[i], kv);
+    double dot = 0.0;
+    for (std::int64_t d = 0; d < dim; ++d) dot += qv[d] * kvec[d];
+    weights[i] = in.scale * dot;
+    if (weights[i] > result.max_logit) result.max_logit = weights[i];
+  }
+  for (double& w : weights) {
+    w = std::exp(w - result.max_logit);
+    result.sum += w;
+  }
+  return result;
+}
+
+/// Keys 0 .. count-1.
+void fill_prefix(std::vector<std::int64_t>& keys, std::int64_t count) {
+  keys.resize(static_cast<std::size_t>(count));
+  for (std::int64_t s = 0; s < count; ++s) keys[static_cast<std::size_t>(s)] = s;
+}
+
+/// out[t,h] = sum_i weights[i] v[keys[i]] / sum, and lse, for one query and head.
+void write_attention_row(const DecodedInputs& in, std::int64_t t, std::int64_t h,
+                         std::span<const std::int64_t> keys, const std::vector<double>& weights,
+                         const Softmax& softmax, std::vector<double>& accumulator, const OutputWriter& out,
+                         const OutputWriter* lse) {
+  const std::int64_t kv = h / in.shape.group_size();
+  const std::int64_t dv = in.shape.value_dim;
+  accumulator.assign(static_cast<std::size_t>(dv), 0.0);
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const double* vv = in.value(keys[i], kv);
+    for (std::int64_t d = 0; d < dv; ++d) accumulator[static_cast<std::size_t>(d)] += weights[i] * vv[d];
+  }
+  const double inverse = softmax.sum > 0.0 ? 1.0 / softmax.sum : 0.0;
+  for (std::int64_t d = 0; d < dv; ++d) out.store(t, h, d, accumulator[static_cast<std::size_t>(d)] * inverse);
+  if (lse != nullptr) lse->store(t, h, softmax.log_sum_exp());
+}
+
+}  // namespace
+
+void attention_probabilities(const AttentionInputs& inputs, const TensorView& probabilities) {
+  constexpr std::string_view function = "attention_probabilities";
+  const AttentionShape shape = inputs.validate(function, false);
+  check_output(function, probabilities, "probabilities", {shape.tokens, shape.query_heads, shape.keys},
+               {DType::fp64});
+
+  const DecodedInputs in = decode(inputs, shape);
+  const OutputWriter out(probabilities);
+#pragma omp parallel
+  {
+    std::vector<std::int64_t> keys;
+    std::vector<double> weights;
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      for (std::int64_t h = 0; h < shape.query_heads; ++h) {
+        const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+        fill_prefix(keys, allowed);
+        const Softmax softmax = softmax_weights(in, t, h, keys, weights);
+        for (std::int64_t s = 0; s < allowed; ++s) {
+          out.store(t, h, s, weights[static_cast<std::size_t>(s)] / softmax.sum);
+        }
+        for (std::int64_t s = allowed; s < shape.keys; ++s) out.store(t, h, s, 0.0);
+      }
+    }
+  }
+}
+
+void group_probabilities(const AttentionInputs& inputs, Granularity granularity, const TensorView& pbar) {
+  constexpr std::string_view function = "group_probabilities";
+  const AttentionShape shape = inputs.validate(function, false);
+  const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
+  check_output(function, pbar, "pbar", {shape.tokens, groups, shape.keys}, {DType::fp64});
+
+  const DecodedInputs in = decode(inputs, shape);
+  const OutputWriter out(pbar);
+  const std::int64_t heads_per_group = shape.query_heads / groups;
+#pragma omp parallel
+  {
+    std::vector<std::int64_t> keys;
+    std::vector<double> weights;
+    std::vector<double> mean;
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      for (std::int64_t g = 0; g < groups; ++g) {
+        const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+        fill_prefix(keys, allowed);
+        mean.assign(static_cast<std::size_t>(allowed), 0.0);
+        for (std::int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
+          const Softmax softmax = softmax_weights(in, t, h, keys, weights);
+          const double factor = 1.0 / (softmax.sum * static_cast<double>(heads_per_group));
+          for (std::size_t s = 0; s < mean.size(); ++s) mean[s] += weights[s] * factor;
+        }
+        for (std::int64_t s = 0; s < allowed; ++s) out.store(t, g, s, mean[static_cast<std::size_t>(s)]);
+        for (std::int64_t s = allowed; s < shape.keys; ++s) out.store(t, g, s, 0.0);
+      }
+    }
+  }
+}
+
+void full_attention(const AttentionInputs& inputs, const TensorView& out, const TensorView& lse) {
+  constexpr std::string_view function = "full_attention";
+  const AttentionShape shape = inputs.validate(function, true);
+  check_output(function, out, "out", {shape.tokens, shape.query_heads, shape.value_dim},
+               {DType::fp32, DType::fp64});
+  if (!lse.empty()) {
+    check_output(function, lse, "lse", {shape.tokens, shape.query_heads}, {DType::fp32, DType::fp64});
+  }
+
+  const DecodedInputs in = decode(inputs, shape);
+  const OutputWriter out_writer(out);
+  const OutputWriter lse_writer = lse.empty() ? out_writer : OutputWriter(lse);
+  const OutputWriter* lse_ptr = lse.empty() ? nullptr : &lse_writer;
+#pragma omp parallel
+  {
+    std::vector<std::int64_t> keys;
+    std::vector<double> weights;
+    std::vector<double> accumulator;
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      for (std::int64_t h = 0; h < shape.query_heads; ++h) {
+        fill_prefix(keys, in.allowed[static_cast<std::size_t>(t)]);
+        const Softmax softmax = softmax_weights(in, t, h, keys, weights);
+        write_attention_row(in, t, h, keys, weights, softmax, accumulator, out_writer, lse_ptr);
+      }
+    }
+  }
+}
+
+void sparse_attention_reference(const AttentionInputs& inputs, const TensorView& selection,
+                                Granularity granularity, const TensorView& out, const TensorView& lse) {
+  constexpr std::string_view function = "sparse_attention_reference";
+  const AttentionShape shape = inputs.validate(function, true);
+  const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
+  check_output(function, out, "out", {shape.tokens, shape.query_heads, shape.value_dim},
+               {DType::fp32, DType::fp64});
+  if (!lse.empty()) {
+    check_output(function, lse, "lse", {shape.tokens, shape.query_heads}, {DType::fp32, DType::fp64});
+  }
+  validate_selection(function, selection, "selection", inputs.positions, shape.keys, groups);
+
+  const DecodedInputs in = decode(inputs, shape);
+  const std::vector<double> selected = to_double_vector(selection);  // [T, G, W], validated above
+  const std::int64_t width = selection.size(2);
+  std::vector<std::int64_t> group_of(static_cast<std::size_t>(shape.query_heads));
+  for (std::int64_t h = 0; h < shape.query_heads; ++h) {
+    group_of[static_cast<std::size_t>(h)] = group_of_head(granularity, h, shape.query_heads, shape.kv_heads);
+  }
+  const OutputWriter out_writer(out);
+  const OutputWriter lse_writer = lse.empty() ? out_writer : OutputWriter(lse);
+  const OutputWriter* lse_ptr = lse.empty() ? nullptr : &lse_writer;
+#pragma omp parallel
+  {
+    std::vector<std::int64_t> keys;
+    std::vector<double> weights;
+    std::vector<double> accumulator;
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      for (std::int64_t h = 0; h < shape.query_heads; ++h) {
+        const std::int64_t g = group_of[static_cast<std::size_t>(h)];
+        const double* row = selected.data() + (t * groups + g) * width;
+        keys.clear();
+        for (std::int64_t i = 0; i < width && row[i] >= 0.0; ++i) keys.push_back(static_cast<std::int64_t>(row[i]));
+        const Softmax softmax = softmax_weights(in, t, h, keys, weights);
+        write_attention_row(in, t, h, keys, weights, softmax, accumulator, out_writer, lse_ptr);
+      }
+    }
+  }
+}
+
+}  // namespace keysel

@@ -23,19 +23,19 @@ AttentionShape AttentionInputs::validate(std::string_view function, bool need_v)
   shape.head_dim = q.size(2);
   shape.keys = k.size(0);
   shape.kv_heads = k.size(1);
-  KEYSEL_CHECK_ARG(shape.head_dim >= 1, "q", "head dim D >= 1", q.str());
-  KEYSEL_CHECK_ARG(shape.query_heads >= 1, "q", "at least one query head", q.str());
-  KEYSEL_CHECK_ARG(shape.kv_heads >= 1, "k", "at least one key head", k.str());
-  KEYSEL_CHECK_ARG(shape.query_heads % shape.kv_heads == 0, "k",
+  KEYSEL_CHECK_ARG_IN(function, shape.head_dim >= 1, "q", "head dim D >= 1", q.str());
+  KEYSEL_CHECK_ARG_IN(function, shape.query_heads >= 1, "q", "at least one query head", q.str());
+  KEYSEL_CHECK_ARG_IN(function, shape.kv_heads >= 1, "k", "at least one key head", k.str());
+  KEYSEL_CHECK_ARG_IN(function, shape.query_heads % shape.kv_heads == 0, "k",
                    "Hkv dividing Hq = " + std::to_string(shape.query_heads), "Hkv = " + std::to_string(shape.kv_heads));
-  KEYSEL_CHECK_ARG(shape.keys >= 1, "k", "at least one cached key", k.str());
+  KEYSEL_CHECK_ARG_IN(function, shape.keys >= 1, "k", "at least one cached key", k.str());
 
   if (need_v || !v.empty()) {
     expect_shape(function, v, "v", {shape.keys, shape.kv_heads, kAnyExtent});
     expect_dtype(function, v, "v", floating);
     expect_device(function, v, "v", Device::cpu());
     shape.value_dim = v.size(2);
-    KEYSEL_CHECK_ARG(shape.value_dim >= 1, "v", "value dim Dv >= 1", v.str());
+    KEYSEL_CHECK_ARG_IN(function, shape.value_dim >= 1, "v", "value dim Dv >= 1", v.str());
   }
   for (std::int64_t t = 0; t < shape.tokens; ++t) {
     const std::int64_t pos = static_cast<std::int64_t>(positions.load({t}));

@@ -220,7 +220,7 @@ constexpr float decode_e5m2(std::uint8_t code) {
 template <float (*decode)(std::uint8_t)>
 constexpr std::array<float, 256> make_fp8_table() {
   std::array<float, 256> table{};
-  for (int code = 0; code < 256; ++code) table[code] = decode(static_cast<std::uint8_t>(code));
+  for (std::size_t code = 0; code < table.size(); ++code) table[code] = decode(static_cast<std::uint8_t>(code));
   return table;
 }
 

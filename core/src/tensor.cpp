@@ -34,8 +34,10 @@ void TensorView::init(const void* data, DType dtype, std::span<const std::int64_
     KEYSEL_CHECK_ARG(extent >= 0, "shape", "non-negative extents", shape);
     count *= extent;
   }
-  KEYSEL_CHECK_ARG(data != nullptr || count == 0, "data", "a non-null pointer for a non-empty tensor",
-                   "nullptr");
+  if (data == nullptr && count != 0) {
+    detail::throw_argument_error("TensorView", "data", "a non-null pointer for a tensor of " +
+                                 std::to_string(count) + " elements", "nullptr");
+  }
   if (!contiguous) {
     KEYSEL_CHECK_ARG(strides.size() == shape.size(), "strides", "one stride per dimension (" +
                      std::to_string(shape.size()) + ")", strides);

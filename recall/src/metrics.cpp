@@ -4,6 +4,7 @@
 #include <array>
 #include <cmath>
 #include <exception>
+#include <functional>
 #include <limits>
 #include <string>
 
@@ -38,7 +39,8 @@ void check_index(std::string_view function, std::string_view argument, std::int6
 
 /// Percentile of sorted, NaN-free values with NumPy's default ("linear") method: virtual index (n - 1) * q,
 /// interpolated between its two neighbours exactly as numpy's _lerp does (so results match NumPy bit for bit
-/// on finite data). Equal neighbours return their value, so that infinities do not turn into NaN.
+/// on finite data). Infinite neighbours give their limit (kl is +inf for a row with no mass) instead of the
+/// inf - inf = NaN that the formula would produce.
 double percentile_of_sorted(const std::vector<double>& sorted, double quantile) {
   const std::size_t n = sorted.size();
   const double virtual_index = static_cast<double>(n - 1) * quantile;
@@ -49,6 +51,9 @@ double percentile_of_sorted(const std::vector<double>& sorted, double quantile) 
   const double a = sorted[below];
   const double b = sorted[above];
   if (gamma == 0.0 || a == b) return a;
+  if (std::isinf(a) && std::isinf(b)) return kNaN;  // -inf and +inf: no limit
+  if (std::isinf(a)) return a;
+  if (std::isinf(b)) return b;
   const double difference = b - a;
   return gamma >= 0.5 ? b - difference * (1.0 - gamma) : a + difference * gamma;
 }

@@ -69,6 +69,15 @@ std::string describe(const T& value) {
     }                                                                                            \
   } while (0)
 
+/// As KEYSEL_CHECK_ARG, naming `function` instead of the enclosing function (for shared validation helpers).
+#define KEYSEL_CHECK_ARG_IN(function, cond, argument, expected, received)                        \
+  do {                                                                                           \
+    if (!(cond)) {                                                                               \
+      ::keysel::detail::throw_argument_error((function), (argument), (expected),                 \
+                                             ::keysel::detail::describe(received));             \
+    }                                                                                            \
+  } while (0)
+
 /// Throws keysel::Error with a free-form message (streamed) when `cond` is false.
 ///   KEYSEL_CHECK(file.good(), "cannot read " << path);
 #define KEYSEL_CHECK(cond, message)                                                              \

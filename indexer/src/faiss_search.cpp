@@ -1,1 +1,368 @@
-// placeholder: being written
+// The FAISS backend of CandidateSearch (compiled only with KEYSEL_FAISS).
+//
+// Three families are driven per query so that every call carries its own parameters and its own, exact cost
+// count (FAISS 1.7.3 keeps its statistics in process-wide globals, indexIVF_stats and hnsw_stats, which
+// concurrent searches would corrupt, and its HNSW search does not count distances at all):
+//   flat  IndexFlat::search with an IDSelectorRange; every key in the range is scored.
+//   ivf   the coarse quantizer's search, then IndexIVF::search_preassigned with a per-call IndexIVFStats.
+//   hnsw  HNSW::search (the single-query, single-thread entry point) over a distance computer that counts.
+// The MIPS transform is applied here: vectors get sqrt(M^2 - |x|^2) as an extra coordinate, queries get 0.
+#include "keysel/indexer/faiss_search.h"
+
+#include <faiss/Index.h>
+#include <faiss/IndexFlat.h>
+#include <faiss/IndexHNSW.h>
+#include <faiss/IndexIVF.h>
+#include <faiss/IndexIVFFastScan.h>
+#include <faiss/IndexIVFPQ.h>
+#include <faiss/impl/AuxIndexStructures.h>
+#include <faiss/impl/DistanceComputer.h>
+#include <faiss/impl/FaissException.h>
+#include <faiss/impl/IDSelector.h>
+#include <faiss/index_factory.h>
+#include <faiss/utils/Heap.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "keysel/core/error.h"
+
+namespace keysel {
+namespace {
+
+using faiss_id = faiss::Index::idx_t;
+
+constexpr std::string_view kSupported =
+    "a FAISS factory string of a supported family: Flat, IVF{nlist},{Flat|SQ8|SQ4|PQ{m}|...}, "
+    "HNSW{M}[,{Flat|SQ8|PQ{m}}] (fast-scan PQ{m}x4fs and pre-transforms take no per-call parameters in "
+    "FAISS 1.7.3)";
+
+enum class Family { flat, ivf, hnsw };
+
+/// The transform's dim + 1 rounded up to a multiple of the PQ{m} in the factory string (zero coordinates leave
+/// L2 distances unchanged), so that PQ sub-quantizers still split the vector evenly.
+/// The m of the first "PQ{m}" in a factory string, or 0.
+std::int64_t pq_subquantizers(const std::string& factory) {
+  const std::size_t at = factory.find("PQ");
+  if (at == std::string::npos) return 0;
+  std::size_t end = at + 2;
+  while (end < factory.size() && std::isdigit(static_cast<unsigned char>(factory[end]))) ++end;
+  if (end == at + 2 || end - at > 8) return 0;
+  return std::stoll(factory.substr(at + 2, end - at - 2));
+}
+
+std::int64_t padded_dim(const std::string& factory, std::int64_t dim) {
+  const std::int64_t m = pq_subquantizers(factory);
+  return m > 0 ? (dim + m - 1) / m * m : dim;
+}
+
+/// Wraps a distance computer: counts every distance and, for inner product, negates it so that HNSW (which
+/// minimises) finds the largest products. One per query, so the count is private to the calling thread.
+class CountingDistance final : public faiss::DistanceComputer {
+ public:
+  CountingDistance(faiss::DistanceComputer* base, bool negate) : base_(base), negate_(negate) {}
+  void set_query(const float* x) override { base_->set_query(x); }
+  float operator()(idx_t i) override {
+    ++count_;
+    const float v = (*base_)(i);
+    return negate_ ? -v : v;
+  }
+  float symmetric_dis(idx_t i, idx_t j) override {
+    ++count_;
+    const float v = base_->symmetric_dis(i, j);
+    return negate_ ? -v : v;
+  }
+  std::size_t count() const { return count_; }
+
+ private:
+  std::unique_ptr<faiss::DistanceComputer> base_;
+  bool negate_;
+  std::size_t count_ = 0;
+};
+
+class FaissCandidateSearch final : public CandidateSearch {
+ public:
+  FaissCandidateSearch(std::string_view factory, std::int64_t dim, const CandidateSearchOptions& options)
+      : CandidateSearch(dim), factory_(factory), options_(options) {
+    constexpr std::string_view function = "make_faiss_search";
+    mips_ = options.mips_to_l2;
+    index_dim_ = mips_ ? padded_dim(factory_, dim + 1) : dim;
+    const faiss::MetricType metric = mips_ ? faiss::METRIC_L2 : faiss::METRIC_INNER_PRODUCT;
+    // FAISS 1.7.3's factory leaks the coarse quantizer when the PQ part throws, so check the split here.
+    const std::int64_t pq_m = pq_subquantizers(factory_);
+    if (pq_m > 0 && index_dim_ % pq_m != 0) {
+      detail::throw_argument_error(function, "factory", "PQ{m} with m dividing the dim " + std::to_string(index_dim_),
+                                   "\"" + factory_ + "\"");
+    }
+    try {
+      index_.reset(faiss::index_factory(static_cast<int>(index_dim_), factory_.c_str(), metric));
+    } catch (const faiss::FaissException& error) {
+      detail::throw_argument_error(function, "factory", kSupported,
+                                   "\"" + factory_ + "\" (FAISS: " + error.msg + ")");
+    }
+    if (auto* ivf = dynamic_cast<faiss::IndexIVF*>(index_.get())) {
+      if (dynamic_cast<faiss::IndexIVFFastScan*>(ivf) != nullptr) {
+        detail::throw_argument_error(function, "factory", kSupported, "\"" + factory_ + "\" (an IVF fast-scan index)");
+      }
+      family_ = Family::ivf;
+      ivf_ = ivf;
+      // Small caches train on fewer than FAISS's 39 points per centroid; the result is fine, the warning noise.
+      ivf_->cp.min_points_per_centroid = 1;
+      if (auto* ivfpq = dynamic_cast<faiss::IndexIVFPQ*>(ivf)) {
+        ivfpq->pq.cp.min_points_per_centroid = 1;
+        // Polysemous training (a Hamming-distance reordering of PQ codes) costs minutes and serves Hamming
+        // filtering, which keysel never uses.
+        ivfpq->do_polysemous_training = false;
+      }
+    } else if (auto* hnsw = dynamic_cast<faiss::IndexHNSW*>(index_.get())) {
+      family_ = Family::hnsw;
+      hnsw_ = hnsw;
+      hnsw_->hnsw.efConstruction = static_cast<int>(options.ef_construction);
+      hnsw_->hnsw.efSearch = static_cast<int>(options.ef_search);
+    } else if (dynamic_cast<faiss::IndexFlat*>(index_.get()) != nullptr) {
+      family_ = Family::flat;
+    } else {
+      detail::throw_argument_error(function, "factory", kSupported, "\"" + factory_ + "\"");
+    }
+  }
+
+  std::string name() const override { return mips_ ? factory_ + "+mips" : factory_; }
+  std::int64_t size() const override { return index_->ntotal; }
+  bool is_trained() const override { return index_->is_trained && (!mips_ || bound_ready_); }
+  std::int64_t norm_overflows() const override { return overflows_; }
+
+  std::int64_t bytes() const override {
+    const double n = static_cast<double>(index_->ntotal);
+    double total = 0;
+    switch (family_) {
+      case Family::flat:
+        total = n * static_cast<double>(index_dim_) * sizeof(float);
+        break;
+      case Family::ivf: {
+        total = n * static_cast<double>(ivf_->code_size + sizeof(faiss_id)) +
+                static_cast<double>(ivf_->quantizer->ntotal) * static_cast<double>(index_dim_) * sizeof(float);
+        if (auto* ivfpq = dynamic_cast<const faiss::IndexIVFPQ*>(ivf_)) {
+          total += static_cast<double>(ivfpq->pq.centroids.size()) * sizeof(float);
+        }
+        break;
+      }
+      case Family::hnsw: {
+        const auto* storage = dynamic_cast<const faiss::IndexFlatCodes*>(hnsw_->storage);
+        const double code = storage ? static_cast<double>(storage->code_size)
+                                    : static_cast<double>(index_dim_) * sizeof(float);
+        total = n * code + static_cast<double>(hnsw_->hnsw.neighbors.size()) * sizeof(int) +
+                static_cast<double>(hnsw_->hnsw.levels.size()) * sizeof(int) +
+                static_cast<double>(hnsw_->hnsw.offsets.size()) * sizeof(std::size_t);
+        break;
+      }
+    }
+    return static_cast<std::int64_t>(total);
+  }
+
+  void reset() override {
+    index_->reset();
+    overflows_ = 0;
+  }
+
+ protected:
+  void do_train(std::int64_t n, const float* x) override {
+    constexpr std::string_view function = "CandidateSearch::train";
+    if (mips_) {
+      double max_norm_sq = 0;
+      for (std::int64_t i = 0; i < n; ++i) max_norm_sq = std::max(max_norm_sq, norm_sq(x + i * dim()));
+      const double bound = options_.mips_norm_headroom * std::sqrt(max_norm_sq);
+      bound_sq_ = bound > 0 ? bound * bound : 1.0;
+      bound_ready_ = true;
+    }
+    if (index_->is_trained) return;  // Flat and HNSW-Flat learn nothing else
+    if (family_ == Family::ivf) {
+      const auto nlist = static_cast<std::int64_t>(ivf_->nlist);
+      if (n < nlist) {
+        detail::throw_argument_error(function, "n", ">= nlist = " + std::to_string(nlist) + " training vectors",
+                                     std::to_string(n));
+      }
+    }
+    const std::vector<float> xt = transform(n, x, nullptr);
+    try {
+      index_->train(n, xt.data());
+    } catch (const faiss::FaissException& error) {
+      detail::throw_argument_error(function, "n", "enough training vectors for " + name(),
+                                   std::to_string(n) + " (FAISS: " + error.msg + ")");
+    }
+  }
+
+  void do_add(std::int64_t n, const float* x) override {
+    std::int64_t overflows = 0;
+    const std::vector<float> xt = transform(n, x, &overflows);
+    try {
+      index_->add(n, xt.data());
+    } catch (const faiss::FaissException& error) {
+      KEYSEL_CHECK(false, "FAISS rejected add() on " << name() << ": " << error.msg);
+    }
+    overflows_ += overflows;
+  }
+
+  SearchCost do_search(std::int64_t n, const float* x, std::int64_t k, float* scores, std::int64_t* ids,
+                       const SearchParameters& params) const override {
+    std::vector<SearchCost> costs(static_cast<std::size_t>(n));
+    std::string failure;
+#pragma omp parallel if (n > 1 && !omp_in_parallel())
+    {
+      std::vector<float> query(static_cast<std::size_t>(index_dim_), 0.0f);
+      std::vector<float> distances(static_cast<std::size_t>(k));
+      std::vector<faiss_id> labels(static_cast<std::size_t>(k));
+#pragma omp for schedule(dynamic, 1)
+      for (std::int64_t i = 0; i < n; ++i) {
+        try {
+          const float* q = x + i * dim();
+          std::copy(q, q + dim(), query.begin());  // the MIPS coordinate stays 0
+          costs[static_cast<std::size_t>(i)] = search_one(query.data(), k, distances.data(), labels.data(), params);
+          const double q_norm_sq = mips_ ? norm_sq(q) : 0.0;
+          for (std::int64_t j = 0; j < k; ++j) {
+            const faiss_id label = labels[static_cast<std::size_t>(j)];
+            float score = -std::numeric_limits<float>::infinity();
+            if (label >= 0) {
+              const double dist = distances[static_cast<std::size_t>(j)];
+              // |q' - x'|^2 = |q|^2 + M^2 - 2 q.x, so q.x = (|q|^2 + M^2 - dist) / 2.
+              score = mips_ ? static_cast<float>(0.5 * (q_norm_sq + bound_sq_ - dist)) : static_cast<float>(dist);
+            }
+            scores[i * k + j] = score;
+            ids[i * k + j] = label >= 0 ? label : -1;
+          }
+        } catch (const std::exception& error) {
+#pragma omp critical(keysel_faiss_search_failure)
+          if (failure.empty()) failure = error.what();
+        }
+      }
+    }
+    KEYSEL_CHECK(failure.empty(), "FAISS search on " << name() << " failed: " << failure);
+    SearchCost total;
+    for (const SearchCost& c : costs) total += c;
+    return total;
+  }
+
+ private:
+  double norm_sq(const float* v) const {
+    double s = 0;
+    for (std::int64_t c = 0; c < dim(); ++c) s += static_cast<double>(v[c]) * v[c];
+    return s;
+  }
+
+  /// x (n * dim) as the index stores it: itself, or with the MIPS coordinate appended.
+  std::vector<float> transform(std::int64_t n, const float* x, std::int64_t* overflows) const {
+    if (!mips_) return std::vector<float>(x, x + n * dim());
+    std::vector<float> out(static_cast<std::size_t>(n * index_dim_), 0.0f);
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float* v = x + i * dim();
+      std::copy(v, v + dim(), out.begin() + i * index_dim_);
+      const double rest = bound_sq_ - norm_sq(v);
+      if (rest < -1e-6 * bound_sq_ && overflows != nullptr) ++*overflows;
+      out[static_cast<std::size_t>(i * index_dim_ + dim())] = static_cast<float>(std::sqrt(std::max(rest, 0.0)));
+    }
+    return out;
+  }
+
+  /// One query (index_dim_ floats); distances/labels: k each, in FAISS's metric.
+  SearchCost search_one(const float* query, std::int64_t k, float* distances, faiss_id* labels,
+                        const SearchParameters& params) const {
+    const bool whole_range = params.id_begin == 0 && params.id_end == index_->ntotal;
+    faiss::IDSelectorRange range(params.id_begin, params.id_end, /*assume_sorted=*/true);
+    faiss::IDSelector* selector = whole_range ? nullptr : &range;
+    SearchCost cost;
+    const double d = static_cast<double>(index_dim_);
+    switch (family_) {
+      case Family::flat: {
+        faiss::SearchParameters p;
+        p.sel = selector;
+        index_->search(1, query, k, distances, labels, &p);
+        cost.vectors_scored = static_cast<double>(params.id_end - params.id_begin);
+        cost.macs = cost.vectors_scored * d;
+        cost.bytes_read = cost.vectors_scored * d * sizeof(float);
+        break;
+      }
+      case Family::ivf: {
+        const std::int64_t nlist = static_cast<std::int64_t>(ivf_->nlist);
+        const std::int64_t nprobe = std::min(params.nprobe > 0 ? params.nprobe : options_.nprobe, nlist);
+        std::vector<float> coarse_distances(static_cast<std::size_t>(nprobe));
+        std::vector<faiss_id> coarse_lists(static_cast<std::size_t>(nprobe));
+        ivf_->quantizer->search(1, query, nprobe, coarse_distances.data(), coarse_lists.data());
+        faiss::SearchParametersIVF p;
+        p.nprobe = static_cast<std::size_t>(nprobe);
+        p.sel = selector;
+        faiss::IndexIVFStats stats;
+        ivf_->search_preassigned(1, query, k, coarse_lists.data(), coarse_distances.data(), distances, labels,
+                                 /*store_pairs=*/false, &p, &stats);
+        const double centroids = static_cast<double>(ivf_->quantizer->ntotal);
+        cost.vectors_scored = static_cast<double>(stats.ndis);
+        cost.centroids_scored = centroids;
+        cost.bytes_read = cost.vectors_scored * static_cast<double>(ivf_->code_size) + centroids * d * sizeof(float);
+        if (const auto* ivfpq = dynamic_cast<const faiss::IndexIVFPQ*>(ivf_)) {
+          // One table lookup per sub-quantizer and code, plus the query's distance tables.
+          cost.macs = cost.vectors_scored * static_cast<double>(ivfpq->pq.M) +
+                      static_cast<double>(nprobe) * static_cast<double>(ivfpq->pq.ksub) * d + centroids * d;
+        } else {
+          cost.macs = (cost.vectors_scored + centroids) * d;
+        }
+        break;
+      }
+      case Family::hnsw: {
+        faiss::SearchParametersHNSW p;
+        const std::int64_t ef = params.ef_search > 0 ? params.ef_search : options_.ef_search;
+        p.efSearch = static_cast<int>(std::max(ef, k));
+        p.sel = selector;
+        const bool negate = index_->metric_type == faiss::METRIC_INNER_PRODUCT;
+        CountingDistance distance(hnsw_->storage->get_distance_computer(), negate);
+        distance.set_query(query);
+        faiss::VisitedTable visited(static_cast<int>(index_->ntotal));
+        faiss::maxheap_heapify(static_cast<std::size_t>(k), distances, labels);
+        if (index_->ntotal > 0) hnsw_->hnsw.search(distance, static_cast<int>(k), labels, distances, visited, &p);
+        faiss::maxheap_reorder(static_cast<std::size_t>(k), distances, labels);
+        if (negate) {
+          for (std::int64_t j = 0; j < k; ++j) distances[j] = -distances[j];
+        }
+        const auto* storage = dynamic_cast<const faiss::IndexFlatCodes*>(hnsw_->storage);
+        const double code = storage ? static_cast<double>(storage->code_size) : d * sizeof(float);
+        cost.vectors_scored = static_cast<double>(distance.count());
+        cost.macs = cost.vectors_scored * d;
+        // Each distance reads one code and the link that led to it.
+        cost.bytes_read = cost.vectors_scored * (code + sizeof(int));
+        break;
+      }
+    }
+    return cost;
+  }
+
+  std::string factory_;
+  CandidateSearchOptions options_;
+  bool mips_ = false;
+  std::int64_t index_dim_ = 0;
+  std::unique_ptr<faiss::Index> index_;
+  Family family_ = Family::flat;
+  faiss::IndexIVF* ivf_ = nullptr;
+  faiss::IndexHNSW* hnsw_ = nullptr;
+  double bound_sq_ = 0;  // M^2 of the MIPS transform
+  bool bound_ready_ = false;
+  std::int64_t overflows_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<CandidateSearch> make_faiss_search(std::string_view factory, std::int64_t dim,
+                                                   const CandidateSearchOptions& options) {
+  KEYSEL_CHECK_ARG(dim >= 1, "dim", ">= 1", dim);
+  KEYSEL_CHECK_ARG(!factory.empty(), "factory", kSupported, factory);
+  KEYSEL_CHECK_ARG(options.mips_norm_headroom >= 1.0 && std::isfinite(options.mips_norm_headroom),
+                   "options.mips_norm_headroom", "a finite value >= 1", options.mips_norm_headroom);
+  KEYSEL_CHECK_ARG(options.nprobe >= 1, "options.nprobe", ">= 1", options.nprobe);
+  KEYSEL_CHECK_ARG(options.ef_search >= 1, "options.ef_search", ">= 1", options.ef_search);
+  KEYSEL_CHECK_ARG(options.ef_construction >= 1, "options.ef_construction", ">= 1", options.ef_construction);
+  return std::make_unique<FaissCandidateSearch>(factory, dim, options);
+}
+
+}  // namespace keysel

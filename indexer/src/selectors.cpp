@@ -1,1 +1,241 @@
-// placeholder: being written
+// The baseline selectors: exact top-k, random keys, and StreamingLLM-style sinks plus recent keys.
+//
+// Every selector writes rows the way select_topk does: the policy's kept keys (sinks 0..n_sink-1 and the last
+// n_local allowed positions) plus other allowed keys, min(policy.width(), allowed) keys in all, in ascending
+// position order, then -1 padding. All arguments are checked before anything is written.
+#include "keysel/indexer/selector.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "keysel/core/dtype.h"
+#include "keysel/core/error.h"
+#include "keysel/core/random.h"
+#include "keysel/indexer/topk.h"
+
+namespace keysel {
+
+SelectionCost& SelectionCost::operator+=(const SelectionCost& other) {
+  key_bytes_read += other.key_bytes_read;
+  macs += other.macs;
+  keys_scored += other.keys_scored;
+  seconds += other.seconds;
+  rows += other.rows;
+  return *this;
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+/// Checks the inputs (shapes and positions; v is not needed), the policy and the output; returns the shape.
+AttentionShape check_select_arguments(std::string_view function, const AttentionInputs& inputs,
+                                      const SelectionPolicy& policy, const TensorView& selection) {
+  const AttentionShape shape = inputs.validate(function, /*need_v=*/false);
+  policy.validate(function);
+  const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
+  expect_shape(function, selection, "selection", {shape.tokens, groups, policy.width()});
+  expect_dtype(function, selection, "selection", {DType::int32});
+  expect_device(function, selection, "selection", Device::cpu());
+  expect_writable(function, selection, "selection");
+  return shape;
+}
+
+/// Where the kept keys of one row lie. The allowed keys [0, allowed) split into
+///   [0, sink_end)            policy sinks (kept)
+///   [sink_end, local_start)  the free keys a selector chooses from
+///   [local_start, allowed)   the policy's local window (kept)
+/// and a row holds `total` = min(width, allowed) keys: all kept ones plus `free_slots` free ones.
+struct RowLayout {
+  std::int64_t allowed = 0;
+  std::int64_t sink_end = 0;
+  std::int64_t local_start = 0;
+  std::int64_t total = 0;
+  std::int64_t free_slots = 0;
+};
+
+RowLayout row_layout(std::int64_t allowed, const SelectionPolicy& policy) {
+  RowLayout r;
+  r.allowed = allowed;
+  r.sink_end = std::min(policy.n_sink, allowed);
+  r.local_start = std::max(allowed - policy.n_local, r.sink_end);
+  r.total = std::min(policy.width(), allowed);
+  const std::int64_t kept = r.sink_end + (allowed - r.local_start);
+  // kept <= total: either no overlap (kept = n_sink + n_local <= width) or everything allowed is kept.
+  r.free_slots = r.total - kept;
+  return r;
+}
+
+/// Writes one row: `keys` (ascending, size <= width) then -1 padding, through the view's strides.
+void write_row(const TensorView& selection, std::int64_t t, std::int64_t group, std::span<const std::int32_t> keys) {
+  std::int32_t* base = selection.mutable_data<std::int32_t>() + t * selection.stride(0) + group * selection.stride(1);
+  const std::int64_t step = selection.stride(2);
+  const std::int64_t width = selection.size(2);
+  for (std::int64_t i = 0; i < width; ++i) {
+    base[i * step] = i < static_cast<std::int64_t>(keys.size()) ? keys[static_cast<std::size_t>(i)] : -1;
+  }
+}
+
+std::vector<std::int64_t> allowed_per_token(const AttentionInputs& inputs, const AttentionShape& shape) {
+  std::vector<std::int64_t> allowed(static_cast<std::size_t>(shape.tokens));
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    allowed[static_cast<std::size_t>(t)] =
+        allowed_keys(static_cast<std::int64_t>(inputs.positions.load({t})), shape.keys);
+  }
+  return allowed;
+}
+
+// ---- exact -----------------------------------------------------------------------------------------------
+
+class ExactSelector final : public Selector {
+ public:
+  std::string name() const override { return "exact"; }
+
+  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
+                       const TensorView& selection) override {
+    const auto start = Clock::now();
+    const AttentionShape shape = check_select_arguments("ExactSelector::select", inputs, policy, selection);
+    exact_topk(inputs, policy, selection);
+
+    // Cost of scoring every allowed key of a row with the main attention, as a dense kernel would:
+    //   keys_scored    = allowed                                      (every allowed key, once per row)
+    //   macs           = allowed * D * (query heads in the group)      (one q.k per head and key)
+    //   key_bytes_read = allowed * D * bytes(k element) * (key heads the group's query heads read)
+    // per_head and per_kv_head groups read one key head; a per_token group reads all Hkv of them.
+    const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
+    const std::int64_t heads_per_group = shape.query_heads / groups;
+    const std::int64_t key_heads_per_group = policy.granularity == Granularity::per_token ? shape.kv_heads : 1;
+    const double bytes_per_key =
+        static_cast<double>(dtype_bytes(inputs.k.dtype(), shape.head_dim)) * static_cast<double>(key_heads_per_group);
+    SelectionCost cost;
+    for (const std::int64_t allowed : allowed_per_token(inputs, shape)) {
+      const double a = static_cast<double>(allowed) * static_cast<double>(groups);
+      cost.keys_scored += a;
+      cost.macs += a * static_cast<double>(shape.head_dim * heads_per_group);
+      cost.key_bytes_read += a * bytes_per_key;
+    }
+    cost.rows = shape.tokens * groups;
+    cost.seconds = seconds_since(start);
+    return cost;
+  }
+};
+
+// ---- random ----------------------------------------------------------------------------------------------
+
+class RandomSelector final : public Selector {
+ public:
+  explicit RandomSelector(std::uint64_t seed) : seed_(seed) {}
+  std::string name() const override { return "random"; }
+
+  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
+                       const TensorView& selection) override {
+    const auto start = Clock::now();
+    const AttentionShape shape = check_select_arguments("RandomSelector::select", inputs, policy, selection);
+    const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
+    const std::vector<std::int64_t> allowed = allowed_per_token(inputs, shape);
+    const std::int64_t rows = shape.tokens * groups;
+
+    // One random stream per (t, group), so the result does not depend on the thread count or schedule.
+#pragma omp parallel
+    {
+      std::vector<std::int32_t> keys;
+      std::vector<std::int64_t> picked;
+      std::vector<char> taken;  // taken[offset]: offset already picked in this row
+#pragma omp for schedule(dynamic, 4)
+      for (std::int64_t row = 0; row < rows; ++row) {
+        const std::int64_t t = row / groups;
+        const std::int64_t group = row % groups;
+        const RowLayout r = row_layout(allowed[static_cast<std::size_t>(t)], policy);
+        keys.clear();
+        for (std::int64_t s = 0; s < r.sink_end; ++s) keys.push_back(static_cast<std::int32_t>(s));
+
+        // Floyd's algorithm: free_slots distinct positions, uniform over [sink_end, local_start).
+        const std::int64_t range = r.local_start - r.sink_end;
+        picked.clear();
+        if (static_cast<std::int64_t>(taken.size()) < range) taken.resize(static_cast<std::size_t>(range), 0);
+        RandomStream random(seed_, static_cast<std::uint64_t>(row));
+        for (std::int64_t j = range - r.free_slots; j < range; ++j) {
+          const auto candidate =
+              static_cast<std::int64_t>(random.uniform_int(static_cast<std::uint64_t>(j + 1)));
+          const std::int64_t pick = taken[static_cast<std::size_t>(candidate)] ? j : candidate;
+          taken[static_cast<std::size_t>(pick)] = 1;
+          picked.push_back(pick);
+        }
+        for (const std::int64_t offset : picked) taken[static_cast<std::size_t>(offset)] = 0;
+        std::sort(picked.begin(), picked.end());
+        for (const std::int64_t offset : picked) keys.push_back(static_cast<std::int32_t>(r.sink_end + offset));
+
+        for (std::int64_t s = r.local_start; s < r.allowed; ++s) keys.push_back(static_cast<std::int32_t>(s));
+        write_row(selection, t, group, keys);
+      }
+    }
+    SelectionCost cost;
+    cost.rows = rows;
+    cost.seconds = seconds_since(start);
+    return cost;
+  }
+
+ private:
+  std::uint64_t seed_;
+};
+
+// ---- streaming -------------------------------------------------------------------------------------------
+
+class StreamingSelector final : public Selector {
+ public:
+  explicit StreamingSelector(std::int64_t n_sink) : n_sink_(n_sink) {}
+  std::string name() const override { return "streaming"; }
+
+  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
+                       const TensorView& selection) override {
+    const auto start = Clock::now();
+    const AttentionShape shape = check_select_arguments("StreamingSelector::select", inputs, policy, selection);
+    const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
+    const std::vector<std::int64_t> allowed = allowed_per_token(inputs, shape);
+    const std::int64_t sinks = std::max(n_sink_, policy.n_sink);
+
+    std::vector<std::int32_t> keys;
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      const RowLayout r = row_layout(allowed[static_cast<std::size_t>(t)], policy);
+      // The policy's kept keys, then the selector's extra sinks, then the most recent free keys. The row is
+      // [0, sink_end) and [recent_start, allowed): the kept window sits inside the recent block.
+      const std::int64_t extra_sinks =
+          std::min(std::max<std::int64_t>(0, std::min(sinks, r.local_start) - r.sink_end), r.free_slots);
+      const std::int64_t sink_end = r.sink_end + extra_sinks;
+      const std::int64_t recent_start = r.local_start - (r.free_slots - extra_sinks);
+      keys.clear();
+      for (std::int64_t s = 0; s < sink_end; ++s) keys.push_back(static_cast<std::int32_t>(s));
+      for (std::int64_t s = recent_start; s < r.allowed; ++s) keys.push_back(static_cast<std::int32_t>(s));
+      // Every group gets the same keys: streaming looks at positions only.
+      for (std::int64_t group = 0; group < groups; ++group) write_row(selection, t, group, keys);
+    }
+    SelectionCost cost;
+    cost.rows = shape.tokens * groups;
+    cost.seconds = seconds_since(start);
+    return cost;
+  }
+
+ private:
+  std::int64_t n_sink_;
+};
+
+}  // namespace
+
+std::unique_ptr<Selector> make_exact_selector() { return std::make_unique<ExactSelector>(); }
+
+std::unique_ptr<Selector> make_random_selector(std::uint64_t seed) { return std::make_unique<RandomSelector>(seed); }
+
+std::unique_ptr<Selector> make_streaming_selector(std::int64_t n_sink) {
+  KEYSEL_CHECK_ARG(n_sink >= 0, "n_sink", ">= 0", n_sink);
+  return std::make_unique<StreamingSelector>(n_sink);
+}
+
+}  // namespace keysel

@@ -1,1 +1,191 @@
-// placeholder: being written
+// Studies: every selector at every k over one workload, scored against one exact reference (SPEC §4, §5).
+#include "keysel/recall/study.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "keysel/core/error.h"
+
+namespace keysel {
+namespace {
+
+SelectionPolicy policy_for(const StudyOptions& options, std::int64_t k) {
+  SelectionPolicy policy;
+  policy.k = k;
+  policy.granularity = options.granularity;
+  policy.n_sink = options.n_sink;
+  policy.n_local = options.n_local;
+  policy.kept_on_top = options.kept_on_top;
+  return policy;
+}
+
+}  // namespace
+
+StudyResult run_study(const Workload& workload, const std::vector<std::unique_ptr<Selector>>& selectors,
+                      const StudyOptions& options) {
+  KEYSEL_CHECK_ARG(!options.k_values.empty(), "options.k_values", "at least one k", options.k_values);
+  for (const std::int64_t k : options.k_values) {
+    KEYSEL_CHECK_ARG(k >= 1, "options.k_values", "every k >= 1", options.k_values);
+    policy_for(options, k).validate("run_study");
+  }
+  KEYSEL_CHECK_ARG(!selectors.empty(), "selectors", "at least one selector", "none");
+  for (std::size_t i = 0; i < selectors.size(); ++i) {
+    KEYSEL_CHECK_ARG(selectors[i] != nullptr, "selectors", "non-null selectors",
+                     "nullptr at index " + std::to_string(i));
+  }
+  const AttentionInputs inputs = workload.inputs();
+  const AttentionShape shape = inputs.validate("run_study", /*need_v=*/false);
+  const ExactReference reference(inputs, options.granularity);
+  const std::int64_t groups = reference.groups();
+
+  StudyResult result;
+  result.workload = workload.name;
+  result.shape = shape;
+  result.options = options;
+  const auto names = metric_names();
+  for (const auto& selector : selectors) {
+    for (const std::int64_t k : options.k_values) {
+      const SelectionPolicy policy = policy_for(options, k);
+
+      std::vector<std::int32_t> buffer(static_cast<std::size_t>(shape.tokens * groups * policy.width()), -1);
+      const TensorView selection(buffer.data(), DType::int32, {shape.tokens, groups, policy.width()});
+      StudyRow row;
+      row.selector = selector->name();
+      row.k = k;
+      row.cost += selector->select(inputs, policy, selection);
+      // A user selector may be wrong: say which one before the metrics trip over its output.
+      validate_selection("run_study", selection, "selection of selector \"" + row.selector + "\"",
+                         inputs.positions, shape.keys, groups);
+
+      const std::vector<SelectionMetrics> metrics = reference.evaluate(selection, k);
+      std::vector<double> values(metrics.size());
+      for (const std::string_view name : names) {
+        for (std::size_t i = 0; i < metrics.size(); ++i) values[i] = metric_value(metrics[i], name);
+        row.metrics.emplace(std::string(name), aggregate(values));
+      }
+      result.rows.push_back(std::move(row));
+    }
+  }
+  return result;
+}
+
+namespace {
+
+/// Mean of metric `name` in `row`, NaN when absent.
+double mean_of(const StudyRow& row, std::string_view name, double Aggregate::*field = &Aggregate::mean) {
+  const auto it = row.metrics.find(name);
+  return it == row.metrics.end() ? std::nan("") : it->second.*field;
+}
+
+std::string format_number(const char* format, double value) {
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, format, value);
+  return buffer;
+}
+
+std::string pad_left(const std::string& text, std::size_t width) {
+  return text.size() >= width ? text : std::string(width - text.size(), ' ') + text;
+}
+std::string pad_right(const std::string& text, std::size_t width) {
+  return text.size() >= width ? text : text + std::string(width - text.size(), ' ');
+}
+
+}  // namespace
+
+void print_study_table(const StudyResult& result, std::ostream& out) {
+  const AttentionShape& s = result.shape;
+  out << "workload: " << result.workload << "\n";
+  out << "shape: T=" << s.tokens << " query tokens, N=" << s.keys << " keys, Hq=" << s.query_heads
+      << ", Hkv=" << s.kv_heads << ", D=" << s.head_dim << ", Dv=" << s.value_dim
+      << "; granularity " << granularity_name(result.options.granularity) << ", kept keys: " << result.options.n_sink
+      << " sinks + " << result.options.n_local << " local" << (result.options.kept_on_top ? " on top of k" : "")
+      << "\n";
+  if (!result.rows.empty()) {
+    // Entropy depends on the workload only, so every row holds the same value.
+    out << "attention entropy: " << format_number("%.3f", mean_of(result.rows.front(), "entropy"))
+        << " nats mean, " << format_number("%.3f", mean_of(result.rows.front(), "entropy_normalized"))
+        << " of log(allowed keys)\n";
+  }
+  out << "\n";
+
+  struct Column {
+    const char* title;
+    const char* metric;
+    double Aggregate::*field;
+    const char* format;
+  };
+  static const Column columns[] = {
+      {"recall", "recall", &Aggregate::mean, "%.4f"},        {"recall_p5", "recall", &Aggregate::p5, "%.4f"},
+      {"mass", "mass", &Aggregate::mean, "%.4f"},            {"mass_ratio", "mass_ratio", &Aggregate::mean, "%.4f"},
+      {"kl", "kl", &Aggregate::mean, "%.4f"},                {"top1", "top1", &Aggregate::mean, "%.4f"},
+      {"out_err", "out_err", &Aggregate::mean, "%.4f"},      {"out_err_p95", "out_err", &Aggregate::p95, "%.4f"},
+  };
+  std::size_t name_width = 8;
+  for (const StudyRow& row : result.rows) name_width = std::max(name_width, row.selector.size());
+  constexpr std::size_t kWidth = 8;
+  constexpr std::size_t kNumberWidth = 12;
+
+  std::string header = pad_right("selector", name_width) + pad_left("k", kWidth);
+  for (const Column& c : columns) header += pad_left(c.title, kNumberWidth);
+  header += pad_left("select_ms", kNumberWidth);
+  out << header << "\n" << std::string(header.size(), '-') << "\n";
+  for (const StudyRow& row : result.rows) {
+    std::string line = pad_right(row.selector, name_width) + pad_left(std::to_string(row.k), kWidth);
+    for (const Column& c : columns) line += pad_left(format_number(c.format, mean_of(row, c.metric, c.field)), kNumberWidth);
+    line += pad_left(format_number("%.2f", row.cost.seconds * 1e3), kNumberWidth);
+    out << line << "\n";
+  }
+}
+
+namespace {
+
+// ordered_json keeps the keys in the order written: workload, shape, options, rows; metrics in metric_names() order.
+using Json = nlohmann::ordered_json;
+
+Json number(double value) { return std::isfinite(value) ? Json(value) : Json(nullptr); }
+
+Json aggregate_json(const Aggregate& a) {
+  return {{"mean", number(a.mean)}, {"min", number(a.min)}, {"p5", number(a.p5)},
+          {"p50", number(a.p50)},   {"p95", number(a.p95)}, {"count", a.count}};
+}
+
+}  // namespace
+
+std::string study_to_json(const StudyResult& result) {
+  const AttentionShape& s = result.shape;
+  Json doc;
+  doc["workload"] = result.workload;
+  doc["shape"] = {{"tokens", s.tokens},           {"keys", s.keys},         {"query_heads", s.query_heads},
+                  {"kv_heads", s.kv_heads},       {"head_dim", s.head_dim}, {"value_dim", s.value_dim}};
+  doc["options"] = {{"k_values", result.options.k_values},
+                    {"granularity", std::string(granularity_name(result.options.granularity))},
+                    {"n_sink", result.options.n_sink},
+                    {"n_local", result.options.n_local},
+                    {"kept_on_top", result.options.kept_on_top}};
+  Json rows = Json::array();
+  for (const StudyRow& row : result.rows) {
+    Json metrics = Json::object();
+    for (const std::string_view name : metric_names()) {
+      const auto it = row.metrics.find(name);
+      if (it != row.metrics.end()) metrics[std::string(name)] = aggregate_json(it->second);
+    }
+    for (const auto& [name, a] : row.metrics) {
+      if (!metrics.contains(name)) metrics[name] = aggregate_json(a);
+    }
+    Json cost = {{"key_bytes_read", number(row.cost.key_bytes_read)},
+                 {"macs", number(row.cost.macs)},
+                 {"keys_scored", number(row.cost.keys_scored)},
+                 {"seconds", number(row.cost.seconds)},
+                 {"rows", row.cost.rows}};
+    rows.push_back({{"selector", row.selector}, {"k", row.k}, {"metrics", std::move(metrics)}, {"cost", std::move(cost)}});
+  }
+  doc["rows"] = std::move(rows);
+  return doc.dump(2) + "\n";
+}
+
+}  // namespace keysel

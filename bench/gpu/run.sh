@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds keysel with CUDA on a GPU machine, runs the GPU tests (plain, then under compute-sanitizer), the GPU
+# benchmarks beside their PyTorch peers, and Nsight Compute on the kernels, in one call. Results go to $OUT.
+#
+#   bench/gpu/run.sh [stages]     stages: any of build test sanitize bench ncu (default: all of them)
+#
+# GoogleTest and Google Benchmark come from the system or, where the machine has none, from Debian packages
+# unpacked out of .debs/ (fetch them once on a machine with a package mirror:
+#   mkdir -p .debs && cd .debs && apt-get download libgtest-dev libbenchmark-dev libbenchmark1debian).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STAGES=${*:-build test bench ncu sanitize}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+BUILD=${BUILD_DIR:-build-gpu}
+JOBS=$(nproc)
+summary=()
+
+PREFIX_ARGS=()
+if compgen -G ".debs/*.deb" >/dev/null; then
+  DEPS=/tmp/keysel-deps
+  mkdir -p "$DEPS"
+  for f in .debs/*.deb; do dpkg -x "$f" "$DEPS"; done
+  PREFIX_ARGS=(-DCMAKE_PREFIX_PATH="$DEPS/usr")
+  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+fi
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -2; } \
+  2>&1 | tee "$OUT/machine.txt"
+
+if has build; then
+  start=$SECONDS
+  if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEYSEL_CUDA=ON -DKEYSEL_FAISS=OFF \
+       -DKEYSEL_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES=90 "${PREFIX_ARGS[@]}" >"$OUT/build.log" 2>&1 &&
+     cmake --build "$BUILD" --target test_gpu bench_gpu -j"$JOBS" >>"$OUT/build.log" 2>&1; then
+    summary+=("build: ok ($((SECONDS - start)) s)")
+  else
+    tail -40 "$OUT/build.log"
+    echo "build failed"; exit 1
+  fi
+  for o in "$BUILD"/indexer/CMakeFiles/keysel_indexer.dir/src/cuda_*.cu.o \
+           "$BUILD"/attention/CMakeFiles/keysel_attention.dir/src/cuda_*.cu.o; do
+    echo "== $o"; cuobjdump --dump-resource-usage "$o" 2>&1 | grep -E "Function|REG" | sed -E 's/^\s+//'
+    echo "local-memory instructions (LDL/STL): $(cuobjdump -sass "$o" 2>/dev/null | grep -c -E 'LDL|STL')"
+    echo "MMA instructions (HMMA/QMMA/HGMMA): $(cuobjdump -sass "$o" 2>/dev/null | grep -c -E 'MMA')"
+  done >"$OUT/resources.txt" 2>&1
+fi
+
+if has test; then
+  start=$SECONDS
+  "$BUILD/tests/test_gpu" --gtest_brief=0 >"$OUT/test.log" 2>&1
+  rc=$?
+  summary+=("tests: rc=$rc, $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]|^\[  SKIPPED \] [0-9]' "$OUT/test.log" | tr '\n' ' ') ($((SECONDS - start)) s)")
+  grep -E "Failure|FAILED|error" "$OUT/test.log" | head -30
+fi
+
+if has bench; then
+  start=$SECONDS
+  { "$BUILD/bench/bench_gpu"; PYTHONUNBUFFERED=1 python3 bench/gpu/torch_peers.py; } >"$OUT/bench.txt" 2>&1
+  summary+=("bench: rc=$? ($((SECONDS - start)) s)")
+fi
+
+if has ncu; then
+  start=$SECONDS
+  ncu --clock-control none -k 'regex:topk_rows|indexer_logits|sparse_decode|merge_splits|segment_' \
+    -c 12 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis --section SourceCounters \
+    "$BUILD/bench/bench_gpu" --profile --quick >"$OUT/ncu.txt" 2>&1
+  summary+=("ncu: rc=$? ($((SECONDS - start)) s)")
+fi
+
+if has sanitize; then
+  start=$SECONDS
+  # memcheck over every test except the 1M-key rows (slow under the tool); racecheck and synccheck on a subset.
+  compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
+    "$BUILD/tests/test_gpu" --gtest_filter='-CudaTopk.LargeRowsAndLargeK' >"$OUT/sanitizer.log" 2>&1
+  m=$?
+  compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/tests/test_gpu" \
+    --gtest_filter='CudaTopk.MatchesCpuOnAwkwardShapes:CudaSparseAttention.MatchesReferencePaged:CudaLightningIndexer.PrefillMatchesReference' \
+    >>"$OUT/sanitizer.log" 2>&1
+  r=$?
+  compute-sanitizer --tool synccheck --error-exitcode 9 "$BUILD/tests/test_gpu" \
+    --gtest_filter='CudaTopk.HeavyTiesPreferLowerPositions:CudaSparseAttention.MatchesReferenceContiguous:CudaLightningIndexer.DecodeMatchesReference' \
+    >>"$OUT/sanitizer.log" 2>&1
+  s=$?
+  summary+=("sanitizer: memcheck rc=$m racecheck rc=$r synccheck rc=$s ($((SECONDS - start)) s)")
+  grep -E "ERROR SUMMARY|Invalid|Race|hazard" "$OUT/sanitizer.log" | sort | uniq -c | head -20
+fi
+
+echo "==== summary"
+printf '%s\n' "${summary[@]}"
+[ -f "$OUT/bench.txt" ] && cat "$OUT/bench.txt"
+exit 0

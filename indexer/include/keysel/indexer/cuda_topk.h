@@ -1,0 +1,27 @@
+// Top-k selection on a GPU: the CUDA version of keysel::select_topk (indexer/topk.h), same semantics.
+//
+// Declared in every build; without CUDA it throws keysel::Error("... built without CUDA").
+#pragma once
+
+#include "keysel/core/selection.h"
+#include "keysel/core/tensor.h"
+
+namespace keysel {
+
+/// Per row (t, G): the kept keys (sinks 0..n_sink-1 and the last n_local allowed positions) and the
+/// highest-scoring other allowed keys, distinct, ascending by position, then -1 padding. Equal scores prefer the
+/// lower position; NaN is never selected; -inf can be; -0.0 equals +0.0. The result is identical to select_topk.
+///   scores:    fp32 [T, G, N] on Device::cuda(i), contiguous; higher is better.
+///   positions: int32 [T] on the same GPU; row t may read keys s <= positions[t] (allowed = min(pos + 1, N)).
+///              A batch of sequences of different lengths is T rows with positions[t] = length[t] - 1.
+///              Positions live on the GPU and are not read by the host: a negative one gives an empty row.
+///   selection: int32 [T, G, policy.width()] on the same GPU, contiguous; every element is written.
+///   stream:    a cudaStream_t (nullptr: the default stream); the call is asynchronous with respect to the host.
+/// Any k and N (k above N pads with -1). One thread block per row does a radix select (a coarse 11-bit pass,
+/// the threshold bucket refined in shared memory, or in further passes when it is large), then one ordered
+/// compaction pass writes the row in position order.
+/// Throws keysel::Error (launching nothing) on a bad shape, dtype, device, pointer or policy.
+void select_topk_cuda(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
+                      const TensorView& selection, void* stream = nullptr);
+
+}  // namespace keysel

@@ -1,0 +1,172 @@
+// Argument checks of the CUDA Lightning Indexer; the kernel is in cuda_indexer.cu.
+#include "keysel/indexer/cuda_indexer.h"
+
+#include <cstdint>
+#include <string>
+#include <utility>
+
+#include "keysel/core/build_config.h"
+#include "keysel/core/error.h"
+#include "keysel/indexer/cuda_topk.h"
+
+#if KEYSEL_CUDA
+#include "cuda_indexer_launch.h"
+#include "keysel/attention/cuda_glue.h"
+#endif
+
+namespace keysel {
+
+#if KEYSEL_CUDA
+namespace {
+
+/// Checks everything but the output and fills the launch parameters (logits left null).
+cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView& q, const TensorView& weights,
+                                    const CudaIndexerKeyCache& cache, const TensorView& positions,
+                                    std::int64_t n_keys, const TensorView& sequence_of_row) {
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, q, "q", {DType::fp8_e4m3});
+  const Device device = q.device();
+  KEYSEL_CHECK_ARG(device.kind == DeviceKind::cuda, "q", "a tensor on a CUDA device", q.str());
+  expect_contiguous(function, q, "q");
+  const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  KEYSEL_CHECK_ARG(heads == 32 || heads == 64 || heads == 128, "q", "HI of 32, 64 or 128", heads);
+  KEYSEL_CHECK_ARG(dim == 64 || dim == 128, "q", "DI of 64 or 128", dim);
+  expect_shape(function, weights, "weights", {rows, heads});
+  expect_dtype(function, weights, "weights", {DType::fp32});
+  expect_device(function, weights, "weights", device);
+  expect_contiguous(function, weights, "weights");
+  expect_shape(function, cache.blocks, "cache.blocks", {kAnyExtent, kIndexerCacheBlock, dim + 4});
+  expect_dtype(function, cache.blocks, "cache.blocks", {DType::fp8_e4m3});
+  expect_device(function, cache.blocks, "cache.blocks", device);
+  expect_contiguous(function, cache.blocks, "cache.blocks");
+  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(cache.blocks.raw_data()) % 16 == 0, "cache.blocks",
+                   "a 16-byte aligned buffer", "a misaligned pointer");
+  expect_shape(function, positions, "positions", {rows});
+  expect_dtype(function, positions, "positions", {DType::int32});
+  expect_device(function, positions, "positions", device);
+  expect_contiguous(function, positions, "positions");
+  KEYSEL_CHECK_ARG(n_keys >= 0 && n_keys <= 0x7fffffff, "n_keys", "N in [0, 2^31)", n_keys);
+  KEYSEL_CHECK_ARG(rows <= 65535, "q", "at most 65535 rows per call", rows);
+  const std::int64_t blocks_per_sequence = (n_keys + kIndexerCacheBlock - 1) / kIndexerCacheBlock;
+  std::int64_t sequences = rows;
+  std::int64_t max_blocks = 0;
+  if (!cache.block_table.empty()) {
+    expect_shape(function, cache.block_table, "cache.block_table", {kAnyExtent, kAnyExtent});
+    expect_dtype(function, cache.block_table, "cache.block_table", {DType::int32});
+    expect_device(function, cache.block_table, "cache.block_table", device);
+    expect_contiguous(function, cache.block_table, "cache.block_table");
+    sequences = cache.block_table.size(0);
+    max_blocks = cache.block_table.size(1);
+    KEYSEL_CHECK_ARG(max_blocks >= blocks_per_sequence, "cache.block_table",
+                     "at least ceil(N / 64) = " + std::to_string(blocks_per_sequence) + " blocks per sequence",
+                     cache.block_table.str());
+  } else {
+    sequences = blocks_per_sequence > 0 ? cache.blocks.size(0) / blocks_per_sequence : rows;
+    const std::int64_t needed = sequence_of_row.empty() ? rows : 1;
+    KEYSEL_CHECK_ARG(sequences >= needed, "cache.blocks",
+                     "a contiguous cache of at least " + std::to_string(needed) + " x ceil(N / 64) = " +
+                         std::to_string(needed * blocks_per_sequence) + " blocks",
+                     cache.blocks.str());
+  }
+  if (!sequence_of_row.empty()) {
+    expect_shape(function, sequence_of_row, "sequence_of_row", {rows});
+    expect_dtype(function, sequence_of_row, "sequence_of_row", {DType::int32});
+    expect_device(function, sequence_of_row, "sequence_of_row", device);
+    expect_contiguous(function, sequence_of_row, "sequence_of_row");
+  }
+  cuda_glue::use_device(function.data(), device.index);
+  int capability = 0;
+  KEYSEL_CUDA_CHECK(cuda_glue::compute_capability(device.index, capability));
+  if (capability < 89) {
+    detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
+                                      std::to_string(device.index) + " is " + std::to_string(capability / 10) + "." +
+                                      std::to_string(capability % 10));
+  }
+  for (const auto& [view, name] : {std::pair{&q, "q"}, {&weights, "weights"}, {&cache.blocks, "cache.blocks"},
+                                   {&cache.block_table, "cache.block_table"}, {&positions, "positions"},
+                                   {&sequence_of_row, "sequence_of_row"}}) {
+    cuda_glue::expect_device_pointer(function.data(), view->raw_data(), name, device.index);
+  }
+  cuda_kernels::IndexerLaunch launch{};
+  launch.q = q.data<std::uint8_t>();
+  launch.weights = weights.data<float>();
+  launch.cache = cache.blocks.data<std::uint8_t>();
+  launch.block_table = cache.block_table.empty() ? nullptr : cache.block_table.data<std::int32_t>();
+  launch.positions = positions.data<std::int32_t>();
+  launch.sequence_of_row = sequence_of_row.empty() ? nullptr : sequence_of_row.data<std::int32_t>();
+  launch.rows = rows;
+  launch.n = n_keys;
+  launch.num_blocks = cache.blocks.size(0);
+  launch.heads = static_cast<int>(heads);
+  launch.dim = static_cast<int>(dim);
+  launch.sequences = static_cast<int>(sequences);
+  launch.max_blocks = static_cast<int>(max_blocks);
+  launch.blocks_per_sequence = static_cast<int>(blocks_per_sequence);
+  KEYSEL_CUDA_CHECK(cuda_glue::multiprocessor_count(device.index, launch.multiprocessors));
+  return launch;
+}
+
+}  // namespace
+
+void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                                   const TensorView& positions, const TensorView& logits,
+                                   const TensorView& sequence_of_row, void* stream) {
+  constexpr std::string_view function = "lightning_indexer_logits_cuda";
+  expect_shape(function, logits, "logits", {kAnyExtent, kAnyExtent});
+  cuda_kernels::IndexerLaunch launch = prepare(function, q, weights, cache, positions, logits.size(1), sequence_of_row);
+  expect_shape(function, logits, "logits", {q.size(0), kAnyExtent});
+  expect_dtype(function, logits, "logits", {DType::fp32});
+  expect_device(function, logits, "logits", q.device());
+  expect_writable(function, logits, "logits");
+  expect_contiguous(function, logits, "logits");
+  cuda_glue::expect_device_pointer(function.data(), logits.raw_data(), "logits", q.device().index);
+  launch.logits = logits.mutable_data<float>();
+  if (launch.rows == 0) return;
+  KEYSEL_CUDA_CHECK(cuda_kernels::launch_indexer_logits(launch, stream));
+}
+
+void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                                 const TensorView& positions, std::int64_t n_keys, const SelectionPolicy& policy,
+                                 const TensorView& selection, const TensorView& sequence_of_row, void* stream) {
+  constexpr std::string_view function = "lightning_indexer_topk_cuda";
+  policy.validate(function);
+  cuda_kernels::IndexerLaunch launch = prepare(function, q, weights, cache, positions, n_keys, sequence_of_row);
+  const std::int64_t rows = q.size(0);
+  expect_shape(function, selection, "selection", {rows, 1, policy.width()});
+  expect_dtype(function, selection, "selection", {DType::int32});
+  expect_device(function, selection, "selection", q.device());
+  expect_writable(function, selection, "selection");
+  expect_contiguous(function, selection, "selection");
+  cuda_glue::expect_device_pointer(function.data(), selection.raw_data(), "selection", q.device().index);
+  if (rows == 0) return;
+  void* scratch = nullptr;
+  const std::size_t bytes = static_cast<std::size_t>(rows * (n_keys > 0 ? n_keys : 1)) * sizeof(float);
+  KEYSEL_CUDA_CHECK(cuda_glue::malloc_async(&scratch, bytes, stream));
+  launch.logits = static_cast<float*>(scratch);
+  try {
+    KEYSEL_CUDA_CHECK(cuda_kernels::launch_indexer_logits(launch, stream));
+    const TensorView logits(scratch, DType::fp32, {rows, 1, n_keys}, q.device());
+    select_topk_cuda(logits, positions, policy, selection, stream);
+  } catch (...) {
+    cuda_glue::free_async(scratch, stream);
+    throw;
+  }
+  KEYSEL_CUDA_CHECK(cuda_glue::free_async(scratch, stream));
+}
+
+#else  // !KEYSEL_CUDA
+
+void lightning_indexer_logits_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&,
+                                   const TensorView&, const TensorView&, const TensorView&, void*) {
+  detail::throw_error("lightning_indexer_logits_cuda", "keysel was built without CUDA");
+}
+
+void lightning_indexer_topk_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&,
+                                 const TensorView&, std::int64_t, const SelectionPolicy&, const TensorView&,
+                                 const TensorView&, void*) {
+  detail::throw_error("lightning_indexer_topk_cuda", "keysel was built without CUDA");
+}
+
+#endif  // KEYSEL_CUDA
+
+}  // namespace keysel

@@ -1,0 +1,248 @@
+// lightning_indexer_logits_cuda against keysel::lightning_indexer_reference (double precision) fed with the
+// decoded fp8 values (keysel::fp8_e4m3_to_fp32) times the per-token scales: decode over paged and contiguous
+// caches, prefill (many query tokens of one sequence), HI of 32/64/128, DI of 64/128; and the decode selection
+// against select_topk on the same logits.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "gpu_test_support.h"
+#include "keysel/core/dtype.h"
+#include "keysel/core/random.h"
+#include "keysel/indexer/cuda_indexer.h"
+#include "keysel/indexer/lightning_indexer.h"
+#include "keysel/indexer/topk.h"
+
+namespace keysel {
+namespace {
+
+using keysel::testing::poisoned;
+using keysel::testing::to_device;
+using keysel::testing::to_host;
+
+constexpr std::int64_t kB = kIndexerCacheBlock;
+
+struct Case {
+  std::int64_t rows, HI, DI, N;
+  bool paged;
+  bool prefill;  // rows are query tokens of sequence 0
+};
+
+struct Problem {
+  std::vector<std::uint8_t> q;        // [R, HI, DI] fp8
+  std::vector<float> weights;         // [R, HI]
+  std::vector<std::uint8_t> cache;    // [num_blocks, 64, DI + 4]
+  std::vector<std::int32_t> table;    // [S, max_blocks] (paged)
+  std::vector<std::int32_t> positions, sequence_of_row;
+  std::vector<std::uint8_t> keys;     // [S, N, DI] fp8 (logical order)
+  std::vector<float> key_scales;      // [S, N]
+  std::int64_t sequences = 0, num_blocks = 0, max_blocks = 0;
+};
+
+Problem make_problem(const Case& c, std::uint64_t seed) {
+  RandomStream rng(seed);
+  Problem p;
+  p.sequences = c.prefill ? 1 : c.rows;
+  const std::int64_t S = p.sequences;
+  p.q.resize(static_cast<std::size_t>(c.rows * c.HI * c.DI));
+  for (auto& x : p.q) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 2.0)));
+  p.weights.resize(static_cast<std::size_t>(c.rows * c.HI));
+  for (auto& w : p.weights) w = static_cast<float>(rng.normal(0.0, 0.2));
+  p.keys.resize(static_cast<std::size_t>(S * c.N * c.DI));
+  for (auto& x : p.keys) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 1.0)));
+  p.key_scales.resize(static_cast<std::size_t>(S * c.N));
+  for (auto& s : p.key_scales) s = static_cast<float>(rng.uniform(0.005, 0.05));
+  const std::int64_t blocks_per_sequence = (c.N + kB - 1) / kB;
+  p.max_blocks = blocks_per_sequence + (c.paged ? 2 : 0);
+  p.num_blocks = c.paged ? S * p.max_blocks + 5 : S * blocks_per_sequence;
+  std::vector<std::int32_t> block_of(static_cast<std::size_t>(S * blocks_per_sequence));
+  if (c.paged) {
+    std::vector<std::int32_t> order(static_cast<std::size_t>(p.num_blocks));
+    std::iota(order.begin(), order.end(), 0);
+    rng.shuffle(std::span<std::int32_t>(order));
+    p.table.assign(static_cast<std::size_t>(S * p.max_blocks), 0);
+    std::size_t next = 0;
+    for (std::int64_t s = 0; s < S; ++s) {
+      for (std::int64_t j = 0; j < p.max_blocks; ++j) {
+        const std::int32_t block = order[next++];
+        p.table[static_cast<std::size_t>(s * p.max_blocks + j)] = block;
+        if (j < blocks_per_sequence) block_of[static_cast<std::size_t>(s * blocks_per_sequence + j)] = block;
+      }
+    }
+  } else {
+    std::iota(block_of.begin(), block_of.end(), 0);
+  }
+  const std::int64_t token_bytes = c.DI + 4;
+  p.cache.assign(static_cast<std::size_t>(p.num_blocks * kB * token_bytes), 0x7E);  // unowned: large values
+  for (std::int64_t s = 0; s < S; ++s) {
+    for (std::int64_t t = 0; t < c.N; ++t) {
+      const std::int64_t block = block_of[static_cast<std::size_t>(s * blocks_per_sequence + t / kB)];
+      std::uint8_t* dst = p.cache.data() + (block * kB + t % kB) * token_bytes;
+      std::memcpy(dst, p.keys.data() + (s * c.N + t) * c.DI, static_cast<std::size_t>(c.DI));
+      std::memcpy(dst + c.DI, &p.key_scales[static_cast<std::size_t>(s * c.N + t)], 4);
+    }
+  }
+  p.positions.resize(static_cast<std::size_t>(c.rows));
+  p.sequence_of_row.assign(static_cast<std::size_t>(c.rows), 0);
+  for (std::int64_t r = 0; r < c.rows; ++r) {
+    if (c.prefill) {
+      p.positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(c.N - c.rows + r);
+    } else {
+      const double u = rng.uniform();
+      p.positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
+          u < 0.4 ? c.N - 1 : (u < 0.9 ? rng.uniform_int(static_cast<std::uint64_t>(c.N)) : c.N + 10));
+      p.sequence_of_row[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(r);
+    }
+  }
+  return p;
+}
+
+struct Views {
+  CudaBuffer q, weights, cache, table, positions, sequence_of_row;
+  CudaIndexerKeyCache key_cache;
+  TensorView qv, wv, pv, sv;
+};
+
+Views upload(const Case& c, const Problem& p) {
+  Views v;
+  v.q = to_device(p.q);
+  v.weights = to_device(p.weights);
+  v.cache = to_device(p.cache);
+  v.positions = to_device(p.positions);
+  v.sequence_of_row = to_device(p.sequence_of_row);
+  v.qv = TensorView(v.q.data(), DType::fp8_e4m3, {c.rows, c.HI, c.DI}, Device::cuda());
+  v.wv = TensorView(v.weights.data(), DType::fp32, {c.rows, c.HI}, Device::cuda());
+  v.pv = TensorView(v.positions.data(), DType::int32, {c.rows}, Device::cuda());
+  if (c.prefill) v.sv = TensorView(v.sequence_of_row.data(), DType::int32, {c.rows}, Device::cuda());
+  v.key_cache.blocks = TensorView(v.cache.data(), DType::fp8_e4m3, {p.num_blocks, kB, c.DI + 4}, Device::cuda());
+  if (c.paged) {
+    v.table = to_device(p.table);
+    v.key_cache.block_table =
+        TensorView(v.table.data(), DType::int32, {p.sequences, p.max_blocks}, Device::cuda());
+  }
+  return v;
+}
+
+void check_case(const Case& c, std::uint64_t seed) {
+  SCOPED_TRACE("R=" + std::to_string(c.rows) + " HI=" + std::to_string(c.HI) + " DI=" + std::to_string(c.DI) +
+               " N=" + std::to_string(c.N) + " paged=" + std::to_string(c.paged) +
+               " prefill=" + std::to_string(c.prefill));
+  const Problem p = make_problem(c, seed);
+  Views v = upload(c, p);
+  CudaBuffer d_logits = poisoned<float>(c.rows * c.N, 0xFF);
+  lightning_indexer_logits_cuda(v.qv, v.wv, v.key_cache, v.pv,
+                                TensorView(d_logits.data(), DType::fp32, {c.rows, c.N}, Device::cuda()), v.sv);
+  cuda_synchronize();
+  const std::vector<float> got = to_host<float>(d_logits);
+
+  std::vector<double> qd(static_cast<std::size_t>(c.HI * c.DI)), wd(static_cast<std::size_t>(c.HI));
+  std::vector<double> kd(static_cast<std::size_t>(c.N * c.DI)), ref(static_cast<std::size_t>(c.N));
+  std::int64_t checked = 0;
+  for (std::int64_t r = 0; r < c.rows; ++r) {
+    const std::int64_t seq = c.prefill ? 0 : r;
+    for (std::int64_t i = 0; i < c.HI * c.DI; ++i) {
+      qd[static_cast<std::size_t>(i)] = fp8_e4m3_to_fp32(p.q[static_cast<std::size_t>(r * c.HI * c.DI + i)]);
+    }
+    for (std::int64_t j = 0; j < c.HI; ++j) wd[static_cast<std::size_t>(j)] = p.weights[static_cast<std::size_t>(r * c.HI + j)];
+    for (std::int64_t s = 0; s < c.N; ++s) {
+      const double scale = p.key_scales[static_cast<std::size_t>(seq * c.N + s)];
+      for (std::int64_t d = 0; d < c.DI; ++d) {
+        kd[static_cast<std::size_t>(s * c.DI + d)] =
+            scale * fp8_e4m3_to_fp32(p.keys[static_cast<std::size_t>((seq * c.N + s) * c.DI + d)]);
+      }
+    }
+    const std::int32_t position = p.positions[static_cast<std::size_t>(r)];
+    lightning_indexer_reference(TensorView(qd.data(), DType::fp64, {1, c.HI, c.DI}),
+                                TensorView(wd.data(), DType::fp64, {1, c.HI}),
+                                TensorView(&position, DType::int32, {1}),
+                                TensorView(kd.data(), DType::fp64, {c.N, c.DI}),
+                                TensorView(ref.data(), DType::fp64, {1, c.N}));
+    for (std::int64_t s = 0; s < c.N; ++s) {
+      const double g = got[static_cast<std::size_t>(r * c.N + s)];
+      const double want = ref[static_cast<std::size_t>(s)];
+      if (s > position) {
+        ASSERT_TRUE(std::isinf(g) && g < 0) << "row " << r << " key " << s << " beyond pos " << position << ": " << g;
+        continue;
+      }
+      // Error bound: fp32 accumulation of exact fp8 products, relative to the sum of magnitudes.
+      double magnitude = 0.0;
+      for (std::int64_t j = 0; j < c.HI; ++j) {
+        double dot_abs = 0.0;
+        for (std::int64_t d = 0; d < c.DI; ++d) {
+          dot_abs += std::abs(qd[static_cast<std::size_t>(j * c.DI + d)] * kd[static_cast<std::size_t>(s * c.DI + d)]);
+        }
+        magnitude += std::abs(wd[static_cast<std::size_t>(j)]) * dot_abs;
+      }
+      ASSERT_TRUE(std::isfinite(g)) << "row " << r << " key " << s << " not written";
+      ASSERT_NEAR(g, want, 1e-3 * magnitude + 1e-6) << "row " << r << " key " << s;
+      ++checked;
+    }
+  }
+  EXPECT_GT(checked, 0);
+}
+
+TEST(CudaLightningIndexer, DecodeMatchesReference) {
+  KEYSEL_REQUIRE_GPU();
+  std::uint64_t seed = 51;
+  check_case({5, 64, 128, 1000, true, false}, seed++);
+  check_case({3, 32, 64, 777, false, false}, seed++);
+  check_case({2, 128, 128, 3000, true, false}, seed++);
+  check_case({4, 64, 64, 130, true, false}, seed++);
+  check_case({1, 64, 128, 64 * 70 + 1, false, false}, seed++);
+}
+
+TEST(CudaLightningIndexer, PrefillMatchesReference) {
+  KEYSEL_REQUIRE_GPU();
+  check_case({37, 64, 128, 1500, true, true}, 71);
+  check_case({20, 32, 128, 700, false, true}, 72);
+}
+
+TEST(CudaLightningIndexer, DecodeTopkMatchesSelectTopkOnTheLogits) {
+  KEYSEL_REQUIRE_GPU();
+  const Case c{6, 64, 128, 20000, true, false};
+  const Problem p = make_problem(c, 81);
+  Views v = upload(c, p);
+  CudaBuffer d_logits = poisoned<float>(c.rows * c.N, 0xFF);
+  lightning_indexer_logits_cuda(v.qv, v.wv, v.key_cache, v.pv,
+                                TensorView(d_logits.data(), DType::fp32, {c.rows, c.N}, Device::cuda()));
+  SelectionPolicy policy;
+  policy.k = 2048;
+  policy.n_sink = 4;
+  policy.n_local = 128;
+  CudaBuffer d_selection = poisoned<std::int32_t>(c.rows * policy.width(), 0xA5);
+  lightning_indexer_topk_cuda(v.qv, v.wv, v.key_cache, v.pv, c.N, policy,
+                              TensorView(d_selection.data(), DType::int32, {c.rows, 1, policy.width()}, Device::cuda()));
+  cuda_synchronize();
+  const std::vector<float> logits = to_host<float>(d_logits);
+  std::vector<std::int32_t> expected(static_cast<std::size_t>(c.rows * policy.width()));
+  select_topk(TensorView(logits.data(), DType::fp32, {c.rows, 1, c.N}),
+              TensorView(p.positions.data(), DType::int32, {c.rows}), policy,
+              TensorView(expected.data(), DType::int32, {c.rows, 1, policy.width()}));
+  EXPECT_EQ(to_host<std::int32_t>(d_selection), expected);
+}
+
+TEST(CudaLightningIndexer, RejectsBadArguments) {
+  KEYSEL_REQUIRE_GPU();
+  const Case c{2, 64, 128, 200, false, false};
+  const Problem p = make_problem(c, 91);
+  Views v = upload(c, p);
+  CudaBuffer d_logits = poisoned<float>(c.rows * c.N, 0xFF);
+  const TensorView logits(d_logits.data(), DType::fp32, {c.rows, c.N}, Device::cuda());
+  const TensorView q48(v.q.data(), DType::fp8_e4m3, {c.rows, 48, c.DI}, Device::cuda());
+  EXPECT_THROW(lightning_indexer_logits_cuda(q48, v.wv, v.key_cache, v.pv, logits), Error);
+  const TensorView w_cpu(p.weights.data(), DType::fp32, {c.rows, c.HI});
+  EXPECT_THROW(lightning_indexer_logits_cuda(v.qv, w_cpu, v.key_cache, v.pv, logits), Error);
+  const TensorView logits_short(d_logits.data(), DType::fp32, {c.rows, c.N + 64}, Device::cuda());
+  EXPECT_THROW(lightning_indexer_logits_cuda(v.qv, v.wv, v.key_cache, v.pv, logits_short), Error);
+  for (float x : to_host<float>(d_logits)) EXPECT_TRUE(std::isnan(x));
+}
+
+}  // namespace
+}  // namespace keysel

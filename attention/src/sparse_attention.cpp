@@ -277,6 +277,7 @@ void run_attention(const AttentionInputs& inputs, const AttentionShape& shape,
   const std::int64_t units_per_token = per_head ? shape.query_heads : shape.kv_heads;
   const std::int64_t heads_per_unit = per_head ? 1 : g;
   const std::int64_t units = shape.tokens * units_per_token;
+  if (units == 0) return;  // no query tokens
   const std::int64_t dp = kernels::padded(shape.head_dim);
   const std::int64_t dvp = kernels::padded(shape.value_dim);
 

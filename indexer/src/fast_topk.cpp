@@ -22,6 +22,7 @@ using topk_kernels::candidate_score;
 constexpr std::int64_t kMaxK = std::numeric_limits<std::int32_t>::max();
 constexpr std::int64_t kChunk = 4096;  // scores filtered per step of StreamingTopK::push
 constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr std::int64_t kSampleRuns = 64;  // the row sample: kSampleRuns runs of consecutive scores
 
 /// The k-th largest of n distinct candidate words (1 <= k <= n), without reordering `words`. A histogram of
 /// the score keys over their actual range (2048 bins) finds the bin holding the k-th word; only that bin is
@@ -93,15 +94,18 @@ std::int64_t choose_by_score(const float* scores, std::int64_t first, std::int64
     words.resize(static_cast<std::size_t>(n + topk_kernels::kFilterSlack));
   }
 
-  // A threshold from a strided sample, set a little low so that at least `fill` scores pass it; checked
-  // below, and replaced by -inf (every non-NaN score passes) when too few passed.
+  // A threshold from a sample (64 runs of 32 consecutive scores spread over the row: few cache lines), set a
+  // little low so that at least `fill` scores pass it; checked below, and replaced by -inf (every non-NaN
+  // score passes) when too few passed.
   float threshold = -kInf;
   constexpr std::int64_t kSample = 2048;
   if (n >= 4 * kSample && fill * 4 < n) {
     sample.clear();
-    for (std::int64_t i = 0; i < kSample; ++i) {
-      const float value = scores[first + (i * n) / kSample];
-      if (value == value) sample.push_back(value);
+    for (std::int64_t c = 0; c < kSampleRuns; ++c) {
+      const float* run = scores + first + (c * n) / kSampleRuns;
+      for (std::int64_t i = 0; i < kSample / kSampleRuns; ++i) {
+        if (run[i] == run[i]) sample.push_back(run[i]);
+      }
     }
     const std::int64_t valid = static_cast<std::int64_t>(sample.size());
     const double expected = static_cast<double>(fill) * static_cast<double>(valid) / static_cast<double>(n);
@@ -173,9 +177,11 @@ std::int64_t choose_by_score(const double* scores, std::int64_t first, std::int6
   if (n >= 4 * kSample && fill * 4 < n) {
     std::vector<double>& sample = buffers.sample64;
     sample.clear();
-    for (std::int64_t i = 0; i < kSample; ++i) {
-      const double value = scores[first + (i * n) / kSample];
-      if (value == value) sample.push_back(value);
+    for (std::int64_t c = 0; c < kSampleRuns; ++c) {
+      const double* run = scores + first + (c * n) / kSampleRuns;
+      for (std::int64_t i = 0; i < kSample / kSampleRuns; ++i) {
+        if (run[i] == run[i]) sample.push_back(run[i]);
+      }
     }
     const std::int64_t valid = static_cast<std::int64_t>(sample.size());
     const double expected = static_cast<double>(fill) * static_cast<double>(valid) / static_cast<double>(n);

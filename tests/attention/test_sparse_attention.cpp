@@ -289,6 +289,17 @@ TEST(SparseAttention, EmptyRowsGiveZerosAndMinusInfinity) {
   }
 }
 
+TEST(SparseAttention, NoQueryTokensIsANoOp) {
+  const Case c = make_case(4, {0, 10, 4, 2, 8, 8}, DType::fp32, DType::fp32, DType::fp32, {});
+  std::vector<std::int32_t> sel;
+  for (const AttentionKernel kernel : available_attention_kernels()) {
+    const Result r = run_sparse(c, sel, 2, 3, Granularity::per_kv_head, kernel);
+    EXPECT_TRUE(r.out.empty() && r.lse.empty());
+  }
+  std::vector<float> out, lse;
+  full_attention_fast(c.inputs(), TensorView(out.data(), DType::fp32, {0, 4, 8}), TensorView(lse.data(), DType::fp32, {0, 4}));
+}
+
 TEST(SparseAttention, StridedViewsMatchContiguous) {
   const Shape shape{3, 70, 4, 2, 20, 12};
   const Case c = make_case(21, shape, DType::fp32, DType::bf16, DType::fp32, {69, 30, 50});

@@ -51,7 +51,8 @@ struct SparseAttentionOptions {
 };
 
 /// Attention restricted to a selection, renormalised on it.
-///   inputs:    q [T, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (fp32, bf16 or fp16; any strides), positions int32 [T]
+///   inputs:    q [T, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] (fp32, bf16 or fp16; any strides, but a K or V whose
+///              channels are not contiguous is copied whole first), positions int32 [T]
 ///   selection: int32 [T, G, W], G = group_count(granularity, Hq, Hkv); per row distinct allowed positions
 ///              (s <= pos(t), s < N) in any order, then -1 padding, which is ignored
 ///   out:       fp32 [T, Hq, Dv], writable (any strides); a query with no selected key gets zeros

@@ -17,9 +17,10 @@ namespace keysel {
 ///              Positions live on the GPU and are not read by the host: a negative one gives an empty row.
 ///   selection: int32 [T, G, policy.width()] on the same GPU, contiguous; every element is written.
 ///   stream:    a cudaStream_t (nullptr: the default stream); the call is asynchronous with respect to the host.
-/// Any k and N (k above N pads with -1). One thread block per row does a radix select (a coarse 11-bit pass,
-/// the threshold bucket refined in shared memory, or in further passes when it is large), then one ordered
-/// compaction pass writes the row in position order.
+/// Any k and N (k above N pads with -1). A radix select (a coarse 11-bit histogram, the threshold bucket refined
+/// by three radix rounds) and one ordered compaction pass that writes the row in position order; one thread
+/// block per row when there are many rows, several per row (four launches, a stream-ordered scratch buffer)
+/// when there are fewer rows than SMs and N >= 16384. See docs/cuda.md.
 /// Throws keysel::Error (launching nothing) on a bad shape, dtype, device, pointer or policy.
 void select_topk_cuda(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
                       const TensorView& selection, void* stream = nullptr);

@@ -14,10 +14,10 @@
 //   - rows are written in ascending position order and padded with -1.
 //
 // Speed: a candidate is one 64-bit word, (order-preserving 32-bit key of the score << 32) | (2^32 - 1 - position),
-// so the tie rule is plain integer order. A threshold from a strided sample of the row (set low, then checked:
-// if fewer than k scores pass it, the pass is redone with -inf) picks a small candidate set in one SIMD compare
-// pass; a 2048-bin histogram of the candidates' keys over their range finds the exact k-th candidate, and one
-// scan in position order writes the row already sorted.
+// so the tie rule is plain integer order. A threshold from a sample of the row (64 runs of 32 scores), set low
+// and then checked (if fewer than k scores pass it, the pass is redone with -inf), picks a small candidate set
+// in one SIMD compare pass; a 2048-bin histogram of the candidates' keys over their range finds the exact k-th
+// candidate, and one scan in position order writes the row already sorted.
 // The SIMD level (AVX-512, AVX2 or scalar) is the indexer's (keysel/indexer/simd.h): chosen at run time,
 // forced with KEYSEL_SIMD=scalar|avx2|avx512 or set_simd_level(). Every level gives the same selections.
 #pragma once

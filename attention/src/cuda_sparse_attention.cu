@@ -20,6 +20,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kHalfWarps = kThreads / 16;
 constexpr int kRows = 4;  // rows per half-warp per step
+constexpr int kTile = 1024;  // selected keys whose offsets are resolved at once (shared memory)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Decode
   __shared__ float shared_acc[kMaxHeads][D];
   __shared__ float shared_m[kHalfWarps / 2][kMaxHeads];
   __shared__ float shared_l[kHalfWarps / 2][kMaxHeads];
+  __shared__ std::int64_t row_offset[kTile];  // element offset of each K/V row of the tile, -1: skipped
 
   const int b = blockIdx.x;
   const int kv = blockIdx.y / p.chunks_per_kv;
@@ -126,21 +128,32 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Decode
     for (int j = 0; j < kPerLane; ++j) acc[h][j] = 0.0f;
   }
 
+  // Rows are taken in tiles of kTile selected keys: all threads first resolve the tile's selection entries and
+  // block-table lookups into element offsets in shared memory (many independent loads in flight), so the main
+  // loop waits on one global round trip per step (the K/V rows) instead of three dependent ones.
+  for (int tile_begin = begin; tile_begin < end; tile_begin += kTile) {
+    const int tile_end = min(end, tile_begin + kTile);
+    if (tile_begin != begin) __syncthreads();  // the previous tile's offsets are read
+    for (int i = tile_begin + tid; i < tile_end; i += kThreads) {
+      const std::int64_t s = __ldg(sel + i);
+      std::int64_t block = -1;
+      if (s >= 0 && s < capacity) block = p.block_table ? __ldg(p.block_table + static_cast<std::int64_t>(b) * p.max_blocks + s / p.block_size) : b;
+      row_offset[i - tile_begin] = block >= 0 && block < p.num_blocks
+                                       ? ((block * p.block_size + s % p.block_size) * p.kv_heads + kv) * static_cast<std::int64_t>(D)
+                                       : -1;
+    }
+    __syncthreads();
   // The trip count is uniform per warp (the shuffles below need both half-warps).
-  for (int warp_base = begin + (tid >> 5) * 2 * kRowsD; warp_base < end; warp_base += kHalfWarps * kRowsD) {
+  for (int warp_base = tile_begin + (tid >> 5) * 2 * kRowsD; warp_base < tile_end; warp_base += kHalfWarps * kRowsD) {
     const int base = warp_base + (half_warp & 1) * kRowsD;
     RowLoad<D> kr[kRowsD], vr[kRowsD];
     bool valid[kRowsD];
 #pragma unroll
     for (int r = 0; r < kRowsD; ++r) {
       const int i = base + r;
-      const std::int64_t s = i < end ? __ldg(sel + i) : -1;
-      std::int64_t block = -1;
-      if (s >= 0 && s < capacity) block = p.block_table ? __ldg(p.block_table + static_cast<std::int64_t>(b) * p.max_blocks + s / p.block_size) : b;
-      valid[r] = block >= 0 && block < p.num_blocks;
+      const std::int64_t offset = i < tile_end ? row_offset[i - tile_begin] : -1;
+      valid[r] = offset >= 0;
       if (valid[r]) {
-        const std::int64_t offset =
-            ((block * p.block_size + s % p.block_size) * p.kv_heads + kv) * static_cast<std::int64_t>(D);
         load_row<D>(p.k + offset, lane16, kr[r]);
         load_row<D>(p.v + offset, lane16, vr[r]);
       } else {
@@ -202,6 +215,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Decode
         for (int j = 0; j < kPerLane; ++j) acc[h][j] = fmaf(weight[h][r], vf[j], acc[h][j]);
       }
     }
+  }
   }
 
   // Merge the two half-warps of each warp (lanes i and i + 16 hold the same channels).

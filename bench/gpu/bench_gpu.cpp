@@ -141,14 +141,14 @@ void bench_indexer(std::int64_t batch, std::int64_t n, std::int64_t heads, std::
   const double us = time_us([&](int i) { lightning_indexer_logits_cuda(qv, wv, cache_view(i), pv, lv); });
   const std::string shape = "B=" + std::to_string(batch) + " N=" + std::to_string(n) + " HI=" +
                             std::to_string(heads) + " DI=" + std::to_string(dim);
-  report("indexer_logits_fp8 " + shape + " (fp8 key bytes)", us, static_cast<double>(batch * n * dim));
+  report("indexer_logits_fp8 " + shape + " (key bytes, N*(DI+4))", us, static_cast<double>(batch * n * (dim + 4)));
   if (!g_profile && (batch == 1 || batch == 64)) {
     SelectionPolicy policy;
     policy.k = 2048;
     CudaBuffer selection(batch * policy.k * 4);
     const TensorView sv(selection.data(), DType::int32, {batch, 1, policy.k}, Device::cuda());
     const double fused = time_us([&](int i) { lightning_indexer_topk_cuda(qv, wv, cache_view(i), pv, n, policy, sv); });
-    report("indexer_logits+topk2048 " + shape + " (fp8 key bytes)", fused, static_cast<double>(batch * n * dim));
+    report("indexer_logits+topk2048 " + shape + " (key bytes, N*(DI+4))", fused, static_cast<double>(batch * n * (dim + 4)));
   }
 }
 

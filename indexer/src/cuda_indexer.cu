@@ -182,21 +182,48 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-/// Tokens on the MMA's M side (HI of 32 or 64): warp w computes C[16 tokens x 8 heads] tiles of its 16 tokens for
-/// all heads, so the weighted ReLU sum over heads stays in registers (two shuffles per block) and needs no
-/// cross-warp reduction: one barrier per cache block. The query's B fragments stay in registers.
+__device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                        std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/// Two e4m3 values (the low and high byte of a 16-bit word) as an f16x2 word, exactly (e4m3 is a subset of fp16).
+__device__ __forceinline__ std::uint32_t fp8x2_to_f16x2(std::uint32_t word16) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(word16 & 0xffffu), __NV_E4M3);
+  return static_cast<std::uint32_t>(h.x) | (static_cast<std::uint32_t>(h.y) << 16);
+}
+
+/// Tokens on the MMA's M side (HI of 32 or 64), fp16 tensor cores. Hopper has no fp8 mma.sync (the compiler
+/// emulates it with conversions around HMMA for every instruction); here each fp8 value is converted once to
+/// fp16 (exact), then m16n8k16 HMMA with fp32 accumulation (the products are exact as before).
+///
+/// 256 threads = 8 warps: warp w takes the 16 tokens (w % 4) * 16.. of each 64-token cache block and the heads
+/// [(w / 4) * HI / 2, + HI / 2), whose fp16 B fragments stay in registers for the whole kernel; the two warps of a
+/// token tile add their weighted ReLU sums through shared memory behind a two-warp named barrier. K order inside
+/// each 16-channel chunk is permuted identically for A and B (fp8 word at 4 * tig goes to f16 slots 2 * tig and
+/// 8 + 2 * tig), which the dot product does not see. Cache blocks arrive as raw 16-byte cp.async.cg copies into a
+/// kStages-deep ring, one block-wide barrier per cache block. A persistent grid (two CTAs per SM in all rows)
+/// walks the blocks of its row with stride gridDim.x.
 template <int DI, int HI>
-__global__ void __launch_bounds__(128, 4) indexer_logits_tokens_kernel(const IndexerParams p) {
+__global__ void __launch_bounds__(256, 2) indexer_logits_tokens_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;
   constexpr int kTokenWords = kWords + 1;  // the cache's token stride, kept in shared memory
   constexpr int kBlockVectors = kBlock * kTokenWords / 4;  // 16-byte pieces of one cache block
-  constexpr int kSteps = DI / 32;
-  constexpr int kHeadTiles = HI / 8;
-  constexpr int kThreads = 128;
-  __shared__ __align__(16) std::uint32_t keys[3][kBlock * kTokenWords];  // raw cache blocks, scales included
+  constexpr int kChunks = DI / 16;          // f16 k16 steps
+  constexpr int kHeads = HI / 2;            // heads per warp
+  constexpr int kHeadTiles = kHeads / 8;
+  constexpr int kThreads = 256;
+  constexpr int kStages = 4;
+  __shared__ __align__(16) std::uint32_t keys[kStages][kBlock * kTokenWords];  // raw cache blocks, scales included
+  __shared__ float partial[kStages][kBlock];
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  const int tile = warp & 3, head_half = warp >> 2;
   const std::int64_t r = blockIdx.y;
   const int seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
   const std::int64_t pos = p.positions[r];
@@ -212,32 +239,13 @@ __global__ void __launch_bounds__(128, 4) indexer_logits_tokens_kernel(const Ind
   }
   if (static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
-  __shared__ float2 head_weights[kHeadTiles][4];  // [nt][tig]: weights of heads nt*8 + 2*tig and + 1
-  if (tid < HI / 2) {
-    head_weights[tid / 4][tid % 4] = make_float2(__ldg(p.weights + r * p.heads + 2 * tid), __ldg(p.weights + r * p.heads + 2 * tid + 1));
-  }
-  std::uint32_t b[kHeadTiles][kSteps][2];
-#pragma unroll
-  for (int nt = 0; nt < kHeadTiles; ++nt) {
-    const std::uint8_t* qh = p.q + (r * p.heads + nt * 8 + g) * DI;
-#pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-      b[nt][ks][0] = __ldg(reinterpret_cast<const std::uint32_t*>(qh + ks * 32 + tig * 4));
-      b[nt][ks][1] = __ldg(reinterpret_cast<const std::uint32_t*>(qh + ks * 32 + 16 + tig * 4));
-    }
-  }
-
   auto fetch = [&](std::int64_t j, int stage) -> bool {
     std::int64_t block = p.block_table ? __ldg(p.block_table + static_cast<std::int64_t>(seq) * p.max_blocks + j)
                                        : static_cast<std::int64_t>(seq) * p.blocks_per_sequence + j;
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
-    const std::uint32_t* src =
-        reinterpret_cast<const std::uint32_t*>(p.cache + block * (kBlock * kTokenWords * 4));
+    const uint4* src16 = reinterpret_cast<const uint4*>(p.cache + block * (kBlock * kTokenWords * 4));
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
-    const uint4* src16 = reinterpret_cast<const uint4*>(src);
-    // The block as it lies in the cache (16-byte copies, L2 only): the A fragments read 4-byte words at a
-    // token stride of DI/4 + 1 words (up to 4-way bank conflicts, but only 16 loads per warp and block).
 #pragma unroll
     for (int v = tid; v < kBlockVectors; v += kThreads) {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(key_base + 16u * static_cast<std::uint32_t>(v)),
@@ -248,19 +256,45 @@ __global__ void __launch_bounds__(128, 4) indexer_logits_tokens_kernel(const Ind
   };
   const auto commit = [] { asm volatile("cp.async.commit_group;\n" ::: "memory"); };
 
-  unsigned ok_bits = 0;
+  // The first kStages - 1 blocks are requested before the query is read.
+  unsigned ok_bits = 0;  // bit s: the block in stage s lies inside the cache
   const std::int64_t step = gridDim.x;
   std::int64_t j = blockIdx.x;
-  if (fetch(j, 0)) ok_bits |= 1u;
-  commit();
-  if (j + step < row_blocks && fetch(j + step, 1)) ok_bits |= 2u;
-  commit();
-  for (int stage = 0; j < row_blocks; j += step, stage = stage == 2 ? 0 : stage + 1) {
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (j + s * step < row_blocks && fetch(j + s * step, s)) ok_bits |= 1u << s;
+    commit();
+  }
+
+  // B fragments of this warp's heads, f16: b[nt][c][0] = channels 16c + 4tig + {0, 1} of head nt*8 + g,
+  // b[nt][c][1] = channels 16c + 4tig + {2, 3}.
+  const int head0 = head_half * kHeads;
+  std::uint32_t b[kHeadTiles][kChunks][2];
+#pragma unroll
+  for (int nt = 0; nt < kHeadTiles; ++nt) {
+    const std::uint32_t* qh =
+        reinterpret_cast<const std::uint32_t*>(p.q + (r * p.heads + head0 + nt * 8 + g) * DI) + tig;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const std::uint32_t word = __ldg(qh + 4 * c);
+      b[nt][c][0] = fp8x2_to_f16x2(word);
+      b[nt][c][1] = fp8x2_to_f16x2(word >> 16);
+    }
+  }
+  float2 w[kHeadTiles];  // weights of heads nt*8 + 2tig and + 1
+#pragma unroll
+  for (int nt = 0; nt < kHeadTiles; ++nt) {
+    const float* wp = p.weights + r * p.heads + head0 + nt * 8 + 2 * tig;
+    w[nt] = make_float2(__ldg(wp), __ldg(wp + 1));
+  }
+
+  for (int stage = 0; j < row_blocks; j += step, stage = stage == kStages - 1 ? 0 : stage + 1) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2) : "memory");
     __syncthreads();  // stage ready for all; the stage refilled below was last read an iteration ago
-    const int next_stage = stage == 0 ? 2 : stage - 1;
-    if (j + 2 * step < row_blocks) {
-      if (fetch(j + 2 * step, next_stage)) {
+    const int next_stage = stage == 0 ? kStages - 1 : stage - 1;
+    const std::int64_t ahead = j + (kStages - 1) * step;
+    if (ahead < row_blocks) {
+      if (fetch(ahead, next_stage)) {
         ok_bits |= 1u << next_stage;
       } else {
         ok_bits &= ~(1u << next_stage);
@@ -268,36 +302,40 @@ __global__ void __launch_bounds__(128, 4) indexer_logits_tokens_kernel(const Ind
     }
     commit();
 
-    const std::uint32_t* rows = keys[stage] + (warp * 16 + g) * kTokenWords + tig;
-    std::uint32_t a[kSteps][4];
+    const std::uint32_t* rows = keys[stage] + (tile * 16 + g) * kTokenWords + tig;
+    float acc[kHeadTiles][4];
 #pragma unroll
-    for (int ks = 0; ks < kSteps; ++ks) {
-      a[ks][0] = rows[ks * 8];
-      a[ks][1] = rows[8 * kTokenWords + ks * 8];
-      a[ks][2] = rows[ks * 8 + 4];
-      a[ks][3] = rows[8 * kTokenWords + ks * 8 + 4];
+    for (int nt = 0; nt < kHeadTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const std::uint32_t lo = rows[4 * c];                    // token g, channels 16c + 4tig ..
+      const std::uint32_t hi = rows[8 * kTokenWords + 4 * c];  // token g + 8
+      const std::uint32_t a[4] = {fp8x2_to_f16x2(lo), fp8x2_to_f16x2(hi), fp8x2_to_f16x2(lo >> 16),
+                                  fp8x2_to_f16x2(hi >> 16)};
+#pragma unroll
+      for (int nt = 0; nt < kHeadTiles; ++nt) mma_f16(acc[nt], a, b[nt][c][0], b[nt][c][1]);
     }
-    float sum_lo = 0.0f, sum_hi = 0.0f;  // tokens g and g + 8 of this warp's 16
+    float sum_lo = 0.0f, sum_hi = 0.0f;  // tokens g and g + 8 of this tile
 #pragma unroll
     for (int nt = 0; nt < kHeadTiles; ++nt) {
-      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int ks = 0; ks < kSteps; ++ks) mma_e4m3(acc, a[ks], b[nt][ks][0], b[nt][ks][1]);
-      const float2 w = head_weights[nt][tig];
-      sum_lo += fmaxf(acc[0], 0.0f) * w.x + fmaxf(acc[1], 0.0f) * w.y;
-      sum_hi += fmaxf(acc[2], 0.0f) * w.x + fmaxf(acc[3], 0.0f) * w.y;
+      sum_lo += fmaxf(acc[nt][0], 0.0f) * w[nt].x + fmaxf(acc[nt][1], 0.0f) * w[nt].y;
+      sum_hi += fmaxf(acc[nt][2], 0.0f) * w[nt].x + fmaxf(acc[nt][3], 0.0f) * w[nt].y;
     }
     sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 1);
     sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 1);
     sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, 2);
     sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, 2);
-    if (tig < 2) {
-      const int token = warp * 16 + g + tig * 8;
+    const int token = tile * 16 + g + tig * 8;  // lanes with tig < 2
+    const float sum = tig == 0 ? sum_lo : sum_hi;
+    if (head_half == 1 && tig < 2) partial[stage][token] = sum;
+    // Warps tile and tile + 4: named barrier 1 + tile over their 64 threads.
+    asm volatile("bar.sync %0, 64;\n" ::"r"(1 + tile) : "memory");
+    if (head_half == 0 && tig < 2) {
       const std::int64_t s = j * kBlock + token;
-      const float sum = tig == 0 ? sum_lo : sum_hi;
       if (s < allowed) {
-        out[s] = (ok_bits >> stage) & 1u ? sum * __uint_as_float(keys[stage][token * kTokenWords + kWords])
-                                         : __int_as_float(0x7fffffff);
+        out[s] = (ok_bits >> stage) & 1u
+                     ? (sum + partial[stage][token]) * __uint_as_float(keys[stage][token * kTokenWords + kWords])
+                     : __int_as_float(0x7fffffff);
       } else if (s < p.n) {
         out[s] = -INFINITY;
       }
@@ -309,18 +347,18 @@ __global__ void __launch_bounds__(128, 4) indexer_logits_tokens_kernel(const Ind
 void launch(const IndexerParams& p, std::int64_t rows, int dim, int multiprocessors, cudaStream_t stream) {
   if (rows == 0) return;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
-  // One wave at four resident CTAs of HI/16 warps per SM; each CTA walks several cache blocks, prefetching.
-  std::int64_t per_row = (4LL * multiprocessors + rows - 1) / rows;
+  // One wave: two resident CTAs of 8 warps per SM over all rows; each CTA walks several cache blocks, prefetching.
+  std::int64_t per_row = (2LL * multiprocessors + rows - 1) / rows;
   per_row = per_row < blocks ? per_row : blocks;
   per_row = per_row < 1 ? 1 : (per_row > 65535 ? 65535 : per_row);
   const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));
   if (p.heads == 64 || p.heads == 32) {
     if (dim == 128) {
-      if (p.heads == 64) indexer_logits_tokens_kernel<128, 64><<<grid, 128, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<128, 32><<<grid, 128, 0, stream>>>(p);
+      if (p.heads == 64) indexer_logits_tokens_kernel<128, 64><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<128, 32><<<grid, 256, 0, stream>>>(p);
     } else {
-      if (p.heads == 64) indexer_logits_tokens_kernel<64, 64><<<grid, 128, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<64, 32><<<grid, 128, 0, stream>>>(p);
+      if (p.heads == 64) indexer_logits_tokens_kernel<64, 64><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<64, 32><<<grid, 256, 0, stream>>>(p);
     }
     return;
   }

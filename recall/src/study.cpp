@@ -48,6 +48,8 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
   result.shape = shape;
   result.options = options;
   const auto names = metric_names();
+  const std::size_t total = selectors.size() * options.k_values.size();
+  std::size_t done = 0;
   for (const auto& selector : selectors) {
     for (const std::int64_t k : options.k_values) {
       const SelectionPolicy policy = policy_for(options, k);
@@ -68,7 +70,11 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
         for (std::size_t i = 0; i < metrics.size(); ++i) values[i] = metric_value(metrics[i], name);
         row.metrics.emplace(std::string(name), aggregate(values));
       }
+      if (options.keep_row_metrics) row.row_metrics = metrics;
+      const std::string what = row.selector + " k=" + std::to_string(k);
       result.rows.push_back(std::move(row));
+      ++done;
+      if (options.progress) options.progress(done, total, what);
     }
   }
   return result;

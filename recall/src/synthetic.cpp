@@ -103,6 +103,7 @@ AttentionInputs Workload::inputs() const {
   in.k = TensorView(k.data(), DType::fp32, {shape.keys, shape.kv_heads, shape.head_dim});
   if (shape.value_dim > 0) in.v = TensorView(v.data(), DType::fp32, {shape.keys, shape.kv_heads, shape.value_dim});
   in.positions = TensorView(positions.data(), DType::int32, {shape.tokens});
+  in.scale = scale;
   return in;
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <ostream>
@@ -21,6 +22,11 @@ struct StudyOptions {
   std::int64_t n_sink = 0;    // kept keys applied to every selector
   std::int64_t n_local = 0;
   bool kept_on_top = false;
+  /// Keep every row's metrics in StudyRow::row_metrics (reports draw per-head, per-position and per-row
+  /// charts from them); off keeps only the aggregates.
+  bool keep_row_metrics = false;
+  /// Called after each (selector, k) is done with (done, total, "selector k=K"); may be empty.
+  std::function<void(std::size_t done, std::size_t total, const std::string& what)> progress;
 };
 
 /// One (selector, k) line of a study.
@@ -29,6 +35,8 @@ struct StudyRow {
   std::int64_t k = 0;
   std::map<std::string, Aggregate, std::less<>> metrics;  // by metric name (metric_names())
   SelectionCost cost;
+  /// Metrics of each row, row-major over (query token t, group), when StudyOptions::keep_row_metrics.
+  std::vector<SelectionMetrics> row_metrics;
 };
 
 struct StudyResult {

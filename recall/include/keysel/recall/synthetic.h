@@ -30,6 +30,7 @@ struct Workload {
   std::vector<float> k;                 // [N, Hkv, D]
   std::vector<float> v;                 // [N, Hkv, Dv]
   std::vector<std::int32_t> positions;  // [T]
+  double scale = 0.0;                   // softmax scale for inputs(); 0 means 1/sqrt(D)
 
   /// Views over the owned data (valid while the workload lives and is not resized).
   AttentionInputs inputs() const;

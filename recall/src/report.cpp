@@ -1,0 +1,311 @@
+// The study report (report.h): XHTML-compatible HTML with inline SVG, built as plain strings.
+#include "keysel/recall/report.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace keysel {
+namespace {
+
+constexpr const char* kPalette[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+                                    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"};
+const char* color(std::size_t i) { return kPalette[i % (sizeof kPalette / sizeof kPalette[0])]; }
+
+std::string num(double v, const char* format = "%.4g") {
+  if (!std::isfinite(v)) return "nan";
+  char buffer[40];
+  std::snprintf(buffer, sizeof buffer, format, v);
+  return buffer;
+}
+std::string px(double v) { return num(v, "%.1f"); }
+
+struct Point {
+  double x = 0, y = 0;
+  std::string label;
+};
+struct Series {
+  std::string name;
+  std::vector<Point> points;
+};
+
+/// Axis mapping; a log axis needs positive values.
+struct Axis {
+  double lo = 0, hi = 1;
+  bool log = false;
+  double pixel_lo = 0, pixel_hi = 1;
+  double map(double v) const {
+    const double a = log ? std::log10(std::max(lo, 1e-300)) : lo;
+    const double b = log ? std::log10(std::max(hi, 1e-300)) : hi;
+    const double x = log ? std::log10(std::max(v, 1e-300)) : v;
+    const double f = b > a ? (x - a) / (b - a) : 0.5;
+    return pixel_lo + f * (pixel_hi - pixel_lo);
+  }
+};
+
+constexpr double kWidth = 560, kHeight = 340, kLeft = 64, kRight = 170, kTop = 34, kBottom = 48;
+
+/// A chart with axes, ticks and a legend; `lines` draws polylines between points, else dots only.
+/// `frontier`, when not empty, is drawn as a dashed black line.
+std::string chart(const std::string& title, const std::string& x_label, const std::string& y_label,
+                  const std::vector<Series>& series, bool log_x, bool lines, const std::vector<Point>& frontier = {},
+                  double dot_radius = 3.5) {
+  double x_lo = std::numeric_limits<double>::infinity(), x_hi = -x_lo, y_lo = x_lo, y_hi = -x_lo;
+  for (const Series& s : series) {
+    for (const Point& p : s.points) {
+      if (!std::isfinite(p.x) || !std::isfinite(p.y) || (log_x && p.x <= 0)) continue;
+      x_lo = std::min(x_lo, p.x), x_hi = std::max(x_hi, p.x), y_lo = std::min(y_lo, p.y), y_hi = std::max(y_hi, p.y);
+    }
+  }
+  if (!std::isfinite(x_lo)) x_lo = 1, x_hi = 2, y_lo = 0, y_hi = 1;
+  y_lo = std::min(y_lo, 0.0);
+  if (y_hi <= y_lo) y_hi = y_lo + 1;
+  if (x_hi <= x_lo) x_hi = x_lo * (log_x ? 2 : 1) + (log_x ? 0 : 1);
+  const double pad = log_x ? 1.15 : 0;
+  Axis ax{log_x ? x_lo / pad : x_lo, log_x ? x_hi * pad : x_hi, log_x, kLeft, kWidth - kRight};
+  Axis ay{y_lo, y_hi * 1.05, false, kHeight - kBottom, kTop};
+
+  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(kWidth) + "\" height=\"" + px(kHeight) +
+                    "\" viewBox=\"0 0 " + px(kWidth) + " " + px(kHeight) + "\" role=\"img\">\n";
+  svg += "<title>" + escape_html(title) + "</title>\n";
+  svg += "<text x=\"" + px(kWidth / 2 - kRight / 2) + "\" y=\"20\" text-anchor=\"middle\" class=\"t\">" +
+         escape_html(title) + "</text>\n";
+  svg += "<rect x=\"" + px(kLeft) + "\" y=\"" + px(kTop) + "\" width=\"" + px(kWidth - kLeft - kRight) +
+         "\" height=\"" + px(kHeight - kTop - kBottom) + "\" fill=\"none\" stroke=\"#999\"/>\n";
+  for (int i = 0; i <= 4; ++i) {
+    const double yv = ay.lo + (ay.hi - ay.lo) * i / 4;
+    const double xv = log_x ? std::pow(10.0, std::log10(ax.lo) + (std::log10(ax.hi) - std::log10(ax.lo)) * i / 4)
+                            : ax.lo + (ax.hi - ax.lo) * i / 4;
+    svg += "<text x=\"" + px(kLeft - 6) + "\" y=\"" + px(ay.map(yv) + 4) + "\" text-anchor=\"end\" class=\"a\">" +
+           num(yv, "%.3g") + "</text>\n";
+    svg += "<text x=\"" + px(ax.map(xv)) + "\" y=\"" + px(kHeight - kBottom + 16) +
+           "\" text-anchor=\"middle\" class=\"a\">" + num(xv, "%.3g") + "</text>\n";
+  }
+  svg += "<text x=\"" + px((kLeft + kWidth - kRight) / 2) + "\" y=\"" + px(kHeight - 10) +
+         "\" text-anchor=\"middle\" class=\"a\">" + escape_html(x_label) + "</text>\n";
+  svg += "<text x=\"14\" y=\"" + px((kTop + kHeight - kBottom) / 2) + "\" transform=\"rotate(-90 14 " +
+         px((kTop + kHeight - kBottom) / 2) + ")\" text-anchor=\"middle\" class=\"a\">" + escape_html(y_label) +
+         "</text>\n";
+  for (std::size_t i = 0; i < series.size(); ++i) {
+    const Series& s = series[i];
+    std::string path;
+    for (const Point& p : s.points) {
+      if (!std::isfinite(p.x) || !std::isfinite(p.y) || (log_x && p.x <= 0)) continue;
+      path += px(ax.map(p.x)) + "," + px(ay.map(p.y)) + " ";
+      svg += "<circle cx=\"" + px(ax.map(p.x)) + "\" cy=\"" + px(ay.map(p.y)) + "\" r=\"" + num(dot_radius, "%.1f") +
+             "\" fill=\"" + color(i) + "\" fill-opacity=\"0.8\"><title>" +
+             escape_html(s.name + (p.label.empty() ? "" : " " + p.label) + ": (" + num(p.x) + ", " + num(p.y) + ")") +
+             "</title></circle>\n";
+    }
+    if (lines && !path.empty()) {
+      svg += "<polyline points=\"" + path + "\" fill=\"none\" stroke=\"" + color(i) + "\" stroke-width=\"1.5\"/>\n";
+    }
+    const double ly = kTop + 8 + 16.0 * static_cast<double>(i);
+    svg += "<rect x=\"" + px(kWidth - kRight + 10) + "\" y=\"" + px(ly - 8) + "\" width=\"10\" height=\"10\" fill=\"" +
+           color(i) + "\"/>\n<text x=\"" + px(kWidth - kRight + 24) + "\" y=\"" + px(ly + 1) + "\" class=\"l\">" +
+           escape_html(s.name) + "</text>\n";
+  }
+  if (!frontier.empty()) {
+    std::string path;
+    for (const Point& p : frontier) {
+      if (std::isfinite(p.x) && std::isfinite(p.y) && (!log_x || p.x > 0)) path += px(ax.map(p.x)) + "," + px(ay.map(p.y)) + " ";
+    }
+    svg += "<polyline points=\"" + path + "\" fill=\"none\" stroke=\"#000\" stroke-dasharray=\"4 3\"/>\n";
+  }
+  svg += "</svg>\n";
+  return svg;
+}
+
+/// Heatmap of values in [0, 1]: rows x cols, white (0) to dark blue (1).
+std::string heatmap(const std::string& title, const std::string& row_label, const std::string& col_label,
+                    const std::vector<std::vector<double>>& cells, const std::vector<std::string>& col_names) {
+  const std::size_t rows = cells.size();
+  const std::size_t cols = rows > 0 ? cells[0].size() : 0;
+  const double cell = std::clamp(360.0 / static_cast<double>(std::max<std::size_t>(cols, 1)), 4.0, 28.0);
+  const double cell_h = std::clamp(220.0 / static_cast<double>(std::max<std::size_t>(rows, 1)), 4.0, 22.0);
+  const double left = 60, top = 34;
+  const double width = left + cell * static_cast<double>(cols) + 20, height = top + cell_h * static_cast<double>(rows) + 40;
+  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(width) + "\" height=\"" + px(height) +
+                    "\" viewBox=\"0 0 " + px(width) + " " + px(height) + "\" role=\"img\">\n<title>" +
+                    escape_html(title) + "</title>\n<text x=\"" + px(left) + "\" y=\"20\" class=\"t\">" +
+                    escape_html(title) + "</text>\n";
+  for (std::size_t r = 0; r < rows; ++r) {
+    svg += "<text x=\"" + px(left - 6) + "\" y=\"" + px(top + cell_h * (static_cast<double>(r) + 0.75)) +
+           "\" text-anchor=\"end\" class=\"a\">" + std::to_string(r) + "</text>\n";
+    for (std::size_t c = 0; c < cols; ++c) {
+      const double v = cells[r][c];
+      std::string fill = "#eeeeee";
+      if (std::isfinite(v)) {
+        const double f = std::clamp(v, 0.0, 1.0);
+        char buffer[16];
+        std::snprintf(buffer, sizeof buffer, "#%02x%02x%02x", static_cast<int>(255 - 230 * f),
+                      static_cast<int>(255 - 180 * f), static_cast<int>(255 - 80 * f));
+        fill = buffer;
+      }
+      svg += "<rect x=\"" + px(left + cell * static_cast<double>(c)) + "\" y=\"" +
+             px(top + cell_h * static_cast<double>(r)) + "\" width=\"" + px(cell) + "\" height=\"" + px(cell_h) +
+             "\" fill=\"" + fill + "\"><title>" +
+             escape_html(row_label + " " + std::to_string(r) + ", " + col_label + " " + col_names[c] + ": " + num(v)) +
+             "</title></rect>\n";
+    }
+  }
+  svg += "<text x=\"" + px(left) + "\" y=\"" + px(height - 12) + "\" class=\"a\">" +
+         escape_html(col_label + " " + (cols > 0 ? col_names.front() : "") + " .. " + (cols > 0 ? col_names.back() : "") +
+                     " (columns); " + row_label + " (rows); white 0, dark 1") +
+         "</text>\n</svg>\n";
+  return svg;
+}
+
+double metric_of(const StudyRow& row, const char* name, double Aggregate::*field = &Aggregate::mean) {
+  const auto it = row.metrics.find(name);
+  return it == row.metrics.end() ? std::nan("") : it->second.*field;
+}
+
+}  // namespace
+
+std::string escape_html(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (const char c : text) {
+    switch (c) {
+      case '&': out += "&amp;"; break;
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '"': out += "&quot;"; break;
+      case '\'': out += "&#39;"; break;
+      default:
+        // Control characters are not allowed in XML 1.0 text.
+        if (static_cast<unsigned char>(c) < 0x20 && c != '\n' && c != '\t') {
+          out += '?';
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out;
+}
+
+std::string study_report_html(const StudySuiteResult& result) {
+  std::string html =
+      "<!DOCTYPE html>\n<html xmlns=\"http://www.w3.org/1999/xhtml\" lang=\"en\">\n<head>\n<meta charset=\"utf-8\"/>\n"
+      "<title>keysel study report</title>\n<style>\n"
+      "body { font-family: sans-serif; margin: 24px; color: #222; }\n"
+      "table { border-collapse: collapse; font-size: 13px; }\n"
+      "td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }\n"
+      "td.n, th.n { text-align: left; }\n"
+      "svg { margin: 8px 12px 8px 0; }\n"
+      ".t { font-size: 14px; font-weight: bold; }\n.a { font-size: 11px; }\n.l { font-size: 11px; }\n"
+      "</style>\n</head>\n<body>\n<h1>keysel study report</h1>\n";
+
+  html += "<h2>Selectors</h2>\n<table>\n<tr><th class=\"n\">name</th><th class=\"n\">spec</th></tr>\n";
+  for (const StudySelectorSpec& s : result.config.selectors) {
+    html += "<tr><td class=\"n\">" + escape_html(s.name) + "</td><td class=\"n\"><code>" + escape_html(s.spec_json) +
+            "</code></td></tr>\n";
+  }
+  html += "</table>\n";
+
+  for (std::size_t w = 0; w < result.studies.size(); ++w) {
+    const StudyResult& study = result.studies[w];
+    const AttentionShape& s = study.shape;
+    html += "<h2>Workload " + escape_html(study.workload) + "</h2>\n<p>" +
+            escape_html("T=" + std::to_string(s.tokens) + " query tokens, N=" + std::to_string(s.keys) +
+                        " keys, Hq=" + std::to_string(s.query_heads) + ", Hkv=" + std::to_string(s.kv_heads) +
+                        ", D=" + std::to_string(s.head_dim) + "; granularity " +
+                        std::string(granularity_name(study.options.granularity)) + ", kept keys " +
+                        std::to_string(study.options.n_sink) + " sinks + " + std::to_string(study.options.n_local) +
+                        " local") +
+            "</p>\n";
+
+    // Summary table.
+    html += "<table>\n<tr><th class=\"n\">selector</th><th>k</th><th>recall</th><th>recall p5</th><th>mass</th>"
+            "<th>mass_ratio</th><th>kl</th><th>top1</th><th>out_err</th><th>key bytes / row</th><th>MACs / row</th></tr>\n";
+    for (const StudyRow& row : study.rows) {
+      const double rows = std::max<double>(1.0, static_cast<double>(row.cost.rows));
+      html += "<tr><td class=\"n\">" + escape_html(row.selector) + "</td><td>" + std::to_string(row.k) + "</td><td>" +
+              num(metric_of(row, "recall")) + "</td><td>" + num(metric_of(row, "recall", &Aggregate::p5)) + "</td><td>" +
+              num(metric_of(row, "mass")) + "</td><td>" + num(metric_of(row, "mass_ratio")) + "</td><td>" +
+              num(metric_of(row, "kl")) + "</td><td>" + num(metric_of(row, "top1")) + "</td><td>" +
+              num(metric_of(row, "out_err")) + "</td><td>" + num(row.cost.key_bytes_read / rows) + "</td><td>" +
+              num(row.cost.macs / rows) + "</td></tr>\n";
+    }
+    html += "</table>\n";
+
+    // Selectors in first-seen order.
+    std::vector<std::string> names;
+    for (const StudyRow& row : study.rows) {
+      if (std::find(names.begin(), names.end(), row.selector) == names.end()) names.push_back(row.selector);
+    }
+    std::vector<Series> recall_series, mass_series, cost_series;
+    std::vector<Point> all_cost;
+    for (const std::string& name : names) {
+      Series r{name, {}}, m{name, {}}, c{name, {}};
+      for (const StudyRow& row : study.rows) {
+        if (row.selector != name) continue;
+        const double kk = static_cast<double>(row.k);
+        r.points.push_back({kk, metric_of(row, "recall"), ""});
+        m.points.push_back({kk, metric_of(row, "mass"), ""});
+        const double cost = row.cost.key_bytes_read / std::max<double>(1.0, static_cast<double>(row.cost.rows));
+        c.points.push_back({cost, metric_of(row, "recall"), "k=" + std::to_string(row.k)});
+        all_cost.push_back(c.points.back());
+      }
+      recall_series.push_back(std::move(r));
+      mass_series.push_back(std::move(m));
+      cost_series.push_back(std::move(c));
+    }
+    // Pareto frontier: by increasing cost, keep points more faithful than every cheaper one.
+    std::sort(all_cost.begin(), all_cost.end(), [](const Point& a, const Point& b) {
+      return a.x < b.x || (a.x == b.x && a.y > b.y);
+    });
+    std::vector<Point> frontier;
+    for (const Point& p : all_cost) {
+      if (!std::isfinite(p.y) || p.x <= 0) continue;
+      if (frontier.empty() || p.y > frontier.back().y) frontier.push_back(p);
+    }
+    html += "<h3>Fidelity against k</h3>\n<div>\n";
+    html += chart("recall vs k", "k (log scale)", "mean recall", recall_series, true, true);
+    html += chart("mass vs k", "k (log scale)", "mean attention mass", mass_series, true, true);
+    html += "</div>\n<h3>Fidelity against cost</h3>\n<p>Cost: key bytes read per row (query token and group), "
+            "SPEC section 5; the dashed line is the Pareto frontier. Selectors that read no keys are left out.</p>\n<div>\n";
+    html += chart("recall vs key bytes read", "key bytes read per row (log scale)", "mean recall", cost_series, true,
+                  false, frontier);
+    html += "</div>\n";
+
+    // Per-row charts at the largest k.
+    const std::int64_t k_max = *std::max_element(study.options.k_values.begin(), study.options.k_values.end());
+    const std::int64_t tokens = s.tokens;
+    const std::size_t max_columns = 64;
+    const std::size_t columns = static_cast<std::size_t>(std::min<std::int64_t>(tokens, static_cast<std::int64_t>(max_columns)));
+    html += "<h3>Recall by group (head) and query position, k = " + std::to_string(k_max) + "</h3>\n";
+    if (static_cast<std::size_t>(tokens) > columns) {
+      html += "<p>First " + std::to_string(columns) + " query tokens of " + std::to_string(tokens) + "; by_row.csv holds all.</p>\n";
+    }
+    html += "<div>\n";
+    std::vector<Series> entropy_series;
+    for (const StudyRow& row : study.rows) {
+      if (row.k != k_max || row.row_metrics.empty() || tokens <= 0) continue;
+      const std::size_t groups = row.row_metrics.size() / static_cast<std::size_t>(tokens);
+      std::vector<std::vector<double>> cells(groups, std::vector<double>(columns));
+      std::vector<std::string> col_names(columns);
+      for (std::size_t t = 0; t < columns; ++t) {
+        col_names[t] = std::to_string(result.positions[w][t]);
+        for (std::size_t g = 0; g < groups; ++g) cells[g][t] = row.row_metrics[t * groups + g].recall;
+      }
+      html += heatmap(row.selector, "group", "position", cells, col_names);
+      Series e{row.selector, {}};
+      for (const SelectionMetrics& m : row.row_metrics) e.points.push_back({m.entropy_normalized, m.recall, ""});
+      entropy_series.push_back(std::move(e));
+    }
+    html += "</div>\n<h3>Attention entropy against recall, k = " + std::to_string(k_max) + "</h3>\n<div>\n";
+    html += chart("entropy vs recall (one dot per row)", "entropy / log(allowed keys)", "recall", entropy_series, false,
+                  false, {}, 2.5);
+    html += "</div>\n";
+  }
+  html += "<p>Written by keysel. results.csv and by_row.csv hold every number drawn here.</p>\n</body>\n</html>\n";
+  return html;
+}
+
+}  // namespace keysel

@@ -1,0 +1,20 @@
+// Internal: the nlohmann::json side of selector specs, shared by study configs and the tuner.
+#pragma once
+
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "keysel/indexer/selector.h"
+
+namespace keysel::detail {
+
+/// Builds a selector from a parsed spec object (see selector_spec.h); `where` prefixes error messages
+/// ("selectors[2]").
+std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where = "selector spec");
+/// Checks a spec without building it (types, keys, values).
+void check_selector_spec(const nlohmann::json& spec, const std::string& where = "selector spec");
+/// Parses JSON text, turning parse errors into keysel::Error naming `what`.
+nlohmann::json parse_json_text(std::string_view text, const std::string& what);
+
+}  // namespace keysel::detail

@@ -1,0 +1,365 @@
+// Study files (study_config.h): parsing with grid expansion, the runner and its CSV / JSON outputs.
+#include "keysel/recall/study_config.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include "keysel/core/error.h"
+#include "keysel/recall/report.h"
+#include "selector_spec_json.h"
+
+namespace keysel {
+namespace {
+
+using nlohmann::json;
+
+[[noreturn]] void fail(const std::string& message) { throw Error("keysel::parse_study_config: " + message); }
+
+void check_keys(const json& object, const std::string& where, const std::set<std::string>& allowed) {
+  if (!object.is_object()) fail(where + ": expected a JSON object, got " + object.dump());
+  for (const auto& [key, value] : object.items()) {
+    if (!allowed.contains(key)) {
+      std::string list;
+      for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+      fail(where + ": unknown key '" + key + "' (expected one of " + list + ")");
+    }
+  }
+}
+
+std::int64_t get_int(const json& object, const std::string& key, std::int64_t fallback, std::int64_t min_value,
+                     const std::string& where) {
+  const auto it = object.find(key);
+  if (it == object.end()) return fallback;
+  if (!it->is_number_integer() || it->get<std::int64_t>() < min_value) {
+    fail(where + ": key '" + key + "': expected an integer >= " + std::to_string(min_value) + ", got " + it->dump());
+  }
+  return it->get<std::int64_t>();
+}
+
+double get_number(const json& object, const std::string& key, double fallback, const std::string& where) {
+  const auto it = object.find(key);
+  if (it == object.end()) return fallback;
+  if (!it->is_number()) fail(where + ": key '" + key + "': expected a number, got " + it->dump());
+  return it->get<double>();
+}
+
+std::string value_label(const json& value) { return value.is_string() ? value.get<std::string>() : value.dump(); }
+
+StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::uint64_t default_seed) {
+  StudyWorkloadSpec spec;
+  if (!w.is_object()) fail(where + ": expected a JSON object, got " + w.dump());
+  const auto type = w.find("type");
+  if (type == w.end() || !type->is_string()) fail(where + ": missing key 'type' (\"synthetic\" or \"dump\")");
+  spec.type = type->get<std::string>();
+  if (spec.type == "synthetic") {
+    check_keys(w, where, {"type", "name", "keys", "tokens", "query_heads", "kv_heads", "head_dim", "value_dim",
+                          "seed", "sink_strength", "recency", "focus"});
+    SyntheticOptions& o = spec.synthetic;
+    o.keys = get_int(w, "keys", o.keys, 1, where);
+    o.tokens = get_int(w, "tokens", o.tokens, 1, where);
+    o.query_heads = get_int(w, "query_heads", o.query_heads, 1, where);
+    o.kv_heads = get_int(w, "kv_heads", o.kv_heads, 1, where);
+    o.head_dim = get_int(w, "head_dim", o.head_dim, 1, where);
+    o.value_dim = get_int(w, "value_dim", o.head_dim, 1, where);
+    o.seed = static_cast<std::uint64_t>(get_int(w, "seed", static_cast<std::int64_t>(default_seed), 0, where));
+    o.sink_strength = get_number(w, "sink_strength", o.sink_strength, where);
+    o.recency = get_number(w, "recency", o.recency, where);
+    o.focus = get_number(w, "focus", o.focus, where);
+    spec.name = "synthetic(N=" + std::to_string(o.keys) + ",T=" + std::to_string(o.tokens) +
+                ",seed=" + std::to_string(o.seed) + ")";
+  } else if (spec.type == "dump") {
+    check_keys(w, where, {"type", "name", "path"});
+    const auto path = w.find("path");
+    if (path == w.end() || !path->is_string()) fail(where + ": missing key 'path' (the dump file)");
+    spec.path = path->get<std::string>();
+    spec.name = "dump(" + spec.path + ")";
+    fail(where + ": workload type \"dump\" is not available in this build yet (the dump loader is not wired in); "
+                 "use \"synthetic\"");
+  } else {
+    fail(where + ": unknown workload type \"" + spec.type + "\" (expected \"synthetic\" or \"dump\")");
+  }
+  if (const auto name = w.find("name"); name != w.end()) {
+    if (!name->is_string()) fail(where + ": key 'name': expected a string");
+    spec.name = name->get<std::string>();
+  }
+  return spec;
+}
+
+/// Expands one selector entry's arrays into grid points.
+void expand_selector(const json& entry, const std::string& where, std::vector<StudySelectorSpec>& out) {
+  if (!entry.is_object()) fail(where + ": expected a JSON object, got " + entry.dump());
+  std::vector<std::string> grid_keys;
+  for (const auto& [key, value] : entry.items()) {
+    if (value.is_array()) {
+      if (value.empty()) fail(where + ": key '" + key + "': a grid needs at least one value");
+      grid_keys.push_back(key);
+    }
+  }
+  std::string base_name;
+  if (const auto name = entry.find("name"); name != entry.end()) {
+    if (!name->is_string()) fail(where + ": key 'name': expected a string");
+    base_name = name->get<std::string>();
+  }
+  std::vector<std::size_t> index(grid_keys.size(), 0);
+  while (true) {
+    json point = entry;
+    std::string suffix;
+    for (std::size_t i = 0; i < grid_keys.size(); ++i) {
+      const json& value = entry.at(grid_keys[i])[index[i]];
+      point[grid_keys[i]] = value;
+      suffix += (suffix.empty() ? "" : ",") + grid_keys[i] + "=" + value_label(value);
+    }
+    point.erase("name");
+    detail::check_selector_spec(point, where);
+    std::string name = base_name.empty() ? detail::make_selector(point, where)->name() : base_name;
+    if (!suffix.empty()) name += "[" + suffix + "]";
+    point["name"] = name;
+    out.push_back({name, point.dump()});
+    // Next grid point: the last key varies fastest.
+    std::size_t i = grid_keys.size();
+    while (i > 0) {
+      --i;
+      if (++index[i] < entry.at(grid_keys[i]).size()) break;
+      index[i] = 0;
+      if (i == 0) return;
+    }
+    if (grid_keys.empty()) return;
+  }
+}
+
+std::string format_number(double value) {
+  if (std::isnan(value)) return "nan";
+  if (std::isinf(value)) return value > 0 ? "inf" : "-inf";
+  char buffer[40];
+  std::snprintf(buffer, sizeof buffer, "%.9g", value);
+  return buffer;
+}
+
+std::string csv_field(const std::string& text) {
+  if (text.find_first_of(",\"\n") == std::string::npos) return text;
+  std::string quoted = "\"";
+  for (const char c : text) {
+    if (c == '"') quoted += '"';
+    quoted += c;
+  }
+  return quoted + "\"";
+}
+
+double per_row(double total, std::int64_t rows) { return rows > 0 ? total / static_cast<double>(rows) : 0.0; }
+
+}  // namespace
+
+StudyConfig parse_study_config(std::string_view json_text) {
+  const json doc = detail::parse_json_text(json_text, "study config");
+  check_keys(doc, "study config",
+             {"workloads", "selectors", "k", "granularity", "n_sink", "n_local", "kept_on_top", "seed"});
+  StudyConfig config;
+  const std::uint64_t seed = static_cast<std::uint64_t>(get_int(doc, "seed", 1, 0, "study config"));
+
+  const auto workloads = doc.find("workloads");
+  if (workloads == doc.end() || !workloads->is_array() || workloads->empty()) {
+    fail("key 'workloads': expected a non-empty array of workloads");
+  }
+  for (std::size_t i = 0; i < workloads->size(); ++i) {
+    config.workloads.push_back(parse_workload((*workloads)[i], "workloads[" + std::to_string(i) + "]", seed));
+  }
+  const auto selectors = doc.find("selectors");
+  if (selectors == doc.end() || !selectors->is_array() || selectors->empty()) {
+    fail("key 'selectors': expected a non-empty array of selector specs");
+  }
+  for (std::size_t i = 0; i < selectors->size(); ++i) {
+    expand_selector((*selectors)[i], "selectors[" + std::to_string(i) + "]", config.selectors);
+  }
+  // Names label rows: make repeated ones distinct.
+  std::map<std::string, int> seen;
+  for (StudySelectorSpec& s : config.selectors) {
+    const int n = ++seen[s.name];
+    if (n > 1) {
+      s.name += "#" + std::to_string(n);
+      json spec = json::parse(s.spec_json);
+      spec["name"] = s.name;
+      s.spec_json = spec.dump();
+    }
+  }
+
+  if (const auto k = doc.find("k"); k != doc.end()) {
+    config.options.k_values.clear();
+    const json values = k->is_array() ? *k : json::array({*k});
+    for (const json& v : values) {
+      if (!v.is_number_integer() || v.get<std::int64_t>() < 1) fail("key 'k': expected integers >= 1, got " + k->dump());
+      config.options.k_values.push_back(v.get<std::int64_t>());
+    }
+    if (config.options.k_values.empty()) fail("key 'k': expected at least one value");
+  }
+  if (const auto g = doc.find("granularity"); g != doc.end()) {
+    if (!g->is_string()) fail("key 'granularity': expected \"per_head\", \"per_kv_head\" or \"per_token\"");
+    try {
+      config.options.granularity = parse_granularity(g->get<std::string>());
+    } catch (const Error& e) {
+      fail(std::string("key 'granularity': ") + e.what());
+    }
+  }
+  config.options.n_sink = get_int(doc, "n_sink", 0, 0, "study config");
+  config.options.n_local = get_int(doc, "n_local", 0, 0, "study config");
+  if (const auto top = doc.find("kept_on_top"); top != doc.end()) {
+    if (!top->is_boolean()) fail("key 'kept_on_top': expected true or false");
+    config.options.kept_on_top = top->get<bool>();
+  }
+  return config;
+}
+
+StudyConfig load_study_config(const std::string& path) {
+  std::ifstream file(path);
+  if (!file) throw Error("keysel::load_study_config: cannot read \"" + path + "\"");
+  std::ostringstream text;
+  text << file.rdbuf();
+  try {
+    return parse_study_config(text.str());
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + " (in \"" + path + "\")");
+  }
+}
+
+std::string default_study_config_json() {
+  return R"({
+  "workloads": [
+    {"type": "synthetic", "keys": 4096, "tokens": 8, "query_heads": 16, "kv_heads": 4, "head_dim": 64, "seed": 1}
+  ],
+  "selectors": [
+    {"type": "exact"},
+    {"type": "random", "seed": 1},
+    {"type": "streaming", "n_sink": 4},
+    {"type": "block_topk", "block_size": 16},
+    {"name": "indexer", "type": "indexer", "format": ["fp8_e4m3", "int4"]}
+  ],
+  "k": [64, 256, 1024],
+  "granularity": "per_kv_head"
+}
+)";
+}
+
+StudyConfig default_study_config() { return parse_study_config(default_study_config_json()); }
+
+Workload make_study_workload(const StudyWorkloadSpec& spec) {
+  if (spec.type == "synthetic") {
+    Workload workload = make_synthetic_workload(spec.synthetic);
+    workload.name = spec.name;
+    return workload;
+  }
+  throw Error("keysel::make_study_workload: workload type \"" + spec.type + "\" is not available");
+}
+
+StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress& progress) {
+  KEYSEL_CHECK_ARG(!config.workloads.empty(), "config.workloads", "at least one workload", "none");
+  KEYSEL_CHECK_ARG(!config.selectors.empty(), "config.selectors", "at least one selector", "none");
+  StudySuiteResult result;
+  result.config = config;
+  const std::size_t per_workload = config.selectors.size() * config.options.k_values.size();
+  const std::size_t total = per_workload * config.workloads.size();
+  for (std::size_t w = 0; w < config.workloads.size(); ++w) {
+    const auto start = std::chrono::steady_clock::now();
+    const Workload workload = make_study_workload(config.workloads[w]);
+    result.workload_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    std::vector<std::unique_ptr<Selector>> selectors;
+    for (const StudySelectorSpec& s : config.selectors) {
+      selectors.push_back(detail::make_selector(json::parse(s.spec_json), s.name));
+    }
+    StudyOptions options = config.options;
+    options.keep_row_metrics = true;
+    if (progress) {
+      options.progress = [&, w](std::size_t done, std::size_t, const std::string& what) {
+        progress(w * per_workload + done, total, config.workloads[w].name + ": " + what);
+      };
+    }
+    result.studies.push_back(run_study(workload, selectors, options));
+    result.positions.push_back(workload.positions);
+  }
+  return result;
+}
+
+std::string study_suite_csv(const StudySuiteResult& result) {
+  std::string csv =
+      "workload,selector,k,metric,count,mean,min,p5,p50,p95,key_bytes_per_row,macs_per_row,keys_scored_per_row\n";
+  for (const StudyResult& study : result.studies) {
+    for (const StudyRow& row : study.rows) {
+      const std::string cost = format_number(per_row(row.cost.key_bytes_read, row.cost.rows)) + "," +
+                               format_number(per_row(row.cost.macs, row.cost.rows)) + "," +
+                               format_number(per_row(row.cost.keys_scored, row.cost.rows));
+      for (const std::string_view name : metric_names()) {
+        const auto it = row.metrics.find(name);
+        if (it == row.metrics.end()) continue;
+        const Aggregate& a = it->second;
+        csv += csv_field(study.workload) + "," + csv_field(row.selector) + "," + std::to_string(row.k) + "," +
+               std::string(name) + "," + std::to_string(a.count) + "," + format_number(a.mean) + "," +
+               format_number(a.min) + "," + format_number(a.p5) + "," + format_number(a.p50) + "," +
+               format_number(a.p95) + "," + cost + "\n";
+      }
+    }
+  }
+  return csv;
+}
+
+std::string study_suite_rows_csv(const StudySuiteResult& result) {
+  std::string csv = "workload,selector,k,token,position,group";
+  for (const std::string_view name : metric_names()) csv += "," + std::string(name);
+  csv += "\n";
+  for (std::size_t w = 0; w < result.studies.size(); ++w) {
+    const StudyResult& study = result.studies[w];
+    for (const StudyRow& row : study.rows) {
+      const std::size_t groups = row.row_metrics.size() / static_cast<std::size_t>(std::max<std::int64_t>(study.shape.tokens, 1));
+      for (std::size_t i = 0; i < row.row_metrics.size(); ++i) {
+        const std::size_t t = groups > 0 ? i / groups : 0;
+        const std::size_t g = groups > 0 ? i % groups : 0;
+        csv += csv_field(study.workload) + "," + csv_field(row.selector) + "," + std::to_string(row.k) + "," +
+               std::to_string(t) + "," + std::to_string(result.positions[w][t]) + "," + std::to_string(g);
+        for (const std::string_view name : metric_names()) {
+          csv += "," + format_number(metric_value(row.row_metrics[i], name));
+        }
+        csv += "\n";
+      }
+    }
+  }
+  return csv;
+}
+
+std::string study_suite_json(const StudySuiteResult& result) {
+  nlohmann::ordered_json doc;
+  nlohmann::ordered_json selectors = nlohmann::ordered_json::array();
+  for (const StudySelectorSpec& s : result.config.selectors) {
+    selectors.push_back({{"name", s.name}, {"spec", nlohmann::ordered_json::parse(s.spec_json)}});
+  }
+  doc["selectors"] = std::move(selectors);
+  nlohmann::ordered_json studies = nlohmann::ordered_json::array();
+  for (std::size_t w = 0; w < result.studies.size(); ++w) {
+    nlohmann::ordered_json study = nlohmann::ordered_json::parse(study_to_json(result.studies[w]));
+    study["workload_seconds"] = result.workload_seconds[w];
+    studies.push_back(std::move(study));
+  }
+  doc["studies"] = std::move(studies);
+  return doc.dump(2) + "\n";
+}
+
+void write_study_outputs(const StudySuiteResult& result, const std::string& directory) {
+  std::error_code ec;
+  std::filesystem::create_directories(directory, ec);
+  if (ec) throw Error("keysel::write_study_outputs: cannot create directory \"" + directory + "\": " + ec.message());
+  const auto write = [&](const char* name, const std::string& text) {
+    const std::string path = (std::filesystem::path(directory) / name).string();
+    std::ofstream file(path, std::ios::binary);
+    file << text;
+    file.close();
+    if (!file) throw Error("keysel::write_study_outputs: cannot write \"" + path + "\"");
+  };
+  write("results.csv", study_suite_csv(result));
+  write("by_row.csv", study_suite_rows_csv(result));
+  write("results.json", study_suite_json(result));
+  write("report.html", study_report_html(result));
+}
+
+}  // namespace keysel

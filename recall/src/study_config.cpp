@@ -307,8 +307,11 @@ std::string study_suite_csv(const StudySuiteResult& result) {
 
 std::string study_suite_rows_csv(const StudySuiteResult& result) {
   std::string csv = "workload,selector,k,token,position,group";
-  for (const std::string_view name : metric_names()) csv += "," + std::string(name);
-  csv += "\n";
+  for (const std::string_view name : metric_names()) {
+    csv += ',';
+    csv += name;
+  }
+  csv += '\n';
   for (std::size_t w = 0; w < result.studies.size(); ++w) {
     const StudyResult& study = result.studies[w];
     for (const StudyRow& row : study.rows) {
@@ -316,10 +319,16 @@ std::string study_suite_rows_csv(const StudySuiteResult& result) {
       for (std::size_t i = 0; i < row.row_metrics.size(); ++i) {
         const std::size_t t = groups > 0 ? i / groups : 0;
         const std::size_t g = groups > 0 ? i % groups : 0;
-        csv += csv_field(study.workload) + "," + csv_field(row.selector) + "," + std::to_string(row.k) + "," +
-               std::to_string(t) + "," + std::to_string(result.positions[w][t]) + "," + std::to_string(g);
+        for (const std::string& field :
+             {csv_field(study.workload), csv_field(row.selector), std::to_string(row.k), std::to_string(t),
+              std::to_string(result.positions[w][t])}) {
+          csv += field;
+          csv += ',';
+        }
+        csv += std::to_string(g);
         for (const std::string_view name : metric_names()) {
-          csv += "," + format_number(metric_value(row.row_metrics[i], name));
+          csv += ',';
+          csv += format_number(metric_value(row.row_metrics[i], name));
         }
         csv += "\n";
       }

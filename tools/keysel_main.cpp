@@ -5,11 +5,8 @@
 #include <string>
 #include <string_view>
 
+#include "commands.h"
 #include "keysel/core/build_config.h"
-
-namespace keysel::cli {
-int study_command(int argc, const char* const* argv);  // tools/study_command.cpp
-}  // namespace keysel::cli
 
 namespace {
 
@@ -20,8 +17,10 @@ struct Subcommand {
 };
 
 constexpr Subcommand kSubcommands[] = {
-    {"study", "run selectors (exact top-k, random, streaming) on a synthetic workload and print their fidelity",
+    {"study", "run selectors over workloads (built in, or a JSON study file) and report their fidelity and cost",
      keysel::cli::study_command},
+    {"tune", "search indexer formats, scales, rotation and FAISS settings for the cheapest selector meeting a target",
+     keysel::cli::tune_command},
 };
 
 void print_usage(std::ostream& out) {

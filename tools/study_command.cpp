@@ -12,11 +12,13 @@
 #include <string>
 #include <vector>
 
+#include "commands.h"
 #include "keysel/core/error.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/threads.h"
 #include "keysel/indexer/selector.h"
 #include "keysel/recall/study.h"
+#include "keysel/recall/study_config.h"
 #include "keysel/recall/synthetic.h"
 
 namespace keysel::cli {
@@ -58,6 +60,14 @@ Examples:
                                                one key set for all heads; always keep 4 sinks and 64 recent keys
   keysel study --seed 7 --json study.json      another workload; also write every aggregate as JSON
 
+Study files (docs/studies.md): --config FILE runs the workloads, selectors (with parameter grids) and k values
+a JSON study file names; --out DIR writes DIR/results.csv (one line per workload, selector, k and metric: the
+same seed gives the same bytes), DIR/by_row.csv (every query token and group: recall by head and position),
+DIR/results.json (with wall times) and DIR/report.html (self-contained, SVG charts: recall and mass vs k,
+fidelity vs cost with the Pareto frontier, recall heatmaps by group and position, entropy vs recall).
+--out without --config runs the built-in default study file (examples/studies/default.json).
+  keysel study --config examples/studies/default.json --out study-out
+
 )";
 
 /// Parses "64,256,1024" into k values >= 1.
@@ -94,6 +104,32 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
+/// `keysel study --config FILE [--out DIR]`.
+int run_config_study(const std::string& config_path, const std::string& out_dir) {
+  const StudyConfig config = config_path.empty() ? default_study_config() : load_study_config(config_path);
+  Progress progress("study");
+  const auto start = std::chrono::steady_clock::now();
+  const StudySuiteResult result =
+      run_study_config(config, [&](std::size_t done, std::size_t total, const std::string& what) {
+        progress.update(done, total, what);
+      });
+  progress.finish();
+  for (std::size_t i = 0; i < result.studies.size(); ++i) {
+    if (i > 0) std::cout << "\n";
+    print_study_table(result.studies[i], std::cout);
+  }
+  if (!out_dir.empty()) {
+    write_study_outputs(result, out_dir);
+    std::cout << "\nwrote " << out_dir << "/results.csv, by_row.csv, results.json and report.html\n";
+  }
+  char timing[160];
+  std::snprintf(timing, sizeof timing, "\nstudy (%zu workloads x %zu selectors x %zu k) in %.2f s on %d threads\n",
+                result.studies.size(), config.selectors.size(), config.options.k_values.size(), seconds_since(start),
+                num_threads());
+  std::cout << timing;
+  return 0;
+}
+
 }  // namespace
 
 int study_command(int argc, const char* const* argv) {
@@ -104,6 +140,8 @@ int study_command(int argc, const char* const* argv) {
   std::string seed_text = "1";
   int threads = 0;
   std::string json_path;
+  std::string config_path;
+  std::string out_dir;
 
   po::options_description options("Options", 110, 50);
   // clang-format off
@@ -134,7 +172,10 @@ int study_command(int argc, const char* const* argv) {
       ("focus", po::value(&workload_options.focus)->value_name("X")->default_value(workload_options.focus),
        "workload: how sharply heads attend to a few relevant keys (0: diffuse)")
       ("threads", po::value(&threads)->value_name("COUNT"), "threads to use (default: all logical processors)")
-      ("json", po::value(&json_path)->value_name("FILE"), "also write the results as JSON to this file");
+      ("json", po::value(&json_path)->value_name("FILE"), "also write the results as JSON to this file")
+      ("config", po::value(&config_path)->value_name("FILE"), "run the JSON study file FILE instead (docs/studies.md)")
+      ("out", po::value(&out_dir)->value_name("DIR"),
+       "write results.csv, by_row.csv, results.json and report.html to DIR (default study file without --config)");
   // clang-format on
 
   po::variables_map vm;
@@ -153,6 +194,17 @@ int study_command(int argc, const char* const* argv) {
   if (vm.count("threads")) {
     if (threads < 1) throw Error("option '--threads': expected an integer >= 1, got " + std::to_string(threads));
     set_num_threads(threads);
+  }
+
+  if (vm.count("config") || vm.count("out")) {
+    // A study file names its own workloads, selectors and k: the command-line versions would be ignored.
+    for (const char* name : {"keys", "tokens", "heads", "kv-heads", "dim", "k", "granularity", "sinks", "window",
+                             "seed", "sink-strength", "recency", "focus", "json"}) {
+      if (vm.count(name) && !vm[name].defaulted()) {
+        throw Error(std::string("option '--") + name + "' cannot be combined with --config/--out: set it in the study file");
+      }
+    }
+    return run_config_study(config_path, out_dir);
   }
 
   // Open the JSON file first, so that a bad path fails before the study runs.

@@ -54,15 +54,6 @@ __device__ __forceinline__ void load_items(const float* row, int n, int first, b
   }
 }
 
-/// hist[bin] += 1 for each calling thread, one shared atomic per distinct bin of the converged threads: the keys
-/// of one coarse bucket share their top bits, so plain atomics would queue on one or two addresses (the first
-/// radix round puts every bucket key in the same bin).
-__device__ __forceinline__ void aggregated_increment(int* hist, std::uint32_t bin) {
-  const unsigned active = __activemask();
-  const unsigned peers = __match_any_sync(active, bin);
-  if ((threadIdx.x & 31) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], __popc(peers));
-}
-
 struct FindResult {
   int bin;
   int remaining;  // how many keys of `bin` are still to take
@@ -182,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
         for (int i = tid; i < kBins; i += kThreads) hist[i] = 0;
         __syncthreads();
         const auto count = [&](std::uint32_t key) {
-          if (high >= 32 || (key >> high) == prefix) aggregated_increment(hist, (key >> shift) & digit_mask);
+          if (high >= 32 || (key >> high) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1);
         };
         if (buffered) {
           for (int i = tid; i < in_bucket; i += kThreads) count(buffer[i]);
@@ -442,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
       for (int i = tid; i < kBins; i += kThreads) hist[i] = 0;
       __syncthreads();
       for_each_key([&](std::uint32_t key) {
-        if (high >= 32 || (key >> high) == prefix) aggregated_increment(hist, (key >> shift) & digit_mask);
+        if (high >= 32 || (key >> high) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1);
       });
       __syncthreads();
       const FindResult digit = find_bin<IntScan>(hist, static_cast<int>(digit_mask) + 1, remaining, scan_storage, found);

@@ -251,7 +251,10 @@ const LoadedTensor* SafetensorsFile::find(std::string_view name) const {
 const LoadedTensor& SafetensorsFile::at(std::string_view name) const {
   if (const LoadedTensor* t = find(name)) return *t;
   std::string names;
-  for (const LoadedTensor& t : tensors) names += (names.empty() ? "" : ", ") + t.name;
+  for (const LoadedTensor& t : tensors) {
+    if (!names.empty()) names += ", ";
+    names += t.name;
+  }
   detail::throw_argument_error("SafetensorsFile::at", "name", "one of [" + names + "]", detail::describe(name));
 }
 
@@ -386,11 +389,25 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
   std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
-  for (std::size_t i = 1; i < entries.size(); ++i) {
-    if (entries[i].begin < entries[i - 1].end) {
+  // As the reference implementation requires: the tensors tile the data block, without gaps, overlaps or
+  // trailing bytes (a header length or offset that is off by a few bytes is caught here).
+  std::uint64_t covered = 0;
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    if (entries[i].begin < covered) {
       fail(function, source, entries[i].name,
            "its data_offsets overlap those of tensor '" + entries[i - 1].name + "'");
     }
+    if (entries[i].begin > covered) {
+      fail(function, source, entries[i].name,
+           "expected its data to start at byte " + std::to_string(covered) + " of the data block (tensors are "
+           "stored back to back), found " + std::to_string(entries[i].begin));
+    }
+    covered = entries[i].end;
+  }
+  if (covered != data_size) {
+    fail(function, source, "",
+         "expected the tensors to cover the " + std::to_string(data_size) + "-byte data block, found " +
+             std::to_string(covered) + " bytes covered (corrupt header length or offsets)");
   }
   file.tensors.reserve(entries.size());
   for (Entry& e : entries) {

@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "keysel/core/error.h"
+#include "keysel/recall/dump.h"
 #include "keysel/recall/report.h"
 #include "selector_spec_json.h"
 
@@ -74,13 +75,12 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     spec.name = "synthetic(N=" + std::to_string(o.keys) + ",T=" + std::to_string(o.tokens) +
                 ",seed=" + std::to_string(o.seed) + ")";
   } else if (spec.type == "dump") {
-    check_keys(w, where, {"type", "name", "path"});
+    check_keys(w, where, {"type", "name", "path", "layer"});
     const auto path = w.find("path");
     if (path == w.end() || !path->is_string()) fail(where + ": missing key 'path' (the dump file)");
     spec.path = path->get<std::string>();
-    spec.name = "dump(" + spec.path + ")";
-    fail(where + ": workload type \"dump\" is not available in this build yet (the dump loader is not wired in); "
-                 "use \"synthetic\"");
+    spec.layer = get_int(w, "layer", -1, 0, where);
+    spec.name = "";  // the dump names its layers: "dump(<model>, layer <index>)"
   } else {
     fail(where + ": unknown workload type \"" + spec.type + "\" (expected \"synthetic\" or \"dump\")");
   }
@@ -167,7 +167,18 @@ StudyConfig parse_study_config(std::string_view json_text) {
     fail("key 'workloads': expected a non-empty array of workloads");
   }
   for (std::size_t i = 0; i < workloads->size(); ++i) {
-    config.workloads.push_back(parse_workload((*workloads)[i], "workloads[" + std::to_string(i) + "]", seed));
+    const json& w = (*workloads)[i];
+    const std::string where = "workloads[" + std::to_string(i) + "]";
+    // A dump's "layer" may list several layers: one workload each.
+    if (w.is_object() && w.contains("layer") && w.at("layer").is_array()) {
+      for (const json& layer : w.at("layer")) {
+        json one = w;
+        one["layer"] = layer;
+        config.workloads.push_back(parse_workload(one, where, seed));
+      }
+    } else {
+      config.workloads.push_back(parse_workload(w, where, seed));
+    }
   }
   const auto selectors = doc.find("selectors");
   if (selectors == doc.end() || !selectors->is_array() || selectors->empty()) {
@@ -252,7 +263,16 @@ Workload make_study_workload(const StudyWorkloadSpec& spec) {
     workload.name = spec.name;
     return workload;
   }
-  throw Error("keysel::make_study_workload: workload type \"" + spec.type + "\" is not available");
+  if (spec.type == "dump") {
+    KEYSEL_CHECK_ARG(spec.layer >= 0, "spec.layer", "a layer index >= 0 (run_study_config expands -1)", spec.layer);
+    const Dump dump = load_dump(spec.path);
+    const DumpLayer& layer = dump.layer(spec.layer);
+    const std::size_t i = static_cast<std::size_t>(&layer - dump.layers.data());
+    Workload workload = dump.workload(i);
+    if (!spec.name.empty()) workload.name = spec.name;
+    return workload;
+  }
+  throw Error("keysel::make_study_workload: unknown workload type \"" + spec.type + "\"");
 }
 
 StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress& progress) {
@@ -260,11 +280,26 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
   KEYSEL_CHECK_ARG(!config.selectors.empty(), "config.selectors", "at least one selector", "none");
   StudySuiteResult result;
   result.config = config;
+  // A dump without a layer runs every layer.
+  std::vector<StudyWorkloadSpec> specs;
+  for (const StudyWorkloadSpec& spec : config.workloads) {
+    if (spec.type == "dump" && spec.layer < 0) {
+      const Dump dump = load_dump(spec.path);
+      for (const DumpLayer& layer : dump.layers) {
+        StudyWorkloadSpec one = spec;
+        one.layer = layer.index;
+        if (!spec.name.empty()) one.name = spec.name + " layer " + std::to_string(layer.index);
+        specs.push_back(one);
+      }
+    } else {
+      specs.push_back(spec);
+    }
+  }
   const std::size_t per_workload = config.selectors.size() * config.options.k_values.size();
-  const std::size_t total = per_workload * config.workloads.size();
-  for (std::size_t w = 0; w < config.workloads.size(); ++w) {
+  const std::size_t total = per_workload * specs.size();
+  for (std::size_t w = 0; w < specs.size(); ++w) {
     const auto start = std::chrono::steady_clock::now();
-    const Workload workload = make_study_workload(config.workloads[w]);
+    const Workload workload = make_study_workload(specs[w]);
     result.workload_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     std::vector<std::unique_ptr<Selector>> selectors;
     for (const StudySelectorSpec& s : config.selectors) {
@@ -274,7 +309,7 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
     options.keep_row_metrics = true;
     if (progress) {
       options.progress = [&, w](std::size_t done, std::size_t, const std::string& what) {
-        progress(w * per_workload + done, total, config.workloads[w].name + ": " + what);
+        progress(w * per_workload + done, total, workload.name + ": " + what);
       };
     }
     result.studies.push_back(run_study(workload, selectors, options));

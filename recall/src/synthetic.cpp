@@ -22,17 +22,37 @@
 //
 // Every random number comes from RandomStream(seed, stream) with one stream per key head (keys, values, group
 // pool) and per query head (queries), so the workload does not depend on the thread count.
+//
+// Realism knobs (all off by default; off, the workload is bit-identical to the one generated before they existed):
+//   rope_base > 0    the key's background-plus-recency part is rotated by R(s) and the query's by R(pos) (RoPE,
+//                    rotate-half pairs (i, i + D/2), angle pos * base^(-2i/D)); the sink direction, the key-0 sink
+//                    and the focus terms (computed against the rotated keys) are added after the rotation, as
+//                    models learn to keep them position-independent. The recency bonus becomes RoPE-shaped (fast
+//                    channels decorrelate quickly with distance).
+//   key_rank = r     the key's background and recency parts are B (sqrt(D/r) a_s z + (D/r) B^T c w[s]), B a random
+//                    orthonormal D x r basis per key head and z the first r of the key's normals: keys of rank r
+//                    (+1 for the sink) with the same expected recency logits; the recency part's norm grows by
+//                    sqrt(D/r), which widens the background logits (measure_workload shows the effect).
+//   key_shift        every key of a head gets + key_shift sqrt(D) b (b a random unit vector): each logit of one
+//                    query moves by the same q.b, so attention is unchanged, but keys drift away from queries.
+//   outlier_channels / outlier_scale   a few random channels per key head are multiplied by outlier_scale in
+//                    the keys and divided by it in the queries: logits are unchanged, key magnitudes are not
+//                    (what per-token quantisation scales must cope with).
+//   temperature      queries are divided by it at the end: logits / temperature, the attention-entropy knob.
+// measure_workload() reports the entropy and top-k mass a setting gives.
 #include "keysel/recall/synthetic.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <sstream>
 #include <vector>
 
 #include "keysel/core/error.h"
 #include "keysel/core/random.h"
+#include "keysel/attention/reference.h"
 
 namespace keysel {
 namespace {
@@ -56,6 +76,19 @@ constexpr std::uint64_t kKeyStream = 1ull << 40;
 constexpr std::uint64_t kValueStream = 2ull << 40;
 constexpr std::uint64_t kGroupStream = 3ull << 40;
 constexpr std::uint64_t kQueryStream = 4ull << 40;
+constexpr std::uint64_t kRealismStream = 5ull << 40;  // low-rank basis, shift direction, outlier channels
+
+/// Rotates `x` (D channels) as RoPE does at position `pos`: pairs (i, i + D/2) by pos * inv_freq[i].
+void apply_rope(std::span<double> x, std::int64_t pos, const std::vector<double>& inv_freq) {
+  const std::size_t half = inv_freq.size();
+  for (std::size_t i = 0; i < half; ++i) {
+    const double angle = static_cast<double>(pos) * inv_freq[i];
+    const double c = std::cos(angle), s = std::sin(angle);
+    const double a = x[i], b = x[i + half];
+    x[i] = a * c - b * s;
+    x[i + half] = b * c + a * s;
+  }
+}
 
 /// A uniformly random unit vector of `dim` channels.
 std::vector<double> random_unit_vector(RandomStream& random, std::int64_t dim) {
@@ -125,6 +158,18 @@ Workload make_synthetic_workload(const SyntheticOptions& options) {
     KEYSEL_CHECK_ARG(std::isfinite(o.recency) && o.recency >= 0, "options.recency", "a finite value >= 0",
                      o.recency);
     KEYSEL_CHECK_ARG(std::isfinite(o.focus) && o.focus >= 0, "options.focus", "a finite value >= 0", o.focus);
+    KEYSEL_CHECK_ARG(std::isfinite(o.rope_base) && o.rope_base >= 0, "options.rope_base", "a finite value >= 0",
+                     o.rope_base);
+    KEYSEL_CHECK_ARG(o.outlier_channels >= 0 && o.outlier_channels <= o.head_dim, "options.outlier_channels",
+                     "0 <= outlier_channels <= head_dim = " + std::to_string(o.head_dim), o.outlier_channels);
+    KEYSEL_CHECK_ARG(std::isfinite(o.outlier_scale) && o.outlier_scale > 0, "options.outlier_scale",
+                     "a finite value > 0", o.outlier_scale);
+    KEYSEL_CHECK_ARG(o.key_rank >= 0 && o.key_rank <= o.head_dim, "options.key_rank",
+                     "0 (full rank) <= key_rank <= head_dim = " + std::to_string(o.head_dim), o.key_rank);
+    KEYSEL_CHECK_ARG(std::isfinite(o.key_shift) && o.key_shift >= 0, "options.key_shift", "a finite value >= 0",
+                     o.key_shift);
+    KEYSEL_CHECK_ARG(std::isfinite(o.temperature) && o.temperature > 0, "options.temperature", "a finite value > 0",
+                     o.temperature);
     // Sizes of the owned buffers must fit in memory arithmetic.
     const double elements = static_cast<double>(o.keys) * static_cast<double>(o.kv_heads) *
                             static_cast<double>(std::max(o.head_dim, o.value_dim));
@@ -140,7 +185,15 @@ Workload make_synthetic_workload(const SyntheticOptions& options) {
   {
     std::ostringstream name;
     name << "synthetic(seed=" << options.seed << ", sink_strength=" << options.sink_strength
-         << ", recency=" << options.recency << ", focus=" << options.focus << ")";
+         << ", recency=" << options.recency << ", focus=" << options.focus;
+    if (options.rope_base > 0) name << ", rope_base=" << options.rope_base;
+    if (options.outlier_channels > 0 && options.outlier_scale != 1.0) {
+      name << ", outliers=" << options.outlier_channels << "x" << options.outlier_scale;
+    }
+    if (options.key_rank > 0) name << ", key_rank=" << options.key_rank;
+    if (options.key_shift > 0) name << ", key_shift=" << options.key_shift;
+    if (options.temperature != 1.0) name << ", temperature=" << options.temperature;
+    name << ")";
     w.name = name.str();
   }
   w.shape = {T, N, Hq, Hkv, D, Dv};
@@ -159,6 +212,48 @@ Workload make_synthetic_workload(const SyntheticOptions& options) {
   // scale * (c w[s]) . (c w[pos]) ~ c^2 sqrt(D) exp(-distance / kDriftLength) = recency * kRecencyLogit * ...
   const double walk_amplitude = std::sqrt(options.recency * kRecencyLogit / sqrt_d);
 
+  // Realism knobs: per key head, a low-rank basis [D, r] and a shift direction, from their own streams.
+  const bool rope = options.rope_base > 0;
+  const std::int64_t rank = options.key_rank;
+  std::vector<double> inv_freq;
+  if (rope) {
+    for (std::int64_t i = 0; i < D / 2; ++i) {
+      inv_freq.push_back(std::pow(options.rope_base, -2.0 * static_cast<double>(i) / static_cast<double>(D)));
+    }
+  }
+  std::vector<double> basis(static_cast<std::size_t>(rank > 0 ? Hkv * D * rank : 0));  // [Hkv, D, r]
+  std::vector<double> shift_direction(static_cast<std::size_t>(options.key_shift > 0 ? Hkv * D : 0));
+  std::vector<std::vector<std::int64_t>> outliers(static_cast<std::size_t>(Hkv));
+  for (std::int64_t kh = 0; kh < Hkv; ++kh) {
+    RandomStream random(options.seed, kRealismStream + static_cast<std::uint64_t>(kh));
+    if (rank > 0) {
+      // Modified Gram-Schmidt on random normal columns.
+      double* b = basis.data() + kh * D * rank;
+      for (std::int64_t j = 0; j < rank; ++j) {
+        double norm2 = 0;
+        do {
+          for (std::int64_t d = 0; d < D; ++d) b[d * rank + j] = random.normal();
+          for (std::int64_t i = 0; i < j; ++i) {
+            double dot = 0;
+            for (std::int64_t d = 0; d < D; ++d) dot += b[d * rank + i] * b[d * rank + j];
+            for (std::int64_t d = 0; d < D; ++d) b[d * rank + j] -= dot * b[d * rank + i];
+          }
+          norm2 = 0;
+          for (std::int64_t d = 0; d < D; ++d) norm2 += b[d * rank + j] * b[d * rank + j];
+        } while (norm2 < 1e-12);
+        const double inv = 1.0 / std::sqrt(norm2);
+        for (std::int64_t d = 0; d < D; ++d) b[d * rank + j] *= inv;
+      }
+    }
+    if (options.key_shift > 0) {
+      const std::vector<double> b = random_unit_vector(random, D);
+      std::copy(b.begin(), b.end(), shift_direction.begin() + kh * D);
+    }
+    if (options.outlier_channels > 0) {
+      outliers[static_cast<std::size_t>(kh)] = distinct_positions(random, 0, D - 1, options.outlier_channels);
+    }
+  }
+
   // Keys and values, one key head per work item.
 #pragma omp parallel for schedule(dynamic, 1)
   for (std::int64_t kh = 0; kh < Hkv; ++kh) {
@@ -173,10 +268,39 @@ Workload make_synthetic_workload(const SyntheticOptions& options) {
       const double key_norm = std::exp(kKeyNormSpread * random.normal());
       random.fill_normal(std::span<double>(noise));
       float* key = w.k.data() + (s * Hkv + kh) * D;
-      for (std::int64_t d = 0; d < D; ++d) {
-        const auto i = static_cast<std::size_t>(d);
-        key[d] = static_cast<float>(key_norm * noise[i] + walk_amplitude * ws[i]);
+      if (!rope && rank == 0) {
+        for (std::int64_t d = 0; d < D; ++d) {
+          const auto i = static_cast<std::size_t>(d);
+          key[d] = static_cast<float>(key_norm * noise[i] + walk_amplitude * ws[i]);
+        }
+        continue;
       }
+      std::vector<double> content(static_cast<std::size_t>(D));
+      if (rank > 0) {
+        // B (sqrt(D/r) a_s z + (D/r) B^T c w): the first r normals are z.
+        const double* b = basis.data() + kh * D * rank;
+        std::vector<double> coefficient(static_cast<std::size_t>(rank));
+        const double noise_gain = std::sqrt(static_cast<double>(D) / static_cast<double>(rank));
+        const double walk_gain = static_cast<double>(D) / static_cast<double>(rank);
+        for (std::int64_t j = 0; j < rank; ++j) {
+          double projection = 0;
+          for (std::int64_t d = 0; d < D; ++d) projection += b[d * rank + j] * ws[static_cast<std::size_t>(d)];
+          coefficient[static_cast<std::size_t>(j)] = noise_gain * key_norm * noise[static_cast<std::size_t>(j)] +
+                                                     walk_gain * walk_amplitude * projection;
+        }
+        for (std::int64_t d = 0; d < D; ++d) {
+          double x = 0;
+          for (std::int64_t j = 0; j < rank; ++j) x += b[d * rank + j] * coefficient[static_cast<std::size_t>(j)];
+          content[static_cast<std::size_t>(d)] = x;
+        }
+      } else {
+        for (std::int64_t d = 0; d < D; ++d) {
+          const auto i = static_cast<std::size_t>(d);
+          content[i] = key_norm * noise[i] + walk_amplitude * ws[i];
+        }
+      }
+      if (rope) apply_rope(content, s, inv_freq);
+      for (std::int64_t d = 0; d < D; ++d) key[d] = static_cast<float>(content[static_cast<std::size_t>(d)]);
     }
     // The sink: scale * (query_mean u) . (beta u) = sink_strength * kSinkLogit.
     const double beta = options.sink_strength * kSinkLogit / (scale * query_mean);
@@ -217,7 +341,13 @@ Workload make_synthetic_workload(const SyntheticOptions& options) {
       const std::int64_t pos = N - T + t;
       random.fill_normal(std::span<double>(query));
       const double* wp = walk.data() + (kh * T + t) * D;
-      for (std::int64_t d = 0; d < D; ++d) query[static_cast<std::size_t>(d)] += query_mean * u[d] + walk_amplitude * wp[d];
+      if (!rope) {
+        for (std::int64_t d = 0; d < D; ++d) query[static_cast<std::size_t>(d)] += query_mean * u[d] + walk_amplitude * wp[d];
+      } else {
+        for (std::int64_t d = 0; d < D; ++d) query[static_cast<std::size_t>(d)] += walk_amplitude * wp[d];
+        apply_rope(query, pos, inv_freq);
+        for (std::int64_t d = 0; d < D; ++d) query[static_cast<std::size_t>(d)] += query_mean * u[d];
+      }
 
       std::vector<std::int64_t> focus_keys = relevant;
       for (const std::int64_t s : distinct_positions(random, first_relevant, pos, kTokenRelevant)) {
@@ -237,7 +367,113 @@ Workload make_synthetic_workload(const SyntheticOptions& options) {
       for (std::int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(query[static_cast<std::size_t>(d)]);
     }
   }
+
+  // Transformations that leave attention unchanged (shift, outliers) or scale every logit (temperature), applied
+  // after the queries were built against the plain keys.
+  const bool outlier = options.outlier_channels > 0 && options.outlier_scale != 1.0;
+  if (options.key_shift > 0 || outlier) {
+    const double shift = options.key_shift * sqrt_d;
+    for (std::int64_t s = 0; s < N; ++s) {
+      for (std::int64_t kh = 0; kh < Hkv; ++kh) {
+        float* key = w.k.data() + (s * Hkv + kh) * D;
+        if (options.key_shift > 0) {
+          const double* b = shift_direction.data() + kh * D;
+          for (std::int64_t d = 0; d < D; ++d) key[d] = static_cast<float>(key[d] + shift * b[d]);
+        }
+        if (outlier) {
+          for (const std::int64_t c : outliers[static_cast<std::size_t>(kh)]) {
+            key[c] = static_cast<float>(key[c] * options.outlier_scale);
+          }
+        }
+      }
+    }
+  }
+  if (outlier || options.temperature != 1.0) {
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        float* query = w.q.data() + (t * Hq + h) * D;
+        if (outlier) {
+          for (const std::int64_t c : outliers[static_cast<std::size_t>(h / g)]) {
+            query[c] = static_cast<float>(query[c] / options.outlier_scale);
+          }
+        }
+        if (options.temperature != 1.0) {
+          for (std::int64_t d = 0; d < D; ++d) query[d] = static_cast<float>(query[d] / options.temperature);
+        }
+      }
+    }
+  }
   return w;
+}
+
+WorkloadProperties measure_workload(const Workload& workload, Granularity granularity,
+                                    std::vector<std::int64_t> k_values) {
+  const AttentionInputs inputs = workload.inputs();
+  const AttentionShape shape = inputs.validate("measure_workload", false);
+  for (const std::int64_t k : k_values) KEYSEL_CHECK_ARG(k >= 1, "k_values", "entries >= 1", k_values);
+  const std::int64_t T = shape.tokens, N = shape.keys;
+  const std::int64_t G = group_count(granularity, shape.query_heads, shape.kv_heads);
+  KEYSEL_CHECK_ARG(static_cast<double>(T) * static_cast<double>(G) * static_cast<double>(N) <= 5e8, "workload",
+                   "T * groups * N <= 5e8 (the probabilities are held in double)", workload.name);
+  std::vector<double> pbar(static_cast<std::size_t>(T * G * N));
+  group_probabilities(inputs, granularity, TensorView(pbar.data(), DType::fp64, {T, G, N}));
+
+  WorkloadProperties p;
+  p.granularity = granularity;
+  p.k_values = k_values;
+  p.topk_mass.assign(k_values.size(), 0.0);
+  const std::int64_t k_max = k_values.empty() ? 0 : *std::max_element(k_values.begin(), k_values.end());
+  std::vector<double> sorted;
+  for (std::int64_t t = 0; t < T; ++t) {
+    const std::int64_t allowed = allowed_keys(workload.positions[static_cast<std::size_t>(t)], N);
+    for (std::int64_t grp = 0; grp < G; ++grp) {
+      const double* row = pbar.data() + (t * G + grp) * N;
+      double entropy = 0;
+      for (std::int64_t s = 0; s < allowed; ++s) {
+        if (row[s] > 0) entropy -= row[s] * std::log(row[s]);
+      }
+      p.entropy += entropy;
+      if (allowed > 1) p.entropy_normalized += entropy / std::log(static_cast<double>(allowed));
+      p.sink_mass += row[0];
+      sorted.assign(row, row + allowed);
+      const std::int64_t top = std::min(k_max, allowed);
+      std::partial_sort(sorted.begin(), sorted.begin() + top, sorted.end(), std::greater<>());
+      for (std::size_t i = 0; i < k_values.size(); ++i) {
+        const std::int64_t k = std::min(k_values[i], allowed);
+        double mass = 0;
+        for (std::int64_t j = 0; j < k; ++j) mass += sorted[static_cast<std::size_t>(j)];
+        p.topk_mass[i] += mass;
+      }
+    }
+  }
+  const double rows = static_cast<double>(T * G);
+  p.entropy /= rows;
+  p.entropy_normalized /= rows;
+  p.sink_mass /= rows;
+  for (double& m : p.topk_mass) m /= rows;
+  double k2 = 0, q2 = 0;
+  for (const float x : workload.k) {
+    k2 += static_cast<double>(x) * x;
+    p.max_abs_key = std::max(p.max_abs_key, static_cast<double>(std::abs(x)));
+  }
+  for (const float x : workload.q) q2 += static_cast<double>(x) * x;
+  p.key_norm = std::sqrt(k2 / static_cast<double>(N * shape.kv_heads));
+  p.query_norm = std::sqrt(q2 / static_cast<double>(T * shape.query_heads));
+  return p;
+}
+
+void print_workload_properties(const WorkloadProperties& p, std::ostream& out) {
+  std::ostringstream text;
+  text.setf(std::ios::fixed);
+  text.precision(3);
+  text << "attention (" << granularity_name(p.granularity) << " groups): entropy " << p.entropy << " nats ("
+       << p.entropy_normalized << " of log|allowed|), sink mass " << p.sink_mass;
+  for (std::size_t i = 0; i < p.k_values.size(); ++i) {
+    text << ", top-" << p.k_values[i] << " mass " << p.topk_mass[i];
+  }
+  text.precision(2);
+  text << "; rms |q| " << p.query_norm << ", rms |k| " << p.key_norm << ", max |k channel| " << p.max_abs_key;
+  out << text.str() << '\n';
 }
 
 }  // namespace keysel

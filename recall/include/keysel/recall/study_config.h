@@ -25,10 +25,11 @@
 namespace keysel {
 
 struct StudyWorkloadSpec {
-  std::string type = "synthetic";  // "synthetic" (or "dump" where the dump loader is built in)
-  std::string name;                // label in results; default "synthetic(N=..,T=..,seed=..)"
+  std::string type = "synthetic";  // "synthetic" or "dump"
+  std::string name;                // label in results; default "synthetic(N=..,T=..,seed=..)" / the dump's
   SyntheticOptions synthetic;      // type "synthetic"
-  std::string path;                // type "dump"
+  std::string path;                // type "dump": a safetensors dump (dump.h, docs/dumps.md)
+  std::int64_t layer = -1;         // type "dump": the model's layer index; -1 runs every layer of the dump
 };
 
 /// One selector of a study after grid expansion: its label and the spec that builds it.
@@ -53,7 +54,7 @@ StudyConfig default_study_config();
 /// The study file text of default_study_config() (examples/studies/default.json holds the same).
 std::string default_study_config_json();
 
-/// Generates or loads a workload.
+/// Generates a workload, or loads one layer of a dump (spec.layer >= 0).
 Workload make_study_workload(const StudyWorkloadSpec& spec);
 
 /// Results of every workload of a study config.
@@ -67,7 +68,8 @@ struct StudySuiteResult {
 /// Progress of a suite: (steps done, total steps, what just finished).
 using StudyProgress = std::function<void(std::size_t done, std::size_t total, const std::string& what)>;
 
-/// Runs every selector at every k over every workload (fresh selectors per workload).
+/// Runs every selector at every k over every workload (fresh selectors per workload); a dump workload with
+/// layer -1 becomes one study per layer, in layer order.
 StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress& progress = {});
 
 /// results.csv: one line per workload x selector x k x metric, columns

@@ -2,10 +2,12 @@
 #pragma once
 
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <vector>
 
 #include "keysel/core/attention_inputs.h"
+#include "keysel/core/selection.h"
 
 namespace keysel {
 
@@ -20,6 +22,18 @@ struct SyntheticOptions {
   double sink_strength = 4.0;      // extra logit mass on position 0 (attention sink); 0 for none
   double recency = 1.0;            // strength of the bias toward recent keys; 0 for none
   double focus = 1.0;              // how peaked attention is on a few relevant keys; 0 gives diffuse attention
+
+  // Realism knobs, each off by default (the defaults above give the same bits as before they existed).
+  // See recall/src/synthetic.cpp for the generative model.
+  double rope_base = 0.0;          // > 0: rotate q and k by their positions as RoPE does (rotate-half pairs
+                                   // (i, i + D/2), angle pos * rope_base^(-2i/D); Llama: 10000, 500000)
+  std::int64_t outlier_channels = 0;  // channels per key head whose keys are multiplied by outlier_scale and
+  double outlier_scale = 1.0;         // queries divided by it: logits unchanged, magnitudes as in real caches
+  std::int64_t key_rank = 0;       // 1..D: the keys' background and recency parts lie in a random rank-r subspace
+  double key_shift = 0.0;          // adds key_shift * sqrt(D) along a random direction to every key of a head:
+                                   // attention is unchanged (softmax ignores a per-query constant) but keys and
+                                   // queries no longer share a distribution (what hurts nearest-neighbour search)
+  double temperature = 1.0;        // attention entropy knob: every logit is divided by it (> 1: flatter)
 };
 
 /// q, k, v in fp32 with their positions, owned.
@@ -38,5 +52,23 @@ struct Workload {
 
 /// Generates a workload; the same options give the same bits. Throws keysel::Error on bad options.
 Workload make_synthetic_workload(const SyntheticOptions& options);
+
+/// Measured properties of a workload's attention (SPEC §2 group distributions pbar, exact in double), so users
+/// see what a generator setting gives them.
+struct WorkloadProperties {
+  Granularity granularity = Granularity::per_kv_head;
+  double entropy = 0;             // mean over (t, G) of -sum pbar log pbar, nats
+  double entropy_normalized = 0;  // mean of entropy / log|allowed|
+  double sink_mass = 0;           // mean pbar of position 0
+  std::vector<std::int64_t> k_values;
+  std::vector<double> topk_mass;  // mean mass of the exact top-k, per k_values entry
+  double key_norm = 0;            // root-mean-square |k[s, kv]|
+  double query_norm = 0;          // root-mean-square |q[t, h]|
+  double max_abs_key = 0;         // largest |key channel| (outliers show here)
+};
+WorkloadProperties measure_workload(const Workload& workload, Granularity granularity = Granularity::per_kv_head,
+                                    std::vector<std::int64_t> k_values = {64, 256, 1024});
+/// One paragraph of text: "entropy 4.21 nats (0.58 of log N), sink 0.25, top-64 mass 0.60, ...".
+void print_workload_properties(const WorkloadProperties& properties, std::ostream& out);
 
 }  // namespace keysel

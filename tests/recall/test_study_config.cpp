@@ -1,0 +1,325 @@
+// Study files, selector specs and the report: grids expand, unknown keys are rejected, the same seed gives the
+// same CSV bytes, the exact selector scores recall 1 and mass_ratio 1, and report.html is well-formed XML that
+// names every selector.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "keysel/core/device.h"
+#include "keysel/core/error.h"
+#include "keysel/recall/report.h"
+#include "keysel/recall/selector_spec.h"
+#include "keysel/recall/study_config.h"
+#include "keysel/recall/synthetic.h"
+
+namespace keysel {
+namespace {
+
+constexpr const char* kSmallStudy = R"({
+  "workloads": [{"type": "synthetic", "keys": 384, "tokens": 3, "query_heads": 4, "kv_heads": 2, "head_dim": 32,
+                 "seed": SEED}],
+  "selectors": [
+    {"type": "exact"},
+    {"type": "random", "seed": 3},
+    {"name": "odd <name> & \"quotes\"", "type": "streaming", "n_sink": 2},
+    {"name": "idx", "type": "indexer", "format": ["fp8_e4m3", "int4"], "hadamard": [false, true]}
+  ],
+  "k": [16, 64],
+  "granularity": "per_kv_head"
+})";
+
+std::string small_study(int seed) {
+  std::string text = kSmallStudy;
+  text.replace(text.find("SEED"), 4, std::to_string(seed));
+  return text;
+}
+
+/// Splits a CSV line whose quoted fields may hold commas and doubled quotes.
+std::vector<std::string> csv_fields(const std::string& line) {
+  std::vector<std::string> fields(1);
+  bool quoted = false;
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    const char c = line[i];
+    if (quoted) {
+      if (c == '"' && i + 1 < line.size() && line[i + 1] == '"') {
+        fields.back() += '"';
+        ++i;
+      } else if (c == '"') {
+        quoted = false;
+      } else {
+        fields.back() += c;
+      }
+    } else if (c == '"') {
+      quoted = true;
+    } else if (c == ',') {
+      fields.emplace_back();
+    } else {
+      fields.back() += c;
+    }
+  }
+  return fields;
+}
+
+/// A small XML well-formedness check: balanced, properly nested tags, quoted attributes, entities only as
+/// &name; or &#digits;, no raw '<' in text. Returns an empty string when well-formed, else what is wrong.
+std::string xml_problem(const std::string& doc) {
+  std::vector<std::string> stack;
+  std::size_t i = 0;
+  const auto check_text = [&](std::size_t from, std::size_t to) -> std::string {
+    for (std::size_t j = from; j < to; ++j) {
+      if (doc[j] == '&') {
+        const std::size_t semi = doc.find(';', j);
+        if (semi == std::string::npos || semi - j > 8) return "bare & at " + std::to_string(j);
+        const std::string entity = doc.substr(j + 1, semi - j - 1);
+        if (entity != "amp" && entity != "lt" && entity != "gt" && entity != "quot" && entity != "apos" &&
+            !(entity.size() > 1 && entity[0] == '#')) {
+          return "unknown entity &" + entity + ";";
+        }
+      }
+    }
+    return "";
+  };
+  while (i < doc.size()) {
+    const std::size_t open = doc.find('<', i);
+    if (open == std::string::npos) {
+      if (auto p = check_text(i, doc.size()); !p.empty()) return p;
+      break;
+    }
+    if (auto p = check_text(i, open); !p.empty()) return p;
+    if (doc.compare(open, 4, "<!--") == 0) {
+      const std::size_t end = doc.find("-->", open);
+      if (end == std::string::npos) return "unclosed comment";
+      i = end + 3;
+      continue;
+    }
+    if (doc.compare(open, 2, "<!") == 0 || doc.compare(open, 2, "<?") == 0) {
+      const std::size_t end = doc.find('>', open);
+      if (end == std::string::npos) return "unclosed declaration";
+      i = end + 1;
+      continue;
+    }
+    // Find the tag's end, skipping quoted attribute values.
+    std::size_t j = open + 1;
+    char quote = 0;
+    for (; j < doc.size(); ++j) {
+      if (quote) {
+        if (doc[j] == quote) quote = 0;
+        else if (doc[j] == '<') return "raw < inside an attribute value";
+      } else if (doc[j] == '"' || doc[j] == '\'') {
+        quote = doc[j];
+      } else if (doc[j] == '>') {
+        break;
+      } else if (doc[j] == '<') {
+        return "'<' inside a tag at " + std::to_string(j);
+      }
+    }
+    if (j >= doc.size()) return "unterminated tag";
+    std::string tag = doc.substr(open + 1, j - open - 1);
+    if (auto p = check_text(open, j); !p.empty()) return p;
+    i = j + 1;
+    if (tag.empty()) return "empty tag";
+    if (tag[0] == '/') {
+      const std::string name = tag.substr(1);
+      if (stack.empty() || stack.back() != name) {
+        return "closing </" + name + "> does not match <" + (stack.empty() ? std::string("none") : stack.back()) + ">";
+      }
+      stack.pop_back();
+      continue;
+    }
+    const bool self_closing = tag.back() == '/';
+    const std::string name = tag.substr(0, tag.find_first_of(" \t\n/"));
+    // Attributes: name="value" pairs.
+    std::size_t a = name.size();
+    while (a < tag.size()) {
+      while (a < tag.size() && (tag[a] == ' ' || tag[a] == '\n' || tag[a] == '\t' || tag[a] == '/')) ++a;
+      if (a >= tag.size()) break;
+      const std::size_t eq = tag.find('=', a);
+      if (eq == std::string::npos || (tag[eq + 1] != '"' && tag[eq + 1] != '\'')) {
+        return "attribute without a quoted value in <" + tag + ">";
+      }
+      const std::size_t close = tag.find(tag[eq + 1], eq + 2);
+      if (close == std::string::npos) return "unterminated attribute in <" + tag + ">";
+      a = close + 1;
+    }
+    if (!self_closing) stack.push_back(name);
+  }
+  if (!stack.empty()) return "unclosed <" + stack.back() + ">";
+  return "";
+}
+
+TEST(StudyConfig, GridsExpandInOrderWithNames) {
+  const StudyConfig config = parse_study_config(small_study(1));
+  ASSERT_EQ(config.workloads.size(), 1u);
+  EXPECT_EQ(config.workloads[0].synthetic.keys, 384);
+  EXPECT_EQ(config.workloads[0].synthetic.value_dim, 32);  // defaults to head_dim
+  ASSERT_EQ(config.selectors.size(), 3u + 4u);
+  EXPECT_EQ(config.selectors[0].name, "exact");
+  EXPECT_EQ(config.selectors[3].name, "idx[format=fp8_e4m3,hadamard=false]");
+  EXPECT_EQ(config.selectors[4].name, "idx[format=fp8_e4m3,hadamard=true]");
+  EXPECT_EQ(config.selectors[5].name, "idx[format=int4,hadamard=false]");
+  EXPECT_EQ(config.selectors[6].name, "idx[format=int4,hadamard=true]");
+  EXPECT_EQ(config.options.k_values, (std::vector<std::int64_t>{16, 64}));
+  // Every expanded spec builds a selector under its name.
+  for (const StudySelectorSpec& s : config.selectors) {
+    EXPECT_EQ(make_selector_from_spec(s.spec_json)->name(), s.name);
+  }
+}
+
+TEST(StudyConfig, UnknownKeysAreRejectedByName) {
+  const auto message_of = [](const std::string& text) {
+    try {
+      parse_study_config(text);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::string workloads = R"("workloads": [{"type": "synthetic", "keys": 128, "tokens": 2}])";
+  const std::string selectors = R"("selectors": [{"type": "exact"}])";
+  EXPECT_NE(message_of("{" + workloads + "," + selectors + R"(, "kk": [1]})").find("'kk'"), std::string::npos);
+  EXPECT_NE(message_of(R"({"workloads": [{"type": "synthetic", "key": 128}],)" + selectors + "}").find("'key'"),
+            std::string::npos);
+  EXPECT_NE(message_of("{" + workloads + R"(, "selectors": [{"type": "random", "sead": 1}]})").find("'sead'"),
+            std::string::npos);
+  EXPECT_NE(message_of("{" + workloads + R"(, "selectors": [{"type": "magic"}]})").find("magic"), std::string::npos);
+  EXPECT_NE(message_of("{" + workloads + R"(, "selectors": [{"type": "indexer", "format": "fp7"}]})").find("fp7"),
+            std::string::npos);
+  EXPECT_NE(message_of("{" + workloads + "," + selectors + R"(, "k": [0]})").find("'k'"), std::string::npos);
+  EXPECT_NE(message_of("{" + selectors + "}").find("workloads"), std::string::npos);
+  EXPECT_NE(message_of("{not json").find("JSON"), std::string::npos);
+}
+
+TEST(StudyConfig, SameSeedGivesTheSameCsvBytes) {
+  const StudySuiteResult a = run_study_config(parse_study_config(small_study(5)));
+  const StudySuiteResult b = run_study_config(parse_study_config(small_study(5)));
+  const StudySuiteResult c = run_study_config(parse_study_config(small_study(6)));
+  EXPECT_EQ(study_suite_csv(a), study_suite_csv(b));
+  EXPECT_EQ(study_suite_rows_csv(a), study_suite_rows_csv(b));
+  EXPECT_NE(study_suite_csv(a), study_suite_csv(c));
+}
+
+TEST(StudyConfig, ExactSelectorHasRecallOneAndMassRatioOne) {
+  const StudySuiteResult result = run_study_config(parse_study_config(small_study(2)));
+  std::istringstream csv(study_suite_csv(result));
+  std::string line;
+  std::getline(csv, line);
+  const std::vector<std::string> header = csv_fields(line);
+  ASSERT_EQ(header[1], "selector");
+  ASSERT_EQ(header[3], "metric");
+  ASSERT_EQ(header[5], "mean");
+  ASSERT_EQ(header[6], "min");
+  int checked = 0;
+  std::map<std::string, int> lines_per_selector;
+  while (std::getline(csv, line)) {
+    const std::vector<std::string> f = csv_fields(line);
+    ASSERT_EQ(f.size(), header.size()) << line;
+    ++lines_per_selector[f[1]];
+    if (f[1] == "exact" && (f[3] == "recall" || f[3] == "mass_ratio")) {
+      EXPECT_EQ(std::stod(f[5]), 1.0) << line;
+      EXPECT_EQ(std::stod(f[6]), 1.0) << line;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 4);  // 2 k x (recall, mass_ratio)
+  EXPECT_EQ(lines_per_selector.size(), 7u);
+  EXPECT_EQ(lines_per_selector["odd <name> & \"quotes\""], 2 * 8);  // 2 k x 8 metrics
+}
+
+TEST(StudyReport, HtmlIsWellFormedAndNamesEverySelector) {
+  const StudySuiteResult result = run_study_config(parse_study_config(small_study(3)));
+  const std::string html = study_report_html(result);
+  EXPECT_EQ(xml_problem(html), "");
+  for (const char* external : {" src=", " href=", "<link", "@import", "url("}) {
+    EXPECT_EQ(html.find(external), std::string::npos) << "no external assets: " << external;
+  }
+  for (const StudySelectorSpec& s : result.config.selectors) {
+    EXPECT_NE(html.find(escape_html(s.name)), std::string::npos) << s.name;
+  }
+  EXPECT_EQ(html.find("odd <name>"), std::string::npos) << "names must be escaped";
+  for (const char* chart : {"recall vs k", "mass vs k", "recall vs key bytes read", "entropy vs recall"}) {
+    EXPECT_NE(html.find(chart), std::string::npos) << chart;
+  }
+  // The checker itself notices broken documents.
+  EXPECT_NE(xml_problem("<a><b></a></b>"), "");
+  EXPECT_NE(xml_problem("<a>x & y</a>"), "");
+  EXPECT_NE(xml_problem("<a x=1></a>"), "");
+  EXPECT_EQ(xml_problem("<a x=\"1\"><b/>&amp;</a>"), "");
+}
+
+TEST(StudyConfig, WritesEveryOutput) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "keysel_test_study_outputs";
+  std::filesystem::remove_all(dir);
+  const StudySuiteResult result = run_study_config(parse_study_config(small_study(4)));
+  write_study_outputs(result, dir.string());
+  for (const char* name : {"results.csv", "by_row.csv", "results.json", "report.html"}) {
+    EXPECT_TRUE(std::filesystem::exists(dir / name)) << name;
+    EXPECT_GT(std::filesystem::file_size(dir / name), 100u) << name;
+  }
+  // by_row.csv: one line per workload x selector x k x token x group.
+  std::ifstream rows(dir / "by_row.csv");
+  std::size_t lines = 0;
+  for (std::string line; std::getline(rows, line);) ++lines;
+  EXPECT_EQ(lines, 1u + 7u * 2u * 3u * 2u);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(StudyConfig, DefaultStudyParses) {
+  const StudyConfig config = default_study_config();
+  EXPECT_GE(config.selectors.size(), 5u);
+  EXPECT_EQ(config.selectors[0].name, "exact");
+}
+
+TEST(SelectorSpec, BuildsEveryTypeAndRejectsBadSpecs) {
+  for (const char* spec : {R"({"type": "exact"})", R"({"type": "random", "seed": 2})",
+                           R"({"type": "streaming", "n_sink": 4})", R"({"type": "block_topk", "block_size": 8})",
+                           R"({"type": "fidelity", "precision": 0.5, "fill": "next_ranked"})",
+                           R"({"type": "hybrid", "candidates": {"type": "indexer", "format": "int4"}, "candidate_k": 64})",
+                           R"({"type": "proxy", "format": "int8", "scale_granularity": "per_group", "group_size": 32})",
+                           R"({"type": "indexer", "format": "fp8_e4m3", "hadamard": true})",
+                           R"({"type": "faiss", "factory": "brute_force", "candidates": 64})"}) {
+    EXPECT_NE(make_selector_from_spec(spec), nullptr) << spec;
+  }
+  EXPECT_EQ(make_selector_from_spec(R"({"type": "indexer", "format": "int4"})")->name(), "indexer(int4)");
+  EXPECT_EQ(make_selector_from_spec(R"({"type": "exact", "name": "ceiling"})")->name(), "ceiling");
+  EXPECT_THROW(make_selector_from_spec(R"({"type": "exact", "k": 3})"), Error);
+  EXPECT_THROW(make_selector_from_spec(R"({"format": "int4"})"), Error);
+  EXPECT_THROW(make_selector_from_spec(R"({"type": "fidelity", "precision": 2})"), Error);
+  EXPECT_THROW(make_selector_from_spec(R"({"type": "hybrid", "candidates": {"type": "exact"}})"), Error);
+  EXPECT_THROW(make_selector_from_spec(R"({"type": "random", "seed": -1})"), Error);
+  EXPECT_THROW(make_selector_from_spec("[1]"), Error);
+  if (!built_with_faiss()) {
+    EXPECT_THROW(make_selector_from_spec(R"({"type": "faiss", "factory": "IVF16,Flat"})"), Error);
+  } else {
+    EXPECT_NE(make_selector_from_spec(R"({"type": "faiss", "factory": "IVF16,Flat", "nprobe": 4})"), nullptr);
+  }
+}
+
+TEST(SelectorSpec, LoadedSpecSelectsLikeTheSpecText) {
+  const std::filesystem::path path = std::filesystem::temp_directory_path() / "keysel_test_selector_spec.json";
+  const std::string spec = R"({"type": "indexer", "format": "int4", "hadamard": true})";
+  std::ofstream(path) << spec;
+  SyntheticOptions o;
+  o.keys = 256;
+  o.tokens = 2;
+  o.query_heads = 4;
+  o.kv_heads = 2;
+  o.head_dim = 32;
+  o.value_dim = 32;
+  const Workload w = make_synthetic_workload(o);
+  SelectionPolicy policy;
+  policy.k = 32;
+  std::vector<std::int32_t> a(2 * 2 * 32), b(2 * 2 * 32);
+  load_selector_spec(path.string())->select(w.inputs(), policy, TensorView(a.data(), DType::int32, {2, 2, 32}));
+  make_selector_from_spec(spec)->select(w.inputs(), policy, TensorView(b.data(), DType::int32, {2, 2, 32}));
+  EXPECT_EQ(a, b);
+  std::filesystem::remove(path);
+  EXPECT_THROW(load_selector_spec(path.string()), Error);
+}
+
+}  // namespace
+}  // namespace keysel

@@ -353,7 +353,8 @@ void launch(const IndexerParams& p, std::int64_t rows, int dim, int multiprocess
   if (rows == 0) return;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   // One wave: two resident CTAs of 8 warps per SM over all rows; each CTA walks several cache blocks, prefetching.
-  std::int64_t per_row = (2LL * multiprocessors + rows - 1) / rows;
+  // Whole waves only: rounding up would leave a partial second wave (320 CTAs for 264 slots at B = 64).
+  std::int64_t per_row = (2LL * multiprocessors) / rows;
   per_row = per_row < blocks ? per_row : blocks;
   per_row = per_row < 1 ? 1 : (per_row > 65535 ? 65535 : per_row);
   const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));

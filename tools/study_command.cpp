@@ -217,6 +217,9 @@ int study_command(int argc, const char* const* argv) {
   const auto start = std::chrono::steady_clock::now();
   const Workload workload = make_synthetic_workload(workload_options);
   const double workload_seconds = seconds_since(start);
+  // What the generated data looks like (entropy, sink mass, mass of the exact top-k), so users see what they get.
+  print_workload_properties(measure_workload(workload, study_options.granularity, study_options.k_values), std::cout);
+  std::cout << "\n";
 
   std::vector<std::unique_ptr<Selector>> selectors;
   selectors.push_back(make_exact_selector());

@@ -59,8 +59,7 @@ struct Checker {
                std::string(dtype_name(t.dtype)));
     }
     if (t.shape.size() != rank) {
-      fail(function, source, t.name,
-           "expected rank " + std::to_string(rank) + ", found shape " + shape_text(t.shape));
+      fail(function, source, t.name, "expected rank " + std::to_string(rank) + ", found shape " + shape_text(t.shape));
     }
   }
   void extent(const LoadedTensor& t, std::size_t dim, std::int64_t expected, std::string_view what) const {
@@ -78,8 +77,12 @@ void validate_layer(const DumpLayer& layer, const Checker& check) {
   check.float_tensor(layer.v, 3);
   const std::int64_t T = layer.q.shape[0], Hq = layer.q.shape[1], D = layer.q.shape[2];
   const std::int64_t N = layer.k.shape[0], Hkv = layer.k.shape[1];
-  if (T < 1 || Hq < 1 || D < 1) fail(check.function, check.source, layer.q.name, "expected non-empty [T, Hq, D], found " + shape_text(layer.q.shape));
-  if (N < 1 || Hkv < 1) fail(check.function, check.source, layer.k.name, "expected non-empty [N, Hkv, D], found " + shape_text(layer.k.shape));
+  if (T < 1 || Hq < 1 || D < 1)
+    fail(check.function, check.source, layer.q.name,
+         "expected non-empty [T, Hq, D], found " + shape_text(layer.q.shape));
+  if (N < 1 || Hkv < 1)
+    fail(check.function, check.source, layer.k.name,
+         "expected non-empty [N, Hkv, D], found " + shape_text(layer.k.shape));
   check.extent(layer.k, 2, D, "D of q");
   if (Hq % Hkv != 0) {
     fail(check.function, check.source, layer.k.name,
@@ -179,8 +182,8 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
     constexpr const char* kNames[] = {"q", "k", "v", "positions"};
     for (int bit = 0; bit < 4; ++bit) {
       if (!(mask & (1 << bit))) {
-        fail(function, source, "layer" + std::to_string(index) + "." + kNames[bit], "is missing (layer " +
-                                   std::to_string(index) + " has other tensors)");
+        fail(function, source, "layer" + std::to_string(index) + "." + kNames[bit],
+             "is missing (layer " + std::to_string(index) + " has other tensors)");
       }
     }
     validate_layer(layer, check);
@@ -218,8 +221,7 @@ const DumpLayer& Dump::layer(std::int64_t index) const {
   }
   std::vector<std::int64_t> present;
   for (const DumpLayer& l : layers) present.push_back(l.index);
-  detail::throw_argument_error("Dump::layer", "index", "one of " + detail::describe(present),
-                               std::to_string(index));
+  detail::throw_argument_error("Dump::layer", "index", "one of " + detail::describe(present), std::to_string(index));
 }
 
 Dump dump_from_safetensors(SafetensorsFile file, std::string_view source) {

@@ -10,10 +10,9 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
-
-#include <nlohmann/json.hpp>
 
 #include "keysel/recall/loaders.h"
 
@@ -49,11 +48,9 @@ struct SafetensorsDType {
 };
 
 constexpr SafetensorsDType kDTypes[] = {
-    {"F32", DType::fp32, 4, false},         {"F16", DType::fp16, 2, false},
-    {"BF16", DType::bf16, 2, false},        {"F8_E4M3", DType::fp8_e4m3, 1, false},
-    {"F8_E5M2", DType::fp8_e5m2, 1, false}, {"F64", DType::fp64, 8, false},
-    {"I32", DType::int32, 4, false},        {"I8", DType::int8, 1, false},
-    {"I64", DType::int32, 8, true},
+    {"F32", DType::fp32, 4, false},         {"F16", DType::fp16, 2, false},         {"BF16", DType::bf16, 2, false},
+    {"F8_E4M3", DType::fp8_e4m3, 1, false}, {"F8_E5M2", DType::fp8_e5m2, 1, false}, {"F64", DType::fp64, 8, false},
+    {"I32", DType::int32, 4, false},        {"I8", DType::int8, 1, false},          {"I64", DType::int32, 8, true},
 };
 
 std::string supported_dtype_names() {
@@ -125,8 +122,7 @@ std::vector<std::byte> read_file_bytes(std::string_view function, const std::fil
   return bytes;
 }
 
-void write_file_bytes(std::string_view function, const std::filesystem::path& path,
-                      std::span<const std::byte> bytes) {
+void write_file_bytes(std::string_view function, const std::filesystem::path& path, std::span<const std::byte> bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) fail(function, path.string(), "", "cannot open the file for writing");
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
@@ -160,7 +156,9 @@ std::vector<float> LoadedTensor::to_float() const {
   const std::byte* p = data.data();
   for (std::size_t i = 0; i < out.size(); ++i) {
     switch (dtype) {
-      case DType::fp32: std::memcpy(&out[i], p + i * 4, 4); break;
+      case DType::fp32:
+        std::memcpy(&out[i], p + i * 4, 4);
+        break;
       case DType::fp64: {
         double x;
         std::memcpy(&x, p + i * 8, 8);
@@ -174,23 +172,30 @@ std::vector<float> LoadedTensor::to_float() const {
         out[i] = dtype == DType::fp16 ? fp16_bits_to_fp32(bits) : bf16_bits_to_fp32(bits);
         break;
       }
-      case DType::fp8_e4m3: out[i] = fp8_e4m3_to_fp32(static_cast<std::uint8_t>(p[i])); break;
-      case DType::fp8_e5m2: out[i] = fp8_e5m2_to_fp32(static_cast<std::uint8_t>(p[i])); break;
-      case DType::int8: out[i] = static_cast<float>(static_cast<std::int8_t>(p[i])); break;
+      case DType::fp8_e4m3:
+        out[i] = fp8_e4m3_to_fp32(static_cast<std::uint8_t>(p[i]));
+        break;
+      case DType::fp8_e5m2:
+        out[i] = fp8_e5m2_to_fp32(static_cast<std::uint8_t>(p[i]));
+        break;
+      case DType::int8:
+        out[i] = static_cast<float>(static_cast<std::int8_t>(p[i]));
+        break;
       case DType::int32: {
         std::int32_t x;
         std::memcpy(&x, p + i * 4, 4);
         out[i] = static_cast<float>(x);
         break;
       }
-      case DType::int4: break;  // rejected above
+      case DType::int4:
+        break;  // rejected above
     }
   }
   return out;
 }
 
-LoadedTensor LoadedTensor::from_float(std::string name, std::span<const float> values,
-                                      std::vector<std::int64_t> shape, DType dtype) {
+LoadedTensor LoadedTensor::from_float(std::string name, std::span<const float> values, std::vector<std::int64_t> shape,
+                                      DType dtype) {
   LoadedTensor t;
   t.name = std::move(name);
   t.dtype = dtype;
@@ -204,7 +209,9 @@ LoadedTensor LoadedTensor::from_float(std::string name, std::span<const float> v
   for (std::size_t i = 0; i < values.size(); ++i) {
     const float x = values[i];
     switch (dtype) {
-      case DType::fp32: std::memcpy(p + i * 4, &x, 4); break;
+      case DType::fp32:
+        std::memcpy(p + i * 4, &x, 4);
+        break;
       case DType::fp64: {
         const double d = x;
         std::memcpy(p + i * 8, &d, 8);
@@ -220,9 +227,14 @@ LoadedTensor LoadedTensor::from_float(std::string name, std::span<const float> v
         std::memcpy(p + i * 2, &bits, 2);
         break;
       }
-      case DType::fp8_e4m3: p[i] = static_cast<std::byte>(fp32_to_fp8_e4m3(x)); break;
-      case DType::fp8_e5m2: p[i] = static_cast<std::byte>(fp32_to_fp8_e5m2(x)); break;
-      default: break;
+      case DType::fp8_e4m3:
+        p[i] = static_cast<std::byte>(fp32_to_fp8_e4m3(x));
+        break;
+      case DType::fp8_e5m2:
+        p[i] = static_cast<std::byte>(fp32_to_fp8_e5m2(x));
+        break;
+      default:
+        break;
     }
   }
   return t;
@@ -330,8 +342,8 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
     }
     if (name.empty()) fail(function, source, "", "found a tensor with an empty name");
     if (!value.is_object()) {
-      fail(function, source, name, std::string("expected an object {dtype, shape, data_offsets}, found a ") +
-                                       value.type_name());
+      fail(function, source, name,
+           std::string("expected an object {dtype, shape, data_offsets}, found a ") + value.type_name());
     }
     const auto dtype_it = value.find("dtype");
     const auto shape_it = value.find("shape");
@@ -339,7 +351,8 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
     if (dtype_it == value.end() || shape_it == value.end() || offsets_it == value.end()) {
       fail(function, source, name, "expected the keys dtype, shape and data_offsets, found " + value.dump());
     }
-    if (!dtype_it->is_string()) fail(function, source, name, "expected dtype to be a string, found " + dtype_it->dump());
+    if (!dtype_it->is_string())
+      fail(function, source, name, "expected dtype to be a string, found " + dtype_it->dump());
     const std::string dtype_text = dtype_it->get<std::string>();
     const SafetensorsDType* dtype = nullptr;
     for (const auto& d : kDTypes) {
@@ -380,27 +393,27 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
     }
     if (end - begin != nbytes) {
       fail(function, source, name,
-           "expected " + std::to_string(nbytes) + " bytes for shape " + shape_it->dump() + " and dtype " +
-               dtype_text + ", found a byte range of " + std::to_string(end - begin));
+           "expected " + std::to_string(nbytes) + " bytes for shape " + shape_it->dump() + " and dtype " + dtype_text +
+               ", found a byte range of " + std::to_string(end - begin));
     }
     entries.push_back({name, dtype, std::move(shape), begin, end});
   }
 
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
-  });
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.begin != b.begin ? a.begin < b.begin : a.end < b.end; });
   // As the reference implementation requires: the tensors tile the data block, without gaps, overlaps or
   // trailing bytes (a header length or offset that is off by a few bytes is caught here).
   std::uint64_t covered = 0;
   for (std::size_t i = 0; i < entries.size(); ++i) {
     if (entries[i].begin < covered) {
-      fail(function, source, entries[i].name,
-           "its data_offsets overlap those of tensor '" + entries[i - 1].name + "'");
+      fail(function, source, entries[i].name, "its data_offsets overlap those of tensor '" + entries[i - 1].name + "'");
     }
     if (entries[i].begin > covered) {
       fail(function, source, entries[i].name,
-           "expected its data to start at byte " + std::to_string(covered) + " of the data block (tensors are "
-           "stored back to back), found " + std::to_string(entries[i].begin));
+           "expected its data to start at byte " + std::to_string(covered) +
+               " of the data block (tensors are "
+               "stored back to back), found " +
+               std::to_string(entries[i].begin));
     }
     covered = entries[i].end;
   }
@@ -415,8 +428,8 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
     t.name = std::move(e.name);
     t.dtype = e.dtype->dtype;
     t.shape = std::move(e.shape);
-    const std::span<const std::byte> raw = bytes.subspan(static_cast<std::size_t>(data_begin + e.begin),
-                                                         static_cast<std::size_t>(e.end - e.begin));
+    const std::span<const std::byte> raw =
+        bytes.subspan(static_cast<std::size_t>(data_begin + e.begin), static_cast<std::size_t>(e.end - e.begin));
     if (e.dtype->narrow_int64) {
       t.data = detail::narrow_int64_to_int32(function, source, t.name, raw);
     } else {

@@ -9,8 +9,8 @@
 #include <cstring>
 #include <filesystem>
 #include <iostream>
-#include <sstream>
 #include <limits>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -249,25 +249,23 @@ TEST(NpyTest, RejectsWhatItCannotReadWithClearErrors) {
   const auto npy = [](const std::string& dict, std::size_t data) { return raw_npy(dict, data); };
   expect_error([&] { parse_npy(npy("{'descr': '>f4', 'fortran_order': False, 'shape': (2,), }", 8), "be.npy"); },
                {"be.npy", "big-endian", "'>f4'"});
-  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", 16)); },
-               {"Fortran"});
-  expect_error([&] { parse_npy(npy("{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", 16)); },
-               {"'<c8'"});
+  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }", 16)); }, {"Fortran"});
+  expect_error([&] { parse_npy(npy("{'descr': '<c8', 'fortran_order': False, 'shape': (2,), }", 16)); }, {"'<c8'"});
   expect_error([&] { parse_npy(npy("{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (2,), }", 8)); },
                {"structured"});
   expect_error([&] { parse_npy(npy("{'descr': '<f4', 'shape': (2,), }", 8)); }, {"missing"});
-  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", 8)); },
-               {"'x'"});
+  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'x': 1}", 8)); }, {"'x'"});
   expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-2,), }", 8)); },
                {"non-negative"});
-  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }", 8)); },
-               {"2^62"});
-  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }", 8)); },
-               {"overflow"});
+  expect_error(
+      [&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (99999999999999999999,), }", 8)); },
+      {"2^62"});
+  expect_error(
+      [&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904, 4), }", 8)); },
+      {"overflow"});
   expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (3,), }", 8)); },
                {"expected 12 data bytes", "truncated"});
-  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }", 8)); },
-               {"trailing"});
+  expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), }", 8)); }, {"trailing"});
   expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': Maybe, 'shape': (1,), }", 4)); },
                {"True or False"});
   expect_error([&] { parse_npy(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (1,), } x", 4)); },
@@ -293,10 +291,10 @@ TEST(NpyTest, RejectsWhatItCannotReadWithClearErrors) {
 std::vector<std::byte> small_safetensors() {
   const std::vector<float> values = test_values(6, 3);
   const std::vector<std::int32_t> positions{0, 1, 2};
-  return serialize_safetensors({LoadedTensor::from_float("a", values, {2, 3}, DType::bf16),
-                                LoadedTensor::from_int32("b", positions, {3}),
-                                LoadedTensor::from_float("c", values, {6}, DType::fp8_e4m3)},
-                               {{"format", "test"}});
+  return serialize_safetensors(
+      {LoadedTensor::from_float("a", values, {2, 3}, DType::bf16), LoadedTensor::from_int32("b", positions, {3}),
+       LoadedTensor::from_float("c", values, {6}, DType::fp8_e4m3)},
+      {{"format", "test"}});
 }
 
 TEST(SafetensorsFuzzTest, EveryTruncationThrows) {
@@ -319,16 +317,17 @@ TEST(SafetensorsFuzzTest, EveryHeaderByteCorruptionIsSafe) {
   std::uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8);
   for (std::size_t i = 0; i < 8 + header_len; ++i) {
-    for (const int value : {0x00, 0xff, int{'"'}, int{'{'}, int{'}'}, int{'['}, int{'9'}, int{'-'}, int{' '}, int{'x'}, int{'.'}, 0x80}) {
+    for (const int value :
+         {0x00, 0xff, int{'"'}, int{'{'}, int{'}'}, int{'['}, int{'9'}, int{'-'}, int{' '}, int{'x'}, int{'.'}, 0x80}) {
       std::vector<std::byte> corrupt = bytes;
       corrupt[i] = static_cast<std::byte>(value);
       expect_safe_safetensors(corrupt);
     }
   }
   // Any other header length than the true one is an error.
-  for (const std::uint64_t len : {std::uint64_t{0}, header_len - 1, header_len + 1, header_len + 8,
-                                  std::uint64_t{bytes.size()}, std::numeric_limits<std::uint64_t>::max(),
-                                  std::uint64_t{1} << 32}) {
+  for (const std::uint64_t len :
+       {std::uint64_t{0}, header_len - 1, header_len + 1, header_len + 8, std::uint64_t{bytes.size()},
+        std::numeric_limits<std::uint64_t>::max(), std::uint64_t{1} << 32}) {
     std::vector<std::byte> corrupt = bytes;
     std::memcpy(corrupt.data(), &len, 8);
     expect_error([&] { parse_safetensors(corrupt); });
@@ -370,8 +369,11 @@ TEST(SafetensorsFuzzTest, LyingHeadersThrowNamingTheProblem) {
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[2,-2],"data_offsets":[0,16]}})", 16); }, {"shape"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[2.0,2],"data_offsets":[0,16]}})", 16); }, {"shape"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":"2x2","data_offsets":[0,16]}})", 16); }, {"array"});
-  expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,16]}})", 16); },
-               {"overflows"});
+  expect_error(
+      [&] {
+        parse(R"({"x":{"dtype":"F32","shape":[4611686018427387904,4611686018427387904],"data_offsets":[0,16]}})", 16);
+      },
+      {"overflows"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[1,1,1,1,1,1,1],"data_offsets":[0,4]}})", 4); }, {"rank"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[2]}})", 8); }, {"data_offsets"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", 8); }, {"data_offsets"});
@@ -381,14 +383,20 @@ TEST(SafetensorsFuzzTest, LyingHeadersThrowNamingTheProblem) {
   expect_error([&] { parse(R"({"__metadata__":{"a":1}})", 0); }, {"__metadata__", "string"});
   expect_error([&] { parse(R"({"__metadata__":[]})", 0); }, {"__metadata__"});
   expect_error([&] { parse(R"({"":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4); }, {"empty name"});
-  expect_error([&] {
-    parse(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
-          16);
-  }, {"'x'", "more than once"});
-  expect_error([&] {
-    parse(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-          12);
-  }, {"overlap"});
+  expect_error(
+      [&] {
+        parse(
+            R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"x":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+            16);
+      },
+      {"'x'", "more than once"});
+  expect_error(
+      [&] {
+        parse(
+            R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"y":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+            12);
+      },
+      {"overlap"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12); }, {"start at byte 0"});
   expect_error([&] { parse(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 9); }, {"cover"});
 }
@@ -399,15 +407,16 @@ TEST(ReferenceFilesTest, SafetensorsWrittenBySafetensorsTorch) {
   const SafetensorsFile file = read_safetensors(data_dir() / "reference" / "reference.safetensors");
   EXPECT_EQ(file.metadata.at("writer"), "safetensors.torch.save_file");
   const std::pair<const char*, DType> floats[] = {{"f32", DType::fp32},         {"f16", DType::fp16},
-                                                   {"bf16", DType::bf16},       {"f8_e4m3", DType::fp8_e4m3},
-                                                   {"f8_e5m2", DType::fp8_e5m2}, {"f64", DType::fp64}};
+                                                  {"bf16", DType::bf16},        {"f8_e4m3", DType::fp8_e4m3},
+                                                  {"f8_e5m2", DType::fp8_e5m2}, {"f64", DType::fp64}};
   for (const auto& [name, dtype] : floats) {
     SCOPED_TRACE(name);
     const LoadedTensor& t = file.at(name);
     EXPECT_EQ(t.dtype, dtype);
     EXPECT_EQ(t.shape, (std::vector<std::int64_t>{2, 3, 4}));
     const std::vector<float> values = t.to_float();
-    for (int i = 0; i < 24; ++i) EXPECT_EQ(values[static_cast<std::size_t>(i)], round_to_dtype((i - 12) / 4.0f, dtype)) << i;
+    for (int i = 0; i < 24; ++i)
+      EXPECT_EQ(values[static_cast<std::size_t>(i)], round_to_dtype((i - 12) / 4.0f, dtype)) << i;
   }
   std::vector<float> i32(12), i64(12), i8(12);
   for (int i = 0; i < 12; ++i) {
@@ -455,8 +464,8 @@ TEST(NpyFuzzTest, TruncationsAndCorruptionsAreSafe) {
     expect_error([&] { parse_npy(prefix, "cut.npy"); }, {"cut.npy"});
   }
   for (std::size_t i = 0; i < bytes.size() - 12; ++i) {
-    for (const int value : {0x00, 0xff, int{'\''}, int{'('}, int{')'}, int{','}, int{'9'}, int{'-'}, int{' '},
-                            int{'L'}, int{'>'}, int{'}'}}) {
+    for (const int value : {0x00, 0xff, int{'\''}, int{'('}, int{')'}, int{','}, int{'9'}, int{'-'}, int{' '}, int{'L'},
+                            int{'>'}, int{'}'}}) {
       std::vector<std::byte> corrupt = bytes;
       corrupt[i] = static_cast<std::byte>(value);
       expect_safe_npy(corrupt);
@@ -478,11 +487,10 @@ TEST(NpyFuzzTest, TruncationsAndCorruptionsAreSafe) {
 
 std::vector<std::byte> workload_bytes(const Workload& w) {
   const AttentionShape& s = w.shape;
-  return serialize_safetensors(
-      {LoadedTensor::from_float("q", w.q, {s.tokens, s.query_heads, s.head_dim}),
-       LoadedTensor::from_float("k", w.k, {s.keys, s.kv_heads, s.head_dim}),
-       LoadedTensor::from_float("v", w.v, {s.keys, s.kv_heads, s.value_dim}),
-       LoadedTensor::from_int32("positions", w.positions, {s.tokens})});
+  return serialize_safetensors({LoadedTensor::from_float("q", w.q, {s.tokens, s.query_heads, s.head_dim}),
+                                LoadedTensor::from_float("k", w.k, {s.keys, s.kv_heads, s.head_dim}),
+                                LoadedTensor::from_float("v", w.v, {s.keys, s.kv_heads, s.value_dim}),
+                                LoadedTensor::from_int32("positions", w.positions, {s.tokens})});
 }
 
 TEST(SyntheticBytesTest, SameSeedGivesTheSameBytes) {
@@ -591,35 +599,68 @@ TEST(DumpTest, InconsistentDumpsThrowNamingTheTensor) {
   expect_error([&] { with([](SafetensorsFile& f) { f.metadata["format"] = "other/2"; }); }, {"other/2"});
   expect_error([&] { with([](SafetensorsFile& f) { f.metadata["scale"] = "0.1x"; }); }, {"scale", "0.1x"});
   expect_error([&] { with([](SafetensorsFile& f) { f.metadata["scale"] = "nan"; }); }, {"scale"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors[1].shape = {32, 4, 4}; f.tensors[1].name = "layer2.k"; });
-  }, {"layer2.k", "dimension 2 = 8"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors[1] = LoadedTensor::from_float("layer2.k", std::vector<float>(64 * 3 * 8), {64, 3, 8}); });
-  }, {"layer2.k", "Hkv dividing Hq = 4"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors[2] = LoadedTensor::from_float("layer2.v", std::vector<float>(63 * 2 * 6), {63, 2, 6}); });
-  }, {"layer2.v", "N of k"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors[3] = LoadedTensor::from_int32("layer2.positions", std::vector<std::int32_t>{1, 2, -3, 4}, {4}); });
-  }, {"layer2.positions", ">= 0", "-3"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors[3] = LoadedTensor::from_int32("layer2.positions", std::vector<std::int32_t>{1, 2, 3}, {3}); });
-  }, {"layer2.positions", "T = 4"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors[0] = LoadedTensor::from_int32("layer2.q", std::vector<std::int32_t>(4 * 4 * 8), {4, 4, 8}); });
-  }, {"layer2.q", "floating"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) { f.tensors.push_back(LoadedTensor::from_float("layer2.probs", std::vector<float>(4 * 4 * 63), {4, 4, 63})); });
-  }, {"layer2.probs", "N of k"});
-  expect_error([&] {
-    with([](SafetensorsFile& f) {
-      f.tensors.push_back(LoadedTensor::from_float("layer2.index_q", std::vector<float>(4 * 2 * 3), {4, 2, 3}));
-      f.tensors.push_back(LoadedTensor::from_float("layer2.index_k", std::vector<float>(64 * 5), {64, 5}));
-    });
-  }, {"layer2.index_k", "DI of index_q"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors[1].shape = {32, 4, 4};
+          f.tensors[1].name = "layer2.k";
+        });
+      },
+      {"layer2.k", "dimension 2 = 8"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors[1] = LoadedTensor::from_float("layer2.k", std::vector<float>(64 * 3 * 8), {64, 3, 8});
+        });
+      },
+      {"layer2.k", "Hkv dividing Hq = 4"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors[2] = LoadedTensor::from_float("layer2.v", std::vector<float>(63 * 2 * 6), {63, 2, 6});
+        });
+      },
+      {"layer2.v", "N of k"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors[3] = LoadedTensor::from_int32("layer2.positions", std::vector<std::int32_t>{1, 2, -3, 4}, {4});
+        });
+      },
+      {"layer2.positions", ">= 0", "-3"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors[3] = LoadedTensor::from_int32("layer2.positions", std::vector<std::int32_t>{1, 2, 3}, {3});
+        });
+      },
+      {"layer2.positions", "T = 4"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors[0] = LoadedTensor::from_int32("layer2.q", std::vector<std::int32_t>(4 * 4 * 8), {4, 4, 8});
+        });
+      },
+      {"layer2.q", "floating"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors.push_back(LoadedTensor::from_float("layer2.probs", std::vector<float>(4 * 4 * 63), {4, 4, 63}));
+        });
+      },
+      {"layer2.probs", "N of k"});
+  expect_error(
+      [&] {
+        with([](SafetensorsFile& f) {
+          f.tensors.push_back(LoadedTensor::from_float("layer2.index_q", std::vector<float>(4 * 2 * 3), {4, 2, 3}));
+          f.tensors.push_back(LoadedTensor::from_float("layer2.index_k", std::vector<float>(64 * 5), {64, 5}));
+        });
+      },
+      {"layer2.index_k", "DI of index_q"});
   // Other tensors are ignored.
-  EXPECT_NO_THROW(with([](SafetensorsFile& f) { f.tensors.push_back(LoadedTensor::from_float("lm_head", std::vector<float>{1}, {1})); }));
+  EXPECT_NO_THROW(with([](SafetensorsFile& f) {
+    f.tensors.push_back(LoadedTensor::from_float("lm_head", std::vector<float>{1}, {1}));
+  }));
 }
 
 // ---- the dump tools/capture_dump.py wrote from a randomly initialised transformers Llama -----------------------
@@ -637,7 +678,8 @@ double max_probability_difference(const Workload& w, const LoadedTensor& model_p
       const HeadRange heads = heads_of_group(granularity, g, s.query_heads, s.kv_heads);
       for (std::int64_t key = 0; key < s.keys; ++key) {
         double mean = 0;
-        for (std::int64_t h = heads.first; h < heads.first + heads.count; ++h) mean += p[static_cast<std::size_t>((t * s.query_heads + h) * s.keys + key)];
+        for (std::int64_t h = heads.first; h < heads.first + heads.count; ++h)
+          mean += p[static_cast<std::size_t>((t * s.query_heads + h) * s.keys + key)];
         mean /= static_cast<double>(heads.count);
         worst = std::max(worst, std::abs(mean - pbar[static_cast<std::size_t>((t * groups + g) * s.keys + key)]));
       }
@@ -754,8 +796,8 @@ TEST(SyntheticRealismTest, EachKnobIsSeededAndPrintsWhatItGives) {
   variants[2].key_rank = 8;
   variants[3].key_shift = 2;
   variants[4].temperature = 2;
-  variants[5].rope_base = 500000, variants[5].key_rank = 12, variants[5].key_shift = 1, variants[5].outlier_channels = 2,
-  variants[5].outlier_scale = 8, variants[5].temperature = 0.7;
+  variants[5].rope_base = 500000, variants[5].key_rank = 12, variants[5].key_shift = 1,
+  variants[5].outlier_channels = 2, variants[5].outlier_scale = 8, variants[5].temperature = 0.7;
   for (const SyntheticOptions& o : variants) {
     const Workload w = make_synthetic_workload(o);
     SCOPED_TRACE(w.name);
@@ -816,7 +858,8 @@ TEST(SyntheticRealismTest, LowRankKeysSpanRChannels) {
   double worst = 0;
   for (std::int64_t s = 1; s < 200; ++s) {
     std::vector<double> x(static_cast<std::size_t>(D));
-    for (std::int64_t d = 0; d < D; ++d) x[static_cast<std::size_t>(d)] = w.k[static_cast<std::size_t>((s * Hkv + 1) * D + d)];
+    for (std::int64_t d = 0; d < D; ++d)
+      x[static_cast<std::size_t>(d)] = w.k[static_cast<std::size_t>((s * Hkv + 1) * D + d)];
     double norm2 = 0;
     for (const double v : x) norm2 += v * v;
     for (const auto& b : span) {
@@ -856,7 +899,9 @@ TEST(SyntheticRealismTest, RopeRotatesKeysByPosition) {
   }
   // Channel pair 0 of the key turns by s radians relative to position 0: check its angle directly.
   const std::int64_t s = 3;
-  const auto at = [&](const Workload& w, std::int64_t d) { return static_cast<double>(w.k[static_cast<std::size_t>((s * 2) * D + d)]); };
+  const auto at = [&](const Workload& w, std::int64_t d) {
+    return static_cast<double>(w.k[static_cast<std::size_t>((s * 2) * D + d)]);
+  };
   const double angle_plain = std::atan2(at(plain, 16), at(plain, 0));
   const double angle_rotated = std::atan2(at(rotated, 16), at(rotated, 0));
   EXPECT_NEAR(std::remainder(angle_rotated - angle_plain - 3.0, 2 * M_PI), 0.0, 1e-4);
@@ -866,8 +911,8 @@ TEST(SyntheticRealismTest, RopeRotatesKeysByPosition) {
 }
 
 TEST(SyntheticRealismTest, DefaultWorkloadPropertiesAreAsDocumented) {
-  const WorkloadProperties p = measure_workload(make_synthetic_workload(SyntheticOptions{}), Granularity::per_kv_head,
-                                                {64, 256, 1024});
+  const WorkloadProperties p =
+      measure_workload(make_synthetic_workload(SyntheticOptions{}), Granularity::per_kv_head, {64, 256, 1024});
   print_workload_properties(p, std::cout);
   EXPECT_NEAR(p.entropy_normalized, 0.58, 0.05);
   EXPECT_NEAR(p.topk_mass[0], 0.60, 0.06);

@@ -13,8 +13,16 @@
 // (fp32, every key) and FAISS IndexFlatIP ("Flat"), both followed by the same re-rank.
 //
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
+// --dump=PATH [--layer=L] runs the same sweep on one layer of a model dump (docs/dumps.md) instead of the synthetic
+// workload: L is the model's layer number as in the tensor names "layer{L}.*" (default: the dump's first layer);
+// --keys/--tokens/--query-heads (synthetic shape) are then ignored. A file that does not load or a layer the dump
+// lacks prints the keysel::Error and exits with status 1. So that a small dump runs (at a small --k): IVF lists
+// are capped at the largest power of two <= N / 39 (FAISS wants 39 training keys per list), nprobe is at least 1,
+// k' of the wide-candidate rows is min(4096, N), PQ needs N >= 256, and the kept keys are min(4, k/4) sinks and
+// min(64, k/4) local keys. On the default synthetic workload none of these caps changes anything.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -24,8 +32,10 @@
 #include <vector>
 
 #include "keysel/core/build_config.h"
+#include "keysel/core/error.h"
 #include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/selector.h"
+#include "keysel/recall/dump.h"
 #include "keysel/recall/metrics.h"
 #include "keysel/recall/synthetic.h"
 
@@ -38,6 +48,9 @@ struct Setup {
   std::int64_t k = 2048;
   std::uint64_t seed = 1;
   bool quick = false;
+  std::string dump;          // --dump=PATH: a model dump instead of the synthetic workload
+  std::int64_t layer = -1;   // --layer=L: the model's layer number (-1: the dump's first layer)
+  bool synthetic_shape_given = false;
 };
 
 Setup g_setup;
@@ -48,8 +61,8 @@ keysel::SelectionPolicy policy() {
   keysel::SelectionPolicy p;
   p.k = g_setup.k;
   p.granularity = keysel::Granularity::per_kv_head;
-  p.n_sink = 4;
-  p.n_local = 64;
+  p.n_sink = std::min<std::int64_t>(4, g_setup.k / 4);  // 4 and 64 for any k >= 256
+  p.n_local = std::min<std::int64_t>(64, g_setup.k / 4);
   return p;
 }
 
@@ -131,14 +144,18 @@ std::string label(const Config& c) {
 
 void register_config(const Config& c) {
   benchmark::RegisterBenchmark(("candidates/" + label(c)).c_str(), [c](benchmark::State& state) {
-    SharedSelector& s = shared(c.spec, c.mips);
-    keysel::CandidateSelectorOptions options;
-    options.candidates = c.candidates;
-    options.search.nprobe = c.nprobe;
-    options.search.ef_search = c.ef_search;
-    options.queries = c.queries;
-    s.selector->set_options(options);
-    run_selector(state, *s.selector, s.build_seconds);
+    try {
+      SharedSelector& s = shared(c.spec, c.mips);
+      keysel::CandidateSelectorOptions options;
+      options.candidates = c.candidates;
+      options.search.nprobe = c.nprobe;
+      options.search.ef_search = c.ef_search;
+      options.queries = c.queries;
+      s.selector->set_options(options);
+      run_selector(state, *s.selector, s.build_seconds);
+    } catch (const keysel::Error& e) {  // e.g. an index the workload is too small to train: report it, go on
+      state.SkipWithError(e.what());
+    }
   })->Unit(benchmark::kMillisecond)->Iterations(2);
 }
 
@@ -149,23 +166,23 @@ bool parse_flag(const char* arg, const char* name, std::int64_t& value) {
   return true;
 }
 
-}  // namespace
+bool parse_flag(const char* arg, const char* name, std::string& value) {
+  const std::size_t n = std::strlen(name);
+  if (std::strncmp(arg, name, n) != 0 || arg[n] != '=') return false;
+  value = arg + n + 1;
+  return true;
+}
 
-int main(int argc, char** argv) {
-  std::vector<char*> rest{argv[0]};
-  for (int i = 1; i < argc; ++i) {
-    std::int64_t v = 0;
-    if (parse_flag(argv[i], "--keys", v)) g_setup.keys = v;
-    else if (parse_flag(argv[i], "--tokens", v)) g_setup.tokens = v;
-    else if (parse_flag(argv[i], "--query-heads", v)) g_setup.query_heads = v;
-    else if (parse_flag(argv[i], "--k", v)) g_setup.k = v;
-    else if (parse_flag(argv[i], "--seed", v)) g_setup.seed = static_cast<std::uint64_t>(v);
-    else if (std::strcmp(argv[i], "--quick") == 0) g_setup.quick = true;
-    else rest.push_back(argv[i]);
+/// The workload: one layer of --dump, or the synthetic one. Throws keysel::Error for a bad file or layer.
+keysel::Workload make_workload() {
+  if (!g_setup.dump.empty()) {
+    const keysel::Dump dump = keysel::load_dump(g_setup.dump);
+    if (dump.layers.empty()) throw keysel::Error("dump '" + g_setup.dump + "' holds no layers");
+    const std::int64_t wanted = g_setup.layer >= 0 ? g_setup.layer : dump.layers.front().index;
+    const keysel::DumpLayer& layer = dump.layer(wanted);  // throws keysel::Error naming the layers present
+    return dump.workload(static_cast<std::size_t>(&layer - dump.layers.data()));
   }
-  int rest_argc = static_cast<int>(rest.size());
-  benchmark::Initialize(&rest_argc, rest.data());
-
+  if (g_setup.layer >= 0) throw keysel::Error("--layer needs --dump=PATH");
   keysel::SyntheticOptions options;
   options.keys = g_setup.keys;
   options.tokens = g_setup.tokens;
@@ -174,12 +191,60 @@ int main(int argc, char** argv) {
   options.head_dim = 128;
   options.value_dim = 128;
   options.seed = g_setup.seed;
-  keysel::Workload workload = keysel::make_synthetic_workload(options);
+  return keysel::make_synthetic_workload(options);
+}
+
+/// IVF lists for N keys: the sweep's 1024 (256 with --quick), capped at the largest power of two <= N / 39.
+std::int64_t ivf_lists(std::int64_t keys) {
+  std::int64_t nlist = g_setup.quick ? 256 : 1024;
+  while (nlist > 1 && nlist * 39 > keys) nlist /= 2;
+  return nlist;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<char*> rest{argv[0]};
+  for (int i = 1; i < argc; ++i) {
+    std::int64_t v = 0;
+    if (parse_flag(argv[i], "--keys", v)) g_setup.keys = v, g_setup.synthetic_shape_given = true;
+    else if (parse_flag(argv[i], "--tokens", v)) g_setup.tokens = v, g_setup.synthetic_shape_given = true;
+    else if (parse_flag(argv[i], "--query-heads", v)) g_setup.query_heads = v, g_setup.synthetic_shape_given = true;
+    else if (parse_flag(argv[i], "--dump", g_setup.dump)) {
+    } else if (parse_flag(argv[i], "--layer", v)) {
+      if (v < 0) {
+        std::cerr << "bench_candidates: --layer must be >= 0, found '" << argv[i] << "'\n";
+        return 1;
+      }
+      g_setup.layer = v;
+    }
+    else if (parse_flag(argv[i], "--k", v)) g_setup.k = v;
+    else if (parse_flag(argv[i], "--seed", v)) g_setup.seed = static_cast<std::uint64_t>(v);
+    else if (std::strcmp(argv[i], "--quick") == 0) g_setup.quick = true;
+    else rest.push_back(argv[i]);
+  }
+  int rest_argc = static_cast<int>(rest.size());
+  benchmark::Initialize(&rest_argc, rest.data());
+
+  keysel::Workload workload;
+  try {
+    if (g_setup.k < 1) throw keysel::Error("--k must be >= 1, found " + std::to_string(g_setup.k));
+    workload = make_workload();
+  } catch (const keysel::Error& e) {
+    std::cerr << "bench_candidates: " << e.what() << "\n";
+    return 1;
+  }
+  if (!g_setup.dump.empty() && g_setup.synthetic_shape_given) {
+    std::cerr << "bench_candidates: --keys/--tokens/--query-heads describe the synthetic workload; ignored with --dump\n";
+  }
   g_workload = &workload;
   keysel::ExactReference reference(workload.inputs(), keysel::Granularity::per_kv_head);
   g_reference = &reference;
-  std::cerr << "workload: N=" << g_setup.keys << " T=" << g_setup.tokens << " Hq=" << g_setup.query_heads
-            << " Hkv=1 D=128 k=" << g_setup.k << " per_kv_head, n_sink=4, n_local=64\n";
+  const keysel::AttentionShape& shape = workload.shape;
+  std::cerr << "workload: " << (g_setup.dump.empty() ? std::string("synthetic") : workload.name) << " N=" << shape.keys
+            << " T=" << shape.tokens << " Hq=" << shape.query_heads << " Hkv=" << shape.kv_heads
+            << " D=" << shape.head_dim << " k=" << g_setup.k << " per_kv_head, n_sink=" << policy().n_sink
+            << ", n_local=" << policy().n_local << "\n";
 
   // The peers: the exact path, brute force and FAISS IndexFlatIP.
   benchmark::RegisterBenchmark("exact/double-reference", [](benchmark::State& state) {
@@ -190,17 +255,21 @@ int main(int argc, char** argv) {
   const bool faiss = KEYSEL_FAISS != 0;
   if (faiss) {
     register_config({"Flat"});
-    const std::int64_t nlist = g_setup.quick ? 256 : 1024;
+    const std::int64_t nlist = ivf_lists(shape.keys);
     const std::string ivf = "IVF" + std::to_string(nlist);
+    const auto probes = [nlist](std::int64_t divisor) { return std::max<std::int64_t>(1, nlist / divisor); };
     for (const bool mips : {false, true}) {
-      for (const std::int64_t nprobe : {nlist / 64, nlist / 32, nlist / 16, nlist / 8}) {
-        register_config({ivf + ",Flat", mips, nprobe});
+      std::int64_t last = 0;
+      for (const std::int64_t nprobe : {probes(64), probes(32), probes(16), probes(8)}) {
+        if (nprobe != last) register_config({ivf + ",Flat", mips, nprobe});  // a small nlist repeats nprobe 1
+        last = nprobe;
       }
     }
-    register_config({ivf + ",Flat", true, nlist / 32, 0, 4096});
-    register_config({ivf + ",Flat", true, nlist / 32, 0, 0, keysel::CandidateQueries::group_mean});
-    register_config({ivf + ",SQ8", true, nlist / 32});
-    register_config({ivf + ",PQ32", true, nlist / 32, 0, 4096});
+    const std::int64_t wide = std::min<std::int64_t>(4096, shape.keys);  // k' of the over-fetch rows
+    register_config({ivf + ",Flat", true, probes(32), 0, wide});
+    register_config({ivf + ",Flat", true, probes(32), 0, 0, keysel::CandidateQueries::group_mean});
+    register_config({ivf + ",SQ8", true, probes(32)});
+    if (shape.keys >= 256) register_config({ivf + ",PQ32", true, probes(32), 0, wide});
     if (!g_setup.quick) {
       for (const bool mips : {false, true}) {
         register_config({"HNSW32", mips, 0, 2048});

@@ -236,7 +236,7 @@ TEST(LightningIndexer, SimdLevelCanBeForcedAndNamed) {
     const ScopedSimdLevel forced(SimdLevel::scalar);
     EXPECT_EQ(simd_level(), SimdLevel::scalar);
   }
-  if (!simd_level_supported(SimdLevel::avx512)) EXPECT_THROW(set_simd_level(SimdLevel::avx512), Error);
+  if (!simd_level_supported(SimdLevel::avx512)) { EXPECT_THROW(set_simd_level(SimdLevel::avx512), Error); }
 }
 
 TEST(LightningIndexer, RotationLeavesFp32ScoresUnchanged) {

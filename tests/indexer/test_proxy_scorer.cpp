@@ -73,7 +73,7 @@ TEST(ProxyScorer, LogSumExpOfExactLogitsIsLogPbar) {
                          TensorView(ref.data(), DType::fp64, {w.shape.tokens, groups, w.shape.keys}));
   group_probabilities(inputs, Granularity::per_kv_head, TensorView(pbar.data(), DType::fp64, {w.shape.tokens, groups, w.shape.keys}));
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    if (pbar[i] > 0) EXPECT_NEAR(ref[i], std::log(pbar[i]), 1e-9);
+    if (pbar[i] > 0) { EXPECT_NEAR(ref[i], std::log(pbar[i]), 1e-9); }
   }
 }
 
@@ -165,7 +165,7 @@ TEST(ProxyScorer, RankReducedKeysOfLowRankDataAreExact) {
   std::vector<double> ref(reduced.size());
   proxy_scores_reference(inputs, Granularity::per_kv_head, ProxyAggregation::mean, TensorView(ref.data(), DType::fp64, {t, 1, n}));
   for (std::size_t i = 0; i < ref.size(); ++i) {
-    if (!std::isinf(ref[i])) EXPECT_NEAR(reduced[i], ref[i], 1e-3 * (1 + std::fabs(ref[i])));
+    if (!std::isinf(ref[i])) { EXPECT_NEAR(reduced[i], ref[i], 1e-3 * (1 + std::fabs(ref[i]))); }
   }
 }
 

@@ -7,6 +7,8 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 namespace keysel {
@@ -120,9 +122,11 @@ std::string chart(const std::string& title, const std::string& x_label, const st
   return svg;
 }
 
-/// Heatmap of values in [0, 1]: rows x cols, white (0) to dark blue (1).
+/// Heatmap of values in [0, 1]: rows x cols, white (0) to dark blue (1); rows are labelled 0, 1, ... unless
+/// `row_names` names them.
 std::string heatmap(const std::string& title, const std::string& row_label, const std::string& col_label,
-                    const std::vector<std::vector<double>>& cells, const std::vector<std::string>& col_names) {
+                    const std::vector<std::vector<double>>& cells, const std::vector<std::string>& col_names,
+                    const std::vector<std::string>& row_names = {}) {
   const std::size_t rows = cells.size();
   const std::size_t cols = rows > 0 ? cells[0].size() : 0;
   const double cell = std::clamp(360.0 / static_cast<double>(std::max<std::size_t>(cols, 1)), 4.0, 28.0);
@@ -134,8 +138,9 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
                     escape_html(title) + "</title>\n<text x=\"" + px(left) + "\" y=\"20\" class=\"t\">" +
                     escape_html(title) + "</text>\n";
   for (std::size_t r = 0; r < rows; ++r) {
+    const std::string row_name = r < row_names.size() ? row_names[r] : std::to_string(r);
     svg += "<text x=\"" + px(left - 6) + "\" y=\"" + px(top + cell_h * (static_cast<double>(r) + 0.75)) +
-           "\" text-anchor=\"end\" class=\"a\">" + std::to_string(r) + "</text>\n";
+           "\" text-anchor=\"end\" class=\"a\">" + escape_html(row_name) + "</text>\n";
     for (std::size_t c = 0; c < cols; ++c) {
       const double v = cells[r][c];
       std::string fill = "#eeeeee";
@@ -149,7 +154,7 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
       svg += "<rect x=\"" + px(left + cell * static_cast<double>(c)) + "\" y=\"" +
              px(top + cell_h * static_cast<double>(r)) + "\" width=\"" + px(cell) + "\" height=\"" + px(cell_h) +
              "\" fill=\"" + fill + "\"><title>" +
-             escape_html(row_label + " " + std::to_string(r) + ", " + col_label + " " + col_names[c] + ": " + num(v)) +
+             escape_html(row_label + " " + row_name + ", " + col_label + " " + col_names[c] + ": " + num(v)) +
              "</title></rect>\n";
     }
   }
@@ -163,6 +168,95 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
 double metric_of(const StudyRow& row, const char* name, double Aggregate::*field = &Aggregate::mean) {
   const auto it = row.metrics.find(name);
   return it == row.metrics.end() ? std::nan("") : it->second.*field;
+}
+
+/// The layer of a dump workload, read from its name: "dump(<model>, layer <L>)" (Dump::workload) or
+/// "<name> layer <L>" (a named dump run over several layers, study_config.cpp). `dump` receives the name
+/// without the layer ("dump(<model>)", "<name>"). False for other names.
+bool dump_layer_of(const std::string& name, std::string& dump, std::int64_t& layer) {
+  std::string_view text = name;
+  const bool parenthesis = !text.empty() && text.back() == ')';
+  if (parenthesis) text.remove_suffix(1);
+  std::size_t digits = text.size();
+  while (digits > 0 && text[digits - 1] >= '0' && text[digits - 1] <= '9') --digits;
+  if (digits == text.size() || text.size() - digits > 9) return false;
+  constexpr std::string_view kLayer = "layer ";
+  if (digits < kLayer.size() || text.substr(digits - kLayer.size(), kLayer.size()) != kLayer) return false;
+  layer = std::stoll(std::string(text.substr(digits)));
+  std::string_view prefix = text.substr(0, digits - kLayer.size());
+  while (!prefix.empty() && (prefix.back() == ' ' || prefix.back() == ',')) prefix.remove_suffix(1);
+  if (digits > kLayer.size() && text[digits - kLayer.size() - 1] != ' ') return false;
+  dump = std::string(prefix) + (parenthesis ? ")" : "");
+  return true;
+}
+
+/// Per dump run over two or more layers: one heatmap per selector of mean recall (over query tokens) by layer
+/// (rows) and group (columns) at the largest k.
+std::string layer_heatmaps(const StudySuiteResult& result) {
+  std::vector<std::string> dumps;  // first-seen order
+  std::map<std::string, std::vector<std::pair<std::int64_t, std::size_t>>> layers;  // dump -> (layer, workload)
+  for (std::size_t w = 0; w < result.studies.size(); ++w) {
+    std::string dump;
+    std::int64_t layer = 0;
+    if (!dump_layer_of(result.studies[w].workload, dump, layer)) continue;
+    if (!layers.contains(dump)) dumps.push_back(dump);
+    layers[dump].emplace_back(layer, w);
+  }
+  std::string html;
+  for (const std::string& dump : dumps) {
+    auto& runs = layers[dump];
+    if (runs.size() < 2) continue;
+    std::stable_sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::int64_t k_max = 0;
+    std::vector<std::string> names;
+    for (const auto& [layer, w] : runs) {
+      const StudyResult& study = result.studies[w];
+      for (const std::int64_t k : study.options.k_values) k_max = std::max(k_max, k);
+      for (const StudyRow& row : study.rows) {
+        if (std::find(names.begin(), names.end(), row.selector) == names.end()) names.push_back(row.selector);
+      }
+    }
+    html += "<h2>Recall by layer and group (head): " + escape_html(dump) + "</h2>\n<p>" +
+            escape_html("Mean recall over query tokens at k = " + std::to_string(k_max) + ", " +
+                        std::to_string(runs.size()) + " layers; rows are layers, columns selection groups (heads or " +
+                        "key heads, by granularity). by_row.csv holds every row.") +
+            "</p>\n<div>\n";
+    for (const std::string& name : names) {
+      std::vector<std::vector<double>> cells;
+      std::vector<std::string> row_names;
+      std::size_t columns = 0;
+      for (const auto& [layer, w] : runs) {
+        const StudyResult& study = result.studies[w];
+        std::vector<double> means;
+        for (const StudyRow& row : study.rows) {
+          if (row.selector != name || row.k != k_max || row.row_metrics.empty() || study.shape.tokens <= 0) continue;
+          const std::size_t tokens = static_cast<std::size_t>(study.shape.tokens);
+          const std::size_t groups = row.row_metrics.size() / tokens;
+          means.assign(groups, std::nan(""));
+          for (std::size_t g = 0; g < groups; ++g) {
+            double sum = 0;
+            std::size_t count = 0;
+            for (std::size_t t = 0; t < tokens; ++t) {
+              const double v = row.row_metrics[t * groups + g].recall;
+              if (std::isfinite(v)) sum += v, ++count;
+            }
+            if (count > 0) means[g] = sum / static_cast<double>(count);
+          }
+          break;
+        }
+        columns = std::max(columns, means.size());
+        cells.push_back(std::move(means));
+        row_names.push_back(std::to_string(layer));
+      }
+      if (columns == 0) continue;
+      for (std::vector<double>& r : cells) r.resize(columns, std::nan(""));
+      std::vector<std::string> col_names(columns);
+      for (std::size_t c = 0; c < columns; ++c) col_names[c] = std::to_string(c);
+      html += heatmap(name + ": recall by layer and head", "layer", "group", cells, col_names, row_names);
+    }
+    html += "</div>\n";
+  }
+  return html;
 }
 
 }  // namespace
@@ -207,6 +301,7 @@ std::string study_report_html(const StudySuiteResult& result) {
             "</code></td></tr>\n";
   }
   html += "</table>\n";
+  html += layer_heatmaps(result);
 
   for (std::size_t w = 0; w < result.studies.size(); ++w) {
     const StudyResult& study = result.studies[w];

@@ -174,7 +174,10 @@ StudyConfig parse_study_config(std::string_view json_text) {
       for (const json& layer : w.at("layer")) {
         json one = w;
         one["layer"] = layer;
-        config.workloads.push_back(parse_workload(one, where, seed));
+        StudyWorkloadSpec spec = parse_workload(one, where, seed);
+        // A named dump keeps its layers apart (and the report finds the layer) as "<name> layer <index>".
+        if (spec.type == "dump" && !spec.name.empty()) spec.name += " layer " + std::to_string(spec.layer);
+        config.workloads.push_back(std::move(spec));
       }
     } else {
       config.workloads.push_back(parse_workload(w, where, seed));

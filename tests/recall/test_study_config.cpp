@@ -268,6 +268,90 @@ TEST(StudyConfig, WritesEveryOutput) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(StudyConfig, ShippedDumpAllLayersGivesLayerByHeadHeatmaps) {
+  // tiny_llama_dump: 2 layers, T = N = 32 (prefill 24 + decode 8), Hq = 4, Hkv = 2, D = 16.
+  const std::filesystem::path dump =
+      std::filesystem::weakly_canonical(std::filesystem::path(__FILE__).parent_path() / "../data/tiny_llama_dump.safetensors");
+  ASSERT_TRUE(std::filesystem::exists(dump)) << dump;
+  std::string path_json;
+  for (const char c : dump.generic_string()) {
+    if (c == '"' || c == '\\') path_json += '\\';
+    path_json += c;
+  }
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "keysel_test_study_dump_layers";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::filesystem::path study_file = dir / "study.json";
+  std::ofstream(study_file) << R"({"workloads": [{"type": "dump", "path": ")" + path_json + R"("}],
+    "selectors": [{"type": "exact"}, {"type": "random", "seed": 2}, {"type": "streaming", "n_sink": 2}],
+    "k": [4, 8], "granularity": "per_head"})";
+  const StudySuiteResult result = run_study_config(load_study_config(study_file.string()));
+  ASSERT_EQ(result.studies.size(), 2u);  // every layer of the dump
+  EXPECT_LT(8, result.studies[0].shape.keys);
+  write_study_outputs(result, (dir / "out").string());
+
+  // results.csv: exact has recall 1 and mass_ratio 1 (mean and min) at every k of every layer.
+  std::ifstream csv(dir / "out" / "results.csv");
+  std::string line;
+  std::getline(csv, line);
+  const std::vector<std::string> header = csv_fields(line);
+  ASSERT_EQ(header[0], "workload");
+  ASSERT_EQ(header[5], "mean");
+  ASSERT_EQ(header[6], "min");
+  std::map<std::string, int> checked_per_layer;
+  while (std::getline(csv, line)) {
+    const std::vector<std::string> f = csv_fields(line);
+    ASSERT_EQ(f.size(), header.size()) << line;
+    if (f[1] == "exact" && (f[3] == "recall" || f[3] == "mass_ratio")) {
+      EXPECT_EQ(std::stod(f[5]), 1.0) << line;
+      EXPECT_EQ(std::stod(f[6]), 1.0) << line;
+      ++checked_per_layer[f[0]];
+    }
+  }
+  ASSERT_EQ(checked_per_layer.size(), 2u);
+  for (const auto& [workload, checked] : checked_per_layer) {
+    EXPECT_NE(workload.find("layer"), std::string::npos) << workload;
+    EXPECT_EQ(checked, 4) << workload;  // 2 k x (recall, mass_ratio)
+  }
+
+  // report.html: well-formed, with one layer x head heatmap per selector (rows layers 0 and 1, 4 heads).
+  std::ifstream report(dir / "out" / "report.html");
+  std::stringstream text;
+  text << report.rdbuf();
+  const std::string html = text.str();
+  EXPECT_EQ(xml_problem(html), "");
+  EXPECT_NE(html.find("Recall by layer and group (head): dump(tiny-random-llama)"), std::string::npos);
+  for (const StudySelectorSpec& s : result.config.selectors) {
+    const std::string title = escape_html(s.name + ": recall by layer and head");
+    std::size_t count = 0;
+    for (std::size_t at = html.find(title); at != std::string::npos; at = html.find(title, at + 1)) ++count;
+    EXPECT_EQ(count, 2u) << title;  // the SVG's <title> and its caption
+  }
+  for (const char* cell : {"layer 0, group 0: ", "layer 0, group 3: ", "layer 1, group 0: ", "layer 1, group 3: "}) {
+    EXPECT_NE(html.find(cell), std::string::npos) << cell;
+  }
+  EXPECT_EQ(html.find("layer 2, group"), std::string::npos);
+  EXPECT_EQ(html.find("layer 0, group 4: "), std::string::npos);
+  // The existing per-workload charts are still there, and a synthetic study gets no layer heatmap.
+  EXPECT_NE(html.find("Recall by group (head) and query position"), std::string::npos);
+  EXPECT_EQ(study_report_html(run_study_config(parse_study_config(small_study(3)))).find("Recall by layer"),
+            std::string::npos);
+
+  // A named dump over a list of layers: one workload per layer, "<name> layer <index>", and the same heatmaps.
+  const StudyConfig named = parse_study_config(R"({"workloads": [{"type": "dump", "name": "tiny <&>", "path": ")" +
+                                               path_json + R"(", "layer": [1, 0]}],
+    "selectors": [{"type": "exact"}], "k": 8, "granularity": "per_kv_head"})");
+  ASSERT_EQ(named.workloads.size(), 2u);
+  EXPECT_EQ(named.workloads[0].name, "tiny <&> layer 1");
+  EXPECT_EQ(named.workloads[1].name, "tiny <&> layer 0");
+  const std::string named_html = study_report_html(run_study_config(named));
+  EXPECT_EQ(xml_problem(named_html), "");
+  EXPECT_NE(named_html.find("Recall by layer and group (head): tiny &lt;&amp;&gt;"), std::string::npos);
+  EXPECT_NE(named_html.find("layer 1, group 1: 1<"), std::string::npos);  // exact, 2 key heads
+  EXPECT_EQ(named_html.find("layer 0, group 2: "), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(StudyConfig, DefaultStudyParses) {
   const StudyConfig config = default_study_config();
   EXPECT_GE(config.selectors.size(), 5u);

@@ -6,6 +6,10 @@
 //   recall by group and position   heatmap per selector at the largest k: rows are selection groups (heads),
 //                                  columns query tokens (positions)
 //   entropy vs recall              one dot per row (query token, group) at the largest k, coloured by selector
+//   recall by layer and group      when the suite runs two or more layers of one dump (workloads named
+//                                  "dump(<model>, layer L)" or "<name> layer L"): per dump, one heatmap per
+//                                  selector of mean recall over query tokens at the largest k, rows layers,
+//                                  columns groups (heads)
 // All text is escaped; the page parses as XML.
 #pragma once
 

@@ -7,23 +7,12 @@
 #include <cstring>
 #include <sstream>
 
+#include "loader_support.h"
+
 namespace keysel {
 namespace {
 
-[[noreturn]] void fail(std::string_view function, std::string_view source, std::string_view tensor,
-                       const std::string& what) {
-  std::string message = "file '";
-  message += source;
-  message += "'";
-  if (!tensor.empty()) {
-    message += ", tensor '";
-    message += tensor;
-    message += "'";
-  }
-  message += ": ";
-  message += what;
-  detail::throw_error(function, message);
-}
+using detail::throw_file_error;
 
 std::string shape_text(const std::vector<std::int64_t>& shape) { return detail::describe(shape); }
 
@@ -54,19 +43,20 @@ struct Checker {
 
   void float_tensor(const LoadedTensor& t, std::size_t rank) const {
     if (!is_attention_float(t.dtype)) {
-      fail(function, source, t.name,
-           "expected a floating dtype (fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, fp64), found " +
-               std::string(dtype_name(t.dtype)));
+      throw_file_error(function, source, t.name,
+                       "expected a floating dtype (fp32, fp16, bf16, fp8_e4m3, fp8_e5m2, fp64), found " +
+                           std::string(dtype_name(t.dtype)));
     }
     if (t.shape.size() != rank) {
-      fail(function, source, t.name, "expected rank " + std::to_string(rank) + ", found shape " + shape_text(t.shape));
+      throw_file_error(function, source, t.name,
+                       "expected rank " + std::to_string(rank) + ", found shape " + shape_text(t.shape));
     }
   }
   void extent(const LoadedTensor& t, std::size_t dim, std::int64_t expected, std::string_view what) const {
     if (t.shape[dim] != expected) {
-      fail(function, source, t.name,
-           "expected dimension " + std::to_string(dim) + " = " + std::to_string(expected) + " (" + std::string(what) +
-               "), found shape " + shape_text(t.shape));
+      throw_file_error(function, source, t.name,
+                       "expected dimension " + std::to_string(dim) + " = " + std::to_string(expected) + " (" +
+                           std::string(what) + "), found shape " + shape_text(t.shape));
     }
   }
 };
@@ -78,30 +68,30 @@ void validate_layer(const DumpLayer& layer, const Checker& check) {
   const std::int64_t T = layer.q.shape[0], Hq = layer.q.shape[1], D = layer.q.shape[2];
   const std::int64_t N = layer.k.shape[0], Hkv = layer.k.shape[1];
   if (T < 1 || Hq < 1 || D < 1)
-    fail(check.function, check.source, layer.q.name,
-         "expected non-empty [T, Hq, D], found " + shape_text(layer.q.shape));
+    throw_file_error(check.function, check.source, layer.q.name,
+                     "expected non-empty [T, Hq, D], found " + shape_text(layer.q.shape));
   if (N < 1 || Hkv < 1)
-    fail(check.function, check.source, layer.k.name,
-         "expected non-empty [N, Hkv, D], found " + shape_text(layer.k.shape));
+    throw_file_error(check.function, check.source, layer.k.name,
+                     "expected non-empty [N, Hkv, D], found " + shape_text(layer.k.shape));
   check.extent(layer.k, 2, D, "D of q");
   if (Hq % Hkv != 0) {
-    fail(check.function, check.source, layer.k.name,
-         "expected Hkv dividing Hq = " + std::to_string(Hq) + ", found Hkv = " + std::to_string(Hkv));
+    throw_file_error(check.function, check.source, layer.k.name,
+                     "expected Hkv dividing Hq = " + std::to_string(Hq) + ", found Hkv = " + std::to_string(Hkv));
   }
   check.extent(layer.v, 0, N, "N of k");
   check.extent(layer.v, 1, Hkv, "Hkv of k");
-  if (layer.v.shape[2] < 1) fail(check.function, check.source, layer.v.name, "expected Dv >= 1");
+  if (layer.v.shape[2] < 1) throw_file_error(check.function, check.source, layer.v.name, "expected Dv >= 1");
   if (layer.positions.dtype != DType::int32 || layer.positions.shape.size() != 1 || layer.positions.shape[0] != T) {
-    fail(check.function, check.source, layer.positions.name,
-         "expected int32 (or int64) [T = " + std::to_string(T) + "], found " +
-             std::string(dtype_name(layer.positions.dtype)) + " " + shape_text(layer.positions.shape));
+    throw_file_error(check.function, check.source, layer.positions.name,
+                     "expected int32 (or int64) [T = " + std::to_string(T) + "], found " +
+                         std::string(dtype_name(layer.positions.dtype)) + " " + shape_text(layer.positions.shape));
   }
   for (std::int64_t t = 0; t < T; ++t) {
     std::int32_t pos = 0;
     std::memcpy(&pos, layer.positions.data.data() + t * 4, 4);
     if (pos < 0) {
-      fail(check.function, check.source, layer.positions.name,
-           "expected positions >= 0, found " + std::to_string(pos) + " at query " + std::to_string(t));
+      throw_file_error(check.function, check.source, layer.positions.name,
+                       "expected positions >= 0, found " + std::to_string(pos) + " at query " + std::to_string(t));
     }
   }
   if (layer.index_q) {
@@ -131,8 +121,8 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
   dump.source = std::string(source);
   dump.metadata = std::move(file.metadata);
   if (const auto it = dump.metadata.find("format"); it != dump.metadata.end() && it->second != kDumpFormat) {
-    fail(function, source, "",
-         "expected metadata format \"" + std::string(kDumpFormat) + "\", found \"" + it->second + "\"");
+    throw_file_error(function, source, "",
+                     "expected metadata format \"" + std::string(kDumpFormat) + "\", found \"" + it->second + "\"");
   }
   if (const auto it = dump.metadata.find("model"); it != dump.metadata.end()) dump.model = it->second;
   if (const auto it = dump.metadata.find("scale"); it != dump.metadata.end()) {
@@ -141,7 +131,8 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
     in.imbue(std::locale::classic());
     in >> scale;
     if (in.fail() || !(in >> std::ws).eof() || !std::isfinite(scale) || scale < 0) {
-      fail(function, source, "", "expected metadata scale to be a finite number >= 0, found \"" + it->second + "\"");
+      throw_file_error(function, source, "",
+                       "expected metadata scale to be a finite number >= 0, found \"" + it->second + "\"");
     }
     dump.scale = scale;
   }
@@ -174,7 +165,8 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
     }
   }
   if (layers.empty()) {
-    fail(function, source, "", "expected tensors named layer{L}.q, .k, .v, .positions (docs/dumps.md), found none");
+    throw_file_error(function, source, "",
+                     "expected tensors named layer{L}.q, .k, .v, .positions (docs/dumps.md), found none");
   }
   const Checker check{function, source};
   for (auto& [index, layer] : layers) {
@@ -182,8 +174,8 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
     constexpr const char* kNames[] = {"q", "k", "v", "positions"};
     for (int bit = 0; bit < 4; ++bit) {
       if (!(mask & (1 << bit))) {
-        fail(function, source, "layer" + std::to_string(index) + "." + kNames[bit],
-             "is missing (layer " + std::to_string(index) + " has other tensors)");
+        throw_file_error(function, source, "layer" + std::to_string(index) + "." + kNames[bit],
+                         "is missing (layer " + std::to_string(index) + " has other tensors)");
       }
     }
     validate_layer(layer, check);

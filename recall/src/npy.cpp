@@ -12,24 +12,14 @@
 #include <string>
 
 #include "keysel/recall/loaders.h"
+#include "loader_support.h"
 
 namespace keysel {
-namespace detail {
-// Shared with safetensors.cpp.
-bool checked_size(std::span<const std::int64_t> shape, std::uint64_t element_bytes, std::uint64_t& numel,
-                  std::uint64_t& bytes);
-std::vector<std::byte> narrow_int64_to_int32(std::string_view function, std::string_view source,
-                                             std::string_view tensor, std::span<const std::byte> data);
-}  // namespace detail
 
 namespace {
 
 [[noreturn]] void fail(std::string_view function, std::string_view source, const std::string& what) {
-  std::string message = "file '";
-  message += source;
-  message += "': ";
-  message += what;
-  detail::throw_error(function, message);
+  detail::throw_file_error(function, source, {}, what);
 }
 
 struct NpyDType {

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "keysel/recall/loaders.h"
+#include "loader_support.h"
 
 namespace keysel {
 
@@ -22,23 +23,9 @@ static_assert(std::endian::native == std::endian::little, "keysel's loaders assu
 
 namespace {
 
-constexpr std::string_view kReadFunction = "read_safetensors";
+using detail::throw_file_error;
 
-/// "file 'x', tensor 'y': <what>" as a keysel::Error of `function`.
-[[noreturn]] void fail(std::string_view function, std::string_view source, std::string_view tensor,
-                       const std::string& what) {
-  std::string message = "file '";
-  message += source;
-  message += "'";
-  if (!tensor.empty()) {
-    message += ", tensor '";
-    message += tensor;
-    message += "'";
-  }
-  message += ": ";
-  message += what;
-  detail::throw_error(function, message);
-}
+constexpr std::string_view kReadFunction = "read_safetensors";
 
 struct SafetensorsDType {
   std::string_view name;
@@ -91,9 +78,9 @@ std::vector<std::byte> narrow_int64_to_int32(std::string_view function, std::str
     std::int64_t value = 0;
     std::memcpy(&value, data.data() + i * 8, 8);
     if (value < std::numeric_limits<std::int32_t>::min() || value > std::numeric_limits<std::int32_t>::max()) {
-      fail(function, source, tensor,
-           "expected int64 values in the int32 range (they are narrowed to int32), found " + std::to_string(value) +
-               " at element " + std::to_string(i));
+      throw_file_error(function, source, tensor,
+                       "expected int64 values in the int32 range (they are narrowed to int32), found " +
+                           std::to_string(value) + " at element " + std::to_string(i));
     }
     const auto narrow = static_cast<std::int32_t>(value);
     std::memcpy(out.data() + i * 4, &narrow, 4);
@@ -104,30 +91,31 @@ std::vector<std::byte> narrow_int64_to_int32(std::string_view function, std::str
 std::vector<std::byte> read_file_bytes(std::string_view function, const std::filesystem::path& path) {
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) {
-    fail(function, path.string(), "", "expected a readable regular file, found none (or not a regular file)");
+    throw_file_error(function, path.string(), "",
+                     "expected a readable regular file, found none (or not a regular file)");
   }
   const std::uintmax_t size = std::filesystem::file_size(path, ec);
-  if (ec) fail(function, path.string(), "", "cannot determine the file size: " + ec.message());
+  if (ec) throw_file_error(function, path.string(), "", "cannot determine the file size: " + ec.message());
   if (size > static_cast<std::uintmax_t>(std::numeric_limits<std::ptrdiff_t>::max())) {
-    fail(function, path.string(), "", "file too large to read into memory");
+    throw_file_error(function, path.string(), "", "file too large to read into memory");
   }
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail(function, path.string(), "", "cannot open the file for reading");
+  if (!in) throw_file_error(function, path.string(), "", "cannot open the file for reading");
   std::vector<std::byte> bytes(static_cast<std::size_t>(size));
   in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(size));
   if (static_cast<std::uintmax_t>(in.gcount()) != size) {
-    fail(function, path.string(), "",
-         "expected " + std::to_string(size) + " bytes, read " + std::to_string(in.gcount()));
+    throw_file_error(function, path.string(), "",
+                     "expected " + std::to_string(size) + " bytes, read " + std::to_string(in.gcount()));
   }
   return bytes;
 }
 
 void write_file_bytes(std::string_view function, const std::filesystem::path& path, std::span<const std::byte> bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) fail(function, path.string(), "", "cannot open the file for writing");
+  if (!out) throw_file_error(function, path.string(), "", "cannot open the file for writing");
   out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   out.flush();
-  if (!out) fail(function, path.string(), "", "writing " + std::to_string(bytes.size()) + " bytes failed");
+  if (!out) throw_file_error(function, path.string(), "", "writing " + std::to_string(bytes.size()) + " bytes failed");
 }
 
 }  // namespace detail
@@ -278,21 +266,21 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
                                        std::string_view function) {
   const auto file_size = static_cast<std::uint64_t>(bytes.size());
   if (file_size < 8) {
-    fail(function, source, "",
-         "expected at least 8 bytes (the header length), found " + std::to_string(file_size) +
-             " (truncated or not a safetensors file)");
+    throw_file_error(function, source, "",
+                     "expected at least 8 bytes (the header length), found " + std::to_string(file_size) +
+                         " (truncated or not a safetensors file)");
   }
   std::uint64_t header_len = 0;
   std::memcpy(&header_len, bytes.data(), 8);
   if (header_len > kMaxSafetensorsHeaderBytes) {
-    fail(function, source, "",
-         "expected a header length <= " + std::to_string(kMaxSafetensorsHeaderBytes) + " bytes, found " +
-             std::to_string(header_len) + " (corrupt or not a safetensors file)");
+    throw_file_error(function, source, "",
+                     "expected a header length <= " + std::to_string(kMaxSafetensorsHeaderBytes) + " bytes, found " +
+                         std::to_string(header_len) + " (corrupt or not a safetensors file)");
   }
   if (header_len > file_size - 8) {
-    fail(function, source, "",
-         "header length " + std::to_string(header_len) + " runs past the end of the file (" +
-             std::to_string(file_size) + " bytes): truncated or corrupt");
+    throw_file_error(function, source, "",
+                     "header length " + std::to_string(header_len) + " runs past the end of the file (" +
+                         std::to_string(file_size) + " bytes): truncated or corrupt");
   }
   const auto* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
   const std::uint64_t data_begin = 8 + header_len;
@@ -310,11 +298,13 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
   };
   nlohmann::json header =
       nlohmann::json::parse(header_begin, header_begin + header_len, callback, /*allow_exceptions=*/false);
-  if (header.is_discarded()) fail(function, source, "", "the header is not valid JSON (corrupt or truncated)");
+  if (header.is_discarded())
+    throw_file_error(function, source, "", "the header is not valid JSON (corrupt or truncated)");
   if (!header.is_object()) {
-    fail(function, source, "", std::string("expected the header to be a JSON object, found a ") + header.type_name());
+    throw_file_error(function, source, "",
+                     std::string("expected the header to be a JSON object, found a ") + header.type_name());
   }
-  if (!duplicate.empty()) fail(function, source, duplicate, "appears more than once in the header");
+  if (!duplicate.empty()) throw_file_error(function, source, duplicate, "appears more than once in the header");
 
   SafetensorsFile file;
   struct Entry {
@@ -329,72 +319,79 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
     const nlohmann::json& value = it.value();
     if (name == "__metadata__") {
       if (!value.is_object()) {
-        fail(function, source, "", std::string("expected __metadata__ to be an object, found a ") + value.type_name());
+        throw_file_error(function, source, "",
+                         std::string("expected __metadata__ to be an object, found a ") + value.type_name());
       }
       for (auto m = value.begin(); m != value.end(); ++m) {
         if (!m.value().is_string()) {
-          fail(function, source, "",
-               "expected __metadata__ value of '" + m.key() + "' to be a string, found a " + m.value().type_name());
+          throw_file_error(
+              function, source, "",
+              "expected __metadata__ value of '" + m.key() + "' to be a string, found a " + m.value().type_name());
         }
         file.metadata.emplace(m.key(), m.value().get<std::string>());
       }
       continue;
     }
-    if (name.empty()) fail(function, source, "", "found a tensor with an empty name");
+    if (name.empty()) throw_file_error(function, source, "", "found a tensor with an empty name");
     if (!value.is_object()) {
-      fail(function, source, name,
-           std::string("expected an object {dtype, shape, data_offsets}, found a ") + value.type_name());
+      throw_file_error(function, source, name,
+                       std::string("expected an object {dtype, shape, data_offsets}, found a ") + value.type_name());
     }
     const auto dtype_it = value.find("dtype");
     const auto shape_it = value.find("shape");
     const auto offsets_it = value.find("data_offsets");
     if (dtype_it == value.end() || shape_it == value.end() || offsets_it == value.end()) {
-      fail(function, source, name, "expected the keys dtype, shape and data_offsets, found " + value.dump());
+      throw_file_error(function, source, name,
+                       "expected the keys dtype, shape and data_offsets, found " + value.dump());
     }
     if (!dtype_it->is_string())
-      fail(function, source, name, "expected dtype to be a string, found " + dtype_it->dump());
+      throw_file_error(function, source, name, "expected dtype to be a string, found " + dtype_it->dump());
     const std::string dtype_text = dtype_it->get<std::string>();
     const SafetensorsDType* dtype = nullptr;
     for (const auto& d : kDTypes) {
       if (d.name == dtype_text) dtype = &d;
     }
     if (dtype == nullptr) {
-      fail(function, source, name,
-           "expected a dtype in [" + supported_dtype_names() + "], found \"" + dtype_text + "\"");
+      throw_file_error(function, source, name,
+                       "expected a dtype in [" + supported_dtype_names() + "], found \"" + dtype_text + "\"");
     }
-    if (!shape_it->is_array()) fail(function, source, name, "expected shape to be an array, found " + shape_it->dump());
+    if (!shape_it->is_array())
+      throw_file_error(function, source, name, "expected shape to be an array, found " + shape_it->dump());
     if (shape_it->size() > static_cast<std::size_t>(TensorView::kMaxRank)) {
-      fail(function, source, name,
-           "expected rank <= " + std::to_string(TensorView::kMaxRank) + ", found " + std::to_string(shape_it->size()));
+      throw_file_error(
+          function, source, name,
+          "expected rank <= " + std::to_string(TensorView::kMaxRank) + ", found " + std::to_string(shape_it->size()));
     }
     std::vector<std::int64_t> shape;
     for (const auto& e : *shape_it) {
       if (!e.is_number_unsigned() || e.get<std::uint64_t>() > (std::uint64_t{1} << 62)) {
-        fail(function, source, name, "expected shape entries to be integers in [0, 2^62], found " + shape_it->dump());
+        throw_file_error(function, source, name,
+                         "expected shape entries to be integers in [0, 2^62], found " + shape_it->dump());
       }
       shape.push_back(static_cast<std::int64_t>(e.get<std::uint64_t>()));
     }
     if (!offsets_it->is_array() || offsets_it->size() != 2 || !(*offsets_it)[0].is_number_unsigned() ||
         !(*offsets_it)[1].is_number_unsigned()) {
-      fail(function, source, name,
-           "expected data_offsets to be [begin, end] with non-negative integers, found " + offsets_it->dump());
+      throw_file_error(
+          function, source, name,
+          "expected data_offsets to be [begin, end] with non-negative integers, found " + offsets_it->dump());
     }
     const auto begin = (*offsets_it)[0].get<std::uint64_t>();
     const auto end = (*offsets_it)[1].get<std::uint64_t>();
     if (begin > end || end > data_size) {
-      fail(function, source, name,
-           "expected data_offsets with begin <= end <= " + std::to_string(data_size) +
-               " (the data block's size), found [" + std::to_string(begin) + ", " + std::to_string(end) +
-               "] (truncated or corrupt file)");
+      throw_file_error(function, source, name,
+                       "expected data_offsets with begin <= end <= " + std::to_string(data_size) +
+                           " (the data block's size), found [" + std::to_string(begin) + ", " + std::to_string(end) +
+                           "] (truncated or corrupt file)");
     }
     std::uint64_t numel = 0, nbytes = 0;
     if (!detail::checked_size(shape, static_cast<std::uint64_t>(dtype->bytes), numel, nbytes)) {
-      fail(function, source, name, "shape " + shape_it->dump() + " overflows");
+      throw_file_error(function, source, name, "shape " + shape_it->dump() + " overflows");
     }
     if (end - begin != nbytes) {
-      fail(function, source, name,
-           "expected " + std::to_string(nbytes) + " bytes for shape " + shape_it->dump() + " and dtype " + dtype_text +
-               ", found a byte range of " + std::to_string(end - begin));
+      throw_file_error(function, source, name,
+                       "expected " + std::to_string(nbytes) + " bytes for shape " + shape_it->dump() + " and dtype " +
+                           dtype_text + ", found a byte range of " + std::to_string(end - begin));
     }
     entries.push_back({name, dtype, std::move(shape), begin, end});
   }
@@ -406,21 +403,22 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
   std::uint64_t covered = 0;
   for (std::size_t i = 0; i < entries.size(); ++i) {
     if (entries[i].begin < covered) {
-      fail(function, source, entries[i].name, "its data_offsets overlap those of tensor '" + entries[i - 1].name + "'");
+      throw_file_error(function, source, entries[i].name,
+                       "its data_offsets overlap those of tensor '" + entries[i - 1].name + "'");
     }
     if (entries[i].begin > covered) {
-      fail(function, source, entries[i].name,
-           "expected its data to start at byte " + std::to_string(covered) +
-               " of the data block (tensors are "
-               "stored back to back), found " +
-               std::to_string(entries[i].begin));
+      throw_file_error(function, source, entries[i].name,
+                       "expected its data to start at byte " + std::to_string(covered) +
+                           " of the data block (tensors are "
+                           "stored back to back), found " +
+                           std::to_string(entries[i].begin));
     }
     covered = entries[i].end;
   }
   if (covered != data_size) {
-    fail(function, source, "",
-         "expected the tensors to cover the " + std::to_string(data_size) + "-byte data block, found " +
-             std::to_string(covered) + " bytes covered (corrupt header length or offsets)");
+    throw_file_error(function, source, "",
+                     "expected the tensors to cover the " + std::to_string(data_size) + "-byte data block, found " +
+                         std::to_string(covered) + " bytes covered (corrupt header length or offsets)");
   }
   file.tensors.reserve(entries.size());
   for (Entry& e : entries) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "fast_topk_kernels.h"
+#include "topk_arguments.h"
 #include "keysel/indexer/topk.h"
 
 namespace keysel {
@@ -436,32 +437,14 @@ void fast_select_topk_row(const float* scores, const SelectionRowPlan& plan, std
 
 void fast_select_topk(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
                       const TensorView& selection) {
-  constexpr std::string_view function = "fast_select_topk";
-  policy.validate(function);
-  expect_shape(function, scores, "scores", {kAnyExtent, kAnyExtent, kAnyExtent});
-  expect_dtype(function, scores, "scores", {DType::fp32, DType::fp64});
-  expect_device(function, scores, "scores", Device::cpu());
+  detail::check_topk_arguments("fast_select_topk", scores, positions, policy, selection);
   const std::int64_t tokens = scores.size(0);
   const std::int64_t groups = scores.size(1);
   const std::int64_t keys = scores.size(2);
-  expect_shape(function, positions, "positions", {tokens});
-  expect_dtype(function, positions, "positions", {DType::int32});
-  expect_device(function, positions, "positions", Device::cpu());
   const std::int32_t* position_data = positions.data<std::int32_t>();
   const std::int64_t position_stride = positions.stride(0);
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    const std::int32_t pos = position_data[t * position_stride];
-    if (pos < 0) {
-      detail::throw_argument_error(function, "positions", "positions >= 0",
-                                   "positions[" + std::to_string(t) + "] = " + std::to_string(pos));
-    }
-  }
-  const std::int64_t width = policy.width();
-  expect_shape(function, selection, "selection", {tokens, groups, width});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", Device::cpu());
-  expect_writable(function, selection, "selection");
-  KEYSEL_CHECK_ARG(keys < kMaxK, "scores", "at most 2^31 - 2 keys (int32 positions)", scores.str());
+  KEYSEL_CHECK_ARG_IN("fast_select_topk", keys < kMaxK, "scores", "at most 2^31 - 2 keys (int32 positions)",
+                      scores.str());
 
   const std::int64_t score_strides[3] = {scores.stride(0), scores.stride(1), scores.stride(2)};
   const std::int64_t out_strides[3] = {selection.stride(0), selection.stride(1), selection.stride(2)};

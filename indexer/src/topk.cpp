@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "keysel/attention/reference.h"
+#include "topk_arguments.h"
 
 namespace keysel {
 namespace {
@@ -22,15 +23,6 @@ struct Candidate {
 bool better(const Candidate& a, const Candidate& b) {
   if (a.score != b.score) return a.score > b.score;
   return a.position < b.position;
-}
-
-/// Checks everything select_topk needs; shared with exact_topk so that both report their own name.
-void check_selection_output(std::string_view function, const TensorView& selection, std::int64_t tokens,
-                            std::int64_t groups, std::int64_t width) {
-  expect_shape(function, selection, "selection", {tokens, groups, width});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", Device::cpu());
-  expect_writable(function, selection, "selection");
 }
 
 /// One row of the selection: the kept keys plus the best `fill` other allowed keys with a non-NaN score, in
@@ -66,28 +58,12 @@ void select_row(std::int64_t allowed, const SelectionPolicy& policy, ScoreAt&& s
 
 void select_topk(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
                  const TensorView& selection) {
-  constexpr std::string_view function = "select_topk";
-  policy.validate(function);
-  expect_shape(function, scores, "scores", {kAnyExtent, kAnyExtent, kAnyExtent});
-  expect_dtype(function, scores, "scores", {DType::fp32, DType::fp64});
-  expect_device(function, scores, "scores", Device::cpu());
+  detail::check_topk_arguments("select_topk", scores, positions, policy, selection);
   const std::int64_t tokens = scores.size(0);
   const std::int64_t groups = scores.size(1);
   const std::int64_t keys = scores.size(2);
-  expect_shape(function, positions, "positions", {tokens});
-  expect_dtype(function, positions, "positions", {DType::int32});
-  expect_device(function, positions, "positions", Device::cpu());
-  const std::vector<double> position_values = to_double_vector(positions);
-  for (std::int64_t t = 0; t < tokens; ++t) {
-    const double pos = position_values[static_cast<std::size_t>(t)];
-    if (pos < 0.0) {
-      detail::throw_argument_error(function, "positions", "positions >= 0",
-                                   "positions[" + std::to_string(t) + "] = " +
-                                       std::to_string(static_cast<std::int64_t>(pos)));
-    }
-  }
   const std::int64_t width = policy.width();
-  check_selection_output(function, selection, tokens, groups, width);
+  const std::vector<double> position_values = to_double_vector(positions);
 
   const bool fp64 = scores.dtype() == DType::fp64;
   const std::int64_t score_strides[3] = {scores.stride(0), scores.stride(1), scores.stride(2)};
@@ -123,7 +99,7 @@ void exact_topk(const AttentionInputs& inputs, const SelectionPolicy& policy, co
   const AttentionShape shape = inputs.validate(function, false);
   policy.validate(function);
   const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
-  check_selection_output(function, selection, shape.tokens, groups, policy.width());
+  detail::check_selection_output(function, selection, shape.tokens, groups, policy.width());
 
   std::vector<double> pbar(static_cast<std::size_t>(shape.tokens * groups * shape.keys));
   const TensorView pbar_view(pbar.data(), DType::fp64, {shape.tokens, groups, shape.keys});
@@ -132,3 +108,36 @@ void exact_topk(const AttentionInputs& inputs, const SelectionPolicy& policy, co
 }
 
 }  // namespace keysel
+
+namespace keysel::detail {
+
+void check_selection_output(std::string_view function, const TensorView& selection, std::int64_t tokens,
+                            std::int64_t groups, std::int64_t width) {
+  expect_shape(function, selection, "selection", {tokens, groups, width});
+  expect_dtype(function, selection, "selection", {DType::int32});
+  expect_device(function, selection, "selection", Device::cpu());
+  expect_writable(function, selection, "selection");
+}
+
+void check_topk_arguments(std::string_view function, const TensorView& scores, const TensorView& positions,
+                          const SelectionPolicy& policy, const TensorView& selection) {
+  policy.validate(function);
+  expect_shape(function, scores, "scores", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, scores, "scores", {DType::fp32, DType::fp64});
+  expect_device(function, scores, "scores", Device::cpu());
+  const std::int64_t tokens = scores.size(0);
+  expect_shape(function, positions, "positions", {tokens});
+  expect_dtype(function, positions, "positions", {DType::int32});
+  expect_device(function, positions, "positions", Device::cpu());
+  const std::int32_t* position_data = positions.data<std::int32_t>();
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    const std::int32_t pos = position_data[t * positions.stride(0)];
+    if (pos < 0) {
+      throw_argument_error(function, "positions", "positions >= 0",
+                           "positions[" + std::to_string(t) + "] = " + std::to_string(pos));
+    }
+  }
+  check_selection_output(function, selection, tokens, scores.size(1), policy.width());
+}
+
+}  // namespace keysel::detail

@@ -16,6 +16,7 @@
 #include "keysel/core/error.h"
 #include "keysel/core/random.h"
 #include "keysel/indexer/topk.h"
+#include "selectors_support.h"
 
 namespace keysel {
 
@@ -30,24 +31,9 @@ SelectionCost& SelectionCost::operator+=(const SelectionCost& other) {
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-/// Checks the inputs (shapes and positions; v is not needed), the policy and the output; returns the shape.
-AttentionShape check_select_arguments(std::string_view function, const AttentionInputs& inputs,
-                                      const SelectionPolicy& policy, const TensorView& selection) {
-  const AttentionShape shape = inputs.validate(function, /*need_v=*/false);
-  policy.validate(function);
-  const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
-  expect_shape(function, selection, "selection", {shape.tokens, groups, policy.width()});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", Device::cpu());
-  expect_writable(function, selection, "selection");
-  return shape;
-}
+using selector_support::Clock;
+using selector_support::check_select_arguments;
+using selector_support::seconds_since;
 
 /// Where the kept keys of one row lie. The allowed keys [0, allowed) split into
 ///   [0, sink_end)            policy sinks (kept)

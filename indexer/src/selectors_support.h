@@ -16,6 +16,7 @@
 #include "keysel/core/selection.h"
 #include "keysel/core/tensor.h"
 #include "keysel/indexer/selector.h"
+#include "topk_arguments.h"
 
 namespace keysel::selector_support {
 
@@ -31,10 +32,7 @@ inline AttentionShape check_select_arguments(std::string_view function, const At
   const AttentionShape shape = inputs.validate(function, /*need_v=*/false);
   policy.validate(function);
   const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
-  expect_shape(function, selection, "selection", {shape.tokens, groups, policy.width()});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", Device::cpu());
-  expect_writable(function, selection, "selection");
+  detail::check_selection_output(function, selection, shape.tokens, groups, policy.width());
   return shape;
 }
 

@@ -1,0 +1,207 @@
+// The tiny language model's fast forward pass (TinyLm::logits, TinyLm::trace): fp32, BLAS sgemm for every
+// weight matrix, OpenMP over tokens for the element-wise steps, keysel's attention kernels for attention.
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "keysel/attention/sparse_attention.h"
+#include "keysel/recall/tiny_lm.h"
+#include "tiny_lm_weights.h"
+
+namespace keysel {
+namespace {
+
+/// c[m, n] = a[m, k] . b[n, k]^T + beta * c (row-major; b as torch.nn.Linear stores a weight).
+void matmul_transposed(std::int64_t m, std::int64_t n, std::int64_t k, const float* a, const float* b, float beta,
+                       float* c) {
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k),
+              1.0f, a, static_cast<int>(k), b, static_cast<int>(k), beta, c, static_cast<int>(n));
+}
+
+/// out[t] = in[t] / sqrt(mean(in[t]^2) + eps) * weight, rows of `width`; the mean in double.
+void rms_norm(const std::vector<float>& in, const std::vector<float>& weight, double eps, std::int64_t rows,
+              std::int64_t width, std::vector<float>& out) {
+#pragma omp parallel for schedule(static)
+  for (std::int64_t t = 0; t < rows; ++t) {
+    const float* x = in.data() + t * width;
+    float* y = out.data() + t * width;
+    double sum = 0;
+    for (std::int64_t i = 0; i < width; ++i) sum += static_cast<double>(x[i]) * x[i];
+    const auto r = static_cast<float>(1.0 / std::sqrt(sum / static_cast<double>(width) + eps));
+    for (std::int64_t i = 0; i < width; ++i) y[i] = (x[i] * r) * weight[static_cast<std::size_t>(i)];
+  }
+}
+
+/// cos and sin of the RoPE angles pos * theta^(-2i/dim), i < dim/2, for positions 0..T-1: [T, dim/2] each.
+struct RopeTable {
+  std::int64_t half = 0;
+  std::vector<float> cos, sin;
+
+  RopeTable(std::int64_t tokens, std::int64_t dim, double theta) : half(dim / 2) {
+    cos.resize(static_cast<std::size_t>(tokens * half));
+    sin.resize(cos.size());
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      for (std::int64_t i = 0; i < half; ++i) {
+        const double angle =
+            static_cast<double>(t) * std::pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+        cos[static_cast<std::size_t>(t * half + i)] = static_cast<float>(std::cos(angle));
+        sin[static_cast<std::size_t>(t * half + i)] = static_cast<float>(std::sin(angle));
+      }
+    }
+  }
+
+  /// Rotates `count` vectors of length 2 * half at `in` (consecutive) for position t into `out`.
+  void apply(std::int64_t t, std::int64_t count, const float* in, float* out) const {
+    const float* c = cos.data() + t * half;
+    const float* s = sin.data() + t * half;
+    for (std::int64_t h = 0; h < count; ++h, in += 2 * half, out += 2 * half) {
+      for (std::int64_t i = 0; i < half; ++i) {
+        const float x1 = in[i], x2 = in[i + half];
+        out[i] = x1 * c[i] - x2 * s[i];
+        out[i + half] = x2 * c[i] + x1 * s[i];
+      }
+    }
+  }
+};
+
+TensorView view_of(const std::vector<float>& data, std::initializer_list<std::int64_t> shape) {
+  return TensorView(static_cast<const void*>(data.data()), DType::fp32, shape);
+}
+
+}  // namespace
+
+std::vector<float> TinyLm::logits(std::span<const std::uint8_t> tokens) const {
+  return forward(tokens, nullptr, nullptr);
+}
+
+std::vector<float> TinyLm::logits(std::span<const std::uint8_t> tokens, const TinyLmSparse& sparse) const {
+  return forward(tokens, &sparse, nullptr);
+}
+
+TinyLmTrace TinyLm::trace(std::span<const std::uint8_t> tokens) const {
+  TinyLmTrace trace;
+  trace.logits = forward(tokens, nullptr, &trace);
+  return trace;
+}
+
+std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const TinyLmSparse* sparse,
+                                   TinyLmTrace* trace) const {
+  constexpr std::string_view function = "TinyLm::logits";
+  const TinyLmConfig& c = config_;
+  KEYSEL_CHECK_ARG_IN(function, weights_ != nullptr, "model", "a loaded model", "a default-constructed TinyLm");
+  const auto T = static_cast<std::int64_t>(tokens.size());
+  KEYSEL_CHECK_ARG_IN(function, T >= 1 && T <= c.context, "tokens",
+                      "1 to context = " + std::to_string(c.context) + " tokens", T);
+  for (std::int64_t t = 0; t < T; ++t) {
+    KEYSEL_CHECK_ARG_IN(function, tokens[static_cast<std::size_t>(t)] < c.vocab, "tokens",
+                        "values < vocab = " + std::to_string(c.vocab),
+                        "tokens[" + std::to_string(t) + "] = " + std::to_string(tokens[static_cast<std::size_t>(t)]));
+  }
+  std::int64_t groups = 0;
+  if (sparse != nullptr) {
+    KEYSEL_CHECK_ARG_IN(function, sparse->width >= 1, "sparse.width", ">= 1", sparse->width);
+    KEYSEL_CHECK_ARG_IN(function, static_cast<bool>(sparse->select), "sparse.select", "a callback", "an empty one");
+    groups = group_count(sparse->granularity, c.heads, c.kv_heads);
+  }
+
+  const Weights& w = *weights_;
+  const std::int64_t d = c.d_model, D = c.head_dim, Hq = c.heads, Hkv = c.kv_heads, F = c.ffn_dim;
+  const std::int64_t HI = c.index_heads, DI = HI > 0 ? c.index_dim : 0;
+  const TinyLmInputRows rows(c);
+  const auto size = [](std::int64_t n) { return static_cast<std::size_t>(n); };
+
+  std::vector<float> h(size(T * d)), x(size(T * d)), projected(size(T * rows.total));
+  std::vector<float> q(size(T * Hq * D)), k(size(T * Hkv * D)), v(size(T * Hkv * D)), attended(size(T * Hq * D));
+  std::vector<float> index_q(size(T * HI * DI)), index_k(size(T * DI)), index_w(size(T * HI));
+  std::vector<float> gate_up(size(T * 2 * F)), activated(size(T * F));
+  std::vector<std::int32_t> positions(size(T));
+  std::iota(positions.begin(), positions.end(), 0);
+  std::vector<std::int32_t> selection;
+  if (sparse != nullptr) selection.resize(size(T * groups * sparse->width));
+
+  const RopeTable rope(T, D, c.rope_theta);
+  const RopeTable index_rope(T, HI > 0 ? DI : 0, c.rope_theta);
+
+  TinyLmLayer layer_view;
+  layer_view.attention.q = view_of(q, {T, Hq, D});
+  layer_view.attention.k = view_of(k, {T, Hkv, D});
+  layer_view.attention.v = view_of(v, {T, Hkv, D});
+  layer_view.attention.positions = TensorView(static_cast<const void*>(positions.data()), DType::int32, {T});
+  layer_view.attention.scale = 1.0 / std::sqrt(static_cast<double>(D));
+  if (HI > 0) {
+    layer_view.index_q = view_of(index_q, {T, HI, DI});
+    layer_view.index_k = view_of(index_k, {T, DI});
+    layer_view.index_w = view_of(index_w, {T, HI});
+  }
+  const TensorView attended_view(static_cast<void*>(attended.data()), DType::fp32, {T, Hq, D});
+
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::copy_n(w.embed.data() + tokens[size(t)] * d, d, h.data() + t * d);
+  }
+  if (trace != nullptr) trace->layers.clear();
+
+  for (std::int64_t l = 0; l < c.layers; ++l) {
+    const Weights::Layer& layer = w.layers[size(l)];
+    // Attention block: one product for q, k, v and the indexer's qI, kI, w; RoPE on q, k, qI, kI.
+    rms_norm(h, layer.attn_norm, c.norm_eps, T, d, x);
+    matmul_transposed(T, rows.total, d, x.data(), layer.input.data(), 0.0f, projected.data());
+#pragma omp parallel for schedule(static)
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* row = projected.data() + t * rows.total;
+      rope.apply(t, Hq, row + rows.q, q.data() + t * Hq * D);
+      rope.apply(t, Hkv, row + rows.k, k.data() + t * Hkv * D);
+      std::copy_n(row + rows.v, Hkv * D, v.data() + t * Hkv * D);
+      if (HI > 0) {
+        index_rope.apply(t, HI, row + rows.index_q, index_q.data() + t * HI * DI);
+        index_rope.apply(t, 1, row + rows.index_k, index_k.data() + t * DI);
+        std::copy_n(row + rows.index_w, HI, index_w.data() + t * HI);
+      }
+    }
+    layer_view.layer = l;
+    if (trace != nullptr) {
+      TinyLmLayerRecord record;
+      record.layer = l;
+      record.tokens = T;
+      record.q = q;
+      record.k = k;
+      record.v = v;
+      record.index_q = index_q;
+      record.index_k = index_k;
+      record.index_w = index_w;
+      record.positions = positions;
+      trace->layers.push_back(std::move(record));
+    }
+    if (sparse != nullptr) {
+      std::fill(selection.begin(), selection.end(), -1);
+      const TensorView selection_view(static_cast<void*>(selection.data()), DType::int32, {T, groups, sparse->width});
+      sparse->select(layer_view, selection_view);
+      validate_selection(function, selection_view, "layer " + std::to_string(l) + " selection",
+                         layer_view.attention.positions, T, groups);
+      sparse_attention(layer_view.attention, selection_view, sparse->granularity, attended_view);
+    } else {
+      full_attention_fast(layer_view.attention, attended_view);
+    }
+    matmul_transposed(T, d, Hq * D, attended.data(), layer.wo.data(), 1.0f, h.data());
+
+    // MLP block: h += w_down (silu(w_gate x) * (w_up x)).
+    rms_norm(h, layer.mlp_norm, c.norm_eps, T, d, x);
+    matmul_transposed(T, 2 * F, d, x.data(), layer.gate_up.data(), 0.0f, gate_up.data());
+#pragma omp parallel for schedule(static)
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* gate = gate_up.data() + t * 2 * F;
+      const float* up = gate + F;
+      float* out = activated.data() + t * F;
+      for (std::int64_t i = 0; i < F; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }
+    matmul_transposed(T, d, F, activated.data(), layer.w_down.data(), 1.0f, h.data());
+  }
+
+  rms_norm(h, w.final_norm, c.norm_eps, T, d, x);
+  std::vector<float> logits(size(T * c.vocab));
+  matmul_transposed(T, c.vocab, d, x.data(), w.lm_head.data(), 0.0f, logits.data());
+  return logits;
+}
+
+}  // namespace keysel

@@ -4,6 +4,9 @@
 #
 #   bench/gpu/run.sh [stages]     stages: any of build test sanitize bench ncu (default: all of them)
 #
+# Builds for sm_90a (CUDA_ARCHS=90a by default): the Lightning Indexer's warpgroup-MMA kernel (wgmma, fp8 QGMMA)
+# exists only in sm_90a code; a plain sm_90 or sm_80 build runs the mma.sync kernels instead.
+#
 # GoogleTest and Google Benchmark come from the system or, where the machine has none, from Debian packages
 # unpacked out of .debs/ (fetch them once on a machine with a package mirror:
 #   mkdir -p .debs && cd .debs && apt-get download libgtest-dev libbenchmark-dev libbenchmark1debian).
@@ -32,7 +35,7 @@ fi
 if has build; then
   start=$SECONDS
   if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEYSEL_CUDA=ON -DKEYSEL_FAISS=OFF \
-       -DKEYSEL_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES=90 "${PREFIX_ARGS[@]}" >"$OUT/build.log" 2>&1 &&
+       -DKEYSEL_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90a}" "${PREFIX_ARGS[@]}" >"$OUT/build.log" 2>&1 &&
      cmake --build "$BUILD" --target test_gpu bench_gpu -j"$JOBS" >>"$OUT/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - start)) s)")
   else
@@ -43,7 +46,8 @@ if has build; then
            "$BUILD"/attention/CMakeFiles/keysel_attention.dir/src/cuda_*.cu.o; do
     echo "== $o"; cuobjdump --dump-resource-usage "$o" 2>&1 | grep -E "Function|REG" | sed -E 's/^\s+//'
     echo "local-memory instructions (LDL/STL): $(cuobjdump -sass "$o" 2>/dev/null | grep -c -E 'LDL|STL')"
-    echo "MMA instructions (HMMA/QMMA/HGMMA): $(cuobjdump -sass "$o" 2>/dev/null | grep -c -E 'MMA')"
+    echo "MMA instructions (HMMA/QMMA/HGMMA/QGMMA): $(cuobjdump -sass "$o" 2>/dev/null | grep -c -E 'MMA')"
+    echo "warpgroup MMA (HGMMA/QGMMA): $(cuobjdump -sass "$o" 2>/dev/null | grep -c -E 'GMMA')"
   done >"$OUT/resources.txt" 2>&1
 fi
 
@@ -64,7 +68,7 @@ fi
 if has ncu; then
   start=$SECONDS
   ncu --clock-control none -k 'regex:topk_rows|indexer_logits|sparse_decode|merge_splits|segment_' \
-    -c 12 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    -c 14 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis --section SourceCounters \
     "$BUILD/bench/bench_gpu" --profile --quick >"$OUT/ncu.txt" 2>&1
   summary+=("ncu: rc=$? ($((SECONDS - start)) s)")

@@ -3,7 +3,8 @@
   python3 bench/gpu/torch_peers.py        one line per case: name, median microseconds, bytes, GB/s
 
 Peers: the HBM copy bandwidth; the Lightning Indexer as bmm + ReLU + weighted head sum (bf16, as a framework
-composite would run it); torch.topk; gather + scaled_dot_product_attention for sparse attention decode.
+composite would run it), decode and causal prefill; torch.topk; gather + scaled_dot_product_attention for sparse
+attention decode.
 """
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,26 @@ def indexer(batch, n, heads=64, dim=128):
            batch * n * dim * 2)
 
 
+def indexer_prefill(rows=1024, n=8192, heads=64, dim=128):
+    # The last `rows` query tokens of one sequence of n keys, causal; flops as in bench_gpu.
+    q = torch.randn(rows * heads, dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(n, dim, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(rows, heads, 1, device="cuda", dtype=torch.float32)
+    scale = torch.rand(n, device="cuda") * 0.01
+    pos = torch.arange(n - rows, n, device="cuda")
+    masked = torch.arange(n, device="cuda")[None, :] > pos[:, None]
+
+    def run():
+        logits = torch.matmul(q, k.t()).view(rows, heads, n).relu_()
+        out = (logits.float() * w).sum(dim=1) * scale
+        return out.masked_fill_(masked, float("-inf"))
+
+    us = time_us(run, iterations=10)
+    flops = float(sum((n - rows + r + 1) for r in range(rows))) * heads * dim * 2
+    print(f"{'torch indexer prefill bf16 matmul+relu+sum R=%d N=%d HI=%d DI=%d (causal MMA flops)' % (rows, n, heads, dim):<58} "
+          f"{us:10.2f} us {flops:12.3g} flops {flops / (us * 1e6):9.1f} TFLOP/s", flush=True)
+
+
 def topk(batch, n, k):
     scores = torch.rand(batch, n, device="cuda") * 10
     us = time_us(lambda: torch.topk(scores, k, dim=-1))
@@ -86,6 +107,7 @@ def main():
     copy_bandwidth()
     indexer(1, 131072)
     indexer(64, 131072)
+    indexer_prefill()
     topk(1, 131072, 2048)
     topk(64, 131072, 2048)
     topk(1, 1 << 20, 2048)

@@ -28,6 +28,8 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   const Device device = q.device();
   KEYSEL_CHECK_ARG(device.kind == DeviceKind::cuda, "q", "a tensor on a CUDA device", q.str());
   expect_contiguous(function, q, "q");
+  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(q.raw_data()) % 16 == 0, "q", "a 16-byte aligned buffer",
+                   "a misaligned pointer");
   const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   KEYSEL_CHECK_ARG(heads == 32 || heads == 64 || heads == 128, "q", "HI of 32, 64 or 128", heads);
   KEYSEL_CHECK_ARG(dim == 64 || dim == 128, "q", "DI of 64 or 128", dim);

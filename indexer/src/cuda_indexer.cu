@@ -1,6 +1,11 @@
 // fp8 Lightning Indexer logits with tensor-core MMA (see keysel/indexer/cuda_indexer.h).
 //
-// HI of 32 or 64: indexer_logits_tokens_kernel below (fp16 MMA on exactly converted fp8 values). HI = 128:
+// Three kernels; launch() takes the first that fits:
+//   indexer_logits_wgmma_kernel (sm_90a builds on sm_90 GPUs): warpgroup MMA on the fp8 values (QGMMA), bulk
+//     copies of the cache blocks, decode (one query row per CTA) and prefill (256 / HI query rows share every
+//     cache block). Described above the kernel.
+//   indexer_logits_tokens_kernel (HI of 32 or 64, other builds and GPUs): fp16 mma.sync on exactly converted fp8.
+//   indexer_logits_kernel (HI = 128, other builds and GPUs):
 // Grid (CTAs per row, R); HI/16 warps. Warp w holds the A fragments of heads [16w, 16w + 16) for all of DI in
 // registers (fp8, loaded once). For each 64-token cache block of its row (blocks blockIdx.x, + gridDim.x, ...):
 //   the block's 64 * (DI + 4) bytes arrive as 16-byte loads into registers one block ahead (the next block's
@@ -29,7 +34,7 @@ struct IndexerParams {
   const std::int32_t* positions;    // [R]
   const std::int32_t* sequence_of_row;  // [R] or nullptr
   float* logits;                    // [R, N]
-  std::int64_t n, num_blocks;
+  std::int64_t rows, n, num_blocks;
   int heads, sequences, max_blocks, blocks_per_sequence;
 };
 
@@ -349,8 +354,391 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// sm_90a: warpgroup MMA on the fp8 values themselves (wgmma m64nNk32 e4m3, QGMMA in SASS), decode and prefill.
+//
+// One warpgroup (128 threads) per CTA, several CTAs per SM (5 at HI = 64, DI = 128 decode). A CTA serves a group
+// of kRows query rows (1 for decode; 256 / HI for prefill, so the group's kRows x HI heads fill the MMA's N = 256)
+// and walks the 64-token cache blocks blockIdx.x, + gridDim.x, ... of its rows. Per cache block:
+//   A = the block's 64 tokens x DI (M = 64: warp w owns tokens 16w..16w+15), read from the raw cache block in
+//       shared memory (token stride DI + 4 bytes) into registers, 4-byte words free of bank conflicts at DI = 128;
+//   B = the group's kRows x HI query heads x DI, written once per CTA into shared memory in the K-major core-matrix
+//       layout (8 heads x 16 bytes per core matrix, no swizzle) that the descriptor names;
+//   D = fp32 [64 tokens, kRows x HI] in registers; ReLU, the head weights (shared memory) and the sum over a row's
+//       heads stay in the thread (plus two shuffles): no cross-warp reduction.
+// K order inside each k32 step is permuted identically for A and B (lane tig takes the words tig * DI/16 + ..
+// of a token, so its A words come from DI/16 consecutive words), which the dot product does not see.
+// Cache blocks arrive by bulk copy (cp.async.bulk, the TMA engine: one instruction per block, completion on an
+// mbarrier) into a four-stage ring, three blocks in flight per CTA, the first ones requested before the query is
+// laid out.
+// Rows of a group on different sequences (possible only in prefill) are served one row per pass.
+template <int DI, int HI, int kRows>
+struct WgmmaShape {
+  static constexpr int kStages = 4;
+  static constexpr int kSharedBytes = HI * kRows * (DI + 4) + kStages * kBlock * (DI + 4);  // B, weights, ring
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_e4m3_n32(float (&d)[16], const std::uint32_t (&a)[4], std::uint64_t desc_b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_e4m3_n64(float (&d)[32], const std::uint32_t (&a)[4], std::uint64_t desc_b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
+template <int N>
+__device__ __forceinline__ void wgmma_tile(float (&d)[N / 2], const std::uint32_t (&a)[4], std::uint64_t desc_b,
+                                           int accumulate) {
+  if constexpr (N == 64) {
+    wgmma_e4m3_n64(d, a, desc_b, accumulate);
+  } else {
+    wgmma_e4m3_n32(d, a, desc_b, accumulate);
+  }
+}
+
+/// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMA's fence and wait.
+template <int M>
+__device__ __forceinline__ void fence_registers(float (&d)[M]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/// mbarrier and bulk-copy (TMA, cp.async.bulk) helpers: one instruction moves a whole cache block; the barrier's
+/// phase completes when its bytes have landed.
+__device__ __forceinline__ void mbarrier_init(std::uint32_t bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bulk_copy_block(std::uint32_t dst, const void* src, unsigned bytes, std::uint32_t bar) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(std::uint32_t bar, unsigned parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+template <int DI, int HI, int kRows>
+__global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const IndexerParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kWords = DI / 4;
+  constexpr int kTokenWords = kWords + 1;
+  constexpr int kBlockWords = kBlock * kTokenWords;
+  constexpr int kSteps = DI / 32;
+  constexpr int kN = HI * kRows;
+  constexpr int kTileN = HI == 32 ? 32 : 64;
+  constexpr int kTiles = kN / kTileN;
+  constexpr int kStages = WgmmaShape<DI, HI, kRows>::kStages;
+  constexpr int kSbo = DI * 8;  // bytes between the 8-head core-matrix rows of B
+  constexpr int kTilesPerRow = HI / kTileN;
+  extern __shared__ __align__(128) std::uint8_t smem[];
+  std::uint8_t* b_tile = smem;                                                      // [kN/8][DI/16][8][16] fp8
+  float* w_s = reinterpret_cast<float*>(smem + kN * DI);                            // [kN]
+  std::uint32_t* keys = reinterpret_cast<std::uint32_t*>(smem + kN * DI + kN * 4);  // [kStages][kBlockWords]
+  __shared__ std::int64_t allowed_s[kRows];
+  __shared__ int seq_s[kRows];
+  __shared__ __align__(8) std::uint64_t full_bar[kStages];  // stage s's block has landed (phase parity)
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+  const std::int64_t group = static_cast<std::int64_t>(gridDim.y) - 1 - blockIdx.y;  // longest prefill rows first
+  const std::int64_t r0 = group * kRows;
+  const int rows_here = static_cast<int>(p.rows - r0 < kRows ? p.rows - r0 : kRows);
+  if (tid < kRows) {
+    std::int64_t allowed = 0;
+    int seq = 0;
+    if (tid < rows_here) {
+      const std::int64_t r = r0 + tid;
+      seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
+      const std::int64_t pos = p.positions[r];
+      allowed = pos < 0 ? 0 : (pos + 1 < p.n ? pos + 1 : p.n);
+      bool row_ok = seq >= 0 && seq < p.sequences;
+      if (!p.block_table && static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence > p.num_blocks) row_ok = false;
+      if (!row_ok) allowed = 0;
+    }
+    allowed_s[tid] = allowed;
+    seq_s[tid] = seq;
+  }
+  const std::uint32_t bar_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(full_bar));
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) mbarrier_init(bar_base + 8u * s, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  // Beyond each row's last allowed block: -inf.
+#pragma unroll 1
+  for (int rr = 0; rr < rows_here; ++rr) {
+    float* out = p.logits + (r0 + rr) * p.n;
+    const std::int64_t row_blocks = (allowed_s[rr] + kBlock - 1) / kBlock;
+    for (std::int64_t s = row_blocks * kBlock + static_cast<std::int64_t>(blockIdx.x) * 128 + tid; s < p.n;
+         s += static_cast<std::int64_t>(gridDim.x) * 128) {
+      out[s] = -INFINITY;
+    }
+  }
+
+  // One pass when every row that reads keys is on the same sequence, else one pass per row.
+  bool shared_sequence = true;
+  int first_seq = -1;
+  for (int rr = 0; rr < rows_here; ++rr) {
+    if (allowed_s[rr] == 0) continue;
+    if (first_seq < 0) first_seq = seq_s[rr];
+    else if (seq_s[rr] != first_seq) shared_sequence = false;
+  }
+  const int passes = shared_sequence ? 1 : rows_here;
+
+  const std::uint32_t b_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(b_tile));
+  const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys));
+  unsigned mask = 0;              // rows of the current pass
+  int seq = 0;                    // their sequence
+  std::int64_t pass_blocks = 0;   // cache blocks the pass reads
+  unsigned ok_bits = 0;           // bit s: the block in stage s lies inside the cache
+  unsigned phase_bits = 0;        // bit s: parity of stage s's next barrier phase
+  const std::int64_t step = gridDim.x;
+
+  // Block j of the pass into stage `stage`: one bulk copy issued by thread 0; every thread learns whether the
+  // block lies inside the cache (else block 0 is read and the logits become NaN).
+  const auto fetch = [&](std::int64_t j, int stage) -> bool {
+    std::int64_t block = p.block_table ? __ldg(p.block_table + static_cast<std::int64_t>(seq) * p.max_blocks + j)
+                                       : static_cast<std::int64_t>(seq) * p.blocks_per_sequence + j;
+    const bool ok = block >= 0 && block < p.num_blocks;
+    if (!ok) block = 0;
+    if (tid == 0) {
+      bulk_copy_block(key_base + static_cast<std::uint32_t>(stage * kBlockWords * 4), p.cache + block * (kBlockWords * 4),
+                      kBlockWords * 4, bar_base + 8u * stage);
+    }
+    return ok;
+  };
+  // Sets up pass `pass` and requests its first kStages - 1 cache blocks.
+  const auto begin_pass = [&](int pass) {
+    mask = shared_sequence ? (1u << rows_here) - 1u : 1u << pass;
+    seq = shared_sequence ? (first_seq < 0 ? 0 : first_seq) : seq_s[pass];
+    pass_blocks = 0;
+    for (int rr = 0; rr < rows_here; ++rr) {
+      const std::int64_t b = (allowed_s[rr] + kBlock - 1) / kBlock;
+      if (((mask >> rr) & 1u) && b > pass_blocks) pass_blocks = b;
+    }
+    ok_bits = 0;
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) + s * step;
+      if (j < pass_blocks && fetch(j, s)) ok_bits |= 1u << s;
+    }
+  };
+  begin_pass(0);  // the first cache blocks fly while the query is laid out
+
+  // B: head n of the group (row n / HI) in core matrix (n / 8, kc) at byte (n % 8) * 16 + t * 4, where the
+  // query's fp8 word `word` = t * 2kSteps + 2ks + half lands in k32 step ks at k = half * 16 + 4t, i.e. core
+  // matrix kc = 2ks + half = word % 2kSteps. 16-byte loads, all issued before the first store.
+  {
+    constexpr int kVectorsPerHead = DI / 16;
+    constexpr int kPerThread = kN * kVectorsPerHead / 128;
+    uint4 v[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int vec = tid + u * 128;
+      const int n = vec / kVectorsPerHead, rr = n / HI;
+      v[u] = rr < rows_here ? __ldg(reinterpret_cast<const uint4*>(p.q + ((r0 + rr) * HI + n % HI) * DI) +
+                                    vec % kVectorsPerHead)
+                            : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int vec = tid + u * 128;
+      const int n = vec / kVectorsPerHead;
+      const std::uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int word = (vec % kVectorsPerHead) * 4 + e;
+        const int kc = word % (2 * kSteps), t = word / (2 * kSteps);
+        *reinterpret_cast<std::uint32_t*>(b_tile + (n / 8) * kSbo + kc * 128 + (n % 8) * 16 + t * 4) = words[e];
+      }
+    }
+  }
+  for (int n = tid; n < kN; n += 128) {
+    const int rr = n / HI;
+    w_s[n] = rr < rows_here ? __ldg(p.weights + (r0 + rr) * HI + n % HI) : 0.0f;
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // B is read by the tensor cores (async proxy)
+  __syncthreads();
+
+#pragma unroll 1
+  for (int pass = 0; pass < passes; ++pass) {
+    if (pass > 0) begin_pass(pass);
+    if (static_cast<std::int64_t>(blockIdx.x) >= pass_blocks) continue;  // nothing was requested
+    std::int64_t j = blockIdx.x;
+#pragma unroll 1
+    for (int stage = 0; j < pass_blocks; j += step, stage = stage == kStages - 1 ? 0 : stage + 1) {
+      __syncthreads();  // every warp is done with the stage refilled below (read an iteration ago)
+      const int next_stage = stage == 0 ? kStages - 1 : stage - 1;
+      const std::int64_t ahead = j + (kStages - 1) * step;
+      if (ahead < pass_blocks) {
+        if (fetch(ahead, next_stage)) {
+          ok_bits |= 1u << next_stage;
+        } else {
+          ok_bits &= ~(1u << next_stage);
+        }
+      }
+      mbarrier_wait(bar_base + 8u * stage, (phase_bits >> stage) & 1u);
+      phase_bits ^= 1u << stage;
+
+      const std::uint32_t* block_words = keys + stage * kBlockWords;
+      const std::uint32_t* rows = block_words + (warp * 16 + g) * kTokenWords + tig * (2 * kSteps);
+      std::uint32_t a[kSteps][4];
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks) {
+        a[ks][0] = rows[2 * ks];                        // token g, k 4tig..
+        a[ks][1] = rows[8 * kTokenWords + 2 * ks];      // token g + 8
+        a[ks][2] = rows[2 * ks + 1];                    // token g, k 16 + 4tig..
+        a[ks][3] = rows[8 * kTokenWords + 2 * ks + 1];  // token g + 8
+      }
+      const float scale_lo = __uint_as_float(block_words[(warp * 16 + g) * kTokenWords + kWords]);
+      const float scale_hi = __uint_as_float(block_words[(warp * 16 + g + 8) * kTokenWords + kWords]);
+
+      float acc[kTiles][kTileN / 2];
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) fence_registers(acc[t]);
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks) {
+#pragma unroll
+        for (int t = 0; t < kTiles; ++t) {
+          const std::uint32_t addr = b_base + static_cast<std::uint32_t>(t * (kTileN / 8) * kSbo + ks * 256);
+          const std::uint64_t desc = static_cast<std::uint64_t>((addr & 0x3FFFFu) >> 4) |
+                                     (static_cast<std::uint64_t>(128 >> 4) << 16) |
+                                     (static_cast<std::uint64_t>(kSbo >> 4) << 32);
+          wgmma_tile<kTileN>(acc[t], a[ks], desc, ks > 0 ? 1 : 0);
+        }
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+      for (int t = 0; t < kTiles; ++t) fence_registers(acc[t]);
+
+      const bool ok = (ok_bits >> stage) & 1u;
+      const int token = warp * 16 + g + 8 * tig;  // lanes with tig < 2
+      const std::int64_t s = j * kBlock + token;
+#pragma unroll
+      for (int rr = 0; rr < kRows; ++rr) {
+        if (!((mask >> rr) & 1u)) continue;
+        float lo = 0.0f, hi = 0.0f;  // tokens g and g + 8 of this warp's 16
+#pragma unroll
+        for (int t = rr * kTilesPerRow; t < (rr + 1) * kTilesPerRow; ++t) {
+#pragma unroll
+          for (int i = 0; i < kTileN / 8; ++i) {
+            const float2 w = *reinterpret_cast<const float2*>(w_s + t * kTileN + i * 8 + 2 * tig);
+            lo += fmaxf(acc[t][4 * i], 0.0f) * w.x + fmaxf(acc[t][4 * i + 1], 0.0f) * w.y;
+            hi += fmaxf(acc[t][4 * i + 2], 0.0f) * w.x + fmaxf(acc[t][4 * i + 3], 0.0f) * w.y;
+          }
+        }
+        lo += __shfl_xor_sync(0xffffffffu, lo, 1);
+        hi += __shfl_xor_sync(0xffffffffu, hi, 1);
+        lo += __shfl_xor_sync(0xffffffffu, lo, 2);
+        hi += __shfl_xor_sync(0xffffffffu, hi, 2);
+        if (tig < 2) {
+          float* out = p.logits + (r0 + rr) * p.n;
+          if (s < allowed_s[rr]) {
+            out[s] = ok ? (tig == 0 ? lo * scale_lo : hi * scale_hi) : __int_as_float(0x7fffffff);
+          } else if (s < p.n) {
+            out[s] = -INFINITY;
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next pass refills the stages
+  }
+#else
+  (void)p;  // not built for sm_90a: the host sees no static shared memory here and takes the other kernels
+#endif
+}
+
+/// CTAs per SM of the wgmma kernel, or 0 when this binary has no sm_90a code for the current GPU (cached).
+template <int DI, int HI, int kRows>
+int wgmma_ctas_per_sm() {
+  static const int ctas = [] {
+    const auto kernel = indexer_logits_wgmma_kernel<DI, HI, kRows>;
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.sharedSizeBytes == 0) {
+      cudaGetLastError();
+      return 0;
+    }
+    constexpr int bytes = WgmmaShape<DI, HI, kRows>::kSharedBytes;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 128, bytes) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return per_sm;
+  }();
+  return ctas;
+}
+
+template <int DI, int HI, int kRows>
+bool launch_wgmma(const IndexerParams& p, int multiprocessors, cudaStream_t stream) {
+  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows>();
+  if (per_sm == 0) return false;
+  const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
+  const std::int64_t groups = (p.rows + kRows - 1) / kRows;
+  // Whole waves: every CTA slot of the GPU over the groups, at most one CTA per cache block.
+  std::int64_t per_group = (static_cast<std::int64_t>(per_sm) * multiprocessors) / groups;
+  per_group = per_group < blocks ? per_group : blocks;
+  per_group = per_group < 1 ? 1 : (per_group > 65535 ? 65535 : per_group);
+  const dim3 grid(static_cast<unsigned>(per_group), static_cast<unsigned>(groups));
+  indexer_logits_wgmma_kernel<DI, HI, kRows>
+      <<<grid, 128, WgmmaShape<DI, HI, kRows>::kSharedBytes, stream>>>(p);
+  return true;
+}
+
+template <int DI, int HI>
+bool launch_wgmma_rows(const IndexerParams& p, int multiprocessors, cudaStream_t stream) {
+  // Prefill (rows mapped onto sequences): 256 / HI query rows share each cache block; decode: one row per CTA.
+  if (p.sequence_of_row) return launch_wgmma<DI, HI, 256 / HI>(p, multiprocessors, stream);
+  return launch_wgmma<DI, HI, 1>(p, multiprocessors, stream);
+}
+
+bool launch_wgmma_any(const IndexerParams& p, int dim, int multiprocessors, cudaStream_t stream) {
+  if (dim == 128) {
+    if (p.heads == 32) return launch_wgmma_rows<128, 32>(p, multiprocessors, stream);
+    if (p.heads == 64) return launch_wgmma_rows<128, 64>(p, multiprocessors, stream);
+    return launch_wgmma_rows<128, 128>(p, multiprocessors, stream);
+  }
+  if (p.heads == 32) return launch_wgmma_rows<64, 32>(p, multiprocessors, stream);
+  if (p.heads == 64) return launch_wgmma_rows<64, 64>(p, multiprocessors, stream);
+  return launch_wgmma_rows<64, 128>(p, multiprocessors, stream);
+}
+
 void launch(const IndexerParams& p, std::int64_t rows, int dim, int multiprocessors, cudaStream_t stream) {
   if (rows == 0) return;
+  if (launch_wgmma_any(p, dim, multiprocessors, stream)) return;  // sm_90a build on an sm_90 GPU
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   // One wave: two resident CTAs of 8 warps per SM over all rows; each CTA walks several cache blocks, prefetching.
   // Whole waves only: rounding up would leave a partial second wave (320 CTAs for 264 slots at B = 64).
@@ -388,6 +776,7 @@ std::string launch_indexer_logits(const IndexerLaunch& in, void* stream) {
   p.positions = in.positions;
   p.sequence_of_row = in.sequence_of_row;
   p.logits = in.logits;
+  p.rows = in.rows;
   p.n = in.n;
   p.num_blocks = in.num_blocks;
   p.heads = in.heads;

@@ -1,6 +1,6 @@
 // lightning_indexer_logits_cuda against keysel::lightning_indexer_reference (double precision) fed with the
 // decoded fp8 values (keysel::fp8_e4m3_to_fp32) times the per-token scales: decode over paged and contiguous
-// caches, prefill (many query tokens of one sequence), HI of 32/64/128, DI of 64/128; and the decode selection
+// caches, prefill (many query tokens of one or two sequences), HI of 32/64/128, DI of 64/128; and the decode selection
 // against select_topk on the same logits.
 #include <gtest/gtest.h>
 
@@ -32,7 +32,8 @@ constexpr std::int64_t kB = kIndexerCacheBlock;
 struct Case {
   std::int64_t rows, HI, DI, N;
   bool paged;
-  bool prefill;  // rows are query tokens of sequence 0
+  bool prefill;  // rows are query tokens of a sequence (runs of 3 rows per sequence, round robin)
+  std::int64_t prefill_sequences = 1;
 };
 
 struct Problem {
@@ -49,7 +50,7 @@ struct Problem {
 Problem make_problem(const Case& c, std::uint64_t seed) {
   RandomStream rng(seed);
   Problem p;
-  p.sequences = c.prefill ? 1 : c.rows;
+  p.sequences = c.prefill ? c.prefill_sequences : c.rows;
   const std::int64_t S = p.sequences;
   p.q.resize(static_cast<std::size_t>(c.rows * c.HI * c.DI));
   for (auto& x : p.q) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 2.0)));
@@ -94,6 +95,7 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   for (std::int64_t r = 0; r < c.rows; ++r) {
     if (c.prefill) {
       p.positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(c.N - c.rows + r);
+      p.sequence_of_row[static_cast<std::size_t>(r)] = static_cast<std::int32_t>((r / 3) % S);
     } else {
       const double u = rng.uniform();
       p.positions[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
@@ -130,10 +132,12 @@ Views upload(const Case& c, const Problem& p) {
   return v;
 }
 
+std::int64_t sequences_of(const Case& c) { return c.prefill ? c.prefill_sequences : c.rows; }
+
 void check_case(const Case& c, std::uint64_t seed) {
   SCOPED_TRACE("R=" + std::to_string(c.rows) + " HI=" + std::to_string(c.HI) + " DI=" + std::to_string(c.DI) +
                " N=" + std::to_string(c.N) + " paged=" + std::to_string(c.paged) +
-               " prefill=" + std::to_string(c.prefill));
+               " prefill=" + std::to_string(c.prefill) + " sequences=" + std::to_string(sequences_of(c)));
   const Problem p = make_problem(c, seed);
   Views v = upload(c, p);
   CudaBuffer d_logits = poisoned<float>(c.rows * c.N, 0xFF);
@@ -146,7 +150,7 @@ void check_case(const Case& c, std::uint64_t seed) {
   std::vector<double> kd(static_cast<std::size_t>(c.N * c.DI)), ref(static_cast<std::size_t>(c.N));
   std::int64_t checked = 0;
   for (std::int64_t r = 0; r < c.rows; ++r) {
-    const std::int64_t seq = c.prefill ? 0 : r;
+    const std::int64_t seq = p.sequence_of_row[static_cast<std::size_t>(r)];
     for (std::int64_t i = 0; i < c.HI * c.DI; ++i) {
       qd[static_cast<std::size_t>(i)] = fp8_e4m3_to_fp32(p.q[static_cast<std::size_t>(r * c.HI * c.DI + i)]);
     }
@@ -202,6 +206,11 @@ TEST(CudaLightningIndexer, PrefillMatchesReference) {
   KEYSEL_REQUIRE_GPU();
   check_case({37, 64, 128, 1500, true, true}, 71);
   check_case({20, 32, 128, 700, false, true}, 72);
+  check_case({45, 128, 64, 900, true, true}, 73);
+  check_case({9, 32, 64, 2000, false, true}, 74);
+  // Query rows of two sequences interleaved in runs of 3: row groups that span both are served row by row.
+  check_case({30, 64, 128, 1300, true, true, 2}, 75);
+  check_case({14, 128, 128, 1100, false, true, 2}, 76);
 }
 
 TEST(CudaLightningIndexer, DecodeTopkMatchesSelectTopkOnTheLogits) {
@@ -237,6 +246,9 @@ TEST(CudaLightningIndexer, RejectsBadArguments) {
   const TensorView logits(d_logits.data(), DType::fp32, {c.rows, c.N}, Device::cuda());
   const TensorView q48(v.q.data(), DType::fp8_e4m3, {c.rows, 48, c.DI}, Device::cuda());
   EXPECT_THROW(lightning_indexer_logits_cuda(q48, v.wv, v.key_cache, v.pv, logits), Error);
+  const TensorView q_misaligned(static_cast<std::uint8_t*>(v.q.data()) + 4, DType::fp8_e4m3, {c.rows, c.HI, c.DI},
+                                Device::cuda());
+  EXPECT_THROW(lightning_indexer_logits_cuda(q_misaligned, v.wv, v.key_cache, v.pv, logits), Error);
   const TensorView w_cpu(p.weights.data(), DType::fp32, {c.rows, c.HI});
   EXPECT_THROW(lightning_indexer_logits_cuda(v.qv, w_cpu, v.key_cache, v.pv, logits), Error);
   const TensorView logits_short(d_logits.data(), DType::fp32, {c.rows, c.N + 64}, Device::cuda());

@@ -24,16 +24,17 @@ struct CudaIndexerKeyCache {
 
 /// I[r, s] = scale[s] * sum_j weights[r, j] * ReLU(q[r, j] . k[s]) for s <= positions[r] (SPEC §3, fp8 products
 /// accumulated in fp32 by the tensor cores), over the keys of sequence sequence_of_row[r].
-///   q:               fp8_e4m3 [R, HI, DI] on Device::cuda(i), contiguous; HI 32, 64 or 128,
-///                    DI 64 or 128
+///   q:               fp8_e4m3 [R, HI, DI] on Device::cuda(i), contiguous, 16-byte aligned; HI 32, 64
+///                    or 128, DI 64 or 128
 ///   weights:         fp32 [R, HI]: the per-head weights with q's per-head scale (and any softmax scale)
 ///                    folded in
 ///   cache:           as above, on the same GPU, with the same DI
 ///   positions:       int32 [R]: row r scores keys 0 .. min(positions[r], N - 1) (decode: length - 1)
 ///   logits:          fp32 [R, N], contiguous; every element is written: -inf beyond the row's allowed keys,
 ///                    NaN for keys whose block index in block_table lies outside the cache
-///   sequence_of_row: int32 [R] or empty (row r reads sequence r, decode). Prefill: R query tokens of one
-///                    sequence, all 0, positions = pos(t).
+///   sequence_of_row: int32 [R] or empty (row r reads sequence r, decode). Prefill: R query tokens, each
+///                    naming its sequence (all 0 for one sequence), positions = pos(t); consecutive tokens of
+///                    one sequence share every cache block read (sm_90a builds on sm_90 GPUs).
 ///   stream:          a cudaStream_t (nullptr: default stream); asynchronous with respect to the host.
 /// Needs a GPU of compute capability 8.9 or newer (fp8 MMA). Positions, table entries and sequence indices are
 /// not read by the host; out-of-range ones give -inf / NaN rows instead of out-of-bounds reads.

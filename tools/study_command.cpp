@@ -68,6 +68,19 @@ fidelity vs cost with the Pareto frontier, recall heatmaps by group and position
 --out without --config runs the built-in default study file (examples/studies/default.json).
   keysel study --config examples/studies/default.json --out study-out
 
+A real model in the loop: --workload tiny-lm runs the built-in tiny-lm study (examples/studies/tiny_lm.json):
+keysel's shipped tiny byte-level model (docs/tiny-lm.md) reads 1024 bytes of held-out Python source with
+every layer's attention restricted to the keys each selector picks (one key set per token for all heads of a
+layer, as DeepSeek's sparse attention), so the table adds the model's accuracy:
+  bpb           bits per byte of the model's next-byte predictions (lower is better)
+  bpb_increase  bpb minus full attention's (the header gives full attention's bits per byte)
+The fidelity metrics then cover every layer's query tokens and groups. Selectors: exact, fidelity at
+precision 0.5 .. 1, the model's trained Lightning Indexer in fp32 / fp8 / int4 (with and without Hadamard
+rotation), the fp8 proxy, block top-k, streaming, random; k = 32, 128, 512. A few minutes on two cores.
+  keysel study --workload tiny-lm --out tiny-lm-study
+report.html then also plots bits per byte against recall and against mass, with the full-attention line.
+--workload synthetic runs the built-in default study file (the same as --out without --config).
+
 )";
 
 /// Parses "64,256,1024" into k values >= 1.
@@ -104,9 +117,8 @@ double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-/// `keysel study --config FILE [--out DIR]`.
-int run_config_study(const std::string& config_path, const std::string& out_dir) {
-  const StudyConfig config = config_path.empty() ? default_study_config() : load_study_config(config_path);
+/// `keysel study --config FILE [--out DIR]` (or a built-in study file).
+int run_config_study(const StudyConfig& config, const std::string& out_dir) {
   Progress progress("study");
   const auto start = std::chrono::steady_clock::now();
   const StudySuiteResult result =
@@ -142,6 +154,7 @@ int study_command(int argc, const char* const* argv) {
   std::string json_path;
   std::string config_path;
   std::string out_dir;
+  std::string builtin_study;
 
   po::options_description options("Options", 110, 50);
   // clang-format off
@@ -174,6 +187,9 @@ int study_command(int argc, const char* const* argv) {
       ("threads", po::value(&threads)->value_name("COUNT"), "threads to use (default: all logical processors)")
       ("json", po::value(&json_path)->value_name("FILE"), "also write the results as JSON to this file")
       ("config", po::value(&config_path)->value_name("FILE"), "run the JSON study file FILE instead (docs/studies.md)")
+      ("workload", po::value(&builtin_study)->value_name("NAME"),
+       "run a built-in study file instead: synthetic (examples/studies/default.json) or tiny-lm "
+       "(examples/studies/tiny_lm.json: the shipped tiny model, with bits per byte)")
       ("out", po::value(&out_dir)->value_name("DIR"),
        "write results.csv, by_row.csv, results.json and report.html to DIR (default study file without --config)");
   // clang-format on
@@ -196,15 +212,25 @@ int study_command(int argc, const char* const* argv) {
     set_num_threads(threads);
   }
 
-  if (vm.count("config") || vm.count("out")) {
+  if (vm.count("workload")) {
+    if (builtin_study != "synthetic" && builtin_study != "tiny-lm") {
+      throw Error("option '--workload': expected \"synthetic\" or \"tiny-lm\", got \"" + builtin_study + "\"");
+    }
+    if (vm.count("config")) throw Error("option '--workload' cannot be combined with --config: pick one study file");
+  }
+  if (vm.count("config") || vm.count("out") || vm.count("workload")) {
     // A study file names its own workloads, selectors and k: the command-line versions would be ignored.
     for (const char* name : {"keys", "tokens", "heads", "kv-heads", "dim", "k", "granularity", "sinks", "window",
                              "seed", "sink-strength", "recency", "focus", "json"}) {
       if (vm.count(name) && !vm[name].defaulted()) {
-        throw Error(std::string("option '--") + name + "' cannot be combined with --config/--out: set it in the study file");
+        throw Error(std::string("option '--") + name +
+                    "' cannot be combined with --config/--out/--workload: set it in the study file");
       }
     }
-    return run_config_study(config_path, out_dir);
+    return run_config_study(builtin_study == "tiny-lm" ? tiny_lm_study_config()
+                            : config_path.empty()  ? default_study_config()
+                                                   : load_study_config(config_path),
+                            out_dir);
   }
 
   // Open the JSON file first, so that a bad path fails before the study runs.

@@ -204,6 +204,13 @@ Workload Dump::workload(std::size_t i) const {
   w.positions.resize(static_cast<std::size_t>(w.shape.tokens));
   std::memcpy(w.positions.data(), layer.positions.data.data(), w.positions.size() * 4);
   w.scale = scale;
+  if (layer.index_q && layer.index_k && layer.index_w) {
+    w.index_heads = layer.index_q->shape[1];
+    w.index_dim = layer.index_q->shape[2];
+    w.index_q = layer.index_q->to_float();
+    w.index_k = layer.index_k->to_float();
+    w.index_w = layer.index_w->to_float();
+  }
   return w;
 }
 

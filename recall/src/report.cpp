@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <map>
 #include <string>
@@ -51,25 +52,52 @@ struct Axis {
 
 constexpr double kWidth = 560, kHeight = 340, kLeft = 64, kRight = 170, kTop = 34, kBottom = 48;
 
-/// A chart with axes, ticks and a legend; `lines` draws polylines between points, else dots only.
-/// `frontier`, when not empty, is drawn as a dashed black line.
+/// How a chart draws its data.
+struct ChartStyle {
+  bool log_x = false;
+  bool log_y = false;             // a log y axis (points with y <= 0 are left out); y_from_zero does not apply
+  bool lines = false;             // polylines between a series' points, else dots only
+  std::vector<Point> frontier;    // when not empty, drawn as a dashed black line
+  double dot_radius = 3.5;
+  bool y_from_zero = true;        // else the y axis spans the data (and the reference line) only
+  double reference_y = std::numeric_limits<double>::quiet_NaN();  // when finite, a dashed horizontal line
+  std::string reference_label;    // its legend entry
+};
+
+/// A chart with axes, ticks and a legend.
 std::string chart(const std::string& title, const std::string& x_label, const std::string& y_label,
-                  const std::vector<Series>& series, bool log_x, bool lines, const std::vector<Point>& frontier = {},
-                  double dot_radius = 3.5) {
+                  const std::vector<Series>& series, const ChartStyle& style) {
+  const bool log_x = style.log_x;
+  const bool log_y = style.log_y;
+  const auto drawn = [&](const Point& p) {
+    return std::isfinite(p.x) && std::isfinite(p.y) && (!log_x || p.x > 0) && (!log_y || p.y > 0);
+  };
   double x_lo = std::numeric_limits<double>::infinity(), x_hi = -x_lo, y_lo = x_lo, y_hi = -x_lo;
   for (const Series& s : series) {
     for (const Point& p : s.points) {
-      if (!std::isfinite(p.x) || !std::isfinite(p.y) || (log_x && p.x <= 0)) continue;
+      if (!drawn(p)) continue;
       x_lo = std::min(x_lo, p.x), x_hi = std::max(x_hi, p.x), y_lo = std::min(y_lo, p.y), y_hi = std::max(y_hi, p.y);
     }
   }
-  if (!std::isfinite(x_lo)) x_lo = 1, x_hi = 2, y_lo = 0, y_hi = 1;
-  y_lo = std::min(y_lo, 0.0);
-  if (y_hi <= y_lo) y_hi = y_lo + 1;
+  const bool reference = std::isfinite(style.reference_y) && (!log_y || style.reference_y > 0);
+  if (reference) y_lo = std::min(y_lo, style.reference_y), y_hi = std::max(y_hi, style.reference_y);
+  if (!std::isfinite(x_lo)) x_lo = 1, x_hi = 2;
+  if (!std::isfinite(y_lo)) y_lo = log_y ? 0.1 : 0, y_hi = 1;
   if (x_hi <= x_lo) x_hi = x_lo * (log_x ? 2 : 1) + (log_x ? 0 : 1);
   const double pad = log_x ? 1.15 : 0;
   Axis ax{log_x ? x_lo / pad : x_lo, log_x ? x_hi * pad : x_hi, log_x, kLeft, kWidth - kRight};
-  Axis ay{y_lo, y_hi * 1.05, false, kHeight - kBottom, kTop};
+  Axis ay{0, 1, false, kHeight - kBottom, kTop};
+  if (log_y) {
+    ay.log = true;
+    ay.lo = y_lo / 1.3, ay.hi = (y_hi > y_lo ? y_hi : 2 * y_lo) * 1.3;
+  } else if (style.y_from_zero) {
+    y_lo = std::min(y_lo, 0.0);
+    if (y_hi <= y_lo) y_hi = y_lo + 1;
+    ay.lo = y_lo, ay.hi = y_hi * 1.05;
+  } else {
+    const double margin = y_hi > y_lo ? 0.05 * (y_hi - y_lo) : std::max(0.05 * std::abs(y_hi), 0.01);
+    ay.lo = y_lo - margin, ay.hi = y_hi + margin;
+  }
 
   std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(kWidth) + "\" height=\"" + px(kHeight) +
                     "\" viewBox=\"0 0 " + px(kWidth) + " " + px(kHeight) + "\" role=\"img\">\n";
@@ -79,7 +107,8 @@ std::string chart(const std::string& title, const std::string& x_label, const st
   svg += "<rect x=\"" + px(kLeft) + "\" y=\"" + px(kTop) + "\" width=\"" + px(kWidth - kLeft - kRight) +
          "\" height=\"" + px(kHeight - kTop - kBottom) + "\" fill=\"none\" stroke=\"#999\"/>\n";
   for (int i = 0; i <= 4; ++i) {
-    const double yv = ay.lo + (ay.hi - ay.lo) * i / 4;
+    const double yv = log_y ? std::pow(10.0, std::log10(ay.lo) + (std::log10(ay.hi) - std::log10(ay.lo)) * i / 4)
+                            : ay.lo + (ay.hi - ay.lo) * i / 4;
     const double xv = log_x ? std::pow(10.0, std::log10(ax.lo) + (std::log10(ax.hi) - std::log10(ax.lo)) * i / 4)
                             : ax.lo + (ax.hi - ax.lo) * i / 4;
     svg += "<text x=\"" + px(kLeft - 6) + "\" y=\"" + px(ay.map(yv) + 4) + "\" text-anchor=\"end\" class=\"a\">" +
@@ -96,14 +125,15 @@ std::string chart(const std::string& title, const std::string& x_label, const st
     const Series& s = series[i];
     std::string path;
     for (const Point& p : s.points) {
-      if (!std::isfinite(p.x) || !std::isfinite(p.y) || (log_x && p.x <= 0)) continue;
+      if (!drawn(p)) continue;
       path += px(ax.map(p.x)) + "," + px(ay.map(p.y)) + " ";
-      svg += "<circle cx=\"" + px(ax.map(p.x)) + "\" cy=\"" + px(ay.map(p.y)) + "\" r=\"" + num(dot_radius, "%.1f") +
+      svg += "<circle cx=\"" + px(ax.map(p.x)) + "\" cy=\"" + px(ay.map(p.y)) + "\" r=\"" +
+             num(style.dot_radius, "%.1f") +
              "\" fill=\"" + color(i) + "\" fill-opacity=\"0.8\"><title>" +
              escape_html(s.name + (p.label.empty() ? "" : " " + p.label) + ": (" + num(p.x) + ", " + num(p.y) + ")") +
              "</title></circle>\n";
     }
-    if (lines && !path.empty()) {
+    if (style.lines && !path.empty()) {
       svg += "<polyline points=\"" + path + "\" fill=\"none\" stroke=\"" + color(i) + "\" stroke-width=\"1.5\"/>\n";
     }
     const double ly = kTop + 8 + 16.0 * static_cast<double>(i);
@@ -111,10 +141,21 @@ std::string chart(const std::string& title, const std::string& x_label, const st
            color(i) + "\"/>\n<text x=\"" + px(kWidth - kRight + 24) + "\" y=\"" + px(ly + 1) + "\" class=\"l\">" +
            escape_html(s.name) + "</text>\n";
   }
-  if (!frontier.empty()) {
+  if (reference) {
+    const double y = ay.map(style.reference_y);
+    const double ly = kTop + 8 + 16.0 * static_cast<double>(series.size());
+    svg += "<line x1=\"" + px(kLeft) + "\" y1=\"" + px(y) + "\" x2=\"" + px(kWidth - kRight) + "\" y2=\"" + px(y) +
+           "\" stroke=\"#555\" stroke-dasharray=\"6 3\"><title>" +
+           escape_html(style.reference_label + ": " + num(style.reference_y)) + "</title></line>\n";
+    svg += "<line x1=\"" + px(kWidth - kRight + 8) + "\" y1=\"" + px(ly - 3) + "\" x2=\"" + px(kWidth - kRight + 22) +
+           "\" y2=\"" + px(ly - 3) + "\" stroke=\"#555\" stroke-dasharray=\"4 2\"/>\n<text x=\"" +
+           px(kWidth - kRight + 24) + "\" y=\"" + px(ly + 1) + "\" class=\"l\">" + escape_html(style.reference_label) +
+           "</text>\n";
+  }
+  if (!style.frontier.empty()) {
     std::string path;
-    for (const Point& p : frontier) {
-      if (std::isfinite(p.x) && std::isfinite(p.y) && (!log_x || p.x > 0)) path += px(ax.map(p.x)) + "," + px(ay.map(p.y)) + " ";
+    for (const Point& p : style.frontier) {
+      if (drawn(p)) path += px(ax.map(p.x)) + "," + px(ay.map(p.y)) + " ";
     }
     svg += "<polyline points=\"" + path + "\" fill=\"none\" stroke=\"#000\" stroke-dasharray=\"4 3\"/>\n";
   }
@@ -190,15 +231,73 @@ bool dump_layer_of(const std::string& name, std::string& dump, std::int64_t& lay
   return true;
 }
 
-/// Per dump run over two or more layers: one heatmap per selector of mean recall (over query tokens) by layer
-/// (rows) and group (columns) at the largest k.
+/// Mean recall over query tokens per group of the layer at `layer_index` of a row (row_metrics over (layer, t,
+/// group) with `layers` layers; 1 for a single attention); empty without row metrics.
+std::vector<double> group_recall_means(const StudyRow& row, std::int64_t tokens, std::size_t layers,
+                                       std::size_t layer_index) {
+  if (row.row_metrics.empty() || tokens <= 0) return {};
+  const std::size_t t_count = static_cast<std::size_t>(tokens);
+  const std::size_t groups = row.row_metrics.size() / (t_count * layers);
+  std::vector<double> means(groups, std::nan(""));
+  const std::size_t base = layer_index * t_count * groups;
+  for (std::size_t g = 0; g < groups; ++g) {
+    double sum = 0;
+    std::size_t count = 0;
+    for (std::size_t t = 0; t < t_count; ++t) {
+      const double v = row.row_metrics[base + t * groups + g].recall;
+      if (std::isfinite(v)) sum += v, ++count;
+    }
+    if (count > 0) means[g] = sum / static_cast<double>(count);
+  }
+  return means;
+}
+
+/// One section of layer x group heatmaps: for every selector, `cells(name)` gives one row of group means per
+/// layer (empty rows where the selector has none).
+std::string layer_section(const std::string& source, std::int64_t k_max, const std::vector<std::string>& names,
+                          const std::vector<std::int64_t>& layer_indices,
+                          const std::function<std::vector<std::vector<double>>(const std::string&)>& cells_of) {
+  std::string html = "<h2>Recall by layer and group (head): " + escape_html(source) + "</h2>\n<p>" +
+                     escape_html("Mean recall over query tokens at k = " + std::to_string(k_max) + ", " +
+                                 std::to_string(layer_indices.size()) + " layers; rows are layers, columns selection " +
+                                 "groups (heads or key heads, by granularity). by_row.csv holds every row.") +
+                     "</p>\n<div>\n";
+  std::vector<std::string> row_names;
+  for (const std::int64_t layer : layer_indices) row_names.push_back(std::to_string(layer));
+  for (const std::string& name : names) {
+    std::vector<std::vector<double>> cells = cells_of(name);
+    std::size_t columns = 0;
+    for (const std::vector<double>& r : cells) columns = std::max(columns, r.size());
+    if (columns == 0) continue;
+    for (std::vector<double>& r : cells) r.resize(columns, std::nan(""));
+    std::vector<std::string> col_names(columns);
+    for (std::size_t c = 0; c < columns; ++c) col_names[c] = std::to_string(c);
+    html += heatmap(name + ": recall by layer and head", "layer", "group", cells, col_names, row_names);
+  }
+  return html + "</div>\n";
+}
+
+/// Selector names of some studies' rows, in first-seen order, and their largest k.
+void names_and_k_max(const std::vector<const StudyResult*>& studies, std::vector<std::string>& names,
+                     std::int64_t& k_max) {
+  k_max = 0;
+  for (const StudyResult* study : studies) {
+    for (const std::int64_t k : study->options.k_values) k_max = std::max(k_max, k);
+    for (const StudyRow& row : study->rows) {
+      if (std::find(names.begin(), names.end(), row.selector) == names.end()) names.push_back(row.selector);
+    }
+  }
+}
+
+/// Per dump run over two or more layers, and per study over a model's layers (tiny-lm): one heatmap per
+/// selector of mean recall (over query tokens) by layer (rows) and group (columns) at the largest k.
 std::string layer_heatmaps(const StudySuiteResult& result) {
   std::vector<std::string> dumps;  // first-seen order
   std::map<std::string, std::vector<std::pair<std::int64_t, std::size_t>>> layers;  // dump -> (layer, workload)
   for (std::size_t w = 0; w < result.studies.size(); ++w) {
     std::string dump;
     std::int64_t layer = 0;
-    if (!dump_layer_of(result.studies[w].workload, dump, layer)) continue;
+    if (!result.studies[w].layers.empty() || !dump_layer_of(result.studies[w].workload, dump, layer)) continue;
     if (!layers.contains(dump)) dumps.push_back(dump);
     layers[dump].emplace_back(layer, w);
   }
@@ -207,56 +306,104 @@ std::string layer_heatmaps(const StudySuiteResult& result) {
     auto& runs = layers[dump];
     if (runs.size() < 2) continue;
     std::stable_sort(runs.begin(), runs.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<const StudyResult*> studies;
+    std::vector<std::int64_t> layer_indices;
+    for (const auto& [layer, w] : runs) {
+      studies.push_back(&result.studies[w]);
+      layer_indices.push_back(layer);
+    }
     std::int64_t k_max = 0;
     std::vector<std::string> names;
-    for (const auto& [layer, w] : runs) {
-      const StudyResult& study = result.studies[w];
-      for (const std::int64_t k : study.options.k_values) k_max = std::max(k_max, k);
-      for (const StudyRow& row : study.rows) {
-        if (std::find(names.begin(), names.end(), row.selector) == names.end()) names.push_back(row.selector);
-      }
-    }
-    html += "<h2>Recall by layer and group (head): " + escape_html(dump) + "</h2>\n<p>" +
-            escape_html("Mean recall over query tokens at k = " + std::to_string(k_max) + ", " +
-                        std::to_string(runs.size()) + " layers; rows are layers, columns selection groups (heads or " +
-                        "key heads, by granularity). by_row.csv holds every row.") +
-            "</p>\n<div>\n";
-    for (const std::string& name : names) {
+    names_and_k_max(studies, names, k_max);
+    html += layer_section(dump, k_max, names, layer_indices, [&](const std::string& name) {
       std::vector<std::vector<double>> cells;
-      std::vector<std::string> row_names;
-      std::size_t columns = 0;
-      for (const auto& [layer, w] : runs) {
-        const StudyResult& study = result.studies[w];
+      for (const StudyResult* study : studies) {
         std::vector<double> means;
-        for (const StudyRow& row : study.rows) {
-          if (row.selector != name || row.k != k_max || row.row_metrics.empty() || study.shape.tokens <= 0) continue;
-          const std::size_t tokens = static_cast<std::size_t>(study.shape.tokens);
-          const std::size_t groups = row.row_metrics.size() / tokens;
-          means.assign(groups, std::nan(""));
-          for (std::size_t g = 0; g < groups; ++g) {
-            double sum = 0;
-            std::size_t count = 0;
-            for (std::size_t t = 0; t < tokens; ++t) {
-              const double v = row.row_metrics[t * groups + g].recall;
-              if (std::isfinite(v)) sum += v, ++count;
-            }
-            if (count > 0) means[g] = sum / static_cast<double>(count);
+        for (const StudyRow& row : study->rows) {
+          if (row.selector == name && row.k == k_max) {
+            means = group_recall_means(row, study->shape.tokens, 1, 0);
+            break;
           }
-          break;
         }
-        columns = std::max(columns, means.size());
         cells.push_back(std::move(means));
-        row_names.push_back(std::to_string(layer));
       }
-      if (columns == 0) continue;
-      for (std::vector<double>& r : cells) r.resize(columns, std::nan(""));
-      std::vector<std::string> col_names(columns);
-      for (std::size_t c = 0; c < columns; ++c) col_names[c] = std::to_string(c);
-      html += heatmap(name + ": recall by layer and head", "layer", "group", cells, col_names, row_names);
-    }
-    html += "</div>\n";
+      return cells;
+    });
+  }
+  for (const StudyResult& study : result.studies) {
+    if (study.layers.size() < 2) continue;
+    std::int64_t k_max = 0;
+    std::vector<std::string> names;
+    names_and_k_max({&study}, names, k_max);
+    html += layer_section(study.workload, k_max, names, study.layers, [&](const std::string& name) {
+      std::vector<std::vector<double>> cells(study.layers.size());
+      for (const StudyRow& row : study.rows) {
+        if (row.selector != name || row.k != k_max) continue;
+        for (std::size_t l = 0; l < study.layers.size(); ++l) {
+          cells[l] = group_recall_means(row, study.shape.tokens, study.layers.size(), l);
+        }
+        break;
+      }
+      return cells;
+    });
   }
   return html;
+}
+
+/// Bits per byte against mean recall and against mean mass, one point per selector and k, with full
+/// attention's bits per byte as a dashed line (studies over a model).
+std::string accuracy_charts(const StudyResult& study, const std::vector<std::string>& names) {
+  std::vector<Series> by_recall, by_mass, increase_by_recall, increase_by_mass;
+  std::size_t not_above_full = 0;
+  for (const std::string& name : names) {
+    Series r{name, {}}, m{name, {}}, ir{name, {}}, im{name, {}};
+    for (const StudyRow& row : study.rows) {
+      if (row.selector != name) continue;
+      const double bpb = metric_of(row, "bpb");
+      const double increase = metric_of(row, "bpb_increase");
+      const std::string label = "k=" + std::to_string(row.k);
+      r.points.push_back({metric_of(row, "recall"), bpb, label});
+      m.points.push_back({metric_of(row, "mass"), bpb, label});
+      ir.points.push_back({metric_of(row, "recall"), increase, label});
+      im.points.push_back({metric_of(row, "mass"), increase, label});
+      not_above_full += !(increase > 0);
+    }
+    by_recall.push_back(std::move(r));
+    by_mass.push_back(std::move(m));
+    increase_by_recall.push_back(std::move(ir));
+    increase_by_mass.push_back(std::move(im));
+  }
+  ChartStyle style;
+  style.lines = true;
+  style.y_from_zero = false;
+  style.reference_y = study.full_bpb.mean;
+  style.reference_label = "full attention";
+  std::string html =
+      "<h3>Accuracy against fidelity</h3>\n<p>" +
+      escape_html("The model's bits per byte (lower is better) with every layer's attention restricted to each "
+                  "selector's keys, against mean recall and mean attention mass over all layers' rows; one point per "
+                  "selector and k (joined in k order). The dashed line is full attention: " +
+                  num(study.full_bpb.mean, "%.4f") + " bits per byte over " + std::to_string(study.full_bpb.count) +
+                  " predicted bytes.") +
+      "</p>\n<div>\n";
+  html += chart("bits per byte vs recall", "mean recall (all layers)", "bits per byte", by_recall, style);
+  html += chart("bits per byte vs mass", "mean attention mass (all layers)", "bits per byte", by_mass, style);
+  // The same increases on a log axis, where the selectors close to full attention are told apart.
+  ChartStyle log_style;
+  log_style.lines = true;
+  log_style.log_y = true;
+  html += "</div>\n<p>" +
+          escape_html("The same increase over full attention on a log scale, which tells apart the selectors close "
+                      "to full attention" +
+                      (not_above_full > 0 ? " (" + std::to_string(not_above_full) +
+                                                " points at or below full attention are left out)."
+                                          : std::string("."))) +
+          "</p>\n<div>\n";
+  html += chart("bpb increase vs recall", "mean recall (all layers)", "bits per byte over full attention (log scale)",
+                increase_by_recall, log_style);
+  html += chart("bpb increase vs mass", "mean attention mass (all layers)",
+                "bits per byte over full attention (log scale)", increase_by_mass, log_style);
+  return html + "</div>\n";
 }
 
 }  // namespace
@@ -306,26 +453,39 @@ std::string study_report_html(const StudySuiteResult& result) {
   for (std::size_t w = 0; w < result.studies.size(); ++w) {
     const StudyResult& study = result.studies[w];
     const AttentionShape& s = study.shape;
+    const bool model = !study.layers.empty();
     html += "<h2>Workload " + escape_html(study.workload) + "</h2>\n<p>" +
             escape_html("T=" + std::to_string(s.tokens) + " query tokens, N=" + std::to_string(s.keys) +
                         " keys, Hq=" + std::to_string(s.query_heads) + ", Hkv=" + std::to_string(s.kv_heads) +
                         ", D=" + std::to_string(s.head_dim) + "; granularity " +
                         std::string(granularity_name(study.options.granularity)) + ", kept keys " +
                         std::to_string(study.options.n_sink) + " sinks + " + std::to_string(study.options.n_local) +
-                        " local") +
+                        " local" +
+                        (model ? "; a model's forward pass: every layer's attention (" +
+                                     std::to_string(study.layers.size()) + " layers) restricted to the selection, " +
+                                     "metrics over all layers' rows, bits per byte of the model's predictions"
+                               : std::string())) +
             "</p>\n";
 
     // Summary table.
     html += "<table>\n<tr><th class=\"n\">selector</th><th>k</th><th>recall</th><th>recall p5</th><th>mass</th>"
-            "<th>mass_ratio</th><th>kl</th><th>top1</th><th>out_err</th><th>key bytes / row</th><th>MACs / row</th></tr>\n";
+            "<th>mass_ratio</th><th>kl</th><th>top1</th><th>out_err</th>";
+    if (model) html += "<th>bits per byte</th><th>bpb increase</th>";
+    html += "<th>key bytes / row</th><th>MACs / row</th></tr>\n";
     for (const StudyRow& row : study.rows) {
       const double rows = std::max<double>(1.0, static_cast<double>(row.cost.rows));
       html += "<tr><td class=\"n\">" + escape_html(row.selector) + "</td><td>" + std::to_string(row.k) + "</td><td>" +
               num(metric_of(row, "recall")) + "</td><td>" + num(metric_of(row, "recall", &Aggregate::p5)) + "</td><td>" +
               num(metric_of(row, "mass")) + "</td><td>" + num(metric_of(row, "mass_ratio")) + "</td><td>" +
               num(metric_of(row, "kl")) + "</td><td>" + num(metric_of(row, "top1")) + "</td><td>" +
-              num(metric_of(row, "out_err")) + "</td><td>" + num(row.cost.key_bytes_read / rows) + "</td><td>" +
-              num(row.cost.macs / rows) + "</td></tr>\n";
+              num(metric_of(row, "out_err")) + "</td><td>";
+      if (model) html += num(metric_of(row, "bpb")) + "</td><td>" + num(metric_of(row, "bpb_increase")) + "</td><td>";
+      html += num(row.cost.key_bytes_read / rows) + "</td><td>" + num(row.cost.macs / rows) + "</td></tr>\n";
+    }
+    if (model) {
+      html += "<tr><td class=\"n\">full attention</td><td>" + std::to_string(s.keys) +
+              "</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td><td>" + num(study.full_bpb.mean) +
+              "</td><td>0</td><td></td><td></td></tr>\n";
     }
     html += "</table>\n";
 
@@ -360,43 +520,85 @@ std::string study_report_html(const StudySuiteResult& result) {
       if (!std::isfinite(p.y) || p.x <= 0) continue;
       if (frontier.empty() || p.y > frontier.back().y) frontier.push_back(p);
     }
+    if (model) html += accuracy_charts(study, names);
+    ChartStyle by_k;
+    by_k.log_x = true;
+    by_k.lines = true;
     html += "<h3>Fidelity against k</h3>\n<div>\n";
-    html += chart("recall vs k", "k (log scale)", "mean recall", recall_series, true, true);
-    html += chart("mass vs k", "k (log scale)", "mean attention mass", mass_series, true, true);
+    html += chart("recall vs k", "k (log scale)", "mean recall", recall_series, by_k);
+    html += chart("mass vs k", "k (log scale)", "mean attention mass", mass_series, by_k);
     html += "</div>\n<h3>Fidelity against cost</h3>\n<p>Cost: key bytes read per row (query token and group), "
             "SPEC section 5; the dashed line is the Pareto frontier. Selectors that read no keys are left out.</p>\n<div>\n";
-    html += chart("recall vs key bytes read", "key bytes read per row (log scale)", "mean recall", cost_series, true,
-                  false, frontier);
+    ChartStyle by_cost;
+    by_cost.log_x = true;
+    by_cost.frontier = std::move(frontier);
+    html += chart("recall vs key bytes read", "key bytes read per row (log scale)", "mean recall", cost_series,
+                  by_cost);
     html += "</div>\n";
 
     // Per-row charts at the largest k.
     const std::int64_t k_max = *std::max_element(study.options.k_values.begin(), study.options.k_values.end());
-    const std::int64_t tokens = s.tokens;
-    const std::size_t max_columns = 64;
-    const std::size_t columns = static_cast<std::size_t>(std::min<std::int64_t>(tokens, static_cast<std::int64_t>(max_columns)));
-    html += "<h3>Recall by group (head) and query position, k = " + std::to_string(k_max) + "</h3>\n";
-    if (static_cast<std::size_t>(tokens) > columns) {
-      html += "<p>First " + std::to_string(columns) + " query tokens of " + std::to_string(tokens) + "; by_row.csv holds all.</p>\n";
+    const std::size_t tokens = static_cast<std::size_t>(std::max<std::int64_t>(s.tokens, 0));
+    const std::size_t layers = std::max<std::size_t>(study.layers.size(), 1);
+    // Up to 64 columns: one per query token, or runs of consecutive tokens (mean recall over each).
+    const std::size_t columns = std::min<std::size_t>(tokens, 64);
+    const auto run_begin = [&](std::size_t c) { return c * tokens / std::max<std::size_t>(columns, 1); };
+    std::vector<std::string> col_names(columns);
+    for (std::size_t c = 0; c < columns; ++c) {
+      const std::size_t first = run_begin(c), last = run_begin(c + 1) - 1;
+      col_names[c] = std::to_string(result.positions[w][first]);
+      if (last > first) col_names[c] += "-" + std::to_string(result.positions[w][last]);
+    }
+    html += "<h3>Recall by " + std::string(model ? "layer, " : "") + "group (head) and query position, k = " +
+            std::to_string(k_max) + "</h3>\n";
+    if (tokens > columns) {
+      html += "<p>" + escape_html("Each column is the mean over a run of " + std::to_string(tokens / columns) + " to " +
+                                  std::to_string((tokens + columns - 1) / columns) + " consecutive query tokens of " +
+                                  std::to_string(tokens) + "; by_row.csv holds every row.") +
+              "</p>\n";
     }
     html += "<div>\n";
     std::vector<Series> entropy_series;
+    std::size_t selectors_at_k_max = 0;
+    for (const StudyRow& row : study.rows) selectors_at_k_max += row.k == k_max && !row.row_metrics.empty();
+    // Dots per selector in the entropy chart: every row, or every stride-th row of a large study.
+    const std::size_t dots = std::max<std::size_t>(200, 6000 / std::max<std::size_t>(selectors_at_k_max, 1));
+    std::size_t stride = 1;
     for (const StudyRow& row : study.rows) {
-      if (row.k != k_max || row.row_metrics.empty() || tokens <= 0) continue;
-      const std::size_t groups = row.row_metrics.size() / static_cast<std::size_t>(tokens);
-      std::vector<std::vector<double>> cells(groups, std::vector<double>(columns));
-      std::vector<std::string> col_names(columns);
-      for (std::size_t t = 0; t < columns; ++t) {
-        col_names[t] = std::to_string(result.positions[w][t]);
-        for (std::size_t g = 0; g < groups; ++g) cells[g][t] = row.row_metrics[t * groups + g].recall;
+      if (row.k != k_max || row.row_metrics.empty() || tokens == 0) continue;
+      const std::size_t groups = row.row_metrics.size() / (tokens * layers);
+      std::vector<std::vector<double>> cells(layers * groups, std::vector<double>(columns));
+      std::vector<std::string> row_names;
+      for (std::size_t l = 0; l < layers; ++l) {
+        for (std::size_t g = 0; g < groups; ++g) {
+          std::string row_name = std::to_string(g);
+          if (model) row_name = std::string("L").append(std::to_string(study.layers[l])).append(" g").append(row_name);
+          row_names.push_back(std::move(row_name));
+          for (std::size_t c = 0; c < columns; ++c) {
+            double sum = 0;
+            std::size_t count = 0;
+            for (std::size_t t = run_begin(c); t < run_begin(c + 1); ++t) {
+              const double v = row.row_metrics[(l * tokens + t) * groups + g].recall;
+              if (std::isfinite(v)) sum += v, ++count;
+            }
+            cells[l * groups + g][c] = count > 0 ? sum / static_cast<double>(count) : std::nan("");
+          }
+        }
       }
-      html += heatmap(row.selector, "group", "position", cells, col_names);
+      html += heatmap(row.selector, model ? "layer and group" : "group", "position", cells, col_names, row_names);
+      stride = (row.row_metrics.size() + dots - 1) / dots;
       Series e{row.selector, {}};
-      for (const SelectionMetrics& m : row.row_metrics) e.points.push_back({m.entropy_normalized, m.recall, ""});
+      for (std::size_t i = 0; i < row.row_metrics.size(); i += stride) {
+        e.points.push_back({row.row_metrics[i].entropy_normalized, row.row_metrics[i].recall, ""});
+      }
       entropy_series.push_back(std::move(e));
     }
     html += "</div>\n<h3>Attention entropy against recall, k = " + std::to_string(k_max) + "</h3>\n<div>\n";
-    html += chart("entropy vs recall (one dot per row)", "entropy / log(allowed keys)", "recall", entropy_series, false,
-                  false, {}, 2.5);
+    ChartStyle dots_only;
+    dots_only.dot_radius = 2.5;
+    html += chart(stride > 1 ? "entropy vs recall (one dot per " + std::to_string(stride) + " rows)"
+                             : std::string("entropy vs recall (one dot per row)"),
+                  "entropy / log(allowed keys)", "recall", entropy_series, dots_only);
     html += "</div>\n";
   }
   html += "<p>Written by keysel. results.csv and by_row.csv hold every number drawn here.</p>\n</body>\n</html>\n";

@@ -11,7 +11,9 @@
 #include "keysel/core/device.h"
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
+#include "keysel/core/tensor.h"
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/proxy_scorer.h"
 #include "keysel/indexer/quantization.h"
 #include "keysel/indexer/selectors.h"
@@ -129,7 +131,35 @@ ProxyConfig read_proxy_config(SpecReader& reader) {
   return config;
 }
 
-std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool construct) {
+std::vector<float> to_float_vector(const TensorView& view) {
+  const std::vector<double> values = to_double_vector(view);
+  return {values.begin(), values.end()};
+}
+
+/// The trained indexer of one attention with the spec's quantisation (selector_spec.h).
+std::unique_ptr<Selector> make_trained_indexer(const IndexerTensors& tensors, const QuantizationConfig& quantization,
+                                               const std::string& name) {
+  constexpr std::string_view function = "make_selector_from_spec";
+  expect_shape(function, tensors.queries, "indexer.queries", {kAnyExtent, kAnyExtent, kAnyExtent});
+  const std::int64_t tokens = tensors.queries.size(0);
+  const std::int64_t heads = tensors.queries.size(1);
+  const std::int64_t dim = tensors.queries.size(2);
+  expect_shape(function, tensors.keys, "indexer.keys", {kAnyExtent, dim});
+  expect_shape(function, tensors.weights, "indexer.weights", {tokens, heads});
+  for (const auto& [view, argument] : {std::pair{&tensors.queries, "indexer.queries"},
+                                       std::pair{&tensors.keys, "indexer.keys"},
+                                       std::pair{&tensors.weights, "indexer.weights"}}) {
+    expect_dtype(function, *view, argument, {DType::fp32, DType::fp16, DType::bf16});
+    expect_device(function, *view, argument, Device::cpu());
+  }
+  auto indexer = std::make_shared<LightningIndexer>(heads, dim, quantization);
+  indexer->append_keys(tensors.keys);
+  return make_indexer_selector(std::move(indexer), to_float_vector(tensors.queries),
+                               to_float_vector(tensors.weights), name);
+}
+
+std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool construct,
+                                const IndexerTensors* indexer) {
   SpecReader reader(spec, where);
   const std::string type = reader.string("type", "");
   if (type.empty()) fail(where, "missing key 'type' (one of exact, random, streaming, block_topk, fidelity, "
@@ -181,13 +211,24 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
     const std::int64_t candidate_k = reader.integer("candidate_k", 0, 1);
     if (candidate_k == 0) fail(where, "missing key 'candidate_k' (k' candidates re-ranked, >= 1)");
     reader.finish();
-    std::unique_ptr<Selector> inner = build(*candidates, where + ".candidates", construct);
+    std::unique_ptr<Selector> inner = build(*candidates, where + ".candidates", construct, indexer);
     if (construct) selector = make_hybrid_selector(std::move(inner), candidate_k);
   } else if (type == "proxy" || type == "indexer") {
     const ProxyConfig config = read_proxy_config(reader);
     reader.finish();
-    if (construct) selector = make_proxy_selector(ProxyScorer(config));
     if (type == "indexer") default_name = "indexer(" + config.quantization.str() + ")";
+    if (construct && type == "indexer" && indexer != nullptr) {
+      // A trained indexer has its own head weights and dimensions: the stand-in's knobs have no meaning.
+      if (config.aggregation != ProxyConfig().aggregation) {
+        fail(where, "key 'aggregation' applies to the proxy stand-in only; this workload has trained indexer tensors");
+      }
+      if (config.rank != 0) {
+        fail(where, "key 'rank' applies to the proxy stand-in only; this workload has trained indexer tensors");
+      }
+      selector = make_trained_indexer(*indexer, config.quantization, default_name);
+    } else if (construct) {
+      selector = make_proxy_selector(ProxyScorer(config));
+    }
   } else if (type == "faiss") {
     const std::string factory = reader.string("factory", "");
     if (factory.empty()) fail(where, "missing key 'factory' (a FAISS factory string such as \"IVF64,Flat\")");
@@ -236,16 +277,23 @@ nlohmann::json parse_json_text(std::string_view text, const std::string& what) {
   }
 }
 
-std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where) {
-  return build(spec, where, /*construct=*/true);
+std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where,
+                                        const IndexerTensors* indexer) {
+  return build(spec, where, /*construct=*/true, indexer);
 }
 
-void check_selector_spec(const nlohmann::json& spec, const std::string& where) { build(spec, where, false); }
+void check_selector_spec(const nlohmann::json& spec, const std::string& where) {
+  build(spec, where, /*construct=*/false, nullptr);
+}
 
 }  // namespace detail
 
 std::unique_ptr<Selector> make_selector_from_spec(std::string_view spec_json) {
   return detail::make_selector(detail::parse_json_text(spec_json, "selector spec"));
+}
+
+std::unique_ptr<Selector> make_selector_from_spec(std::string_view spec_json, const IndexerTensors* indexer) {
+  return detail::make_selector(detail::parse_json_text(spec_json, "selector spec"), "selector spec", indexer);
 }
 
 std::unique_ptr<Selector> load_selector_spec(const std::string& path) {
@@ -263,5 +311,16 @@ std::string normalize_selector_spec(std::string_view spec_json) {
 }
 
 std::span<const std::string_view> selector_spec_types() { return kTypes; }
+
+std::optional<IndexerTensors> workload_indexer_tensors(const Workload& workload) {
+  if (workload.index_heads <= 0) return std::nullopt;
+  const std::int64_t tokens = workload.shape.tokens;
+  IndexerTensors tensors;
+  tensors.queries =
+      TensorView(workload.index_q.data(), DType::fp32, {tokens, workload.index_heads, workload.index_dim});
+  tensors.keys = TensorView(workload.index_k.data(), DType::fp32, {workload.shape.keys, workload.index_dim});
+  tensors.weights = TensorView(workload.index_w.data(), DType::fp32, {tokens, workload.index_heads});
+  return tensors;
+}
 
 }  // namespace keysel

@@ -6,12 +6,14 @@
 #include <nlohmann/json.hpp>
 
 #include "keysel/indexer/selector.h"
+#include "keysel/recall/selector_spec.h"
 
 namespace keysel::detail {
 
 /// Builds a selector from a parsed spec object (see selector_spec.h); `where` prefixes error messages
-/// ("selectors[2]").
-std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where = "selector spec");
+/// ("selectors[2]"); `indexer`, when not null, holds the attention's trained indexer tensors.
+std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where = "selector spec",
+                                        const IndexerTensors* indexer = nullptr);
 /// Checks a spec without building it (types, keys, values).
 void check_selector_spec(const nlohmann::json& spec, const std::string& where = "selector spec");
 /// Parses JSON text, turning parse errors into keysel::Error naming `what`.

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "keysel/core/error.h"
+#include "keysel/recall/tiny_lm.h"
 
 namespace keysel {
 namespace {
@@ -24,20 +25,34 @@ SelectionPolicy policy_for(const StudyOptions& options, std::int64_t k) {
   return policy;
 }
 
+void check_study_arguments(const std::vector<std::int64_t>& k_values, const StudyOptions& options,
+                           std::size_t selector_count, const std::function<bool(std::size_t)>& is_null) {
+  KEYSEL_CHECK_ARG(!k_values.empty(), "options.k_values", "at least one k", k_values);
+  for (const std::int64_t k : k_values) {
+    KEYSEL_CHECK_ARG(k >= 1, "options.k_values", "every k >= 1", k_values);
+    policy_for(options, k).validate("run_study");
+  }
+  KEYSEL_CHECK_ARG(selector_count > 0, "selectors", "at least one selector", "none");
+  for (std::size_t i = 0; i < selector_count; ++i) {
+    KEYSEL_CHECK_ARG(!is_null(i), "selectors", "non-null selectors", "nullptr at index " + std::to_string(i));
+  }
+}
+
+/// Aggregates of every SPEC §4 metric over `metrics`.
+void add_metric_aggregates(const std::vector<SelectionMetrics>& metrics, StudyRow& row) {
+  std::vector<double> values(metrics.size());
+  for (const std::string_view name : metric_names()) {
+    for (std::size_t i = 0; i < metrics.size(); ++i) values[i] = metric_value(metrics[i], name);
+    row.metrics.emplace(std::string(name), aggregate(values));
+  }
+}
+
 }  // namespace
 
 StudyResult run_study(const Workload& workload, const std::vector<std::unique_ptr<Selector>>& selectors,
                       const StudyOptions& options) {
-  KEYSEL_CHECK_ARG(!options.k_values.empty(), "options.k_values", "at least one k", options.k_values);
-  for (const std::int64_t k : options.k_values) {
-    KEYSEL_CHECK_ARG(k >= 1, "options.k_values", "every k >= 1", options.k_values);
-    policy_for(options, k).validate("run_study");
-  }
-  KEYSEL_CHECK_ARG(!selectors.empty(), "selectors", "at least one selector", "none");
-  for (std::size_t i = 0; i < selectors.size(); ++i) {
-    KEYSEL_CHECK_ARG(selectors[i] != nullptr, "selectors", "non-null selectors",
-                     "nullptr at index " + std::to_string(i));
-  }
+  check_study_arguments(options.k_values, options, selectors.size(),
+                        [&](std::size_t i) { return selectors[i] == nullptr; });
   const AttentionInputs inputs = workload.inputs();
   const AttentionShape shape = inputs.validate("run_study", /*need_v=*/false);
   const ExactReference reference(inputs, options.granularity);
@@ -47,7 +62,6 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
   result.workload = workload.name;
   result.shape = shape;
   result.options = options;
-  const auto names = metric_names();
   const std::size_t total = selectors.size() * options.k_values.size();
   std::size_t done = 0;
   for (const auto& selector : selectors) {
@@ -65,12 +79,91 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
                          inputs.positions, shape.keys, groups);
 
       const std::vector<SelectionMetrics> metrics = reference.evaluate(selection, k);
-      std::vector<double> values(metrics.size());
-      for (const std::string_view name : names) {
-        for (std::size_t i = 0; i < metrics.size(); ++i) values[i] = metric_value(metrics[i], name);
-        row.metrics.emplace(std::string(name), aggregate(values));
-      }
+      add_metric_aggregates(metrics, row);
       if (options.keep_row_metrics) row.row_metrics = metrics;
+      const std::string what = row.selector + " k=" + std::to_string(k);
+      result.rows.push_back(std::move(row));
+      ++done;
+      if (options.progress) options.progress(done, total, what);
+    }
+  }
+  return result;
+}
+
+std::vector<double> bits_per_token(std::span<const float> logits, std::span<const std::uint8_t> tokens,
+                                   std::int64_t vocab) {
+  KEYSEL_CHECK_ARG(vocab >= 1, "vocab", ">= 1", vocab);
+  const std::int64_t count = static_cast<std::int64_t>(tokens.size());
+  KEYSEL_CHECK_ARG(static_cast<std::int64_t>(logits.size()) == count * vocab, "logits",
+                   "T * vocab = " + std::to_string(count * vocab) + " values", logits.size());
+  std::vector<double> bits;
+  bits.reserve(tokens.size() > 0 ? tokens.size() - 1 : 0);
+  for (std::int64_t i = 0; i + 1 < count; ++i) {
+    const std::uint8_t next = tokens[static_cast<std::size_t>(i + 1)];
+    KEYSEL_CHECK_ARG(next < vocab, "tokens", "bytes < vocab = " + std::to_string(vocab),
+                     std::to_string(next) + " at " + std::to_string(i + 1));
+    const float* row = logits.data() + i * vocab;
+    double largest = row[0];
+    for (std::int64_t v = 1; v < vocab; ++v) largest = std::max(largest, static_cast<double>(row[v]));
+    double sum = 0.0;
+    for (std::int64_t v = 0; v < vocab; ++v) sum += std::exp(static_cast<double>(row[v]) - largest);
+    bits.push_back((largest + std::log(sum) - static_cast<double>(row[next])) / std::log(2.0));
+  }
+  return bits;
+}
+
+StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t> tokens,
+                              const std::vector<SelectorFactory>& selectors, const StudyOptions& options,
+                              std::string workload) {
+  constexpr std::string_view function = "run_tiny_lm_study";
+  check_study_arguments(options.k_values, options, selectors.size(), [&](std::size_t i) { return !selectors[i]; });
+  const TinyLmConfig& config = model.config();
+  const std::int64_t tokens_count = static_cast<std::int64_t>(tokens.size());
+  KEYSEL_CHECK_ARG(tokens_count >= 2 && tokens_count <= config.context, "tokens",
+                   "2 .. " + std::to_string(config.context) + " bytes (the model's context)", tokens.size());
+  const std::int64_t groups = group_count(options.granularity, config.heads, config.kv_heads);
+
+  StudyResult result;
+  result.workload = std::move(workload);
+  result.shape = {tokens_count, tokens_count, config.heads, config.kv_heads, config.head_dim, config.head_dim};
+  result.options = options;
+  for (std::int64_t l = 0; l < config.layers; ++l) result.layers.push_back(l);
+  const std::vector<double> full_bits = bits_per_token(model.logits(tokens), tokens, config.vocab);
+  result.full_bpb = aggregate(full_bits);
+
+  const std::size_t total = selectors.size() * options.k_values.size();
+  std::size_t done = 0;
+  for (std::size_t i = 0; i < selectors.size(); ++i) {
+    for (const std::int64_t k : options.k_values) {
+      const SelectionPolicy policy = policy_for(options, k);
+      StudyRow row;
+      row.k = k;
+      std::vector<SelectionMetrics> metrics;
+      metrics.reserve(static_cast<std::size_t>(config.layers * tokens_count * groups));
+      TinyLmSparse sparse;
+      sparse.granularity = options.granularity;
+      sparse.width = policy.width();
+      sparse.select = [&](const TinyLmLayer& layer, const TensorView& selection) {
+        const IndexerTensors indexer{layer.index_q, layer.index_k, layer.index_w};
+        const std::unique_ptr<Selector> selector = selectors[i](layer.index_q.empty() ? nullptr : &indexer);
+        KEYSEL_CHECK_ARG(selector != nullptr, "selectors", "factories that build a selector",
+                         "nullptr from factory " + std::to_string(i) + " in layer " + std::to_string(layer.layer));
+        if (row.selector.empty()) row.selector = selector->name();
+        row.cost += selector->select(layer.attention, policy, selection);
+        validate_selection(function, selection,
+                           "selection of selector \"" + row.selector + "\" in layer " + std::to_string(layer.layer),
+                           layer.attention.positions, tokens_count, groups);
+        const ExactReference reference(layer.attention, options.granularity);
+        const std::vector<SelectionMetrics> layer_metrics = reference.evaluate(selection, k);
+        metrics.insert(metrics.end(), layer_metrics.begin(), layer_metrics.end());
+      };
+      const std::vector<double> bits = bits_per_token(model.logits(tokens, sparse), tokens, config.vocab);
+      add_metric_aggregates(metrics, row);
+      std::vector<double> increase(bits.size());
+      for (std::size_t b = 0; b < bits.size(); ++b) increase[b] = bits[b] - full_bits[b];
+      row.metrics.emplace(std::string(kBitsPerByteMetric), aggregate(bits));
+      row.metrics.emplace(std::string(kBitsPerByteIncreaseMetric), aggregate(increase));
+      if (options.keep_row_metrics) row.row_metrics = std::move(metrics);
       const std::string what = row.selector + " k=" + std::to_string(k);
       result.rows.push_back(std::move(row));
       ++done;
@@ -111,9 +204,18 @@ void print_study_table(const StudyResult& result, std::ostream& out) {
       << "; granularity " << granularity_name(result.options.granularity) << ", kept keys: " << result.options.n_sink
       << " sinks + " << result.options.n_local << " local" << (result.options.kept_on_top ? " on top of k" : "")
       << "\n";
+  const bool model = !result.layers.empty();
+  if (model) {
+    out << "model: " << result.layers.size() << " layers, metrics over every layer's query tokens and groups; "
+        << "full attention " << format_number("%.4f", result.full_bpb.mean) << " bits per byte over "
+        << result.full_bpb.count << " predicted bytes\n";
+  }
   if (!result.rows.empty()) {
-    // Entropy depends on the workload only, so every row holds the same value.
-    out << "attention entropy: " << format_number("%.3f", mean_of(result.rows.front(), "entropy"))
+    // Entropy depends on the workload only, so every row holds the same value (in a model, the layers after
+    // the first see what the sparse layers before them produced: the first row's forward pass is shown).
+    out << "attention entropy" << (model ? " (" + result.rows.front().selector + " k=" +
+                                               std::to_string(result.rows.front().k) + ")" : std::string())
+        << ": " << format_number("%.3f", mean_of(result.rows.front(), "entropy"))
         << " nats mean, " << format_number("%.3f", mean_of(result.rows.front(), "entropy_normalized"))
         << " of log(allowed keys)\n";
   }
@@ -136,13 +238,23 @@ void print_study_table(const StudyResult& result, std::ostream& out) {
   constexpr std::size_t kWidth = 8;
   constexpr std::size_t kNumberWidth = 12;
 
+  // A model adds its accuracy: bits per byte and the increase over full attention.
+  static const Column model_columns[] = {{"bpb", "bpb", &Aggregate::mean, "%.4f"},
+                                         {"bpb_increase", "bpb_increase", &Aggregate::mean, "%.4f"}};
+  const std::span<const Column> extra = model ? std::span<const Column>(model_columns) : std::span<const Column>();
   std::string header = pad_right("selector", name_width) + pad_left("k", kWidth);
   for (const Column& c : columns) header += pad_left(c.title, kNumberWidth);
+  // Wider than the number columns where the title needs it, so that titles stay apart.
+  const auto width_of = [&](const Column& c) { return std::max(kNumberWidth, std::string_view(c.title).size() + 2); };
+  for (const Column& c : extra) header += pad_left(c.title, width_of(c));
   header += pad_left("select_ms", kNumberWidth);
   out << header << "\n" << std::string(header.size(), '-') << "\n";
   for (const StudyRow& row : result.rows) {
     std::string line = pad_right(row.selector, name_width) + pad_left(std::to_string(row.k), kWidth);
     for (const Column& c : columns) line += pad_left(format_number(c.format, mean_of(row, c.metric, c.field)), kNumberWidth);
+    for (const Column& c : extra) {
+      line += pad_left(format_number(c.format, mean_of(row, c.metric, c.field)), width_of(c));
+    }
     line += pad_left(format_number("%.2f", row.cost.seconds * 1e3), kNumberWidth);
     out << line << "\n";
   }
@@ -173,6 +285,10 @@ std::string study_to_json(const StudyResult& result) {
                     {"n_sink", result.options.n_sink},
                     {"n_local", result.options.n_local},
                     {"kept_on_top", result.options.kept_on_top}};
+  if (!result.layers.empty()) {
+    doc["layers"] = result.layers;
+    doc["full_attention"] = {{"bpb", aggregate_json(result.full_bpb)}};
+  }
   Json rows = Json::array();
   for (const StudyRow& row : result.rows) {
     Json metrics = Json::object();

@@ -1,8 +1,10 @@
 // Study files (study_config.h): parsing with grid expansion, the runner and its CSV / JSON outputs.
 #include "keysel/recall/study_config.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <optional>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -12,7 +14,9 @@
 
 #include "keysel/core/error.h"
 #include "keysel/recall/dump.h"
+#include "keysel/recall/loaders.h"
 #include "keysel/recall/report.h"
+#include "keysel/recall/tiny_lm.h"
 #include "selector_spec_json.h"
 
 namespace keysel {
@@ -56,7 +60,9 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
   StudyWorkloadSpec spec;
   if (!w.is_object()) fail(where + ": expected a JSON object, got " + w.dump());
   const auto type = w.find("type");
-  if (type == w.end() || !type->is_string()) fail(where + ": missing key 'type' (\"synthetic\" or \"dump\")");
+  if (type == w.end() || !type->is_string()) {
+    fail(where + ": missing key 'type' (\"synthetic\", \"dump\" or \"tiny-lm\")");
+  }
   spec.type = type->get<std::string>();
   if (spec.type == "synthetic") {
     check_keys(w, where, {"type", "name", "keys", "tokens", "query_heads", "kv_heads", "head_dim", "value_dim",
@@ -81,8 +87,23 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     spec.path = path->get<std::string>();
     spec.layer = get_int(w, "layer", -1, 0, where);
     spec.name = "";  // the dump names its layers: "dump(<model>, layer <index>)"
+  } else if (spec.type == "tiny-lm") {
+    check_keys(w, where, {"type", "name", "tokens", "offset", "model", "text"});
+    TinyLmWorkloadOptions& o = spec.tiny_lm;
+    o.tokens = get_int(w, "tokens", o.tokens, 2, where);
+    o.offset = get_int(w, "offset", o.offset, 0, where);
+    for (const auto& [key, field] : {std::pair{"model", &o.model}, std::pair{"text", &o.text}}) {
+      if (const auto it = w.find(key); it != w.end()) {
+        if (!it->is_string() || it->get<std::string>().empty()) {
+          fail(where + ": key '" + key + "': expected a non-empty path, got " + it->dump());
+        }
+        *field = it->get<std::string>();
+      }
+    }
+    const std::string text = o.text.empty() ? "eval.txt" : std::filesystem::path(o.text).filename().string();
+    spec.name = "tiny-lm(" + text + "[" + std::to_string(o.offset) + ":" + std::to_string(o.offset + o.tokens) + "])";
   } else {
-    fail(where + ": unknown workload type \"" + spec.type + "\" (expected \"synthetic\" or \"dump\")");
+    fail(where + ": unknown workload type \"" + spec.type + "\" (expected \"synthetic\", \"dump\" or \"tiny-lm\")");
   }
   if (const auto name = w.find("name"); name != w.end()) {
     if (!name->is_string()) fail(where + ": key 'name': expected a string");
@@ -152,6 +173,26 @@ std::string csv_field(const std::string& text) {
 }
 
 double per_row(double total, std::int64_t rows) { return rows > 0 ? total / static_cast<double>(rows) : 0.0; }
+
+/// The weight file and directory of a tiny-lm workload's "model": a directory holding model.safetensors, or
+/// the file itself; empty means tiny_lm_directory().
+std::pair<std::filesystem::path, std::filesystem::path> tiny_lm_model_paths(const std::string& model) {
+  const std::filesystem::path path =
+      model.empty() ? std::filesystem::path(tiny_lm_directory()) : std::filesystem::path(model);
+  if (std::filesystem::is_regular_file(path)) return {path, path.parent_path()};
+  return {path / "model.safetensors", path};
+}
+
+/// Selector factories of a study's selectors (one fresh selector per call).
+std::vector<SelectorFactory> selector_factories(const std::vector<StudySelectorSpec>& selectors) {
+  std::vector<SelectorFactory> factories;
+  for (const StudySelectorSpec& s : selectors) {
+    factories.push_back([spec = json::parse(s.spec_json), name = s.name](const IndexerTensors* indexer) {
+      return detail::make_selector(spec, name, indexer);
+    });
+  }
+  return factories;
+}
 
 }  // namespace
 
@@ -260,6 +301,51 @@ std::string default_study_config_json() {
 
 StudyConfig default_study_config() { return parse_study_config(default_study_config_json()); }
 
+std::string tiny_lm_study_config_json() {
+  return R"({
+  "workloads": [
+    {"type": "tiny-lm", "tokens": 1024, "offset": 0}
+  ],
+  "selectors": [
+    {"type": "exact"},
+    {"name": "fidelity", "type": "fidelity", "precision": [0.5, 0.8, 0.9, 0.95, 1.0], "fill": "random"},
+    {"type": "indexer", "format": "fp32"},
+    {"type": "indexer", "format": "fp8_e4m3"},
+    {"type": "indexer", "format": "fp8_e4m3", "hadamard": true},
+    {"type": "indexer", "format": "int4"},
+    {"type": "indexer", "format": "int4", "hadamard": true},
+    {"type": "proxy", "format": "fp8_e4m3"},
+    {"type": "block_topk", "block_size": 16},
+    {"type": "streaming", "n_sink": 4},
+    {"type": "random", "seed": 1}
+  ],
+  "k": [32, 128, 512],
+  "granularity": "per_token"
+}
+)";
+}
+
+StudyConfig tiny_lm_study_config() { return parse_study_config(tiny_lm_study_config_json()); }
+
+std::vector<std::uint8_t> read_tiny_lm_text(const TinyLmWorkloadOptions& options) {
+  KEYSEL_CHECK_ARG(options.tokens >= 2, "options.tokens", ">= 2", options.tokens);
+  KEYSEL_CHECK_ARG(options.offset >= 0, "options.offset", ">= 0", options.offset);
+  const std::filesystem::path path = options.text.empty() ? tiny_lm_model_paths(options.model).second / "eval.txt"
+                                                           : std::filesystem::path(options.text);
+  const std::vector<std::byte> bytes = detail::read_file_bytes("read_tiny_lm_text", path);
+  const auto size = static_cast<std::int64_t>(bytes.size());
+  if (options.offset + options.tokens > size) {
+    throw Error("keysel::read_tiny_lm_text: \"" + path.string() + "\" holds " + std::to_string(size) +
+                " bytes; the workload needs bytes [" + std::to_string(options.offset) + ", " +
+                std::to_string(options.offset + options.tokens) + ")");
+  }
+  std::vector<std::uint8_t> tokens(static_cast<std::size_t>(options.tokens));
+  for (std::size_t i = 0; i < tokens.size(); ++i) {
+    tokens[i] = static_cast<std::uint8_t>(bytes[static_cast<std::size_t>(options.offset) + i]);
+  }
+  return tokens;
+}
+
 Workload make_study_workload(const StudyWorkloadSpec& spec) {
   if (spec.type == "synthetic") {
     Workload workload = make_synthetic_workload(spec.synthetic);
@@ -274,6 +360,10 @@ Workload make_study_workload(const StudyWorkloadSpec& spec) {
     Workload workload = dump.workload(i);
     if (!spec.name.empty()) workload.name = spec.name;
     return workload;
+  }
+  if (spec.type == "tiny-lm") {
+    throw Error("keysel::make_study_workload: a \"tiny-lm\" workload is a model's forward pass, not one attention: "
+                "run it with run_study_config or run_tiny_lm_study");
   }
   throw Error("keysel::make_study_workload: unknown workload type \"" + spec.type + "\"");
 }
@@ -302,19 +392,41 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
   const std::size_t total = per_workload * specs.size();
   for (std::size_t w = 0; w < specs.size(); ++w) {
     const auto start = std::chrono::steady_clock::now();
-    const Workload workload = make_study_workload(specs[w]);
-    result.workload_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    std::vector<std::unique_ptr<Selector>> selectors;
-    for (const StudySelectorSpec& s : config.selectors) {
-      selectors.push_back(detail::make_selector(json::parse(s.spec_json), s.name));
-    }
+    const auto seconds = [&] {
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    };
     StudyOptions options = config.options;
     options.keep_row_metrics = true;
-    if (progress) {
-      options.progress = [&, w](std::size_t done, std::size_t, const std::string& what) {
-        progress(w * per_workload + done, total, workload.name + ": " + what);
+    const auto report_progress = [&, w](const std::string& name) {
+      if (!progress) return;
+      options.progress = [&, w, name](std::size_t done, std::size_t, const std::string& what) {
+        progress(w * per_workload + done, total, name + ": " + what);
       };
+    };
+    if (specs[w].type == "tiny-lm") {
+      TinyLmWorkloadOptions tiny = specs[w].tiny_lm;
+      const auto [model_file, directory] = tiny_lm_model_paths(tiny.model);
+      tiny.model = directory.string();
+      const TinyLm model = TinyLm::load(model_file.string());
+      const std::vector<std::uint8_t> tokens = read_tiny_lm_text(tiny);
+      result.workload_seconds.push_back(seconds());
+      report_progress(specs[w].name);
+      result.studies.push_back(
+          run_tiny_lm_study(model, tokens, selector_factories(config.selectors), options, specs[w].name));
+      std::vector<std::int32_t> positions(tokens.size());
+      for (std::size_t t = 0; t < positions.size(); ++t) positions[t] = static_cast<std::int32_t>(t);
+      result.positions.push_back(std::move(positions));
+      continue;
     }
+    const Workload workload = make_study_workload(specs[w]);
+    result.workload_seconds.push_back(seconds());
+    const std::optional<IndexerTensors> indexer_tensors = workload_indexer_tensors(workload);
+    const IndexerTensors* indexer = indexer_tensors ? &*indexer_tensors : nullptr;
+    std::vector<std::unique_ptr<Selector>> selectors;
+    for (const StudySelectorSpec& s : config.selectors) {
+      selectors.push_back(detail::make_selector(json::parse(s.spec_json), s.name, indexer));
+    }
+    report_progress(workload.name);
     result.studies.push_back(run_study(workload, selectors, options));
     result.positions.push_back(workload.positions);
   }
@@ -329,14 +441,19 @@ std::string study_suite_csv(const StudySuiteResult& result) {
       const std::string cost = format_number(per_row(row.cost.key_bytes_read, row.cost.rows)) + "," +
                                format_number(per_row(row.cost.macs, row.cost.rows)) + "," +
                                format_number(per_row(row.cost.keys_scored, row.cost.rows));
-      for (const std::string_view name : metric_names()) {
-        const auto it = row.metrics.find(name);
-        if (it == row.metrics.end()) continue;
-        const Aggregate& a = it->second;
+      const auto line = [&](std::string_view name, const Aggregate& a) {
         csv += csv_field(study.workload) + "," + csv_field(row.selector) + "," + std::to_string(row.k) + "," +
                std::string(name) + "," + std::to_string(a.count) + "," + format_number(a.mean) + "," +
                format_number(a.min) + "," + format_number(a.p5) + "," + format_number(a.p50) + "," +
                format_number(a.p95) + "," + cost + "\n";
+      };
+      const auto names = metric_names();
+      for (const std::string_view name : names) {
+        if (const auto it = row.metrics.find(name); it != row.metrics.end()) line(name, it->second);
+      }
+      // Then any other metric (a model's bpb and bpb_increase), by name.
+      for (const auto& [name, a] : row.metrics) {
+        if (std::find(names.begin(), names.end(), name) == names.end()) line(name, a);
       }
     }
   }
@@ -352,13 +469,22 @@ std::string study_suite_rows_csv(const StudySuiteResult& result) {
   csv += '\n';
   for (std::size_t w = 0; w < result.studies.size(); ++w) {
     const StudyResult& study = result.studies[w];
+    // A study over a model's layers labels each layer's rows as a dump run over its layers does.
+    const std::size_t layers = std::max<std::size_t>(study.layers.size(), 1);
+    std::vector<std::string> labels;
+    for (std::size_t l = 0; l < layers; ++l) {
+      labels.push_back(csv_field(study.layers.empty() ? study.workload
+                                                      : study.workload + " layer " + std::to_string(study.layers[l])));
+    }
+    const std::size_t tokens = static_cast<std::size_t>(std::max<std::int64_t>(study.shape.tokens, 1));
     for (const StudyRow& row : study.rows) {
-      const std::size_t groups = row.row_metrics.size() / static_cast<std::size_t>(std::max<std::int64_t>(study.shape.tokens, 1));
+      const std::size_t groups = row.row_metrics.size() / (layers * tokens);
       for (std::size_t i = 0; i < row.row_metrics.size(); ++i) {
-        const std::size_t t = groups > 0 ? i / groups : 0;
+        const std::size_t l = groups > 0 ? i / (tokens * groups) : 0;
+        const std::size_t t = groups > 0 ? i / groups % tokens : 0;
         const std::size_t g = groups > 0 ? i % groups : 0;
         for (const std::string& field :
-             {csv_field(study.workload), csv_field(row.selector), std::to_string(row.k), std::to_string(t),
+             {labels[l], csv_field(row.selector), std::to_string(row.k), std::to_string(t),
               std::to_string(result.positions[w][t])}) {
           csv += field;
           csv += ',';

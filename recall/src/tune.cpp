@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <optional>
 
 #include <nlohmann/json.hpp>
 
@@ -87,7 +88,9 @@ WorkloadTuneEvaluator::WorkloadTuneEvaluator(Workload workload, const SelectionP
 WorkloadTuneEvaluator::~WorkloadTuneEvaluator() = default;
 
 TuneMeasurement WorkloadTuneEvaluator::evaluate(const TuneCandidate& candidate) {
-  const auto selector = detail::make_selector(detail::parse_json_text(candidate.spec_json, candidate.label), candidate.label);
+  const std::optional<IndexerTensors> indexer = workload_indexer_tensors(workload_);
+  const auto selector = detail::make_selector(detail::parse_json_text(candidate.spec_json, candidate.label),
+                                              candidate.label, indexer ? &*indexer : nullptr);
   const AttentionInputs inputs = workload_.inputs();
   const std::int64_t tokens = workload_.shape.tokens;
   std::vector<std::int32_t> buffer(static_cast<std::size_t>(tokens * reference_->groups() * policy_.width()), -1);

@@ -13,6 +13,7 @@
 #include "keysel/core/device.h"
 #include "keysel/core/error.h"
 #include "keysel/recall/report.h"
+#include "recall/xml_check.h"
 #include "keysel/recall/selector_spec.h"
 #include "keysel/recall/study_config.h"
 #include "keysel/recall/synthetic.h"
@@ -65,92 +66,6 @@ std::vector<std::string> csv_fields(const std::string& line) {
   return fields;
 }
 
-/// A small XML well-formedness check: balanced, properly nested tags, quoted attributes, entities only as
-/// &name; or &#digits;, no raw '<' in text. Returns an empty string when well-formed, else what is wrong.
-std::string xml_problem(const std::string& doc) {
-  std::vector<std::string> stack;
-  std::size_t i = 0;
-  const auto check_text = [&](std::size_t from, std::size_t to) -> std::string {
-    for (std::size_t j = from; j < to; ++j) {
-      if (doc[j] == '&') {
-        const std::size_t semi = doc.find(';', j);
-        if (semi == std::string::npos || semi - j > 8) return "bare & at " + std::to_string(j);
-        const std::string entity = doc.substr(j + 1, semi - j - 1);
-        if (entity != "amp" && entity != "lt" && entity != "gt" && entity != "quot" && entity != "apos" &&
-            !(entity.size() > 1 && entity[0] == '#')) {
-          return "unknown entity &" + entity + ";";
-        }
-      }
-    }
-    return "";
-  };
-  while (i < doc.size()) {
-    const std::size_t open = doc.find('<', i);
-    if (open == std::string::npos) {
-      if (auto p = check_text(i, doc.size()); !p.empty()) return p;
-      break;
-    }
-    if (auto p = check_text(i, open); !p.empty()) return p;
-    if (doc.compare(open, 4, "<!--") == 0) {
-      const std::size_t end = doc.find("-->", open);
-      if (end == std::string::npos) return "unclosed comment";
-      i = end + 3;
-      continue;
-    }
-    if (doc.compare(open, 2, "<!") == 0 || doc.compare(open, 2, "<?") == 0) {
-      const std::size_t end = doc.find('>', open);
-      if (end == std::string::npos) return "unclosed declaration";
-      i = end + 1;
-      continue;
-    }
-    // Find the tag's end, skipping quoted attribute values.
-    std::size_t j = open + 1;
-    char quote = 0;
-    for (; j < doc.size(); ++j) {
-      if (quote) {
-        if (doc[j] == quote) quote = 0;
-        else if (doc[j] == '<') return "raw < inside an attribute value";
-      } else if (doc[j] == '"' || doc[j] == '\'') {
-        quote = doc[j];
-      } else if (doc[j] == '>') {
-        break;
-      } else if (doc[j] == '<') {
-        return "'<' inside a tag at " + std::to_string(j);
-      }
-    }
-    if (j >= doc.size()) return "unterminated tag";
-    std::string tag = doc.substr(open + 1, j - open - 1);
-    if (auto p = check_text(open, j); !p.empty()) return p;
-    i = j + 1;
-    if (tag.empty()) return "empty tag";
-    if (tag[0] == '/') {
-      const std::string name = tag.substr(1);
-      if (stack.empty() || stack.back() != name) {
-        return "closing </" + name + "> does not match <" + (stack.empty() ? std::string("none") : stack.back()) + ">";
-      }
-      stack.pop_back();
-      continue;
-    }
-    const bool self_closing = tag.back() == '/';
-    const std::string name = tag.substr(0, tag.find_first_of(" \t\n/"));
-    // Attributes: name="value" pairs.
-    std::size_t a = name.size();
-    while (a < tag.size()) {
-      while (a < tag.size() && (tag[a] == ' ' || tag[a] == '\n' || tag[a] == '\t' || tag[a] == '/')) ++a;
-      if (a >= tag.size()) break;
-      const std::size_t eq = tag.find('=', a);
-      if (eq == std::string::npos || (tag[eq + 1] != '"' && tag[eq + 1] != '\'')) {
-        return "attribute without a quoted value in <" + tag + ">";
-      }
-      const std::size_t close = tag.find(tag[eq + 1], eq + 2);
-      if (close == std::string::npos) return "unterminated attribute in <" + tag + ">";
-      a = close + 1;
-    }
-    if (!self_closing) stack.push_back(name);
-  }
-  if (!stack.empty()) return "unclosed <" + stack.back() + ">";
-  return "";
-}
 
 TEST(StudyConfig, GridsExpandInOrderWithNames) {
   const StudyConfig config = parse_study_config(small_study(1));
@@ -233,7 +148,7 @@ TEST(StudyConfig, ExactSelectorHasRecallOneAndMassRatioOne) {
 TEST(StudyReport, HtmlIsWellFormedAndNamesEverySelector) {
   const StudySuiteResult result = run_study_config(parse_study_config(small_study(3)));
   const std::string html = study_report_html(result);
-  EXPECT_EQ(xml_problem(html), "");
+  EXPECT_EQ(test::xml_problem(html), "");
   for (const char* external : {" src=", " href=", "<link", "@import", "url("}) {
     EXPECT_EQ(html.find(external), std::string::npos) << "no external assets: " << external;
   }
@@ -245,10 +160,10 @@ TEST(StudyReport, HtmlIsWellFormedAndNamesEverySelector) {
     EXPECT_NE(html.find(chart), std::string::npos) << chart;
   }
   // The checker itself notices broken documents.
-  EXPECT_NE(xml_problem("<a><b></a></b>"), "");
-  EXPECT_NE(xml_problem("<a>x & y</a>"), "");
-  EXPECT_NE(xml_problem("<a x=1></a>"), "");
-  EXPECT_EQ(xml_problem("<a x=\"1\"><b/>&amp;</a>"), "");
+  EXPECT_NE(test::xml_problem("<a><b></a></b>"), "");
+  EXPECT_NE(test::xml_problem("<a>x & y</a>"), "");
+  EXPECT_NE(test::xml_problem("<a x=1></a>"), "");
+  EXPECT_EQ(test::xml_problem("<a x=\"1\"><b/>&amp;</a>"), "");
 }
 
 TEST(StudyConfig, WritesEveryOutput) {
@@ -319,7 +234,7 @@ TEST(StudyConfig, ShippedDumpAllLayersGivesLayerByHeadHeatmaps) {
   std::stringstream text;
   text << report.rdbuf();
   const std::string html = text.str();
-  EXPECT_EQ(xml_problem(html), "");
+  EXPECT_EQ(test::xml_problem(html), "");
   EXPECT_NE(html.find("Recall by layer and group (head): dump(tiny-random-llama)"), std::string::npos);
   for (const StudySelectorSpec& s : result.config.selectors) {
     const std::string title = escape_html(s.name + ": recall by layer and head");
@@ -345,7 +260,7 @@ TEST(StudyConfig, ShippedDumpAllLayersGivesLayerByHeadHeatmaps) {
   EXPECT_EQ(named.workloads[0].name, "tiny <&> layer 1");
   EXPECT_EQ(named.workloads[1].name, "tiny <&> layer 0");
   const std::string named_html = study_report_html(run_study_config(named));
-  EXPECT_EQ(xml_problem(named_html), "");
+  EXPECT_EQ(test::xml_problem(named_html), "");
   EXPECT_NE(named_html.find("Recall by layer and group (head): tiny &lt;&amp;&gt;"), std::string::npos);
   EXPECT_NE(named_html.find("layer 1, group 1: 1<"), std::string::npos);  // exact, 2 key heads
   EXPECT_EQ(named_html.find("layer 0, group 2: "), std::string::npos);

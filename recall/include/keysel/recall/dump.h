@@ -43,8 +43,8 @@ struct Dump {
   double scale = 0.0;                                        // metadata "scale"; 0 means 1/sqrt(D)
   std::vector<DumpLayer> layers;                             // ascending layer index
 
-  /// The fp32 workload of layers[i] (q, k, v converted to fp32, Workload::scale = the dump's scale), named
-  /// "dump(<model>, layer <index>)".
+  /// The fp32 workload of layers[i] (q, k, v converted to fp32, Workload::scale = the dump's scale, and the
+  /// indexer tensors index_q/index_k/index_w when the layer has them), named "dump(<model>, layer <index>)".
   Workload workload(std::size_t i) const;
   /// layers[i] of the model's layer `index`; throws keysel::Error when the dump has no such layer.
   const DumpLayer& layer(std::int64_t index) const;

@@ -1,4 +1,5 @@
-// Studies: run selectors over a workload at several k and aggregate their fidelity (SPEC §4) and cost (§5).
+// Studies: run selectors over a workload at several k and aggregate their fidelity (SPEC §4) and cost (§5);
+// over a real model (TinyLm, tiny_lm.h) also its accuracy, bits per byte, with every layer's attention sparse.
 #pragma once
 
 #include <cstdint>
@@ -6,15 +7,28 @@
 #include <map>
 #include <memory>
 #include <ostream>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "keysel/core/selection.h"
 #include "keysel/indexer/selector.h"
 #include "keysel/recall/metrics.h"
+#include "keysel/recall/selector_spec.h"
 #include "keysel/recall/synthetic.h"
 
 namespace keysel {
+
+class TinyLm;
+
+/// The model-accuracy metrics a study over a model adds to StudyRow::metrics beside metric_names(), each
+/// aggregated over the predicted bytes (tokens 1 .. T-1):
+///   "bpb"           bits of predicting the next byte with the sparse forward pass: -log2 p(next); the mean is
+///                   bits_per_byte() (tiny_lm.h)
+///   "bpb_increase"  the same minus the bits with full attention, byte by byte; the mean is bpb - full bpb
+inline constexpr std::string_view kBitsPerByteMetric = "bpb";
+inline constexpr std::string_view kBitsPerByteIncreaseMetric = "bpb_increase";
 
 struct StudyOptions {
   std::vector<std::int64_t> k_values{64, 256, 1024};
@@ -35,7 +49,8 @@ struct StudyRow {
   std::int64_t k = 0;
   std::map<std::string, Aggregate, std::less<>> metrics;  // by metric name (metric_names())
   SelectionCost cost;
-  /// Metrics of each row, row-major over (query token t, group), when StudyOptions::keep_row_metrics.
+  /// Metrics of each row, row-major over (query token t, group), when StudyOptions::keep_row_metrics; over
+  /// (layer, t, group) in a study of a model's forward pass (StudyResult::layers).
   std::vector<SelectionMetrics> row_metrics;
 };
 
@@ -44,11 +59,37 @@ struct StudyResult {
   AttentionShape shape;
   StudyOptions options;
   std::vector<StudyRow> rows;
+  /// A study of a model's forward pass (tiny-lm): the model's layers, in order; `shape` is one layer's
+  /// attention, every row's metrics and cost cover all layers (row_metrics row-major over (layer, t, group)),
+  /// and the rows also carry kBitsPerByteMetric and kBitsPerByteIncreaseMetric. Empty for one attention.
+  std::vector<std::int64_t> layers;
+  /// Bits per predicted byte with full attention, aggregated like "bpb" (count 0 without a model).
+  Aggregate full_bpb;
 };
+
+/// Builds one fresh selector for one attention; `indexer` holds that attention's trained Lightning-Indexer
+/// tensors, or is nullptr when it has none (make_selector_from_spec(spec, indexer) is such a factory).
+using SelectorFactory = std::function<std::unique_ptr<Selector>(const IndexerTensors* indexer)>;
 
 /// Runs every selector at every k over the workload and evaluates it against the exact attention.
 StudyResult run_study(const Workload& workload, const std::vector<std::unique_ptr<Selector>>& selectors,
                       const StudyOptions& options);
+
+/// Runs every selector at every k inside the model's sparse forward pass over `tokens` (TinyLm::logits with
+/// TinyLmSparse, options.granularity and policy width): in each layer a fresh selector from its factory, given
+/// the layer's indexer tensors, picks the keys that layer's attention reads, and its selection is scored
+/// against the exact top-k of that layer's attention inputs (ExactReference; later layers see the inputs the
+/// sparse layers before them produced). Each forward's bits per byte, and once full attention's, are measured
+/// on the same bytes. 2 <= T <= the model's context. Rows are (selector, k) in order; the name is the first
+/// layer's selector's.
+StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t> tokens,
+                              const std::vector<SelectorFactory>& selectors, const StudyOptions& options,
+                              std::string workload);
+
+/// Bits of each prediction: -log2 softmax(logits[i])[tokens[i + 1]] for i < T - 1, in double.
+///   logits: [T, vocab] row-major; tokens: T bytes (< vocab).   Their mean is bits_per_byte().
+std::vector<double> bits_per_token(std::span<const float> logits, std::span<const std::uint8_t> tokens,
+                                   std::int64_t vocab);
 
 /// Human-readable table of a study (one line per selector and k).
 void print_study_table(const StudyResult& result, std::ostream& out);

@@ -24,12 +24,23 @@
 
 namespace keysel {
 
+/// A "tiny-lm" workload: keysel's tiny byte-level model (tiny_lm.h) run over bytes [offset, offset + tokens)
+/// of a text file, every layer's attention restricted to the keys each selector picks.
+struct TinyLmWorkloadOptions {
+  std::string model;         // directory holding model.safetensors; empty: tiny_lm_directory() when run
+  std::string text;          // the bytes; empty: <model>/eval.txt
+  std::int64_t tokens = 2048;
+  std::int64_t offset = 0;
+};
+
 struct StudyWorkloadSpec {
-  std::string type = "synthetic";  // "synthetic" or "dump"
-  std::string name;                // label in results; default "synthetic(N=..,T=..,seed=..)" / the dump's
+  std::string type = "synthetic";  // "synthetic", "dump" or "tiny-lm"
+  std::string name;                // label in results; default "synthetic(N=..,T=..,seed=..)" / the dump's /
+                                   // "tiny-lm(<text file>[offset:offset+tokens])"
   SyntheticOptions synthetic;      // type "synthetic"
   std::string path;                // type "dump": a safetensors dump (dump.h, docs/dumps.md)
   std::int64_t layer = -1;         // type "dump": the model's layer index; -1 runs every layer of the dump
+  TinyLmWorkloadOptions tiny_lm;   // type "tiny-lm"
 };
 
 /// One selector of a study after grid expansion: its label and the spec that builds it.
@@ -53,9 +64,21 @@ StudyConfig load_study_config(const std::string& path);
 StudyConfig default_study_config();
 /// The study file text of default_study_config() (examples/studies/default.json holds the same).
 std::string default_study_config_json();
+/// The built-in tiny-lm study (`keysel study --workload tiny-lm`): the shipped tiny model over 1024 bytes of
+/// its held-out text, per-token selections; exact, fidelity at five precisions, the trained indexer in fp32,
+/// fp8 and int4 (with and without rotation), the proxy in fp8, block top-k, streaming and random; k = 32, 128,
+/// 512.
+StudyConfig tiny_lm_study_config();
+/// The study file text of tiny_lm_study_config() (examples/studies/tiny_lm.json holds the same).
+std::string tiny_lm_study_config_json();
 
-/// Generates a workload, or loads one layer of a dump (spec.layer >= 0).
+/// Generates a workload, or loads one layer of a dump (spec.layer >= 0). A dump layer's indexer tensors
+/// (index_q, index_k, index_w) become the workload's. Not for "tiny-lm" (see run_study_config).
 Workload make_study_workload(const StudyWorkloadSpec& spec);
+
+/// The bytes of a "tiny-lm" workload: text[offset, offset + tokens). Throws keysel::Error naming the file
+/// when it is shorter.
+std::vector<std::uint8_t> read_tiny_lm_text(const TinyLmWorkloadOptions& options);
 
 /// Results of every workload of a study config.
 struct StudySuiteResult {
@@ -69,15 +92,20 @@ struct StudySuiteResult {
 using StudyProgress = std::function<void(std::size_t done, std::size_t total, const std::string& what)>;
 
 /// Runs every selector at every k over every workload (fresh selectors per workload); a dump workload with
-/// layer -1 becomes one study per layer, in layer order.
+/// layer -1 becomes one study per layer, in layer order. A "tiny-lm" workload is one study over the model's
+/// forward pass (run_tiny_lm_study: fresh selectors per layer, rows over every layer, bits per byte); its
+/// workload time covers loading the model and the text.
 StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress& progress = {});
 
 /// results.csv: one line per workload x selector x k x metric, columns
 ///   workload,selector,k,metric,count,mean,min,p5,p50,p95,key_bytes_per_row,macs_per_row,keys_scored_per_row
 /// Deterministic: no wall times (those are in results.json), numbers printed with %.9g.
+/// A study over a model (tiny-lm) adds lines for its accuracy metrics "bpb" and "bpb_increase" (study.h) after
+/// the SPEC §4 ones; full attention's bits per byte is the difference of their means (and in results.json).
 std::string study_suite_csv(const StudySuiteResult& result);
 /// by_row.csv: one line per workload x selector x k x query token x group with every metric (the Lightning
-/// Indexer precision analysis: recall by head group and position).
+/// Indexer precision analysis: recall by head group and position). The rows of a study over a model's layers
+/// name their workload "<workload> layer <L>", as a dump run over its layers does.
 std::string study_suite_rows_csv(const StudySuiteResult& result);
 /// results.json: the config, and per workload study_to_json's document plus the workload's time.
 std::string study_suite_json(const StudySuiteResult& result);

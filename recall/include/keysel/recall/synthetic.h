@@ -46,6 +46,14 @@ struct Workload {
   std::vector<std::int32_t> positions;  // [T]
   double scale = 0.0;                   // softmax scale for inputs(); 0 means 1/sqrt(D)
 
+  // A trained Lightning Indexer's tensors, when the workload has them (a dump layer with index_q, index_k and
+  // index_w); empty otherwise. The "indexer" selector spec of a study scores with them (selector_spec.h).
+  std::int64_t index_heads = 0;  // HI (0: no indexer tensors)
+  std::int64_t index_dim = 0;    // DI
+  std::vector<float> index_q;    // [T, HI, DI]
+  std::vector<float> index_k;    // [N, DI]
+  std::vector<float> index_w;    // [T, HI]
+
   /// Views over the owned data (valid while the workload lives and is not resized).
   AttentionInputs inputs() const;
 };

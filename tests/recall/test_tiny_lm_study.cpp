@@ -1,0 +1,532 @@
+// tiny-lm studies over a small random model written here: the exact selector over every key gives full
+// attention's bits per byte and recall 1, fidelity at precision 1 selects exactly what exact does, the
+// "indexer" spec scores with each layer's trained indexer tensors (and a dump's), and a study file with a
+// tiny-lm workload writes bits per byte into every output and a well-formed report with the recall-vs-accuracy
+// charts.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "keysel/core/error.h"
+#include "keysel/indexer/lightning_indexer.h"
+#include "keysel/indexer/selectors.h"
+#include "keysel/indexer/topk.h"
+#include "keysel/recall/dump.h"
+#include "keysel/recall/loaders.h"
+#include "keysel/recall/report.h"
+#include "keysel/recall/selector_spec.h"
+#include "keysel/recall/study.h"
+#include "keysel/recall/study_config.h"
+#include "keysel/recall/tiny_lm.h"
+#include "recall/xml_check.h"
+
+namespace keysel {
+namespace {
+
+constexpr const char* kText =
+    "def mean(values):\n    total = 0.0\n    for v in values:\n        total += v\n    return total / len(values)\n"
+    "\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n";
+
+/// 2 layers, d = 32, Hq = 4 over Hkv = 2 heads of D = 8, an indexer of 2 heads x 32 channels, context 96.
+TinyLmConfig small_config() {
+  TinyLmConfig c;
+  c.d_model = 32;
+  c.layers = 2;
+  c.heads = 4;
+  c.kv_heads = 2;
+  c.head_dim = 8;
+  c.ffn_dim = 48;
+  c.context = 96;
+  c.index_heads = 2;
+  c.index_dim = 32;
+  return c;
+}
+
+/// A random weight file in the tiny-lm layout. Query and key projections are scaled up so that attention is
+/// peaked and selectors differ.
+SafetensorsFile random_model_file(const TinyLmConfig& c, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  SafetensorsFile file;
+  const auto add = [&](const std::string& name, std::vector<std::int64_t> shape, double scale, double offset = 0.0) {
+    std::int64_t count = 1;
+    for (const std::int64_t e : shape) count *= e;
+    std::vector<float> values(static_cast<std::size_t>(count));
+    for (float& v : values) v = static_cast<float>(offset + scale * normal(rng));
+    file.tensors.push_back(LoadedTensor::from_float(name, values, std::move(shape)));
+  };
+  const std::int64_t d = c.d_model;
+  const double unit = 1.0 / std::sqrt(static_cast<double>(d));
+  add("embed", {c.vocab, d}, 1.0);
+  add("final_norm", {d}, 0.1, 1.0);
+  add("lm_head", {c.vocab, d}, 2.0 * unit);
+  for (std::int64_t l = 0; l < c.layers; ++l) {
+    const std::string p = "layers." + std::to_string(l) + ".";
+    add(p + "attn_norm", {d}, 0.1, 1.0);
+    add(p + "wq", {c.heads * c.head_dim, d}, 3.0 * unit);
+    add(p + "wk", {c.kv_heads * c.head_dim, d}, 3.0 * unit);
+    add(p + "wv", {c.kv_heads * c.head_dim, d}, unit);
+    add(p + "wo", {d, c.heads * c.head_dim}, 1.0 / std::sqrt(static_cast<double>(c.heads * c.head_dim)));
+    add(p + "mlp_norm", {d}, 0.1, 1.0);
+    add(p + "w_gate", {c.ffn_dim, d}, unit);
+    add(p + "w_up", {c.ffn_dim, d}, unit);
+    add(p + "w_down", {d, c.ffn_dim}, 1.0 / std::sqrt(static_cast<double>(c.ffn_dim)));
+    add(p + "index_wq", {c.index_heads * c.index_dim, d}, 2.0 * unit);
+    add(p + "index_wk", {c.index_dim, d}, 2.0 * unit);
+    add(p + "index_ww", {c.index_heads, d}, unit);
+  }
+  file.metadata["format"] = std::string(kTinyLmFormat);
+  file.metadata["config"] = tiny_lm_config_json(c);
+  return file;
+}
+
+std::vector<std::uint8_t> text_bytes(std::size_t offset, std::size_t count) {
+  const std::string text = kText;
+  return {text.begin() + static_cast<std::ptrdiff_t>(offset),
+          text.begin() + static_cast<std::ptrdiff_t>(offset + count)};
+}
+
+std::vector<SelectorFactory> factories(std::initializer_list<const char*> specs) {
+  std::vector<SelectorFactory> out;
+  for (const char* spec : specs) {
+    out.push_back([text = std::string(spec)](const IndexerTensors* indexer) {
+      return make_selector_from_spec(text, indexer);
+    });
+  }
+  return out;
+}
+
+double mean_of(const StudyRow& row, const std::string& metric) { return row.metrics.at(metric).mean; }
+
+std::string read_text(const std::filesystem::path& path) {
+  std::ifstream file(path);
+  std::stringstream text;
+  text << file.rdbuf();
+  return text.str();
+}
+
+std::string json_string(const std::string& text) { return nlohmann::json(text).dump(); }
+
+TEST(TinyLmStudy, ExactOverEveryKeyGivesFullAttentionBitsPerByte) {
+  const TinyLm model = TinyLm::from_safetensors(random_model_file(small_config(), 1));
+  const std::vector<std::uint8_t> tokens = text_bytes(0, 48);
+  StudyOptions options;
+  options.k_values = {4, 48, 64};
+  options.keep_row_metrics = true;
+  const StudyResult result = run_tiny_lm_study(model, tokens, factories({R"({"type": "exact"})"}), options, "small");
+
+  EXPECT_EQ(result.workload, "small");
+  EXPECT_EQ(result.layers, (std::vector<std::int64_t>{0, 1}));
+  EXPECT_EQ(result.shape.tokens, 48);
+  EXPECT_EQ(result.shape.keys, 48);
+  EXPECT_EQ(result.shape.query_heads, 4);
+  const double full = bits_per_byte(model.logits(tokens), tokens, 256);
+  EXPECT_NEAR(result.full_bpb.mean, full, 1e-12);
+  EXPECT_EQ(result.full_bpb.count, 47);
+  ASSERT_EQ(result.rows.size(), 3u);
+  for (const StudyRow& row : result.rows) {
+    SCOPED_TRACE("k=" + std::to_string(row.k));
+    EXPECT_EQ(row.selector, "exact");
+    // Every layer's selection is that layer's exact top-k: recall 1 in every row of every layer.
+    EXPECT_EQ(row.metrics.at("recall").mean, 1.0);
+    EXPECT_EQ(row.metrics.at("recall").min, 1.0);
+    EXPECT_EQ(row.row_metrics.size(), 2u * 48u * 2u);  // layers x tokens x key-head groups
+    EXPECT_EQ(row.cost.rows, 2 * 48 * 2);
+    EXPECT_EQ(row.metrics.at("bpb").count, 47);
+    EXPECT_NEAR(mean_of(row, "bpb") - mean_of(row, "bpb_increase"), full, 1e-9);
+  }
+  // k >= T: every allowed key, so the sparse forward is full attention (up to the order of fp32 sums).
+  for (const std::size_t i : {1u, 2u}) {
+    const StudyRow& row = result.rows[i];
+    EXPECT_NEAR(mean_of(row, "bpb"), full, 1e-5) << row.k;
+    EXPECT_NEAR(mean_of(row, "bpb_increase"), 0.0, 1e-5) << row.k;
+    EXPECT_NEAR(mean_of(row, "mass"), 1.0, 1e-9) << row.k;
+  }
+  // k = 4 of up to 48 keys changes what the model predicts.
+  EXPECT_GT(std::abs(mean_of(result.rows[0], "bpb_increase")), 1e-3);
+  EXPECT_LT(mean_of(result.rows[0], "mass"), 0.99);
+
+  // bits_per_token is the per-byte form of bits_per_byte.
+  const std::vector<double> bits = bits_per_token(model.logits(tokens), tokens, 256);
+  ASSERT_EQ(bits.size(), 47u);
+  double sum = 0;
+  for (const double b : bits) sum += b;
+  EXPECT_NEAR(sum / 47.0, full, 1e-12);
+
+  EXPECT_THROW(run_tiny_lm_study(model, text_bytes(0, 1), factories({R"({"type": "exact"})"}), options, "x"), Error);
+  EXPECT_THROW(run_tiny_lm_study(model, text_bytes(0, 97), factories({R"({"type": "exact"})"}), options, "x"), Error);
+  EXPECT_THROW(run_tiny_lm_study(model, tokens, {}, options, "x"), Error);
+}
+
+TEST(TinyLmStudy, FidelityAtPrecisionOneSelectsExactlyAsExact) {
+  const TinyLm model = TinyLm::from_safetensors(random_model_file(small_config(), 2));
+  const std::vector<std::uint8_t> tokens = text_bytes(5, 40);
+  constexpr std::int64_t k = 6;
+  // On the same layer inputs, the two selections are the same.
+  int layers_checked = 0;
+  TinyLmSparse sparse;
+  sparse.granularity = Granularity::per_kv_head;
+  sparse.width = k;
+  sparse.select = [&](const TinyLmLayer& layer, const TensorView& selection) {
+    SelectionPolicy policy;
+    policy.k = k;
+    policy.granularity = Granularity::per_kv_head;
+    const std::int64_t t = layer.attention.q.size(0);
+    std::vector<std::int32_t> exact(static_cast<std::size_t>(t * 2 * k)), fidelity(exact.size());
+    make_selector_from_spec(R"({"type": "exact"})")
+        ->select(layer.attention, policy, TensorView(exact.data(), DType::int32, {t, 2, k}));
+    make_selector_from_spec(R"({"type": "fidelity", "precision": 1.0, "seed": 3})")
+        ->select(layer.attention, policy, TensorView(fidelity.data(), DType::int32, {t, 2, k}));
+    EXPECT_EQ(exact, fidelity) << "layer " << layer.layer;
+    std::copy(exact.begin(), exact.end(), selection.mutable_data<std::int32_t>());
+    ++layers_checked;
+  };
+  (void)model.logits(tokens, sparse);
+  EXPECT_EQ(layers_checked, 2);
+
+  // In a study: the same bits per byte and the same metrics in every row; precision 0.5 loses recall.
+  StudyOptions options;
+  options.k_values = {k, 16};
+  options.keep_row_metrics = true;
+  const StudyResult result = run_tiny_lm_study(
+      model, tokens,
+      factories({R"({"type": "exact"})", R"({"type": "fidelity", "precision": 1.0, "seed": 3})",
+                 R"({"type": "fidelity", "precision": 0.5, "seed": 3})"}),
+      options, "small");
+  ASSERT_EQ(result.rows.size(), 6u);
+  for (std::size_t i = 0; i < 2; ++i) {
+    const StudyRow& exact = result.rows[i];
+    const StudyRow& fidelity = result.rows[2 + i];
+    EXPECT_EQ(fidelity.selector, make_selector_from_spec(R"({"type": "fidelity", "precision": 1.0})")->name());
+    EXPECT_EQ(mean_of(exact, "bpb"), mean_of(fidelity, "bpb")) << exact.k;
+    ASSERT_EQ(exact.row_metrics.size(), fidelity.row_metrics.size());
+    for (std::size_t r = 0; r < exact.row_metrics.size(); ++r) {
+      ASSERT_EQ(exact.row_metrics[r].recall, fidelity.row_metrics[r].recall) << r;
+      ASSERT_EQ(exact.row_metrics[r].mass, fidelity.row_metrics[r].mass) << r;
+    }
+  }
+  EXPECT_LT(mean_of(result.rows[5], "recall"), 0.95);
+  EXPECT_NE(mean_of(result.rows[5], "bpb"), mean_of(result.rows[1], "bpb"));
+}
+
+TEST(TinyLmStudy, IndexerSpecScoresWithTheLayersTrainedIndexer) {
+  const TinyLm model = TinyLm::from_safetensors(random_model_file(small_config(), 3));
+  const std::vector<std::uint8_t> tokens = text_bytes(0, 64);
+  constexpr std::int64_t k = 8;
+  int layers_checked = 0;
+  std::int64_t rows_unlike_stand_in = 0;
+  TinyLmSparse sparse;
+  sparse.granularity = Granularity::per_kv_head;
+  sparse.width = k;
+  sparse.select = [&](const TinyLmLayer& layer, const TensorView& selection) {
+    ASSERT_FALSE(layer.index_q.empty());
+    const IndexerTensors tensors{layer.index_q, layer.index_k, layer.index_w};
+    SelectionPolicy policy;
+    policy.k = k;
+    policy.granularity = Granularity::per_kv_head;
+    const std::int64_t t_count = layer.attention.q.size(0);
+    const std::int64_t n = layer.attention.k.size(0);
+    const auto run = [&](Selector& selector) {
+      std::vector<std::int32_t> out(static_cast<std::size_t>(t_count * 2 * k), -1);
+      selector.select(layer.attention, policy, TensorView(out.data(), DType::int32, {t_count, 2, k}));
+      return out;
+    };
+    const std::unique_ptr<Selector> indexer = make_selector_from_spec(R"({"type": "indexer"})", &tensors);
+    EXPECT_EQ(indexer->name(), "indexer(fp32)");
+    const std::vector<std::int32_t> chosen = run(*indexer);
+
+    // The top-k of the plain double-precision indexer scores of this layer, one selection for both groups.
+    std::vector<double> scores(static_cast<std::size_t>(t_count * n));
+    lightning_indexer_reference(layer.index_q, layer.index_w, layer.attention.positions, layer.index_k,
+                                TensorView(scores.data(), DType::fp64, {t_count, n}));
+    for (std::int64_t t = 0; t < t_count; ++t) {
+      const std::int64_t allowed = t + 1;
+      std::vector<double> row(scores.begin() + t * n, scores.begin() + t * n + allowed);
+      std::sort(row.begin(), row.end(), std::greater<>());
+      const double kth = row[static_cast<std::size_t>(std::min(k, allowed) - 1)];
+      for (std::int64_t g = 0; g < 2; ++g) {
+        std::int64_t selected = 0;
+        for (std::int64_t i = 0; i < k; ++i) {
+          const std::int32_t s = chosen[static_cast<std::size_t>((t * 2 + g) * k + i)];
+          EXPECT_EQ(s, chosen[static_cast<std::size_t>(t * 2 * k + i)]) << "one selection for every group";
+          if (s < 0) continue;
+          ++selected;
+          EXPECT_GE(scores[static_cast<std::size_t>(t * n + s)], kth - 1e-5 * (1.0 + std::abs(kth)))
+              << "layer " << layer.layer << " token " << t << " key " << s;
+        }
+        EXPECT_EQ(selected, std::min(k, allowed));
+      }
+    }
+    // Without the tensors the spec builds the stand-in, which scores something else.
+    const std::unique_ptr<Selector> stand_in = make_selector_from_spec(R"({"type": "indexer"})", nullptr);
+    const std::vector<std::int32_t> proxy = run(*stand_in);
+    for (std::int64_t r = 0; r < t_count * 2; ++r) {
+      rows_unlike_stand_in += !std::equal(chosen.begin() + r * k, chosen.begin() + (r + 1) * k, proxy.begin() + r * k);
+    }
+    // The spec's quantisation reaches the indexer: the same selection as a LightningIndexer built by hand.
+    QuantizationConfig quantization;
+    quantization.format = DType::int4;
+    quantization.granularity = ScaleGranularity::per_group;
+    quantization.group_size = 32;
+    quantization.hadamard = true;
+    auto by_hand = std::make_shared<LightningIndexer>(2, 32, quantization);
+    by_hand->append_keys(layer.index_k);
+    const std::unique_ptr<Selector> manual = make_indexer_selector(
+        by_hand, std::vector<float>(layer.index_q.data<float>(), layer.index_q.data<float>() + layer.index_q.numel()),
+        std::vector<float>(layer.index_w.data<float>(), layer.index_w.data<float>() + layer.index_w.numel()));
+    const std::unique_ptr<Selector> from_spec = make_selector_from_spec(R"({"type": "indexer", "format": "int4",
+        "scale_granularity": "per_group", "group_size": 32, "hadamard": true})", &tensors);
+    EXPECT_EQ(from_spec->name(), "indexer(int4/g32/hadamard)");
+    EXPECT_EQ(run(*from_spec), run(*manual));
+    // Knobs of the stand-in only, and tensors that disagree, are errors.
+    EXPECT_THROW(make_selector_from_spec(R"({"type": "indexer", "aggregation": "max"})", &tensors), Error);
+    EXPECT_THROW(make_selector_from_spec(R"({"type": "indexer", "rank": 4})", &tensors), Error);
+    const IndexerTensors wrong{layer.index_q, layer.index_k, layer.index_q};
+    EXPECT_THROW(make_selector_from_spec(R"({"type": "indexer"})", &wrong), Error);
+    // Other types ignore the tensors; a hybrid's candidates use them.
+    EXPECT_EQ(run(*make_selector_from_spec(R"({"type": "exact"})", &tensors)),
+              run(*make_selector_from_spec(R"({"type": "exact"})")));
+    EXPECT_NE(make_selector_from_spec(R"({"type": "hybrid", "candidate_k": 16, "candidates": {"type": "indexer"}})",
+                                      &tensors),
+              nullptr);
+
+    std::copy(chosen.begin(), chosen.end(), selection.mutable_data<std::int32_t>());
+    ++layers_checked;
+  };
+  (void)model.logits(tokens, sparse);
+  EXPECT_EQ(layers_checked, 2);
+  EXPECT_GT(rows_unlike_stand_in, 0);
+
+  // A study's indexer row runs the same selector in every layer: its bits per byte are those of the forward
+  // pass above.
+  StudyOptions options;
+  options.k_values = {k};
+  const StudyResult result = run_tiny_lm_study(model, tokens, factories({R"({"type": "indexer"})"}), options, "x");
+  sparse.select = [&](const TinyLmLayer& layer, const TensorView& selection) {
+    const IndexerTensors tensors{layer.index_q, layer.index_k, layer.index_w};
+    SelectionPolicy policy;
+    policy.k = k;
+    make_selector_from_spec(R"({"type": "indexer"})", &tensors)->select(layer.attention, policy, selection);
+  };
+  EXPECT_NEAR(mean_of(result.rows[0], "bpb"), bits_per_byte(model.logits(tokens, sparse), tokens, 256), 1e-12);
+}
+
+TEST(TinyLmStudy, DumpIndexerTensorsReachTheIndexerSpec) {
+  // One dump layer with random q, k, v and unrelated random indexer tensors: the indexer spec scores with them
+  // (recall near chance), while the proxy over the same q.K is near exact.
+  constexpr std::int64_t t_count = 8, n = 256, hq = 4, hkv = 2, d = 32, hi = 2, di = 32;
+  std::mt19937_64 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const auto random = [&](std::string name, std::vector<std::int64_t> shape, float scale) {
+    std::int64_t count = 1;
+    for (const std::int64_t e : shape) count *= e;
+    std::vector<float> values(static_cast<std::size_t>(count));
+    for (float& v : values) v = scale * normal(rng);
+    return LoadedTensor::from_float(std::move(name), values, std::move(shape));
+  };
+  Dump dump;
+  dump.model = "random";
+  DumpLayer layer;
+  layer.index = 3;
+  layer.q = random("q", {t_count, hq, d}, 1.0f);
+  layer.k = random("k", {n, hkv, d}, 1.0f);
+  layer.v = random("v", {n, hkv, d}, 1.0f);
+  std::vector<std::int32_t> positions(t_count);
+  for (std::int64_t t = 0; t < t_count; ++t) {
+    positions[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(n - t_count + t);
+  }
+  layer.positions = LoadedTensor::from_int32("positions", positions, {t_count});
+  layer.index_q = random("index_q", {t_count, hi, di}, 1.0f);
+  layer.index_k = random("index_k", {n, di}, 1.0f);
+  layer.index_w = random("index_w", {t_count, hi}, 1.0f);
+  dump.layers.push_back(layer);
+  const std::filesystem::path path = std::filesystem::temp_directory_path() / "keysel_test_indexer_dump.safetensors";
+  write_dump(path, dump);
+
+  StudyWorkloadSpec spec;
+  spec.type = "dump";
+  spec.path = path.string();
+  spec.layer = 3;
+  const Workload workload = make_study_workload(spec);
+  EXPECT_EQ(workload.index_heads, hi);
+  EXPECT_EQ(workload.index_dim, di);
+  EXPECT_EQ(workload.index_k, layer.index_k->to_float());
+
+  const StudySuiteResult result = run_study_config(parse_study_config(
+      R"({"workloads": [{"type": "dump", "path": )" + json_string(path.string()) + R"(}],
+          "selectors": [{"type": "indexer"}, {"type": "proxy"}], "k": 16})"));
+  ASSERT_EQ(result.studies.size(), 1u);
+  ASSERT_EQ(result.studies[0].rows.size(), 2u);
+  const double indexer_recall = mean_of(result.studies[0].rows[0], "recall");
+  EXPECT_LT(indexer_recall, 0.6);
+  EXPECT_GT(mean_of(result.studies[0].rows[1], "recall"), 0.95);
+  // The same as the spec built by hand over the workload's tensors.
+  const IndexerTensors tensors{TensorView(workload.index_q.data(), DType::fp32, {t_count, hi, di}),
+                               TensorView(workload.index_k.data(), DType::fp32, {n, di}),
+                               TensorView(workload.index_w.data(), DType::fp32, {t_count, hi})};
+  std::vector<std::unique_ptr<Selector>> selectors;
+  selectors.push_back(make_selector_from_spec(R"({"type": "indexer"})", &tensors));
+  StudyOptions options;
+  options.k_values = {16};
+  EXPECT_EQ(mean_of(run_study(workload, selectors, options).rows[0], "recall"), indexer_recall);
+  std::filesystem::remove(path);
+}
+
+TEST(TinyLmStudy, StudyFileWritesBitsPerByteAndRecallVsAccuracyCharts) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "keysel_test_tiny_lm_study";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "model");
+  const SafetensorsFile file = random_model_file(small_config(), 4);
+  write_safetensors(dir / "model" / "model.safetensors", file.tensors, file.metadata);
+  std::ofstream(dir / "code.txt") << kText;
+
+  const std::string workload = R"({"type": "tiny-lm", "model": )" + json_string((dir / "model").string()) +
+                               R"(, "text": )" + json_string((dir / "code.txt").string()) +
+                               R"(, "tokens": 40, "offset": 3})";
+  const StudyConfig config = parse_study_config(R"({"workloads": [)" + workload + R"(],
+    "selectors": [{"type": "exact"}, {"name": "fid", "type": "fidelity", "precision": 0.5},
+                  {"type": "indexer", "format": "fp8_e4m3"}, {"type": "streaming", "n_sink": 2}],
+    "k": [4, 16]})");
+  ASSERT_EQ(config.workloads.size(), 1u);
+  EXPECT_EQ(config.workloads[0].name, "tiny-lm(code.txt[3:43])");
+  const StudySuiteResult result = run_study_config(config);
+  ASSERT_EQ(result.studies.size(), 1u);
+  const StudyResult& study = result.studies[0];
+  EXPECT_EQ(study.layers.size(), 2u);
+  EXPECT_EQ(study.rows.size(), 8u);
+  const TinyLm model = TinyLm::from_safetensors(file);
+  const std::vector<std::uint8_t> tokens = text_bytes(3, 40);
+  EXPECT_NEAR(study.full_bpb.mean, bits_per_byte(model.logits(tokens), tokens, 256), 1e-12);
+  EXPECT_EQ(study.rows[0].metrics.at("recall").min, 1.0);
+  EXPECT_EQ(result.positions[0].size(), 40u);
+
+  write_study_outputs(result, (dir / "out").string());
+  // results.csv: bpb and bpb_increase for every selector and k, after the SPEC §4 metrics.
+  std::map<std::string, int> metric_lines;
+  std::istringstream csv(read_text(dir / "out" / "results.csv"));
+  std::string line;
+  std::getline(csv, line);
+  while (std::getline(csv, line)) {
+    const std::size_t k_end = line.find(',', line.find(',', line.find(',') + 1) + 1);
+    ++metric_lines[line.substr(k_end + 1, line.find(',', k_end + 1) - k_end - 1)];
+  }
+  EXPECT_EQ(metric_lines["bpb"], 8);
+  EXPECT_EQ(metric_lines["bpb_increase"], 8);
+  EXPECT_EQ(metric_lines["recall"], 8);
+  // by_row.csv: every layer's rows, labelled by layer as a dump's layers are.
+  std::istringstream rows(read_text(dir / "out" / "by_row.csv"));
+  std::map<std::string, int> rows_per_workload;
+  std::getline(rows, line);
+  while (std::getline(rows, line)) ++rows_per_workload[line.substr(0, line.find(','))];
+  ASSERT_EQ(rows_per_workload.size(), 2u);
+  EXPECT_EQ(rows_per_workload["tiny-lm(code.txt[3:43]) layer 0"], 8 * 40 * 2);
+  EXPECT_EQ(rows_per_workload["tiny-lm(code.txt[3:43]) layer 1"], 8 * 40 * 2);
+  // results.json: the layers and full attention's bits per byte.
+  const nlohmann::json doc = nlohmann::json::parse(read_text(dir / "out" / "results.json"));
+  EXPECT_EQ(doc["studies"][0]["layers"], nlohmann::json::array({0, 1}));
+  EXPECT_NEAR(doc["studies"][0]["full_attention"]["bpb"]["mean"].get<double>(), study.full_bpb.mean, 1e-12);
+  EXPECT_TRUE(doc["studies"][0]["rows"][3]["metrics"].contains("bpb_increase"));
+
+  // report.html: well-formed, with bits per byte against recall and against mass, and the layer heatmaps.
+  const std::string html = read_text(dir / "out" / "report.html");
+  EXPECT_EQ(test::xml_problem(html), "");
+  for (const char* part : {"Accuracy against fidelity", "bits per byte vs recall", "bits per byte vs mass",
+                           "bpb increase vs recall", "bpb increase vs mass",
+                           "full attention", "Recall by layer and group (head): tiny-lm(code.txt[3:43])",
+                           "exact: recall by layer and head", "layer 1, group 1: ", "<th>bits per byte</th>"}) {
+    EXPECT_NE(html.find(part), std::string::npos) << part;
+  }
+  // One dot per selector and k in each accuracy chart, with the bits per byte in its tooltip.
+  const std::size_t at = html.find("bits per byte vs recall</title>");
+  const std::size_t end = html.find("</svg>", at);
+  ASSERT_NE(at, std::string::npos);
+  std::size_t dots = 0;
+  for (std::size_t c = html.find("<circle", at); c < end; c = html.find("<circle", c + 1)) ++dots;
+  EXPECT_EQ(dots, 8u);
+  char expected[64];
+  std::snprintf(expected, sizeof expected, ", %.4g)", mean_of(study.rows[2], "bpb"));
+  EXPECT_NE(html.find(expected, at), std::string::npos) << expected;
+
+  // A text shorter than the workload, and a workload longer than the model's context, fail naming them.
+  const auto run_with = [&](const std::string& extra) {
+    const std::string original = R"("tokens": 40, "offset": 3)";
+    std::string w = workload;
+    w.replace(w.find(original), original.size(), extra);
+    return run_study_config(parse_study_config(R"({"workloads": [)" + w + R"(], "selectors": [{"type": "exact"}]})"));
+  };
+  try {
+    run_with(R"("tokens": 90, "offset": 100)");
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("code.txt"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(run_with(R"("tokens": 120, "offset": 0)"), Error);
+  for (const char* bad : {R"({"type": "tiny-lm", "tokens": 1})", R"({"type": "tiny-lm", "layer": 1})",
+                          R"({"type": "tiny-lm", "model": ""})", R"({"type": "tiny-lm", "text": 3})"}) {
+    EXPECT_THROW(parse_study_config(R"({"workloads": [)" + std::string(bad) + R"(], "selectors": [{"type": "exact"}]})"),
+                 Error)
+        << bad;
+  }
+  StudyWorkloadSpec tiny;
+  tiny.type = "tiny-lm";
+  EXPECT_THROW(make_study_workload(tiny), Error);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(TinyLmStudy, ShippedModelsTrainedIndexerBeatsRandomInRecallAndAccuracy) {
+  // 256 bytes of the shipped held-out text at per-token granularity (what the indexers were trained for).
+  const std::string directory = tiny_lm_directory();
+  const TinyLm model = TinyLm::load(directory + "/model.safetensors");
+  TinyLmWorkloadOptions text;
+  text.model = directory;
+  text.tokens = 256;
+  const std::vector<std::uint8_t> tokens = read_tiny_lm_text(text);
+  StudyOptions options;
+  options.k_values = {32};
+  options.granularity = Granularity::per_token;
+  const StudyResult result = run_tiny_lm_study(
+      model, tokens,
+      factories({R"({"type": "exact"})", R"({"type": "indexer"})", R"({"type": "random", "seed": 5})"}), options,
+      "shipped");
+  ASSERT_EQ(result.rows.size(), 3u);
+  EXPECT_EQ(result.layers.size(), 6u);
+  EXPECT_LT(result.full_bpb.mean, 3.0);  // a trained model on code; untrained weights give about 8
+  EXPECT_EQ(mean_of(result.rows[0], "recall"), 1.0);
+  const double indexer_recall = mean_of(result.rows[1], "recall");
+  const double random_recall = mean_of(result.rows[2], "recall");
+  EXPECT_GT(indexer_recall, random_recall + 0.2);
+  EXPECT_LT(mean_of(result.rows[1], "bpb_increase"), mean_of(result.rows[2], "bpb_increase"));
+  EXPECT_LT(mean_of(result.rows[0], "bpb_increase"), mean_of(result.rows[2], "bpb_increase"));
+}
+
+TEST(TinyLmStudy, BuiltInStudyParsesAndMatchesTheExampleFile) {
+  const StudyConfig builtin = tiny_lm_study_config();
+  ASSERT_EQ(builtin.workloads.size(), 1u);
+  EXPECT_EQ(builtin.workloads[0].type, "tiny-lm");
+  EXPECT_TRUE(builtin.workloads[0].tiny_lm.model.empty());  // the shipped model, found when run
+  EXPECT_EQ(builtin.options.k_values, (std::vector<std::int64_t>{32, 128, 512}));
+  std::vector<std::string> names;
+  for (const StudySelectorSpec& s : builtin.selectors) names.push_back(s.name);
+  for (const char* name : {"exact", "fidelity[precision=1.0]", "indexer(fp32)", "indexer(int4/hadamard)", "random"}) {
+    EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
+  }
+  // examples/studies/tiny_lm.json is the same study file.
+  const std::filesystem::path example =
+      std::filesystem::path(__FILE__).parent_path() / "../../examples/studies/tiny_lm.json";
+  EXPECT_EQ(read_text(example), tiny_lm_study_config_json());
+}
+
+}  // namespace
+}  // namespace keysel

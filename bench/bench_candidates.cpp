@@ -1,18 +1,33 @@
-// FAISS candidate searches against the exact top-k on the realistic synthetic workload (docs/performance.md).
+// FAISS candidate searches against the exact top-k on synthetic or dumped attention (docs/candidate-search.md).
 //
 // One workload (default N = 131072 cached keys, D = 128, 8 decode tokens, GQA 4 query heads over 1 key head,
 // k = 2048, per_kv_head groups, 4 sinks and 64 local keys kept) is generated once; the exact attention is computed
 // once in double (ExactReference). Each benchmark is one selector configuration: its index is built before the
 // timed loop (build_s reports it), then select() is timed over every query token. Counters:
 //   recall, mass        SPEC §4 means over the rows (query token x group), against the exact top-k
+//   recall64            fraction of each row's exact top-64 keys (by pbar) that the selection holds: the keys
+//                       that carry the mass, as opposed to the tail of the top-k
 //   scored_frac         keys scored per row / allowed keys (index distance computations, IVF centroids
-//                       included, per search query, plus the keys re-ranked exactly)
+//                       included, per search query, plus the keys re-ranked)
 //   ms_per_row          select() wall time per row (the benchmark's own time covers all rows of one call)
 //   build_s             train + add of every key head's index
 // The peers of the same run: the exact path (make_exact_selector, double precision), the brute-force search
 // (fp32, every key) and FAISS IndexFlatIP ("Flat"), both followed by the same re-rank.
 //
+// Rows: IVF{nlist} (1024, 256 with --quick) over inner products and with the MIPS transform at nprobe nlist/64 ..
+// nlist/8, with balanced channels, k' 4096, the group's mean query, SQ8 and PQ32; without --quick also HNSW32 (ef
+// 2048; plain, MIPS, balanced, mean query), HNSW16 and HNSW8 (balanced), and IVF4096 (capped at N / 16) with the
+// MIPS transform and balanced channels at nprobe 2, 3, 5 and 10% of the lists, k' 4096, mean query and SQ8. On a
+// dump with indexer tensors (index_q, index_k, index_w), three rows re-rank by the Lightning Indexer instead of
+// exactly (CandidateSelectorOptions::rerank); the brute-force one with k' = N is the indexer's own top-k.
+//
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
+// Workload realism (recall/include/keysel/recall/synthetic.h; all off by default, i.e. the default workload):
+// --rope-base=B --key-rank=R --focus=F --temperature=X --key-shift=S --outliers=C --outlier-scale=A, or --realistic
+// for the preset of docs/candidate-search.md (rope_base 10000, key_rank 32, 4 outlier channels x 8,
+// temperature 0.85); flags after --realistic override its values. The workload's measured properties (entropy,
+// top-k mass, key norms) and its keys' principal-component spectrum are printed before the table.
+// --partition-bound also prints IVF's partition bound for nlist 1024 and 4096 (print_partition_bound below).
 // --dump=PATH [--layer=L] runs the same sweep on one layer of a model dump (docs/dumps.md) instead of the synthetic
 // workload: L is the model's layer number as in the tensor names "layer{L}.*" (default: the dump's first layer);
 // --keys/--tokens/--query-heads (synthetic shape) are then ignored. A file that does not load or a layer the dump
@@ -23,6 +38,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +48,10 @@
 #include <vector>
 
 #include "keysel/core/build_config.h"
+#if KEYSEL_FAISS
+#include <faiss/Clustering.h>
+#include <faiss/IndexFlat.h>
+#endif
 #include "keysel/core/error.h"
 #include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/selector.h"
@@ -51,11 +71,24 @@ struct Setup {
   std::string dump;          // --dump=PATH: a model dump instead of the synthetic workload
   std::int64_t layer = -1;   // --layer=L: the model's layer number (-1: the dump's first layer)
   bool synthetic_shape_given = false;
+  bool partition_bound = false;      // --partition-bound: print IVF's partition bound before the table
+  keysel::SyntheticOptions realism;  // only the realism knobs and focus are read from it
 };
+
+/// The --realistic preset: post-RoPE keys of a low-rank content space with outlier channels, and attention
+/// sharp enough that the top-2048 of 131072 keys holds 0.85 of the mass (real long-context heads: 0.7-0.9).
+void apply_realistic_preset(keysel::SyntheticOptions& o) {
+  o.rope_base = 10000;
+  o.key_rank = 32;
+  o.outlier_channels = 4;
+  o.outlier_scale = 8;
+  o.temperature = 0.85;
+}
 
 Setup g_setup;
 keysel::Workload* g_workload = nullptr;
 keysel::ExactReference* g_reference = nullptr;
+std::vector<std::int32_t> g_top64;  // [rows, 64]: the exact top-64 of each row (no kept keys), -1 padded
 
 keysel::SelectionPolicy policy() {
   keysel::SelectionPolicy p;
@@ -87,6 +120,18 @@ void run_selector(benchmark::State& state, keysel::Selector& selector, double bu
   }
   for (std::int64_t t = 0; t < g_workload->shape.tokens; ++t) allowed += static_cast<double>(g_reference->allowed(t));
   const double rows = static_cast<double>(metrics.size());
+  double found64 = 0, total64 = 0;
+  for (std::size_t row = 0; row < metrics.size(); ++row) {
+    const auto begin = out.begin() + static_cast<std::ptrdiff_t>(row) * p.width();
+    const auto end = begin + p.width();
+    for (std::size_t i = 0; i < 64; ++i) {
+      const std::int32_t key = g_top64[row * 64 + i];
+      if (key < 0) continue;
+      total64 += 1;
+      found64 += std::find(begin, end, key) != end ? 1.0 : 0.0;
+    }
+  }
+  state.counters["recall64"] = total64 > 0 ? found64 / total64 : 1.0;
   state.counters["recall"] = recall / rows;
   state.counters["mass"] = mass / rows;
   state.counters["mass_ratio"] = mass_ratio / rows;
@@ -102,15 +147,16 @@ struct SharedSelector {
   double build_seconds = 0;
 };
 
-SharedSelector& shared(const std::string& spec, bool mips) {
+SharedSelector& shared(const std::string& spec, bool mips, bool balance) {
   static std::vector<std::pair<std::string, SharedSelector>> cache;
-  const std::string key = spec + (mips ? "+mips" : "");
+  const std::string key = spec + (mips ? "+mips" : "") + (balance ? "+balance" : "");
   for (auto& [name, s] : cache) {
     if (name == key) return s;
   }
   // One selector per index: the first select() builds it (and is the measurement of build_s).
   keysel::CandidateSearchOptions search_options;
   search_options.mips_to_l2 = mips;
+  search_options.balance_channels = balance;
   SharedSelector s;
   s.selector = keysel::make_candidate_selector(spec, {}, search_options);
   const keysel::AttentionInputs inputs = g_workload->inputs();
@@ -131,26 +177,32 @@ struct Config {
   std::int64_t ef_search = 0;
   std::int64_t candidates = 0;  // k' (0: k minus the kept keys)
   keysel::CandidateQueries queries = keysel::CandidateQueries::each_head;
+  bool indexer_rerank = false;  // re-rank by the dump's Lightning Indexer instead of exactly
+  bool balance = false;         // channel balancing (CandidateSearchOptions::balance_channels)
 };
 
+keysel::CandidateScore g_indexer_score;  // the dump layer's indexer (empty when it has none)
+
 std::string label(const Config& c) {
-  std::string s = c.spec + (c.mips ? "+mips" : "");
+  std::string s = c.spec + (c.mips ? "+mips" : "") + (c.balance ? "+balance" : "");
   if (c.nprobe > 0) s += "/nprobe=" + std::to_string(c.nprobe);
   if (c.ef_search > 0) s += "/ef=" + std::to_string(c.ef_search);
   if (c.candidates > 0) s += "/k'=" + std::to_string(c.candidates);
   if (c.queries == keysel::CandidateQueries::group_mean) s += "/mean-query";
+  if (c.indexer_rerank) s += "/indexer-rerank";
   return s;
 }
 
 void register_config(const Config& c) {
   benchmark::RegisterBenchmark(("candidates/" + label(c)).c_str(), [c](benchmark::State& state) {
     try {
-      SharedSelector& s = shared(c.spec, c.mips);
+      SharedSelector& s = shared(c.spec, c.mips, c.balance);
       keysel::CandidateSelectorOptions options;
       options.candidates = c.candidates;
       options.search.nprobe = c.nprobe;
       options.search.ef_search = c.ef_search;
       options.queries = c.queries;
+      if (c.indexer_rerank) options.rerank = g_indexer_score;
       s.selector->set_options(options);
       run_selector(state, *s.selector, s.build_seconds);
     } catch (const keysel::Error& e) {  // e.g. an index the workload is too small to train: report it, go on
@@ -163,6 +215,13 @@ bool parse_flag(const char* arg, const char* name, std::int64_t& value) {
   const std::size_t n = std::strlen(name);
   if (std::strncmp(arg, name, n) != 0 || arg[n] != '=') return false;
   value = std::atoll(arg + n + 1);
+  return true;
+}
+
+bool parse_flag(const char* arg, const char* name, double& value) {
+  const std::size_t n = std::strlen(name);
+  if (std::strncmp(arg, name, n) != 0 || arg[n] != '=') return false;
+  value = std::atof(arg + n + 1);
   return true;
 }
 
@@ -180,10 +239,14 @@ keysel::Workload make_workload() {
     if (dump.layers.empty()) throw keysel::Error("dump '" + g_setup.dump + "' holds no layers");
     const std::int64_t wanted = g_setup.layer >= 0 ? g_setup.layer : dump.layers.front().index;
     const keysel::DumpLayer& layer = dump.layer(wanted);  // throws keysel::Error naming the layers present
+    if (layer.index_q && layer.index_k && layer.index_w) {
+      g_indexer_score =
+          keysel::make_indexer_candidate_score(layer.index_q->view(), layer.index_w->view(), layer.index_k->view());
+    }
     return dump.workload(static_cast<std::size_t>(&layer - dump.layers.data()));
   }
   if (g_setup.layer >= 0) throw keysel::Error("--layer needs --dump=PATH");
-  keysel::SyntheticOptions options;
+  keysel::SyntheticOptions options = g_setup.realism;
   options.keys = g_setup.keys;
   options.tokens = g_setup.tokens;
   options.query_heads = g_setup.query_heads;
@@ -198,6 +261,215 @@ keysel::Workload make_workload() {
 std::int64_t ivf_lists(std::int64_t keys) {
   std::int64_t nlist = g_setup.quick ? 256 : 1024;
   while (nlist > 1 && nlist * 39 > keys) nlist /= 2;
+  return nlist;
+}
+
+/// Eigenvalues of the symmetric matrix a (n x n, row-major; destroyed), by cyclic Jacobi rotations, descending.
+std::vector<double> symmetric_eigenvalues(std::vector<double> a, std::int64_t n) {
+  const auto at = [&](std::int64_t i, std::int64_t j) -> double& { return a[static_cast<std::size_t>(i * n + j)]; };
+  for (int sweep = 0; sweep < 50; ++sweep) {
+    double off = 0;
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t j = i + 1; j < n; ++j) off += at(i, j) * at(i, j);
+    if (off < 1e-22) break;
+    for (std::int64_t p = 0; p < n; ++p) {
+      for (std::int64_t q = p + 1; q < n; ++q) {
+        if (at(p, q) == 0) continue;
+        const double theta = (at(q, q) - at(p, p)) / (2 * at(p, q));
+        const double t = (theta >= 0 ? 1.0 : -1.0) / (std::fabs(theta) + std::sqrt(theta * theta + 1));
+        const double c = 1 / std::sqrt(t * t + 1), s = t * c;
+        for (std::int64_t k = 0; k < n; ++k) {  // columns p, q
+          const double kp = at(k, p), kq = at(k, q);
+          at(k, p) = c * kp - s * kq;
+          at(k, q) = s * kp + c * kq;
+        }
+        for (std::int64_t k = 0; k < n; ++k) {  // rows p, q
+          const double pk = at(p, k), qk = at(q, k);
+          at(p, k) = c * pk - s * qk;
+          at(q, k) = s * pk + c * qk;
+        }
+      }
+    }
+  }
+  std::vector<double> values(static_cast<std::size_t>(n));
+  for (std::int64_t i = 0; i < n; ++i) values[static_cast<std::size_t>(i)] = at(i, i);
+  std::sort(values.rbegin(), values.rend());
+  return values;
+}
+
+/// "keys of kv head h: 50/90/99% of the (centred) variance in a/b/c of D principal components", the structure
+/// that IVF and HNSW can exploit: few components mean low intrinsic dimension.
+void print_key_spectrum(const keysel::Workload& w, std::ostream& out) {
+  const std::int64_t n = w.shape.keys, heads = w.shape.kv_heads, d = w.shape.head_dim;
+  for (std::int64_t h = 0; h < heads; ++h) {
+    std::vector<double> mean(static_cast<std::size_t>(d), 0.0), cov(static_cast<std::size_t>(d * d), 0.0);
+    for (std::int64_t s = 0; s < n; ++s) {
+      for (std::int64_t c = 0; c < d; ++c)
+        mean[static_cast<std::size_t>(c)] += w.k[static_cast<std::size_t>((s * heads + h) * d + c)];
+    }
+    for (double& m : mean) m /= static_cast<double>(n);
+    std::vector<double> x(static_cast<std::size_t>(d));
+    for (std::int64_t s = 0; s < n; ++s) {
+      for (std::int64_t c = 0; c < d; ++c)
+        x[static_cast<std::size_t>(c)] =
+            w.k[static_cast<std::size_t>((s * heads + h) * d + c)] - mean[static_cast<std::size_t>(c)];
+      for (std::int64_t i = 0; i < d; ++i)
+        for (std::int64_t j = i; j < d; ++j)
+          cov[static_cast<std::size_t>(i * d + j)] += x[static_cast<std::size_t>(i)] * x[static_cast<std::size_t>(j)];
+    }
+    for (std::int64_t i = 0; i < d; ++i)
+      for (std::int64_t j = 0; j < i; ++j)
+        cov[static_cast<std::size_t>(i * d + j)] = cov[static_cast<std::size_t>(j * d + i)];
+    const std::vector<double> values = symmetric_eigenvalues(std::move(cov), d);
+    double total = 0;
+    for (const double v : values) total += std::max(v, 0.0);
+    out << "keys of kv head " << h << ": 50/90/99% of the centred variance in";
+    const char* sep = " ";
+    for (const double share : {0.5, 0.9, 0.99}) {
+      double acc = 0;
+      std::int64_t r = 0;
+      while (r < d && acc < share * total) acc += std::max(values[static_cast<std::size_t>(r++)], 0.0);
+      out << sep << r;
+      sep = "/";
+    }
+    out << " of " << d << " principal components\n";
+  }
+}
+
+#if KEYSEL_FAISS
+/// The partition bound of IVF (--partition-bound): k-means into nlist lists over the keys as the "+mips+balance"
+/// index stores them, then for every row the share of the keys that the lists must hold to cover 90% of the
+/// row's exact top-k free keys, (a) taking the lists in the best possible order (an oracle that knows where the
+/// top-k keys are: most top-k keys per key first) and (b) in the order the queries' centroid distances give
+/// (each head's ranking, interleaved: what nprobe does). (a) bounds every probe rule over that partition.
+void print_partition_bound(const keysel::Workload& w, const keysel::ExactReference& reference,
+                           const keysel::SelectionPolicy& p, std::int64_t nlist, std::ostream& out) {
+  const std::int64_t n = w.shape.keys, heads = w.shape.kv_heads, d = w.shape.head_dim, e = d + 1;
+  const std::int64_t group_size = w.shape.query_heads / heads;
+  std::vector<std::int32_t> exact(static_cast<std::size_t>(w.shape.tokens * heads * p.width()));
+  reference.exact_topk(p, keysel::TensorView(exact.data(), keysel::DType::int32, {w.shape.tokens, heads, p.width()}));
+  double oracle_sum = 0, probe_sum = 0;
+  std::int64_t rows = 0;
+  for (std::int64_t h = 0; h < heads; ++h) {
+    // Balance the channels, then the MIPS coordinate (as faiss_search.cpp stores keys).
+    std::vector<double> rms(static_cast<std::size_t>(d), 0.0);
+    for (std::int64_t s = 0; s < n; ++s)
+      for (std::int64_t c = 0; c < d; ++c)
+        rms[c] += std::pow(w.k[static_cast<std::size_t>((s * heads + h) * d + c)], 2);
+    for (double& r : rms) r = r > 0 ? std::sqrt(r / static_cast<double>(n)) : 1.0;
+    std::vector<float> x(static_cast<std::size_t>(n * e));
+    double bound = 0;
+    for (std::int64_t s = 0; s < n; ++s) {
+      double norm = 0;
+      for (std::int64_t c = 0; c < d; ++c) {
+        const double v = w.k[static_cast<std::size_t>((s * heads + h) * d + c)] / rms[c];
+        x[static_cast<std::size_t>(s * e + c)] = static_cast<float>(v);
+        norm += v * v;
+      }
+      bound = std::max(bound, norm);
+    }
+    for (std::int64_t s = 0; s < n; ++s) {
+      double norm = 0;
+      for (std::int64_t c = 0; c < d; ++c) norm += std::pow(x[static_cast<std::size_t>(s * e + c)], 2);
+      x[static_cast<std::size_t>(s * e + d)] = static_cast<float>(std::sqrt(std::max(bound - norm, 0.0)));
+    }
+    std::vector<float> centroids(static_cast<std::size_t>(nlist * e));
+    faiss::kmeans_clustering(static_cast<std::size_t>(e), static_cast<std::size_t>(n), static_cast<std::size_t>(nlist),
+                             x.data(), centroids.data());
+    faiss::IndexFlatL2 coarse(e);
+    coarse.add(nlist, centroids.data());
+    std::vector<float> distance(static_cast<std::size_t>(n));
+    std::vector<faiss::Index::idx_t> list(static_cast<std::size_t>(n));
+    coarse.search(n, x.data(), 1, distance.data(), list.data());
+    std::vector<double> size(static_cast<std::size_t>(nlist), 0.0);
+    for (std::int64_t t = 0; t < w.shape.tokens; ++t) {
+      const std::int64_t allowed = reference.allowed(t);
+      const std::int64_t sink_end = std::min(p.n_sink, allowed), local_start = std::max(allowed - p.n_local, sink_end);
+      std::vector<double> hits(static_cast<std::size_t>(nlist), 0.0);
+      double targets = 0;
+      for (std::int64_t i = 0; i < p.width(); ++i) {
+        const std::int32_t key = exact[static_cast<std::size_t>((t * heads + h) * p.width() + i)];
+        if (key < sink_end || key >= local_start) continue;  // -1 padding and kept keys
+        hits[static_cast<std::size_t>(list[static_cast<std::size_t>(key)])] += 1;
+        targets += 1;
+      }
+      if (targets == 0) continue;
+      // List sizes over the row's free keys (the causal rule and the kept keys bound what a search scans).
+      std::fill(size.begin(), size.end(), 0.0);
+      for (std::int64_t key = sink_end; key < local_start; ++key)
+        size[static_cast<std::size_t>(list[static_cast<std::size_t>(key)])] += 1;
+      const auto scanned_for = [&](const std::vector<std::int64_t>& order) {
+        double covered = 0, scanned = 0;
+        for (const std::int64_t l : order) {
+          if (covered >= 0.9 * targets) break;
+          covered += hits[static_cast<std::size_t>(l)];
+          scanned += size[static_cast<std::size_t>(l)];
+        }
+        return scanned / static_cast<double>(allowed);
+      };
+      std::vector<std::int64_t> order(static_cast<std::size_t>(nlist));
+      for (std::int64_t l = 0; l < nlist; ++l) order[static_cast<std::size_t>(l)] = l;
+      std::vector<std::int64_t> oracle = order;
+      std::vector<double> density(static_cast<std::size_t>(nlist));
+      for (std::int64_t l = 0; l < nlist; ++l) density[l] = size[l] > 0 ? hits[l] / size[l] : -1.0;
+      std::sort(oracle.begin(), oracle.end(), [&](std::int64_t a, std::int64_t b) {
+        return density[a] != density[b] ? density[a] > density[b] : a < b;  // most top-k keys per key first
+      });
+      // Each head's centroid ranking (queries get the balancing scales and a 0 MIPS coordinate).
+      std::vector<std::int64_t> best_rank(static_cast<std::size_t>(nlist), nlist);
+      for (std::int64_t qh = h * group_size; qh < (h + 1) * group_size; ++qh) {
+        std::vector<float> q(static_cast<std::size_t>(e), 0.0f);
+        for (std::int64_t c = 0; c < d; ++c) {
+          q[static_cast<std::size_t>(c)] =
+              static_cast<float>(w.q[static_cast<std::size_t>((t * w.shape.query_heads + qh) * d + c)] * rms[c]);
+        }
+        std::vector<float> cd(static_cast<std::size_t>(nlist));
+        std::vector<faiss::Index::idx_t> cl(static_cast<std::size_t>(nlist));
+        coarse.search(1, q.data(), nlist, cd.data(), cl.data());
+        for (std::int64_t r = 0; r < nlist; ++r) {
+          auto& b = best_rank[static_cast<std::size_t>(cl[static_cast<std::size_t>(r)])];
+          b = std::min(b, r);
+        }
+      }
+      std::vector<std::int64_t> probe = order;
+      std::stable_sort(probe.begin(), probe.end(),
+                       [&](std::int64_t a, std::int64_t b) { return best_rank[a] < best_rank[b]; });
+      oracle_sum += scanned_for(oracle);
+      probe_sum += scanned_for(probe);
+      ++rows;
+    }
+  }
+  out << "partition bound, IVF" << nlist << " over balanced MIPS keys: keys that must be scanned to hold 90% of the"
+      << " exact top-k free keys: " << 100 * oracle_sum / static_cast<double>(rows)
+      << "% with the best lists (oracle), " << 100 * probe_sum / static_cast<double>(rows)
+      << "% in the queries' centroid order\n";
+}
+#endif
+
+/// The workload-realism flags (and --realistic, --partition-bound); false when `arg` is none of them.
+bool parse_realism_flag(const char* arg) {
+  keysel::SyntheticOptions& r = g_setup.realism;
+  std::int64_t v = 0;
+  if (std::strcmp(arg, "--realistic") == 0) {
+    apply_realistic_preset(r);
+  } else if (std::strcmp(arg, "--partition-bound") == 0) {
+    g_setup.partition_bound = true;
+  } else if (parse_flag(arg, "--key-rank", v)) {
+    r.key_rank = v;
+  } else if (parse_flag(arg, "--outliers", v)) {
+    r.outlier_channels = v;
+  } else if (!parse_flag(arg, "--rope-base", r.rope_base) && !parse_flag(arg, "--focus", r.focus) &&
+             !parse_flag(arg, "--temperature", r.temperature) && !parse_flag(arg, "--key-shift", r.key_shift) &&
+             !parse_flag(arg, "--outlier-scale", r.outlier_scale)) {
+    return false;
+  }
+  return true;
+}
+
+/// IVF lists of the many-lists rows: 4096, capped at the largest power of two <= N / 16.
+std::int64_t ivf_lists_large(std::int64_t keys) {
+  std::int64_t nlist = 4096;
+  while (nlist > 1 && nlist * 16 > keys) nlist /= 2;
   return nlist;
 }
 
@@ -221,7 +493,8 @@ int main(int argc, char** argv) {
     else if (parse_flag(argv[i], "--k", v)) g_setup.k = v;
     else if (parse_flag(argv[i], "--seed", v)) g_setup.seed = static_cast<std::uint64_t>(v);
     else if (std::strcmp(argv[i], "--quick") == 0) g_setup.quick = true;
-    else rest.push_back(argv[i]);
+    else if (!parse_realism_flag(argv[i]))
+      rest.push_back(argv[i]);
   }
   int rest_argc = static_cast<int>(rest.size());
   benchmark::Initialize(&rest_argc, rest.data());
@@ -241,10 +514,29 @@ int main(int argc, char** argv) {
   keysel::ExactReference reference(workload.inputs(), keysel::Granularity::per_kv_head);
   g_reference = &reference;
   const keysel::AttentionShape& shape = workload.shape;
-  std::cerr << "workload: " << (g_setup.dump.empty() ? std::string("synthetic") : workload.name) << " N=" << shape.keys
-            << " T=" << shape.tokens << " Hq=" << shape.query_heads << " Hkv=" << shape.kv_heads
-            << " D=" << shape.head_dim << " k=" << g_setup.k << " per_kv_head, n_sink=" << policy().n_sink
-            << ", n_local=" << policy().n_local << "\n";
+  std::cerr << "workload: " << workload.name << " N=" << shape.keys << " T=" << shape.tokens
+            << " Hq=" << shape.query_heads << " Hkv=" << shape.kv_heads << " D=" << shape.head_dim << " k=" << g_setup.k
+            << " per_kv_head, n_sink=" << policy().n_sink << ", n_local=" << policy().n_local << "\n";
+  {
+    keysel::print_workload_properties(
+        keysel::measure_workload(workload, keysel::Granularity::per_kv_head, {64, 256, g_setup.k}), std::cerr);
+    std::cerr << "\n";
+    print_key_spectrum(workload, std::cerr);
+#if KEYSEL_FAISS
+    if (g_setup.partition_bound) {
+      for (const std::int64_t nlist : {ivf_lists(shape.keys), ivf_lists_large(shape.keys)}) {
+        print_partition_bound(workload, reference, policy(), nlist, std::cerr);
+      }
+    }
+#endif
+    // Each row's exact top-64 by pbar (no kept keys), for the recall64 counter.
+    keysel::SelectionPolicy top64;
+    top64.k = 64;
+    top64.granularity = keysel::Granularity::per_kv_head;
+    const std::int64_t groups = reference.groups();
+    g_top64.assign(static_cast<std::size_t>(shape.tokens * groups * 64), -1);
+    reference.exact_topk(top64, keysel::TensorView(g_top64.data(), keysel::DType::int32, {shape.tokens, groups, 64}));
+  }
 
   // The peers: the exact path, brute force and FAISS IndexFlatIP.
   benchmark::RegisterBenchmark("exact/double-reference", [](benchmark::State& state) {
@@ -265,6 +557,9 @@ int main(int argc, char** argv) {
         last = nprobe;
       }
     }
+    for (const std::int64_t nprobe : {probes(32), probes(8)}) {
+      register_config({ivf + ",Flat", true, nprobe, 0, 0, {}, false, true});
+    }
     const std::int64_t wide = std::min<std::int64_t>(4096, shape.keys);  // k' of the over-fetch rows
     register_config({ivf + ",Flat", true, probes(32), 0, wide});
     register_config({ivf + ",Flat", true, probes(32), 0, 0, keysel::CandidateQueries::group_mean});
@@ -274,6 +569,36 @@ int main(int argc, char** argv) {
       for (const bool mips : {false, true}) {
         register_config({"HNSW32", mips, 0, 2048});
       }
+      // Many short lists: nlist 4096 (capped at N / 16), nprobe about 2, 3, 5 and 10% of the lists; balanced
+      // channels and the MIPS transform (the best IVF setting at nlist 1024), one row without balancing.
+      const std::int64_t big = ivf_lists_large(shape.keys);
+      const std::string ivf_big = "IVF" + std::to_string(big) + ",Flat";
+      const auto share = [big](double fraction) {
+        return std::max<std::int64_t>(1, static_cast<std::int64_t>(std::llround(static_cast<double>(big) * fraction)));
+      };
+      const auto each = keysel::CandidateQueries::each_head;
+      const auto mean_query = keysel::CandidateQueries::group_mean;
+      register_config({ivf_big, true, share(0.05)});
+      for (const double f : {0.02, 0.03, 0.05, 0.10})
+        register_config({ivf_big, true, share(f), 0, 0, each, false, true});
+      register_config({ivf_big, true, share(0.05), 0, wide, each, false, true});
+      for (const double f : {0.05, 0.10, 0.20}) {
+        register_config({ivf_big, true, share(f), 0, 0, mean_query, false, true});
+      }
+      register_config({"IVF" + std::to_string(big) + ",SQ8", true, share(0.05), 0, wide, each, false, true});
+      // HNSW on balanced channels, one graph walk per query head or per key head (the group's mean query).
+      register_config({"HNSW32", false, 0, 2048, 0, each, false, true});
+      register_config({"HNSW32", false, 0, 2048, 0, mean_query, false, true});
+      // Sparser graphs: a walk computes up to 2M distances per expanded node and expands about ef >= k' nodes.
+      register_config({"HNSW16", false, 0, 2048, 0, each, false, true});
+      register_config({"HNSW8", false, 0, 2048, 0, each, false, true});
+    }
+    if (g_indexer_score) {
+      // Re-rank by the dump's Lightning Indexer. With k' = N this is the indexer's own top-k.
+      const auto each = keysel::CandidateQueries::each_head;
+      register_config({"brute_force", false, 0, 0, shape.keys, each, true});
+      register_config({ivf + ",Flat", true, probes(8), 0, wide, each, true});
+      register_config({"HNSW32", false, 0, 2048, wide, each, true});
     }
   }
   benchmark::RunSpecifiedBenchmarks();

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <utility>
@@ -77,6 +78,16 @@ struct Scored {
 
 /// Higher score first; equal scores prefer the lower id (NaN scores are dropped before sorting).
 bool better(const Scored& a, const Scored& b) {
+  if (a.score != b.score) return a.score > b.score;
+  return a.id < b.id;
+}
+
+struct ScoredDouble {
+  double score;
+  std::int64_t id;
+};
+
+bool better_double(const ScoredDouble& a, const ScoredDouble& b) {
   if (a.score != b.score) return a.score > b.score;
   return a.id < b.id;
 }
@@ -500,6 +511,9 @@ SelectionCost CandidateSelector::select(const AttentionInputs& inputs, const Sel
     std::vector<double> logits;
     std::vector<double> mean_probability;
     std::vector<Scored> ranked;
+    std::vector<std::int32_t> candidate_keys;
+    std::vector<double> candidate_scores;
+    std::vector<ScoredDouble> ranked_by_score;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t row = 0; row < rows; ++row) {
       try {
@@ -567,6 +581,24 @@ SelectionCost CandidateSelector::select(const AttentionInputs& inputs, const Sel
         for (std::int64_t s = 0; s < sink_end; ++s) chosen.push_back(static_cast<std::int32_t>(s));
         if (static_cast<std::int64_t>(pool.size()) <= free_slots) {
           for (const std::int64_t s : pool) chosen.push_back(static_cast<std::int32_t>(s));
+        } else if (options_.rerank) {
+          // Re-rank by the given score (e.g. the Lightning Indexer), one call per row, one thread at a time.
+          candidate_keys.assign(pool.begin(), pool.end());
+          candidate_scores.assign(pool.size(), 0.0);
+#pragma omp critical(keysel_candidate_rerank)
+          options_.rerank(t, group, candidate_keys, candidate_scores);
+          ranked_by_score.clear();
+          for (std::size_t i = 0; i < pool.size(); ++i) {
+            if (!std::isnan(candidate_scores[i])) ranked_by_score.push_back({candidate_scores[i], pool[i]});
+          }
+          const std::size_t take = std::min(ranked_by_score.size(), static_cast<std::size_t>(free_slots));
+          std::partial_sort(ranked_by_score.begin(), ranked_by_score.begin() + static_cast<std::ptrdiff_t>(take),
+                            ranked_by_score.end(), better_double);
+          const std::size_t first_free = chosen.size();
+          for (std::size_t i = 0; i < take; ++i) chosen.push_back(static_cast<std::int32_t>(ranked_by_score[i].id));
+          std::sort(chosen.begin() + static_cast<std::ptrdiff_t>(first_free), chosen.end());
+          // The score's own work is the caller's; the keys it scored are counted.
+          row_cost.keys_scored += static_cast<double>(pool.size());
         } else {
           // Exact re-rank of U by the group's mean probability renormalised over the scored keys (see header).
           scored.clear();
@@ -629,6 +661,57 @@ SelectionCost CandidateSelector::select(const AttentionInputs& inputs, const Sel
   return cost;
 }
 
+CandidateScore make_indexer_candidate_score(const TensorView& queries, const TensorView& weights,
+                                            const TensorView& keys) {
+  constexpr std::string_view function = "make_indexer_candidate_score";
+  expect_shape(function, queries, "queries", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, queries, "queries", {DType::fp32, DType::fp64, DType::fp16, DType::bf16});
+  expect_device(function, queries, "queries", Device::cpu());
+  const std::int64_t tokens = queries.size(0), heads = queries.size(1), dim = queries.size(2);
+  expect_shape(function, weights, "weights", {tokens, heads});
+  expect_dtype(function, weights, "weights", {DType::fp32, DType::fp64, DType::fp16, DType::bf16});
+  expect_device(function, weights, "weights", Device::cpu());
+  expect_shape(function, keys, "keys", {kAnyExtent, dim});
+  expect_dtype(function, keys, "keys", {DType::fp32, DType::fp64, DType::fp16, DType::bf16});
+  expect_device(function, keys, "keys", Device::cpu());
+  struct Tensors {
+    std::int64_t tokens, heads, dim, keys;
+    std::vector<double> q, w, k;
+  };
+  auto data = std::make_shared<Tensors>(Tensors{tokens, heads, dim, keys.size(0), to_double_vector(queries),
+                                                to_double_vector(weights), to_double_vector(keys)});
+  for (const auto* values : {&data->q, &data->w, &data->k}) {
+    const auto bad = std::find_if(values->begin(), values->end(), [](double v) { return !std::isfinite(v); });
+    if (bad != values->end()) {
+      const char* name = values == &data->q ? "queries" : values == &data->w ? "weights" : "keys";
+      detail::throw_argument_error(function, name, "finite values",
+                                   "element " + std::to_string(bad - values->begin()) + " = " + std::to_string(*bad));
+    }
+  }
+  return [data](std::int64_t t, std::int64_t, std::span<const std::int32_t> candidates, std::span<double> scores) {
+    constexpr std::string_view call = "indexer candidate score";
+    const Tensors& x = *data;
+    require(t >= 0 && t < x.tokens, call, "t", "in [0, " + std::to_string(x.tokens) + ")", t);
+    require(scores.size() == candidates.size(), call, "scores",
+            "one score per key (" + std::to_string(candidates.size()) + ")", scores.size());
+    for (const std::int32_t s : candidates) {
+      require(s >= 0 && s < x.keys, call, "keys", "positions in [0, " + std::to_string(x.keys) + ")", s);
+    }
+    // lightning_indexer_reference's formula and summation order.
+    for (std::size_t i = 0; i < candidates.size(); ++i) {
+      const double* key = x.k.data() + static_cast<std::int64_t>(candidates[i]) * x.dim;
+      double score = 0.0;
+      for (std::int64_t j = 0; j < x.heads; ++j) {
+        const double* q = x.q.data() + (t * x.heads + j) * x.dim;
+        double dot = 0.0;
+        for (std::int64_t d = 0; d < x.dim; ++d) dot += q[d] * key[d];
+        score += x.w[static_cast<std::size_t>(t * x.heads + j)] * std::max(dot, 0.0);
+      }
+      scores[i] = score;
+    }
+  };
+}
+
 std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec,
                                                            const CandidateSelectorOptions& options,
                                                            const CandidateSearchOptions& search_options) {
@@ -639,6 +722,7 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
   std::string name = spec_text;
   const bool exact = spec == "brute_force" || spec == "exact";
   if (search_options.mips_to_l2 && !exact) name += "+mips";
+  if (search_options.balance_channels && !exact) name += "+balance";
   if (spec.find("IVF") != std::string_view::npos) {
     name += " nprobe=" + std::to_string(options.search.nprobe > 0 ? options.search.nprobe : search_options.nprobe);
   }
@@ -647,6 +731,7 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
   }
   if (options.candidates > 0) name += " k'=" + std::to_string(options.candidates);
   if (options.queries == CandidateQueries::group_mean) name += " mean-query";
+  if (options.rerank) name += " indexer-rerank";
   auto factory = [spec_text, search_options](std::int64_t dim) {
     return make_candidate_search(spec_text, dim, search_options);
   };

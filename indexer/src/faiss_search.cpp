@@ -132,9 +132,13 @@ class FaissCandidateSearch final : public CandidateSearch {
     }
   }
 
-  std::string name() const override { return mips_ ? factory_ + "+mips" : factory_; }
+  std::string name() const override {
+    return factory_ + (mips_ ? "+mips" : "") + (options_.balance_channels ? "+balance" : "");
+  }
   std::int64_t size() const override { return index_->ntotal; }
-  bool is_trained() const override { return index_->is_trained && (!mips_ || bound_ready_); }
+  bool is_trained() const override {
+    return index_->is_trained && (!mips_ || bound_ready_) && (!options_.balance_channels || !channel_scale_.empty());
+  }
   std::int64_t norm_overflows() const override { return overflows_; }
 
   std::int64_t bytes() const override {
@@ -162,6 +166,7 @@ class FaissCandidateSearch final : public CandidateSearch {
         break;
       }
     }
+    total += static_cast<double>(channel_scale_.size() * sizeof(float));
     return static_cast<std::int64_t>(total);
   }
 
@@ -173,9 +178,24 @@ class FaissCandidateSearch final : public CandidateSearch {
  protected:
   void do_train(std::int64_t n, const float* x) override {
     constexpr std::string_view function = "CandidateSearch::train";
+    if (options_.balance_channels) {
+      // Channel scales c_j = rms over the training vectors (1 for a channel that is always 0).
+      std::vector<double> sum_sq(static_cast<std::size_t>(dim()), 0.0);
+      for (std::int64_t i = 0; i < n; ++i) {
+        for (std::int64_t c = 0; c < dim(); ++c)
+          sum_sq[static_cast<std::size_t>(c)] += static_cast<double>(x[i * dim() + c]) * x[i * dim() + c];
+      }
+      channel_scale_.assign(static_cast<std::size_t>(dim()), 1.0f);
+      for (std::int64_t c = 0; c < dim(); ++c) {
+        const double rms = n > 0 ? std::sqrt(sum_sq[static_cast<std::size_t>(c)] / static_cast<double>(n)) : 0.0;
+        if (rms > 0 && std::isfinite(rms)) channel_scale_[static_cast<std::size_t>(c)] = static_cast<float>(rms);
+      }
+    }
     if (mips_) {
+      std::vector<float> row(static_cast<std::size_t>(dim()));
       double max_norm_sq = 0;
-      for (std::int64_t i = 0; i < n; ++i) max_norm_sq = std::max(max_norm_sq, norm_sq(x + i * dim()));
+      for (std::int64_t i = 0; i < n; ++i)
+        max_norm_sq = std::max(max_norm_sq, norm_sq(balanced(x + i * dim(), row.data())));
       const double bound = options_.mips_norm_headroom * std::sqrt(max_norm_sq);
       bound_sq_ = bound > 0 ? bound * bound : 1.0;
       bound_ready_ = true;
@@ -222,8 +242,13 @@ class FaissCandidateSearch final : public CandidateSearch {
         try {
           const float* q = x + i * dim();
           std::copy(q, q + dim(), query.begin());  // the MIPS coordinate stays 0
+          if (options_.balance_channels) {
+            // q_j * c_j against stored x_j / c_j: the same inner product.
+            for (std::int64_t c = 0; c < dim(); ++c)
+              query[static_cast<std::size_t>(c)] *= channel_scale_[static_cast<std::size_t>(c)];
+          }
           costs[static_cast<std::size_t>(i)] = search_one(query.data(), k, distances.data(), labels.data(), params);
-          const double q_norm_sq = mips_ ? norm_sq(q) : 0.0;
+          const double q_norm_sq = mips_ ? norm_sq(query.data()) : 0.0;
           for (std::int64_t j = 0; j < k; ++j) {
             const faiss_id label = labels[static_cast<std::size_t>(j)];
             float score = -std::numeric_limits<float>::infinity();
@@ -254,12 +279,24 @@ class FaissCandidateSearch final : public CandidateSearch {
     return s;
   }
 
-  /// x (n * dim) as the index stores it: itself, or with the MIPS coordinate appended.
+  /// v (dim floats) divided channel by channel by the balancing scales, written to `out`; v itself without them.
+  const float* balanced(const float* v, float* out) const {
+    if (!options_.balance_channels) return v;
+    for (std::int64_t c = 0; c < dim(); ++c) out[c] = v[c] / channel_scale_[static_cast<std::size_t>(c)];
+    return out;
+  }
+
+  /// x (n * dim) as the index stores it: balanced, then with the MIPS coordinate appended.
   std::vector<float> transform(std::int64_t n, const float* x, std::int64_t* overflows) const {
-    if (!mips_) return std::vector<float>(x, x + n * dim());
+    if (!mips_ && !options_.balance_channels) return std::vector<float>(x, x + n * dim());
     std::vector<float> out(static_cast<std::size_t>(n * index_dim_), 0.0f);
+    std::vector<float> row(static_cast<std::size_t>(dim()));
     for (std::int64_t i = 0; i < n; ++i) {
-      const float* v = x + i * dim();
+      const float* v = balanced(x + i * dim(), row.data());
+      if (!mips_) {
+        std::copy(v, v + dim(), out.begin() + i * index_dim_);
+        continue;
+      }
       std::copy(v, v + dim(), out.begin() + i * index_dim_);
       const double rest = bound_sq_ - norm_sq(v);
       if (rest < -1e-6 * bound_sq_ && overflows != nullptr) ++*overflows;
@@ -346,6 +383,7 @@ class FaissCandidateSearch final : public CandidateSearch {
   Family family_ = Family::flat;
   faiss::IndexIVF* ivf_ = nullptr;
   faiss::IndexHNSW* hnsw_ = nullptr;
+  std::vector<float> channel_scale_;  // c_j of channel balancing (empty until trained, or without it)
   double bound_sq_ = 0;  // M^2 of the MIPS transform
   bool bound_ready_ = false;
   std::int64_t overflows_ = 0;

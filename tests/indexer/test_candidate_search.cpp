@@ -16,6 +16,7 @@
 #include "keysel/core/error.h"
 #include "keysel/core/random.h"
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/topk.h"
 
 #if KEYSEL_FAISS
@@ -298,6 +299,133 @@ std::string error_of(F&& f) {
   return "(no error)";
 }
 
+// ---- re-rank by the Lightning Indexer ---------------------------------------------------------------------------
+
+/// Indexer tensors for a TestAttention: queries [T, HI, DI], weights [T, HI] of both signs, keys [N, DI].
+struct TestIndexer {
+  std::int64_t heads = 3, dim = 8;
+  std::vector<float> q, w, k;
+};
+
+TestIndexer make_indexer_tensors(const TestAttention& a, std::uint64_t seed) {
+  TestIndexer x;
+  RandomStream random(seed);
+  x.q.resize(static_cast<std::size_t>(a.tokens * x.heads * x.dim));
+  x.w.resize(static_cast<std::size_t>(a.tokens * x.heads));
+  x.k.resize(static_cast<std::size_t>(a.keys * x.dim));
+  random.fill_normal(x.q);
+  random.fill_normal(x.w);
+  random.fill_normal(x.k);
+  return x;
+}
+
+TEST(CandidateSelector, IndexerRerankWithFullOverFetchEqualsTheIndexersTopK) {
+  const TestAttention a = make_attention(21, 263);
+  const TestIndexer x = make_indexer_tensors(a, 22);
+  const TensorView qi(x.q.data(), DType::fp32, {a.tokens, x.heads, x.dim});
+  const TensorView wi(x.w.data(), DType::fp32, {a.tokens, x.heads});
+  const TensorView ki(x.k.data(), DType::fp32, {a.keys, x.dim});
+  std::vector<double> reference(static_cast<std::size_t>(a.tokens * a.keys));
+  lightning_indexer_reference(qi, wi, a.inputs().positions, ki,
+                              TensorView(reference.data(), DType::fp64, {a.tokens, a.keys}));
+  struct Case {
+    std::int64_t k, sinks, local;
+    bool on_top;
+  };
+  for (const Case c : {Case{24, 0, 0, false}, Case{24, 2, 3, false}, Case{17, 1, 4, true}}) {
+    for (const Granularity granularity : {Granularity::per_kv_head, Granularity::per_token, Granularity::per_head}) {
+      SelectionPolicy policy;
+      policy.k = c.k;
+      policy.n_sink = c.sinks;
+      policy.n_local = c.local;
+      policy.kept_on_top = c.on_top;
+      policy.granularity = granularity;
+      const std::int64_t groups = group_count(granularity, a.query_heads, a.kv_heads);
+      // The indexer's own top-k: select_topk over I (the same I for every group).
+      std::vector<double> scores(static_cast<std::size_t>(a.tokens * groups * a.keys));
+      for (std::int64_t t = 0; t < a.tokens; ++t) {
+        for (std::int64_t g = 0; g < groups; ++g) {
+          std::copy_n(reference.begin() + t * a.keys, a.keys, scores.begin() + (t * groups + g) * a.keys);
+        }
+      }
+      std::vector<std::int32_t> expected(static_cast<std::size_t>(a.tokens * groups * policy.width()));
+      select_topk(TensorView(scores.data(), DType::fp64, {a.tokens, groups, a.keys}), a.inputs().positions, policy,
+                  TensorView(expected.data(), DType::int32, {a.tokens, groups, policy.width()}));
+
+      CandidateSelectorOptions options;
+      options.candidates = a.keys;  // every free key reaches the re-rank
+      options.rerank = make_indexer_candidate_score(qi, wi, ki);
+      auto selector = make_candidate_selector("brute_force", options);
+      EXPECT_NE(selector->name().find("indexer-rerank"), std::string::npos) << selector->name();
+      SelectionCost cost;
+      EXPECT_EQ(run_select(*selector, a.inputs(), policy, &cost), expected)
+          << granularity_name(granularity) << " k=" << c.k << " sinks=" << c.sinks << " local=" << c.local;
+      EXPECT_GT(cost.keys_scored, 0);
+      // The exact re-rank of the same candidates picks by attention, not by I: the two differ on these data.
+      options.rerank = nullptr;
+      auto exact = make_candidate_selector("brute_force", options);
+      EXPECT_NE(run_select(*exact, a.inputs(), policy), expected) << granularity_name(granularity);
+    }
+  }
+}
+
+TEST(CandidateSelector, IndexerRerankSeesOnlyTheRowsFreeCandidates) {
+  const TestAttention a = make_attention(23);
+  const TestIndexer x = make_indexer_tensors(a, 24);
+  const CandidateScore indexer = make_indexer_candidate_score(
+      TensorView(x.q.data(), DType::fp32, {a.tokens, x.heads, x.dim}),
+      TensorView(x.w.data(), DType::fp32, {a.tokens, x.heads}), TensorView(x.k.data(), DType::fp32, {a.keys, x.dim}));
+  SelectionPolicy policy;
+  policy.k = 16;
+  policy.n_sink = 2;
+  policy.n_local = 3;
+  std::int64_t calls = 0, outside = 0;
+  CandidateSelectorOptions options;
+  options.candidates = 20;  // more than the free slots, far fewer than N: the re-rank decides
+  options.rerank = [&](std::int64_t t, std::int64_t group, std::span<const std::int32_t> keys,
+                       std::span<double> scores) {
+    ++calls;  // serialised by the selector
+    const std::int64_t allowed = a.positions[static_cast<std::size_t>(t)] + 1;
+    for (const std::int32_t s : keys) {
+      if (s < policy.n_sink || s >= allowed - policy.n_local) ++outside;
+    }
+    indexer(t, group, keys, scores);
+  };
+  auto selector = make_candidate_selector("brute_force", options);
+  const auto got = run_select(*selector, a.inputs(), policy);
+  EXPECT_GT(calls, 0);
+  EXPECT_EQ(outside, 0);
+  validate_selection("test", TensorView(got.data(), DType::int32, {a.tokens, a.kv_heads, policy.width()}), "got",
+                     a.inputs().positions, a.keys, a.kv_heads);
+}
+
+TEST(CandidateSelector, IndexerScoreChecksItsTensorsAndCalls) {
+  const TestAttention a = make_attention(25);
+  TestIndexer x = make_indexer_tensors(a, 26);
+  const TensorView qi(x.q.data(), DType::fp32, {a.tokens, x.heads, x.dim});
+  const TensorView ki(x.k.data(), DType::fp32, {a.keys, x.dim});
+  const std::string shape_error = error_of([&] {
+    make_indexer_candidate_score(qi, TensorView(x.w.data(), DType::fp32, {a.tokens, x.heads - 1}), ki);
+  });
+  EXPECT_NE(shape_error.find("weights"), std::string::npos) << shape_error;
+  const CandidateScore score =
+      make_indexer_candidate_score(qi, TensorView(x.w.data(), DType::fp32, {a.tokens, x.heads}), ki);
+  const std::vector<std::int32_t> keys = {0, 5, static_cast<std::int32_t>(a.keys)};
+  std::vector<double> out(keys.size(), -7.0);
+  const std::string key_error = error_of([&] { score(0, 0, keys, out); });
+  EXPECT_NE(key_error.find("keys"), std::string::npos) << key_error;
+  EXPECT_NE(key_error.find(std::to_string(a.keys)), std::string::npos) << key_error;
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](double v) { return v == -7.0; }));
+  const std::string token_error =
+      error_of([&] { score(a.tokens, 0, std::span(keys).first(2), std::span(out).first(2)); });
+  EXPECT_NE(token_error.find("in [0, " + std::to_string(a.tokens) + ")"), std::string::npos) << token_error;
+  x.k[3] = std::nanf("");
+  const std::string nan_error = error_of([&] {
+    make_indexer_candidate_score(qi, TensorView(x.w.data(), DType::fp32, {a.tokens, x.heads}), ki);
+  });
+  EXPECT_NE(nan_error.find("finite"), std::string::npos) << nan_error;
+}
+
 TEST(CandidateSearchErrors, NameTheArgumentAndLeaveOutputsUntouched) {
   const auto base = gaussian_vectors(20, kDim, 5);
   auto search = built("brute_force", base, kDim);
@@ -377,6 +505,46 @@ TEST(FaissSearch, IvfWithEveryListProbedEqualsBruteForce) {
     EXPECT_LT(few.cost.vectors_scored, 9.0 * kBase);
     EXPECT_GT(few.cost.vectors_scored, 0);
   }
+}
+
+TEST(FaissSearch, ChannelBalancingKeepsInnerProductsAndHelpsIvfOnOutlierChannels) {
+  // Two outlier channels: keys x8, queries / 8, so inner products are those of the plain data.
+  auto base = gaussian_vectors(kBase, kDim, 41);
+  auto queries = gaussian_vectors(12, kDim, 42);
+  for (const std::int64_t c : {3, 17}) {
+    for (std::int64_t i = 0; i < kBase; ++i) base[static_cast<std::size_t>(i * kDim + c)] *= 8.0f;
+    for (std::int64_t i = 0; i < 12; ++i) queries[static_cast<std::size_t>(i * kDim + c)] /= 8.0f;
+  }
+  const auto brute = built("brute_force", base, kDim);
+  const Results reference = run_search(*brute, queries, 20);
+  SearchParameters all;
+  all.nprobe = 16;
+  for (const std::string spec : {"Flat", "IVF16,Flat"}) {  // exact searches (every list probed)
+    for (const bool mips : {false, true}) {
+      CandidateSearchOptions options;
+      options.balance_channels = true;
+      options.mips_to_l2 = mips;
+      const auto search = built(spec, base, kDim, options);
+      EXPECT_NE(search->name().find("+balance"), std::string::npos) << search->name();
+      const Results r = run_search(*search, queries, 20, all);
+      EXPECT_EQ(r.ids, reference.ids) << search->name();
+      for (std::size_t i = 0; i < r.scores.size(); ++i) {
+        EXPECT_NEAR(r.scores[i], reference.scores[i], 1e-3 * (1 + std::fabs(reference.scores[i]))) << search->name();
+      }
+    }
+  }
+  // Few lists probed: lists cut along every channel find more of the true neighbours than lists cut along the
+  // two outlier channels.
+  SearchParameters few;
+  few.nprobe = 2;
+  CandidateSearchOptions plain, balanced;
+  plain.mips_to_l2 = balanced.mips_to_l2 = true;
+  balanced.balance_channels = true;
+  const double plain_recall =
+      recall(run_search(*built("IVF16,Flat", base, kDim, plain), queries, 20, few).ids, reference.ids, 20);
+  const double balanced_recall =
+      recall(run_search(*built("IVF16,Flat", base, kDim, balanced), queries, 20, few).ids, reference.ids, 20);
+  EXPECT_GT(balanced_recall, plain_recall + 0.05) << plain_recall << " -> " << balanced_recall;
 }
 
 TEST(FaissSearch, MipsTransformPreservesTheRanking) {

@@ -8,9 +8,9 @@
 // make_candidate_search() builds either from one spec string.
 //
 // CandidateSelector is the attention-level piece: one CandidateSearch per key head, queries from every head
-// of a selection group, k' candidates over-fetched per query head, then an exact re-rank down to k, plus the
-// policy's always-kept keys, under the causal rule. It implements keysel::Selector so that studies can use
-// it. docs/candidate-search.md explains every parameter.
+// of a selection group, k' candidates over-fetched per query head, then a re-rank down to k (exact, or by a
+// given score such as the Lightning Indexer's), plus the policy's always-kept keys, under the causal rule. It
+// implements keysel::Selector so that studies can use it. docs/candidate-search.md explains every parameter.
 #pragma once
 
 #include <cstdint>
@@ -23,7 +23,9 @@
 
 #include "keysel/core/attention_inputs.h"
 #include "keysel/core/selection.h"
+#include "keysel/core/tensor.h"
 #include "keysel/indexer/selector.h"
+#include "keysel/indexer/selectors.h"
 
 namespace keysel {
 
@@ -59,6 +61,13 @@ struct CandidateSearchOptions {
   /// M as a multiple of the largest training norm (>= 1). Vectors added later with a larger norm get the extra
   /// coordinate 0 (they become harder to find) and are counted by norm_overflows(); retrain when it grows.
   double mips_norm_headroom = 1.0;
+  /// Channel balancing (FAISS only): train() measures each channel's root-mean-square c_j over the training
+  /// vectors; the index stores x_j / c_j and queries search with q_j * c_j, so inner products are unchanged
+  /// (q.x exactly) while every stored channel has unit scale. Attention keys carry a few outlier channels whose
+  /// large values the queries cancel with small weights; without balancing they dominate IVF's k-means and
+  /// HNSW's neighbourhoods although they contribute little to q.x (docs/candidate-search.md). Applied before
+  /// the MIPS transform.
+  bool balance_channels = false;
   std::int64_t nprobe = 1;           // IVF default when SearchParameters::nprobe is 0
   std::int64_t ef_search = 16;       // HNSW default when SearchParameters::ef_search is 0
   std::int64_t ef_construction = 40; // HNSW build-time candidate list size
@@ -74,7 +83,8 @@ class CandidateSearch {
  public:
   virtual ~CandidateSearch() = default;
 
-  /// The spec it was built from ("brute_force", "IVF1024,Flat", ...), plus "+mips" with the transform.
+  /// The spec it was built from ("brute_force", "IVF1024,Flat", ...), plus "+mips" with the transform and
+  /// "+balance" with channel balancing.
   virtual std::string name() const = 0;
   std::int64_t dim() const { return dim_; }
   /// Vectors held (the next id add() assigns).
@@ -159,6 +169,11 @@ struct CandidateSelectorOptions {
   double retrain_growth = 4.0;
   /// Train on at most this many leading keys (the prefill); 0 trains on every key present at build time.
   std::int64_t train_keys = 0;
+  /// Re-rank the candidates by this score instead of exactly (higher is better; NaN never selected; equal
+  /// scores prefer the lower position), e.g. the Lightning Indexer's I[t, s] (make_indexer_candidate_score).
+  /// It is called once per row with the row's candidate free keys, from one thread at a time. Empty: the exact
+  /// re-rank described at CandidateSelector.
+  CandidateScore rerank;
 };
 
 /// One CandidateSearch per key head over the cache of keys [N, Hkv, D], turned into a Selector.
@@ -170,8 +185,9 @@ struct CandidateSelectorOptions {
 ///   1. the allowed keys [0, allowed) split into kept sinks [0, sink_end), free keys [sink_end, local_start)
 ///      and the kept local window [local_start, allowed), exactly as select_topk defines them;
 ///   2. each query (per options.queries) searches its key head's index for k' candidates among the free keys;
-///   3. the union U of candidates is re-ranked exactly and the best free_slots join the kept keys, ascending,
-///      then -1 padding (select_topk's layout). When the free keys fit in the free slots, all are taken.
+///   3. the union U of candidates is re-ranked (exactly, or by options.rerank) and the best free_slots join the
+///      kept keys, ascending, then -1 padding (select_topk's layout). When the free keys fit in the free slots,
+///      all are taken. With k' >= N and a re-rank by score S, the selection is select_topk over S.
 /// The re-rank score of a candidate s is the group's mean attention probability renormalised over the keys it
 /// scored, pbar_U[s] = (1/|G|) sum_h exp(scale q_h.k_s - lse_h), lse_h = log sum over U and the kept keys of
 /// exp(scale q_h.k). It orders U exactly as pbar does when U and the kept keys hold (nearly) all of each head's
@@ -228,6 +244,16 @@ class CandidateSelector final : public Selector {
   mutable std::mutex mutex_;
   std::shared_ptr<Cache> cache_;
 };
+
+/// A CandidateScore that re-ranks by the Lightning Indexer (SPEC §3) in double over given indexer tensors, the
+/// formula of lightning_indexer_reference for the candidate keys only (no quantisation):
+///   I[t, s] = sum_j weights[t, j] * ReLU(queries[t, j] . keys[s])
+///   queries [T, HI, DI], weights [T, HI], keys [N, DI]: fp32, fp64, fp16 or bf16 on the CPU, finite; copied
+///   into double.
+/// The score ignores its group argument (DSA shares one indexer selection among all heads). Calling it with a
+/// token outside [0, T) or a key outside [0, N) throws keysel::Error. Costs HI * DI multiply-adds per key.
+CandidateScore make_indexer_candidate_score(const TensorView& queries, const TensorView& weights,
+                                            const TensorView& keys);
 
 /// A CandidateSelector over make_candidate_search(spec, D, search_options) for each key head; its name is
 /// the spec (with "+mips" when the transform is on) and the main search parameter.

@@ -308,7 +308,7 @@ std::string tiny_lm_study_config_json() {
   ],
   "selectors": [
     {"type": "exact"},
-    {"name": "fidelity", "type": "fidelity", "precision": [0.5, 0.8, 0.9, 0.95, 1.0], "fill": "random"},
+    {"name": "fidelity", "type": "fidelity", "precision": [0.5, 0.8, 0.9, 0.95, 1.0], "fill": ["random", "next_ranked"]},
     {"type": "indexer", "format": "fp32"},
     {"type": "indexer", "format": "fp8_e4m3"},
     {"type": "indexer", "format": "fp8_e4m3", "hadamard": true},

@@ -385,4 +385,24 @@ std::string tiny_lm_directory() {
   return {};
 }
 
+std::int64_t check_tiny_lm_forward(std::string_view function, const TinyLmConfig& config, bool loaded,
+                                   std::span<const std::uint8_t> tokens, const TinyLmSparse* sparse) {
+  KEYSEL_CHECK_ARG_IN(function, loaded, "model", "a loaded model", "a default-constructed TinyLm");
+  const auto T = static_cast<std::int64_t>(tokens.size());
+  KEYSEL_CHECK_ARG_IN(function, T >= 1 && T <= config.context, "tokens",
+                      "1 to context = " + std::to_string(config.context) + " tokens", T);
+  for (std::int64_t t = 0; t < T; ++t) {
+    KEYSEL_CHECK_ARG_IN(function, tokens[static_cast<std::size_t>(t)] < config.vocab, "tokens",
+                        "values < vocab = " + std::to_string(config.vocab),
+                        "tokens[" + std::to_string(t) + "] = " + std::to_string(tokens[static_cast<std::size_t>(t)]));
+  }
+  std::int64_t groups = 0;
+  if (sparse != nullptr) {
+    KEYSEL_CHECK_ARG_IN(function, sparse->width >= 1, "sparse.width", ">= 1", sparse->width);
+    KEYSEL_CHECK_ARG_IN(function, static_cast<bool>(sparse->select), "sparse.select", "a callback", "an empty one");
+    groups = group_count(sparse->granularity, config.heads, config.kv_heads);
+  }
+  return groups;
+}
+
 }  // namespace keysel

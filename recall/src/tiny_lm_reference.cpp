@@ -70,21 +70,8 @@ std::vector<double> tiny_lm_reference_logits(const TinyLm& model, std::span<cons
                                              const TinyLmSparse* sparse) {
   constexpr std::string_view function = "tiny_lm_reference_logits";
   const TinyLmConfig& c = model.config_;
-  KEYSEL_CHECK_ARG_IN(function, model.weights_ != nullptr, "model", "a loaded model", "a default-constructed TinyLm");
+  const std::int64_t groups = check_tiny_lm_forward(function, c, model.weights_ != nullptr, tokens, sparse);
   const auto T = static_cast<std::int64_t>(tokens.size());
-  KEYSEL_CHECK_ARG_IN(function, T >= 1 && T <= c.context, "tokens",
-                      "1 to context = " + std::to_string(c.context) + " tokens", T);
-  for (std::int64_t t = 0; t < T; ++t) {
-    KEYSEL_CHECK_ARG_IN(function, tokens[static_cast<std::size_t>(t)] < c.vocab, "tokens",
-                        "values < vocab = " + std::to_string(c.vocab),
-                        "tokens[" + std::to_string(t) + "] = " + std::to_string(tokens[static_cast<std::size_t>(t)]));
-  }
-  std::int64_t groups = 0;
-  if (sparse != nullptr) {
-    KEYSEL_CHECK_ARG_IN(function, sparse->width >= 1, "sparse.width", ">= 1", sparse->width);
-    KEYSEL_CHECK_ARG_IN(function, static_cast<bool>(sparse->select), "sparse.select", "a callback", "an empty one");
-    groups = group_count(sparse->granularity, c.heads, c.kv_heads);
-  }
   const TinyLm::Weights& w = *model.weights_;
   const std::int64_t d = c.d_model, D = c.head_dim, Hq = c.heads, Hkv = c.kv_heads, F = c.ffn_dim;
   const std::int64_t HI = c.index_heads, DI = HI > 0 ? c.index_dim : 0;

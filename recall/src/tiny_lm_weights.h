@@ -2,6 +2,8 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
+#include <string_view>
 #include <vector>
 
 #include "keysel/recall/tiny_lm.h"
@@ -24,6 +26,12 @@ struct TinyLmInputRows {
     total = index_w + index_heads;
   }
 };
+
+/// The argument checks every forward pass (fast and reference) makes: a loaded model, 1 <= T <= context tokens
+/// below vocab, and, when `sparse` is given, its width and callback. Returns the selection groups of `sparse`
+/// (0 without it). `function` names the caller in the keysel::Error.
+std::int64_t check_tiny_lm_forward(std::string_view function, const TinyLmConfig& config, bool loaded,
+                                   std::span<const std::uint8_t> tokens, const TinyLmSparse* sparse);
 
 struct TinyLm::Weights {
   struct Layer {

@@ -519,7 +519,7 @@ TEST(TinyLmStudy, BuiltInStudyParsesAndMatchesTheExampleFile) {
   EXPECT_EQ(builtin.options.k_values, (std::vector<std::int64_t>{32, 128, 512}));
   std::vector<std::string> names;
   for (const StudySelectorSpec& s : builtin.selectors) names.push_back(s.name);
-  for (const char* name : {"exact", "fidelity[precision=1.0]", "indexer(fp32)", "indexer(int4/hadamard)", "random"}) {
+  for (const char* name : {"exact", "fidelity[fill=random,precision=1.0]", "fidelity[fill=next_ranked,precision=0.9]", "indexer(fp32)", "indexer(int4/hadamard)", "random"}) {
     EXPECT_NE(std::find(names.begin(), names.end(), name), names.end()) << name;
   }
   // examples/studies/tiny_lm.json is the same study file.

@@ -35,49 +35,10 @@ using selector_support::Clock;
 using selector_support::check_select_arguments;
 using selector_support::seconds_since;
 
-/// Where the kept keys of one row lie. The allowed keys [0, allowed) split into
-///   [0, sink_end)            policy sinks (kept)
-///   [sink_end, local_start)  the free keys a selector chooses from
-///   [local_start, allowed)   the policy's local window (kept)
-/// and a row holds `total` = min(width, allowed) keys: all kept ones plus `free_slots` free ones.
-struct RowLayout {
-  std::int64_t allowed = 0;
-  std::int64_t sink_end = 0;
-  std::int64_t local_start = 0;
-  std::int64_t total = 0;
-  std::int64_t free_slots = 0;
-};
-
-RowLayout row_layout(std::int64_t allowed, const SelectionPolicy& policy) {
-  RowLayout r;
-  r.allowed = allowed;
-  r.sink_end = std::min(policy.n_sink, allowed);
-  r.local_start = std::max(allowed - policy.n_local, r.sink_end);
-  r.total = std::min(policy.width(), allowed);
-  const std::int64_t kept = r.sink_end + (allowed - r.local_start);
-  // kept <= total: either no overlap (kept = n_sink + n_local <= width) or everything allowed is kept.
-  r.free_slots = r.total - kept;
-  return r;
-}
-
-/// Writes one row: `keys` (ascending, size <= width) then -1 padding, through the view's strides.
-void write_row(const TensorView& selection, std::int64_t t, std::int64_t group, std::span<const std::int32_t> keys) {
-  std::int32_t* base = selection.mutable_data<std::int32_t>() + t * selection.stride(0) + group * selection.stride(1);
-  const std::int64_t step = selection.stride(2);
-  const std::int64_t width = selection.size(2);
-  for (std::int64_t i = 0; i < width; ++i) {
-    base[i * step] = i < static_cast<std::int64_t>(keys.size()) ? keys[static_cast<std::size_t>(i)] : -1;
-  }
-}
-
-std::vector<std::int64_t> allowed_per_token(const AttentionInputs& inputs, const AttentionShape& shape) {
-  std::vector<std::int64_t> allowed(static_cast<std::size_t>(shape.tokens));
-  for (std::int64_t t = 0; t < shape.tokens; ++t) {
-    allowed[static_cast<std::size_t>(t)] =
-        allowed_keys(static_cast<std::int64_t>(inputs.positions.load({t})), shape.keys);
-  }
-  return allowed;
-}
+using selector_support::allowed_per_token;
+using selector_support::row_layout;
+using selector_support::RowLayout;
+using selector_support::write_row;
 
 // ---- exact -----------------------------------------------------------------------------------------------
 
@@ -139,28 +100,26 @@ class RandomSelector final : public Selector {
       for (std::int64_t row = 0; row < rows; ++row) {
         const std::int64_t t = row / groups;
         const std::int64_t group = row % groups;
-        const RowLayout r = row_layout(allowed[static_cast<std::size_t>(t)], policy);
-        keys.clear();
-        for (std::int64_t s = 0; s < r.sink_end; ++s) keys.push_back(static_cast<std::int32_t>(s));
+        const RowLayout r = row_layout(policy, allowed[static_cast<std::size_t>(t)]);
 
-        // Floyd's algorithm: free_slots distinct positions, uniform over [sink_end, local_start).
-        const std::int64_t range = r.local_start - r.sink_end;
+        // Floyd's algorithm: r.fill distinct positions, uniform over the free keys [sink_end, local_begin).
+        const std::int64_t range = r.free_keys();
         picked.clear();
         if (static_cast<std::int64_t>(taken.size()) < range) taken.resize(static_cast<std::size_t>(range), 0);
         RandomStream random(seed_, static_cast<std::uint64_t>(row));
-        for (std::int64_t j = range - r.free_slots; j < range; ++j) {
+        for (std::int64_t j = range - r.fill; j < range; ++j) {
           const auto candidate =
               static_cast<std::int64_t>(random.uniform_int(static_cast<std::uint64_t>(j + 1)));
           const std::int64_t pick = taken[static_cast<std::size_t>(candidate)] ? j : candidate;
           taken[static_cast<std::size_t>(pick)] = 1;
           picked.push_back(pick);
         }
-        for (const std::int64_t offset : picked) taken[static_cast<std::size_t>(offset)] = 0;
-        std::sort(picked.begin(), picked.end());
-        for (const std::int64_t offset : picked) keys.push_back(static_cast<std::int32_t>(r.sink_end + offset));
-
-        for (std::int64_t s = r.local_start; s < r.allowed; ++s) keys.push_back(static_cast<std::int32_t>(s));
-        write_row(selection, t, group, keys);
+        keys.clear();
+        for (const std::int64_t offset : picked) {
+          taken[static_cast<std::size_t>(offset)] = 0;
+          keys.push_back(static_cast<std::int32_t>(r.sink_end + offset));
+        }
+        write_row(selection, t, group, r, keys);
       }
     }
     SelectionCost cost;
@@ -190,18 +149,17 @@ class StreamingSelector final : public Selector {
 
     std::vector<std::int32_t> keys;
     for (std::int64_t t = 0; t < shape.tokens; ++t) {
-      const RowLayout r = row_layout(allowed[static_cast<std::size_t>(t)], policy);
+      const RowLayout r = row_layout(policy, allowed[static_cast<std::size_t>(t)]);
       // The policy's kept keys, then the selector's extra sinks, then the most recent free keys. The row is
       // [0, sink_end) and [recent_start, allowed): the kept window sits inside the recent block.
       const std::int64_t extra_sinks =
-          std::min(std::max<std::int64_t>(0, std::min(sinks, r.local_start) - r.sink_end), r.free_slots);
-      const std::int64_t sink_end = r.sink_end + extra_sinks;
-      const std::int64_t recent_start = r.local_start - (r.free_slots - extra_sinks);
+          std::min(std::max<std::int64_t>(0, std::min(sinks, r.local_begin) - r.sink_end), r.fill);
+      const std::int64_t recent_start = r.local_begin - (r.fill - extra_sinks);
       keys.clear();
-      for (std::int64_t s = 0; s < sink_end; ++s) keys.push_back(static_cast<std::int32_t>(s));
-      for (std::int64_t s = recent_start; s < r.allowed; ++s) keys.push_back(static_cast<std::int32_t>(s));
+      for (std::int64_t s = r.sink_end; s < r.sink_end + extra_sinks; ++s) keys.push_back(static_cast<std::int32_t>(s));
+      for (std::int64_t s = recent_start; s < r.local_begin; ++s) keys.push_back(static_cast<std::int32_t>(s));
       // Every group gets the same keys: streaming looks at positions only.
-      for (std::int64_t group = 0; group < groups; ++group) write_row(selection, t, group, keys);
+      for (std::int64_t group = 0; group < groups; ++group) write_row(selection, t, group, r, keys);
     }
     SelectionCost cost;
     cost.rows = shape.tokens * groups;

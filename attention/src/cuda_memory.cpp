@@ -34,14 +34,28 @@ void expect_device_pointer(const char* function, const void* pointer, const char
   }
 }
 
-void use_device(const char* function, int device) {
-  int count = 0;
-  device_count(count);
+void expect_device_pointers(const char* function, const NamedPointer* pointers, int count, int device) {
+  for (int i = 0; i < count; ++i) {
+    bool seen = false;  // the same pointer under an earlier argument was checked already
+    for (int j = 0; j < i && !seen; ++j) seen = pointers[j].pointer == pointers[i].pointer;
+    if (!seen) expect_device_pointer(function, pointers[i].pointer, pointers[i].argument, device);
+  }
+}
+
+DeviceFacts use_device(const char* function, int device) {
+  static const int count = [] {
+    int n = 0;
+    device_count(n);
+    return n;
+  }();
   if (device < 0 || device >= count) {
     detail::throw_argument_error(function, "device", "a CUDA device index below " + std::to_string(count),
                                  std::to_string(device));
   }
-  throw_if_error(set_device(device), function, "cudaSetDevice");
+  throw_if_error(ensure_current_device(device), function, "cudaSetDevice");
+  DeviceFacts facts;
+  throw_if_error(device_facts(device, facts), function, "cudaDeviceGetAttribute");
+  return facts;
 }
 
 }  // namespace cuda_glue
@@ -100,6 +114,71 @@ void cuda_synchronize(int device) {
   KEYSEL_CUDA_CHECK(cuda_glue::synchronize_device());
 }
 
+CudaStream::CudaStream(int device) : device_(device) {
+  cuda_glue::use_device("CudaStream", device);
+  KEYSEL_CUDA_CHECK(cuda_glue::stream_create(&stream_));
+}
+
+CudaStream::~CudaStream() {
+  if (stream_ != nullptr) {
+    cuda_glue::set_device(device_);
+    cuda_glue::stream_destroy(stream_);  // a destructor must not throw
+  }
+}
+
+CudaStream::CudaStream(CudaStream&& other) noexcept
+    : stream_(std::exchange(other.stream_, nullptr)), device_(other.device_) {}
+
+CudaStream& CudaStream::operator=(CudaStream&& other) noexcept {
+  if (this != &other) {
+    CudaStream old(std::move(*this));
+    stream_ = std::exchange(other.stream_, nullptr);
+    device_ = other.device_;
+  }
+  return *this;
+}
+
+void CudaStream::synchronize() const {
+  KEYSEL_CHECK_ARG(stream_ != nullptr, "stream", "a live stream", "a moved-from stream");
+  KEYSEL_CUDA_CHECK(cuda_glue::ensure_current_device(device_));
+  KEYSEL_CUDA_CHECK(cuda_glue::stream_synchronize(stream_));
+}
+
+CudaGraph CudaGraph::capture(const CudaStream& stream, const std::function<void()>& record) {
+  KEYSEL_CHECK_ARG(stream.handle() != nullptr, "stream", "a live stream", "a moved-from stream");
+  KEYSEL_CUDA_CHECK(cuda_glue::ensure_current_device(stream.device()));
+  KEYSEL_CUDA_CHECK(cuda_glue::begin_capture(stream.handle()));
+  CudaGraph graph;
+  try {
+    record();
+  } catch (...) {
+    cuda_glue::end_capture(stream.handle(), &graph.graph_, &graph.exec_);  // ends the capture; the graph is dropped
+    throw;
+  }
+  KEYSEL_CUDA_CHECK(cuda_glue::end_capture(stream.handle(), &graph.graph_, &graph.exec_));
+  return graph;
+}
+
+CudaGraph::~CudaGraph() { cuda_glue::graph_destroy(graph_, exec_); }
+
+CudaGraph::CudaGraph(CudaGraph&& other) noexcept
+    : graph_(std::exchange(other.graph_, nullptr)), exec_(std::exchange(other.exec_, nullptr)) {}
+
+CudaGraph& CudaGraph::operator=(CudaGraph&& other) noexcept {
+  if (this != &other) {
+    CudaGraph old(std::move(*this));
+    graph_ = std::exchange(other.graph_, nullptr);
+    exec_ = std::exchange(other.exec_, nullptr);
+  }
+  return *this;
+}
+
+void CudaGraph::launch(const CudaStream& stream) const {
+  KEYSEL_CHECK_ARG(exec_ != nullptr, "graph", "a captured graph", "an empty graph");
+  KEYSEL_CHECK_ARG(stream.handle() != nullptr, "stream", "a live stream", "a moved-from stream");
+  KEYSEL_CUDA_CHECK(cuda_glue::graph_launch(exec_, stream.handle()));
+}
+
 }  // namespace keysel
 
 #else  // !KEYSEL_CUDA
@@ -123,6 +202,26 @@ void CudaBuffer::copy_from_host(const void*, std::int64_t) { no_cuda("CudaBuffer
 void CudaBuffer::copy_to_host(void*, std::int64_t) const { no_cuda("CudaBuffer::copy_to_host"); }
 void CudaBuffer::fill_bytes(std::uint8_t) { no_cuda("CudaBuffer::fill_bytes"); }
 void cuda_synchronize(int) { no_cuda("cuda_synchronize"); }
+CudaStream::CudaStream(int) { no_cuda("CudaStream"); }
+CudaStream::~CudaStream() = default;
+CudaStream::CudaStream(CudaStream&& other) noexcept
+    : stream_(std::exchange(other.stream_, nullptr)), device_(other.device_) {}
+CudaStream& CudaStream::operator=(CudaStream&& other) noexcept {
+  stream_ = std::exchange(other.stream_, nullptr);
+  device_ = other.device_;
+  return *this;
+}
+void CudaStream::synchronize() const { no_cuda("CudaStream::synchronize"); }
+CudaGraph CudaGraph::capture(const CudaStream&, const std::function<void()>&) { no_cuda("CudaGraph::capture"); }
+CudaGraph::~CudaGraph() = default;
+CudaGraph::CudaGraph(CudaGraph&& other) noexcept
+    : graph_(std::exchange(other.graph_, nullptr)), exec_(std::exchange(other.exec_, nullptr)) {}
+CudaGraph& CudaGraph::operator=(CudaGraph&& other) noexcept {
+  graph_ = std::exchange(other.graph_, nullptr);
+  exec_ = std::exchange(other.exec_, nullptr);
+  return *this;
+}
+void CudaGraph::launch(const CudaStream&) const { no_cuda("CudaGraph::launch"); }
 
 }  // namespace keysel
 

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <utility>
 
 #include "keysel/core/build_config.h"
 #include "keysel/core/error.h"
@@ -77,12 +76,15 @@ void sparse_attention_decode_cuda(const TensorView& q, const CudaKvCache& cache,
   KEYSEL_CHECK_ARG(width <= kIntMax && block_size * max_blocks <= kIntMax && num_blocks <= kIntMax &&
                        batch <= kIntMax && query_heads <= 65535,
                    "selection", "sizes below 2^31 (Hq below 65536)", selection.str());
-  cuda_glue::use_device(function.data(), device.index);
-  for (const auto& [view, name] : {std::pair{&q, "q"}, {&cache.k, "cache.k"}, {&cache.v, "cache.v"},
-                                   {&cache.block_table, "cache.block_table"}, {&selection, "selection"},
-                                   {&out, "out"}, {&lse, "lse"}}) {
-    cuda_glue::expect_device_pointer(function.data(), view->raw_data(), name, device.index);
-  }
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function.data(), device.index);
+  const cuda_glue::NamedPointer pointers[] = {{q.raw_data(), "q"},
+                                              {cache.k.raw_data(), "cache.k"},
+                                              {cache.v.raw_data(), "cache.v"},
+                                              {cache.block_table.raw_data(), "cache.block_table"},
+                                              {selection.raw_data(), "selection"},
+                                              {out.raw_data(), "out"},
+                                              {lse.raw_data(), "lse"}};
+  cuda_glue::expect_device_pointers(function.data(), pointers, 7, device.index);
 
   cuda_kernels::SparseDecodeLaunch launch{};
   launch.q = q.raw_data();
@@ -104,7 +106,8 @@ void sparse_attention_decode_cuda(const TensorView& q, const CudaKvCache& cache,
   launch.granularity = granularity == Granularity::per_head ? 0 : (granularity == Granularity::per_kv_head ? 1 : 2);
   launch.out_bf16 = out.dtype() == DType::bf16;
   launch.scale = static_cast<float>(effective_scale);
-  KEYSEL_CUDA_CHECK(cuda_glue::multiprocessor_count(device.index, launch.multiprocessors));
+  launch.multiprocessors = facts.multiprocessors;
+  launch.device = device.index;
   KEYSEL_CUDA_CHECK(cuda_kernels::launch_sparse_attention_decode(launch, stream));
 }
 

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "cuda_sparse_attention_launch.h"
+#include "keysel/attention/cuda_glue.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -365,8 +366,8 @@ std::string launch_sparse_attention_decode(const SparseDecodeLaunch& in, void* s
   const std::int64_t heads = static_cast<std::int64_t>(in.batch) * in.query_heads;
   if (p.splits > 1) {
     const std::size_t bytes = static_cast<std::size_t>(heads * p.splits * (in.head_dim + 1)) * sizeof(float);
-    const cudaError_t status = cudaMallocAsync(&workspace, bytes, cuda_stream);
-    if (status != cudaSuccess) return error_text(status) + " in cudaMallocAsync";
+    const std::string allocated = cuda_glue::scratch_alloc(&workspace, bytes, in.device, stream);
+    if (!allocated.empty()) return allocated + " in cudaMallocFromPoolAsync";
     p.partial_out = static_cast<float*>(workspace);
     p.partial_lse = p.partial_out + heads * p.splits * in.head_dim;
   }

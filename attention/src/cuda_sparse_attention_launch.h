@@ -21,6 +21,7 @@ struct SparseDecodeLaunch {
   bool out_bf16;
   float scale;
   int multiprocessors;
+  int device;  // the current GPU
 };
 
 /// Launches on `stream` (a cudaStream_t); returns "" or the CUDA error text.

@@ -3,9 +3,18 @@
 //
 //   bench_gpu [--quick]     prints one line per case: name, median microseconds, bytes, achieved GB/s
 //   bench_gpu --profile     runs each kernel a few times only (for Nsight Compute)
+//
+// Three timings per decode case, each labelled:
+//   (per call)  CUDA events around back-to-back calls of the public function on the legacy default stream: kernel
+//               time plus whatever the host side of each call adds when it is slower than the kernels;
+//   (graph)     the calls captured once in a CUDA graph (several calls per graph, inputs rotating where the
+//               per-call timing rotates them), the graph replayed back to back on a stream, time per call: the
+//               kernel-side time a serving engine that replays captured decode steps sees;
+//   host        wall-clock time of the host side of one call (checks and launches, no synchronization), median.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -88,6 +97,109 @@ double time_us(const std::function<void(int)>& body, int iterations = 50) {
   return samples[samples.size() / 2];
 }
 
+/// Time per call of `body` (i, stream) replayed from a CUDA graph: `calls` calls captured in one graph, the graph
+/// replayed `replays` times back to back between two events; median of 7.
+double graph_us(const std::function<void(int, void*)>& body, int calls, int replays = 20) {
+  if (g_profile) return 0.0;
+  CudaStream stream;
+  for (int i = 0; i < calls; ++i) body(i, stream.handle());  // warm-up, loads every kernel before the capture
+  stream.synchronize();
+  const CudaGraph graph = CudaGraph::capture(stream, [&] {
+    for (int i = 0; i < calls; ++i) body(i, stream.handle());
+  });
+  for (int i = 0; i < 3; ++i) graph.launch(stream);
+  stream.synchronize();
+  const cudaStream_t s = static_cast<cudaStream_t>(stream.handle());
+  cudaEvent_t start, stop;
+  CHECK_CUDA(cudaEventCreate(&start));
+  CHECK_CUDA(cudaEventCreate(&stop));
+  std::vector<double> samples;
+  for (int rep = 0; rep < 7; ++rep) {
+    CHECK_CUDA(cudaEventRecord(start, s));
+    for (int i = 0; i < replays; ++i) graph.launch(stream);
+    CHECK_CUDA(cudaEventRecord(stop, s));
+    CHECK_CUDA(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
+    samples.push_back(1000.0 * ms / (replays * calls));
+  }
+  CHECK_CUDA(cudaEventDestroy(start));
+  CHECK_CUDA(cudaEventDestroy(stop));
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+/// Host wall-clock microseconds per call of `body` (no synchronization inside the timed calls): median over 15
+/// repetitions of 20 calls, each repetition followed by a device synchronization outside the timing.
+double host_us(const std::function<void(int)>& body, int calls = 20) {
+  if (g_profile) return 0.0;
+  for (int i = 0; i < 5; ++i) body(i);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<double> samples;
+  for (int rep = 0; rep < 15; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < calls; ++i) body(rep * calls + i);
+    const auto t1 = std::chrono::steady_clock::now();
+    CHECK_CUDA(cudaDeviceSynchronize());
+    samples.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count() / calls);
+  }
+  std::sort(samples.begin(), samples.end());
+  return samples[samples.size() / 2];
+}
+
+void report_host(const std::string& name, double us) {
+  if (g_profile) return;
+  std::printf("%-58s %10.2f us host per call (no sync)\n", name.c_str(), us);
+  std::fflush(stdout);
+}
+
+/// Host cost of the CUDA runtime calls a keysel call may make (mean over 2000 calls each).
+void bench_runtime_calls() {
+  void* buffer = nullptr;
+  CHECK_CUDA(cudaMalloc(&buffer, 1 << 20));
+  const auto mean_us = [](const std::function<void()>& f) {
+    for (int i = 0; i < 100; ++i) f();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 2000; ++i) f();
+    const auto t1 = std::chrono::steady_clock::now();
+    return std::chrono::duration<double, std::micro>(t1 - t0).count() / 2000;
+  };
+  cudaPointerAttributes attributes{};
+  int value = 0;
+  const double pointer = mean_us([&] { CHECK_CUDA(cudaPointerGetAttributes(&attributes, buffer)); });
+  const double get_device = mean_us([&] { CHECK_CUDA(cudaGetDevice(&value)); });
+  const double set_device = mean_us([&] { CHECK_CUDA(cudaSetDevice(0)); });
+  const double count = mean_us([&] { CHECK_CUDA(cudaGetDeviceCount(&value)); });
+  const double attribute =
+      mean_us([&] { CHECK_CUDA(cudaDeviceGetAttribute(&value, cudaDevAttrMultiProcessorCount, 0)); });
+  const double memset = mean_us([&] { CHECK_CUDA(cudaMemsetAsync(buffer, 0, 4)); });
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const double alloc = mean_us([&] {
+    void* p = nullptr;
+    CHECK_CUDA(cudaMallocAsync(&p, 1 << 20, nullptr));
+    CHECK_CUDA(cudaFreeAsync(p, nullptr));
+  });
+  CHECK_CUDA(cudaDeviceSynchronize());
+  // cudaMallocAsync right after a synchronization (the default pool returns its memory at each one).
+  std::vector<double> after_sync;
+  for (int i = 0; i < 50; ++i) {
+    void* p = nullptr;
+    const auto t0 = std::chrono::steady_clock::now();
+    CHECK_CUDA(cudaMallocAsync(&p, 1 << 20, nullptr));
+    const auto t1 = std::chrono::steady_clock::now();
+    CHECK_CUDA(cudaFreeAsync(p, nullptr));
+    CHECK_CUDA(cudaDeviceSynchronize());
+    after_sync.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+  }
+  std::sort(after_sync.begin(), after_sync.end());
+  std::printf("# host cost of runtime calls (us): cudaPointerGetAttributes %.3f, cudaGetDevice %.3f, "
+              "cudaSetDevice(same) %.3f, cudaGetDeviceCount %.3f, cudaDeviceGetAttribute %.3f, "
+              "cudaMemsetAsync %.3f, cudaMallocAsync+cudaFreeAsync %.3f, cudaMallocAsync after a sync (median) %.3f\n",
+              pointer, get_device, set_device, count, attribute, memset, alloc, after_sync[after_sync.size() / 2]);
+  std::fflush(stdout);
+  CHECK_CUDA(cudaFree(buffer));
+}
+
 void report(const std::string& name, double us, double bytes) {
   if (g_profile) return;
   std::printf("%-58s %10.2f us %12.0f bytes %9.1f GB/s\n", name.c_str(), us, bytes, bytes / (us * 1e3));
@@ -138,17 +250,33 @@ void bench_indexer(std::int64_t batch, std::int64_t n, std::int64_t heads, std::
                           {batch * blocks_per_sequence, 64, dim + 4}, Device::cuda());
     return c;
   };
-  const double us = time_us([&](int i) { lightning_indexer_logits_cuda(qv, wv, cache_view(i), pv, lv); });
+  const auto logits_call = [&](int i, void* stream) {
+    lightning_indexer_logits_cuda(qv, wv, cache_view(i), pv, lv, {}, stream);
+  };
+  const double us = time_us([&](int i) { logits_call(i, nullptr); });
   const std::string shape = "B=" + std::to_string(batch) + " N=" + std::to_string(n) + " HI=" +
                             std::to_string(heads) + " DI=" + std::to_string(dim);
-  report("indexer_logits_fp8 " + shape + " (key bytes, N*(DI+4))", us, static_cast<double>(batch * n * (dim + 4)));
+  const double key_bytes = static_cast<double>(batch * n * (dim + 4));
+  // A graph of `calls` calls rotating over the cache copies (at least 4 calls).
+  const int calls = std::max(copies, 4);
+  report("indexer_logits_fp8 " + shape + " (key bytes, N*(DI+4)) (per call)", us, key_bytes);
+  if (!g_profile) {
+    report("indexer_logits_fp8 " + shape + " (key bytes, N*(DI+4)) (graph)", graph_us(logits_call, calls), key_bytes);
+    report_host("indexer_logits_fp8 " + shape, host_us([&](int i) { logits_call(i, nullptr); }));
+  }
   if (!g_profile && (batch == 1 || batch == 64)) {
     SelectionPolicy policy;
     policy.k = 2048;
     CudaBuffer selection(batch * policy.k * 4);
     const TensorView sv(selection.data(), DType::int32, {batch, 1, policy.k}, Device::cuda());
-    const double fused = time_us([&](int i) { lightning_indexer_topk_cuda(qv, wv, cache_view(i), pv, n, policy, sv); });
-    report("indexer_logits+topk2048 " + shape + " (key bytes, N*(DI+4))", fused, static_cast<double>(batch * n * (dim + 4)));
+    const auto fused_call = [&](int i, void* stream) {
+      lightning_indexer_topk_cuda(qv, wv, cache_view(i), pv, n, policy, sv, {}, stream);
+    };
+    const double fused = time_us([&](int i) { fused_call(i, nullptr); });
+    report("indexer_logits+topk2048 " + shape + " (key bytes, N*(DI+4)) (per call)", fused, key_bytes);
+    report("indexer_logits+topk2048 " + shape + " (key bytes, N*(DI+4)) (graph)", graph_us(fused_call, calls),
+           key_bytes);
+    report_host("indexer_logits+topk2048 " + shape, host_us([&](int i) { fused_call(i, nullptr); }));
   }
 }
 
@@ -196,7 +324,7 @@ void bench_indexer_prefill(std::int64_t rows, std::int64_t n, std::int64_t heads
   std::fflush(stdout);
 }
 
-void bench_topk(std::int64_t batch, std::int64_t n, std::int64_t k) {
+void bench_topk(std::int64_t batch, std::int64_t n, std::int64_t k, bool graphs = true) {
   CudaBuffer scores(batch * n * 4), positions(batch * 4), selection(batch * k * 4);
   fill_random(scores.data(), static_cast<std::size_t>(scores.bytes()), [](std::uint8_t* p, std::size_t s) {
     // Scores like an indexer's: positive floats of a few magnitudes.
@@ -216,10 +344,15 @@ void bench_topk(std::int64_t batch, std::int64_t n, std::int64_t k) {
   const TensorView sc(scores.data(), DType::fp32, {batch, 1, n}, Device::cuda());
   const TensorView pv(positions.data(), DType::int32, {batch}, Device::cuda());
   const TensorView sv(selection.data(), DType::int32, {batch, 1, k}, Device::cuda());
-  const double us = time_us([&](int) { select_topk_cuda(sc, pv, policy, sv); });
-  report("topk k=" + std::to_string(k) + " B=" + std::to_string(batch) + " N=" + std::to_string(n) +
-             (batch > 1 ? " (lengths N..3N/4)" : "") + " (score bytes)",
-         us, static_cast<double>(batch * n * 4));
+  const auto call = [&](int, void* stream) { select_topk_cuda(sc, pv, policy, sv, stream); };
+  const std::string name = "topk k=" + std::to_string(k) + " B=" + std::to_string(batch) + " N=" +
+                           std::to_string(n) + (batch > 1 ? " (lengths N..3N/4)" : "") + " (score bytes)";
+  const double us = time_us([&](int i) { call(i, nullptr); });
+  report(name + " (per call)", us, static_cast<double>(batch * n * 4));
+  if (graphs && !g_profile) {
+    report(name + " (graph)", graph_us(call, 10), static_cast<double>(batch * n * 4));
+    report_host(name, host_us([&](int i) { call(i, nullptr); }));
+  }
 }
 
 void bench_sparse_attention(std::int64_t batch, std::int64_t query_heads, std::int64_t kv_heads, std::int64_t dim,
@@ -261,11 +394,20 @@ void bench_sparse_attention(std::int64_t batch, std::int64_t query_heads, std::i
   const TensorView sv(d_selection.data(), DType::int32, {batch, kv_heads, k}, Device::cuda());
   const TensorView ov(out.data(), bf16_out ? DType::bf16 : DType::fp32, {batch, query_heads, dim}, Device::cuda());
   const TensorView lv(lse.data(), DType::fp32, {batch, query_heads}, Device::cuda());
-  const double us = time_us([&](int) { sparse_attention_decode_cuda(qv, cache, sv, Granularity::per_kv_head, 0.0, ov, lv); }, 20);
-  report("sparse_attention_decode B=" + std::to_string(batch) + " Hq=" + std::to_string(query_heads) + " Hkv=" +
-             std::to_string(kv_heads) + " D=" + std::to_string(dim) + " k=" + std::to_string(k) +
-             (bf16_out ? " paged bf16 out (K+V bytes)" : " paged fp32 out (K+V bytes)"),
-         us, static_cast<double>(batch * kv_heads * k * 2 * dim * 2));
+  const auto call = [&](int, void* stream) {
+    sparse_attention_decode_cuda(qv, cache, sv, Granularity::per_kv_head, 0.0, ov, lv, stream);
+  };
+  const std::string name = "sparse_attention_decode B=" + std::to_string(batch) + " Hq=" +
+                           std::to_string(query_heads) + " Hkv=" + std::to_string(kv_heads) + " D=" +
+                           std::to_string(dim) + " k=" + std::to_string(k) +
+                           (bf16_out ? " paged bf16 out (K+V bytes)" : " paged fp32 out (K+V bytes)");
+  const double bytes = static_cast<double>(batch * kv_heads * k * 2 * dim * 2);
+  const double us = time_us([&](int i) { call(i, nullptr); }, 20);
+  report(name + " (per call)", us, bytes);
+  if (!g_profile && !bf16_out) {
+    report(name + " (graph)", graph_us(call, 4), bytes);
+    report_host(name, host_us([&](int i) { call(i, nullptr); }));
+  }
 }
 
 }  // namespace
@@ -281,19 +423,22 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf("# %s\n", cuda_device_description(0).c_str());
-  if (!g_profile) copy_bandwidth();
+  if (!g_profile) {
+    copy_bandwidth();
+    bench_runtime_calls();
+  }
   bench_indexer(1, 131072, 64, 128);
   if (!quick && !g_profile) bench_indexer(64, 131072, 64, 128);
   bench_indexer_prefill(1024, 8192, 64, 128);
   bench_topk(1, 131072, 2048);
   if (!g_profile) {  // the goal case again: its spread within the run
-    bench_topk(1, 131072, 2048);
-    bench_topk(1, 131072, 2048);
+    bench_topk(1, 131072, 2048, false);
+    bench_topk(1, 131072, 2048, false);
   }
   bench_topk(64, 131072, 2048);
   if (!quick && !g_profile) {
-    bench_topk(1, 1 << 20, 2048);
-    bench_topk(1, 131072, 8192);
+    bench_topk(1, 1 << 20, 2048, false);
+    bench_topk(1, 131072, 8192, false);
   }
   bench_sparse_attention(64, 32, 8, 128, 2048, 16384, false);
   if (!quick && !g_profile) bench_sparse_attention(64, 32, 8, 128, 2048, 16384, true);

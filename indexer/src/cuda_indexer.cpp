@@ -7,7 +7,6 @@
 
 #include "keysel/core/build_config.h"
 #include "keysel/core/error.h"
-#include "keysel/indexer/cuda_topk.h"
 
 #if KEYSEL_CUDA
 #include "cuda_indexer_launch.h"
@@ -22,7 +21,8 @@ namespace {
 /// Checks everything but the output and fills the launch parameters (logits left null).
 cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView& q, const TensorView& weights,
                                     const CudaIndexerKeyCache& cache, const TensorView& positions,
-                                    std::int64_t n_keys, const TensorView& sequence_of_row) {
+                                    std::int64_t n_keys, const TensorView& sequence_of_row,
+                                    const TensorView& output, const char* output_name) {
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_dtype(function, q, "q", {DType::fp8_e4m3});
   const Device device = q.device();
@@ -76,19 +76,19 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
     expect_device(function, sequence_of_row, "sequence_of_row", device);
     expect_contiguous(function, sequence_of_row, "sequence_of_row");
   }
-  cuda_glue::use_device(function.data(), device.index);
-  int capability = 0;
-  KEYSEL_CUDA_CHECK(cuda_glue::compute_capability(device.index, capability));
-  if (capability < 89) {
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function.data(), device.index);
+  if (facts.capability < 89) {
     detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
-                                      std::to_string(device.index) + " is " + std::to_string(capability / 10) + "." +
-                                      std::to_string(capability % 10));
+                                      std::to_string(device.index) + " is " + std::to_string(facts.capability / 10) +
+                                      "." + std::to_string(facts.capability % 10));
   }
-  for (const auto& [view, name] : {std::pair{&q, "q"}, {&weights, "weights"}, {&cache.blocks, "cache.blocks"},
-                                   {&cache.block_table, "cache.block_table"}, {&positions, "positions"},
-                                   {&sequence_of_row, "sequence_of_row"}}) {
-    cuda_glue::expect_device_pointer(function.data(), view->raw_data(), name, device.index);
-  }
+  // One pointer query per distinct buffer, the output's included.
+  const cuda_glue::NamedPointer pointers[] = {
+      {q.raw_data(), "q"},           {weights.raw_data(), "weights"},
+      {cache.blocks.raw_data(), "cache.blocks"}, {cache.block_table.raw_data(), "cache.block_table"},
+      {positions.raw_data(), "positions"},       {sequence_of_row.raw_data(), "sequence_of_row"},
+      {output.raw_data(), output_name}};
+  cuda_glue::expect_device_pointers(function.data(), pointers, 7, device.index);
   cuda_kernels::IndexerLaunch launch{};
   launch.q = q.data<std::uint8_t>();
   launch.weights = weights.data<float>();
@@ -104,7 +104,9 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   launch.sequences = static_cast<int>(sequences);
   launch.max_blocks = static_cast<int>(max_blocks);
   launch.blocks_per_sequence = static_cast<int>(blocks_per_sequence);
-  KEYSEL_CUDA_CHECK(cuda_glue::multiprocessor_count(device.index, launch.multiprocessors));
+  launch.multiprocessors = facts.multiprocessors;
+  launch.device = device.index;
+  launch.programmatic = facts.programmatic;
   return launch;
 }
 
@@ -115,13 +117,14 @@ void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weight
                                    const TensorView& sequence_of_row, void* stream) {
   constexpr std::string_view function = "lightning_indexer_logits_cuda";
   expect_shape(function, logits, "logits", {kAnyExtent, kAnyExtent});
-  cuda_kernels::IndexerLaunch launch = prepare(function, q, weights, cache, positions, logits.size(1), sequence_of_row);
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_shape(function, logits, "logits", {q.size(0), kAnyExtent});
   expect_dtype(function, logits, "logits", {DType::fp32});
   expect_device(function, logits, "logits", q.device());
   expect_writable(function, logits, "logits");
   expect_contiguous(function, logits, "logits");
-  cuda_glue::expect_device_pointer(function.data(), logits.raw_data(), "logits", q.device().index);
+  cuda_kernels::IndexerLaunch launch =
+      prepare(function, q, weights, cache, positions, logits.size(1), sequence_of_row, logits, "logits");
   launch.logits = logits.mutable_data<float>();
   if (launch.rows == 0) return;
   KEYSEL_CUDA_CHECK(cuda_kernels::launch_indexer_logits(launch, stream));
@@ -132,23 +135,40 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
                                  const TensorView& selection, const TensorView& sequence_of_row, void* stream) {
   constexpr std::string_view function = "lightning_indexer_topk_cuda";
   policy.validate(function);
-  cuda_kernels::IndexerLaunch launch = prepare(function, q, weights, cache, positions, n_keys, sequence_of_row);
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   const std::int64_t rows = q.size(0);
   expect_shape(function, selection, "selection", {rows, 1, policy.width()});
   expect_dtype(function, selection, "selection", {DType::int32});
   expect_device(function, selection, "selection", q.device());
   expect_writable(function, selection, "selection");
   expect_contiguous(function, selection, "selection");
-  cuda_glue::expect_device_pointer(function.data(), selection.raw_data(), "selection", q.device().index);
+  KEYSEL_CHECK_ARG(policy.width() <= 0x7fffffff, "policy", "a selection width below 2^31", policy.width());
+  cuda_kernels::IndexerLaunch launch =
+      prepare(function, q, weights, cache, positions, n_keys, sequence_of_row, selection, "selection");
   if (rows == 0) return;
+  // The selection of the logits as select_topk_cuda makes it, without repeating the checks made above.
+  cuda_kernels::TopkLaunch topk{};
+  topk.positions = launch.positions;
+  topk.selection = selection.mutable_data<std::int32_t>();
+  topk.rows = rows;
+  topk.groups = 1;
+  topk.n = n_keys;
+  topk.k = policy.k;
+  topk.n_sink = policy.n_sink;
+  topk.n_local = policy.n_local;
+  topk.width = policy.width();
+  topk.kept_on_top = policy.kept_on_top;
+  topk.multiprocessors = launch.multiprocessors;
+  topk.device = launch.device;
+  topk.programmatic = launch.programmatic;
   void* scratch = nullptr;
   const std::size_t bytes = static_cast<std::size_t>(rows * (n_keys > 0 ? n_keys : 1)) * sizeof(float);
-  KEYSEL_CUDA_CHECK(cuda_glue::malloc_async(&scratch, bytes, stream));
+  KEYSEL_CUDA_CHECK(cuda_glue::scratch_alloc(&scratch, bytes, launch.device, stream));
   launch.logits = static_cast<float*>(scratch);
   try {
     KEYSEL_CUDA_CHECK(cuda_kernels::launch_indexer_logits(launch, stream));
-    const TensorView logits(scratch, DType::fp32, {rows, 1, n_keys}, q.device());
-    select_topk_cuda(logits, positions, policy, selection, stream);
+    topk.scores = launch.logits;
+    KEYSEL_CUDA_CHECK(cuda_kernels::launch_topk(topk, stream));
   } catch (...) {
     cuda_glue::free_async(scratch, stream);
     throw;

@@ -16,10 +16,12 @@
 //   token's scale multiplies the sum.
 #include <cuda_fp8.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "cuda_indexer_launch.h"
+#include "cuda_pdl.cuh"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -36,6 +38,13 @@ struct IndexerParams {
   float* logits;                    // [R, N]
   std::int64_t rows, n, num_blocks;
   int heads, sequences, max_blocks, blocks_per_sequence;
+};
+
+struct LaunchContext {
+  int multiprocessors;
+  int device;
+  bool programmatic;                           // the wgmma kernel is launched as a programmatic dependent
+  mutable cudaError_t error = cudaSuccess;     // of a launch through cudaLaunchKernelEx
 };
 
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
@@ -463,6 +472,10 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   __shared__ int seq_s[kRows];
   __shared__ __align__(8) std::uint64_t full_bar[kStages];  // stage s's block has landed (phase parity)
 
+  // Programmatic dependent launch: the CTAs of the next kernel may take this grid's place as its CTAs exit; this
+  // grid may be resident before the stream's previous kernel ends, and reads or writes global memory only after it.
+  pdl_trigger();
+  pdl_wait();
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const std::int64_t group = static_cast<std::int64_t>(gridDim.y) - 1 - blockIdx.y;  // longest prefill rows first
@@ -677,10 +690,17 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
 #endif
 }
 
-/// CTAs per SM of the wgmma kernel, or 0 when this binary has no sm_90a code for the current GPU (cached).
+/// CTAs per SM of the wgmma kernel, or 0 when this binary has no sm_90a code for the GPU; read once per GPU (the
+/// shared-memory limit is raised there) and cached (stored as value + 1; a race stores the same value twice).
 template <int DI, int HI, int kRows>
-int wgmma_ctas_per_sm() {
-  static const int ctas = [] {
+int wgmma_ctas_per_sm(int device) {
+  static std::atomic<int> cache[64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_acquire);
+    if (known != 0) return known - 1;
+  }
+  const int ctas = [] {
     const auto kernel = indexer_logits_wgmma_kernel<DI, HI, kRows>;
     cudaFuncAttributes attributes{};
     if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.sharedSizeBytes == 0) {
@@ -699,12 +719,14 @@ int wgmma_ctas_per_sm() {
     }
     return per_sm;
   }();
+  if (cached) cache[device].store(ctas + 1, std::memory_order_release);
   return ctas;
 }
 
 template <int DI, int HI, int kRows>
-bool launch_wgmma(const IndexerParams& p, int multiprocessors, cudaStream_t stream) {
-  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows>();
+bool launch_wgmma(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
+  const int multiprocessors = context.multiprocessors;
+  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows>(context.device);
   if (per_sm == 0) return false;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   const std::int64_t groups = (p.rows + kRows - 1) / kRows;
@@ -713,32 +735,34 @@ bool launch_wgmma(const IndexerParams& p, int multiprocessors, cudaStream_t stre
   per_group = per_group < blocks ? per_group : blocks;
   per_group = per_group < 1 ? 1 : (per_group > 65535 ? 65535 : per_group);
   const dim3 grid(static_cast<unsigned>(per_group), static_cast<unsigned>(groups));
-  indexer_logits_wgmma_kernel<DI, HI, kRows>
-      <<<grid, 128, WgmmaShape<DI, HI, kRows>::kSharedBytes, stream>>>(p);
+  const cudaError_t status = launch_kernel(indexer_logits_wgmma_kernel<DI, HI, kRows>, grid, dim3(128),
+                                          WgmmaShape<DI, HI, kRows>::kSharedBytes, stream, context.programmatic, p);
+  if (status != cudaSuccess) context.error = status;
   return true;
 }
 
 template <int DI, int HI>
-bool launch_wgmma_rows(const IndexerParams& p, int multiprocessors, cudaStream_t stream) {
+bool launch_wgmma_rows(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
   // Prefill (rows mapped onto sequences): 256 / HI query rows share each cache block; decode: one row per CTA.
-  if (p.sequence_of_row) return launch_wgmma<DI, HI, 256 / HI>(p, multiprocessors, stream);
-  return launch_wgmma<DI, HI, 1>(p, multiprocessors, stream);
+  if (p.sequence_of_row) return launch_wgmma<DI, HI, 256 / HI>(p, context, stream);
+  return launch_wgmma<DI, HI, 1>(p, context, stream);
 }
 
-bool launch_wgmma_any(const IndexerParams& p, int dim, int multiprocessors, cudaStream_t stream) {
+bool launch_wgmma_any(const IndexerParams& p, int dim, const LaunchContext& context, cudaStream_t stream) {
   if (dim == 128) {
-    if (p.heads == 32) return launch_wgmma_rows<128, 32>(p, multiprocessors, stream);
-    if (p.heads == 64) return launch_wgmma_rows<128, 64>(p, multiprocessors, stream);
-    return launch_wgmma_rows<128, 128>(p, multiprocessors, stream);
+    if (p.heads == 32) return launch_wgmma_rows<128, 32>(p, context, stream);
+    if (p.heads == 64) return launch_wgmma_rows<128, 64>(p, context, stream);
+    return launch_wgmma_rows<128, 128>(p, context, stream);
   }
-  if (p.heads == 32) return launch_wgmma_rows<64, 32>(p, multiprocessors, stream);
-  if (p.heads == 64) return launch_wgmma_rows<64, 64>(p, multiprocessors, stream);
-  return launch_wgmma_rows<64, 128>(p, multiprocessors, stream);
+  if (p.heads == 32) return launch_wgmma_rows<64, 32>(p, context, stream);
+  if (p.heads == 64) return launch_wgmma_rows<64, 64>(p, context, stream);
+  return launch_wgmma_rows<64, 128>(p, context, stream);
 }
 
-void launch(const IndexerParams& p, std::int64_t rows, int dim, int multiprocessors, cudaStream_t stream) {
+void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchContext& context, cudaStream_t stream) {
   if (rows == 0) return;
-  if (launch_wgmma_any(p, dim, multiprocessors, stream)) return;  // sm_90a build on an sm_90 GPU
+  if (launch_wgmma_any(p, dim, context, stream)) return;  // sm_90a build on an sm_90 GPU
+  const int multiprocessors = context.multiprocessors;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   // One wave: two resident CTAs of 8 warps per SM over all rows; each CTA walks several cache blocks, prefetching.
   // Whole waves only: rounding up would leave a partial second wave (320 CTAs for 264 slots at B = 64).
@@ -783,8 +807,10 @@ std::string launch_indexer_logits(const IndexerLaunch& in, void* stream) {
   p.sequences = in.sequences;
   p.max_blocks = in.max_blocks;
   p.blocks_per_sequence = in.blocks_per_sequence;
-  launch(p, in.rows, in.dim, in.multiprocessors, static_cast<cudaStream_t>(stream));
-  const cudaError_t status = cudaGetLastError();
+  const LaunchContext context{in.multiprocessors, in.device, in.programmatic};
+  launch(p, in.rows, in.dim, context, static_cast<cudaStream_t>(stream));
+  cudaError_t status = cudaGetLastError();
+  if (status == cudaSuccess) status = context.error;
   if (status == cudaSuccess) return {};
   return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status) + " in indexer_logits_kernel launch";
 }

@@ -15,6 +15,8 @@ struct TopkLaunch {
   bool kept_on_top;
   int multiprocessors;
   int force_path;  // 0: by shape; 1: one block per row; 2: several blocks per row (tests)
+  int device;         // the current GPU
+  bool programmatic;  // sm_90+: chain the kernels by programmatic dependent launch
 };
 
 /// Returns "" or the CUDA error text.
@@ -30,6 +32,8 @@ struct IndexerLaunch {
   float* logits;                        // [R, n]
   std::int64_t rows, n, num_blocks;
   int heads, dim, sequences, max_blocks, blocks_per_sequence, multiprocessors;
+  int device;         // the current GPU
+  bool programmatic;  // sm_90+: launched as a programmatic dependent of the stream's previous kernel
 };
 
 /// Returns "" or the CUDA error text.

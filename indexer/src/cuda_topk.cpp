@@ -3,7 +3,6 @@
 
 #include <cstdint>
 #include <string>
-#include <utility>
 
 #include "keysel/core/build_config.h"
 #include "keysel/core/error.h"
@@ -42,11 +41,10 @@ void select_topk_cuda(const TensorView& scores, const TensorView& positions, con
   KEYSEL_CHECK_ARG(keys <= 0x7fffffff, "scores", "at most 2^31 - 1 keys per row", keys);
   KEYSEL_CHECK_ARG(width <= 0x7fffffff, "policy", "a selection width below 2^31", width);
   KEYSEL_CHECK_ARG(tokens * groups <= 0x7fffffff, "scores", "at most 2^31 - 1 rows (T * G)", tokens * groups);
-  cuda_glue::use_device(function.data(), device.index);
-  for (const auto& [view, name] :
-       {std::pair{&scores, "scores"}, {&positions, "positions"}, {&selection, "selection"}}) {
-    cuda_glue::expect_device_pointer(function.data(), view->raw_data(), name, device.index);
-  }
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function.data(), device.index);
+  const cuda_glue::NamedPointer pointers[] = {
+      {scores.raw_data(), "scores"}, {positions.raw_data(), "positions"}, {selection.raw_data(), "selection"}};
+  cuda_glue::expect_device_pointers(function.data(), pointers, 3, device.index);
   cuda_kernels::TopkLaunch launch{};
   launch.scores = scores.data<float>();
   launch.positions = positions.data<std::int32_t>();
@@ -59,7 +57,9 @@ void select_topk_cuda(const TensorView& scores, const TensorView& positions, con
   launch.n_local = policy.n_local;
   launch.width = width;
   launch.kept_on_top = policy.kept_on_top;
-  KEYSEL_CUDA_CHECK(cuda_glue::multiprocessor_count(device.index, launch.multiprocessors));
+  launch.multiprocessors = facts.multiprocessors;
+  launch.device = device.index;
+  launch.programmatic = facts.programmatic;
   KEYSEL_CUDA_CHECK(cuda_kernels::launch_topk(launch, stream));
 }
 

@@ -13,10 +13,13 @@
 #include <cub/block/block_scan.cuh>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "cuda_indexer_launch.h"
+#include "cuda_pdl.cuh"
+#include "keysel/attention/cuda_glue.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -282,23 +285,36 @@ struct SegmentParams {
   bool kept_on_top, vector_ok;
 };
 
+/// Zeroes the per-row histograms (the first kernel of the chain, launched in plain stream order).
+__global__ void __launch_bounds__(kSegThreads) segment_zero_kernel(int* __restrict__ hist, int count) {
+  pdl_trigger();
+  for (int i = blockIdx.x * kSegThreads + threadIdx.x; i < count; i += gridDim.x * kSegThreads) hist[i] = 0;
+}
+
 __global__ void __launch_bounds__(kSegThreads) segment_histogram_kernel(const SegmentParams p) {
   __shared__ int hist[kBins];
+  pdl_trigger();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
   const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
   const int first = max(g.sink_end, seg * p.seg_len), last = min(g.local_begin, (seg + 1) * p.seg_len);
-  if (g.fill <= 0 || first >= last) return;
-  for (int i = tid; i < kBins; i += kSegThreads) hist[i] = 0;
-  __syncthreads();
-  const float* scores = p.scores + static_cast<std::int64_t>(row) * p.n;
-  for_each_chunk<kSegThreads>(scores, p.n, first, last, p.vector_ok, [&](const float (&v)[kItems], int p0, bool full) {
+  const bool work = g.fill > 0 && first < last;
+  // The segment's histogram in shared memory reads only the inputs (complete before the chain's first kernel
+  // started), so it overlaps the zeroing; the global histogram is touched after pdl_wait().
+  if (work) {
+    for (int i = tid; i < kBins; i += kSegThreads) hist[i] = 0;
+    __syncthreads();
+    const float* scores = p.scores + static_cast<std::int64_t>(row) * p.n;
+    for_each_chunk<kSegThreads>(scores, p.n, first, last, p.vector_ok, [&](const float (&v)[kItems], int p0, bool full) {
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const bool in_range = full || (p0 + i >= first && p0 + i < last);
-      if (in_range && !isnan(v[i])) atomicAdd(&hist[coarse_bucket(v[i])], 1);
-    }
-  });
-  __syncthreads();
+      for (int i = 0; i < kItems; ++i) {
+        const bool in_range = full || (p0 + i >= first && p0 + i < last);
+        if (in_range && !isnan(v[i])) atomicAdd(&hist[coarse_bucket(v[i])], 1);
+      }
+    });
+    __syncthreads();
+  }
+  pdl_wait();
+  if (!work) return;
   int* out = p.hist + static_cast<std::int64_t>(row) * kBins;
   for (int i = tid; i < kBins; i += kSegThreads) {
     if (hist[i] != 0) atomicAdd(out + i, hist[i]);
@@ -334,6 +350,8 @@ __device__ FindResult row_bucket(const int* hist, int fill) {
 
 __global__ void __launch_bounds__(kSegThreads) segment_bucket_kernel(const SegmentParams p) {
   __shared__ int above_count, bucket_count;
+  pdl_trigger();
+  pdl_wait();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
   const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
   const FindResult bucket = row_bucket(p.hist + static_cast<std::int64_t>(row) * kBins, g.fill);
@@ -383,35 +401,78 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
   using IntScan = cub::BlockScan<int, kThreads>;
   __shared__ int hist[kBins];
   __shared__ int seg_take[kMaxSegments], seg_tie[kMaxSegments], seg_offset[kMaxSegments];
+  __shared__ int seg_count[kMaxSegments], seg_above[kMaxSegments];
+  __shared__ std::uint32_t key_or, key_and;
   extern __shared__ std::uint32_t staged[];  // kStagedKeys
   __shared__ typename IntScan::TempStorage scan_storage;
   __shared__ FindResult found;
+  pdl_trigger();
+  pdl_wait();
   const int row = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
   const int* info = p.seg_info + static_cast<std::int64_t>(row) * p.segments * 4;
   const int b0 = p.row_info[row * 4], want = p.row_info[row * 4 + 1];
   const std::uint32_t* keys = p.bucket_keys + static_cast<std::int64_t>(row) * p.n;
-  // The bucket keys of all segments, gathered into shared memory when they fit (one warp per segment).
+  // The segments' counts, read once (one global round trip) into shared memory.
   const int count = tid < p.segments ? info[tid * 4 + 1] : 0;
+  if (tid < p.segments) {
+    seg_count[tid] = count;
+    seg_above[tid] = info[tid * 4];
+  }
+  if (tid == 0) key_or = 0u, key_and = 0xFFFFFFFFu;
   int offset = 0, bucket_total = 0;
   IntScan(scan_storage).ExclusiveSum(count, offset, bucket_total);
   if (tid < p.segments) seg_offset[tid] = offset;
   __syncthreads();
+  // The bucket keys of all segments, gathered into shared memory when they fit: every thread loads up to four
+  // keys at once (independent loads in flight; the segment of entry i is the last one whose offset is <= i), and
+  // the bits on which all of them agree are noted, so that radix rounds over constant bits can be skipped.
   const bool staged_ok = bucket_total <= kStagedKeys;
   if (staged_ok) {
-    for (int s = warp; s < p.segments; s += kThreads / 32) {
-      const int c = info[s * 4 + 1];
-      for (int i = lane; i < c; i += 32) staged[seg_offset[s] + i] = keys[static_cast<std::int64_t>(s) * p.seg_len + i];
+    std::uint32_t any = 0u, all = 0xFFFFFFFFu;
+    for (int i0 = 0; i0 < bucket_total; i0 += 4 * kThreads) {
+      std::uint32_t v[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * kThreads + tid;
+        v[u] = 0u;
+        if (i < bucket_total) {
+          int lo = 0, hi = p.segments - 1;
+          while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (seg_offset[mid] <= i) lo = mid;
+            else hi = mid - 1;
+          }
+          v[u] = keys[static_cast<std::int64_t>(lo) * p.seg_len + (i - seg_offset[lo])];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int i = i0 + u * kThreads + tid;
+        if (i < bucket_total) {
+          staged[i] = v[u];
+          any |= v[u];
+          all &= v[u];
+        }
+      }
+    }
+    any = __reduce_or_sync(0xffffffffu, any);
+    all = __reduce_and_sync(0xffffffffu, all);
+    if (lane == 0) {
+      atomicOr(&key_or, any);
+      atomicAnd(&key_and, all);
     }
   }
   __syncthreads();
+  // Bits on which the bucket's keys differ (all ones when they were not staged: no round is skipped).
+  const std::uint32_t differing = staged_ok ? (key_or ^ key_and) : 0xFFFFFFFFu;
   // Visits every bucket key (in any order).
   const auto for_each_key = [&](auto&& f) {
     if (staged_ok) {
       for (int i = tid; i < bucket_total; i += kThreads) f(staged[i]);
     } else {
       for (int s = 0; s < p.segments; ++s) {
-        const int c = info[s * 4 + 1];
+        const int c = seg_count[s];
         for (int i = tid; i < c; i += kThreads) f(keys[static_cast<std::int64_t>(s) * p.seg_len + i]);
       }
     }
@@ -429,6 +490,12 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
       const int bits = round == 2 ? 10 : 11;
       const std::uint32_t digit_mask = (1u << bits) - 1u;
       const int high = shift + bits;
+      if ((differing >> shift) == 0u) {
+        // Every bucket key has the same bits from `shift` up: the histogram would hold one bin with all of them
+        // (at least `remaining`), so the digit is theirs and `remaining` is unchanged.
+        prefix = (prefix << bits) | ((key_and >> shift) & digit_mask);
+        continue;
+      }
       __syncthreads();
       for (int i = tid; i < kBins; i += kThreads) hist[i] = 0;
       __syncthreads();
@@ -451,13 +518,13 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
       kept += max(0, min(hi, g.sink_end) - lo);
       kept += max(0, hi - max(lo, g.local_begin));
     }
-    seg_take[s] = kept + (b0 < kBins ? info[s * 4] : 0);
+    seg_take[s] = kept + (b0 < kBins ? seg_above[s] : 0);
     seg_tie[s] = 0;
   }
   __syncthreads();
   if (b0 >= 0 && b0 < kBins) {  // one warp per segment
     for (int s = warp; s < p.segments; s += kThreads / 32) {
-      const int c = info[s * 4 + 1];
+      const int c = seg_count[s];
       int above = 0, equal = 0;
       for (int i0 = 0; i0 < c; i0 += 32) {
         const int i = i0 + lane;
@@ -505,9 +572,11 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
 __global__ void __launch_bounds__(kSegThreads) segment_compact_kernel(const SegmentParams p) {
   using IntScan = cub::BlockScan<int, kSegThreads>;
   __shared__ typename IntScan::TempStorage scan_storage;
+  pdl_trigger();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
   const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
   const int lo = seg * p.seg_len, hi = min(g.allowed, (seg + 1) * p.seg_len);
+  pdl_wait();
   if (lo >= hi) return;
   const std::uint32_t threshold = static_cast<std::uint32_t>(p.row_info[row * 4 + 2]);
   const int ties = p.row_info[row * 4 + 3];
@@ -561,6 +630,38 @@ std::string error_text(cudaError_t status, const char* where) {
 
 }  // namespace
 
+namespace {
+
+struct ChainFacts {
+  bool programmatic = false;  // the image's kernels wait (sm_90+ code): the chain may be launched programmatically
+  std::string error;
+};
+
+/// Per GPU, once: raises the threshold kernel's dynamic shared memory limit and reads whether the loaded image
+/// waits. Cached per device (0: not yet, 1: ready, 2: ready and programmatic); a race sets the same values twice.
+ChainFacts chain_facts(int device) {
+  static std::atomic<int> state[64];
+  const bool cached = device >= 0 && device < 64;
+  const int known = cached ? state[device].load(std::memory_order_acquire) : 0;
+  ChainFacts facts;
+  if (known != 0) {
+    facts.programmatic = known == 2;
+    return facts;
+  }
+  constexpr int staged_bytes = kStagedKeys * static_cast<int>(sizeof(std::uint32_t));
+  const cudaError_t status =
+      cudaFuncSetAttribute(segment_threshold_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_bytes);
+  if (status != cudaSuccess) {
+    facts.error = error_text(status, "cudaFuncSetAttribute");
+    return facts;
+  }
+  facts.programmatic = image_waits(segment_histogram_kernel);
+  if (cached) state[device].store(facts.programmatic ? 2 : 1, std::memory_order_release);
+  return facts;
+}
+
+}  // namespace
+
 int clamp_int(std::int64_t value) { return value > 0x7fffffff ? 0x7fffffff : static_cast<int>(value); }
 
 std::string launch_topk(const TopkLaunch& in, void* stream) {
@@ -587,13 +688,17 @@ std::string launch_topk(const TopkLaunch& in, void* stream) {
     segments = (in.n + seg_len - 1) / seg_len;
   }
   if (segments < 1) segments = 1;
+  const ChainFacts chain = chain_facts(in.device);
+  if (!chain.error.empty()) return chain.error;
   const std::size_t hist_bytes = static_cast<std::size_t>(in.rows) * kBins * sizeof(int);
   const std::size_t row_bytes = static_cast<std::size_t>(in.rows) * 4 * sizeof(int);
   const std::size_t seg_bytes = static_cast<std::size_t>(in.rows * segments) * 4 * sizeof(int);
   const std::size_t key_bytes = static_cast<std::size_t>(in.rows * (in.n > 0 ? in.n : 1)) * sizeof(std::uint32_t);
   void* workspace = nullptr;
-  cudaError_t status = cudaMallocAsync(&workspace, hist_bytes + row_bytes + seg_bytes + key_bytes, cuda_stream);
-  if (status != cudaSuccess) return error_text(status, "cudaMallocAsync");
+  const std::string allocated =
+      cuda_glue::scratch_alloc(&workspace, hist_bytes + row_bytes + seg_bytes + key_bytes, in.device, stream);
+  if (!allocated.empty()) return allocated + " in cudaMallocFromPoolAsync";
+  cudaError_t status = cudaSuccess;
   SegmentParams p{};
   p.scores = in.scores;
   p.positions = in.positions;
@@ -613,32 +718,34 @@ std::string launch_topk(const TopkLaunch& in, void* stream) {
   p.kept_on_top = in.kept_on_top;
   p.vector_ok = vector_ok;
   std::string result;
-  status = cudaMemsetAsync(p.hist, 0, hist_bytes, cuda_stream);
-  if (status != cudaSuccess) result = error_text(status, "cudaMemsetAsync");
   const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(in.rows));
-  const auto launched = [&](const char* name) {
-    const cudaError_t s = cudaGetLastError();
+  // Programmatic launch paid off where the chain's grids are small (B = 1: 64 blocks of 256 threads; per call 27.4
+  // -> 21.9 us) and cost time where they fill the GPU (B = 64: 512 blocks, 76.5 -> 82.1 us): used up to one block
+  // per SM.
+  const bool programmatic =
+      in.programmatic && chain.programmatic && in.rows * segments <= static_cast<std::int64_t>(in.multiprocessors);
+  const auto launched = [&](cudaError_t s, const char* name) {
+    if (s == cudaSuccess) s = cudaGetLastError();
     if (s != cudaSuccess && result.empty()) result = error_text(s, name);
     return result.empty();
   };
-  if (result.empty()) {
-    segment_histogram_kernel<<<grid, kSegThreads, 0, cuda_stream>>>(p);
-    if (launched("segment_histogram_kernel launch")) {
-      segment_bucket_kernel<<<grid, kSegThreads, 0, cuda_stream>>>(p);
-      if (launched("segment_bucket_kernel launch")) {
-        constexpr int staged_bytes = kStagedKeys * static_cast<int>(sizeof(std::uint32_t));
-        const cudaError_t attribute = cudaFuncSetAttribute(
-            segment_threshold_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_bytes);
-        if (attribute != cudaSuccess && result.empty()) result = error_text(attribute, "cudaFuncSetAttribute");
-        if (result.empty()) {
-          segment_threshold_kernel<<<static_cast<unsigned>(in.rows), kThreads, staged_bytes, cuda_stream>>>(p);
-        }
-        if (launched("segment_threshold_kernel launch")) {
-          segment_compact_kernel<<<grid, kSegThreads, 0, cuda_stream>>>(p);
-          launched("segment_compact_kernel launch");
-        }
-      }
-    }
+  // Five kernels; the last four are programmatic dependents of the one before (sm_90+), so that each starts,
+  // and does the work that needs only the inputs, while its predecessor finishes.
+  const int hist_count = static_cast<int>(in.rows * kBins);
+  const unsigned zero_blocks = static_cast<unsigned>((hist_count + kSegThreads * 8 - 1) / (kSegThreads * 8));
+  constexpr int staged_bytes = kStagedKeys * static_cast<int>(sizeof(std::uint32_t));
+  if (launched(launch_kernel(segment_zero_kernel, dim3(zero_blocks), dim3(kSegThreads), 0, cuda_stream, false, p.hist,
+                             hist_count),
+               "segment_zero_kernel launch") &&
+      launched(launch_kernel(segment_histogram_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
+               "segment_histogram_kernel launch") &&
+      launched(launch_kernel(segment_bucket_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
+               "segment_bucket_kernel launch") &&
+      launched(launch_kernel(segment_threshold_kernel, dim3(static_cast<unsigned>(in.rows)), dim3(kThreads),
+                             staged_bytes, cuda_stream, programmatic, p),
+               "segment_threshold_kernel launch")) {
+    launched(launch_kernel(segment_compact_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
+             "segment_compact_kernel launch");
   }
   status = cudaFreeAsync(workspace, cuda_stream);
   if (status != cudaSuccess && result.empty()) result = error_text(status, "cudaFreeAsync");

@@ -19,7 +19,7 @@ namespace keysel {
 ///   stream:    a cudaStream_t (nullptr: the default stream); the call is asynchronous with respect to the host.
 /// Any k and N (k above N pads with -1). A radix select (a coarse 11-bit histogram, the threshold bucket refined
 /// by three radix rounds) and one ordered compaction pass that writes the row in position order; one thread
-/// block per row when there are many rows, several per row (four launches, a stream-ordered scratch buffer)
+/// block per row when there are many rows, several per row (five launches, a stream-ordered scratch buffer)
 /// when there are fewer rows than SMs and N >= 16384. See docs/cuda.md.
 /// Throws keysel::Error (launching nothing) on a bad shape, dtype, device, pointer or policy.
 void select_topk_cuda(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,

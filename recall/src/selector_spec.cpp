@@ -247,21 +247,38 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
       fail(where, "key 'queries': expected \"each_head\" or \"group_mean\", got \"" + queries + "\"");
     }
     search_options.mips_to_l2 = reader.boolean("mips_to_l2", false);
+    search_options.balance_channels = reader.boolean("balance_channels", false);
     if (options.search.nprobe > 0) search_options.nprobe = options.search.nprobe;
     if (options.search.ef_search > 0) search_options.ef_search = options.search.ef_search;
+    const std::string rerank = reader.string("rerank", "exact");
+    if (rerank != "exact" && rerank != "indexer") {
+      fail(where, "key 'rerank': expected \"exact\" or \"indexer\", got \"" + rerank + "\"");
+    }
     reader.finish();
+    if (construct && rerank == "indexer") {
+      if (indexer == nullptr) {
+        fail(where, "key 'rerank': \"indexer\" needs a workload with trained indexer tensors (a tiny-lm layer, or "
+                    "a dump layer with index_q, index_k and index_w); this one has none");
+      }
+      options.rerank = make_indexer_candidate_score(indexer->queries, indexer->weights, indexer->keys);
+    }
     if (!built_with_faiss() && factory != "brute_force") {
       fail(where, "type \"faiss\" needs keysel built with FAISS (KEYSEL_FAISS=ON); this build has none "
                   "(only \"factory\": \"brute_force\" works without it)");
     }
-    if (construct) selector = make_candidate_selector(factory, options, search_options);
+    if (construct) {
+      selector = make_candidate_selector(factory, options, search_options);
+      if (rerank == "indexer") default_name = selector->name() + " rerank=indexer";
+    }
   } else {
     fail(where, "unknown selector type \"" + type +
                     "\" (expected one of exact, random, streaming, block_topk, fidelity, hybrid, indexer, proxy, faiss)");
   }
   if (!construct) return nullptr;
   if (!name.empty()) return std::make_unique<NamedSelector>(std::move(selector), name);
-  if (!default_name.empty() && type == "indexer") return std::make_unique<NamedSelector>(std::move(selector), default_name);
+  if (!default_name.empty() && (type == "indexer" || type == "faiss")) {
+    return std::make_unique<NamedSelector>(std::move(selector), default_name);
+  }
   return selector;
 }
 

@@ -20,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include "keysel/core/error.h"
+#include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/selectors.h"
 #include "keysel/indexer/topk.h"
@@ -321,6 +322,57 @@ TEST(TinyLmStudy, IndexerSpecScoresWithTheLayersTrainedIndexer) {
     make_selector_from_spec(R"({"type": "indexer"})", &tensors)->select(layer.attention, policy, selection);
   };
   EXPECT_NEAR(mean_of(result.rows[0], "bpb"), bits_per_byte(model.logits(tokens, sparse), tokens, 256), 1e-12);
+}
+
+TEST(TinyLmStudy, CandidateSpecRerankedByTheLayersIndexer) {
+  const TinyLm model = TinyLm::from_safetensors(random_model_file(small_config(), 5));
+  const std::vector<std::uint8_t> tokens = text_bytes(0, 48);
+  constexpr std::int64_t k = 6;
+  int layers_checked = 0;
+  TinyLmSparse sparse;
+  sparse.granularity = Granularity::per_kv_head;
+  sparse.width = k;
+  sparse.select = [&](const TinyLmLayer& layer, const TensorView& selection) {
+    const IndexerTensors tensors{layer.index_q, layer.index_k, layer.index_w};
+    SelectionPolicy policy;
+    policy.k = k;
+    policy.n_sink = 1;
+    const std::int64_t t_count = layer.attention.q.size(0);
+    const auto run = [&](Selector& selector) {
+      std::vector<std::int32_t> out(static_cast<std::size_t>(t_count * 2 * k), -1);
+      selector.select(layer.attention, policy, TensorView(out.data(), DType::int32, {t_count, 2, k}));
+      return out;
+    };
+    // The spec's "rerank": "indexer" gives what a CandidateSelector re-ranked by the indexer gives when built by
+    // hand, and differs from the exact re-rank (k' = 12 candidates per search, so the re-rank matters).
+    const char* spec = R"({"type": "faiss", "factory": "brute_force", "candidates": 12, "rerank": "indexer"})";
+    const std::unique_ptr<Selector> from_spec = make_selector_from_spec(spec, &tensors);
+    EXPECT_NE(from_spec->name().find("rerank=indexer"), std::string::npos) << from_spec->name();
+    CandidateSelectorOptions options;
+    options.candidates = 12;
+    options.rerank = make_indexer_candidate_score(layer.index_q, layer.index_w, layer.index_k);
+    const std::unique_ptr<Selector> by_hand = make_candidate_selector("brute_force", options);
+    const std::vector<std::int32_t> chosen = run(*from_spec);
+    EXPECT_EQ(chosen, run(*by_hand));
+    const std::vector<std::int32_t> exact_rerank =
+        run(*make_selector_from_spec(R"({"type": "faiss", "factory": "brute_force", "candidates": 12})", &tensors));
+    EXPECT_NE(chosen, exact_rerank);
+    // Without indexer tensors, or with an unknown re-rank, the spec is an error naming the key.
+    try {
+      (void)make_selector_from_spec(spec, nullptr);
+      ADD_FAILURE() << "rerank by the indexer without indexer tensors";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("rerank"), std::string::npos) << e.what();
+    }
+    EXPECT_THROW(make_selector_from_spec(R"({"type": "faiss", "factory": "brute_force", "rerank": "bm25"})", &tensors),
+                 Error);
+    EXPECT_EQ(normalize_selector_spec(R"({"type": "faiss", "factory": "brute_force", "balance_channels": true})"),
+              R"({"balance_channels":true,"factory":"brute_force","type":"faiss"})");
+    std::copy(chosen.begin(), chosen.end(), selection.mutable_data<std::int32_t>());
+    ++layers_checked;
+  };
+  (void)model.logits(tokens, sparse);
+  EXPECT_EQ(layers_checked, 2);
 }
 
 TEST(TinyLmStudy, DumpIndexerTensorsReachTheIndexerSpec) {

@@ -10,7 +10,10 @@
 //    "power_of_two_scales": false, "hadamard": false, "aggregation": "logsumexp" | "max" | "mean", "rank": 0}
 //   {"type": "indexer", ...the proxy keys...}
 //   {"type": "faiss", "factory": "IVF64,Flat", "candidates": 0, "nprobe": 0, "ef_search": 0,
-//    "queries": "each_head" | "group_mean", "mips_to_l2": false, "train_keys": 0}
+//    "queries": "each_head" | "group_mean", "mips_to_l2": false, "balance_channels": false, "train_keys": 0,
+//    "rerank": "exact" | "indexer"}
+//   ("rerank": "indexer" re-ranks the candidates by the workload's trained Lightning Indexer, which must then
+//   have indexer tensors; "balance_channels" rescales outlier channels before indexing: candidate_search.h)
 // Every spec may also carry "name" (the label in studies and reports). Unknown keys, wrong value types and
 // unknown types throw keysel::Error naming the key. docs/studies.md explains every field.
 //

@@ -22,6 +22,9 @@
 namespace keysel {
 namespace {
 
+/// Appended to the name of a candidate search re-ranked by the trained indexer.
+constexpr std::string_view kIndexerRerankSuffix = " rerank=indexer";
+
 using nlohmann::json;
 
 constexpr std::array<std::string_view, 9> kTypes = {"exact",  "random",  "streaming", "block_topk", "fidelity",
@@ -268,7 +271,7 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
     }
     if (construct) {
       selector = make_candidate_selector(factory, options, search_options);
-      if (rerank == "indexer") default_name = selector->name() + " rerank=indexer";
+      if (rerank == "indexer") default_name = selector->name() + std::string(kIndexerRerankSuffix);
     }
   } else {
     fail(where, "unknown selector type \"" + type +
@@ -297,6 +300,16 @@ nlohmann::json parse_json_text(std::string_view text, const std::string& what) {
 std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where,
                                         const IndexerTensors* indexer) {
   return build(spec, where, /*construct=*/true, indexer);
+}
+
+std::string selector_default_name(const nlohmann::json& spec, const std::string& where) {
+  if (spec.is_object() && spec.value("type", "") == "faiss" && spec.value("rerank", "") == "indexer") {
+    check_selector_spec(spec, where);
+    nlohmann::json search = spec;
+    search.erase("rerank");
+    return make_selector(search, where)->name() + std::string(kIndexerRerankSuffix);
+  }
+  return make_selector(spec, where)->name();
 }
 
 void check_selector_spec(const nlohmann::json& spec, const std::string& where) {

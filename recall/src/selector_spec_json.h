@@ -14,6 +14,9 @@ namespace keysel::detail {
 /// ("selectors[2]"); `indexer`, when not null, holds the attention's trained indexer tensors.
 std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where = "selector spec",
                                         const IndexerTensors* indexer = nullptr);
+/// The name a spec's selector reports (what make_selector(spec)->name() gives), also for specs that can only be
+/// built over a workload's indexer tensors (a "faiss" spec with "rerank": "indexer").
+std::string selector_default_name(const nlohmann::json& spec, const std::string& where = "selector spec");
 /// Checks a spec without building it (types, keys, values).
 void check_selector_spec(const nlohmann::json& spec, const std::string& where = "selector spec");
 /// Parses JSON text, turning parse errors into keysel::Error naming `what`.

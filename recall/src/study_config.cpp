@@ -138,7 +138,7 @@ void expand_selector(const json& entry, const std::string& where, std::vector<St
     }
     point.erase("name");
     detail::check_selector_spec(point, where);
-    std::string name = base_name.empty() ? detail::make_selector(point, where)->name() : base_name;
+    std::string name = base_name.empty() ? detail::selector_default_name(point, where) : base_name;
     if (!suffix.empty()) name += "[" + suffix + "]";
     point["name"] = name;
     out.push_back({name, point.dump()});

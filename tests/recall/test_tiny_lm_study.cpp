@@ -373,6 +373,11 @@ TEST(TinyLmStudy, CandidateSpecRerankedByTheLayersIndexer) {
   };
   (void)model.logits(tokens, sparse);
   EXPECT_EQ(layers_checked, 2);
+  // A study file names such a spec without building it (it needs a layer's tensors to be built).
+  const StudyConfig config = parse_study_config(R"({"workloads": [{"type": "tiny-lm", "tokens": 8}],
+      "selectors": [{"type": "faiss", "factory": "brute_force", "rerank": "indexer"}], "k": [4]})");
+  ASSERT_EQ(config.selectors.size(), 1u);
+  EXPECT_NE(config.selectors[0].name.find("rerank=indexer"), std::string::npos) << config.selectors[0].name;
 }
 
 TEST(TinyLmStudy, DumpIndexerTensorsReachTheIndexerSpec) {

@@ -84,6 +84,28 @@ void sort_descending(std::uint64_t* words, std::int64_t n, std::vector<std::uint
   if (from != words) std::copy(from, from + n, words);
 }
 
+/// A threshold from a sample of a row's n scores (kSampleRuns runs of consecutive scores spread over the row: few
+/// cache lines), set a little low so that about `fill` scores or more pass it; -infinity (every non-NaN score
+/// passes) for short rows, large fills, or too few valid samples. Callers check the count that passed.
+template <typename T>
+T sampled_threshold(const T* row, std::int64_t n, std::int64_t fill, std::vector<T>& sample) {
+  constexpr std::int64_t kSample = 2048;
+  if (n < 4 * kSample || fill * 4 >= n) return -std::numeric_limits<T>::infinity();
+  sample.clear();
+  for (std::int64_t c = 0; c < kSampleRuns; ++c) {
+    const T* run = row + (c * n) / kSampleRuns;
+    for (std::int64_t i = 0; i < kSample / kSampleRuns; ++i) {
+      if (run[i] == run[i]) sample.push_back(run[i]);
+    }
+  }
+  const std::int64_t valid = static_cast<std::int64_t>(sample.size());
+  const double expected = static_cast<double>(fill) * static_cast<double>(valid) / static_cast<double>(n);
+  const std::int64_t rank = static_cast<std::int64_t>(expected + 4.0 * std::sqrt(expected) + 16.0);
+  if (rank >= valid) return -std::numeric_limits<T>::infinity();
+  std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<T>());
+  return sample[static_cast<std::size_t>(rank)];
+}
+
 /// Scores [first, first + n) of a row: the positions, in ascending order, of the best `fill` non-NaN scores
 /// (all of them when fewer), written to out; returns how many. `words` and `scratch` are reused buffers.
 std::int64_t choose_by_score(const float* scores, std::int64_t first, std::int64_t n, std::int64_t fill,
@@ -95,27 +117,8 @@ std::int64_t choose_by_score(const float* scores, std::int64_t first, std::int64
     words.resize(static_cast<std::size_t>(n + topk_kernels::kFilterSlack));
   }
 
-  // A threshold from a sample (64 runs of 32 consecutive scores spread over the row: few cache lines), set a
-  // little low so that at least `fill` scores pass it; checked below, and replaced by -inf (every non-NaN
-  // score passes) when too few passed.
-  float threshold = -kInf;
-  constexpr std::int64_t kSample = 2048;
-  if (n >= 4 * kSample && fill * 4 < n) {
-    sample.clear();
-    for (std::int64_t c = 0; c < kSampleRuns; ++c) {
-      const float* run = scores + first + (c * n) / kSampleRuns;
-      for (std::int64_t i = 0; i < kSample / kSampleRuns; ++i) {
-        if (run[i] == run[i]) sample.push_back(run[i]);
-      }
-    }
-    const std::int64_t valid = static_cast<std::int64_t>(sample.size());
-    const double expected = static_cast<double>(fill) * static_cast<double>(valid) / static_cast<double>(n);
-    const std::int64_t rank = static_cast<std::int64_t>(expected + 4.0 * std::sqrt(expected) + 16.0);
-    if (rank < valid) {
-      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<float>());
-      threshold = sample[static_cast<std::size_t>(rank)];
-    }
-  }
+  // Replaced by -inf below (every non-NaN score passes) when too few scores passed it.
+  const float threshold = sampled_threshold(scores + first, n, fill, sample);
   std::int64_t count = filter(scores + first, n, threshold, static_cast<std::uint32_t>(first), words.data());
   if (count < fill && threshold != -kInf) {
     count = filter(scores + first, n, -kInf, static_cast<std::uint32_t>(first), words.data());
@@ -173,25 +176,7 @@ std::int64_t choose_by_score(const float* scores, std::int64_t first, std::int64
 std::int64_t choose_by_score(const double* scores, std::int64_t first, std::int64_t n, std::int64_t fill,
                              std::int32_t* out, RowBuffers& buffers) {
   if (fill <= 0 || n <= 0) return 0;
-  double threshold = -std::numeric_limits<double>::infinity();
-  constexpr std::int64_t kSample = 2048;
-  if (n >= 4 * kSample && fill * 4 < n) {
-    std::vector<double>& sample = buffers.sample64;
-    sample.clear();
-    for (std::int64_t c = 0; c < kSampleRuns; ++c) {
-      const double* run = scores + first + (c * n) / kSampleRuns;
-      for (std::int64_t i = 0; i < kSample / kSampleRuns; ++i) {
-        if (run[i] == run[i]) sample.push_back(run[i]);
-      }
-    }
-    const std::int64_t valid = static_cast<std::int64_t>(sample.size());
-    const double expected = static_cast<double>(fill) * static_cast<double>(valid) / static_cast<double>(n);
-    const std::int64_t rank = static_cast<std::int64_t>(expected + 4.0 * std::sqrt(expected) + 16.0);
-    if (rank < valid) {
-      std::nth_element(sample.begin(), sample.begin() + rank, sample.end(), std::greater<double>());
-      threshold = sample[static_cast<std::size_t>(rank)];
-    }
-  }
+  const double threshold = sampled_threshold(scores + first, n, fill, buffers.sample64);
   std::vector<DoubleCandidate>& candidates = buffers.candidates;
   const auto collect = [&](double bound) {
     candidates.clear();

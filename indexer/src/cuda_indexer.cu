@@ -40,6 +40,26 @@ struct IndexerParams {
   int heads, sequences, max_blocks, blocks_per_sequence;
 };
 
+/// Row r's sequence (seq) and the number of keys it may read, min(pos + 1, N); 0 for a negative position or a
+/// sequence outside the cache (GPU values are not validated on the host: such a row gets only -inf).
+__device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p, std::int64_t r, int& seq) {
+  seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
+  const std::int64_t pos = p.positions[r];
+  const bool row_ok = seq >= 0 && seq < p.sequences &&
+                      (p.block_table || static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence <= p.num_blocks);
+  if (!row_ok || pos < 0) return 0;
+  return pos + 1 < p.n ? pos + 1 : p.n;
+}
+
+/// -inf into out[from, n), spread over the grid's x dimension (kThreads threads per block).
+template <int kThreads>
+__device__ __forceinline__ void fill_minus_infinity(float* out, std::int64_t from, std::int64_t n) {
+  for (std::int64_t s = from + static_cast<std::int64_t>(blockIdx.x) * kThreads + threadIdx.x; s < n;
+       s += static_cast<std::int64_t>(gridDim.x) * kThreads) {
+    out[s] = -INFINITY;
+  }
+}
+
 struct LaunchContext {
   int multiprocessors;
   int device;
@@ -76,20 +96,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const std::int64_t r = blockIdx.y;
-  const int seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
-  const std::int64_t pos = p.positions[r];
-  std::int64_t allowed = pos < 0 ? 0 : (pos + 1 < p.n ? pos + 1 : p.n);
-  bool row_ok = seq >= 0 && seq < p.sequences;
-  if (!p.block_table && static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence > p.num_blocks) row_ok = false;
-  if (!row_ok) allowed = 0;
+  int seq = 0;
+  const std::int64_t allowed = row_allowed_keys(p, r, seq);
   const std::int64_t row_blocks = (allowed + kBlock - 1) / kBlock;
   float* out = p.logits + r * p.n;
 
-  // Beyond the last allowed block: -inf.
-  for (std::int64_t s = row_blocks * kBlock + static_cast<std::int64_t>(blockIdx.x) * kThreads + tid; s < p.n;
-       s += static_cast<std::int64_t>(gridDim.x) * kThreads) {
-    out[s] = -INFINITY;
-  }
+  fill_minus_infinity<kThreads>(out, row_blocks * kBlock, p.n);  // beyond the last allowed block
   if (static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
   std::uint32_t a[kSteps][4];
@@ -240,18 +252,11 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const int tile = warp & 3, head_half = warp >> 2;
   const std::int64_t r = blockIdx.y;
-  const int seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
-  const std::int64_t pos = p.positions[r];
-  std::int64_t allowed = pos < 0 ? 0 : (pos + 1 < p.n ? pos + 1 : p.n);
-  bool row_ok = seq >= 0 && seq < p.sequences;
-  if (!p.block_table && static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence > p.num_blocks) row_ok = false;
-  if (!row_ok) allowed = 0;
+  int seq = 0;
+  const std::int64_t allowed = row_allowed_keys(p, r, seq);
   const std::int64_t row_blocks = (allowed + kBlock - 1) / kBlock;
   float* out = p.logits + r * p.n;
-  for (std::int64_t s = row_blocks * kBlock + static_cast<std::int64_t>(blockIdx.x) * kThreads + tid; s < p.n;
-       s += static_cast<std::int64_t>(gridDim.x) * kThreads) {
-    out[s] = -INFINITY;
-  }
+  fill_minus_infinity<kThreads>(out, row_blocks * kBlock, p.n);  // beyond the last allowed block
   if (static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
   auto fetch = [&](std::int64_t j, int stage) -> bool {
@@ -492,13 +497,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
     std::int64_t allowed = 0;
     int seq = 0;
     if (tid < rows_here) {
-      const std::int64_t r = r0 + tid;
-      seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
-      const std::int64_t pos = p.positions[r];
-      allowed = pos < 0 ? 0 : (pos + 1 < p.n ? pos + 1 : p.n);
-      bool row_ok = seq >= 0 && seq < p.sequences;
-      if (!p.block_table && static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence > p.num_blocks) row_ok = false;
-      if (!row_ok) allowed = 0;
+      allowed = row_allowed_keys(p, r0 + tid, seq);
     }
     allowed_s[tid] = allowed;
     seq_s[tid] = seq;

@@ -57,6 +57,35 @@ __device__ __forceinline__ void load_items(const float* row, int n, int first, b
   }
 }
 
+/// Writes one chunk of a row's selection in position order. Each thread holds kItems consecutive positions from
+/// p0, with take_bits (a kept key, or a score above the threshold) and tie_bits (a score equal to it); a block-wide
+/// scan places every taken position after the `taken_before` taken so far and the first `ties` tied positions
+/// (in position order) among them. Updates taken_before and ties_before for the next chunk; ends with a barrier,
+/// as the scan storage is reused by the next chunk.
+template <typename IntScan>
+__device__ __forceinline__ void write_chunk(typename IntScan::TempStorage& scan_storage, unsigned take_bits,
+                                            unsigned tie_bits, int p0, int ties, int& taken_before,
+                                            int& ties_before, std::int32_t* out) {
+  const int packed = __popc(take_bits) | (__popc(tie_bits) << 16);
+  int prefix = 0, aggregate = 0;
+  IntScan(scan_storage).ExclusiveSum(packed, prefix, aggregate);
+  if ((take_bits | tie_bits) != 0u) {
+    int taken = taken_before + (prefix & 0xffff);
+    int tie_rank = ties_before + (prefix >> 16);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const bool take = (take_bits >> i) & 1u;
+      const bool tie = (tie_bits >> i) & 1u;
+      if (take || (tie && tie_rank < ties)) out[taken + (tie_rank < ties ? tie_rank : ties)] = p0 + i;
+      taken += take;
+      tie_rank += tie;
+    }
+  }
+  taken_before += aggregate & 0xffff;
+  ties_before += aggregate >> 16;
+  __syncthreads();
+}
+
 struct FindResult {
   int bin;
   int remaining;  // how many keys of `bin` are still to take
@@ -224,24 +253,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
       take_bits |= static_cast<unsigned>(take) << i;
       tie_bits |= static_cast<unsigned>(tie) << i;
     }
-    const int packed = __popc(take_bits) | (__popc(tie_bits) << 16);
-    int prefix = 0, aggregate = 0;
-    IntScan(scan_storage).ExclusiveSum(packed, prefix, aggregate);
-    if ((take_bits | tie_bits) != 0u) {
-      int taken = taken_before + (prefix & 0xffff);
-      int tie_rank = ties_before + (prefix >> 16);
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const bool take = (take_bits >> i) & 1u;
-        const bool tie = (tie_bits >> i) & 1u;
-        if (take || (tie && tie_rank < ties)) out[taken + (tie_rank < ties ? tie_rank : ties)] = p0 + i;
-        taken += take;
-        tie_rank += tie;
-      }
-    }
-    taken_before += aggregate & 0xffff;
-    ties_before += aggregate >> 16;
-    __syncthreads();  // scan storage is reused by the next chunk
+    write_chunk<IntScan>(scan_storage, take_bits, tie_bits, p0, ties, taken_before, ties_before, out);
   }
   const int written = taken_before + (ties_before < ties ? ties_before : ties);
   for (int i = written + tid; i < width; i += kThreads) out[i] = -1;
@@ -603,24 +615,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_compact_kernel(const Segm
       take_bits |= static_cast<unsigned>(take) << i;
       tie_bits |= static_cast<unsigned>(tie) << i;
     }
-    const int packed = __popc(take_bits) | (__popc(tie_bits) << 16);
-    int prefix = 0, aggregate = 0;
-    IntScan(scan_storage).ExclusiveSum(packed, prefix, aggregate);
-    if ((take_bits | tie_bits) != 0u) {
-      int taken = taken_before + (prefix & 0xffff);
-      int tie_rank = ties_before + (prefix >> 16);
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const bool take = (take_bits >> i) & 1u;
-        const bool tie = (tie_bits >> i) & 1u;
-        if (take || (tie && tie_rank < ties)) out[taken + (tie_rank < ties ? tie_rank : ties)] = p0 + i;
-        taken += take;
-        tie_rank += tie;
-      }
-    }
-    taken_before += aggregate & 0xffff;
-    ties_before += aggregate >> 16;
-    __syncthreads();
+    write_chunk<IntScan>(scan_storage, take_bits, tie_bits, p0, ties, taken_before, ties_before, out);
   }
 }
 

@@ -71,23 +71,17 @@ float dot(const float* a, const float* b, std::int64_t d) {
   return sum;
 }
 
-struct Scored {
-  float score;
+template <typename T>
+struct ScoredId {
+  T score;
   std::int64_t id;
 };
+using Scored = ScoredId<float>;
+using ScoredDouble = ScoredId<double>;
 
 /// Higher score first; equal scores prefer the lower id (NaN scores are dropped before sorting).
-bool better(const Scored& a, const Scored& b) {
-  if (a.score != b.score) return a.score > b.score;
-  return a.id < b.id;
-}
-
-struct ScoredDouble {
-  double score;
-  std::int64_t id;
-};
-
-bool better_double(const ScoredDouble& a, const ScoredDouble& b) {
+template <typename T>
+bool better(const ScoredId<T>& a, const ScoredId<T>& b) {
   if (a.score != b.score) return a.score > b.score;
   return a.id < b.id;
 }
@@ -95,7 +89,7 @@ bool better_double(const ScoredDouble& a, const ScoredDouble& b) {
 /// Keeps the best `k` of `items` (sorted best first) and writes them with -1 / -inf padding.
 void write_top(std::vector<Scored>& items, std::int64_t k, float* scores, std::int64_t* ids) {
   const std::size_t take = std::min<std::size_t>(static_cast<std::size_t>(k), items.size());
-  std::partial_sort(items.begin(), items.begin() + static_cast<std::ptrdiff_t>(take), items.end(), better);
+  std::partial_sort(items.begin(), items.begin() + static_cast<std::ptrdiff_t>(take), items.end(), better<float>);
   for (std::int64_t j = 0; j < k; ++j) {
     const bool have = static_cast<std::size_t>(j) < take;
     scores[j] = have ? items[static_cast<std::size_t>(j)].score : -std::numeric_limits<float>::infinity();
@@ -593,7 +587,7 @@ SelectionCost CandidateSelector::select(const AttentionInputs& inputs, const Sel
           }
           const std::size_t take = std::min(ranked_by_score.size(), static_cast<std::size_t>(free_slots));
           std::partial_sort(ranked_by_score.begin(), ranked_by_score.begin() + static_cast<std::ptrdiff_t>(take),
-                            ranked_by_score.end(), better_double);
+                            ranked_by_score.end(), better<double>);
           const std::size_t first_free = chosen.size();
           for (std::size_t i = 0; i < take; ++i) chosen.push_back(static_cast<std::int32_t>(ranked_by_score[i].id));
           std::sort(chosen.begin() + static_cast<std::ptrdiff_t>(first_free), chosen.end());
@@ -628,7 +622,7 @@ SelectionCost CandidateSelector::select(const AttentionInputs& inputs, const Sel
           for (std::size_t i = 0; i < pool.size(); ++i) {
             ranked.push_back({static_cast<float>(mean_probability[i] / static_cast<double>(heads.count)), pool[i]});
           }
-          std::partial_sort(ranked.begin(), ranked.begin() + free_slots, ranked.end(), better);
+          std::partial_sort(ranked.begin(), ranked.begin() + free_slots, ranked.end(), better<float>);
           const std::size_t first_free = chosen.size();
           for (std::int64_t i = 0; i < free_slots; ++i) {
             chosen.push_back(static_cast<std::int32_t>(ranked[static_cast<std::size_t>(i)].id));

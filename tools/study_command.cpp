@@ -6,7 +6,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <string>
@@ -14,6 +13,7 @@
 
 #include "commands.h"
 #include "keysel/core/error.h"
+#include "keysel/core/files.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/threads.h"
 #include "keysel/indexer/selector.h"
@@ -208,9 +208,15 @@ int study_command(int argc, const char* const* argv) {
   study_options.k_values = parse_k_values(k_text);
   study_options.granularity = parse_granularity(granularity_text);
   if (vm.count("threads")) {
-    if (threads < 1) throw Error("option '--threads': expected an integer >= 1, got " + std::to_string(threads));
+    if (threads < 1 || threads > max_threads()) {
+      throw Error("option '--threads': expected an integer in [1, " + std::to_string(max_threads()) + "], got " +
+                  std::to_string(threads));
+    }
     set_num_threads(threads);
   }
+  // Destinations are checked before any work, and written whole at the end (temporary name, then rename).
+  if (vm.count("out")) check_output_path(out_dir, OutputKind::directory, "study", "--out");
+  if (vm.count("json")) check_output_path(json_path, OutputKind::file, "study", "--json");
 
   if (vm.count("workload")) {
     if (builtin_study != "synthetic" && builtin_study != "tiny-lm") {
@@ -233,12 +239,11 @@ int study_command(int argc, const char* const* argv) {
                             out_dir);
   }
 
-  // Open the JSON file first, so that a bad path fails before the study runs.
-  std::ofstream json_file;
-  if (!json_path.empty()) {
-    json_file.open(json_path);
-    if (!json_file) throw Error("option '--json': cannot write \"" + json_path + "\"");
-  }
+  // Everything that can be refused is refused before the workload is generated: the policy of every k, k <= N,
+  // and the memory the study needs.
+  check_study_fits({workload_options.tokens, workload_options.keys, workload_options.query_heads,
+                    workload_options.kv_heads, workload_options.head_dim, workload_options.value_dim},
+                   study_options, 3, "the synthetic workload");
 
   const auto start = std::chrono::steady_clock::now();
   const Workload workload = make_synthetic_workload(workload_options);
@@ -256,10 +261,8 @@ int study_command(int argc, const char* const* argv) {
   const double study_seconds = seconds_since(study_start);
 
   print_study_table(result, std::cout);
-  if (json_file.is_open()) {
-    json_file << study_to_json(result);
-    json_file.close();
-    if (!json_file) throw Error("option '--json': cannot write \"" + json_path + "\"");
+  if (!json_path.empty()) {
+    write_file_atomically(json_path, study_to_json(result), "study", "--json");
     std::cout << "\nwrote " << json_path << "\n";
   }
   char timing[200];

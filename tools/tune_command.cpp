@@ -5,7 +5,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -13,8 +12,10 @@
 #include "commands.h"
 #include "keysel/core/device.h"
 #include "keysel/core/error.h"
+#include "keysel/core/files.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/threads.h"
+#include "keysel/recall/study.h"
 #include "keysel/recall/study_config.h"
 #include "keysel/recall/synthetic.h"
 #include "keysel/recall/tune.h"
@@ -144,9 +145,20 @@ int tune_command(int argc, const char* const* argv) {
   policy.granularity = parse_granularity(granularity_text);
   policy.validate("keysel tune");
   if (vm.count("threads")) {
-    if (threads < 1) throw Error("option '--threads': expected an integer >= 1, got " + std::to_string(threads));
+    if (threads < 1 || threads > max_threads()) {
+      throw Error("option '--threads': expected an integer in [1, " + std::to_string(max_threads()) + "], got " +
+                  std::to_string(threads));
+    }
     set_num_threads(threads);
   }
+  if (group_size < 0) {
+    throw Error("option '--group-size': expected an integer >= 0 (0: per-token scales only), got " +
+                std::to_string(group_size));
+  }
+  // Destinations are checked before any work and written whole at the end: a failed run, or one that meets no
+  // target, leaves what was there.
+  if (vm.count("out")) check_output_path(out_path, OutputKind::file, "tune", "--out");
+  if (vm.count("json")) check_output_path(json_path, OutputKind::file, "tune", "--json");
   TuneSpaceOptions space;
   space.formats = split(formats_text);
   if (space.formats.empty()) throw Error("option '--formats': expected at least one format");
@@ -160,16 +172,6 @@ int tune_command(int argc, const char* const* argv) {
   space.k = policy.k;
   const std::vector<TuneCandidate> candidates = tune_space(space);
 
-  std::ofstream out_file, json_file;
-  if (!out_path.empty()) {
-    out_file.open(out_path);
-    if (!out_file) throw Error("option '--out': cannot write \"" + out_path + "\"");
-  }
-  if (!json_path.empty()) {
-    json_file.open(json_path);
-    if (!json_file) throw Error("option '--json': cannot write \"" + json_path + "\"");
-  }
-
   StudyWorkloadSpec workload_spec;
   if (!dump_path.empty()) {
     workload_spec.type = "dump";
@@ -181,6 +183,15 @@ int tune_command(int argc, const char* const* argv) {
     workload_spec.synthetic = workload_options;
     workload_spec.name = "synthetic(N=" + std::to_string(workload_options.keys) + ",T=" +
                          std::to_string(workload_options.tokens) + ",seed=" + std::to_string(seed) + ")";
+    // k <= N and the memory, before the workload is generated (a dump is checked once loaded).
+    StudyOptions study;
+    study.k_values = {policy.k};
+    study.granularity = policy.granularity;
+    study.n_sink = policy.n_sink;
+    study.n_local = policy.n_local;
+    check_study_fits({workload_options.tokens, workload_options.keys, workload_options.query_heads,
+                      workload_options.kv_heads, workload_options.head_dim, workload_options.value_dim},
+                     study, 1, workload_spec.name);
   }
   const auto start = std::chrono::steady_clock::now();
   Workload workload = make_study_workload(workload_spec);
@@ -195,10 +206,8 @@ int tune_command(int argc, const char* const* argv) {
   progress.finish();
   print_tune_result(result, std::cout);
 
-  if (json_file.is_open()) {
-    json_file << tune_result_json(result);
-    json_file.close();
-    if (!json_file) throw Error("option '--json': cannot write \"" + json_path + "\"");
+  if (!json_path.empty()) {
+    write_file_atomically(json_path, tune_result_json(result), "tune", "--json");
     std::cout << "wrote " << json_path << "\n";
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -208,10 +217,8 @@ int tune_command(int argc, const char* const* argv) {
     std::cout << timing;
     return 1;  // nothing met the target: a script should notice
   }
-  if (out_file.is_open()) {
-    out_file << best_selector_spec(result);
-    out_file.close();
-    if (!out_file) throw Error("option '--out': cannot write \"" + out_path + "\"");
+  if (!out_path.empty()) {
+    write_file_atomically(out_path, best_selector_spec(result), "tune", "--out");
     std::cout << "wrote " << out_path << " (keysel::load_selector_spec builds it)\n";
   }
   std::cout << timing;

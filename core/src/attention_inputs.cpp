@@ -29,6 +29,8 @@ AttentionShape AttentionInputs::validate(std::string_view function, bool need_v)
   KEYSEL_CHECK_ARG_IN(function, shape.query_heads % shape.kv_heads == 0, "k",
                    "Hkv dividing Hq = " + std::to_string(shape.query_heads), "Hkv = " + std::to_string(shape.kv_heads));
   KEYSEL_CHECK_ARG_IN(function, shape.keys >= 1, "k", "at least one cached key", k.str());
+  KEYSEL_CHECK_ARG_IN(function, shape.keys <= kMaxKeyPositions, "k",
+                      "at most 2^31 - 1 cached keys (key positions are int32)", k.str());
 
   if (need_v || !v.empty()) {
     expect_shape(function, v, "v", {shape.keys, shape.kv_heads, kAnyExtent});

@@ -50,9 +50,19 @@ HeadRange heads_of_group(Granularity granularity, std::int64_t group, std::int64
 }
 
 void SelectionPolicy::validate(std::string_view function) const {
-  if (k < 1) detail::throw_argument_error(function, "policy.k", ">= 1", std::to_string(k));
-  if (n_sink < 0) detail::throw_argument_error(function, "policy.n_sink", ">= 0", std::to_string(n_sink));
-  if (n_local < 0) detail::throw_argument_error(function, "policy.n_local", ">= 0", std::to_string(n_local));
+  // Key positions are int32 (SPEC §2): no row holds more than 2^31 - 1 keys, so larger counts are mistakes,
+  // and bounding each term keeps k + n_sink + n_local (the width) far inside int64.
+  const auto check = [&](std::int64_t value, std::string_view argument, std::int64_t min_value) {
+    if (value < min_value || value > kMaxKeyPositions) {
+      detail::throw_argument_error(function, argument,
+                                   "an integer in [" + std::to_string(min_value) + ", " +
+                                       std::to_string(kMaxKeyPositions) + "] (key positions are int32)",
+                                   std::to_string(value));
+    }
+  };
+  check(k, "policy.k", 1);
+  check(n_sink, "policy.n_sink", 0);
+  check(n_local, "policy.n_local", 0);
   if (!kept_on_top && n_sink + n_local > k) {
     detail::throw_argument_error(function, "policy.n_sink + policy.n_local",
                                  "<= k = " + std::to_string(k) + " when kept keys count toward k",

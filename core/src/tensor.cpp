@@ -32,7 +32,8 @@ void TensorView::init(const void* data, DType dtype, std::span<const std::int64_
   std::int64_t count = 1;
   for (const std::int64_t extent : shape) {
     KEYSEL_CHECK_ARG(extent >= 0, "shape", "non-negative extents", shape);
-    count *= extent;
+    KEYSEL_CHECK_ARG(!__builtin_mul_overflow(count, extent, &count), "shape", "an element count that fits in int64",
+                     shape);
   }
   if (data == nullptr && count != 0) {
     detail::throw_argument_error("TensorView", "data", "a non-null pointer for a tensor of " +

@@ -2,6 +2,8 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <string>
 #include <thread>
 
 #include "keysel/core/error.h"
@@ -14,8 +16,12 @@ int g_threads = 0;          // 0: not set
 
 int num_threads() { return g_threads > 0 ? g_threads : omp_get_max_threads(); }
 
+int max_threads() { return std::max(1024, hardware_threads()); }
+
 void set_num_threads(int threads) {
-  KEYSEL_CHECK_ARG(threads >= 0, "threads", ">= 1, or 0 for the default", threads);
+  // OpenMP runtimes abort (libgomp near 50 000) or crash when asked for absurd team sizes: bound it.
+  KEYSEL_CHECK_ARG(threads >= 0 && threads <= max_threads(), "threads",
+                   "an integer in [1, " + std::to_string(max_threads()) + "], or 0 for the default", threads);
   if (g_default_threads == 0) g_default_threads = omp_get_max_threads();
   g_threads = threads;
   omp_set_num_threads(threads > 0 ? threads : g_default_threads);

@@ -6,9 +6,12 @@
 
 #include "keysel/core/attention_inputs.h"
 #include "keysel/core/build_config.h"
+#include "keysel/core/checked.h"
 #include "keysel/core/device.h"
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
+#include "keysel/core/files.h"
+#include "keysel/core/memory.h"
 #include "keysel/core/random.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/tensor.h"

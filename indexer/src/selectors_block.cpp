@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "keysel/core/checked.h"
 #include "keysel/indexer/selectors.h"
 #include "selectors_support.h"
 
@@ -14,6 +15,11 @@ namespace keysel {
 namespace {
 
 namespace support = selector_support;
+
+/// min((b + 1) * B, limit) without forming (b + 1) * B, which overflows for block sizes near INT64_MAX.
+std::int64_t block_end(std::int64_t b, std::int64_t B, std::int64_t limit) {
+  return limit - b * B <= B ? limit : (b + 1) * B;
+}
 
 class BlockTopKSelector final : public Selector {
  public:
@@ -33,7 +39,7 @@ class BlockTopKSelector final : public Selector {
     const std::vector<std::int64_t> allowed = support::allowed_per_token(inputs, shape);
     const std::int64_t B = options_.block_size;
     const std::int64_t D = shape.head_dim;
-    const std::int64_t blocks = (shape.keys + B - 1) / B;
+    const std::int64_t blocks = ceil_div(shape.keys, B);  // B may be anything up to INT64_MAX
     const double scale = inputs.effective_scale();
 
     // Channel-wise min and max of every block of every key head: [Hkv, blocks, D] each. Kept between calls
@@ -64,7 +70,7 @@ class BlockTopKSelector final : public Selector {
           double* mx = hi_.data() + (kv * blocks + b) * D;
           std::fill(mn, mn + D, std::numeric_limits<double>::infinity());
           std::fill(mx, mx + D, -std::numeric_limits<double>::infinity());
-          for (std::int64_t s = b * B; s < std::min(shape.keys, (b + 1) * B); ++s) {
+          for (std::int64_t s = b * B; s < block_end(b, B, shape.keys); ++s) {
             support::load_row(inputs.k, s, kv, row.data());
             for (std::int64_t d = 0; d < D; ++d) {
               mn[d] = std::min(mn[d], row[static_cast<std::size_t>(d)]);
@@ -95,7 +101,7 @@ class BlockTopKSelector final : public Selector {
         }
         const support::GroupQueries g = support::group_queries(inputs, shape, policy.granularity, t, group);
         // Logit bounds U[h, b] of the blocks holding allowed keys, and Z_h = sum_b n_b exp(U[h,b] - max_h).
-        const std::int64_t used_blocks = (r.allowed + B - 1) / B;
+        const std::int64_t used_blocks = ceil_div(r.allowed, B);
         bound.assign(static_cast<std::size_t>(g.count * used_blocks), 0.0);
         z_max.assign(static_cast<std::size_t>(g.count), -std::numeric_limits<double>::infinity());
         z_sum.assign(static_cast<std::size_t>(g.count), 0.0);
@@ -112,7 +118,7 @@ class BlockTopKSelector final : public Selector {
             z_max[static_cast<std::size_t>(i)] = std::max(z_max[static_cast<std::size_t>(i)], u[b]);
           }
           for (std::int64_t b = 0; b < used_blocks; ++b) {
-            const double n_b = static_cast<double>(std::min(r.allowed, (b + 1) * B) - b * B);
+            const double n_b = static_cast<double>(block_end(b, B, r.allowed) - b * B);
             z_sum[static_cast<std::size_t>(i)] += n_b * std::exp(u[b] - z_max[static_cast<std::size_t>(i)]);
           }
         }
@@ -136,7 +142,10 @@ class BlockTopKSelector final : public Selector {
                      static_cast<double>(policy.granularity == Granularity::per_token ? shape.kv_heads : 1);
 
         // Blocks in order of score until their free keys reach the target.
-        const auto target = static_cast<std::int64_t>(std::ceil(options_.oversample * static_cast<double>(r.fill)));
+        // In double, capped at the free keys before the conversion (oversample may be as large as 1e308).
+        const double wanted = std::ceil(options_.oversample * static_cast<double>(r.fill));
+        const std::int64_t target =
+            wanted >= static_cast<double>(r.free_keys()) ? r.free_keys() : static_cast<std::int64_t>(wanted);
         std::vector<std::int32_t> ranked;
         for (std::size_t i = 0; i < block_ids.size(); ++i) {
           if (!std::isnan(score[i])) ranked.push_back(block_ids[i]);
@@ -149,7 +158,7 @@ class BlockTopKSelector final : public Selector {
         candidates.clear();
         for (const std::int32_t b : ranked) {
           if (static_cast<std::int64_t>(candidates.size()) >= target) break;
-          for (std::int64_t s = std::max<std::int64_t>(b * B, r.sink_end); s < std::min<std::int64_t>((b + 1) * B, r.local_begin); ++s) {
+          for (std::int64_t s = std::max<std::int64_t>(b * B, r.sink_end); s < block_end(b, B, r.local_begin); ++s) {
             candidates.push_back(static_cast<std::int32_t>(s));
           }
         }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "keysel/indexer/selectors.h"
+#include "keysel/core/checked.h"
 #include "selectors_support.h"
 
 namespace keysel {
@@ -28,9 +29,11 @@ class HybridSelector final : public Selector {
     const std::vector<std::int64_t> allowed = support::allowed_per_token(inputs, shape);
 
     SelectionPolicy wide = policy;
-    wide.k = std::max(candidate_k_, policy.k);
+    // More candidates than cached keys would only be -1 padding: cap k' at N before sizing the pool.
+    wide.k = std::max(std::min(candidate_k_, shape.keys), policy.k);
     const std::int64_t wide_width = wide.width();
-    std::vector<std::int32_t> pool(static_cast<std::size_t>(shape.tokens * groups * wide_width));
+    std::vector<std::int32_t> pool(static_cast<std::size_t>(
+        checked_product({shape.tokens, groups, wide_width}, "HybridSelector::select", "candidate pool")));
     SelectionCost cost = candidates_->select(
         inputs, wide, TensorView(pool.data(), DType::int32, {shape.tokens, groups, wide_width}));
 

@@ -52,6 +52,17 @@ struct Checker {
                        "expected rank " + std::to_string(rank) + ", found shape " + shape_text(t.shape));
     }
   }
+  /// NaN or an infinity in a dump is a broken capture: say which tensor and where, before any study uses it.
+  void finite(const LoadedTensor& t) const {
+    const std::vector<float> values = t.to_float();
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      if (!std::isfinite(values[i])) {
+        throw_file_error(function, source, t.name,
+                         "expected finite values, found " + std::to_string(values[i]) + " at flat index " +
+                             std::to_string(i));
+      }
+    }
+  }
   void extent(const LoadedTensor& t, std::size_t dim, std::int64_t expected, std::string_view what) const {
     if (t.shape[dim] != expected) {
       throw_file_error(function, source, t.name,
@@ -89,9 +100,10 @@ void validate_layer(const DumpLayer& layer, const Checker& check) {
   for (std::int64_t t = 0; t < T; ++t) {
     std::int32_t pos = 0;
     std::memcpy(&pos, layer.positions.data.data() + t * 4, 4);
-    if (pos < 0) {
+    if (pos < 0 || pos >= N) {
       throw_file_error(check.function, check.source, layer.positions.name,
-                       "expected positions >= 0, found " + std::to_string(pos) + " at query " + std::to_string(t));
+                       "expected positions >= 0 and < N = " + std::to_string(N) + ", found " + std::to_string(pos) +
+                           " at query " + std::to_string(t));
     }
   }
   if (layer.index_q) {
@@ -108,11 +120,25 @@ void validate_layer(const DumpLayer& layer, const Checker& check) {
     check.extent(*layer.index_w, 0, T, "T of q");
     if (layer.index_q) check.extent(*layer.index_w, 1, layer.index_q->shape[1], "HI of index_q");
   }
+  // The indexer's tensors come as a set: one or two of them is a capture that lost the others.
+  const int indexer_tensors = (layer.index_q ? 1 : 0) + (layer.index_k ? 1 : 0) + (layer.index_w ? 1 : 0);
+  if (indexer_tensors != 0 && indexer_tensors != 3) {
+    const LoadedTensor& present = layer.index_q ? *layer.index_q : layer.index_k ? *layer.index_k : *layer.index_w;
+    throw_file_error(check.function, check.source, present.name,
+                     std::string("expected index_q, index_k and index_w together (docs/dumps.md), found only ") +
+                         (layer.index_q ? "index_q " : "") + (layer.index_k ? "index_k " : "") +
+                         (layer.index_w ? "index_w" : ""));
+  }
   if (layer.probabilities) {
     check.float_tensor(*layer.probabilities, 3);
     check.extent(*layer.probabilities, 0, T, "T of q");
     check.extent(*layer.probabilities, 1, Hq, "Hq of q");
     check.extent(*layer.probabilities, 2, N, "N of k");
+  }
+  for (const LoadedTensor* t : {&layer.q, &layer.k, &layer.v, layer.index_q ? &*layer.index_q : nullptr,
+                                layer.index_k ? &*layer.index_k : nullptr, layer.index_w ? &*layer.index_w : nullptr,
+                                layer.probabilities ? &*layer.probabilities : nullptr}) {
+    if (t != nullptr) check.finite(*t);
   }
 }
 

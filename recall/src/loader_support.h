@@ -1,6 +1,7 @@
 // Private to the loaders (safetensors.cpp, npy.cpp, dump.cpp): the pieces they share.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -26,6 +27,38 @@ namespace keysel::detail {
   message += ": ";
   message += what;
   throw_error(function, message);
+}
+
+/// JSON documents keysel reads (safetensors headers, study files, selector specs) nest a few levels; deeper text
+/// is refused before parsing, so that no parser or error message recurses through it.
+inline constexpr int kMaxJsonDepth = 64;
+
+/// The deepest nesting of arrays and objects in JSON `text` (brackets inside strings do not count), stopping
+/// as soon as it passes `limit`.
+inline int json_nesting_depth(std::string_view text, int limit = kMaxJsonDepth) {
+  int depth = 0, deepest = 0;
+  bool in_string = false, escaped = false;
+  for (const char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+      if (deepest > limit) break;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
 }
 
 /// numel of `shape` and numel * element_bytes, or false on overflow past 2^62 (defined in safetensors.cpp).

@@ -15,6 +15,7 @@
 #include <sstream>
 
 #include "keysel/recall/loaders.h"
+#include "keysel/core/files.h"
 #include "loader_support.h"
 
 namespace keysel {
@@ -111,11 +112,9 @@ std::vector<std::byte> read_file_bytes(std::string_view function, const std::fil
 }
 
 void write_file_bytes(std::string_view function, const std::filesystem::path& path, std::span<const std::byte> bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw_file_error(function, path.string(), "", "cannot open the file for writing");
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  out.flush();
-  if (!out) throw_file_error(function, path.string(), "", "writing " + std::to_string(bytes.size()) + " bytes failed");
+  // Whole or absent: a temporary file beside `path`, renamed over it once every byte is on disk.
+  write_file_atomically(path, std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), function,
+                        "path");
 }
 
 }  // namespace detail
@@ -286,6 +285,12 @@ SafetensorsFile parse_safetensors_impl(std::span<const std::byte> bytes, std::st
   const std::uint64_t data_begin = 8 + header_len;
   const std::uint64_t data_size = file_size - data_begin;
 
+  // A header is an object of objects; anything far deeper is hostile and is refused before the parser sees it.
+  if (detail::json_nesting_depth(std::string_view(header_begin, header_len)) > detail::kMaxJsonDepth) {
+    throw_file_error(function, source, "",
+                     "expected a header nested at most " + std::to_string(detail::kMaxJsonDepth) +
+                         " levels deep, found deeper nesting (corrupt)");
+  }
   // Duplicate top-level keys would silently shadow one another: reject them while parsing.
   std::set<std::string> seen;
   std::string duplicate;

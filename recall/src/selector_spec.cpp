@@ -2,6 +2,7 @@
 #include "keysel/recall/selector_spec.h"
 
 #include <array>
+#include <filesystem>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -17,6 +18,7 @@
 #include "keysel/indexer/proxy_scorer.h"
 #include "keysel/indexer/quantization.h"
 #include "keysel/indexer/selectors.h"
+#include "loader_support.h"
 #include "selector_spec_json.h"
 
 namespace keysel {
@@ -161,8 +163,12 @@ std::unique_ptr<Selector> make_trained_indexer(const IndexerTensors& tensors, co
                                to_float_vector(tensors.weights), name);
 }
 
+/// How deep "hybrid" specs may nest their candidate selectors: one level is the use; a few allow experiments;
+/// thousands (a hostile spec) would only recurse.
+constexpr int kMaxHybridDepth = 8;
+
 std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool construct,
-                                const IndexerTensors* indexer) {
+                                const IndexerTensors* indexer, int depth = 0) {
   SpecReader reader(spec, where);
   const std::string type = reader.string("type", "");
   if (type.empty()) fail(where, "missing key 'type' (one of exact, random, streaming, block_topk, fidelity, "
@@ -214,7 +220,11 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
     const std::int64_t candidate_k = reader.integer("candidate_k", 0, 1);
     if (candidate_k == 0) fail(where, "missing key 'candidate_k' (k' candidates re-ranked, >= 1)");
     reader.finish();
-    std::unique_ptr<Selector> inner = build(*candidates, where + ".candidates", construct, indexer);
+    if (depth >= kMaxHybridDepth) {
+      fail(where, "key 'candidates': expected hybrid selectors nested at most " + std::to_string(kMaxHybridDepth) +
+                      " deep, got deeper nesting");
+    }
+    std::unique_ptr<Selector> inner = build(*candidates, where + ".candidates", construct, indexer, depth + 1);
     if (construct) selector = make_hybrid_selector(std::move(inner), candidate_k);
   } else if (type == "proxy" || type == "indexer") {
     const ProxyConfig config = read_proxy_config(reader);
@@ -290,11 +300,29 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
 namespace detail {
 
 nlohmann::json parse_json_text(std::string_view text, const std::string& what) {
+  if (json_nesting_depth(text) > kMaxJsonDepth) {
+    throw Error("keysel: " + what + ": expected JSON nested at most " + std::to_string(kMaxJsonDepth) +
+                " levels deep, got deeper nesting");
+  }
   try {
     return nlohmann::json::parse(text.begin(), text.end());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
+    // Syntax errors, and numbers JSON allows but a double cannot hold (1e309).
     throw Error("keysel: " + what + ": not valid JSON: " + e.what());
   }
+}
+
+std::string read_text_file(const std::string& path, std::string_view function) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    throw Error("keysel::" + std::string(function) + ": expected a file, got \"" + path + "\", which is a directory");
+  }
+  std::ifstream file(path, std::ios::binary);
+  if (!file) throw Error("keysel::" + std::string(function) + ": cannot read \"" + path + "\"");
+  std::ostringstream text;
+  text << file.rdbuf();
+  if (file.bad()) throw Error("keysel::" + std::string(function) + ": cannot read \"" + path + "\"");
+  return text.str();
 }
 
 std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::string& where,
@@ -327,11 +355,8 @@ std::unique_ptr<Selector> make_selector_from_spec(std::string_view spec_json, co
 }
 
 std::unique_ptr<Selector> load_selector_spec(const std::string& path) {
-  std::ifstream file(path);
-  if (!file) throw Error("keysel::load_selector_spec: cannot read \"" + path + "\"");
-  std::ostringstream text;
-  text << file.rdbuf();
-  return detail::make_selector(detail::parse_json_text(text.str(), "selector spec \"" + path + "\""), path);
+  const std::string text = detail::read_text_file(path, "load_selector_spec");
+  return detail::make_selector(detail::parse_json_text(text, "selector spec \"" + path + "\""), path);
 }
 
 std::string normalize_selector_spec(std::string_view spec_json) {

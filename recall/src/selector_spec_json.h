@@ -19,7 +19,10 @@ std::unique_ptr<Selector> make_selector(const nlohmann::json& spec, const std::s
 std::string selector_default_name(const nlohmann::json& spec, const std::string& where = "selector spec");
 /// Checks a spec without building it (types, keys, values).
 void check_selector_spec(const nlohmann::json& spec, const std::string& where = "selector spec");
-/// Parses JSON text, turning parse errors into keysel::Error naming `what`.
+/// Parses JSON text, turning parse errors (and nesting deeper than kMaxJsonDepth, and numbers no double holds)
+/// into keysel::Error naming `what`.
 nlohmann::json parse_json_text(std::string_view text, const std::string& what);
+/// The bytes of a text file; keysel::Error of `function` naming the path when it is a directory or unreadable.
+std::string read_text_file(const std::string& path, std::string_view function);
 
 }  // namespace keysel::detail

@@ -9,7 +9,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "keysel/core/checked.h"
 #include "keysel/core/error.h"
+#include "keysel/core/memory.h"
 #include "keysel/recall/tiny_lm.h"
 
 namespace keysel {
@@ -49,12 +51,51 @@ void add_metric_aggregates(const std::vector<SelectionMetrics>& metrics, StudyRo
 
 }  // namespace
 
+double estimate_study_bytes(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors) {
+  const auto T = static_cast<double>(shape.tokens), N = static_cast<double>(shape.keys);
+  const auto Hq = static_cast<double>(shape.query_heads), Hkv = static_cast<double>(shape.kv_heads);
+  const auto D = static_cast<double>(shape.head_dim), Dv = static_cast<double>(std::max<std::int64_t>(shape.value_dim, 1));
+  const double G = options.granularity == Granularity::per_head      ? Hq
+                   : options.granularity == Granularity::per_kv_head ? Hkv
+                                                                     : 1.0;
+  double width = 0;
+  for (const std::int64_t k : options.k_values) {
+    width = std::max(width, static_cast<double>(k) +
+                                (options.kept_on_top ? static_cast<double>(options.n_sink) + static_cast<double>(options.n_local) : 0.0));
+  }
+  const double inputs = 4.0 * (T * Hq * D + N * Hkv * (D + Dv));
+  const double reference = 8.0 * (T * Hq * N + T * G * N + T * Hq * Dv + N * Hkv * Dv);
+  const double selection = 4.0 * T * G * width;
+  const double rows = options.keep_row_metrics ? static_cast<double>(sizeof(SelectionMetrics)) * T * G *
+                                                     static_cast<double>(selectors * options.k_values.size())
+                                               : 0.0;
+  return inputs + reference + selection + rows;
+}
+
+void check_study_fits(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors,
+                      const std::string& workload) {
+  constexpr std::string_view function = "run_study";
+  KEYSEL_CHECK_ARG_IN(function, !options.k_values.empty(), "options.k_values", "at least one k", options.k_values);
+  for (const std::int64_t k : options.k_values) {
+    if (k < 1 || k > shape.keys) {
+      detail::throw_argument_error(function, "k",
+                                   "every k in [1, N = " + std::to_string(shape.keys) + "] (the keys cached in " +
+                                       workload + ")",
+                                   detail::describe(options.k_values));
+    }
+    policy_for(options, k).validate(function);
+  }
+  check_memory(estimate_study_bytes(shape, options, selectors), available_memory_bytes(), function,
+               "the study of " + workload);
+}
+
 StudyResult run_study(const Workload& workload, const std::vector<std::unique_ptr<Selector>>& selectors,
                       const StudyOptions& options) {
   check_study_arguments(options.k_values, options, selectors.size(),
                         [&](std::size_t i) { return selectors[i] == nullptr; });
   const AttentionInputs inputs = workload.inputs();
   const AttentionShape shape = inputs.validate("run_study", /*need_v=*/false);
+  check_study_fits(shape, options, selectors.size(), workload.name);
   const ExactReference reference(inputs, options.granularity);
   const std::int64_t groups = reference.groups();
 
@@ -68,7 +109,9 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
     for (const std::int64_t k : options.k_values) {
       const SelectionPolicy policy = policy_for(options, k);
 
-      std::vector<std::int32_t> buffer(static_cast<std::size_t>(shape.tokens * groups * policy.width()), -1);
+      std::vector<std::int32_t> buffer(
+          static_cast<std::size_t>(checked_product({shape.tokens, groups, policy.width()}, "run_study", "selection")),
+          -1);
       const TensorView selection(buffer.data(), DType::int32, {shape.tokens, groups, policy.width()});
       StudyRow row;
       row.selector = selector->name();
@@ -123,9 +166,14 @@ StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t>
                    "2 .. " + std::to_string(config.context) + " bytes (the model's context)", tokens.size());
   const std::int64_t groups = group_count(options.granularity, config.heads, config.kv_heads);
 
+  const AttentionShape shape{tokens_count, tokens_count, config.heads, config.kv_heads, config.head_dim,
+                             config.head_dim};
+  // Every layer's rows are kept: as many as selectors x layers studies of one attention.
+  check_study_fits(shape, options, selectors.size() * static_cast<std::size_t>(config.layers), workload);
+
   StudyResult result;
   result.workload = std::move(workload);
-  result.shape = {tokens_count, tokens_count, config.heads, config.kv_heads, config.head_dim, config.head_dim};
+  result.shape = shape;
   result.options = options;
   for (std::int64_t l = 0; l < config.layers; ++l) result.layers.push_back(l);
   const std::vector<double> full_bits = bits_per_token(model.logits(tokens), tokens, config.vocab);

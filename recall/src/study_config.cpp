@@ -7,12 +7,14 @@
 #include <optional>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
 
 #include "keysel/core/error.h"
+#include "keysel/core/files.h"
 #include "keysel/recall/dump.h"
 #include "keysel/recall/loaders.h"
 #include "keysel/recall/report.h"
@@ -92,6 +94,13 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     TinyLmWorkloadOptions& o = spec.tiny_lm;
     o.tokens = get_int(w, "tokens", o.tokens, 2, where);
     o.offset = get_int(w, "offset", o.offset, 0, where);
+    if (o.tokens > kMaxKeyPositions) {
+      fail(where + ": key 'tokens': expected an integer in [2, " + std::to_string(kMaxKeyPositions) + "], got " +
+           std::to_string(o.tokens));
+    }
+    if (o.offset > std::numeric_limits<std::int64_t>::max() - o.tokens) {
+      fail(where + ": key 'offset': expected offset + tokens to fit in int64, got offset " + std::to_string(o.offset));
+    }
     for (const auto& [key, field] : {std::pair{"model", &o.model}, std::pair{"text", &o.text}}) {
       if (const auto it = w.find(key); it != w.end()) {
         if (!it->is_string() || it->get<std::string>().empty()) {
@@ -270,12 +279,9 @@ StudyConfig parse_study_config(std::string_view json_text) {
 }
 
 StudyConfig load_study_config(const std::string& path) {
-  std::ifstream file(path);
-  if (!file) throw Error("keysel::load_study_config: cannot read \"" + path + "\"");
-  std::ostringstream text;
-  text << file.rdbuf();
+  const std::string text = detail::read_text_file(path, "load_study_config");
   try {
-    return parse_study_config(text.str());
+    return parse_study_config(text);
   } catch (const Error& e) {
     throw Error(std::string(e.what()) + " (in \"" + path + "\")");
   }
@@ -334,10 +340,10 @@ std::vector<std::uint8_t> read_tiny_lm_text(const TinyLmWorkloadOptions& options
                                                            : std::filesystem::path(options.text);
   const std::vector<std::byte> bytes = detail::read_file_bytes("read_tiny_lm_text", path);
   const auto size = static_cast<std::int64_t>(bytes.size());
-  if (options.offset + options.tokens > size) {
+  if (options.offset > size || options.tokens > size - options.offset) {  // offset + tokens could overflow
     throw Error("keysel::read_tiny_lm_text: \"" + path.string() + "\" holds " + std::to_string(size) +
-                " bytes; the workload needs bytes [" + std::to_string(options.offset) + ", " +
-                std::to_string(options.offset + options.tokens) + ")");
+                " bytes; the workload needs " + std::to_string(options.tokens) + " bytes from offset " +
+                std::to_string(options.offset));
   }
   std::vector<std::uint8_t> tokens(static_cast<std::size_t>(options.tokens));
   for (std::size_t i = 0; i < tokens.size(); ++i) {
@@ -386,6 +392,26 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
       }
     } else {
       specs.push_back(spec);
+    }
+  }
+  // What can be checked without generating or loading anything is checked before any workload runs: k against
+  // N, and the memory a synthetic workload's study needs (dumps are checked once loaded, in run_study).
+  StudyOptions checked = config.options;
+  checked.keep_row_metrics = true;
+  for (const StudyWorkloadSpec& spec : specs) {
+    if (spec.type == "synthetic") {
+      const SyntheticOptions& o = spec.synthetic;
+      const AttentionShape shape{o.tokens, o.keys, o.query_heads, o.kv_heads, o.head_dim, o.value_dim};
+      check_study_fits(shape, checked, config.selectors.size(), spec.name);
+    } else if (spec.type == "tiny-lm") {
+      for (const std::int64_t k : config.options.k_values) {
+        if (k > spec.tiny_lm.tokens) {
+          detail::throw_argument_error("run_study_config", "k",
+                                       "every k <= the " + std::to_string(spec.tiny_lm.tokens) + " tokens of " +
+                                           spec.name + " (its attention caches no more keys)",
+                                       detail::describe(config.options.k_values));
+        }
+      }
     }
   }
   const std::size_t per_workload = config.selectors.size() * config.options.k_values.size();
@@ -519,20 +545,23 @@ std::string study_suite_json(const StudySuiteResult& result) {
 }
 
 void write_study_outputs(const StudySuiteResult& result, const std::string& directory) {
+  constexpr std::string_view function = "write_study_outputs";
+  check_output_path(directory, OutputKind::directory, function, "directory");
+  // Every file is rendered before anything is written, then the four are written together (temporary names,
+  // then renames): a failure leaves the directory as it was.
+  const std::filesystem::path dir(directory);
+  std::vector<std::pair<std::filesystem::path, std::string>> files;
+  files.emplace_back(dir / "results.csv", study_suite_csv(result));
+  files.emplace_back(dir / "by_row.csv", study_suite_rows_csv(result));
+  files.emplace_back(dir / "results.json", study_suite_json(result));
+  files.emplace_back(dir / "report.html", study_report_html(result));
   std::error_code ec;
-  std::filesystem::create_directories(directory, ec);
-  if (ec) throw Error("keysel::write_study_outputs: cannot create directory \"" + directory + "\": " + ec.message());
-  const auto write = [&](const char* name, const std::string& text) {
-    const std::string path = (std::filesystem::path(directory) / name).string();
-    std::ofstream file(path, std::ios::binary);
-    file << text;
-    file.close();
-    if (!file) throw Error("keysel::write_study_outputs: cannot write \"" + path + "\"");
-  };
-  write("results.csv", study_suite_csv(result));
-  write("by_row.csv", study_suite_rows_csv(result));
-  write("results.json", study_suite_json(result));
-  write("report.html", study_report_html(result));
+  std::filesystem::create_directories(dir, ec);
+  if (ec) {
+    detail::throw_argument_error(function, "directory", "a directory keysel can create",
+                                 "\"" + directory + "\" (" + ec.message() + ")");
+  }
+  write_files_atomically(files, function, "directory");
 }
 
 }  // namespace keysel

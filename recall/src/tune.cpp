@@ -11,8 +11,10 @@
 #include <nlohmann/json.hpp>
 
 #include "keysel/core/device.h"
+#include "keysel/core/checked.h"
 #include "keysel/core/error.h"
 #include "keysel/recall/metrics.h"
+#include "keysel/recall/study.h"
 #include "selector_spec_json.h"
 
 namespace keysel {
@@ -81,6 +83,13 @@ WorkloadTuneEvaluator::WorkloadTuneEvaluator(Workload workload, const SelectionP
                                              const TuneTarget& target)
     : workload_(std::move(workload)), policy_(policy), target_(target) {
   policy_.validate("WorkloadTuneEvaluator");
+  StudyOptions study;  // the same checks as a study of this workload at this k: k <= N, and memory
+  study.k_values = {policy_.k};
+  study.granularity = policy_.granularity;
+  study.n_sink = policy_.n_sink;
+  study.n_local = policy_.n_local;
+  study.kept_on_top = policy_.kept_on_top;
+  check_study_fits(workload_.inputs().validate("WorkloadTuneEvaluator", false), study, 1, workload_.name);
   aggregate_field(Aggregate{}, target_.aggregate);
   reference_ = std::make_unique<ExactReference>(workload_.inputs(), policy_.granularity);
 }
@@ -93,7 +102,9 @@ TuneMeasurement WorkloadTuneEvaluator::evaluate(const TuneCandidate& candidate) 
                                               candidate.label, indexer ? &*indexer : nullptr);
   const AttentionInputs inputs = workload_.inputs();
   const std::int64_t tokens = workload_.shape.tokens;
-  std::vector<std::int32_t> buffer(static_cast<std::size_t>(tokens * reference_->groups() * policy_.width()), -1);
+  std::vector<std::int32_t> buffer(
+      static_cast<std::size_t>(checked_product({tokens, reference_->groups(), policy_.width()}, "tune", "selection")),
+      -1);
   const TensorView selection(buffer.data(), DType::int32, {tokens, reference_->groups(), policy_.width()});
   const SelectionCost cost = selector->select(inputs, policy_, selection);
   validate_selection("tune", selection, "selection of \"" + candidate.label + "\"", inputs.positions,
@@ -108,6 +119,20 @@ TuneMeasurement WorkloadTuneEvaluator::evaluate(const TuneCandidate& candidate) 
 }
 
 std::vector<TuneCandidate> tune_space(const TuneSpaceOptions& options) {
+  KEYSEL_CHECK_ARG(options.k >= 1 && options.k <= kMaxKeyPositions, "options.k",
+                   "an integer in [1, " + std::to_string(kMaxKeyPositions) + "]", options.k);
+  KEYSEL_CHECK_ARG(options.group_size >= 0, "options.group_size", ">= 0 (0: per-token scales only)",
+                   options.group_size);
+  for (const auto& [values, name] : {std::pair{&options.overfetch, "options.overfetch"},
+                                     std::pair{&options.faiss_overfetch, "options.faiss_overfetch"},
+                                     std::pair{&options.nlist, "options.nlist"},
+                                     std::pair{&options.nprobe, "options.nprobe"}}) {
+    for (const std::int64_t v : *values) {
+      // Candidate counts f x k are positions too: they must stay int32-sized.
+      KEYSEL_CHECK_ARG(v >= 1 && v <= kMaxKeyPositions, name, "entries in [1, " + std::to_string(kMaxKeyPositions) + "]",
+                       *values);
+    }
+  }
   std::vector<TuneCandidate> out;
   const auto add = [&](const ordered_json& spec) {
     out.push_back({spec.at("name").get<std::string>(), spec.dump()});
@@ -145,7 +170,8 @@ std::vector<TuneCandidate> tune_space(const TuneSpaceOptions& options) {
       inner.erase("name");
       const std::string name = "hybrid(" + indexer_spec(format, 0, options.try_rotation)["name"].get<std::string>() +
                                ",x" + std::to_string(f) + ")";
-      add({{"type", "hybrid"}, {"candidates", inner}, {"candidate_k", f * options.k}, {"name", name}});
+      add({{"type", "hybrid"}, {"candidates", inner}, {"candidate_k", checked_mul(f, options.k, "tune_space", "overfetch x k")},
+           {"name", name}});
     }
   }
   if (options.faiss && built_with_faiss()) {
@@ -154,7 +180,8 @@ std::vector<TuneCandidate> tune_space(const TuneSpaceOptions& options) {
         if (nprobe > nlist) continue;
         for (const std::int64_t f : options.faiss_overfetch) {
           const std::string factory = "IVF" + std::to_string(nlist) + ",Flat";
-          add({{"type", "faiss"}, {"factory", factory}, {"nprobe", nprobe}, {"candidates", f * options.k},
+          add({{"type", "faiss"}, {"factory", factory}, {"nprobe", nprobe},
+               {"candidates", checked_mul(f, options.k, "tune_space", "faiss_overfetch x k")},
                {"name", "faiss(" + factory + ",nprobe=" + std::to_string(nprobe) + ",x" + std::to_string(f) + ")"}});
         }
       }

@@ -14,6 +14,10 @@
 
 namespace keysel {
 
+/// The most cached keys an attention may have, and the most keys a selection row may name: key positions are
+/// int32 (SPEC §1, §2).
+inline constexpr std::int64_t kMaxKeyPositions = 2147483647;
+
 struct AttentionShape {
   std::int64_t tokens = 0;       // T
   std::int64_t keys = 0;         // N
@@ -33,7 +37,7 @@ struct AttentionInputs {
   TensorView positions;  // [T] int32
   double scale = 0.0;    // softmax scale; 0 means 1/sqrt(D)
 
-  /// Checks shapes, dtypes, devices, Hq % Hkv == 0, positions >= 0 and a finite positive scale; returns the
+  /// Checks shapes, dtypes, devices, Hq % Hkv == 0, 1 <= N <= kMaxKeyPositions, positions >= 0 and a finite positive scale; returns the
   /// shape. `function` names the caller in error messages. With `need_v`, v must be present.
   AttentionShape validate(std::string_view function, bool need_v) const;
   /// The scale in use: `scale`, or 1/sqrt(D) when it is 0.

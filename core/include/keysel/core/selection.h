@@ -44,8 +44,15 @@ struct SelectionPolicy {
   bool kept_on_top = false;                       // false: kept keys count toward k; true: k more keys besides
 
   /// Selection width W: k, or k + n_sink + n_local when kept keys come on top.
-  std::int64_t width() const { return kept_on_top ? k + n_sink + n_local : k; }
-  /// Checks k >= 1, n_sink >= 0, n_local >= 0 and, when kept keys count toward k, n_sink + n_local <= k.
+  /// Saturates at INT64_MAX instead of wrapping when called on a policy validate() would refuse.
+  std::int64_t width() const {
+    if (!kept_on_top) return k;
+    std::int64_t w = 0;
+    if (__builtin_add_overflow(k, n_sink, &w) || __builtin_add_overflow(w, n_local, &w)) return INT64_MAX;
+    return w;
+  }
+  /// Checks 1 <= k, 0 <= n_sink, 0 <= n_local (each <= kMaxKeyPositions) and, when kept keys count toward k,
+  /// n_sink + n_local <= k.
   void validate(std::string_view function) const;
 };
 

@@ -5,8 +5,11 @@ namespace keysel {
 
 /// Threads keysel's parallel regions use (the OpenMP default unless set_num_threads was called).
 int num_threads();
-/// Sets the threads for keysel's parallel regions; `threads` must be >= 1. 0 restores the default.
+/// Sets the threads for keysel's parallel regions; `threads` must be in [1, max_threads()]. 0 restores the
+/// default.
 void set_num_threads(int threads);
+/// The largest thread count set_num_threads accepts: max(1024, hardware_threads()).
+int max_threads();
 /// Logical processors available to this process.
 int hardware_threads();
 

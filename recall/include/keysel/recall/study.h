@@ -71,7 +71,19 @@ struct StudyResult {
 /// tensors, or is nullptr when it has none (make_selector_from_spec(spec, indexer) is such a factory).
 using SelectorFactory = std::function<std::unique_ptr<Selector>(const IndexerTensors* indexer)>;
 
-/// Runs every selector at every k over the workload and evaluates it against the exact attention.
+/// A study's peak memory, estimated from the largest terms (bytes): the workload's fp32 q, k and v, the exact
+/// reference's double p [T, Hq, N], pbar [T, G, N], outputs and values, the largest selection [T, G, W], and the
+/// metrics of every row that the study keeps (SelectionMetrics per row, selector and k, when keep_row_metrics).
+double estimate_study_bytes(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors);
+
+/// Checks a study before it runs: k values >= 1 and <= N (no row can select more keys than are cached), the
+/// policy of every k (SelectionPolicy::validate), and that estimate_study_bytes fits in the machine's available
+/// memory (available_memory_bytes()). Throws keysel::Error naming `workload` otherwise.
+void check_study_fits(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors,
+                      const std::string& workload);
+
+/// Runs every selector at every k over the workload and evaluates it against the exact attention
+/// (check_study_fits first).
 StudyResult run_study(const Workload& workload, const std::vector<std::unique_ptr<Selector>>& selectors,
                       const StudyOptions& options);
 

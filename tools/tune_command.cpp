@@ -5,6 +5,8 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
+#include <utility>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -130,7 +132,7 @@ int tune_command(int argc, const char* const* argv) {
        "FAISS candidates per search as multiples of k")
       ("threads", po::value(&threads)->value_name("COUNT"), "threads to use (default: all logical processors)")
       ("out", po::value(&out_path)->value_name("FILE"), "write the cheapest configuration as a selector spec (JSON)")
-      ("json", po::value(&json_path)->value_name("FILE"), "write every configuration tried, the frontier and the choice");
+      ("json", po::value(&json_path)->value_name("FILE"), "write every configuration tried, the frontier and the choice (only when one meets the target)");
   // clang-format on
   po::variables_map vm;
   const po::positional_options_description no_positional;
@@ -206,20 +208,23 @@ int tune_command(int argc, const char* const* argv) {
   progress.finish();
   print_tune_result(result, std::cout);
 
-  if (!json_path.empty()) {
-    write_file_atomically(json_path, tune_result_json(result), "tune", "--json");
-    std::cout << "wrote " << json_path << "\n";
-  }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   char timing[96];
   std::snprintf(timing, sizeof timing, "tuned in %.2f s on %d threads\n", seconds, num_threads());
   if (!result.best) {
+    // A failed run changes no file: what --out and --json held stays (the table above is the record).
+    if (!out_path.empty() || !json_path.empty()) std::cout << "no configuration met the target: nothing written\n";
     std::cout << timing;
     return 1;  // nothing met the target: a script should notice
   }
-  if (!out_path.empty()) {
-    write_file_atomically(out_path, best_selector_spec(result), "tune", "--out");
-    std::cout << "wrote " << out_path << " (keysel::load_selector_spec builds it)\n";
+  // Both files together: either both are replaced or neither is.
+  std::vector<std::pair<std::filesystem::path, std::string>> files;
+  if (!json_path.empty()) files.emplace_back(json_path, tune_result_json(result));
+  if (!out_path.empty()) files.emplace_back(out_path, best_selector_spec(result));
+  if (!files.empty()) {
+    write_files_atomically(files, "tune", !out_path.empty() ? "--out" : "--json");
+    if (!json_path.empty()) std::cout << "wrote " << json_path << "\n";
+    if (!out_path.empty()) std::cout << "wrote " << out_path << " (keysel::load_selector_spec builds it)\n";
   }
   std::cout << timing;
   return 0;

@@ -264,6 +264,45 @@ TEST(PipelineSelectors, HybridReRanksWithAGivenScore) {
   EXPECT_EQ(std::vector<std::int32_t>(sel.begin(), sel.begin() + 5), (std::vector<std::int32_t>{137, 138, 139, 140, 141}));
 }
 
+// Parameters at the edge of int64 or double are meaningful (one block of every key; every free key a
+// candidate) and must give what their sane equivalents give, not overflow (docs/reliability.md).
+TEST(PipelineSelectors, HugeBlockSizeOversampleAndCandidateCountEqualTheirSaneEquivalents) {
+  const Workload w = awkward(12);
+  for (const SelectionPolicy& policy : policies()) {
+    const std::string what = std::string(granularity_name(policy.granularity)) + " k=" + std::to_string(policy.k);
+    // A block larger than the cache is one block of every key, as a block of exactly N keys.
+    auto huge_block = make_block_topk_selector({INT64_MAX, 1.0});
+    auto cache_block = make_block_topk_selector({w.N, 1.0});
+    EXPECT_EQ(run_selector(*huge_block, w, policy), run_selector(*cache_block, w, policy)) << what;
+    // Oversampling past every free key makes every free key a candidate, re-ranked exactly: the exact top-k.
+    auto huge_oversample = make_block_topk_selector({4, 1e308});
+    EXPECT_EQ(run_selector(*huge_oversample, w, policy), run_exact(w, policy)) << what;
+    // k' above N candidates is k' = N.
+    auto huge_pool = make_hybrid_selector(make_random_selector(5), INT64_MAX / 2);
+    auto cache_pool = make_hybrid_selector(make_random_selector(5), w.N);
+    EXPECT_EQ(run_selector(*huge_pool, w, policy), run_selector(*cache_pool, w, policy)) << what;
+  }
+}
+
+TEST(PipelineSelectors, KeptKeyCountsThatOverflowAreRefusedWritingNothing) {
+  const Workload w = awkward(13);
+  for (auto& selector : all_selectors()) {
+    for (const bool on_top : {false, true}) {
+      // n_sink + n_local wraps int64 to a small number that would pass a "kept <= k" check.
+      const SelectionPolicy wrap{4, Granularity::per_kv_head, INT64_MAX, 2, on_top};
+      std::vector<std::int32_t> sel(static_cast<std::size_t>(w.T * 2 * 4), -7);
+      try {
+        selector->select(w.inputs(), wrap, TensorView(sel.data(), DType::int32, {w.T, 2, 4}));
+        ADD_FAILURE() << selector->name() << ": n_sink = INT64_MAX accepted";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("policy.n_sink"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("9223372036854775807"), std::string::npos) << e.what();
+      }
+      for (const std::int32_t x : sel) ASSERT_EQ(x, -7) << selector->name();
+    }
+  }
+}
+
 TEST(PipelineSelectors, RejectBadArgumentsWritingNothing) {
   EXPECT_THROW(make_block_topk_selector({0, 1.0}), Error);
   EXPECT_THROW(make_block_topk_selector({4, 0.5}), Error);

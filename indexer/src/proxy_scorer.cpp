@@ -10,6 +10,7 @@
 
 #include "keysel/core/error.h"
 #include "keysel/indexer/topk.h"
+#include "keysel/core/checked.h"
 
 namespace keysel {
 namespace {
@@ -325,7 +326,8 @@ SelectionCost ProxyScorer::select(const AttentionInputs& inputs, const Selection
   expect_shape(function, selection, "selection", {shape.tokens, groups, policy.width()});
   expect_dtype(function, selection, "selection", {DType::int32});
   expect_writable(function, selection, "selection");
-  std::vector<float> scores(static_cast<std::size_t>(shape.tokens * groups * shape.keys));
+  std::vector<float> scores(static_cast<std::size_t>(
+      checked_product({shape.tokens, groups, shape.keys}, "ProxySelector::select", "scores [T, G, N]")));
   const TensorView view(scores.data(), DType::fp32, {shape.tokens, groups, shape.keys});
   SelectionCost cost = score(inputs, policy.granularity, view);
   const auto start = std::chrono::steady_clock::now();

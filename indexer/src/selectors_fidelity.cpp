@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "keysel/core/checked.h"
 #include "keysel/attention/reference.h"
 #include "keysel/core/random.h"
 #include "keysel/indexer/selectors.h"
@@ -31,7 +32,8 @@ class FidelitySelector final : public Selector {
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
     const std::vector<std::int64_t> allowed = support::allowed_per_token(inputs, shape);
 
-    std::vector<double> pbar(static_cast<std::size_t>(shape.tokens * groups * shape.keys));
+    std::vector<double> pbar(static_cast<std::size_t>(
+        checked_product({shape.tokens, groups, shape.keys}, "FidelitySelector::select", "pbar [T, G, N]")));
     group_probabilities(inputs, policy.granularity, TensorView(pbar.data(), DType::fp64, {shape.tokens, groups, shape.keys}));
 
     const std::int64_t rows = shape.tokens * groups;

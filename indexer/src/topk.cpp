@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "keysel/attention/reference.h"
+#include "keysel/core/checked.h"
 #include "topk_arguments.h"
 
 namespace keysel {
@@ -101,7 +102,8 @@ void exact_topk(const AttentionInputs& inputs, const SelectionPolicy& policy, co
   const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
   detail::check_selection_output(function, selection, shape.tokens, groups, policy.width());
 
-  std::vector<double> pbar(static_cast<std::size_t>(shape.tokens * groups * shape.keys));
+  std::vector<double> pbar(
+      static_cast<std::size_t>(checked_product({shape.tokens, groups, shape.keys}, "exact_topk", "pbar [T, G, N]")));
   const TensorView pbar_view(pbar.data(), DType::fp64, {shape.tokens, groups, shape.keys});
   group_probabilities(inputs, policy.granularity, pbar_view);
   select_topk(pbar_view, inputs.positions, policy, selection);

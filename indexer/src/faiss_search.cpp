@@ -7,14 +7,16 @@
 //   ivf   the coarse quantizer's search, then IndexIVF::search_preassigned with a per-call IndexIVFStats.
 //   hnsw  HNSW::search (the single-query, single-thread entry point) over a distance computer that counts.
 // The MIPS transform is applied here: vectors get sqrt(M^2 - |x|^2) as an extra coordinate, queries get 0.
+// Factory strings are parsed and bounded by faiss_factory.h before FAISS sees them, and whatever a FAISS call still
+// throws (FaissException, std::bad_alloc) leaves as keysel::Error.
 #include "keysel/indexer/faiss_search.h"
 
 #include <faiss/Index.h>
 #include <faiss/IndexFlat.h>
 #include <faiss/IndexHNSW.h>
 #include <faiss/IndexIVF.h>
-#include <faiss/IndexIVFFastScan.h>
 #include <faiss/IndexIVFPQ.h>
+#include <faiss/IndexPQ.h>
 #include <faiss/impl/AuxIndexStructures.h>
 #include <faiss/impl/DistanceComputer.h>
 #include <faiss/impl/FaissException.h>
@@ -24,13 +26,15 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "faiss_factory.h"
 #include "keysel/core/error.h"
 
 namespace keysel {
@@ -38,28 +42,16 @@ namespace {
 
 using faiss_id = faiss::Index::idx_t;
 
-constexpr std::string_view kSupported =
-    "a FAISS factory string of a supported family: Flat, IVF{nlist},{Flat|SQ8|SQ4|PQ{m}|...}, "
-    "HNSW{M}[,{Flat|SQ8|PQ{m}}] (fast-scan PQ{m}x4fs and pre-transforms take no per-call parameters in "
-    "FAISS 1.7.3)";
+using Family = detail::FaissFactory::Family;
 
-enum class Family { flat, ivf, hnsw };
+/// The largest dim handed to FAISS, which takes it as an int: the MIPS coordinate and PQ's padding can double it.
+constexpr std::int64_t kMaxFaissDim = std::int64_t{1} << 24;
 
-/// The transform's dim + 1 rounded up to a multiple of the PQ{m} in the factory string (zero coordinates leave
-/// L2 distances unchanged), so that PQ sub-quantizers still split the vector evenly.
-/// The m of the first "PQ{m}" in a factory string, or 0.
-std::int64_t pq_subquantizers(const std::string& factory) {
-  const std::size_t at = factory.find("PQ");
-  if (at == std::string::npos) return 0;
-  std::size_t end = at + 2;
-  while (end < factory.size() && std::isdigit(static_cast<unsigned char>(factory[end]))) ++end;
-  if (end == at + 2 || end - at > 8) return 0;
-  return std::stoll(factory.substr(at + 2, end - at - 2));
-}
-
-std::int64_t padded_dim(const std::string& factory, std::int64_t dim) {
-  const std::int64_t m = pq_subquantizers(factory);
-  return m > 0 ? (dim + m - 1) / m * m : dim;
+/// What a FAISS call threw, for keysel's messages (FaissException's text names FAISS's file and line).
+std::string faiss_reason(const std::exception& error) {
+  if (const auto* faiss_error = dynamic_cast<const faiss::FaissException*>(&error)) return faiss_error->msg;
+  if (dynamic_cast<const std::bad_alloc*>(&error) != nullptr) return "out of memory";
+  return error.what();
 }
 
 /// Wraps a distance computer: counts every distance and, for inner product, negates it so that HNSW (which
@@ -88,28 +80,22 @@ class CountingDistance final : public faiss::DistanceComputer {
 
 class FaissCandidateSearch final : public CandidateSearch {
  public:
-  FaissCandidateSearch(std::string_view factory, std::int64_t dim, const CandidateSearchOptions& options)
-      : CandidateSearch(dim), factory_(factory), options_(options) {
+  /// `parsed` is `factory` checked against keysel's grammar and `dim` (faiss_factory.h), so FAISS only ever sees
+  /// strings it handles and numbers within their limits.
+  FaissCandidateSearch(std::string_view factory, const detail::FaissFactory& parsed, std::int64_t dim,
+                       const CandidateSearchOptions& options)
+      : CandidateSearch(dim), factory_(factory), parsed_(parsed), options_(options) {
     constexpr std::string_view function = "make_faiss_search";
     mips_ = options.mips_to_l2;
-    index_dim_ = mips_ ? padded_dim(factory_, dim + 1) : dim;
+    index_dim_ = detail::faiss_index_dim(parsed_, dim, mips_);
     const faiss::MetricType metric = mips_ ? faiss::METRIC_L2 : faiss::METRIC_INNER_PRODUCT;
-    // FAISS 1.7.3's factory leaks the coarse quantizer when the PQ part throws, so check the split here.
-    const std::int64_t pq_m = pq_subquantizers(factory_);
-    if (pq_m > 0 && index_dim_ % pq_m != 0) {
-      detail::throw_argument_error(function, "factory", "PQ{m} with m dividing the dim " + std::to_string(index_dim_),
-                                   "\"" + factory_ + "\"");
-    }
     try {
-      index_.reset(faiss::index_factory(static_cast<int>(index_dim_), factory_.c_str(), metric));
-    } catch (const faiss::FaissException& error) {
-      detail::throw_argument_error(function, "factory", kSupported,
-                                   "\"" + factory_ + "\" (FAISS: " + error.msg + ")");
+      index_.reset(faiss::index_factory(static_cast<int>(index_dim_), parsed_.text().c_str(), metric));
+    } catch (const std::exception& error) {
+      detail::throw_argument_error(function, "factory", detail::kFaissGrammar,
+                                   detail::describe(factory_) + " (FAISS: " + faiss_reason(error) + ")");
     }
     if (auto* ivf = dynamic_cast<faiss::IndexIVF*>(index_.get())) {
-      if (dynamic_cast<faiss::IndexIVFFastScan*>(ivf) != nullptr) {
-        detail::throw_argument_error(function, "factory", kSupported, "\"" + factory_ + "\" (an IVF fast-scan index)");
-      }
       family_ = Family::ivf;
       ivf_ = ivf;
       // Small caches train on fewer than FAISS's 39 points per centroid; the result is fine, the warning noise.
@@ -125,10 +111,15 @@ class FaissCandidateSearch final : public CandidateSearch {
       hnsw_ = hnsw;
       hnsw_->hnsw.efConstruction = static_cast<int>(options.ef_construction);
       hnsw_->hnsw.efSearch = static_cast<int>(options.ef_search);
-    } else if (dynamic_cast<faiss::IndexFlat*>(index_.get()) != nullptr) {
-      family_ = Family::flat;
+      // As for IVF-PQ: few training points per centroid are fine, and no Hamming reordering is needed.
+      if (auto* pq = dynamic_cast<faiss::IndexPQ*>(hnsw_->storage)) {
+        pq->pq.cp.min_points_per_centroid = 1;
+        pq->do_polysemous_training = false;
+      }
     } else {
-      detail::throw_argument_error(function, "factory", kSupported, "\"" + factory_ + "\"");
+      // The grammar admits Flat, IVF and HNSW only.
+      KEYSEL_ASSERT(dynamic_cast<faiss::IndexFlat*>(index_.get()) != nullptr);
+      family_ = Family::flat;
     }
   }
 
@@ -201,19 +192,22 @@ class FaissCandidateSearch final : public CandidateSearch {
       bound_ready_ = true;
     }
     if (index_->is_trained) return;  // Flat and HNSW-Flat learn nothing else
-    if (family_ == Family::ivf) {
-      const auto nlist = static_cast<std::int64_t>(ivf_->nlist);
-      if (n < nlist) {
-        detail::throw_argument_error(function, "n", ">= nlist = " + std::to_string(nlist) + " training vectors",
-                                     std::to_string(n));
-      }
+    // FAISS's k-means aborts with fewer points than centroids (IVF's nlist lists, PQ's 2^nbits codes per
+    // sub-quantizer); an IVF with more lists than keys would also hold mostly empty lists.
+    const std::int64_t needed = detail::faiss_min_training_vectors(parsed_);
+    if (n < needed) {
+      const bool lists = family_ == Family::ivf && needed == static_cast<std::int64_t>(ivf_->nlist);
+      const std::string expected = lists ? ">= nlist = " + std::to_string(needed) + " training vectors for " + name()
+                                         : ">= 2^nbits = " + std::to_string(needed) +
+                                               " training vectors (one per PQ centroid) for " + name();
+      detail::throw_argument_error(function, "n", expected, std::to_string(n));
     }
     const std::vector<float> xt = transform(n, x, nullptr);
     try {
       index_->train(n, xt.data());
-    } catch (const faiss::FaissException& error) {
+    } catch (const std::exception& error) {
       detail::throw_argument_error(function, "n", "enough training vectors for " + name(),
-                                   std::to_string(n) + " (FAISS: " + error.msg + ")");
+                                   std::to_string(n) + " (FAISS: " + faiss_reason(error) + ")");
     }
   }
 
@@ -222,8 +216,8 @@ class FaissCandidateSearch final : public CandidateSearch {
     const std::vector<float> xt = transform(n, x, &overflows);
     try {
       index_->add(n, xt.data());
-    } catch (const faiss::FaissException& error) {
-      KEYSEL_CHECK(false, "FAISS rejected add() on " << name() << ": " << error.msg);
+    } catch (const std::exception& error) {
+      KEYSEL_CHECK(false, "FAISS rejected add() on " << name() << ": " << faiss_reason(error));
     }
     overflows_ += overflows;
   }
@@ -262,7 +256,7 @@ class FaissCandidateSearch final : public CandidateSearch {
           }
         } catch (const std::exception& error) {
 #pragma omp critical(keysel_faiss_search_failure)
-          if (failure.empty()) failure = error.what();
+          if (failure.empty()) failure = faiss_reason(error);
         }
       }
     }
@@ -375,7 +369,8 @@ class FaissCandidateSearch final : public CandidateSearch {
     return cost;
   }
 
-  std::string factory_;
+  std::string factory_;  // as the caller wrote it (name() shows it)
+  detail::FaissFactory parsed_;
   CandidateSearchOptions options_;
   bool mips_ = false;
   std::int64_t index_dim_ = 0;
@@ -394,13 +389,20 @@ class FaissCandidateSearch final : public CandidateSearch {
 std::unique_ptr<CandidateSearch> make_faiss_search(std::string_view factory, std::int64_t dim,
                                                    const CandidateSearchOptions& options) {
   KEYSEL_CHECK_ARG(dim >= 1, "dim", ">= 1", dim);
-  KEYSEL_CHECK_ARG(!factory.empty(), "factory", kSupported, factory);
+  // FAISS takes the dim as an int (with room for the MIPS coordinate and PQ padding).
+  KEYSEL_CHECK_ARG(dim <= kMaxFaissDim, "dim", "<= " + std::to_string(kMaxFaissDim) + " for a FAISS index", dim);
   KEYSEL_CHECK_ARG(options.mips_norm_headroom >= 1.0 && std::isfinite(options.mips_norm_headroom),
                    "options.mips_norm_headroom", "a finite value >= 1", options.mips_norm_headroom);
   KEYSEL_CHECK_ARG(options.nprobe >= 1, "options.nprobe", ">= 1", options.nprobe);
   KEYSEL_CHECK_ARG(options.ef_search >= 1, "options.ef_search", ">= 1", options.ef_search);
   KEYSEL_CHECK_ARG(options.ef_construction >= 1, "options.ef_construction", ">= 1", options.ef_construction);
-  return std::make_unique<FaissCandidateSearch>(factory, dim, options);
+  const detail::FaissFactory parsed = detail::parse_faiss_factory("make_faiss_search", factory);
+  detail::check_faiss_factory_for("make_faiss_search", factory, parsed, dim, options.mips_to_l2);
+  return std::make_unique<FaissCandidateSearch>(factory, parsed, dim, options);
+}
+
+void check_faiss_factory(std::string_view factory) {
+  detail::parse_faiss_factory("check_faiss_factory", factory);
 }
 
 }  // namespace keysel

@@ -769,6 +769,148 @@ TEST(CandidateSelector, ApproximateSelectionsAreValidAndCheaperThanExact) {
   }
 }
 
+
+// ---- FAISS factory grammar: every string is parsed and bounded before FAISS sees it ----------------------------
+// Each probe below crashed FAISS 1.7.3 or grew without bound before keysel checked the string; now each is a
+// keysel::Error naming the argument, the rule and the value.
+
+/// The error make_candidate_search(spec, kDim) throws; it must name the argument, the string and `detail`.
+void expect_factory_error(const std::string& spec, const std::string& detail,
+                          const CandidateSearchOptions& options = {}) {
+  const std::string message = error_of([&] { make_candidate_search(spec, kDim, options); });
+  EXPECT_NE(message.find("argument 'factory'"), std::string::npos) << spec << ": " << message;
+  EXPECT_NE(message.find("\"" + spec + "\""), std::string::npos) << spec << ": " << message;
+  EXPECT_NE(message.find(detail), std::string::npos) << spec << ": " << message;
+}
+
+TEST(FaissFactory, RejectsPqWithNoSubquantizers) {  // SIGFPE in FAISS
+  expect_factory_error("IVF4,PQ0", "m = 0");
+  expect_factory_error("IVF4,PQ0", "PQ{m} with m >= 1");
+}
+
+TEST(FaissFactory, RejectsIvfWithNoLists) {  // assertion abort in FAISS
+  expect_factory_error("IVF0,Flat", "nlist = 0");
+  expect_factory_error("IVF0,Flat", "1 <= nlist <= 1048576");
+}
+
+TEST(FaissFactory, RejectsHnswWithNoLinks) {  // SIGSEGV in FAISS
+  expect_factory_error("HNSW0", "M = 0");
+  expect_factory_error("HNSW0", "2 <= M <= 256");
+}
+
+TEST(FaissFactory, RejectsIvfHnswQuantizerWithNoLinks) {  // SIGSEGV in FAISS
+  expect_factory_error("IVF4_HNSW0,Flat", "M = 0");
+  expect_factory_error("IVF4_HNSW1,Flat", "M = 1");
+}
+
+TEST(FaissFactory, RejectsPqWithNoBits) {  // out-of-bounds read in FAISS's search
+  expect_factory_error("IVF4,PQ4x0", "nbits = 0");
+  expect_factory_error("IVF4,PQ4x0", "1 <= nbits <= 8");
+  expect_factory_error("IVF4,PQ4x12", "nbits = 12");  // FAISS 1.7.3's IVF-PQ refuses > 8 (and leaks)
+}
+
+TEST(FaissFactory, RejectsMoreListsThanTheCapAtBuild) {  // grew to 24 GB in FAISS before any key was seen
+  expect_factory_error("IVF1000000000,Flat", "nlist = 1000000000");
+  // A count past int64 is reported as written, not overflowed.
+  expect_factory_error("IVF123456789012345678901234567890,Flat", "nlist = 123456789012345678901234567890");
+}
+
+TEST(FaissFactory, RejectsMoreListsThanTrainingKeysAtTrain) {
+  // nlist within the cap, but more lists than keys: the check runs at train(), before FAISS's k-means.
+  auto ivf = make_candidate_search("IVF1024,Flat", kDim);
+  const auto base = gaussian_vectors(256, kDim, 51);
+  const std::string message = error_of([&] { ivf->train(256, base.data()); });
+  EXPECT_NE(message.find("argument 'n'"), std::string::npos) << message;
+  EXPECT_NE(message.find("nlist = 1024"), std::string::npos) << message;
+  EXPECT_NE(message.find("got 256"), std::string::npos) << message;
+  // PQ's codebooks need one training vector per centroid (2^nbits).
+  auto pq = make_candidate_search("IVF4,PQ4", kDim);
+  const std::string pq_message = error_of([&] { pq->train(100, base.data()); });
+  EXPECT_NE(pq_message.find("argument 'n'"), std::string::npos) << pq_message;
+  EXPECT_NE(pq_message.find("2^nbits = 256"), std::string::npos) << pq_message;
+  EXPECT_NE(pq_message.find("got 100"), std::string::npos) << pq_message;
+}
+
+TEST(FaissFactory, RejectsHnswWithOneLink) {  // more than 6 GB for 256 keys in FAISS
+  expect_factory_error("HNSW1", "M = 1");
+  expect_factory_error("HNSW1,Flat", "M = 1");
+}
+
+TEST(FaissFactory, RejectsHnswWithTooManyLinks) {  // std::length_error (vector::_M_fill_insert) in FAISS
+  expect_factory_error("HNSW2000000000", "M = 2000000000");
+  expect_factory_error("HNSW257", "2 <= M <= 256");
+}
+
+TEST(FaissFactory, RejectsStringsOutsideTheGrammarWithTheGrammar) {
+  for (const char* spec : {"NoSuchIndex", "HNSW", "HNSW16_Flat", "HNSW16,PQ8x4", "IVF16", "IVF16,", "IVF16,FlatDedup",
+                           "IVF16,SQ7", "IVF16,PQ8np", "IVF16,PQ8x4fs", "IVF16_NSG32,Flat", "OPQ8,IVF16,PQ8",
+                           "PCA16,Flat", "Flat,RFlat", "IDMap,Flat", "IVF16,Flat,Extra", "ivf16,flat", " Flat"}) {
+    expect_factory_error(spec, "keysel's grammar: Flat | HNSW{M}");
+  }
+  // check_faiss_factory checks the grammar without a dim.
+  EXPECT_NO_THROW(check_faiss_factory("IVF16_HNSW32,PQ8x4"));
+  const std::string message = error_of([] { check_faiss_factory("IVF0,Flat"); });
+  EXPECT_NE(message.find("check_faiss_factory: argument 'factory'"), std::string::npos) << message;
+  EXPECT_NE(message.find("nlist = 0"), std::string::npos) << message;
+}
+
+TEST(FaissFactory, PqMustFitTheDim) {
+  expect_factory_error("IVF4,PQ5", "m dividing the dim 32");
+  CandidateSearchOptions mips;
+  mips.mips_to_l2 = true;
+  expect_factory_error("IVF4,PQ34", "m <= 33", mips);  // dim + 1 = 33 coordinates under the transform
+  // FAISS's HNSW over PQ codes measures L2 only: it ranks inner products only through the transform.
+  expect_factory_error("HNSW16,PQ8", "options.mips_to_l2");
+}
+
+TEST(FaissFactory, SelectorsReportBadSpecsAsErrors) {
+  // make_candidate_selector learns the dim at the first select(); the same checks then fire.
+  const TestAttention a = make_attention(52);
+  SelectionPolicy policy;
+  policy.k = 16;
+  for (const char* spec : {"IVF4,PQ0", "IVF0,Flat", "HNSW0", "HNSW1", "IVF4,PQ4x0", "IVF1000000000,Flat"}) {
+    auto selector = make_candidate_selector(spec, CandidateSelectorOptions{});
+    const std::string message = error_of([&] { run_select(*selector, a.inputs(), policy); });
+    EXPECT_NE(message.find("argument 'factory'"), std::string::npos) << spec << ": " << message;
+    EXPECT_NE(message.find(spec), std::string::npos) << spec << ": " << message;
+  }
+  // More lists than the 257 keys of a head: an error at training, not a FAISS abort.
+  auto selector = make_candidate_selector("IVF1024,Flat", CandidateSelectorOptions{});
+  const std::string message = error_of([&] { run_select(*selector, a.inputs(), policy); });
+  EXPECT_NE(message.find("nlist = 1024"), std::string::npos) << message;
+}
+
+TEST(FaissFactory, ValidStringsBuildAndSearch) {
+  const std::int64_t n = 300;  // enough for PQ's 256 centroids; small, because PQ training dominates the time
+  const auto base = gaussian_vectors(n, kDim, 53);
+  const auto queries = gaussian_vectors(4, kDim, 54);
+  struct Case {
+    const char* spec;
+    bool mips;
+  };
+  const Case cases[] = {
+      {"Flat", false},        {"IVF16,Flat", false},   {"IVF16,PQ8", false},         {"IVF16,PQ8x8", false},
+      {"IVF16,PQ8x4", false}, {"IVF16,PQ4x4", true},  // MIPS: 33 coordinates padded to 36
+      {"IVF16,SQ8", false},   {"IVF16,SQ4", false},    {"IVF16,SQ6", false},         {"IVF16,SQfp16", false},
+      {"HNSW32", false},      {"HNSW2", false},        {"HNSW256", false},           {"HNSW16,Flat", false},
+      {"HNSW16,SQ8", false},  {"HNSW16,PQ4", true},    {"IVF16_HNSW32,Flat", false}, {"IVF16_HNSW32,SQ8", true},
+      {"IVF1,Flat", false},   {"IVF300,Flat", false},  // one list; as many lists as keys
+  };
+  SearchParameters params;
+  params.nprobe = 16;
+  params.ef_search = 64;
+  for (const Case& c : cases) {
+    CandidateSearchOptions options;
+    options.mips_to_l2 = c.mips;
+    std::unique_ptr<CandidateSearch> search;
+    ASSERT_NO_THROW(search = built(c.spec, base, kDim, options)) << c.spec << (c.mips ? "+mips" : "");
+    EXPECT_EQ(search->size(), n) << search->name();
+    const Results r = run_search(*search, queries, 10, params);
+    for (const std::int64_t id : r.ids) EXPECT_TRUE(id >= 0 && id < n) << search->name();
+    EXPECT_GT(r.cost.vectors_scored, 0) << search->name();
+  }
+}
+
 #endif  // KEYSEL_FAISS
 
 }  // namespace

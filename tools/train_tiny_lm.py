@@ -411,8 +411,22 @@ def train_indexers(model, data, args, device, info):
                        "context": t, "lr": args.indexer_lr, "losses": losses}
 
 
+def spec_recall(pbar, selected, k):
+    """SPEC section 4 recall of each row (tie-aware): the best overlap of the selection with the exact top-k over
+    every tie-break of it, / k. pbar [R, N] (0 where a row may not read), selected [R, W] allowed key indices,
+    k <= every row's allowed keys. With pbar_k a row's k-th largest value, the selected keys above pbar_k count,
+    and those equal to it count up to the k - |{s : pbar[s] > pbar_k}| slots the keys above it leave."""
+    pbar_k = pbar.topk(k, dim=-1).values[:, -1:]
+    above_all = (pbar > pbar_k).sum(-1)
+    chosen = pbar.gather(-1, selected)
+    above = (chosen > pbar_k).sum(-1)
+    tied = (chosen == pbar_k).sum(-1)
+    return torch.clamp(above + torch.minimum(tied, k - above_all), max=k).double() / k
+
+
 def indexer_recall(model, data, device, ks=(32, 128, 512)):
-    """Mean recall of each layer's indexer top-k against the exact top-k of pbar (all heads), positions >= k."""
+    """Mean recall (SPEC section 4) of each layer's indexer top-k against the exact top-k of pbar (all heads),
+    positions >= k."""
     cfg = model.cfg
     t = len(data)
     tokens = torch.tensor(np.frombuffer(data, dtype=np.uint8).astype(np.int64), device=device)[None]
@@ -434,7 +448,7 @@ def indexer_recall(model, data, device, ks=(32, 128, 512)):
                 rows = torch.arange(kk, t, device=device)
                 e = pbar[rows].topk(kk, dim=-1).indices
                 a = scores[rows].topk(kk, dim=-1).indices
-                hit = (e[:, :, None] == a[:, None, :]).any(-1).float().mean().item()
+                hit = spec_recall(pbar[rows], a, kk).mean().item()
                 mass = pbar[rows].gather(-1, a).sum(-1).mean().item()
                 emass = pbar[rows].gather(-1, e).sum(-1).mean().item()
                 row[str(kk)] = {"recall": round(hit, 4), "mass": round(mass, 4), "exact_mass": round(emass, 4)}

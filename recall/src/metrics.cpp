@@ -153,19 +153,28 @@ SelectionMetrics selection_metrics(std::span<const double> pbar, std::int64_t al
   std::sort(selected_values.begin(), selected_values.end());
 
   SelectionMetrics metrics;
-  std::int64_t above_threshold = 0;
+  std::int64_t selected_above = 0;  // |{a in A : pbar[a] > pbar_k}|
+  std::int64_t selected_tied = 0;   // |{a in A : pbar[a] = pbar_k}|
   double mass = 0.0;
   for (const double value : selected_values) {
     mass += value;
-    if (value >= pbar_k) ++above_threshold;
+    if (value > pbar_k) {
+      ++selected_above;
+    } else if (value == pbar_k) {
+      ++selected_tied;
+    }
     if (value == pbar_max) metrics.top1 = 1.0;
   }
   double exact_mass = 0.0;
   for (const double value : top) exact_mass += value;
 
-  // A selection wider than k (kept keys on top of k) can hold more than k_eff keys at or above pbar_k;
-  // recall counts how much of the exact top-k is covered, so it stops at 1.
-  metrics.recall = std::min(1.0, static_cast<double>(above_threshold) / static_cast<double>(k_eff));
+  // recall (SPEC §4) is the best overlap of A with E over every tie-break of E, / k_eff. Every E holds all the
+  // allowed keys strictly above pbar_k (they are all among the k_eff largest, so `top` counts them) and fills the
+  // k_eff - above slots they leave with keys tied at pbar_k: A's tied keys count only up to those slots. A
+  // selection wider than k (kept keys on top of k) therefore still scores at most 1. Ties are equal doubles.
+  const auto above = static_cast<std::int64_t>(top.end() - std::upper_bound(top.begin(), top.end(), pbar_k));
+  const std::int64_t overlap = std::min(k_eff, selected_above + std::min(selected_tied, k_eff - above));
+  metrics.recall = static_cast<double>(overlap) / static_cast<double>(k_eff);
   metrics.mass = mass;
   // mass(E) = 0 only when every allowed pbar is 0 (not a distribution): the ratio is then 0/0 = NaN.
   metrics.mass_ratio = mass / exact_mass;

@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -66,10 +68,15 @@ TEST(MetricsSelection, TieAtTheKthValueIsEitherWay) {
 }
 
 TEST(MetricsSelection, BothTiedKeysWithoutTheTop) {
-  // SPEC §4 counts a in A with pbar[a] >= pbar_k = 0.2: both keys qualify, so recall = 2 / 2 = 1 even though the
-  // largest key is missing; mass_ratio (0.4 / 0.7) and top1 (0) show the loss.
+  // The issue 13 hole: both keys tied at pbar_k = 0.2 but not the largest key. Every exact top-k holds key 0
+  // (0.5 > pbar_k) and one of the tied keys, so no tie-break of E shares more than one key with A. SPEC §4:
+  //   above in A = |{a : pbar[a] > 0.2}| = 0, tied in A = |{a : pbar[a] = 0.2}| = 2,
+  //   slots left for tied keys = k_eff - |{s allowed : pbar[s] > 0.2}| = 2 - 1 = 1,
+  //   recall = min(2, 0 + min(2, 1)) / 2 = 1 / 2.
+  // mass_ratio (0.4 / 0.7) and top1 (0) show the loss too.
   const SelectionMetrics m = metrics_of({1, 2});
-  EXPECT_DOUBLE_EQ(m.recall, 1.0);
+  EXPECT_NE(m.recall, 1.0);
+  EXPECT_DOUBLE_EQ(m.recall, 0.5);
   EXPECT_NEAR(m.mass, 0.4, 1e-15);
   EXPECT_NEAR(m.mass_ratio, 0.4 / 0.7, 1e-15);
   EXPECT_NEAR(m.kl, 0.916290731874155, 1e-14);  // -ln 0.4
@@ -169,6 +176,163 @@ TEST(MetricsSelection, TopOneIsTieAware) {
   const std::vector<std::int32_t> second_max = {2};
   EXPECT_DOUBLE_EQ(selection_metrics(pbar, 4, second_max, 1).top1, 1.0);
   EXPECT_DOUBLE_EQ(selection_metrics(pbar, 4, second_max, 1).recall, 1.0);
+}
+
+// ---- recall with ties (SPEC §4): tied keys count only up to the slots the keys above pbar_k leave -------------
+
+double recall_of(const std::vector<double>& pbar, std::int64_t allowed, const std::vector<std::int32_t>& selection,
+                 std::int64_t k) {
+  return selection_metrics(pbar, allowed, selection, k).recall;
+}
+
+TEST(MetricsRecallTies, AllEqualPbar) {
+  // Five keys at 0.2, k = 3: pbar_k = 0.2, no key above it, 3 slots; any m distinct keys score min(m, 3) / 3.
+  const std::vector<double> pbar(5, 0.2);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {-1, -1, -1}, 3), 0.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {4, -1, -1}, 3), 1.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {3, 1, -1}, 3), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {0, 2, 4}, 3), 1.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {0, 1, 2, 3, 4}, 3), 1.0);  // wider than k: min(5, 3) / 3
+}
+
+TEST(MetricsRecallTies, TiesStraddlingTheBoundary) {
+  // pbar = {0.4, 0.15, 0.15, 0.15, 0.1, 0.05}, k = 3: pbar_k = 0.15, one key above it (key 0), so every exact
+  // top-k is key 0 plus 2 of the 3 tied keys 1, 2, 3: 2 slots for tied keys.
+  const std::vector<double> pbar = {0.4, 0.15, 0.15, 0.15, 0.1, 0.05};
+  // A takes all three tied keys but not key 0: 0 + min(3, 2) = 2 -> 2/3 (the old >= count said 3/3).
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {1, 2, 3}, 3), 2.0 / 3.0);
+  // The key above plus some tied keys: 1 + min(1, 2) = 2 -> 2/3; 1 + min(2, 2) = 3 -> 1 (an exact top-k).
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {0, 2, -1}, 3), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {3, 0, 1}, 3), 1.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {2, 3, 0}, 3), 1.0);
+  // Keys below pbar_k never count: 1 + min(1, 2) + 0 = 2 -> 2/3.
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {0, 3, 4}, 3), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {4, 5, -1}, 3), 0.0);
+  // One tied key alone: 0 + min(1, 2) = 1 -> 1/3.
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 6, {2, 5, 4}, 3), 1.0 / 3.0);
+}
+
+TEST(MetricsRecallTies, KeptKeysOnTopAreCappedAtOne) {
+  // pbar = {0.5, 0.2, 0.2, 0.1}, k = 2 (one slot for the tied keys 1, 2).
+  //   {0, 1, 2, 3}: 1 + min(2, 1) = 2 -> 1, not 3/2.  {1, 2, 3}: 0 + min(2, 1) = 1 -> 1/2: a wider selection
+  //   does not buy recall with more tied keys than E can hold.
+  EXPECT_DOUBLE_EQ(recall_of(kPbar, 4, {0, 1, 2, 3}, 2), 1.0);
+  EXPECT_DOUBLE_EQ(recall_of(kPbar, 4, {1, 2, 3}, 2), 0.5);
+  // {0.3, 0.3, 0.2, 0.1, 0.1}, k = 2: pbar_k = 0.3 with nothing above it; all five keys: min(2, 0 + min(2, 2)) = 2.
+  const std::vector<double> pbar = {0.3, 0.3, 0.2, 0.1, 0.1};
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {4, 3, 2, 1, 0}, 2), 1.0);
+  // k = 4: pbar_k = 0.1, 3 keys above, 1 slot; {0, 1, 2, 3, 4}: 3 + min(2, 1) = 4 -> 1; {3, 4}: 0 + 1 -> 1/4.
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {0, 1, 2, 3, 4}, 4), 1.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {3, 4}, 4), 0.25);
+}
+
+TEST(MetricsRecallTies, ZeroProbabilityTail) {
+  // pbar = {0.9, 0.1, 0, 0, 0}, k = 3: pbar_k = 0, keys 0 and 1 above it, 1 slot. Keys of zero probability fill
+  // at most that slot: {2, 3, 4} scores 1/3, not 1.
+  const std::vector<double> pbar = {0.9, 0.1, 0.0, 0.0, 0.0};
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {2, 3, 4}, 3), 1.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {0, 3, 4}, 3), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 5, {1, 0, 4}, 3), 1.0);
+}
+
+TEST(MetricsRecallTies, OnlyAllowedKeysSetTheThreshold) {
+  // pbar = {0.2, 0.2, 0.1 | 0.9, 0.9} with 3 allowed keys, k = 2: the disallowed 0.9s are not above pbar_k = 0.2,
+  // so both slots are open to the tied keys and {0, 1} is an exact top-k.
+  const std::vector<double> pbar = {0.2, 0.2, 0.1, 0.9, 0.9};
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 3, {0, 1}, 2), 1.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 3, {1, 2}, 2), 0.5);
+  // k = 8 > allowed: k_eff = 3, pbar_k = 0.1, two keys above it, one slot: {2} -> 1/3, {0, 2} -> 2/3.
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 3, {2, -1, -1}, 8), 1.0 / 3.0);
+  EXPECT_DOUBLE_EQ(recall_of(pbar, 3, {0, -1, 2}, 8), 2.0 / 3.0);
+}
+
+/// SPEC §4 recall written out plainly: pbar_k from a full descending sort of the allowed values, then the three
+/// counts of the formula by direct loops.
+double spec_recall(const std::vector<double>& pbar, std::int64_t allowed, const std::vector<std::int32_t>& selection,
+                   std::int64_t k) {
+  const std::int64_t k_eff = std::min(k, allowed);
+  std::vector<double> sorted(pbar.begin(), pbar.begin() + allowed);
+  std::sort(sorted.begin(), sorted.end(), std::greater<>());
+  const double pbar_k = sorted[static_cast<std::size_t>(k_eff - 1)];
+  std::int64_t a_above = 0, a_tied = 0, all_above = 0;
+  for (const std::int32_t a : selection) {
+    if (a < 0) continue;
+    if (pbar[static_cast<std::size_t>(a)] > pbar_k) ++a_above;
+    if (pbar[static_cast<std::size_t>(a)] == pbar_k) ++a_tied;
+  }
+  for (std::int64_t s = 0; s < allowed; ++s) {
+    if (pbar[static_cast<std::size_t>(s)] > pbar_k) ++all_above;
+  }
+  return static_cast<double>(std::min(k_eff, a_above + std::min(a_tied, k_eff - all_above))) /
+         static_cast<double>(k_eff);
+}
+
+/// SPEC §4's meaning, by enumeration (allowed <= 12): the largest |A ∩ E| over every k_eff-subset E of the allowed
+/// keys that is an exact top-k (no allowed key outside E larger than a key inside), / k_eff.
+double best_overlap_recall(const std::vector<double>& pbar, std::int64_t allowed,
+                           const std::vector<std::int32_t>& selection, std::int64_t k) {
+  const std::int64_t k_eff = std::min(k, allowed);
+  std::uint32_t a_mask = 0;
+  for (const std::int32_t a : selection) {
+    if (a >= 0) a_mask |= 1u << a;
+  }
+  int best = -1;
+  for (std::uint32_t e = 0; e < (1u << allowed); ++e) {
+    if (std::popcount(e) != k_eff) continue;
+    double smallest_in = std::numeric_limits<double>::infinity(), largest_out = -1.0;
+    for (std::int64_t s = 0; s < allowed; ++s) {
+      const double value = pbar[static_cast<std::size_t>(s)];
+      if ((e >> s) & 1u) {
+        smallest_in = std::min(smallest_in, value);
+      } else {
+        largest_out = std::max(largest_out, value);
+      }
+    }
+    if (largest_out > smallest_in) continue;  // not a top-k
+    best = std::max(best, std::popcount(e & a_mask));
+  }
+  return static_cast<double>(best) / static_cast<double>(k_eff);
+}
+
+TEST(MetricsRecallTies, RandomTiesMatchTheSpecByBruteForce) {
+  // Integer-valued pbar (multiples of 1/8 from {0, ..., levels - 1}: exact in double, so ties are equal doubles)
+  // with few levels to force ties; awkward sizes; k below, at and above the allowed count; selections of any
+  // size up to the allowed count, -1 padded anywhere. Small rows are also checked against the enumeration of
+  // every tie-break of E.
+  RandomStream random(20250613);
+  const std::vector<std::int64_t> sizes = {1, 2, 3, 4, 5, 7, 8, 9, 11, 13, 16, 17, 31, 33, 64, 65, 127, 257};
+  std::int64_t checked = 0, enumerated = 0, partial = 0;
+  for (int trial = 0; trial < 3000; ++trial) {
+    const std::int64_t n = sizes[random.uniform_int(sizes.size())];
+    const std::int64_t allowed = 1 + static_cast<std::int64_t>(random.uniform_int(static_cast<std::uint64_t>(n)));
+    const std::uint64_t levels = 1 + random.uniform_int(5);
+    std::vector<double> pbar(static_cast<std::size_t>(n));
+    for (double& value : pbar) value = static_cast<double>(random.uniform_int(levels)) / 8.0;
+    const std::int64_t k = 1 + static_cast<std::int64_t>(random.uniform_int(static_cast<std::uint64_t>(allowed + 3)));
+    // A: a random subset of the allowed keys, in random order, with -1 entries mixed in.
+    std::vector<std::int32_t> keys(static_cast<std::size_t>(allowed));
+    for (std::size_t s = 0; s < keys.size(); ++s) keys[s] = static_cast<std::int32_t>(s);
+    random.shuffle(std::span<std::int32_t>(keys));
+    keys.resize(static_cast<std::size_t>(random.uniform_int(static_cast<std::uint64_t>(allowed + 1))));
+    keys.resize(keys.size() + random.uniform_int(4), -1);
+    random.shuffle(std::span<std::int32_t>(keys));
+
+    const double recall = recall_of(pbar, allowed, keys, k);
+    const double expected = spec_recall(pbar, allowed, keys, k);
+    ASSERT_EQ(recall, expected) << "trial " << trial << ": n=" << n << " allowed=" << allowed << " k=" << k;
+    ASSERT_GE(recall, 0.0);
+    ASSERT_LE(recall, 1.0);
+    ++checked;
+    partial += recall > 0.0 && recall < 1.0 ? 1 : 0;
+    if (allowed <= 12) {
+      ASSERT_EQ(recall, best_overlap_recall(pbar, allowed, keys, k))
+          << "trial " << trial << ": n=" << n << " allowed=" << allowed << " k=" << k;
+      ++enumerated;
+    }
+  }
+  EXPECT_EQ(checked, 3000);
+  EXPECT_GT(enumerated, 1000);
+  EXPECT_GT(partial, 500);  // not only the trivial 0 and 1
 }
 
 TEST(MetricsSelection, BadArguments) {

@@ -13,7 +13,7 @@ namespace keysel {
 
 /// The SPEC §4 metrics of one selection A for one query token t and group G.
 struct SelectionMetrics {
-  double recall = 0;              // |{a in A : pbar[a] >= pbar_k}| / k_eff (tie-aware)
+  double recall = 0;              // best |A ∩ E| over every tie-break of E, / k_eff (tie-aware, <= 1)
   double mass = 0;                // sum_{a in A} pbar[a]
   double mass_ratio = 0;          // mass(A) / mass(E)
   double kl = 0;                  // -log(mass), nats (infinity when mass is 0)

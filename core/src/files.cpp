@@ -16,15 +16,24 @@ namespace {
 
 namespace fs = std::filesystem;
 
-std::string quoted(const fs::path& path) { return "\"" + path.string() + "\""; }
+std::string quoted(const fs::path& path) {
+  std::string text = "\"";  // appended piecewise: GCC 12 warns (-Wrestrict) on "\"" + string + "\""
+  text += path.string();
+  text += '"';
+  return text;
+}
 
 bool writable(const fs::path& path) { return ::access(path.c_str(), W_OK) == 0; }
 
 /// A temporary name beside `path` that no other writer in this or another process picks.
 fs::path temporary_name(const fs::path& path) {
   static std::atomic<unsigned> counter{0};
-  const std::string name = "." + path.filename().string() + ".tmp-" + std::to_string(::getpid()) + "-" +
-                           std::to_string(counter.fetch_add(1));
+  std::string name = ".";  // appended piecewise: GCC 12 warns (-Wrestrict) on a chain of operator+ here
+  name += path.filename().string();
+  name += ".tmp-";
+  name += std::to_string(::getpid());
+  name += '-';
+  name += std::to_string(counter.fetch_add(1));
   return path.parent_path() / name;
 }
 

@@ -715,6 +715,11 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
           spec);
   std::string name = spec_text;
   const bool exact = spec == "brute_force" || spec == "exact";
+#if KEYSEL_FAISS
+  // The grammar is checked now, so that a study file with a bad factory string fails when it is loaded; what
+  // depends on D or the key count (PQ m dividing D, nlist <= keys) is checked when the index is built.
+  if (!exact) check_faiss_factory(spec);
+#endif
   if (search_options.mips_to_l2 && !exact) name += "+mips";
   if (search_options.balance_channels && !exact) name += "+balance";
   if (spec.find("IVF") != std::string_view::npos) {

@@ -135,6 +135,14 @@ case("study file n_sink overflow",
      ["study", "--config", study_file("sinks.json", {"workloads": [SMALL], "selectors": [{"type": "random"}],
                                                      "k": [4], "n_sink": INT64_MAX, "n_local": 2}), "--out", out],
      ["n_sink"], absent=[out])
+# 2. FAISS factory strings that crashed FAISS or grew without bound: refused when the study file is read.
+for factory in ["IVF4,PQ0", "IVF0,Flat", "HNSW0", "IVF4_HNSW0,Flat", "IVF4,PQ4x0", "IVF1000000000,Flat", "HNSW1",
+                "HNSW2000000000"]:
+    case(f"faiss factory {factory}",
+         ["study", "--config", study_file("faiss.json", {"workloads": [SMALL], "k": [4],
+                                                         "selectors": [{"type": "faiss", "factory": factory}]}),
+          "--out", out],
+         ["factory", factory], absent=[out])
 # 3. A tiny-lm byte range whose end overflows.
 case("tiny-lm offset overflow",
      ["study", "--config", study_file("tiny.json", {"workloads": [{"type": "tiny-lm", "tokens": 16,

@@ -864,13 +864,16 @@ TEST(FaissFactory, PqMustFitTheDim) {
 }
 
 TEST(FaissFactory, SelectorsReportBadSpecsAsErrors) {
-  // make_candidate_selector learns the dim at the first select(); the same checks then fire.
+  // make_candidate_selector checks the grammar when it is made; what depends on the dim fires at the first
+  // select(). Either way a bad string is a keysel::Error naming it.
   const TestAttention a = make_attention(52);
   SelectionPolicy policy;
   policy.k = 16;
   for (const char* spec : {"IVF4,PQ0", "IVF0,Flat", "HNSW0", "HNSW1", "IVF4,PQ4x0", "IVF1000000000,Flat"}) {
-    auto selector = make_candidate_selector(spec, CandidateSelectorOptions{});
-    const std::string message = error_of([&] { run_select(*selector, a.inputs(), policy); });
+    const std::string message = error_of([&] {
+      auto selector = make_candidate_selector(spec, CandidateSelectorOptions{});
+      run_select(*selector, a.inputs(), policy);
+    });
     EXPECT_NE(message.find("argument 'factory'"), std::string::npos) << spec << ": " << message;
     EXPECT_NE(message.find(spec), std::string::npos) << spec << ": " << message;
   }

@@ -53,6 +53,17 @@ AttentionShape AttentionInputs::validate(std::string_view function, bool need_v)
   return shape;
 }
 
+AttentionShape AttentionInputs::shape() const {
+  AttentionShape shape;
+  shape.tokens = q.size(0);
+  shape.query_heads = q.size(1);
+  shape.head_dim = q.size(2);
+  shape.keys = k.size(0);
+  shape.kv_heads = k.size(1);
+  shape.value_dim = v.empty() ? 0 : v.size(2);
+  return shape;
+}
+
 double AttentionInputs::effective_scale() const {
   if (scale != 0.0) return scale;
   return 1.0 / std::sqrt(static_cast<double>(q.size(2)));

@@ -70,6 +70,14 @@ void SelectionPolicy::validate(std::string_view function) const {
   }
 }
 
+void check_selection_output(std::string_view function, const TensorView& selection, std::int64_t tokens,
+                            std::int64_t groups, std::int64_t width, Device device, std::string_view argument) {
+  expect_shape(function, selection, argument, {tokens, groups, width});
+  expect_dtype(function, selection, argument, {DType::int32});
+  expect_device(function, selection, argument, device);
+  expect_writable(function, selection, argument);
+}
+
 void validate_selection(std::string_view function, const TensorView& selection, std::string_view argument,
                         const TensorView& positions, std::int64_t n_keys, std::int64_t groups) {
   expect_shape(function, selection, argument, {positions.size(0), groups, kAnyExtent});

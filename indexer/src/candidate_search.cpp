@@ -431,45 +431,59 @@ const CandidateSearch& CandidateSelector::index(std::int64_t kv_head) const {
   return *cache_->indexes[static_cast<std::size_t>(kv_head)];
 }
 
-SelectionCost CandidateSelector::select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                                        const TensorView& selection) {
+/// Whether the indexes over keys [0, cache.size) may stay for keys `k` [N, Hkv, D] when the request says nothing
+/// of its cache: the same view (pointer, dtype, strides) over at least as many keys, and the first and last
+/// indexed rows unchanged (a cheap check that catches a reused buffer).
+bool CandidateSelector::verified_same_cache(const TensorView& k, const AttentionShape& shape) const {
+  bool same_view = cache_ && cache_->source == k.raw_data() && cache_->source_dtype == k.dtype() &&
+                   cache_->kv_heads == shape.kv_heads && cache_->dim == shape.head_dim &&
+                   cache_->size <= shape.keys;
+  for (int i = 0; same_view && i < 3; ++i) same_view = cache_->source_strides[i] == k.stride(i);
+  if (!same_view) return false;
+  std::vector<std::vector<float>> probe(static_cast<std::size_t>(shape.kv_heads));
+  append_key_rows(k, 0, 1, probe);
+  append_key_rows(k, cache_->size - 1, 1, probe);
+  for (std::int64_t h = 0; same_view && h < shape.kv_heads; ++h) {
+    const std::vector<float>& held = cache_->keys[static_cast<std::size_t>(h)];
+    const std::vector<float>& now = probe[static_cast<std::size_t>(h)];
+    const std::size_t d = static_cast<std::size_t>(shape.head_dim);
+    same_view = std::memcmp(held.data(), now.data(), d * sizeof(float)) == 0 &&
+                std::memcmp(held.data() + (held.size() - d), now.data() + d, d * sizeof(float)) == 0;
+  }
+  return same_view;
+}
+
+SelectionCost CandidateSelector::do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                                           const TensorView& selection) {
   constexpr std::string_view function = "CandidateSelector::select";
   const auto start = Clock::now();
-  const AttentionShape shape = inputs.validate(function, /*need_v=*/false);
-  policy.validate(function);
+  const AttentionInputs& inputs = request.attention;
+  const AttentionShape shape = inputs.shape();
   const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
   const std::int64_t width = policy.width();
-  expect_shape(function, selection, "selection", {shape.tokens, groups, width});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", Device::cpu());
-  expect_writable(function, selection, "selection");
   const std::int64_t free_slots_max = policy.kept_on_top ? policy.k : policy.k - policy.n_sink - policy.n_local;
   require(options_.candidates == 0 || options_.candidates >= free_slots_max, function, "options.candidates",
           "0 or k' >= k - kept keys = " + std::to_string(free_slots_max) + " (over-fetch at least k)",
           options_.candidates);
 
   std::lock_guard<std::mutex> lock(mutex_);
-  // Keep the indexes in step with the cache: same memory and a longer view means decoded tokens to append.
+  // Keep the indexes in step with the cache as the request says: keys already indexed and declared (or, when
+  // nothing is declared, verified) unchanged stay; the new ones are appended; anything else rebuilds.
   SelectionCost cost;
   const TensorView& k = inputs.k;
-  bool same_view = cache_ && cache_->source == k.raw_data() && cache_->source_dtype == k.dtype() &&
-                   cache_->kv_heads == shape.kv_heads && cache_->dim == shape.head_dim &&
-                   cache_->size <= shape.keys;
-  for (int i = 0; same_view && i < 3; ++i) same_view = cache_->source_strides[i] == k.stride(i);
-  if (same_view) {
-    // A cheap content check of the first and last indexed rows catches a reused buffer.
-    std::vector<std::vector<float>> probe(static_cast<std::size_t>(shape.kv_heads));
-    append_key_rows(k, 0, 1, probe);
-    append_key_rows(k, cache_->size - 1, 1, probe);
-    for (std::int64_t h = 0; same_view && h < shape.kv_heads; ++h) {
-      const std::vector<float>& held = cache_->keys[static_cast<std::size_t>(h)];
-      const std::vector<float>& now = probe[static_cast<std::size_t>(h)];
-      const std::size_t d = static_cast<std::size_t>(shape.head_dim);
-      same_view = std::memcmp(held.data(), now.data(), d * sizeof(float)) == 0 &&
-                  std::memcmp(held.data() + (held.size() - d), now.data() + d, d * sizeof(float)) == 0;
-    }
+  bool keep = false;
+  switch (request.cache) {
+    case CacheReuse::appended:
+      keep = cache_ && cache_->kv_heads == shape.kv_heads && cache_->dim == shape.head_dim &&
+             cache_->size <= request.unchanged_keys;
+      break;
+    case CacheReuse::unknown:
+      keep = verified_same_cache(k, shape);
+      break;
+    case CacheReuse::fresh:
+      break;
   }
-  if (!same_view) {
+  if (!keep) {
     build_locked(k);
   } else if (cache_->size < shape.keys) {
     append_locked(k, cache_->size);

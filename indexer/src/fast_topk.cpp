@@ -301,19 +301,6 @@ BlockScoresFn block_scores_for(SimdLevel level) {
 
 }  // namespace topk_kernels
 
-// ---- SelectionRowPlan ----------------------------------------------------------------------------------
-
-SelectionRowPlan SelectionRowPlan::make(const SelectionPolicy& policy, std::int64_t position, std::int64_t n_keys) {
-  SelectionRowPlan plan;
-  plan.allowed = allowed_keys(position, n_keys);
-  plan.sink_end = std::min(policy.n_sink, plan.allowed);
-  plan.local_begin = std::max(std::max<std::int64_t>(plan.allowed - policy.n_local, 0), plan.sink_end);
-  const std::int64_t kept = plan.sink_end + (plan.allowed - plan.local_begin);
-  plan.fill = std::max<std::int64_t>(policy.kept_on_top ? policy.k : std::min(policy.k, plan.allowed) - kept, 0);
-  plan.width = policy.width();
-  return plan;
-}
-
 // ---- StreamingTopK -------------------------------------------------------------------------------------
 
 StreamingTopK::StreamingTopK(std::int64_t k) { reset(k); }

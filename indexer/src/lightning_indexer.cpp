@@ -321,10 +321,13 @@ namespace {
 
 class IndexerSelector final : public Selector {
  public:
+  /// `queries` [T, HI, DI] and `weights` [T, HI] (fp32, copied) are the defaults a request without indexer
+  /// inputs uses; both may be empty (every request must then carry them).
   IndexerSelector(std::shared_ptr<const LightningIndexer> indexer, std::vector<float> queries,
                   std::vector<float> weights, std::string name)
       : indexer_(std::move(indexer)), queries_(std::move(queries)), weights_(std::move(weights)), name_(std::move(name)) {
     KEYSEL_CHECK_ARG(indexer_ != nullptr, "indexer", "an indexer", "nullptr");
+    if (queries_.empty() && weights_.empty()) return;
     const std::int64_t per_token = indexer_->heads() * indexer_->dim();
     KEYSEL_CHECK_ARG(!queries_.empty() && static_cast<std::int64_t>(queries_.size()) % per_token == 0, "queries",
                      "T * HI * DI values with HI * DI = " + std::to_string(per_token), queries_.size());
@@ -335,25 +338,35 @@ class IndexerSelector final : public Selector {
 
   std::string name() const override { return name_; }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+ protected:
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const std::string function = "IndexerSelector::select";
-    const AttentionShape shape = inputs.validate(function, false);
-    KEYSEL_CHECK_ARG(shape.tokens == tokens_, "inputs", "T = " + std::to_string(tokens_) + " query tokens",
-                     shape.tokens);
-    KEYSEL_CHECK_ARG(shape.keys == indexer_->cache().size(), "inputs",
-                     "N = " + std::to_string(indexer_->cache().size()) + " keys (the indexer cache)", shape.keys);
+    const AttentionShape shape = request.attention.shape();
+    KEYSEL_CHECK_ARG(shape.keys == indexer_->cache().size(), "request.attention.k",
+                     "N = " + std::to_string(indexer_->cache().size()) + " keys (the indexer's key cache)", shape.keys);
+    // The request's indexer inputs, or the ones given at construction.
+    TensorView queries = request.indexer_queries;
+    TensorView weights = request.indexer_weights;
+    if (queries.empty()) {
+      KEYSEL_CHECK_ARG(tokens_ > 0, "request.indexer_queries",
+                       "the indexer queries [T, HI, DI] and weights [T, HI] of this step (this selector holds none)",
+                       "none");
+      KEYSEL_CHECK_ARG(shape.tokens == tokens_, "request.attention.q",
+                       "T = " + std::to_string(tokens_) + " query tokens (the indexer queries it holds)", shape.tokens);
+      queries = TensorView(queries_.data(), DType::fp32, {tokens_, indexer_->heads(), indexer_->dim()});
+      weights = TensorView(weights_.data(), DType::fp32, {tokens_, indexer_->heads()});
+    } else {
+      expect_shape(function, queries, "request.indexer_queries", {shape.tokens, indexer_->heads(), indexer_->dim()});
+    }
+    const std::int64_t tokens = shape.tokens;
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
-    expect_shape(function, selection, "selection", {tokens_, groups, policy.width()});
-    expect_dtype(function, selection, "selection", {DType::int32});
-    expect_writable(function, selection, "selection");
-    std::vector<std::int32_t> one(static_cast<std::size_t>(tokens_ * policy.width()));
-    const TensorView queries(queries_.data(), DType::fp32, {tokens_, indexer_->heads(), indexer_->dim()});
-    const TensorView weights(weights_.data(), DType::fp32, {tokens_, indexer_->heads()});
-    SelectionCost cost = indexer_->select(queries, weights, inputs.positions, policy,
-                                          TensorView(one.data(), DType::int32, {tokens_, 1, policy.width()}));
+    std::vector<std::int32_t> one(static_cast<std::size_t>(tokens * policy.width()));
+    SelectionCost cost = indexer_->select(queries, weights, request.attention.positions, policy,
+                                          TensorView(one.data(), DType::int32, {tokens, 1, policy.width()}));
+    // DSA shares the indexer's one selection among all heads: every group gets it.
     std::int32_t* out = selection.mutable_data<std::int32_t>();
-    for (std::int64_t t = 0; t < tokens_; ++t) {
+    for (std::int64_t t = 0; t < tokens; ++t) {
       for (std::int64_t g = 0; g < groups; ++g) {
         for (std::int64_t i = 0; i < policy.width(); ++i) {
           out[t * selection.stride(0) + g * selection.stride(1) + i * selection.stride(2)] =
@@ -361,7 +374,7 @@ class IndexerSelector final : public Selector {
         }
       }
     }
-    cost.rows = tokens_ * groups;
+    cost.rows = tokens * groups;
     return cost;
   }
 
@@ -369,10 +382,15 @@ class IndexerSelector final : public Selector {
   std::shared_ptr<const LightningIndexer> indexer_;
   std::vector<float> queries_, weights_;
   std::string name_;
-  std::int64_t tokens_ = 0;
+  std::int64_t tokens_ = 0;  // T of the held queries (0: none held)
 };
 
 }  // namespace
+
+std::unique_ptr<Selector> make_indexer_selector(std::shared_ptr<const LightningIndexer> indexer, std::string name) {
+  return std::make_unique<IndexerSelector>(std::move(indexer), std::vector<float>{}, std::vector<float>{},
+                                           std::move(name));
+}
 
 std::unique_ptr<Selector> make_indexer_selector(std::shared_ptr<const LightningIndexer> indexer,
                                                 std::vector<float> queries, std::vector<float> weights,

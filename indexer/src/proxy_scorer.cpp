@@ -381,10 +381,12 @@ class ProxySelector final : public Selector {
     if (c.rank > 0) out += "-r" + std::to_string(c.rank);
     return out;
   }
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
-    if (scorer_.config().rank > 0 && !scorer_.fitted()) scorer_.fit(inputs.k);
-    return scorer_.select(inputs, policy, selection);
+
+ protected:
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
+    if (scorer_.config().rank > 0 && !scorer_.fitted()) scorer_.fit(request.attention.k);
+    return scorer_.select(request.attention, policy, selection);
   }
 
  private:

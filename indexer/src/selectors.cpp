@@ -29,15 +29,44 @@ SelectionCost& SelectionCost::operator+=(const SelectionCost& other) {
   return *this;
 }
 
+SelectionCost Selector::select(const SelectionRequest& request, const SelectionPolicy& policy,
+                              const TensorView& selection) {
+  constexpr std::string_view function = "Selector::select";
+  const AttentionShape shape = request.attention.validate(function, /*need_v=*/false);
+  policy.validate(function);
+  const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
+  check_selection_output(function, selection, shape.tokens, groups, policy.width());
+  if (!request.indexer_queries.empty() || !request.indexer_weights.empty()) {
+    expect_shape(function, request.indexer_queries, "request.indexer_queries", {shape.tokens, kAnyExtent, kAnyExtent});
+    expect_dtype(function, request.indexer_queries, "request.indexer_queries", {DType::fp32, DType::fp16, DType::bf16});
+    expect_device(function, request.indexer_queries, "request.indexer_queries", Device::cpu());
+    KEYSEL_CHECK_ARG_IN(function, request.indexer_queries.size(1) >= 1 && request.indexer_queries.size(2) >= 1,
+                        "request.indexer_queries", "[T, HI, DI] with HI, DI >= 1", request.indexer_queries.str());
+    expect_shape(function, request.indexer_weights, "request.indexer_weights",
+                 {shape.tokens, request.indexer_queries.size(1)});
+    expect_dtype(function, request.indexer_weights, "request.indexer_weights", {DType::fp32});
+    expect_device(function, request.indexer_weights, "request.indexer_weights", Device::cpu());
+  }
+  if (request.cache == CacheReuse::appended) {
+    KEYSEL_CHECK_ARG_IN(function, request.unchanged_keys >= 0 && request.unchanged_keys <= shape.keys,
+                        "request.unchanged_keys", "0 <= unchanged_keys <= N = " + std::to_string(shape.keys),
+                        request.unchanged_keys);
+  }
+  return do_select(request, policy, selection);
+}
+
+SelectionCost Selector::select(const AttentionInputs& inputs, const SelectionPolicy& policy,
+                              const TensorView& selection) {
+  return select(SelectionRequest::of(inputs), policy, selection);
+}
+
 namespace {
 
 using selector_support::Clock;
-using selector_support::check_select_arguments;
 using selector_support::seconds_since;
 
 using selector_support::allowed_per_token;
 using selector_support::row_layout;
-using selector_support::RowLayout;
 using selector_support::write_row;
 
 // ---- exact -----------------------------------------------------------------------------------------------
@@ -46,10 +75,11 @@ class ExactSelector final : public Selector {
  public:
   std::string name() const override { return "exact"; }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const auto start = Clock::now();
-    const AttentionShape shape = check_select_arguments("ExactSelector::select", inputs, policy, selection);
+    const AttentionInputs& inputs = request.attention;
+    const AttentionShape shape = inputs.shape();
     exact_topk(inputs, policy, selection);
 
     // Cost of scoring every allowed key of a row with the main attention, as a dense kernel would:
@@ -82,10 +112,11 @@ class RandomSelector final : public Selector {
   explicit RandomSelector(std::uint64_t seed) : seed_(seed) {}
   std::string name() const override { return "random"; }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const auto start = Clock::now();
-    const AttentionShape shape = check_select_arguments("RandomSelector::select", inputs, policy, selection);
+    const AttentionInputs& inputs = request.attention;
+    const AttentionShape shape = inputs.shape();
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
     const std::vector<std::int64_t> allowed = allowed_per_token(inputs, shape);
     const std::int64_t rows = shape.tokens * groups;
@@ -100,7 +131,7 @@ class RandomSelector final : public Selector {
       for (std::int64_t row = 0; row < rows; ++row) {
         const std::int64_t t = row / groups;
         const std::int64_t group = row % groups;
-        const RowLayout r = row_layout(policy, allowed[static_cast<std::size_t>(t)]);
+        const SelectionRowPlan r = row_layout(policy, allowed[static_cast<std::size_t>(t)]);
 
         // Floyd's algorithm: r.fill distinct positions, uniform over the free keys [sink_end, local_begin).
         const std::int64_t range = r.free_keys();
@@ -139,17 +170,18 @@ class StreamingSelector final : public Selector {
   explicit StreamingSelector(std::int64_t n_sink) : n_sink_(n_sink) {}
   std::string name() const override { return "streaming"; }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const auto start = Clock::now();
-    const AttentionShape shape = check_select_arguments("StreamingSelector::select", inputs, policy, selection);
+    const AttentionInputs& inputs = request.attention;
+    const AttentionShape shape = inputs.shape();
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
     const std::vector<std::int64_t> allowed = allowed_per_token(inputs, shape);
     const std::int64_t sinks = std::max(n_sink_, policy.n_sink);
 
     std::vector<std::int32_t> keys;
     for (std::int64_t t = 0; t < shape.tokens; ++t) {
-      const RowLayout r = row_layout(policy, allowed[static_cast<std::size_t>(t)]);
+      const SelectionRowPlan r = row_layout(policy, allowed[static_cast<std::size_t>(t)]);
       // The policy's kept keys, then the selector's extra sinks, then the most recent free keys. The row is
       // [0, sink_end) and [recent_start, allowed): the kept window sits inside the recent block.
       const std::int64_t extra_sinks =

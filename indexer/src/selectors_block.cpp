@@ -31,10 +31,11 @@ class BlockTopKSelector final : public Selector {
     return n;
   }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const auto start = support::Clock::now();
-    const AttentionShape shape = support::check_select_arguments("BlockTopKSelector::select", inputs, policy, selection);
+    const AttentionInputs& inputs = request.attention;
+    const AttentionShape shape = inputs.shape();
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
     const std::vector<std::int64_t> allowed = support::allowed_per_token(inputs, shape);
     const std::int64_t B = options_.block_size;
@@ -42,15 +43,29 @@ class BlockTopKSelector final : public Selector {
     const std::int64_t blocks = ceil_div(shape.keys, B);  // B may be anything up to INT64_MAX
     const double scale = inputs.effective_scale();
 
-    // Channel-wise min and max of every block of every key head: [Hkv, blocks, D] each. Kept between calls
-    // when options_.reuse_summaries says so and inputs.k is the same view, grown or not: then only the blocks
-    // from the previous last one on are (re)computed.
+    // Channel-wise min and max of every block of every key head: [Hkv, blocks, D] each. The summaries of
+    // blocks wholly inside the reusable keys are kept; the rest are (re)computed. Reusable are the keys the
+    // request declares unchanged (CacheReuse::appended), or, when it says nothing, the keys summarised last
+    // time if options_.reuse_summaries is on and inputs.k is the same view, grown or not.
     const ViewKey key{inputs.k.raw_data(), inputs.k.dtype(), shape.kv_heads, D, inputs.k.stride(0), inputs.k.stride(1),
                       inputs.k.stride(2)};
+    std::int64_t reusable = 0;
+    const bool same_layout = summary_blocks_ > 0 && key.dtype == key_.dtype && key.kv_heads == key_.kv_heads &&
+                             key.dim == key_.dim;
+    switch (request.cache) {
+      case CacheReuse::appended:
+        if (same_layout) reusable = std::min(summarised_keys_, request.unchanged_keys);
+        break;
+      case CacheReuse::unknown:
+        if (options_.reuse_summaries && key == key_ && shape.keys >= summarised_keys_) reusable = summarised_keys_;
+        break;
+      case CacheReuse::fresh:
+        break;
+    }
     std::int64_t first_block = 0;
-    if (options_.reuse_summaries && key == key_ && shape.keys >= summarised_keys_) {
-      first_block = summarised_keys_ / B;  // the last, partial block may have grown
-      grow_summaries(shape.kv_heads, blocks, D);
+    if (reusable > 0) {
+      first_block = reusable / B;  // the block holding key `reusable` may have changed or grown
+      resize_summaries(shape.kv_heads, blocks, D);
     } else {
       lo_.assign(static_cast<std::size_t>(shape.kv_heads * blocks * D), 0.0);
       hi_.assign(lo_.size(), 0.0);
@@ -92,7 +107,7 @@ class BlockTopKSelector final : public Selector {
       for (std::int64_t row = 0; row < rows; ++row) {
         const std::int64_t t = row / groups;
         const std::int64_t group = row % groups;
-        const support::RowLayout r = support::row_layout(policy, allowed[static_cast<std::size_t>(t)]);
+        const SelectionRowPlan r = support::row_layout(policy, allowed[static_cast<std::size_t>(t)]);
         chosen.clear();
         if (r.fill >= r.free_keys()) {
           for (std::int64_t s = r.sink_end; s < r.local_begin; ++s) chosen.push_back(static_cast<std::int32_t>(s));
@@ -197,14 +212,16 @@ class BlockTopKSelector final : public Selector {
     bool operator==(const ViewKey&) const = default;
   };
 
-  /// Re-lays the summaries [Hkv, summary_blocks_, D] out for `blocks` blocks per key head.
-  void grow_summaries(std::int64_t kv_heads, std::int64_t blocks, std::int64_t dim) {
+  /// Re-lays the summaries [Hkv, summary_blocks_, D] out for `blocks` blocks per key head (the leading
+  /// min(summary_blocks_, blocks) of each head are kept).
+  void resize_summaries(std::int64_t kv_heads, std::int64_t blocks, std::int64_t dim) {
     if (blocks == summary_blocks_) return;
     std::vector<double> lo(static_cast<std::size_t>(kv_heads * blocks * dim));
     std::vector<double> hi(lo.size());
+    const std::int64_t kept = std::min(summary_blocks_, blocks) * dim;
     for (std::int64_t kv = 0; kv < kv_heads; ++kv) {
-      std::copy_n(lo_.begin() + kv * summary_blocks_ * dim, summary_blocks_ * dim, lo.begin() + kv * blocks * dim);
-      std::copy_n(hi_.begin() + kv * summary_blocks_ * dim, summary_blocks_ * dim, hi.begin() + kv * blocks * dim);
+      std::copy_n(lo_.begin() + kv * summary_blocks_ * dim, kept, lo.begin() + kv * blocks * dim);
+      std::copy_n(hi_.begin() + kv * summary_blocks_ * dim, kept, hi.begin() + kv * blocks * dim);
     }
     lo_ = std::move(lo);
     hi_ = std::move(hi);

@@ -25,10 +25,11 @@ class FidelitySelector final : public Selector {
            (options_.fill == FidelityFill::random ? "-random" : "-next");
   }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const auto start = support::Clock::now();
-    const AttentionShape shape = support::check_select_arguments("FidelitySelector::select", inputs, policy, selection);
+    const AttentionInputs& inputs = request.attention;
+    const AttentionShape shape = inputs.shape();
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
     const std::vector<std::int64_t> allowed = support::allowed_per_token(inputs, shape);
 
@@ -44,7 +45,7 @@ class FidelitySelector final : public Selector {
       for (std::int64_t row = 0; row < rows; ++row) {
         const std::int64_t t = row / groups;
         const std::int64_t group = row % groups;
-        const support::RowLayout r = support::row_layout(policy, allowed[static_cast<std::size_t>(t)]);
+        const SelectionRowPlan r = support::row_layout(policy, allowed[static_cast<std::size_t>(t)]);
         const double* p = pbar.data() + row * shape.keys;
 
         // E = the k_eff allowed keys with the largest pbar (SPEC §2; equal values: lower position first, as

@@ -21,10 +21,11 @@ class HybridSelector final : public Selector {
 
   std::string name() const override { return name_; }
 
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
     const auto start = support::Clock::now();
-    const AttentionShape shape = support::check_select_arguments("HybridSelector::select", inputs, policy, selection);
+    const AttentionInputs& inputs = request.attention;
+    const AttentionShape shape = inputs.shape();
     const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
     const std::vector<std::int64_t> allowed = support::allowed_per_token(inputs, shape);
 
@@ -34,8 +35,9 @@ class HybridSelector final : public Selector {
     const std::int64_t wide_width = wide.width();
     std::vector<std::int32_t> pool(static_cast<std::size_t>(
         checked_product({shape.tokens, groups, wide_width}, "HybridSelector::select", "candidate pool")));
+    // The candidate selector gets the whole request: the indexer's inputs and the cache state are its too.
     SelectionCost cost = candidates_->select(
-        inputs, wide, TensorView(pool.data(), DType::int32, {shape.tokens, groups, wide_width}));
+        request, wide, TensorView(pool.data(), DType::int32, {shape.tokens, groups, wide_width}));
 
     const std::int64_t rows = shape.tokens * groups;
     const double scale = inputs.effective_scale();
@@ -47,7 +49,7 @@ class HybridSelector final : public Selector {
     for (std::int64_t row = 0; row < rows; ++row) {
       const std::int64_t t = row / groups;
       const std::int64_t group = row % groups;
-      const support::RowLayout r = support::row_layout(policy, allowed[static_cast<std::size_t>(t)]);
+      const SelectionRowPlan r = support::row_layout(policy, allowed[static_cast<std::size_t>(t)]);
       std::vector<std::int32_t> free_candidates, kept, chosen;
       const std::int32_t* candidates_row = pool.data() + row * wide_width;
       for (std::int64_t i = 0; i < wide_width && candidates_row[i] >= 0; ++i) {

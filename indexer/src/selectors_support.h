@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "keysel/core/dtype.h"
+#include "keysel/core/row_plan.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/tensor.h"
 #include "keysel/indexer/selector.h"
@@ -26,33 +27,9 @@ inline double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
-/// Checks the inputs (q, k, positions; v unused), the policy and the output selection; returns the shape.
-inline AttentionShape check_select_arguments(std::string_view function, const AttentionInputs& inputs,
-                                             const SelectionPolicy& policy, const TensorView& selection) {
-  const AttentionShape shape = inputs.validate(function, /*need_v=*/false);
-  policy.validate(function);
-  const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
-  detail::check_selection_output(function, selection, shape.tokens, groups, policy.width());
-  return shape;
-}
-
-/// One selection row: kept sinks [0, sink_end), free keys [sink_end, local_begin), kept window
-/// [local_begin, allowed); `fill` free keys are chosen (as select_topk: k on top, or min(k, allowed) - kept).
-struct RowLayout {
-  std::int64_t allowed = 0, sink_end = 0, local_begin = 0, fill = 0;
-  std::int64_t free_keys() const { return local_begin - sink_end; }
-  std::int64_t kept() const { return sink_end + (allowed - local_begin); }
-  bool is_kept(std::int64_t s) const { return s < sink_end || (s >= local_begin && s < allowed); }
-};
-
-inline RowLayout row_layout(const SelectionPolicy& policy, std::int64_t allowed) {
-  RowLayout r;
-  r.allowed = allowed;
-  r.sink_end = std::min(policy.n_sink, allowed);
-  r.local_begin = std::max(std::max<std::int64_t>(allowed - policy.n_local, 0), r.sink_end);
-  const std::int64_t fill = policy.kept_on_top ? policy.k : std::min(policy.k, allowed) - r.kept();
-  r.fill = std::clamp<std::int64_t>(fill, 0, r.free_keys());
-  return r;
+/// The plan of a row whose token may read `allowed` keys (core's SelectionRowPlan, SPEC §2).
+inline SelectionRowPlan row_layout(const SelectionPolicy& policy, std::int64_t allowed) {
+  return SelectionRowPlan::make(policy, allowed - 1, allowed);
 }
 
 inline std::vector<std::int64_t> allowed_per_token(const AttentionInputs& inputs, const AttentionShape& shape) {
@@ -65,7 +42,7 @@ inline std::vector<std::int64_t> allowed_per_token(const AttentionInputs& inputs
 }
 
 /// Writes the row: sinks, `chosen` (any order; sorted here), local window, then -1 up to the width.
-inline void write_row(const TensorView& selection, std::int64_t t, std::int64_t group, const RowLayout& r,
+inline void write_row(const TensorView& selection, std::int64_t t, std::int64_t group, const SelectionRowPlan& r,
                       std::vector<std::int32_t>& chosen) {
   std::sort(chosen.begin(), chosen.end());
   std::int32_t* base = selection.mutable_data<std::int32_t>() + t * selection.stride(0) + group * selection.stride(1);

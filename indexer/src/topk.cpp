@@ -100,7 +100,7 @@ void exact_topk(const AttentionInputs& inputs, const SelectionPolicy& policy, co
   const AttentionShape shape = inputs.validate(function, false);
   policy.validate(function);
   const std::int64_t groups = group_count(policy.granularity, shape.query_heads, shape.kv_heads);
-  detail::check_selection_output(function, selection, shape.tokens, groups, policy.width());
+  check_selection_output(function, selection, shape.tokens, groups, policy.width());
 
   std::vector<double> pbar(
       static_cast<std::size_t>(checked_product({shape.tokens, groups, shape.keys}, "exact_topk", "pbar [T, G, N]")));
@@ -112,14 +112,6 @@ void exact_topk(const AttentionInputs& inputs, const SelectionPolicy& policy, co
 }  // namespace keysel
 
 namespace keysel::detail {
-
-void check_selection_output(std::string_view function, const TensorView& selection, std::int64_t tokens,
-                            std::int64_t groups, std::int64_t width) {
-  expect_shape(function, selection, "selection", {tokens, groups, width});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", Device::cpu());
-  expect_writable(function, selection, "selection");
-}
 
 void check_topk_arguments(std::string_view function, const TensorView& scores, const TensorView& positions,
                           const SelectionPolicy& policy, const TensorView& selection) {

@@ -10,12 +10,8 @@
 
 namespace keysel::detail {
 
-/// selection: writable CPU int32 [tokens, groups, width].
-void check_selection_output(std::string_view function, const TensorView& selection, std::int64_t tokens,
-                            std::int64_t groups, std::int64_t width);
-
 /// The policy; scores: CPU fp32 or fp64 [T, G, N]; positions: CPU int32 [T], every entry >= 0; selection:
-/// check_selection_output with width policy.width().
+/// keysel::check_selection_output with width policy.width().
 void check_topk_arguments(std::string_view function, const TensorView& scores, const TensorView& positions,
                           const SelectionPolicy& policy, const TensorView& selection);
 

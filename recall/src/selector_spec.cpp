@@ -37,9 +37,11 @@ class NamedSelector final : public Selector {
  public:
   NamedSelector(std::unique_ptr<Selector> inner, std::string name) : inner_(std::move(inner)), name_(std::move(name)) {}
   std::string name() const override { return name_; }
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override {
-    return inner_->select(inputs, policy, selection);
+
+ protected:
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
+    return inner_->select(request, policy, selection);
   }
 
  private:

@@ -414,7 +414,9 @@ TEST(Study, BadOptionsThrow) {
 class BrokenSelector final : public Selector {
  public:
   std::string name() const override { return "broken"; }
-  SelectionCost select(const AttentionInputs&, const SelectionPolicy&, const TensorView& selection) override {
+
+ protected:
+  SelectionCost do_select(const SelectionRequest&, const SelectionPolicy&, const TensorView& selection) override {
     std::int32_t* out = selection.mutable_data<std::int32_t>();
     std::fill(out, out + selection.numel(), 3);
     return {};

@@ -40,6 +40,8 @@ struct AttentionInputs {
   /// Checks shapes, dtypes, devices, Hq % Hkv == 0, 1 <= N <= kMaxKeyPositions, positions >= 0 and a finite positive scale; returns the
   /// shape. `function` names the caller in error messages. With `need_v`, v must be present.
   AttentionShape validate(std::string_view function, bool need_v) const;
+  /// The shape the views imply, without checks (for inputs validate() already accepted).
+  AttentionShape shape() const;
   /// The scale in use: `scale`, or 1/sqrt(D) when it is 0.
   double effective_scale() const;
 };

@@ -56,6 +56,12 @@ struct SelectionPolicy {
   void validate(std::string_view function) const;
 };
 
+/// The one check of a selection output before anything is written: a writable int32 [tokens, groups, width]
+/// view on `device`. Throws keysel::Error of `function` naming `argument`.
+void check_selection_output(std::string_view function, const TensorView& selection, std::int64_t tokens,
+                            std::int64_t groups, std::int64_t width, Device device = Device::cpu(),
+                            std::string_view argument = "selection");
+
 /// Checks a selection tensor: int32 [T, G, W] on the CPU, every entry -1 or an allowed key position for its
 /// query token, no position twice in a row, padding only at the end. Throws keysel::Error naming `argument`.
 void validate_selection(std::string_view function, const TensorView& selection, std::string_view argument,

@@ -178,10 +178,12 @@ struct CandidateSelectorOptions {
 
 /// One CandidateSearch per key head over the cache of keys [N, Hkv, D], turned into a Selector.
 ///
-/// select(inputs, policy, selection) keeps the indexes in step with inputs.k: the first call builds them
-/// (train on the leading train_keys keys, add all); a later call whose k view has the same data pointer,
-/// strides and dtype and a larger N appends the new rows (decoded tokens) without retraining; any other
-/// change rebuilds. Then, for each query token t and group G:
+/// select(request, policy, selection) keeps the indexes in step with request.attention.k: the first call builds
+/// them (train on the leading train_keys keys, add all). A later call keeps them and appends the new rows
+/// (decoded tokens) without retraining when the request declares the indexed keys unchanged
+/// (CacheReuse::appended with unchanged_keys >= size()); when it says nothing (CacheReuse::unknown), when the
+/// k view has the same data pointer, strides and dtype, a larger or equal N and the same first and last indexed
+/// rows; CacheReuse::fresh and anything else rebuilds. Then, for each query token t and group G:
 ///   1. the allowed keys [0, allowed) split into kept sinks [0, sink_end), free keys [sink_end, local_start)
 ///      and the kept local window [local_start, allowed), exactly as select_topk defines them;
 ///   2. each query (per options.queries) searches its key head's index for k' candidates among the free keys;
@@ -207,8 +209,8 @@ class CandidateSelector final : public Selector {
   /// (tuning k', nprobe or ef_search over one built index); train_keys at the next build, retrain_growth at the
   /// next append. Checked like the constructor's.
   void set_options(const CandidateSelectorOptions& options);
-  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                       const TensorView& selection) override;
+
+  using Selector::select;
 
   /// Builds one index per key head over keys [N, Hkv, D] (fp32, fp16 or bf16): trains on the leading
   /// train_keys keys (all when 0) and adds all N. Forgets the view: a following select() rebuilds unless its
@@ -232,8 +234,13 @@ class CandidateSelector final : public Selector {
   /// Cost of the last build or append (train + add), for reports.
   double last_build_seconds() const;
 
+ protected:
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override;
+
  private:
   struct Cache;
+  bool verified_same_cache(const TensorView& k, const AttentionShape& shape) const;
   void build_locked(const TensorView& keys);
   bool append_locked(const TensorView& keys, std::int64_t first_row);
   void retrain_locked();

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "keysel/core/row_plan.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/tensor.h"
 
@@ -41,22 +42,9 @@ namespace keysel {
 void fast_select_topk(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
                       const TensorView& selection);
 
-/// How one selection row splits into kept keys and the keys the top-k chooses (SPEC §2), for a query at
-/// position `position` over `n_keys` cached keys:
-///   [0, sink_end)              sinks, always kept
-///   [sink_end, local_begin)    the keys the top-k chooses `fill` of (fewer when fewer have a non-NaN score)
-///   [local_begin, allowed)     the local window, always kept
-/// Callers of StreamingTopK push the scores of [sink_end, local_begin) only, with k = fill.
-struct SelectionRowPlan {
-  std::int64_t allowed = 0;      // min(position + 1, n_keys)
-  std::int64_t sink_end = 0;     // min(n_sink, allowed)
-  std::int64_t local_begin = 0;  // max(allowed - n_local, sink_end)
-  std::int64_t fill = 0;         // keys chosen by score: k (kept on top) or min(k, allowed) - kept, >= 0
-  std::int64_t width = 0;        // policy.width(): entries of one selection row
-
-  /// The plan of one row. `policy` must be valid (SelectionPolicy::validate), position >= 0, n_keys >= 0.
-  static SelectionRowPlan make(const SelectionPolicy& policy, std::int64_t position, std::int64_t n_keys);
-};
+/// How one selection row splits into kept keys and the keys the top-k chooses is core's SelectionRowPlan
+/// (keysel/core/row_plan.h): callers of StreamingTopK push the scores of [sink_end, local_begin) only, with
+/// k = fill.
 
 /// One selection row from fp32 scores in memory.
 ///   scores:    scores[s] is the score of key s, contiguous; only s in [plan.sink_end, plan.local_begin) are read.

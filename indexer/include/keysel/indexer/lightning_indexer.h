@@ -113,10 +113,15 @@ class LightningIndexer {
   IndexerKeyCache cache_;
 };
 
-/// A Selector over a trained indexer for one workload: the indexer (its key cache holds the workload's N keys)
-/// and the indexer queries [T, HI, DI] and weights [T, HI] of the workload's query tokens (fp32, copied).
-/// select() reads only inputs.positions and N (which must equal the cache's size) and writes the indexer's one
+/// A Selector over a trained indexer, as an engine drives it: the indexer's key cache holds the sequence's N keys
+/// (the caller appends to it as decoding goes), and every request carries the step's indexer queries
+/// qI [T, HI, DI] and weights w [T, HI] (SelectionRequest::indexer_queries, indexer_weights). select() reads
+/// those, request.attention.positions and N (which must equal the cache's size), and writes the indexer's one
 /// selection into every selection group (DSA shares one selection among all heads).
+std::unique_ptr<Selector> make_indexer_selector(std::shared_ptr<const LightningIndexer> indexer,
+                                                std::string name = "lightning-indexer");
+/// The same for one fixed workload: `queries` [T, HI, DI] and `weights` [T, HI] (fp32, copied) serve every request
+/// that carries no indexer inputs of its own (its T must then be this T).
 std::unique_ptr<Selector> make_indexer_selector(std::shared_ptr<const LightningIndexer> indexer,
                                                 std::vector<float> queries, std::vector<float> weights,
                                                 std::string name = "lightning-indexer");

@@ -9,6 +9,7 @@
 
 #include "keysel/core/attention_inputs.h"
 #include "keysel/core/selection.h"
+#include "keysel/core/tensor.h"
 
 namespace keysel {
 
@@ -23,15 +24,60 @@ struct SelectionCost {
   SelectionCost& operator+=(const SelectionCost& other);
 };
 
+/// What the caller knows about the key cache since this selector's previous select() call. A selector that
+/// keeps state over the keys (FAISS indexes, block summaries) reuses it only as this says.
+enum class CacheReuse : std::uint8_t {
+  /// Nothing is said (the default): a selector keeps state only where it can verify it, and says how in its
+  /// documentation (CandidateSelector checks the view and two rows; block top-k only with reuse_summaries).
+  unknown,
+  /// Keys [0, unchanged_keys) are those of the previous call, unchanged; later keys are new (a decode step
+  /// appended them). State over the unchanged keys is kept without checks; the rest is computed.
+  appended,
+  /// A different cache (another sequence, or rewritten rows): no state is kept.
+  fresh,
+};
+
+/// One select() call: everything a selector may need, per call. Views are read during the call only.
+struct SelectionRequest {
+  /// The main attention: q [T, Hq, D], k [N, Hkv, D] (fp32, fp16 or bf16), positions int32 [T]; v unused.
+  AttentionInputs attention;
+  /// The Lightning Indexer's per-step inputs, for selectors that score with a trained indexer (SPEC §3); empty
+  /// views otherwise. The indexer's keys live in the selector's own key cache (IndexerKeyCache), which the
+  /// caller appends to as the main cache grows.
+  TensorView indexer_queries;  // qI [T, HI, DI]: fp32, fp16 or bf16
+  TensorView indexer_weights;  // w  [T, HI]: fp32
+  /// The key cache's state since the previous call (see CacheReuse).
+  CacheReuse cache = CacheReuse::unknown;
+  std::int64_t unchanged_keys = 0;  // with CacheReuse::appended: 0 <= unchanged_keys <= N
+
+  /// A request over the main attention only, cache state unknown.
+  static SelectionRequest of(const AttentionInputs& attention) {
+    SelectionRequest request;
+    request.attention = attention;
+    return request;
+  }
+};
+
 class Selector {
  public:
   virtual ~Selector() = default;
   /// Short name used in tables and reports ("exact", "random", "streaming", ...).
   virtual std::string name() const = 0;
-  /// Writes selection int32 [T, G, policy.width()] for the inputs (q, k, positions; v unused) and returns
-  /// what it cost. A selector that needs no attention inputs (random, streaming) reads only positions and N.
-  virtual SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy,
-                               const TensorView& selection) = 0;
+
+  /// Writes selection int32 [T, G, policy.width()] (G = group_count(policy.granularity, Hq, Hkv)) for the
+  /// request and returns what it cost. One check serves every selector and runs before anything is written:
+  /// the attention inputs (AttentionInputs::validate), the policy, the selection (a writable CPU int32
+  /// [T, G, width] view), the indexer inputs when given (qI [T, HI, DI] with HI, DI >= 1; w [T, HI]) and the
+  /// cache state (0 <= unchanged_keys <= N). A selector that needs no attention inputs (random, streaming) reads
+  /// only positions and N.
+  SelectionCost select(const SelectionRequest& request, const SelectionPolicy& policy, const TensorView& selection);
+  /// select(SelectionRequest::of(inputs), policy, selection): the main attention only, cache state unknown.
+  SelectionCost select(const AttentionInputs& inputs, const SelectionPolicy& policy, const TensorView& selection);
+
+ protected:
+  /// The selector's work, on a request, policy and selection that passed select()'s checks.
+  virtual SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                                  const TensorView& selection) = 0;
 };
 
 /// The exact top-k of the main attention (SPEC §2), computed in double.

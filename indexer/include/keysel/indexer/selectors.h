@@ -32,10 +32,11 @@ struct BlockTopKOptions {
   /// With more candidate keys than free slots, the candidates are re-ranked exactly (pbar renormalised over
   /// the candidates and the kept keys) and the best fill the row.
   double oversample = 1.0;
-  /// Keep the block summaries between select() calls while inputs.k is the same view (pointer, dtype, strides)
-  /// over a cache that only grows, as in decoding: a call then summarises only the blocks that changed. Off by
-  /// default, because a different cache that happens to reuse the same memory would go unnoticed; a selector
-  /// with this on serves one sequence's cache, whose existing rows are never rewritten.
+  /// When a request says nothing of its cache (CacheReuse::unknown), keep the block summaries between select()
+  /// calls while inputs.k is the same view (pointer, dtype, strides) over a cache that only grows: a call then
+  /// summarises only the blocks that changed. Off by default, because a different cache that happens to reuse
+  /// the same memory would go unnoticed. A request with CacheReuse::appended reuses the summaries of its
+  /// unchanged keys whatever this says; CacheReuse::fresh recomputes them all.
   bool reuse_summaries = false;
 };
 

@@ -103,9 +103,14 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
   result.workload = workload.name;
   result.shape = shape;
   result.options = options;
+  // One request per call, as an engine makes them: the attention, the workload's trained-indexer inputs (when it
+  // has them), and the cache state: new to each selector's first call, then unchanged (the next k reads the
+  // same keys).
+  SelectionRequest request = workload.request();
   const std::size_t total = selectors.size() * options.k_values.size();
   std::size_t done = 0;
   for (const auto& selector : selectors) {
+    request.cache = CacheReuse::fresh;
     for (const std::int64_t k : options.k_values) {
       const SelectionPolicy policy = policy_for(options, k);
 
@@ -116,7 +121,9 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
       StudyRow row;
       row.selector = selector->name();
       row.k = k;
-      row.cost += selector->select(inputs, policy, selection);
+      row.cost += selector->select(request, policy, selection);
+      request.cache = CacheReuse::appended;
+      request.unchanged_keys = shape.keys;
       // A user selector may be wrong: say which one before the metrics trip over its output.
       validate_selection("run_study", selection, "selection of selector \"" + row.selector + "\"",
                          inputs.positions, shape.keys, groups);
@@ -197,7 +204,7 @@ StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t>
         KEYSEL_CHECK_ARG(selector != nullptr, "selectors", "factories that build a selector",
                          "nullptr from factory " + std::to_string(i) + " in layer " + std::to_string(layer.layer));
         if (row.selector.empty()) row.selector = selector->name();
-        row.cost += selector->select(layer.attention, policy, selection);
+        row.cost += selector->select(layer.request(), policy, selection);
         validate_selection(function, selection,
                            "selection of selector \"" + row.selector + "\" in layer " + std::to_string(layer.layer),
                            layer.attention.positions, tokens_count, groups);

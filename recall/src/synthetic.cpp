@@ -140,6 +140,15 @@ AttentionInputs Workload::inputs() const {
   return in;
 }
 
+SelectionRequest Workload::request() const {
+  SelectionRequest request = SelectionRequest::of(inputs());
+  if (index_heads > 0) {
+    request.indexer_queries = TensorView(index_q.data(), DType::fp32, {shape.tokens, index_heads, index_dim});
+    request.indexer_weights = TensorView(index_w.data(), DType::fp32, {shape.tokens, index_heads});
+  }
+  return request;
+}
+
 Workload make_synthetic_workload(const SyntheticOptions& options) {
   {
     const SyntheticOptions& o = options;

@@ -262,6 +262,14 @@ TinyLm TinyLm::from_safetensors(const SafetensorsFile& file, std::string_view so
 
 // ---- traces ---------------------------------------------------------------------------------------------
 
+SelectionRequest TinyLmLayer::request() const {
+  SelectionRequest request = SelectionRequest::of(attention);
+  request.indexer_queries = index_q;
+  request.indexer_weights = index_w;
+  request.cache = CacheReuse::fresh;
+  return request;
+}
+
 TinyLmLayer TinyLmLayerRecord::view(const TinyLmConfig& config) const {
   const std::int64_t T = tokens;
   KEYSEL_CHECK_ARG(q.size() == static_cast<std::size_t>(T * config.heads * config.head_dim) &&

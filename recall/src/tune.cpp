@@ -106,7 +106,9 @@ TuneMeasurement WorkloadTuneEvaluator::evaluate(const TuneCandidate& candidate) 
       static_cast<std::size_t>(checked_product({tokens, reference_->groups(), policy_.width()}, "tune", "selection")),
       -1);
   const TensorView selection(buffer.data(), DType::int32, {tokens, reference_->groups(), policy_.width()});
-  const SelectionCost cost = selector->select(inputs, policy_, selection);
+  SelectionRequest request = workload_.request();
+  request.cache = CacheReuse::fresh;  // a new selector
+  const SelectionCost cost = selector->select(request, policy_, selection);
   validate_selection("tune", selection, "selection of \"" + candidate.label + "\"", inputs.positions,
                      workload_.shape.keys, reference_->groups());
   const std::vector<SelectionMetrics> metrics = reference_->evaluate(selection, policy_.k);

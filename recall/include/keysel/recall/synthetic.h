@@ -8,6 +8,7 @@
 
 #include "keysel/core/attention_inputs.h"
 #include "keysel/core/selection.h"
+#include "keysel/indexer/selector.h"
 
 namespace keysel {
 
@@ -56,6 +57,9 @@ struct Workload {
 
   /// Views over the owned data (valid while the workload lives and is not resized).
   AttentionInputs inputs() const;
+  /// A selection request over inputs(), with the indexer tensors' queries and weights when the workload has
+  /// them (cache state unknown).
+  SelectionRequest request() const;
 };
 
 /// Generates a workload; the same options give the same bits. Throws keysel::Error on bad options.

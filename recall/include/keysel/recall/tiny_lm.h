@@ -38,6 +38,7 @@
 #include "keysel/core/attention_inputs.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/tensor.h"
+#include "keysel/indexer/selector.h"
 #include "keysel/recall/loaders.h"
 
 namespace keysel {
@@ -80,6 +81,10 @@ struct TinyLmLayer {
   TensorView index_q;         // [T, HI, DI] after RoPE (empty when the model has no indexer)
   TensorView index_k;         // [T, DI] after RoPE
   TensorView index_w;         // [T, HI]
+
+  /// The layer's selection request: its attention, its indexer queries and weights (when the model has an
+  /// indexer), and a fresh cache (each forward pass is a new sequence).
+  SelectionRequest request() const;
 };
 
 /// Picks the keys of one layer: writes `selection` int32 [T, G, W] (G = group_count(granularity, Hq, Hkv),

@@ -4,6 +4,10 @@
 
 namespace keysel {
 
+std::string Device::str() const {
+  return kind == DeviceKind::cpu ? std::string("cpu") : "cuda:" + std::to_string(index);
+}
+
 bool built_with_cuda() { return KEYSEL_CUDA != 0; }
 bool built_with_faiss() { return KEYSEL_FAISS != 0; }
 

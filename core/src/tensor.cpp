@@ -5,10 +5,6 @@
 
 namespace keysel {
 
-std::string Device::str() const {
-  return kind == DeviceKind::cpu ? std::string("cpu") : "cuda:" + std::to_string(index);
-}
-
 TensorView::TensorView(void* data, DType dtype, std::span<const std::int64_t> shape, Device device) {
   init(data, dtype, shape, {}, device, false, true);
 }

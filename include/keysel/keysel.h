@@ -1,7 +1,7 @@
-// keysel: everything in one include. Link keysel::keysel.
+// keysel: every public header in one include. Link keysel::keysel.
 //
 // The CUDA entry points (keysel/indexer/cuda_*.h, keysel/attention/cuda_*.h) are declared in every build and
-// throw keysel::Error in a build without CUDA; include them where you use them.
+// throw keysel::Error in a build without CUDA (keysel::built_with_cuda() says which).
 #pragma once
 
 #include "keysel/core/attention_inputs.h"
@@ -13,14 +13,19 @@
 #include "keysel/core/files.h"
 #include "keysel/core/memory.h"
 #include "keysel/core/random.h"
+#include "keysel/core/row_plan.h"
 #include "keysel/core/selection.h"
 #include "keysel/core/tensor.h"
 #include "keysel/core/threads.h"
 
+#include "keysel/attention/cuda_memory.h"
+#include "keysel/attention/cuda_sparse_attention.h"
 #include "keysel/attention/reference.h"
 #include "keysel/attention/sparse_attention.h"
 
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/cuda_indexer.h"
+#include "keysel/indexer/cuda_topk.h"
 #include "keysel/indexer/faiss_search.h"
 #include "keysel/indexer/fast_topk.h"
 #include "keysel/indexer/hadamard.h"
@@ -33,6 +38,13 @@
 #include "keysel/indexer/simd.h"
 #include "keysel/indexer/topk.h"
 
+#include "keysel/recall/dump.h"
+#include "keysel/recall/loaders.h"
 #include "keysel/recall/metrics.h"
+#include "keysel/recall/report.h"
+#include "keysel/recall/selector_spec.h"
 #include "keysel/recall/study.h"
+#include "keysel/recall/study_config.h"
 #include "keysel/recall/synthetic.h"
+#include "keysel/recall/tiny_lm.h"
+#include "keysel/recall/tune.h"

@@ -12,22 +12,10 @@
 #include <vector>
 
 #include "keysel/core/dtype.h"
+#include "keysel/core/device.h"
 #include "keysel/core/error.h"
 
 namespace keysel {
-
-enum class DeviceKind : std::uint8_t { cpu, cuda };
-
-struct Device {
-  DeviceKind kind = DeviceKind::cpu;
-  int index = 0;
-
-  static Device cpu() { return {}; }
-  static Device cuda(int index = 0) { return {DeviceKind::cuda, index}; }
-  bool operator==(const Device&) const = default;
-  /// "cpu" or "cuda:<index>".
-  std::string str() const;
-};
 
 class TensorView {
  public:

@@ -30,6 +30,10 @@ class TinyLm;
 inline constexpr std::string_view kBitsPerByteMetric = "bpb";
 inline constexpr std::string_view kBitsPerByteIncreaseMetric = "bpb_increase";
 
+/// How long-running calls (studies, study files, tuning) report progress: called after each step with the steps
+/// done, the total, and what just finished ("exact k=64").
+using ProgressCallback = std::function<void(std::size_t done, std::size_t total, const std::string& what)>;
+
 struct StudyOptions {
   std::vector<std::int64_t> k_values{64, 256, 1024};
   Granularity granularity = Granularity::per_kv_head;
@@ -40,7 +44,7 @@ struct StudyOptions {
   /// charts from them); off keeps only the aggregates.
   bool keep_row_metrics = false;
   /// Called after each (selector, k) is done with (done, total, "selector k=K"); may be empty.
-  std::function<void(std::size_t done, std::size_t total, const std::string& what)> progress;
+  ProgressCallback progress;
 };
 
 /// One (selector, k) line of a study.

@@ -88,8 +88,8 @@ struct StudySuiteResult {
   std::vector<double> workload_seconds;              // per workload: generation or loading time
 };
 
-/// Progress of a suite: (steps done, total steps, what just finished).
-using StudyProgress = std::function<void(std::size_t done, std::size_t total, const std::string& what)>;
+/// Progress of a suite (the one ProgressCallback of study.h).
+using StudyProgress = ProgressCallback;
 
 /// Runs every selector at every k over every workload (fresh selectors per workload); a dump workload with
 /// layer -1 becomes one study per layer, in layer order. A "tiny-lm" workload is one study over the model's

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "keysel/core/selection.h"
+#include "keysel/recall/study.h"
 #include "keysel/recall/synthetic.h"
 
 namespace keysel {
@@ -114,7 +115,7 @@ struct TuneSpaceOptions {
 /// The candidates of a space, in a fixed order.
 std::vector<TuneCandidate> tune_space(const TuneSpaceOptions& options);
 
-using TuneProgress = std::function<void(std::size_t done, std::size_t total, const std::string& label)>;
+using TuneProgress = ProgressCallback;  // study.h: (done, total, the candidate's label)
 
 /// Evaluates every candidate, marks the Pareto frontier and the cheapest point meeting the target. A candidate
 /// whose evaluation throws keysel::Error is kept with its message (TunePoint::error) and the search goes on.

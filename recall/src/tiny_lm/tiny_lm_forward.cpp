@@ -8,7 +8,7 @@
 
 #include "keysel/attention/sparse_attention.h"
 #include "keysel/recall/tiny_lm.h"
-#include "tiny_lm_weights.h"
+#include "tiny_lm/tiny_lm_weights.h"
 
 namespace keysel {
 namespace {

@@ -16,7 +16,7 @@
 
 #include "keysel/recall/loaders.h"
 #include "keysel/core/files.h"
-#include "loader_support.h"
+#include "loaders/loader_support.h"
 
 namespace keysel {
 

@@ -11,8 +11,8 @@
 #include <set>
 #include <sstream>
 
-#include "loader_support.h"
-#include "tiny_lm_weights.h"
+#include "loaders/loader_support.h"
+#include "tiny_lm/tiny_lm_weights.h"
 
 namespace keysel {
 namespace {

@@ -5,7 +5,7 @@
 #include <numeric>
 
 #include "keysel/recall/tiny_lm.h"
-#include "tiny_lm_weights.h"
+#include "tiny_lm/tiny_lm_weights.h"
 
 namespace keysel {
 namespace {

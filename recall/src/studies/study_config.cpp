@@ -19,7 +19,7 @@
 #include "keysel/recall/loaders.h"
 #include "keysel/recall/report.h"
 #include "keysel/recall/tiny_lm.h"
-#include "selector_spec_json.h"
+#include "studies/selector_spec_json.h"
 
 namespace keysel {
 namespace {

@@ -12,7 +12,7 @@
 #include <string>
 
 #include "keysel/recall/loaders.h"
-#include "loader_support.h"
+#include "loaders/loader_support.h"
 
 namespace keysel {
 

@@ -15,7 +15,7 @@
 #include "keysel/core/error.h"
 #include "keysel/recall/metrics.h"
 #include "keysel/recall/study.h"
-#include "selector_spec_json.h"
+#include "studies/selector_spec_json.h"
 
 namespace keysel {
 namespace {

@@ -7,7 +7,7 @@
 #include <cstring>
 #include <sstream>
 
-#include "loader_support.h"
+#include "loaders/loader_support.h"
 
 namespace keysel {
 namespace {

@@ -18,8 +18,8 @@
 #include "keysel/indexer/proxy_scorer.h"
 #include "keysel/indexer/quantization.h"
 #include "keysel/indexer/selectors.h"
-#include "loader_support.h"
-#include "selector_spec_json.h"
+#include "loaders/loader_support.h"
+#include "studies/selector_spec_json.h"
 
 namespace keysel {
 namespace {

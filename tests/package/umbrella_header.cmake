@@ -1,0 +1,16 @@
+# keysel.h includes every public header of every module (its first line says so).
+#   -DSOURCE_DIR=<repository root>
+file(READ ${SOURCE_DIR}/include/keysel/keysel.h umbrella)
+file(GLOB_RECURSE headers RELATIVE ${SOURCE_DIR} ${SOURCE_DIR}/*/include/keysel/*.h)
+set(missing "")
+foreach(header ${headers})
+  string(REGEX REPLACE "^[^/]+/include/" "" include_path "${header}")
+  if(NOT umbrella MATCHES "#include \"${include_path}\"")
+    list(APPEND missing ${include_path})
+  endif()
+endforeach()
+if(missing)
+  message(FATAL_ERROR "include/keysel/keysel.h does not include: ${missing}")
+endif()
+list(LENGTH headers count)
+message(STATUS "keysel.h includes all ${count} public headers")

@@ -1,167 +1,164 @@
-// CUDA runtime calls behind keysel/attention/cuda_glue.h (C++17, no keysel core headers).
+// The CUDA runtime behind cuda_glue.h.
+#include "cuda_glue.h"
+
 #include <cuda_runtime.h>
 
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <string>
 
-#include "keysel/attention/cuda_glue.h"
+#include "keysel/core/device.h"
+#include "keysel/core/error.h"
 
 namespace keysel::cuda_glue {
-namespace {
-std::string text(cudaError_t status) {
-  if (status == cudaSuccess) return {};
+
+void check(cudaError_t status, std::string_view function, std::string_view where) {
+  if (status == cudaSuccess) return;
   cudaGetLastError();  // clear a non-sticky error so that later calls start clean
-  return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+  std::string message = "CUDA error ";
+  message += cudaGetErrorName(status);
+  message += ": ";
+  message += cudaGetErrorString(status);
+  message += " in ";
+  message += where;
+  detail::throw_error(function, message);
 }
-}  // namespace
-
-std::string device_count(int& count) {
-  count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) count = 0;
-  return text(status);
-}
-std::string set_device(int device) { return text(cudaSetDevice(device)); }
 
 namespace {
+
 // Facts of the first kMaxCachedDevices GPUs, 0 until read (every real value is positive). Two threads that read
 // the same device at once store the same values.
 constexpr int kMaxCachedDevices = 64;
 std::atomic<int> g_multiprocessors[kMaxCachedDevices];
 std::atomic<int> g_capability[kMaxCachedDevices];
 
-std::string cached_facts(int device, DeviceFacts& facts) {
-  const bool cached = device >= 0 && device < kMaxCachedDevices;
-  if (cached) {
-    facts.multiprocessors = g_multiprocessors[device].load(std::memory_order_relaxed);
-    facts.capability = g_capability[device].load(std::memory_order_relaxed);
-    if (facts.multiprocessors > 0 && facts.capability > 0) return {};
-  }
-  std::string status = multiprocessor_count(device, facts.multiprocessors);
-  if (status.empty()) status = compute_capability(device, facts.capability);
-  if (!status.empty()) return status;
-  if (cached) {
-    g_multiprocessors[device].store(facts.multiprocessors, std::memory_order_relaxed);
-    g_capability[device].store(facts.capability, std::memory_order_relaxed);
-  }
-  return {};
-}
-}  // namespace
-
-std::string device_facts(int device, DeviceFacts& facts) {
+DeviceFacts device_facts(std::string_view function, int device) {
   static const bool no_pdl = [] {
     const char* value = std::getenv("KEYSEL_CUDA_NO_PDL");
     return value != nullptr && value[0] != '\0' && value[0] != '0';
   }();
-  const std::string status = cached_facts(device, facts);
-  facts.programmatic = status.empty() && facts.capability >= 90 && !no_pdl;
-  return status;
+  DeviceFacts facts;
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  if (cached) {
+    facts.multiprocessors = g_multiprocessors[device].load(std::memory_order_relaxed);
+    facts.capability = g_capability[device].load(std::memory_order_relaxed);
+  }
+  if (facts.multiprocessors <= 0 || facts.capability <= 0) {
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&facts.multiprocessors, cudaDevAttrMultiProcessorCount, device), function,
+          "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), function,
+          "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), function,
+          "cudaDeviceGetAttribute");
+    facts.capability = 10 * major + minor;
+    if (cached) {
+      g_multiprocessors[device].store(facts.multiprocessors, std::memory_order_relaxed);
+      g_capability[device].store(facts.capability, std::memory_order_relaxed);
+    }
+  }
+  facts.programmatic = facts.capability >= 90 && !no_pdl;
+  return facts;
 }
 
-std::string ensure_current_device(int device) {
-  int current = -1;
-  const cudaError_t status = cudaGetDevice(&current);
-  if (status == cudaSuccess && current == device) return {};
-  return text(cudaSetDevice(device));
-}
-
-std::string stream_create(void** stream) {
-  cudaStream_t created = nullptr;
-  const cudaError_t status = cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking);
-  *stream = created;
-  return text(status);
-}
-std::string stream_destroy(void* stream) { return text(cudaStreamDestroy(static_cast<cudaStream_t>(stream))); }
-std::string stream_synchronize(void* stream) {
-  return text(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
-}
-std::string begin_capture(void* stream) {
-  return text(cudaStreamBeginCapture(static_cast<cudaStream_t>(stream), cudaStreamCaptureModeGlobal));
-}
-std::string end_capture(void* stream, void** graph, void** exec) {
-  cudaGraph_t captured = nullptr;
-  cudaError_t status = cudaStreamEndCapture(static_cast<cudaStream_t>(stream), &captured);
-  *graph = captured;
-  *exec = nullptr;
-  if (status != cudaSuccess) return text(status);
-  cudaGraphExec_t instance = nullptr;
-  status = cudaGraphInstantiate(&instance, captured, 0);
-  *exec = instance;
-  return text(status);
-}
-std::string graph_launch(void* exec, void* stream) {
-  return text(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), static_cast<cudaStream_t>(stream)));
-}
-void graph_destroy(void* graph, void* exec) {
-  if (exec != nullptr) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
-  if (graph != nullptr) cudaGraphDestroy(static_cast<cudaGraph_t>(graph));
-}
-std::string pointer_device(const void* pointer, bool& on_device, int& device) {
+void expect_device_pointer(std::string_view function, const void* pointer, const char* argument, int device) {
+  if (pointer == nullptr) return;
   cudaPointerAttributes attributes{};
   const cudaError_t status = cudaPointerGetAttributes(&attributes, pointer);
-  on_device = attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged;
-  device = attributes.device;
-  return text(status);
+  const std::string expected = "a device pointer on cuda:" + std::to_string(device);
+  if (status != cudaSuccess) {
+    cudaGetLastError();
+    detail::throw_argument_error(function, argument, expected,
+                                 std::string("a pointer CUDA rejects: ") + cudaGetErrorName(status) + ": " +
+                                     cudaGetErrorString(status));
+  }
+  if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged) {
+    detail::throw_argument_error(function, argument, expected, "a host pointer");
+  }
+  if (attributes.device != device) {
+    detail::throw_argument_error(function, argument, expected,
+                                 "a pointer on cuda:" + std::to_string(attributes.device));
+  }
 }
-std::string multiprocessor_count(int device, int& count) {
-  return text(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-}
-std::string compute_capability(int device, int& capability) {
-  int major = 0, minor = 0;
-  cudaError_t status = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  capability = 10 * major + minor;
-  return text(status);
-}
-std::string malloc_device(void** pointer, std::size_t bytes) { return text(cudaMalloc(pointer, bytes)); }
-std::string free_device(void* pointer) { return text(cudaFree(pointer)); }
-std::string malloc_async(void** pointer, std::size_t bytes, void* stream) {
-  return text(cudaMallocAsync(pointer, bytes, static_cast<cudaStream_t>(stream)));
-}
-std::string scratch_alloc(void** pointer, std::size_t bytes, int device, void* stream) {
+
+/// keysel's pool on GPU `device`, null where the GPU has none (or `device` is beyond the cache).
+cudaMemPool_t scratch_pool(int device) {
   constexpr int kMaxPools = 64;
   static std::mutex mutex;
   static cudaMemPool_t pools[kMaxPools];
   static bool tried[kMaxPools];
-  cudaMemPool_t pool = nullptr;
-  if (device >= 0 && device < kMaxPools) {
-    const std::lock_guard<std::mutex> lock(mutex);
-    if (!tried[device]) {
-      tried[device] = true;
-      cudaMemPoolProps props{};
-      props.allocType = cudaMemAllocationTypePinned;
-      props.location.type = cudaMemLocationTypeDevice;
-      props.location.id = device;
-      cudaMemPool_t created = nullptr;
-      if (cudaMemPoolCreate(&created, &props) == cudaSuccess) {
-        std::uint64_t threshold = UINT64_MAX;
-        if (cudaMemPoolSetAttribute(created, cudaMemPoolAttrReleaseThreshold, &threshold) == cudaSuccess) {
-          pools[device] = created;
-        } else {
-          cudaMemPoolDestroy(created);
-        }
+  if (device < 0 || device >= kMaxPools) return nullptr;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (!tried[device]) {
+    tried[device] = true;
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    cudaMemPool_t created = nullptr;
+    if (cudaMemPoolCreate(&created, &props) == cudaSuccess) {
+      std::uint64_t threshold = UINT64_MAX;
+      if (cudaMemPoolSetAttribute(created, cudaMemPoolAttrReleaseThreshold, &threshold) == cudaSuccess) {
+        pools[device] = created;
+      } else {
+        cudaMemPoolDestroy(created);
       }
-      cudaGetLastError();  // a GPU without pools falls back to cudaMallocAsync
     }
-    pool = pools[device];
+    cudaGetLastError();  // a GPU without pools falls back to cudaMallocAsync
   }
-  if (pool == nullptr) return malloc_async(pointer, bytes, stream);
-  return text(cudaMallocFromPoolAsync(pointer, bytes, pool, static_cast<cudaStream_t>(stream)));
+  return pools[device];
 }
-std::string free_async(void* pointer, void* stream) {
-  return text(cudaFreeAsync(pointer, static_cast<cudaStream_t>(stream)));
+
+}  // namespace
+
+DeviceFacts use_device(std::string_view function, int device) {
+  static const int count = cuda_device_count();
+  if (device < 0 || device >= count) {
+    detail::throw_argument_error(function, "device", "a CUDA device index below " + std::to_string(count),
+                                 std::to_string(device));
+  }
+  make_current(function, device);
+  return device_facts(function, device);
 }
-std::string copy_to_device(void* device_pointer, const void* host, std::size_t bytes) {
-  return text(cudaMemcpy(device_pointer, host, bytes, cudaMemcpyHostToDevice));
+
+void make_current(std::string_view function, int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
+    check(cudaSetDevice(device), function, "cudaSetDevice");
+  }
 }
-std::string copy_to_host(void* host, const void* device_pointer, std::size_t bytes) {
-  return text(cudaMemcpy(host, device_pointer, bytes, cudaMemcpyDeviceToHost));
+
+void expect_device_pointers(std::string_view function, std::initializer_list<NamedPointer> pointers, int device) {
+  for (auto it = pointers.begin(); it != pointers.end(); ++it) {
+    bool seen = false;  // the same pointer under an earlier argument was checked already
+    for (auto earlier = pointers.begin(); earlier != it && !seen; ++earlier) seen = earlier->pointer == it->pointer;
+    if (!seen) expect_device_pointer(function, it->pointer, it->argument, device);
+  }
 }
-std::string memset_device(void* device_pointer, int value, std::size_t bytes) {
-  return text(cudaMemset(device_pointer, value, bytes));
+
+Scratch::Scratch(std::string_view function, std::size_t bytes, int device, void* stream)
+    : function_(function), stream_(stream) {
+  if (bytes == 0) return;
+  const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
+  const cudaMemPool_t pool = scratch_pool(device);
+  if (pool == nullptr) {
+    check(cudaMallocAsync(&data_, bytes, cuda_stream), function, "cudaMallocAsync");
+  } else {
+    check(cudaMallocFromPoolAsync(&data_, bytes, pool, cuda_stream), function, "cudaMallocFromPoolAsync");
+  }
 }
-std::string synchronize_device() { return text(cudaDeviceSynchronize()); }
+
+Scratch::~Scratch() {
+  if (data_ != nullptr && cudaFreeAsync(data_, static_cast<cudaStream_t>(stream_)) != cudaSuccess) cudaGetLastError();
+}
+
+void Scratch::release() {
+  if (data_ == nullptr) return;
+  void* data = data_;
+  data_ = nullptr;
+  check(cudaFreeAsync(data, static_cast<cudaStream_t>(stream_)), function_, "cudaFreeAsync");
+}
 
 }  // namespace keysel::cuda_glue

@@ -9,8 +9,8 @@
 #include "keysel/core/error.h"
 
 #if KEYSEL_CUDA
+#include "cuda_glue.h"
 #include "cuda_sparse_attention_launch.h"
-#include "keysel/attention/cuda_glue.h"
 #endif
 
 namespace keysel {
@@ -76,15 +76,16 @@ void sparse_attention_decode_cuda(const TensorView& q, const CudaKvCache& cache,
   KEYSEL_CHECK_ARG(width <= kIntMax && block_size * max_blocks <= kIntMax && num_blocks <= kIntMax &&
                        batch <= kIntMax && query_heads <= 65535,
                    "selection", "sizes below 2^31 (Hq below 65536)", selection.str());
-  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function.data(), device.index);
-  const cuda_glue::NamedPointer pointers[] = {{q.raw_data(), "q"},
-                                              {cache.k.raw_data(), "cache.k"},
-                                              {cache.v.raw_data(), "cache.v"},
-                                              {cache.block_table.raw_data(), "cache.block_table"},
-                                              {selection.raw_data(), "selection"},
-                                              {out.raw_data(), "out"},
-                                              {lse.raw_data(), "lse"}};
-  cuda_glue::expect_device_pointers(function.data(), pointers, 7, device.index);
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
+  cuda_glue::expect_device_pointers(function,
+                                    {{q.raw_data(), "q"},
+                                     {cache.k.raw_data(), "cache.k"},
+                                     {cache.v.raw_data(), "cache.v"},
+                                     {cache.block_table.raw_data(), "cache.block_table"},
+                                     {selection.raw_data(), "selection"},
+                                     {out.raw_data(), "out"},
+                                     {lse.raw_data(), "lse"}},
+                                    device.index);
 
   cuda_kernels::SparseDecodeLaunch launch{};
   launch.q = q.raw_data();
@@ -103,12 +104,12 @@ void sparse_attention_decode_cuda(const TensorView& q, const CudaKvCache& cache,
   launch.block_size = static_cast<int>(block_size);
   launch.max_blocks = static_cast<int>(max_blocks);
   launch.num_blocks = static_cast<int>(num_blocks);
-  launch.granularity = granularity == Granularity::per_head ? 0 : (granularity == Granularity::per_kv_head ? 1 : 2);
+  launch.granularity = granularity;
   launch.out_bf16 = out.dtype() == DType::bf16;
   launch.scale = static_cast<float>(effective_scale);
   launch.multiprocessors = facts.multiprocessors;
   launch.device = device.index;
-  KEYSEL_CUDA_CHECK(cuda_kernels::launch_sparse_attention_decode(launch, stream));
+  cuda_kernels::launch_sparse_attention_decode(function, launch, stream);
 }
 
 #else  // !KEYSEL_CUDA

@@ -10,10 +10,9 @@
 
 #include <cmath>
 #include <cstdint>
-#include <string>
 
+#include "cuda_glue.h"
 #include "cuda_sparse_attention_launch.h"
-#include "keysel/attention/cuda_glue.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -38,7 +37,7 @@ struct DecodeParams {
   int query_heads, kv_heads, head_dim, groups, width;
   int block_size, max_blocks, num_blocks;
   int heads_per_cta, chunks_per_kv, splits, split_len;
-  int granularity;  // 0 per_head, 1 per_kv_head, 2 per_token
+  int granularity;  // a Granularity, widened to int: the parameter layout the kernel's registers were tuned with
   bool out_bf16;
   float scale_log2;  // scale * log2(e)
 };
@@ -95,7 +94,9 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_decode_kernel(const Decode
   const int g = p.query_heads / p.kv_heads;
   const int h0 = kv * g + chunk * p.heads_per_cta;
   const int nh = min(p.heads_per_cta, g - chunk * p.heads_per_cta);
-  const int group = p.granularity == 2 ? 0 : (p.granularity == 1 ? kv : h0);
+  const int group = p.granularity == static_cast<int>(Granularity::per_token)     ? 0
+                    : p.granularity == static_cast<int>(Granularity::per_kv_head) ? kv
+                                                                                  : h0;
   const std::int32_t* sel = p.selection + (static_cast<std::int64_t>(b) * p.groups + group) * p.width;
   const int begin = split * p.split_len;
   const int end = min(p.width, begin + p.split_len);
@@ -314,14 +315,10 @@ __global__ void merge_splits_kernel(const float* __restrict__ partial_out, const
   if (threadIdx.x == 0 && lse != nullptr) lse[head] = total > 0.0f ? (max_lse + log2f(total)) * kLn2 : -INFINITY;
 }
 
-std::string error_text(cudaError_t status) {
-  return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
-}
-
 }  // namespace
 
-std::string launch_sparse_attention_decode(const SparseDecodeLaunch& in, void* stream) {
-  if (in.batch == 0 || in.query_heads == 0) return {};
+void launch_sparse_attention_decode(std::string_view function, const SparseDecodeLaunch& in, void* stream) {
+  if (in.batch == 0 || in.query_heads == 0) return;
   DecodeParams p{};
   p.q = static_cast<const __nv_bfloat16*>(in.q);
   p.k = static_cast<const __nv_bfloat16*>(in.k);
@@ -338,12 +335,12 @@ std::string launch_sparse_attention_decode(const SparseDecodeLaunch& in, void* s
   p.block_size = in.block_size;
   p.max_blocks = in.block_table ? in.max_blocks : 1;
   p.num_blocks = in.num_blocks;
-  p.granularity = in.granularity;
+  p.granularity = static_cast<int>(in.granularity);
   p.out_bf16 = in.out_bf16;
   p.scale_log2 = in.scale * kLog2e;
   const int g = in.query_heads / in.kv_heads;
   const int max_heads = 512 / in.head_dim;
-  p.heads_per_cta = in.granularity == 0 ? 1 : (g < max_heads ? g : max_heads);
+  p.heads_per_cta = in.granularity == Granularity::per_head ? 1 : (g < max_heads ? g : max_heads);
   p.chunks_per_kv = (g + p.heads_per_cta - 1) / p.heads_per_cta;
 
   // Enough blocks for several waves (two resident per SM), each with at least 256 selected keys.
@@ -362,13 +359,13 @@ std::string launch_sparse_attention_decode(const SparseDecodeLaunch& in, void* s
   p.splits = static_cast<int>(splits);
 
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  void* workspace = nullptr;
   const std::int64_t heads = static_cast<std::int64_t>(in.batch) * in.query_heads;
+  // Partial results of the splits (none for a single split).
+  const std::size_t workspace_bytes =
+      p.splits > 1 ? static_cast<std::size_t>(heads * p.splits * (in.head_dim + 1)) * sizeof(float) : 0;
+  cuda_glue::Scratch workspace(function, workspace_bytes, in.device, stream);
   if (p.splits > 1) {
-    const std::size_t bytes = static_cast<std::size_t>(heads * p.splits * (in.head_dim + 1)) * sizeof(float);
-    const std::string allocated = cuda_glue::scratch_alloc(&workspace, bytes, in.device, stream);
-    if (!allocated.empty()) return allocated + " in cudaMallocFromPoolAsync";
-    p.partial_out = static_cast<float*>(workspace);
+    p.partial_out = workspace.as<float>();
     p.partial_lse = p.partial_out + heads * p.splits * in.head_dim;
   }
   const dim3 grid(static_cast<unsigned>(in.batch), static_cast<unsigned>(in.kv_heads * p.chunks_per_kv),
@@ -378,19 +375,13 @@ std::string launch_sparse_attention_decode(const SparseDecodeLaunch& in, void* s
     case 128: sparse_decode_kernel<128><<<grid, kThreads, 0, cuda_stream>>>(p); break;
     default: sparse_decode_kernel<256><<<grid, kThreads, 0, cuda_stream>>>(p); break;
   }
-  cudaError_t status = cudaGetLastError();
-  std::string result = status == cudaSuccess ? std::string() : error_text(status) + " in sparse_decode_kernel launch";
+  cuda_glue::check(cudaGetLastError(), function, "sparse_decode_kernel launch");
   if (p.splits > 1) {
-    if (result.empty()) {
-      merge_splits_kernel<<<static_cast<unsigned>(heads), 128, 0, cuda_stream>>>(
-          p.partial_out, p.partial_lse, p.splits, in.head_dim, p.out_bf16, p.out, p.lse);
-      status = cudaGetLastError();
-      if (status != cudaSuccess) result = error_text(status) + " in merge_splits_kernel launch";
-    }
-    status = cudaFreeAsync(workspace, cuda_stream);
-    if (status != cudaSuccess && result.empty()) result = error_text(status) + " in cudaFreeAsync";
+    merge_splits_kernel<<<static_cast<unsigned>(heads), 128, 0, cuda_stream>>>(
+        p.partial_out, p.partial_lse, p.splits, in.head_dim, p.out_bf16, p.out, p.lse);
+    cuda_glue::check(cudaGetLastError(), function, "merge_splits_kernel launch");
   }
-  return result;
+  workspace.release();
 }
 
 }  // namespace keysel::cuda_kernels

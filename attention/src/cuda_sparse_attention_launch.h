@@ -1,9 +1,11 @@
-// Launch parameters of the sparse attention decode kernels: the C++17 boundary between
-// cuda_sparse_attention.cpp (checks) and cuda_sparse_attention.cu (kernels).
+// Launch parameters of the sparse attention decode kernels, filled by the checks in cuda_sparse_attention.cpp
+// for the launch in cuda_sparse_attention.cu.
 #pragma once
 
 #include <cstdint>
-#include <string>
+#include <string_view>
+
+#include "keysel/core/selection.h"
 
 namespace keysel::cuda_kernels {
 
@@ -17,14 +19,14 @@ struct SparseDecodeLaunch {
   float* lse;                       // [B, Hq] natural log, may be nullptr
   int batch, query_heads, kv_heads, head_dim, groups, width;
   int block_size, max_blocks, num_blocks;
-  int granularity;                  // 0 per_head, 1 per_kv_head, 2 per_token
+  Granularity granularity;
   bool out_bf16;
   float scale;
   int multiprocessors;
   int device;  // the current GPU
 };
 
-/// Launches on `stream` (a cudaStream_t); returns "" or the CUDA error text.
-std::string launch_sparse_attention_decode(const SparseDecodeLaunch& launch, void* stream);
+/// Launches on `stream` (a cudaStream_t); throws keysel::Error of `function` when CUDA refuses.
+void launch_sparse_attention_decode(std::string_view function, const SparseDecodeLaunch& launch, void* stream);
 
 }  // namespace keysel::cuda_kernels

@@ -10,7 +10,6 @@
 
 #if KEYSEL_CUDA
 #include "cuda_indexer_launch.h"
-#include "keysel/attention/cuda_glue.h"
 #endif
 
 namespace keysel {
@@ -76,19 +75,22 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
     expect_device(function, sequence_of_row, "sequence_of_row", device);
     expect_contiguous(function, sequence_of_row, "sequence_of_row");
   }
-  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function.data(), device.index);
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
   if (facts.capability < 89) {
     detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
                                       std::to_string(device.index) + " is " + std::to_string(facts.capability / 10) +
                                       "." + std::to_string(facts.capability % 10));
   }
   // One pointer query per distinct buffer, the output's included.
-  const cuda_glue::NamedPointer pointers[] = {
-      {q.raw_data(), "q"},           {weights.raw_data(), "weights"},
-      {cache.blocks.raw_data(), "cache.blocks"}, {cache.block_table.raw_data(), "cache.block_table"},
-      {positions.raw_data(), "positions"},       {sequence_of_row.raw_data(), "sequence_of_row"},
-      {output.raw_data(), output_name}};
-  cuda_glue::expect_device_pointers(function.data(), pointers, 7, device.index);
+  cuda_glue::expect_device_pointers(function,
+                                    {{q.raw_data(), "q"},
+                                     {weights.raw_data(), "weights"},
+                                     {cache.blocks.raw_data(), "cache.blocks"},
+                                     {cache.block_table.raw_data(), "cache.block_table"},
+                                     {positions.raw_data(), "positions"},
+                                     {sequence_of_row.raw_data(), "sequence_of_row"},
+                                     {output.raw_data(), output_name}},
+                                    device.index);
   cuda_kernels::IndexerLaunch launch{};
   launch.q = q.data<std::uint8_t>();
   launch.weights = weights.data<float>();
@@ -104,9 +106,8 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   launch.sequences = static_cast<int>(sequences);
   launch.max_blocks = static_cast<int>(max_blocks);
   launch.blocks_per_sequence = static_cast<int>(blocks_per_sequence);
-  launch.multiprocessors = facts.multiprocessors;
   launch.device = device.index;
-  launch.programmatic = facts.programmatic;
+  launch.facts = facts;
   return launch;
 }
 
@@ -127,7 +128,7 @@ void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weight
       prepare(function, q, weights, cache, positions, logits.size(1), sequence_of_row, logits, "logits");
   launch.logits = logits.mutable_data<float>();
   if (launch.rows == 0) return;
-  KEYSEL_CUDA_CHECK(cuda_kernels::launch_indexer_logits(launch, stream));
+  cuda_kernels::launch_indexer_logits(function, launch, stream);
 }
 
 void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
@@ -137,43 +138,30 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
   policy.validate(function);
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   const std::int64_t rows = q.size(0);
-  expect_shape(function, selection, "selection", {rows, 1, policy.width()});
-  expect_dtype(function, selection, "selection", {DType::int32});
-  expect_device(function, selection, "selection", q.device());
-  expect_writable(function, selection, "selection");
+  check_selection_output(function, selection, rows, 1, policy.width(), q.device());
   expect_contiguous(function, selection, "selection");
   KEYSEL_CHECK_ARG(policy.width() <= 0x7fffffff, "policy", "a selection width below 2^31", policy.width());
   cuda_kernels::IndexerLaunch launch =
       prepare(function, q, weights, cache, positions, n_keys, sequence_of_row, selection, "selection");
   if (rows == 0) return;
-  // The selection of the logits as select_topk_cuda makes it, without repeating the checks made above.
+  // The logits into stream-ordered scratch memory, then their selection as select_topk_cuda makes it, without
+  // repeating the checks made above.
+  const std::size_t bytes = static_cast<std::size_t>(rows * (n_keys > 0 ? n_keys : 1)) * sizeof(float);
+  cuda_glue::Scratch logits(function, bytes, launch.device, stream);
+  launch.logits = logits.as<float>();
+  cuda_kernels::launch_indexer_logits(function, launch, stream);
   cuda_kernels::TopkLaunch topk{};
+  topk.scores = launch.logits;
   topk.positions = launch.positions;
   topk.selection = selection.mutable_data<std::int32_t>();
   topk.rows = rows;
   topk.groups = 1;
   topk.n = n_keys;
-  topk.k = policy.k;
-  topk.n_sink = policy.n_sink;
-  topk.n_local = policy.n_local;
-  topk.width = policy.width();
-  topk.kept_on_top = policy.kept_on_top;
-  topk.multiprocessors = launch.multiprocessors;
+  topk.policy = policy;
   topk.device = launch.device;
-  topk.programmatic = launch.programmatic;
-  void* scratch = nullptr;
-  const std::size_t bytes = static_cast<std::size_t>(rows * (n_keys > 0 ? n_keys : 1)) * sizeof(float);
-  KEYSEL_CUDA_CHECK(cuda_glue::scratch_alloc(&scratch, bytes, launch.device, stream));
-  launch.logits = static_cast<float*>(scratch);
-  try {
-    KEYSEL_CUDA_CHECK(cuda_kernels::launch_indexer_logits(launch, stream));
-    topk.scores = launch.logits;
-    KEYSEL_CUDA_CHECK(cuda_kernels::launch_topk(topk, stream));
-  } catch (...) {
-    cuda_glue::free_async(scratch, stream);
-    throw;
-  }
-  KEYSEL_CUDA_CHECK(cuda_glue::free_async(scratch, stream));
+  topk.facts = launch.facts;
+  cuda_kernels::launch_topk(function, topk, stream);
+  logits.release();
 }
 
 #else  // !KEYSEL_CUDA

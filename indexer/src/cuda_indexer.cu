@@ -18,7 +18,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <string>
 
 #include "cuda_indexer_launch.h"
 #include "cuda_pdl.cuh"
@@ -797,7 +796,7 @@ void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchCont
 
 }  // namespace
 
-std::string launch_indexer_logits(const IndexerLaunch& in, void* stream) {
+void launch_indexer_logits(std::string_view function, const IndexerLaunch& in, void* stream) {
   IndexerParams p{};
   p.q = in.q;
   p.weights = in.weights;
@@ -813,12 +812,11 @@ std::string launch_indexer_logits(const IndexerLaunch& in, void* stream) {
   p.sequences = in.sequences;
   p.max_blocks = in.max_blocks;
   p.blocks_per_sequence = in.blocks_per_sequence;
-  const LaunchContext context{in.multiprocessors, in.device, in.programmatic};
+  const LaunchContext context{in.facts.multiprocessors, in.device, in.facts.programmatic};
   launch(p, in.rows, in.dim, context, static_cast<cudaStream_t>(stream));
   cudaError_t status = cudaGetLastError();
   if (status == cudaSuccess) status = context.error;
-  if (status == cudaSuccess) return {};
-  return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status) + " in indexer_logits_kernel launch";
+  cuda_glue::check(status, function, "indexer_logits_kernel launch");
 }
 
 }  // namespace keysel::cuda_kernels

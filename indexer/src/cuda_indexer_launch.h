@@ -1,26 +1,28 @@
-// Launch parameters of the top-k and Lightning Indexer kernels: the C++17 boundary between the checks in
-// cuda_topk.cpp / cuda_indexer.cpp and the kernels in cuda_topk.cu / cuda_indexer.cu.
+// Launch parameters of the top-k and Lightning Indexer kernels, filled by the checks in cuda_topk.cpp /
+// cuda_indexer.cpp for the launches in cuda_topk.cu / cuda_indexer.cu.
 #pragma once
 
 #include <cstdint>
-#include <string>
+#include <string_view>
+
+#include "../../attention/src/cuda_glue.h"  // keysel's private CUDA glue (the attention module builds it)
+#include "keysel/core/selection.h"
 
 namespace keysel::cuda_kernels {
 
 struct TopkLaunch {
   const float* scores;            // [rows = T * G, n]
   const std::int32_t* positions;  // [T]
-  std::int32_t* selection;        // [rows, width]
-  std::int64_t rows, groups, n, k, n_sink, n_local, width;
-  bool kept_on_top;
-  int multiprocessors;
-  int force_path;  // 0: by shape; 1: one block per row; 2: several blocks per row (tests)
-  int device;         // the current GPU
-  bool programmatic;  // sm_90+: chain the kernels by programmatic dependent launch
+  std::int32_t* selection;        // [rows, policy.width()]
+  std::int64_t rows, groups, n;
+  SelectionPolicy policy;         // validated; its width() is below 2^31
+  int device;                     // the current GPU
+  cuda_glue::DeviceFacts facts;   // its facts (chain the kernels by programmatic dependent launch on sm_90+)
+  int force_path;                 // 0: by shape; 1: one block per row; 2: several blocks per row (tests)
 };
 
-/// Returns "" or the CUDA error text.
-std::string launch_topk(const TopkLaunch& launch, void* stream);
+/// Launches on `stream` (a cudaStream_t); throws keysel::Error of `function` when CUDA refuses.
+void launch_topk(std::string_view function, const TopkLaunch& launch, void* stream);
 
 struct IndexerLaunch {
   const std::uint8_t* q;                // fp8 [R, HI, DI]
@@ -31,12 +33,12 @@ struct IndexerLaunch {
   const std::int32_t* sequence_of_row;  // [R] or nullptr
   float* logits;                        // [R, n]
   std::int64_t rows, n, num_blocks;
-  int heads, dim, sequences, max_blocks, blocks_per_sequence, multiprocessors;
-  int device;         // the current GPU
-  bool programmatic;  // sm_90+: launched as a programmatic dependent of the stream's previous kernel
+  int heads, dim, sequences, max_blocks, blocks_per_sequence;
+  int device;                    // the current GPU
+  cuda_glue::DeviceFacts facts;  // its facts (sm_90+: launched as a programmatic dependent of the previous kernel)
 };
 
-/// Returns "" or the CUDA error text.
-std::string launch_indexer_logits(const IndexerLaunch& launch, void* stream);
+/// Launches on `stream` (a cudaStream_t); throws keysel::Error of `function` when CUDA refuses.
+void launch_indexer_logits(std::string_view function, const IndexerLaunch& launch, void* stream);
 
 }  // namespace keysel::cuda_kernels

@@ -15,11 +15,10 @@
 
 #include <atomic>
 #include <cstdint>
-#include <string>
 
 #include "cuda_indexer_launch.h"
 #include "cuda_pdl.cuh"
-#include "keysel/attention/cuda_glue.h"
+#include "keysel/core/row_plan.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -139,13 +138,9 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   const std::int64_t row_index = blockIdx.x;
   const float* row = scores + row_index * n;
   std::int32_t* out = selection + row_index * width;
-  const int pos = positions[row_index / groups];
-  const int allowed = pos < 0 ? 0 : (pos < n - 1 ? pos + 1 : n);
-  const int sink_end = n_sink < allowed ? n_sink : allowed;
-  int local_begin = allowed - n_local > 0 ? allowed - n_local : 0;
-  if (local_begin < sink_end) local_begin = sink_end;
-  const int kept = sink_end + (allowed - local_begin);
-  const int fill = kept_on_top ? k : (k < allowed ? k : allowed) - kept;
+  const BasicRowPlan<int> plan =
+      BasicRowPlan<int>::make(k, n_sink, n_local, kept_on_top, width, positions[row_index / groups], n);
+  const int allowed = plan.allowed, sink_end = plan.sink_end, local_begin = plan.local_begin, fill = plan.fill;
 
   for (int i = tid; i < kBins; i += kThreads) hist[i] = 0;
   if (tid == 0) buffer_count = 0;
@@ -270,21 +265,6 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
 constexpr int kSegThreads = 256;
 constexpr int kSegChunk = kSegThreads * kItems;  // 2048
 
-struct RowGeometry {
-  int allowed, sink_end, local_begin, fill;
-};
-
-__device__ __forceinline__ RowGeometry row_geometry(int pos, int n, int k, int n_sink, int n_local, bool kept_on_top) {
-  RowGeometry g;
-  g.allowed = pos < 0 ? 0 : (pos < n - 1 ? pos + 1 : n);
-  g.sink_end = n_sink < g.allowed ? n_sink : g.allowed;
-  g.local_begin = g.allowed - n_local > 0 ? g.allowed - n_local : 0;
-  if (g.local_begin < g.sink_end) g.local_begin = g.sink_end;
-  const int kept = g.sink_end + (g.allowed - g.local_begin);
-  g.fill = kept_on_top ? k : (k < g.allowed ? k : g.allowed) - kept;
-  return g;
-}
-
 struct SegmentParams {
   const float* scores;            // [rows, n]
   const std::int32_t* positions;  // [rows / groups]
@@ -297,6 +277,11 @@ struct SegmentParams {
   bool kept_on_top, vector_ok;
 };
 
+/// The plan of row `row` (SPEC §2).
+__device__ __forceinline__ BasicRowPlan<int> row_plan(const SegmentParams& p, int row) {
+  return BasicRowPlan<int>::make(p.k, p.n_sink, p.n_local, p.kept_on_top, p.width, p.positions[row / p.groups], p.n);
+}
+
 /// Zeroes the per-row histograms (the first kernel of the chain, launched in plain stream order).
 __global__ void __launch_bounds__(kSegThreads) segment_zero_kernel(int* __restrict__ hist, int count) {
   pdl_trigger();
@@ -307,7 +292,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_histogram_kernel(const Se
   __shared__ int hist[kBins];
   pdl_trigger();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
-  const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
+  const BasicRowPlan<int> g = row_plan(p, row);
   const int first = max(g.sink_end, seg * p.seg_len), last = min(g.local_begin, (seg + 1) * p.seg_len);
   const bool work = g.fill > 0 && first < last;
   // The segment's histogram in shared memory reads only the inputs (complete before the chain's first kernel
@@ -365,7 +350,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_bucket_kernel(const Segme
   pdl_trigger();
   pdl_wait();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
-  const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
+  const BasicRowPlan<int> g = row_plan(p, row);
   const FindResult bucket = row_bucket(p.hist + static_cast<std::int64_t>(row) * kBins, g.fill);
   if (tid == 0) above_count = 0, bucket_count = 0;
   __syncthreads();
@@ -421,7 +406,7 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
   pdl_trigger();
   pdl_wait();
   const int row = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
+  const BasicRowPlan<int> g = row_plan(p, row);
   const int* info = p.seg_info + static_cast<std::int64_t>(row) * p.segments * 4;
   const int b0 = p.row_info[row * 4], want = p.row_info[row * 4 + 1];
   const std::uint32_t* keys = p.bucket_keys + static_cast<std::int64_t>(row) * p.n;
@@ -586,7 +571,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_compact_kernel(const Segm
   __shared__ typename IntScan::TempStorage scan_storage;
   pdl_trigger();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
-  const RowGeometry g = row_geometry(p.positions[row / p.groups], p.n, p.k, p.n_sink, p.n_local, p.kept_on_top);
+  const BasicRowPlan<int> g = row_plan(p, row);
   const int lo = seg * p.seg_len, hi = min(g.allowed, (seg + 1) * p.seg_len);
   pdl_wait();
   if (lo >= hi) return;
@@ -619,59 +604,43 @@ __global__ void __launch_bounds__(kSegThreads) segment_compact_kernel(const Segm
   }
 }
 
-std::string error_text(cudaError_t status, const char* where) {
-  return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status) + " in " + where;
-}
-
-}  // namespace
-
-namespace {
-
-struct ChainFacts {
-  bool programmatic = false;  // the image's kernels wait (sm_90+ code): the chain may be launched programmatically
-  std::string error;
-};
-
 /// Per GPU, once: raises the threshold kernel's dynamic shared memory limit and reads whether the loaded image
-/// waits. Cached per device (0: not yet, 1: ready, 2: ready and programmatic); a race sets the same values twice.
-ChainFacts chain_facts(int device) {
+/// waits (sm_90+ code), i.e. whether the chain may be launched programmatically. Cached per device (0: not yet,
+/// 1: ready, 2: ready and programmatic); a race sets the same values twice.
+bool chain_waits(std::string_view function, int device) {
   static std::atomic<int> state[64];
   const bool cached = device >= 0 && device < 64;
   const int known = cached ? state[device].load(std::memory_order_acquire) : 0;
-  ChainFacts facts;
-  if (known != 0) {
-    facts.programmatic = known == 2;
-    return facts;
-  }
+  if (known != 0) return known == 2;
   constexpr int staged_bytes = kStagedKeys * static_cast<int>(sizeof(std::uint32_t));
-  const cudaError_t status =
-      cudaFuncSetAttribute(segment_threshold_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_bytes);
-  if (status != cudaSuccess) {
-    facts.error = error_text(status, "cudaFuncSetAttribute");
-    return facts;
-  }
-  facts.programmatic = image_waits(segment_histogram_kernel);
-  if (cached) state[device].store(facts.programmatic ? 2 : 1, std::memory_order_release);
-  return facts;
+  cuda_glue::check(
+      cudaFuncSetAttribute(segment_threshold_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_bytes),
+      function, "cudaFuncSetAttribute");
+  const bool programmatic = image_waits(segment_histogram_kernel);
+  if (cached) state[device].store(programmatic ? 2 : 1, std::memory_order_release);
+  return programmatic;
 }
-
-}  // namespace
 
 int clamp_int(std::int64_t value) { return value > 0x7fffffff ? 0x7fffffff : static_cast<int>(value); }
 
-std::string launch_topk(const TopkLaunch& in, void* stream) {
-  if (in.rows == 0 || in.width == 0) return {};
+}  // namespace
+
+void launch_topk(std::string_view function, const TopkLaunch& in, void* stream) {
+  const std::int64_t width = in.policy.width();
+  if (in.rows == 0 || width == 0) return;
+  const int multiprocessors = in.facts.multiprocessors;
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
   const bool vector_ok = in.n % 4 == 0 && reinterpret_cast<std::uintptr_t>(in.scores) % 16 == 0;
   // Few long rows: several blocks per row, about four per SM in all; otherwise one block per row.
-  const std::int64_t target_blocks = 4LL * (in.multiprocessors > 0 ? in.multiprocessors : 132);
-  const bool segmented = in.force_path == 2 || (in.force_path == 0 && in.rows < in.multiprocessors && in.n >= 16384);
+  const std::int64_t target_blocks = 4LL * (multiprocessors > 0 ? multiprocessors : 132);
+  const bool segmented = in.force_path == 2 || (in.force_path == 0 && in.rows < multiprocessors && in.n >= 16384);
   if (!segmented) {
     topk_rows_kernel<<<static_cast<unsigned>(in.rows), kThreads, 0, cuda_stream>>>(
-        in.scores, in.positions, static_cast<int>(in.groups), static_cast<int>(in.n), clamp_int(in.k),
-        clamp_int(in.n_sink), clamp_int(in.n_local), in.kept_on_top, clamp_int(in.width), vector_ok, in.selection);
-    const cudaError_t status = cudaGetLastError();
-    return status == cudaSuccess ? std::string() : error_text(status, "topk_rows_kernel launch");
+        in.scores, in.positions, static_cast<int>(in.groups), static_cast<int>(in.n), clamp_int(in.policy.k),
+        clamp_int(in.policy.n_sink), clamp_int(in.policy.n_local), in.policy.kept_on_top, clamp_int(width), vector_ok,
+        in.selection);
+    cuda_glue::check(cudaGetLastError(), function, "topk_rows_kernel launch");
+    return;
   }
   std::int64_t seg_len = (in.n * in.rows + target_blocks - 1) / target_blocks;
   seg_len = (seg_len + kSegChunk - 1) / kSegChunk * kSegChunk;
@@ -683,68 +652,58 @@ std::string launch_topk(const TopkLaunch& in, void* stream) {
     segments = (in.n + seg_len - 1) / seg_len;
   }
   if (segments < 1) segments = 1;
-  const ChainFacts chain = chain_facts(in.device);
-  if (!chain.error.empty()) return chain.error;
+  const bool chain_programmatic = chain_waits(function, in.device);
   const std::size_t hist_bytes = static_cast<std::size_t>(in.rows) * kBins * sizeof(int);
   const std::size_t row_bytes = static_cast<std::size_t>(in.rows) * 4 * sizeof(int);
   const std::size_t seg_bytes = static_cast<std::size_t>(in.rows * segments) * 4 * sizeof(int);
   const std::size_t key_bytes = static_cast<std::size_t>(in.rows * (in.n > 0 ? in.n : 1)) * sizeof(std::uint32_t);
-  void* workspace = nullptr;
-  const std::string allocated =
-      cuda_glue::scratch_alloc(&workspace, hist_bytes + row_bytes + seg_bytes + key_bytes, in.device, stream);
-  if (!allocated.empty()) return allocated + " in cudaMallocFromPoolAsync";
-  cudaError_t status = cudaSuccess;
+  cuda_glue::Scratch workspace(function, hist_bytes + row_bytes + seg_bytes + key_bytes, in.device, stream);
   SegmentParams p{};
   p.scores = in.scores;
   p.positions = in.positions;
   p.selection = in.selection;
-  p.hist = static_cast<int*>(workspace);
+  p.hist = workspace.as<int>();
   p.row_info = p.hist + in.rows * kBins;
   p.seg_info = p.row_info + in.rows * 4;
   p.bucket_keys = reinterpret_cast<std::uint32_t*>(p.seg_info + in.rows * segments * 4);
   p.groups = static_cast<int>(in.groups);
   p.n = static_cast<int>(in.n);
-  p.k = clamp_int(in.k);
-  p.n_sink = clamp_int(in.n_sink);
-  p.n_local = clamp_int(in.n_local);
-  p.width = clamp_int(in.width);
+  p.k = clamp_int(in.policy.k);
+  p.n_sink = clamp_int(in.policy.n_sink);
+  p.n_local = clamp_int(in.policy.n_local);
+  p.width = clamp_int(width);
   p.segments = static_cast<int>(segments);
   p.seg_len = static_cast<int>(seg_len);
-  p.kept_on_top = in.kept_on_top;
+  p.kept_on_top = in.policy.kept_on_top;
   p.vector_ok = vector_ok;
-  std::string result;
   const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(in.rows));
   // Programmatic launch paid off where the chain's grids are small (B = 1: 64 blocks of 256 threads; per call 27.4
   // -> 21.9 us) and cost time where they fill the GPU (B = 64: 512 blocks, 76.5 -> 82.1 us): used up to one block
   // per SM.
-  const bool programmatic =
-      in.programmatic && chain.programmatic && in.rows * segments <= static_cast<std::int64_t>(in.multiprocessors);
-  const auto launched = [&](cudaError_t s, const char* name) {
-    if (s == cudaSuccess) s = cudaGetLastError();
-    if (s != cudaSuccess && result.empty()) result = error_text(s, name);
-    return result.empty();
+  const bool programmatic = in.facts.programmatic && chain_programmatic &&
+                            in.rows * segments <= static_cast<std::int64_t>(multiprocessors);
+  const auto launched = [&](cudaError_t status, const char* name) {
+    if (status == cudaSuccess) status = cudaGetLastError();
+    cuda_glue::check(status, function, name);
   };
   // Five kernels; the last four are programmatic dependents of the one before (sm_90+), so that each starts,
   // and does the work that needs only the inputs, while its predecessor finishes.
   const int hist_count = static_cast<int>(in.rows * kBins);
   const unsigned zero_blocks = static_cast<unsigned>((hist_count + kSegThreads * 8 - 1) / (kSegThreads * 8));
   constexpr int staged_bytes = kStagedKeys * static_cast<int>(sizeof(std::uint32_t));
-  if (launched(launch_kernel(segment_zero_kernel, dim3(zero_blocks), dim3(kSegThreads), 0, cuda_stream, false, p.hist,
-                             hist_count),
-               "segment_zero_kernel launch") &&
-      launched(launch_kernel(segment_histogram_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
-               "segment_histogram_kernel launch") &&
-      launched(launch_kernel(segment_bucket_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
-               "segment_bucket_kernel launch") &&
-      launched(launch_kernel(segment_threshold_kernel, dim3(static_cast<unsigned>(in.rows)), dim3(kThreads),
-                             staged_bytes, cuda_stream, programmatic, p),
-               "segment_threshold_kernel launch")) {
-    launched(launch_kernel(segment_compact_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
-             "segment_compact_kernel launch");
-  }
-  status = cudaFreeAsync(workspace, cuda_stream);
-  if (status != cudaSuccess && result.empty()) result = error_text(status, "cudaFreeAsync");
-  return result;
+  launched(launch_kernel(segment_zero_kernel, dim3(zero_blocks), dim3(kSegThreads), 0, cuda_stream, false, p.hist,
+                         hist_count),
+           "segment_zero_kernel launch");
+  launched(launch_kernel(segment_histogram_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
+           "segment_histogram_kernel launch");
+  launched(launch_kernel(segment_bucket_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
+           "segment_bucket_kernel launch");
+  launched(launch_kernel(segment_threshold_kernel, dim3(static_cast<unsigned>(in.rows)), dim3(kThreads), staged_bytes,
+                         cuda_stream, programmatic, p),
+           "segment_threshold_kernel launch");
+  launched(launch_kernel(segment_compact_kernel, grid, dim3(kSegThreads), 0, cuda_stream, programmatic, p),
+           "segment_compact_kernel launch");
+  workspace.release();
 }
 
 }  // namespace keysel::cuda_kernels

@@ -40,7 +40,8 @@ struct BasicRowPlan {
     BasicRowPlan plan;
     plan.allowed = position < 0 ? 0 : (position < n_keys - 1 ? position + 1 : n_keys);
     plan.sink_end = n_sink < plan.allowed ? n_sink : plan.allowed;
-    const Int window = plan.allowed - n_local;
+    // max(max(allowed - n_local, 0), sink_end): the inner max keeps the CUDA top-k kernel at 53 registers.
+    const Int window = plan.allowed - n_local > 0 ? plan.allowed - n_local : 0;
     plan.local_begin = window > plan.sink_end ? window : plan.sink_end;
     const Int wanted = kept_on_top ? k : (k < plan.allowed ? k : plan.allowed) - plan.kept();
     plan.fill = wanted < 0 ? 0 : (wanted < plan.free_keys() ? wanted : plan.free_keys());

@@ -26,6 +26,10 @@ if compgen -G ".debs/*.deb" >/dev/null; then
   mkdir -p "$DEPS"
   for f in .debs/*.deb; do dpkg -x "$f" "$DEPS"; done
   PREFIX_ARGS=(-DCMAKE_PREFIX_PATH="$DEPS/usr")
+  # OpenBLAS unpacked from its .deb has no alternatives symlinks: name the library for FindBLAS.
+  blas=$(compgen -G "$DEPS/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so*" | head -1)
+  [ -n "$blas" ] && PREFIX_ARGS+=(-DBLAS_LIBRARIES="$blas")
+  export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu/openblas-pthread:${LD_LIBRARY_PATH:-}"
   export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 fi
 

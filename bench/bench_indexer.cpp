@@ -62,7 +62,7 @@ const keysel::LightningIndexer& bench_indexer(int index) {
   auto& slot = indexers[index];
   if (!slot) {
     slot = std::make_unique<keysel::LightningIndexer>(kHeads, kDim, config_of(index, false));
-    slot->append_keys(bench_keys().data(), kKeys);
+    slot->append_keys(kKeys, bench_keys().data());
   }
   return *slot;
 }
@@ -206,7 +206,7 @@ int fidelity_table() {
 
   // The fp32 indexer's own distribution softmax(I) is the reference the recall and mass refer to.
   keysel::LightningIndexer reference(kHeads, kDim, config_of(0, false));
-  reference.append_keys(keys.data(), n);
+  reference.append_keys(n, keys.data());
   std::vector<float> scores(static_cast<std::size_t>(tokens * n));
   reference.score(q, w, pos, keysel::TensorView(scores.data(), keysel::DType::fp32, {tokens, n}));
   // The indexer's distribution softmax(c * I): raw indexer scores are far too peaked for a mass to say anything,
@@ -260,7 +260,7 @@ int fidelity_table() {
           config.group_size = group;
         }
         keysel::LightningIndexer indexer(kHeads, kDim, config);
-        indexer.append_keys(keys.data(), n);
+        indexer.append_keys(n, keys.data());
         bytes = indexer.cache().bytes_per_token();
         std::vector<std::int32_t> selection(static_cast<std::size_t>(tokens * k));
         indexer.select(q, w, pos, policy, keysel::TensorView(selection.data(), keysel::DType::int32, {tokens, 1, k}));

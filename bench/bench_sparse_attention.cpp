@@ -232,7 +232,7 @@ std::shared_ptr<const keysel::LightningIndexer> bench_indexer() {
             keysel::bf16_bits_to_fp32(c.k[static_cast<std::size_t>(s * kKvHeads * kDim + i)]) / kKvHeads;
       }
     }
-    built->append_keys(keys.data(), kKeys);
+    built->append_keys(kKeys, keys.data());
     return built;
   }();
   return indexer;

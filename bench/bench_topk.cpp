@@ -98,7 +98,7 @@ void BM_InnerProductTopk(benchmark::State& state) {
   std::vector<float> scores(static_cast<std::size_t>(kQueries * kK));
   std::vector<std::int64_t>& ids = keysel_ids();
   for (auto _ : state) {
-    keysel::inner_product_topk(queries.data(), kQueries, keys.data(), kKeys, kDim, kK, scores.data(), ids.data());
+    keysel::inner_product_topk(kQueries, queries.data(), kKeys, keys.data(), kDim, kK, scores.data(), ids.data());
     benchmark::DoNotOptimize(ids.data());
   }
   state.counters["GFLOP/s"] = benchmark::Counter(2.0 * kQueries * kKeys * kDim, benchmark::Counter::kIsIterationInvariantRate,
@@ -121,7 +121,7 @@ void BM_FaissIndexFlatIP(benchmark::State& state) {
     benchmark::DoNotOptimize(ids.data());
   }
   // Agreement with keysel (run first, at the best level): the share of FAISS's ids keysel also returned.
-  keysel::inner_product_topk(queries.data(), kQueries, keys.data(), kKeys, kDim, kK, nullptr, keysel_ids().data());
+  keysel::inner_product_topk(kQueries, queries.data(), kKeys, keys.data(), kDim, kK, nullptr, keysel_ids().data());
   double shared = 0;
   for (std::int64_t q = 0; q < kQueries; ++q) {
     const std::set<std::int64_t> mine(keysel_ids().begin() + q * kK, keysel_ids().begin() + (q + 1) * kK);

@@ -74,7 +74,7 @@ int main() {
       v_cache[n * kKvHeads * kDim + i] = keysel::fp32_to_bf16_bits(token.v[i]);
       indexer_key[i % kDim] += token.k[i] / kKvHeads;
     }
-    indexer.append_keys(indexer_key.data(), 1);
+    indexer.append_keys(1, indexer_key.data());
     ++n;
   };
 

@@ -42,7 +42,7 @@ struct Workspace {
 
 }  // namespace
 
-void inner_product_topk(const float* queries, std::int64_t nq, const float* keys, std::int64_t n_keys,
+void inner_product_topk(std::int64_t nq, const float* queries, std::int64_t n_keys, const float* keys,
                         std::int64_t dim, std::int64_t k, float* scores, std::int64_t* ids) {
   KEYSEL_CHECK_ARG(nq >= 0, "nq", ">= 0", nq);
   KEYSEL_CHECK_ARG(n_keys >= 0 && n_keys < kMaxIndex, "n_keys", "0 <= n_keys < 2^31 - 1", n_keys);
@@ -143,7 +143,7 @@ void inner_product_topk(const TensorView& queries, const TensorView& keys, std::
     expect_writable(function, ids, "ids");
   }
   std::vector<std::int64_t> wide_ids(ids.empty() ? 0 : static_cast<std::size_t>(nq * k));
-  inner_product_topk(queries.data<float>(), nq, keys.data<float>(), keys.size(0), dim, k,
+  inner_product_topk(nq, queries.data<float>(), keys.size(0), keys.data<float>(), dim, k,
                      scores.empty() ? nullptr : scores.mutable_data<float>(), ids.empty() ? nullptr : wide_ids.data());
   if (!ids.empty()) {
     std::int32_t* out = ids.mutable_data<std::int32_t>();

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "keysel/core/error.h"
+#include "quantize_rows.h"
 
 namespace keysel {
 
@@ -15,7 +16,7 @@ IndexerKeyCache::IndexerKeyCache(std::int64_t dim, const QuantizationConfig& con
   row_bytes_ = row_code_bytes(dim, config);
 }
 
-void IndexerKeyCache::append(const float* keys, std::int64_t n) {
+void IndexerKeyCache::append(std::int64_t n, const float* keys) {
   KEYSEL_CHECK_ARG(n >= 0, "n", ">= 0", n);
   if (n == 0) return;
   KEYSEL_CHECK_ARG(keys != nullptr, "keys", "a non-null pointer", "nullptr");
@@ -34,12 +35,12 @@ void IndexerKeyCache::append(const TensorView& keys) {
   expect_dtype(function, keys, "keys", {DType::fp32, DType::fp16, DType::bf16});
   expect_device(function, keys, "keys", Device::cpu());
   if (keys.dtype() == DType::fp32 && keys.is_contiguous()) {
-    append(keys.data<float>(), keys.size(0));
+    append(keys.size(0), keys.data<float>());
     return;
   }
   const std::vector<double> values = to_double_vector(keys);
   const std::vector<float> floats(values.begin(), values.end());
-  append(floats.data(), keys.size(0));
+  append(keys.size(0), floats.data());
 }
 
 void IndexerKeyCache::clear() {

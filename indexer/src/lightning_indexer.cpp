@@ -13,6 +13,7 @@
 #include "keysel/indexer/hadamard.h"
 #include "keysel/indexer/fast_topk.h"
 #include "keysel/indexer/topk.h"
+#include "quantize_rows.h"
 
 namespace keysel {
 namespace {

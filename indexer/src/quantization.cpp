@@ -9,6 +9,7 @@
 
 #include "keysel/core/error.h"
 #include "keysel/indexer/hadamard.h"
+#include "quantize_rows.h"
 
 namespace keysel {
 

@@ -1,6 +1,6 @@
 // What the pipeline selectors (selectors_block.cpp, selectors_fidelity.cpp, selectors_hybrid.cpp) share:
-// argument checks, the layout of a selection row, reading K and q rows in double, the exact re-rank.
-// Private to the indexer module.
+// argument checks, the layout of a selection row, reading K and q rows in double, the exact re-rank (also
+// CandidateSelector's, candidate_selector.cpp). Private to the indexer module.
 #pragma once
 
 #include <algorithm>
@@ -117,35 +117,55 @@ inline GroupQueries group_queries(const AttentionInputs& inputs, const Attention
 
 /// Exact pbar renormalised over `candidates` and `kept` (SPEC §2 restricted to those keys):
 ///   scores[i] = (1/|G|) sum_h exp(l[h, candidates[i]] - lse_h),  lse_h over candidates and kept keys,
-/// l = scale * q.k in double. Returns the multiply-accumulates spent.
+/// l = scale * q.k in double, k read by key_row(s, kv, out) (key s of key head kv in double, out [D]) once per
+/// key head. The exact re-rank of the hybrid selector and of CandidateSelector (which reads the keys it
+/// indexed). Returns the multiply-accumulates spent.
+template <typename KeyRow>
+double renormalised_pbar(const GroupQueries& g, double scale, std::span<const std::int32_t> candidates,
+                         std::span<const std::int32_t> kept, std::span<double> scores, KeyRow&& key_row) {
+  const std::int64_t nc = static_cast<std::int64_t>(candidates.size());
+  const std::int64_t total = nc + static_cast<std::int64_t>(kept.size());
+  const auto T = static_cast<std::size_t>(total);
+  std::vector<double> logits(static_cast<std::size_t>(g.count) * T);  // [head][key]
+  std::vector<double> key(static_cast<std::size_t>(g.dim));
+  for (std::int64_t j = 0; j < total; ++j) {
+    const std::int32_t s = j < nc ? candidates[static_cast<std::size_t>(j)] : kept[static_cast<std::size_t>(j - nc)];
+    std::int64_t loaded_kv = -1;
+    for (std::int64_t i = 0; i < g.count; ++i) {
+      const std::int64_t kv = g.kv[static_cast<std::size_t>(i)];
+      if (kv != loaded_kv) {
+        key_row(s, kv, key.data());
+        loaded_kv = kv;
+      }
+      const double* q = g.q.data() + i * g.dim;
+      double dot = 0.0;
+      for (std::int64_t d = 0; d < g.dim; ++d) dot += q[d] * key[static_cast<std::size_t>(d)];
+      logits[static_cast<std::size_t>(i) * T + static_cast<std::size_t>(j)] = scale * dot;
+    }
+  }
+  std::fill(scores.begin(), scores.end(), 0.0);
+  for (std::int64_t i = 0; i < g.count; ++i) {
+    double* l = logits.data() + static_cast<std::size_t>(i) * T;
+    double max = -INFINITY;
+    for (std::size_t j = 0; j < T; ++j) max = std::max(max, l[j]);
+    double sum = 0.0;
+    for (std::size_t j = 0; j < T; ++j) {
+      l[j] = std::exp(l[j] - max);
+      sum += l[j];
+    }
+    const double factor = 1.0 / (sum * static_cast<double>(g.count));
+    for (std::int64_t j = 0; j < nc; ++j) scores[static_cast<std::size_t>(j)] += l[j] * factor;
+  }
+  return static_cast<double>(total) * static_cast<double>(g.dim * g.count);
+}
+
+/// The same with the keys of the inputs (k [N, Hkv, D]).
 inline double renormalised_pbar(const AttentionInputs& inputs, const GroupQueries& g, double scale,
                                 std::span<const std::int32_t> candidates, std::span<const std::int32_t> kept,
                                 std::span<double> scores) {
-  const std::int64_t nc = static_cast<std::int64_t>(candidates.size());
-  const std::int64_t total = nc + static_cast<std::int64_t>(kept.size());
-  std::vector<double> logits(static_cast<std::size_t>(total));
-  std::vector<double> key(static_cast<std::size_t>(g.dim));
-  std::fill(scores.begin(), scores.end(), 0.0);
-  for (std::int64_t i = 0; i < g.count; ++i) {
-    const double* q = g.q.data() + i * g.dim;
-    double max = -INFINITY;
-    for (std::int64_t j = 0; j < total; ++j) {
-      const std::int32_t s = j < nc ? candidates[static_cast<std::size_t>(j)] : kept[static_cast<std::size_t>(j - nc)];
-      load_row(inputs.k, s, g.kv[static_cast<std::size_t>(i)], key.data());
-      double dot = 0.0;
-      for (std::int64_t d = 0; d < g.dim; ++d) dot += q[d] * key[static_cast<std::size_t>(d)];
-      logits[static_cast<std::size_t>(j)] = scale * dot;
-      max = std::max(max, logits[static_cast<std::size_t>(j)]);
-    }
-    double sum = 0.0;
-    for (double& l : logits) {
-      l = std::exp(l - max);
-      sum += l;
-    }
-    const double factor = 1.0 / (sum * static_cast<double>(g.count));
-    for (std::int64_t j = 0; j < nc; ++j) scores[static_cast<std::size_t>(j)] += logits[static_cast<std::size_t>(j)] * factor;
-  }
-  return static_cast<double>(total) * static_cast<double>(g.dim * g.count);
+  return renormalised_pbar(g, scale, candidates, kept, scores, [&](std::int32_t s, std::int64_t kv, double* out) {
+    load_row(inputs.k, s, kv, out);
+  });
 }
 
 }  // namespace keysel::selector_support

@@ -231,6 +231,21 @@ TEST(CandidateSelector, OverFetchWithoutFullCoverageStillHonoursKeptKeysAndCausa
   EXPECT_EQ(run_select(*selector, a.inputs(), policy), exact_selection(a.inputs(), policy));
 }
 
+TEST(CandidateSelector, NoFreeSlotsSelectsTheKeptKeysWithoutSearching) {
+  // k = n_sink + n_local: rows with more keys than k have nothing to fill (the searches used to be asked for k = 0).
+  const TestAttention a = make_attention(14);
+  SelectionPolicy policy;
+  policy.k = 5;
+  policy.n_sink = 2;
+  policy.n_local = 3;
+  for (const std::int64_t candidates : {0, 8}) {
+    CandidateSelectorOptions options;
+    options.candidates = candidates;
+    auto selector = make_candidate_selector("brute_force", options);
+    EXPECT_EQ(run_select(*selector, a.inputs(), policy), exact_selection(a.inputs(), policy)) << candidates;
+  }
+}
+
 TEST(CandidateSelector, AppendThenSelectEqualsBuildThenSelect) {
   const TestAttention full = make_attention(13, 300);
   TestAttention prefill = full;  // the first 200 keys, as the cache held them before decoding

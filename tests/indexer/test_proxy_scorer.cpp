@@ -17,6 +17,7 @@
 #include "keysel/indexer/topk.h"
 #include "keysel/recall/metrics.h"
 #include "keysel/recall/synthetic.h"
+#include "symmetric_eigen.h"  // private (indexer/src)
 
 namespace keysel {
 namespace {

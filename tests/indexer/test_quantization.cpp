@@ -12,6 +12,7 @@
 #include "keysel/core/random.h"
 #include "keysel/indexer/hadamard.h"
 #include "keysel/indexer/key_cache.h"
+#include "quantize_rows.h"  // private (indexer/src)
 
 namespace keysel {
 namespace {

@@ -192,8 +192,10 @@ struct CandidateSelectorOptions {
 ///      all are taken. With k' >= N and a re-rank by score S, the selection is select_topk over S.
 /// The re-rank score of a candidate s is the group's mean attention probability renormalised over the keys it
 /// scored, pbar_U[s] = (1/|G|) sum_h exp(scale q_h.k_s - lse_h), lse_h = log sum over U and the kept keys of
-/// exp(scale q_h.k). It orders U exactly as pbar does when U and the kept keys hold (nearly) all of each head's
-/// mass, and exactly in every case for a group of one head.
+/// exp(scale q_h.k), computed in double from q and the keys the indexes hold (the hybrid selector's exact
+/// re-rank; equal scores prefer the lower position). It orders U exactly as pbar does when U and the kept keys
+/// hold (nearly) all of each head's mass, and exactly in every case for a group of one head. A row with no free
+/// slots (k = kept keys) searches nothing.
 ///
 /// select() and build()/append() are serialised by an internal mutex; rows of one select() run in parallel.
 class CandidateSelector final : public Selector {
@@ -241,6 +243,7 @@ class CandidateSelector final : public Selector {
  private:
   struct Cache;
   bool verified_same_cache(const TensorView& k, const AttentionShape& shape) const;
+  void sync_indexes_locked(const SelectionRequest& request);
   void build_locked(const TensorView& keys);
   bool append_locked(const TensorView& keys, std::int64_t first_row);
   void retrain_locked();

@@ -134,9 +134,15 @@ class StreamingTopK {
 /// Keys are processed in blocks (scores of one block for a few queries at a time, never the whole [nq, n_keys]
 /// matrix); each query keeps a StreamingTopK. OpenMP across queries and key blocks.
 /// Throws keysel::Error on nq < 0, n_keys < 0, dim < 1, k < 1, k >= 2^31, n_keys >= 2^31, or a null input
-/// pointer with a non-zero size.
-void inner_product_topk(const float* queries, std::int64_t nq, const float* keys, std::int64_t n_keys,
+/// pointer with a non-zero size. Each (count, pointer) pair in FAISS's order, as CandidateSearch::search.
+void inner_product_topk(std::int64_t nq, const float* queries, std::int64_t n_keys, const float* keys,
                         std::int64_t dim, std::int64_t k, float* scores, std::int64_t* ids);
+/// The former argument order.
+[[deprecated("use inner_product_topk(nq, queries, n_keys, keys, dim, k, scores, ids)")]] inline void
+inner_product_topk(const float* queries, std::int64_t nq, const float* keys, std::int64_t n_keys, std::int64_t dim,
+                   std::int64_t k, float* scores, std::int64_t* ids) {
+  inner_product_topk(nq, queries, n_keys, keys, dim, k, scores, ids);
+}
 
 /// The same over TensorViews: queries fp32 [nq, D], keys fp32 [N, D] (both contiguous, CPU); writes
 /// scores fp32 [nq, k] and ids int32 [nq, k] (either may be an empty view to skip it).

@@ -19,7 +19,10 @@ class IndexerKeyCache {
   IndexerKeyCache(std::int64_t dim, const QuantizationConfig& config);
 
   /// Appends n keys.   keys: fp32 [n, dim], finite (a non-finite value throws; the cache is then unchanged).
-  void append(const float* keys, std::int64_t n);
+  /// (count, pointer) like CandidateSearch::add and FAISS's Index::add.
+  void append(std::int64_t n, const float* keys);
+  /// The former argument order.
+  [[deprecated("use append(n, keys)")]] void append(const float* keys, std::int64_t n) { append(n, keys); }
   /// Appends keys [n, dim] (fp32, fp16 or bf16, CPU, any strides).
   void append(const TensorView& keys);
   /// Removes every key (keeps the configuration).

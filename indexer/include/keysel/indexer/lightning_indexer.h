@@ -10,7 +10,7 @@
 // as the scales are > 0).
 //
 //   keysel::LightningIndexer indexer(/*heads*/ 64, /*dim*/ 128, {.format = keysel::DType::fp8_e4m3});
-//   indexer.append_keys(keys, n);                        // fp32 [n, 128], as decoding goes
+//   indexer.append_keys(n, keys);                        // fp32 [n, 128], as decoding goes
 //   indexer.score(queries, weights, positions, scores);  // [T,64,128], [T,64], [T] -> fp32 [T, N]
 //   indexer.select(queries, weights, positions, policy, selection);  // int32 [T, 1, W]
 #pragma once
@@ -91,8 +91,12 @@ class LightningIndexer {
   const IndexerKeyCache& cache() const { return cache_; }
   IndexerKeyCache& cache() { return cache_; }
 
-  /// keys: fp32 [n, DI].
-  void append_keys(const float* keys, std::int64_t n) { cache_.append(keys, n); }
+  /// Appends n keys to the cache.   keys: fp32 [n, DI].
+  void append_keys(std::int64_t n, const float* keys) { cache_.append(n, keys); }
+  /// The former argument order.
+  [[deprecated("use append_keys(n, keys)")]] void append_keys(const float* keys, std::int64_t n) {
+    append_keys(n, keys);
+  }
   void append_keys(const TensorView& keys) { cache_.append(keys); }
 
   /// I[t, s] for every cached key.

@@ -68,11 +68,6 @@ class ProxyScorer {
 void proxy_scores_reference(const AttentionInputs& inputs, Granularity granularity, ProxyAggregation aggregation,
                             const TensorView& scores);
 
-/// Leading eigenvectors of a symmetric matrix (cyclic Jacobi, double precision).
-///   matrix: [n, n] row-major symmetric; vectors: [n, r] written, columns by decreasing eigenvalue;
-///   values: [r] written (may be nullptr).
-void symmetric_eigenvectors(const double* matrix, std::int64_t n, std::int64_t r, double* vectors, double* values);
-
 /// A Selector over a proxy scorer (name "proxy-<aggregation>-<quantization>[-r<rank>]"). A rank > 0 scorer that
 /// is not fitted yet is fitted on the K of its first select() call (an optimistic calibration: fit it on other
 /// keys beforehand to measure the proxy honestly).

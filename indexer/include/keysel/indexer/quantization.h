@@ -64,14 +64,6 @@ std::int64_t row_code_bytes(std::int64_t dim, const QuantizationConfig& config);
 /// The scale for a row or group whose largest magnitude is `amax` (finite, >= 0); see above.
 float quantization_scale(float amax, const QuantizationConfig& config);
 
-/// Quantises `rows` rows of `dim` channels (rotating them first when config.hadamard).
-///   x:      fp32 [rows, dim], every value finite (checked; the error names `argument` and the row)
-///   codes:  [rows, row_code_bytes(dim, config)] bytes
-///   scales: fp32 [rows, scale_groups(dim, config)]
-/// Nothing is written when a check fails.
-void quantize_rows(std::string_view function, std::string_view argument, const float* x, std::int64_t rows,
-                   std::int64_t dim, const QuantizationConfig& config, std::uint8_t* codes, float* scales);
-
 /// Decodes one row's codes to their unscaled values (integer codes as exact floats).
 ///   codes: row_code_bytes(dim, config) bytes; out: fp32 [padded_dim(dim)]
 void decode_codes(const std::uint8_t* codes, DType format, std::int64_t padded_channels, float* out);

@@ -241,9 +241,7 @@ int study_command(int argc, const char* const* argv) {
 
   // Everything that can be refused is refused before the workload is generated: the policy of every k, k <= N,
   // and the memory the study needs.
-  check_study_fits({workload_options.tokens, workload_options.keys, workload_options.query_heads,
-                    workload_options.kv_heads, workload_options.head_dim, workload_options.value_dim},
-                   study_options, 3, "the synthetic workload");
+  check_study_fits(workload_options.shape(), study_options, 3, "the synthetic workload");
 
   const auto start = std::chrono::steady_clock::now();
   const Workload workload = make_synthetic_workload(workload_options);

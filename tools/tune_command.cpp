@@ -186,14 +186,7 @@ int tune_command(int argc, const char* const* argv) {
     workload_spec.name = "synthetic(N=" + std::to_string(workload_options.keys) + ",T=" +
                          std::to_string(workload_options.tokens) + ",seed=" + std::to_string(seed) + ")";
     // k <= N and the memory, before the workload is generated (a dump is checked once loaded).
-    StudyOptions study;
-    study.k_values = {policy.k};
-    study.granularity = policy.granularity;
-    study.n_sink = policy.n_sink;
-    study.n_local = policy.n_local;
-    check_study_fits({workload_options.tokens, workload_options.keys, workload_options.query_heads,
-                      workload_options.kv_heads, workload_options.head_dim, workload_options.value_dim},
-                     study, 1, workload_spec.name);
+    check_policy_fits(workload_options.shape(), policy, workload_spec.name);
   }
   const auto start = std::chrono::steady_clock::now();
   Workload workload = make_study_workload(workload_spec);

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <span>
 #include <system_error>
 
 #include "keysel/core/error.h"
@@ -87,8 +88,11 @@ void check_output_path(const fs::path& path, OutputKind kind, std::string_view f
   }
 }
 
-void write_files_atomically(const std::vector<std::pair<fs::path, std::string>>& files, std::string_view function,
-                            std::string_view argument) {
+namespace {
+
+/// Writes every file to a temporary name beside it, then renames them all (write_files_atomically).
+void write_all_atomically(std::span<const std::pair<fs::path, std::string_view>> files, std::string_view function,
+                          std::string_view argument) {
   std::vector<fs::path> temporaries;
   const auto discard = [&] {
     std::error_code ignored;
@@ -122,9 +126,21 @@ void write_files_atomically(const std::vector<std::pair<fs::path, std::string>>&
   }
 }
 
+}  // namespace
+
+void write_files_atomically(const std::vector<std::pair<fs::path, std::string>>& files, std::string_view function,
+                            std::string_view argument) {
+  std::vector<std::pair<fs::path, std::string_view>> views;
+  views.reserve(files.size());
+  for (const auto& [path, contents] : files) views.emplace_back(path, contents);
+  write_all_atomically(views, function, argument);
+}
+
 void write_file_atomically(const fs::path& path, std::string_view contents, std::string_view function,
                            std::string_view argument) {
-  write_files_atomically({{path, std::string(contents)}}, function, argument);
+  // No copy of `contents`: safetensors and .npy writers hand over whole files.
+  const std::pair<fs::path, std::string_view> file{path, contents};
+  write_all_atomically({&file, 1}, function, argument);
 }
 
 }  // namespace keysel

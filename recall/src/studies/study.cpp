@@ -72,21 +72,36 @@ double estimate_study_bytes(const AttentionShape& shape, const StudyOptions& opt
   return inputs + reference + selection + rows;
 }
 
+void check_k_values(const std::vector<std::int64_t>& k_values, std::int64_t keys, const std::string& workload,
+                    std::string_view function) {
+  KEYSEL_CHECK_ARG_IN(function, !k_values.empty(), "options.k_values", "at least one k", k_values);
+  for (const std::int64_t k : k_values) {
+    if (k < 1 || k > keys) {
+      detail::throw_argument_error(function, "k",
+                                   "every k in [1, N = " + std::to_string(keys) + "] (the keys cached in " +
+                                       workload + ")",
+                                   detail::describe(k_values));
+    }
+  }
+}
+
 void check_study_fits(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors,
                       const std::string& workload) {
   constexpr std::string_view function = "run_study";
-  KEYSEL_CHECK_ARG_IN(function, !options.k_values.empty(), "options.k_values", "at least one k", options.k_values);
-  for (const std::int64_t k : options.k_values) {
-    if (k < 1 || k > shape.keys) {
-      detail::throw_argument_error(function, "k",
-                                   "every k in [1, N = " + std::to_string(shape.keys) + "] (the keys cached in " +
-                                       workload + ")",
-                                   detail::describe(options.k_values));
-    }
-    policy_for(options, k).validate(function);
-  }
+  check_k_values(options.k_values, shape.keys, workload, function);
+  for (const std::int64_t k : options.k_values) policy_for(options, k).validate(function);
   check_memory(estimate_study_bytes(shape, options, selectors), available_memory_bytes(), function,
                "the study of " + workload);
+}
+
+void check_policy_fits(const AttentionShape& shape, const SelectionPolicy& policy, const std::string& workload) {
+  StudyOptions options;
+  options.k_values = {policy.k};
+  options.granularity = policy.granularity;
+  options.n_sink = policy.n_sink;
+  options.n_local = policy.n_local;
+  options.kept_on_top = policy.kept_on_top;
+  check_study_fits(shape, options, 1, workload);
 }
 
 StudyResult run_study(const Workload& workload, const std::vector<std::unique_ptr<Selector>>& selectors,

@@ -400,18 +400,10 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
   checked.keep_row_metrics = true;
   for (const StudyWorkloadSpec& spec : specs) {
     if (spec.type == "synthetic") {
-      const SyntheticOptions& o = spec.synthetic;
-      const AttentionShape shape{o.tokens, o.keys, o.query_heads, o.kv_heads, o.head_dim, o.value_dim};
-      check_study_fits(shape, checked, config.selectors.size(), spec.name);
+      check_study_fits(spec.synthetic.shape(), checked, config.selectors.size(), spec.name);
     } else if (spec.type == "tiny-lm") {
-      for (const std::int64_t k : config.options.k_values) {
-        if (k > spec.tiny_lm.tokens) {
-          detail::throw_argument_error("run_study_config", "k",
-                                       "every k <= the " + std::to_string(spec.tiny_lm.tokens) + " tokens of " +
-                                           spec.name + " (its attention caches no more keys)",
-                                       detail::describe(config.options.k_values));
-        }
-      }
+      // Its attention caches one key per token (the model's heads are known once it is loaded).
+      check_k_values(config.options.k_values, spec.tiny_lm.tokens, spec.name, "run_study_config");
     }
   }
   const std::size_t per_workload = config.selectors.size() * config.options.k_values.size();

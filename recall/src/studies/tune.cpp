@@ -83,13 +83,8 @@ WorkloadTuneEvaluator::WorkloadTuneEvaluator(Workload workload, const SelectionP
                                              const TuneTarget& target)
     : workload_(std::move(workload)), policy_(policy), target_(target) {
   policy_.validate("WorkloadTuneEvaluator");
-  StudyOptions study;  // the same checks as a study of this workload at this k: k <= N, and memory
-  study.k_values = {policy_.k};
-  study.granularity = policy_.granularity;
-  study.n_sink = policy_.n_sink;
-  study.n_local = policy_.n_local;
-  study.kept_on_top = policy_.kept_on_top;
-  check_study_fits(workload_.inputs().validate("WorkloadTuneEvaluator", false), study, 1, workload_.name);
+  // The checks of a study of this workload at this k: k <= N, and memory.
+  check_policy_fits(workload_.inputs().validate("WorkloadTuneEvaluator", false), policy_, workload_.name);
   aggregate_field(Aggregate{}, target_.aggregate);
   reference_ = std::make_unique<ExactReference>(workload_.inputs(), policy_.granularity);
 }

@@ -80,11 +80,19 @@ using SelectorFactory = std::function<std::unique_ptr<Selector>(const IndexerTen
 /// metrics of every row that the study keeps (SelectionMetrics per row, selector and k, when keep_row_metrics).
 double estimate_study_bytes(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors);
 
+/// Checks that every k is in [1, keys] (no row selects more keys than `workload` caches); keysel::Error of
+/// `function` naming k otherwise.
+void check_k_values(const std::vector<std::int64_t>& k_values, std::int64_t keys, const std::string& workload,
+                    std::string_view function);
+
 /// Checks a study before it runs: k values >= 1 and <= N (no row can select more keys than are cached), the
 /// policy of every k (SelectionPolicy::validate), and that estimate_study_bytes fits in the machine's available
 /// memory (available_memory_bytes()). Throws keysel::Error naming `workload` otherwise.
 void check_study_fits(const AttentionShape& shape, const StudyOptions& options, std::size_t selectors,
                       const std::string& workload);
+
+/// check_study_fits for one selection policy (a tuner's one k) and one selector.
+void check_policy_fits(const AttentionShape& shape, const SelectionPolicy& policy, const std::string& workload);
 
 /// Runs every selector at every k over the workload and evaluates it against the exact attention
 /// (check_study_fits first).

@@ -35,6 +35,9 @@ struct SyntheticOptions {
                                    // attention is unchanged (softmax ignores a per-query constant) but keys and
                                    // queries no longer share a distribution (what hurts nearest-neighbour search)
   double temperature = 1.0;        // attention entropy knob: every logit is divided by it (> 1: flatter)
+
+  /// The attention shape a workload of these options has (T, N, Hq, Hkv, D, Dv), before it is generated.
+  AttentionShape shape() const { return {tokens, keys, query_heads, kv_heads, head_dim, value_dim}; }
 };
 
 /// q, k, v in fp32 with their positions, owned.

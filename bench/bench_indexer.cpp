@@ -162,8 +162,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,avx512bf16,fma,avx2"))) doubl
 
 template <int Kind>
 void BM_CeilingPeak(benchmark::State& state) {
-  if (keysel::best_simd_level() != keysel::SimdLevel::avx512) {
-    state.SkipWithError("the peak loops need AVX-512 (VNNI, BF16)");
+  const keysel::CpuFeatures& cpu = keysel::cpu_features();
+  if (!keysel::cpu_runs(cpu, keysel::MacOp::dpbusd_zmm) || !keysel::cpu_runs(cpu, keysel::MacOp::dpbf16_zmm)) {
+    state.SkipWithError("the peak loops need AVX-512 with VNNI and BF16");
     return;
   }
   constexpr std::int64_t kIterations = 1 << 20;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "keysel/core/cpu_features.h"
 #include "keysel/core/threads.h"
 #include "sparse_attention_kernels.h"
 
@@ -23,36 +24,35 @@ namespace kernels = attention_kernels;
 constexpr std::int64_t kParallelWork = std::int64_t{1} << 18;
 
 // ---- kernel choice ------------------------------------------------------------------------------------------
+// The attention kernels are one per SIMD level (keysel/core/cpu_features.h): avx512 needs AVX-512 F/BW/VL/DQ (+ FMA,
+// F16C), avx2 needs AVX2 + FMA + F16C. `automatic` is the level in use (simd_level(): the CPU's best, lowered by
+// KEYSEL_SIMD or set_simd_level), so attention, the indexer and top-k always run at one level.
 
-AttentionKernel best_cpu_kernel() {
-  static const AttentionKernel best = [] {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
-      return AttentionKernel::avx512;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
-      return AttentionKernel::avx2;
-    }
-#endif
-    return AttentionKernel::scalar;
-  }();
-  return best;
-}
-
-int rank_of(AttentionKernel kernel) {
+SimdLevel level_of(AttentionKernel kernel) {
   switch (kernel) {
-    case AttentionKernel::scalar: return 0;
-    case AttentionKernel::avx2: return 1;
-    case AttentionKernel::avx512: return 2;
-    case AttentionKernel::automatic: break;
+    case AttentionKernel::avx512: return SimdLevel::avx512;
+    case AttentionKernel::avx2: return SimdLevel::avx2;
+    default: return SimdLevel::scalar;
   }
-  return 3;
 }
 
-bool cpu_runs(AttentionKernel kernel) { return rank_of(kernel) <= rank_of(best_cpu_kernel()); }
+AttentionKernel kernel_of(SimdLevel level) {
+#if defined(__x86_64__)
+  switch (level) {
+    case SimdLevel::avx512: return AttentionKernel::avx512;
+    case SimdLevel::avx2: return AttentionKernel::avx2;
+    case SimdLevel::scalar: break;
+  }
+#else
+  (void)level;  // only the scalar kernel is built off x86-64
+#endif
+  return AttentionKernel::scalar;
+}
+
+bool cpu_runs(AttentionKernel kernel) {
+  return kernel != AttentionKernel::automatic && kernel_of(level_of(kernel)) == kernel &&
+         simd_level_supported(level_of(kernel));
+}
 
 AttentionKernel resolve_kernel(std::string_view function, AttentionKernel requested) {
   if (requested == AttentionKernel::automatic) return default_attention_kernel();
@@ -71,7 +71,7 @@ using KernelFunction = void (*)(const kernels::Problem&, const std::int32_t*, st
 
 KernelFunction kernel_function(AttentionKernel kernel) {
   switch (kernel) {
-#if defined(__x86_64__) || defined(__i386__)
+#if defined(__x86_64__)
     case AttentionKernel::avx512: return kernels::attend_avx512;
     case AttentionKernel::avx2: return kernels::attend_avx2;
 #endif
@@ -442,19 +442,7 @@ std::vector<AttentionKernel> available_attention_kernels() {
   return result;
 }
 
-AttentionKernel default_attention_kernel() {
-  static const AttentionKernel chosen = [] {
-    AttentionKernel best = best_cpu_kernel();
-    if (const char* forced = std::getenv("KEYSEL_SIMD"); forced != nullptr) {
-      const std::string_view name(forced);
-      for (const AttentionKernel k : {AttentionKernel::scalar, AttentionKernel::avx2, AttentionKernel::avx512}) {
-        if (name == attention_kernel_name(k) && rank_of(k) < rank_of(best)) best = k;
-      }
-    }
-    return best;
-  }();
-  return chosen;
-}
+AttentionKernel default_attention_kernel() { return kernel_of(simd_level()); }
 
 void sparse_attention(const AttentionInputs& inputs, const TensorView& selection, Granularity granularity,
                       const TensorView& out, const TensorView& lse, const SparseAttentionOptions& options) {

@@ -7,6 +7,7 @@
 #include "keysel/core/attention_inputs.h"
 #include "keysel/core/build_config.h"
 #include "keysel/core/checked.h"
+#include "keysel/core/cpu_features.h"
 #include "keysel/core/device.h"
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"

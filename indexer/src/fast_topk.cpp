@@ -410,6 +410,7 @@ void fast_select_topk_row(const float* scores, const SelectionRowPlan& plan, std
 void fast_select_topk(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
                       const TensorView& selection) {
   detail::check_topk_arguments("fast_select_topk", scores, positions, policy, selection);
+  (void)simd_level();  // a bad KEYSEL_SIMD throws here, before the parallel rows call it
   const std::int64_t tokens = scores.size(0);
   const std::int64_t groups = scores.size(1);
   const std::int64_t keys = scores.size(2);

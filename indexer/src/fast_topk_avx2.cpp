@@ -1,7 +1,9 @@
-// AVX2 kernels of the fast top-k paths (compiled with -mavx2 -mfma).
-#include <immintrin.h>
-
+// AVX2 kernels of the fast top-k paths (compiled with -mavx2 -mfma -mf16c; run at SimdLevel::avx2 and above).
+// Off x86-64 (no flags) the functions are stubs that are never called: simd_level() is scalar there.
 #include "fast_topk_kernels.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
 
 namespace keysel::topk_kernels {
 namespace {
@@ -77,3 +79,21 @@ void block_scores_avx2(const float* queries, std::int64_t nq, const float* keys,
 }
 
 }  // namespace keysel::topk_kernels
+
+#else  // not compiled for AVX2
+
+namespace keysel::topk_kernels {
+
+std::int64_t filter_avx2(const float* scores, std::int64_t n, float threshold, std::uint32_t first_position,
+                         std::uint64_t* out) {
+  return filter_scalar(scores, n, threshold, first_position, out);
+}
+
+void block_scores_avx2(const float* queries, std::int64_t nq, const float* keys, std::int64_t nk,
+                       std::int64_t dim, float* out, std::int64_t out_stride, float* workspace) {
+  block_scores_scalar(queries, nq, keys, nk, dim, out, out_stride, workspace);
+}
+
+}  // namespace keysel::topk_kernels
+
+#endif

@@ -1,10 +1,18 @@
-// AVX-512 kernels of the fast top-k paths (compiled with -mavx512f -mavx2 -mfma; AVX-512 F instructions only).
+// AVX-512 kernels of the fast top-k paths (compiled with the avx512 level's flags, AVX-512 F/BW/VL/DQ, no VNNI
+// or BF16: they run on every AVX-512 CPU). Off x86-64 (no flags) the functions are stubs that are never called:
+// simd_level() is scalar there.
+#include "fast_topk_kernels.h"
+
+#if defined(__AVX512F__)
 #include <immintrin.h>
 
-// GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as maybe-uninitialized.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <type_traits>
+#include <utility>
 
-#include "fast_topk_kernels.h"
+// GCC 12 reports its own _mm512_undefined_* placeholders inside the intrinsics as maybe-uninitialized.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace keysel::topk_kernels {
 namespace {
@@ -99,4 +107,254 @@ void block_scores_avx512(const float* queries, std::int64_t nq, const float* key
   }
 }
 
+
+// ---- fused inner-product scan ---------------------------------------------------------------------------------
+
+namespace {
+
+/// The multiply-add updates its accumulator in place: with the intrinsic GCC 12 copies accumulators between
+/// registers on every step; the asm statement pins them.
+#if defined(__GNUC__) && !defined(__clang__)
+inline __m512 fma_in_place(__m512 acc, __m512 q, __m512 b) {
+  __asm__("vfmadd231ps %2, %1, %0" : "+v"(acc) : "v"(q), "v"(b));
+  return acc;
+}
+#else
+inline __m512 fma_in_place(__m512 acc, __m512 q, __m512 b) { return _mm512_fmadd_ps(q, b, acc); }
+#endif
+
+/// Calls f(std::integral_constant<int, 0>) ... f(std::integral_constant<int, N-1>), fully unrolled, so that
+/// arrays of registers stay in registers.
+template <int N, typename F>
+[[gnu::always_inline]] inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) __attribute__((always_inline)) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+/// acc[i][k] = scores of queries [16 i, 16 i + 16) with key row kb + k * dim. `next` is the next tile's first
+/// key row (prefetched one cache line per row every 16 channels; the tile itself is then in L1).
+template <int V, int K>
+[[gnu::always_inline]] inline void score_tile(const float* qt, const float* kb, const float* next, std::int64_t dim,
+                                              __m512 (&acc)[V][K]) {
+  unroll<V>([&](auto i) { unroll<K>([&](auto k) { acc[i][k] = _mm512_setzero_ps(); }); });
+  const float* q = qt;
+  for (std::int64_t d0 = 0; d0 < dim; d0 += 16) {
+    // Plain loop, outside the lambdas: GCC 12 drops a prefetch written inside them.
+    for (int k = 0; k < K; ++k) _mm_prefetch(reinterpret_cast<const char*>(next + k * dim + d0), _MM_HINT_T0);
+    const std::int64_t d1 = d0 + 16 < dim ? d0 + 16 : dim;
+    for (std::int64_t d = d0; d < d1; ++d, q += 16 * V) {
+      __m512 qv[V];
+      unroll<V>([&](auto i) { qv[i] = _mm512_loadu_ps(q + 16 * i); });
+      unroll<K>([&](auto k) {
+        const __m512 b = _mm512_set1_ps(kb[k * dim + d]);
+        unroll<V>([&](auto i) { acc[i][k] = fma_in_place(acc[i][k], qv[i], b); });
+      });
+    }
+  }
+}
+
+template <int V, int K>
+void scan(const float* qt, const float* keys, std::int64_t nk, std::int64_t dim, std::uint32_t first_position,
+          CandidateLists& lists) {
+  alignas(64) float tile_scores[K][16 * V];
+  const auto run = [&]<int KT>(std::integral_constant<int, KT>, std::int64_t j) {
+    const float* kb = keys + j * dim;
+    const float* next = j + 2 * KT <= nk ? kb + KT * dim : kb;
+    __m512 acc[V][KT];
+    score_tile<V, KT>(qt, kb, next, dim, acc);
+    __mmask16 mask[V][KT];
+    __mmask16 any = 0;
+    unroll<V>([&](auto i) {
+      const __m512 t = _mm512_loadu_ps(lists.threshold + 16 * i);
+      unroll<KT>([&](auto k) {
+        mask[i][k] = _mm512_cmp_ps_mask(acc[i][k], t, _CMP_GE_OQ);  // never NaN
+        any = static_cast<__mmask16>(any | mask[i][k]);
+      });
+    });
+    if (any == 0) return;
+    unroll<V>([&](auto i) { unroll<KT>([&](auto k) { _mm512_store_ps(&tile_scores[k][16 * i], acc[i][k]); }); });
+    // The passing (query, key) pairs as entries q + 64 k, compressed in registers (a compress straight to memory
+    // is microcoded on Zen 4) into one short list, then one loop over it: one hard-to-predict loop exit per tile.
+    alignas(64) std::uint32_t entries[16 * V * KT + 16];
+    std::int64_t n = 0;
+    unroll<V>([&](auto i) {
+      const __m512i lanes = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(16 * i));
+      unroll<KT>([&](auto k) {
+        _mm512_storeu_si512(entries + n, _mm512_maskz_compress_epi32(mask[i][k], _mm512_add_epi32(lanes, _mm512_set1_epi32(64 * k))));
+        n += __builtin_popcount(mask[i][k]);
+      });
+    });
+    std::uint64_t* words = lists.words;  // no __restrict: compact() reorders words and resets count
+    std::int64_t* count = lists.count;
+    const std::int64_t capacity = lists.capacity;
+    for (std::int64_t e = 0; e < n; ++e) {
+      const std::uint32_t q = entries[e] & 63u, k = entries[e] >> 6;
+      // make_candidate: the score's order key above, 0xFFFFFFFF - position below.
+      const std::uint32_t position = first_position + static_cast<std::uint32_t>(j) + k;
+      words[q * capacity + count[q]] = (static_cast<std::uint64_t>(score_key(tile_scores[k][q])) << 32) | (0xFFFFFFFFu - position);
+      if (++count[q] == capacity) lists.compact(lists, q);
+    }
+  };
+  std::int64_t j = 0;
+  for (; j + K <= nk; j += K) run(std::integral_constant<int, K>{}, j);
+  for (; j < nk; ++j) run(std::integral_constant<int, 1>{}, j);
+}
+
+template <int V, int K>
+void dense(const float* qt, const float* keys, std::int64_t nk, std::int64_t dim, float* out) {
+  const auto run = [&]<int KT>(std::integral_constant<int, KT>, std::int64_t j) {
+    const float* kb = keys + j * dim;
+    __m512 acc[V][KT];
+    score_tile<V, KT>(qt, kb, j + 2 * KT <= nk ? kb + KT * dim : kb, dim, acc);
+    unroll<V>([&](auto i) { unroll<KT>([&](auto k) { _mm512_storeu_ps(out + (j + k) * 16 * V + 16 * i, acc[i][k]); }); });
+  };
+  std::int64_t j = 0;
+  for (; j + K <= nk; j += K) run(std::integral_constant<int, K>{}, j);
+  for (; j < nk; ++j) run(std::integral_constant<int, 1>{}, j);
+}
+
+}  // namespace
+
+// ---- sampled thresholds ---------------------------------------------------------------------------------------
+
+void rank_thresholds_avx512(const float* scores, std::int64_t rows, std::int64_t stride, std::int64_t rank,
+                            std::uint32_t* keys, float* out) {
+  // Order keys (score_key, 16 lanes at a time): -0 -> +0; negative: ~bits; positive: bits | sign bit; NaN: 0.
+  const auto key_of = [](__m512 v) {
+    const __mmask16 zero = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    const __m512i bits = _mm512_mask_mov_epi32(_mm512_castps_si512(v), zero | nan, _mm512_setzero_si512());
+    const __m512i flip = _mm512_or_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(static_cast<int>(0x80000000u)));
+    return _mm512_maskz_xor_epi32(static_cast<__mmask16>(~nan), bits, flip);
+  };
+  // The keys once, then the largest key t with at least `rank` keys >= t, one bit at a time from the top.
+  __m512i t = _mm512_setzero_si512();
+  const __m512i need = _mm512_set1_epi32(static_cast<int>(rank));
+  const std::int64_t n = rows;
+  for (std::int64_t i = 0; i < n; ++i) _mm512_storeu_si512(keys + 16 * i, key_of(_mm512_loadu_ps(scores + i * stride)));
+  for (int bit = 31; bit >= 0; --bit) {
+    const __m512i candidate = _mm512_or_si512(t, _mm512_set1_epi32(static_cast<int>(1u << bit)));
+    __m512i count0 = _mm512_setzero_si512(), count1 = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    std::int64_t i = 0;
+    for (; i + 2 <= n; i += 2) {
+      count0 = _mm512_mask_add_epi32(count0, _mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + 16 * i), candidate), count0, one);
+      count1 = _mm512_mask_add_epi32(count1, _mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + 16 * i + 16), candidate), count1, one);
+    }
+    if (i < n) count0 = _mm512_mask_add_epi32(count0, _mm512_cmpge_epu32_mask(_mm512_loadu_si512(keys + 16 * i), candidate), count0, one);
+    t = _mm512_mask_mov_epi32(t, _mm512_cmpge_epu32_mask(_mm512_add_epi32(count0, count1), need), candidate);
+  }
+  alignas(64) std::uint32_t key[16];
+  _mm512_store_si512(key, t);
+  for (int l = 0; l < 16; ++l) out[l] = key[l] == 0 ? -__builtin_inff() : key_score(key[l]);
+}
+
+// ---- exact rescoring ------------------------------------------------------------------------------------------
+
+namespace {
+
+/// Transposes 16 rows of 16 floats in registers: on return r[c] holds column c.
+[[gnu::always_inline]] inline void transpose16(__m512 (&r)[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    u[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    u[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    u[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  // u[4g + c] holds, in 128-bit lane L, column 4L + c of rows 4g .. 4g + 3.
+  __m512 v[16];
+  for (int g = 0; g < 4; g += 2) {
+    for (int c = 0; c < 4; ++c) {
+      v[4 * g + c] = _mm512_shuffle_f32x4(u[4 * g + c], u[4 * g + 4 + c], 0x88);
+      v[4 * g + 4 + c] = _mm512_shuffle_f32x4(u[4 * g + c], u[4 * g + 4 + c], 0xdd);
+    }
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v[c], v[8 + c], 0xdd);
+    r[12 + c] = _mm512_shuffle_f32x4(v[4 + c], v[12 + c], 0xdd);
+  }
+}
+
+}  // namespace
+
+void exact_scores_avx512(const RescoreGroup* groups, std::int64_t n, const float* keys, std::int64_t dim) {
+  for (std::int64_t i = 0; i < n; ++i) {
+    const RescoreGroup& group = groups[i];
+    const float* row[16];
+    for (int l = 0; l < 16; ++l) row[l] = keys + static_cast<std::int64_t>(group.positions[l < group.count ? l : 0]) * dim;
+    __m512 acc = _mm512_setzero_ps();
+    for (std::int64_t d0 = 0; d0 < dim; d0 += 16) {
+      const std::int64_t w = dim - d0 < 16 ? dim - d0 : 16;
+      const __mmask16 valid = static_cast<__mmask16>(w == 16 ? 0xFFFF : (1u << w) - 1u);
+      __m512 r[16];
+      unroll<16>([&](auto l) { r[l] = _mm512_maskz_loadu_ps(valid, row[l] + d0); });
+      transpose16(r);
+      // One FMA per channel, in channel order: the scans' chain, lane by lane.
+      if (w == 16) {
+        unroll<16>([&](auto c) { acc = _mm512_fmadd_ps(_mm512_set1_ps(group.query[d0 + c]), r[c], acc); });
+      } else {
+        alignas(64) float column[16][16];
+        unroll<16>([&](auto c) { _mm512_store_ps(column[c], r[c]); });
+        for (std::int64_t c = 0; c < w; ++c) acc = _mm512_fmadd_ps(_mm512_set1_ps(group.query[d0 + c]), _mm512_load_ps(column[c]), acc);
+      }
+    }
+    const __mmask16 keep = static_cast<__mmask16>(group.count >= 16 ? 0xFFFF : (1u << group.count) - 1u);
+    _mm512_mask_storeu_ps(group.out, keep, acc);
+  }
+}
+
+// Register tiles of vectors x keys = 24 accumulators (of 32 registers) at every width.
+void scan_keys_avx512(const float* qt, std::int64_t vectors, const float* keys, std::int64_t nk, std::int64_t dim,
+                      std::uint32_t first_position, CandidateLists& lists) {
+  switch (vectors) {
+    case 4: scan<4, 6>(qt, keys, nk, dim, first_position, lists); break;
+    case 3: scan<3, 8>(qt, keys, nk, dim, first_position, lists); break;
+    case 2: scan<2, 12>(qt, keys, nk, dim, first_position, lists); break;
+    default: scan<1, 24>(qt, keys, nk, dim, first_position, lists); break;
+  }
+}
+
+void score_keys_avx512(const float* qt, std::int64_t vectors, const float* keys, std::int64_t nk, std::int64_t dim,
+                       float* out) {
+  switch (vectors) {
+    case 4: dense<4, 6>(qt, keys, nk, dim, out); break;
+    case 3: dense<3, 8>(qt, keys, nk, dim, out); break;
+    case 2: dense<2, 12>(qt, keys, nk, dim, out); break;
+    default: dense<1, 24>(qt, keys, nk, dim, out); break;
+  }
+}
+
 }  // namespace keysel::topk_kernels
+
+#else  // not compiled for AVX-512
+
+namespace keysel::topk_kernels {
+
+std::int64_t filter_avx512(const float* scores, std::int64_t n, float threshold, std::uint32_t first_position,
+                         std::uint64_t* out) {
+  return filter_scalar(scores, n, threshold, first_position, out);
+}
+
+void block_scores_avx512(const float* queries, std::int64_t nq, const float* keys, std::int64_t nk,
+                       std::int64_t dim, float* out, std::int64_t out_stride, float* workspace) {
+  block_scores_scalar(queries, nq, keys, nk, dim, out, out_stride, workspace);
+}
+
+void scan_keys_avx512(const float*, std::int64_t, const float*, std::int64_t, std::int64_t, std::uint32_t,
+                      CandidateLists&) {}
+void score_keys_avx512(const float*, std::int64_t, const float*, std::int64_t, std::int64_t, float*) {}
+void exact_scores_avx512(const RescoreGroup*, std::int64_t, const float*, std::int64_t) {}
+void rank_thresholds_avx512(const float*, std::int64_t, std::int64_t, std::int64_t, std::uint32_t*, float*) {}
+
+}  // namespace keysel::topk_kernels
+
+#endif

@@ -72,6 +72,68 @@ void block_scores_avx512(const float* queries, std::int64_t nq, const float* key
                          std::int64_t dim, float* out, std::int64_t out_stride, float* workspace);
 BlockScoresFn block_scores_for(SimdLevel level);
 
+/// Per-query candidate lists of the fused inner-product top-k (inner_product_topk.cpp owns the memory and the
+/// compaction; the scan kernels only append).
+struct CandidateLists {
+  std::uint64_t* words = nullptr;  ///< [queries][capacity] candidate words (make_candidate)
+  std::int64_t* count = nullptr;   ///< [queries] words in each list
+  float* threshold = nullptr;      ///< [queries]: scores below it are skipped (+inf for padding queries)
+  std::int64_t capacity = 0;       ///< a list that reaches it is compacted
+  /// Keeps the best words of list `query` (count < capacity after), raising its threshold.
+  void (*compact)(CandidateLists& lists, std::int64_t query) = nullptr;
+  void* owner = nullptr;  ///< for compact
+};
+
+/// The fused AVX-512 scan: queries in vector lanes (16 per register, `vectors` registers: 16 * vectors queries,
+/// given transposed as qt [dim][16 * vectors], zero for padding queries), keys read in place (no packing) from
+/// keys [nk, dim] and broadcast, a register tile of vectors x (24 / vectors) keys, the next tile's key rows
+/// prefetched. Every score is one fp32 FMA chain over d = 0 .. dim-1 (as block_scores_* compute it).
+///   scan_keys_avx512: appends make_candidate(score, first_position + j) to query q's list for every score at or
+///                     above threshold[q] (compared in registers, so nothing is stored for the other keys);
+///   score_keys_avx512: writes every score, out[j * 16 * vectors + q].
+inline constexpr std::int64_t kScanMaxVectors = 4;
+void scan_keys_avx512(const float* qt, std::int64_t vectors, const float* keys, std::int64_t nk, std::int64_t dim,
+                      std::uint32_t first_position, CandidateLists& lists);
+void score_keys_avx512(const float* qt, std::int64_t vectors, const float* keys, std::int64_t nk, std::int64_t dim,
+                       float* out);
+
+/// For 16 queries at once: out[l] = the rank-th largest (rank >= 1) of column l of scores [rows][stride] (columns
+/// 0..15; NaN ranks lowest), found by a binary search on the scores' order keys (32 vector passes over `keys`, a
+/// workspace of rows * 16 words); -inf when fewer than `rank` scores are not NaN.
+void rank_thresholds_avx512(const float* scores, std::int64_t rows, std::int64_t stride, std::int64_t rank,
+                            std::uint32_t* keys, float* out);
+
+/// Exact rescoring of groups of up to 16 keys, each group with its own query: out[l] = query . keys[positions[l]]
+/// for l < count, as one fp32 FMA chain over d = 0 .. dim-1 (bit for bit what the scans compute); the rows are
+/// transposed in registers, and four groups run side by side (independent FMA chains).
+struct RescoreGroup {
+  const float* query = nullptr;
+  const std::uint32_t* positions = nullptr;
+  std::int64_t count = 0;  ///< 1..16
+  float* out = nullptr;
+};
+void exact_scores_avx512(const RescoreGroup* groups, std::int64_t n, const float* keys, std::int64_t dim);
+
+/// The bf16 prefilter of the fused inner-product top-k (AVX-512 BF16, fast_topk_avx512_bf16.cpp), for CPUs where
+/// `vdpbf16ps` outruns fp32 FMA. Queries and keys are rounded to bf16 and dotted with `vdpbf16ps` (fp32
+/// accumulation): a = that approximate score, bound[q] * ||k_j|| >= |a - exact| (inner_product_topk.cpp derives
+/// bound[q]). Key j is kept for query q unless a < threshold[q] - bound[q] * ||k_j|| (NaN a: kept), so every key
+/// whose exact score reaches the threshold is kept; its position is appended, and the caller rescores the kept
+/// keys exactly (exact_scores_avx512) while they are still in cache. Lists hold at least nk positions. Keys with
+/// ||k|| outside [2^-40, 2^40] (other than 0) or not finite are always kept.
+struct ApproxLists {
+  std::uint32_t* positions = nullptr;  ///< [queries][capacity]
+  std::int64_t* count = nullptr;       ///< [queries], set to 0 by the caller
+  const float* threshold = nullptr;    ///< [queries]: +inf for padding queries
+  const float* bound = nullptr;        ///< [queries]
+  std::int64_t capacity = 0;
+};
+/// Queries [n, dim] (n <= 16 * vectors) as bf16 pairs in lanes: out [ceil(dim / 2)][16 * vectors] 32-bit words
+/// (channel 2p in the low half), zero past n and dim. Rounded to nearest even, as the keys are.
+void pack_queries_bf16(const float* queries, std::int64_t n, std::int64_t dim, std::int64_t vectors, std::uint32_t* out);
+void scan_keys_bf16(const std::uint32_t* qt16, std::int64_t vectors, const float* keys, std::int64_t nk,
+                    std::int64_t dim, std::uint32_t first_position, ApproxLists& lists);
+
 namespace {
 
 /// Packs keys [j0, j0 + kKeyTile) of keys [nk, dim] into panel[d * kKeyTile + jj] (zeros past nk).

@@ -181,6 +181,8 @@ SelectionCost lightning_indexer_scores(const IndexerQueries& queries, const Tens
 
   float* out = scores.mutable_data<float>();
   const std::int64_t chunks = (keys + kKeysPerWorkItem - 1) / kKeysPerWorkItem;
+  // Chosen once, outside the parallel region (a bad KEYSEL_SIMD throws here, not inside OpenMP).
+  const indexer_detail::IndexerKernel kernel = indexer_detail::choose_indexer_kernel(cache.config().format);
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t c = 0; c < chunks; ++c) {
@@ -190,7 +192,7 @@ SelectionCost lightning_indexer_scores(const IndexerQueries& queries, const Tens
       const std::int64_t scored_end = std::min(end, allowed);
       std::fill(row + std::max(begin, scored_end), row + end, -std::numeric_limits<float>::infinity());
       if (begin >= scored_end) continue;
-      indexer_detail::score_keys(make_problem(queries, cache, setup, t), begin, scored_end, row + begin);
+      indexer_detail::score_keys_with(kernel, make_problem(queries, cache, setup, t), begin, scored_end, row + begin);
     }
   }
   SelectionCost cost = scoring_cost(queries, cache, setup.positions);
@@ -214,6 +216,9 @@ SelectionCost lightning_indexer_select(const IndexerQueries& queries, const Tens
 
   std::vector<std::int32_t> row(static_cast<std::size_t>(width));
   std::int32_t* out = selection.mutable_data<std::int32_t>();
+  // Chosen once, outside the parallel regions (a bad KEYSEL_SIMD throws here, not inside OpenMP).
+  const indexer_detail::IndexerKernel kernel = indexer_detail::choose_indexer_kernel(cache.config().format);
+  (void)simd_level();
   for (std::int64_t t = 0; t < tokens; ++t) {
     const SelectionRowPlan plan = SelectionRowPlan::make(policy, setup.positions[static_cast<std::size_t>(t)], keys);
     const indexer_detail::IndexerProblem problem = make_problem(queries, cache, setup, t);
@@ -227,7 +232,7 @@ SelectionCost lightning_indexer_select(const IndexerQueries& queries, const Tens
 #pragma omp for schedule(dynamic, 1)
       for (std::int64_t c = 0; c < chunks; ++c) {
         const std::int64_t begin = first + c * kKeysPerWorkItem, end = std::min(begin + kKeysPerWorkItem, plan.local_begin);
-        indexer_detail::score_keys(problem, begin, end, block.data());
+        indexer_detail::score_keys_with(kernel, problem, begin, end, block.data());
         local.push(block.data(), begin, end - begin);
       }
 #pragma omp critical(keysel_indexer_merge)

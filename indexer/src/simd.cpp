@@ -1,103 +1,96 @@
+// The Lightning Indexer's kernel choice: per key format, the implementations it has, handed to
+// keysel::choose_kernel (keysel/core/cpu_features.h), which picks by level, features and multiply-accumulate
+// rate. The level itself (KEYSEL_SIMD, set_simd_level) is core's.
 #include "keysel/indexer/simd.h"
 
-#include <atomic>
-#include <cstdlib>
-#include <string>
+#include <array>
+#include <span>
 
 #include "indexer_kernels.h"
 #include "keysel/core/error.h"
 
 namespace keysel {
+namespace indexer_detail {
 namespace {
 
-bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
-}
+struct Option {
+  IndexerKernel kernel;
+  KernelOption option;
+};
 
-bool cpu_has_avx512() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-         __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
+// Listed best-first where rates tie (choose_kernel keeps the earlier option on equal scores).
+constexpr std::array<Option, 3> kFloatOptions = {{
+    {IndexerKernel::avx512_fma, {"avx512_fma", SimdLevel::avx512, MacOp::fma_zmm}},
+    {IndexerKernel::avx2_fma, {"avx2_fma", SimdLevel::avx2, MacOp::fma_ymm}},
+    {IndexerKernel::scalar, {"scalar", SimdLevel::scalar, MacOp::scalar}},
+}};
+constexpr std::array<Option, 4> kBf16Options = {{
+    {IndexerKernel::avx512_bf16, {"avx512_bf16", SimdLevel::avx512, MacOp::dpbf16_zmm}},
+    {IndexerKernel::avx512_fma, {"avx512_fma", SimdLevel::avx512, MacOp::fma_zmm}},
+    {IndexerKernel::avx2_fma, {"avx2_fma", SimdLevel::avx2, MacOp::fma_ymm}},
+    {IndexerKernel::scalar, {"scalar", SimdLevel::scalar, MacOp::scalar}},
+}};
+constexpr std::array<Option, 4> kIntegerOptions = {{
+    {IndexerKernel::avx512_vnni, {"avx512_vnni", SimdLevel::avx512, MacOp::dpbusd_zmm}},
+    {IndexerKernel::avx512_fma, {"avx512_fma", SimdLevel::avx512, MacOp::fma_zmm}},
+    {IndexerKernel::avx2_madd16, {"avx2_madd16", SimdLevel::avx2, MacOp::madd16_ymm}},
+    {IndexerKernel::scalar, {"scalar", SimdLevel::scalar, MacOp::scalar}},
+}};
 
-SimdLevel initial_level() {
-  SimdLevel level = best_simd_level();
-  if (const char* forced = std::getenv("KEYSEL_SIMD"); forced != nullptr && *forced != '\0') {
-    const SimdLevel wanted = parse_simd_level(forced);
-    KEYSEL_CHECK(simd_level_supported(wanted), "KEYSEL_SIMD=" << forced << " asks for a level this CPU lacks; best is "
-                                                            << simd_level_name(level));
-    level = wanted;
+std::span<const Option> options_for(DType format) {
+  switch (format) {
+    case DType::bf16:
+    case DType::fp8_e4m3:
+    case DType::fp8_e5m2: return kBf16Options;
+    case DType::int8:
+    case DType::int4: return kIntegerOptions;
+    default: return kFloatOptions;
   }
-  return level;
-}
-
-std::atomic<int>& level_state() {
-  static std::atomic<int> state{static_cast<int>(initial_level())};
-  return state;
 }
 
 }  // namespace
 
-std::string_view simd_level_name(SimdLevel level) {
-  switch (level) {
-    case SimdLevel::scalar: return "scalar";
-    case SimdLevel::avx2: return "avx2";
-    case SimdLevel::avx512: return "avx512";
+std::string_view indexer_kernel_name(IndexerKernel kernel) {
+  switch (kernel) {
+    case IndexerKernel::scalar: return "scalar";
+    case IndexerKernel::avx2_fma: return "avx2_fma";
+    case IndexerKernel::avx2_madd16: return "avx2_madd16";
+    case IndexerKernel::avx512_fma: return "avx512_fma";
+    case IndexerKernel::avx512_bf16: return "avx512_bf16";
+    case IndexerKernel::avx512_vnni: return "avx512_vnni";
   }
-  KEYSEL_CHECK_ARG(false, "level", "scalar, avx2 or avx512", static_cast<int>(level));
-  return {};
+  return "unknown";
 }
 
-SimdLevel parse_simd_level(std::string_view name) {
-  if (name == "scalar") return SimdLevel::scalar;
-  if (name == "avx2") return SimdLevel::avx2;
-  if (name == "avx512") return SimdLevel::avx512;
-  KEYSEL_CHECK_ARG(false, "name", "scalar, avx2 or avx512", name);
-  return SimdLevel::scalar;
+IndexerKernel choose_indexer_kernel(DType format) {
+  const std::span<const Option> options = options_for(format);
+  std::array<KernelOption, 4> list{};
+  for (std::size_t i = 0; i < options.size(); ++i) list[i] = options[i].option;
+  return options[choose_kernel(std::span<const KernelOption>(list.data(), options.size()))].kernel;
 }
 
-SimdLevel best_simd_level() {
-  static const SimdLevel best = cpu_has_avx512() ? SimdLevel::avx512
-                                : cpu_has_avx2() ? SimdLevel::avx2
-                                                 : SimdLevel::scalar;
-  return best;
+void score_keys_with(IndexerKernel kernel, const IndexerProblem& problem, std::int64_t begin, std::int64_t end,
+                     float* out) {
+  switch (kernel) {
+#if defined(__x86_64__)
+    case IndexerKernel::avx512_bf16: score_keys_avx512_bf16(problem, begin, end, out); return;
+    case IndexerKernel::avx512_vnni: score_keys_avx512_vnni(problem, begin, end, out); return;
+    case IndexerKernel::avx512_fma: score_keys_avx512_fma(problem, begin, end, out); return;
+    case IndexerKernel::avx2_fma:
+    case IndexerKernel::avx2_madd16: score_keys_avx2(problem, begin, end, out); return;
+#endif
+    default: score_keys_scalar(problem, begin, end, out); return;
+  }
 }
-
-bool simd_level_supported(SimdLevel level) {
-  return static_cast<int>(level) <= static_cast<int>(best_simd_level());
-}
-
-SimdLevel simd_level() { return static_cast<SimdLevel>(level_state().load(std::memory_order_relaxed)); }
-
-void set_simd_level(SimdLevel level) {
-  KEYSEL_CHECK_ARG(simd_level_supported(level), "level",
-                   "a level this CPU supports (up to " + std::string(simd_level_name(best_simd_level())) + ")",
-                   simd_level_name(level));
-  level_state().store(static_cast<int>(level), std::memory_order_relaxed);
-}
-
-ScopedSimdLevel::ScopedSimdLevel(SimdLevel level) : previous_(simd_level()) { set_simd_level(level); }
-ScopedSimdLevel::~ScopedSimdLevel() { level_state().store(static_cast<int>(previous_), std::memory_order_relaxed); }
-
-namespace indexer_detail {
 
 void score_keys(const IndexerProblem& problem, std::int64_t begin, std::int64_t end, float* out) {
-  switch (simd_level()) {
-    case SimdLevel::avx512: score_keys_avx512(problem, begin, end, out); return;
-    case SimdLevel::avx2: score_keys_avx2(problem, begin, end, out); return;
-    case SimdLevel::scalar: score_keys_scalar(problem, begin, end, out); return;
-  }
+  score_keys_with(choose_indexer_kernel(problem.format), problem, begin, end, out);
 }
 
 }  // namespace indexer_detail
+
+std::string_view indexer_kernel_name(DType format) {
+  return indexer_detail::indexer_kernel_name(indexer_detail::choose_indexer_kernel(format));
+}
+
 }  // namespace keysel

@@ -131,8 +131,11 @@ class StreamingTopK {
 ///   keys:      [n_keys, dim] fp32, row-major (size n_keys * dim)
 ///   scores:    [nq, k] out (size nq * k), may be null; missing entries (k > n_keys, NaN scores) get -inf
 ///   ids:       [nq, k] out (size nq * k), may be null; missing entries get -1
-/// Keys are processed in blocks (scores of one block for a few queries at a time, never the whole [nq, n_keys]
-/// matrix); each query keeps a StreamingTopK. OpenMP across queries and key blocks.
+/// The whole [nq, n_keys] score matrix never exists. At the avx512 level queries sit in vector lanes and keys are
+/// read in place; a threshold per query from sampled keys keeps only the keys that can reach the top k, and where
+/// `vdpbf16ps` outruns fp32 FMA (AMD Zen 4) a bf16 prefilter with a proven error bound picks them, then rescores
+/// them exactly: results are bit-identical to the fp32 scan (inner_product_kernel_name() in simd.h says which scan
+/// runs). Lower levels score key panels into a StreamingTopK per query. OpenMP across queries and key blocks.
 /// Throws keysel::Error on nq < 0, n_keys < 0, dim < 1, k < 1, k >= 2^31, n_keys >= 2^31, or a null input
 /// pointer with a non-zero size. Each (count, pointer) pair in FAISS's order, as CandidateSearch::search.
 void inner_product_topk(std::int64_t nq, const float* queries, std::int64_t n_keys, const float* keys,

@@ -2,12 +2,15 @@
 #   make study   build, then run `keysel study` on the built-in default workload
 #   make test    build, then run every test through ctest
 #   make asan    the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
+#   make fuzz    build the libFuzzer harnesses (clang) and run each for FUZZ_SECONDS (docs/reliability.md)
+#   make tsan    the multi-threaded tests under ThreadSanitizer (clang + libomp + Archer)
 PRESET ?= default
 JOBS ?= $(shell nproc)
 export PATH := $(PATH):/usr/local/cuda/bin
 BUILD_DIR = $(if $(filter default,$(PRESET)),build,build-$(PRESET))
+FUZZ_SECONDS ?= 60
 
-.PHONY: deps configure build study test asan clean
+.PHONY: deps configure build study test asan fuzz tsan clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -27,5 +30,11 @@ test: build
 asan:
 	$(MAKE) test PRESET=asan
 
+fuzz: deps
+	KEYSEL_FUZZ_JOBS=$(JOBS) bash fuzz/run.sh $(FUZZ_SECONDS)
+
+tsan:
+	$(MAKE) test PRESET=tsan
+
 clean:
-	rm -rf build build-asan build-cpu
+	rm -rf build build-asan build-cpu build-fuzz build-tsan

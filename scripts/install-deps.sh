@@ -5,12 +5,13 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build pkg-config
-  libgomp1 libomp-dev
+  libgomp1 libomp-dev  # libomp-dev also brings Archer (libarcher.so), which the tsan preset relies on
   libgtest-dev libgmock-dev libbenchmark-dev
   libboost-program-options-dev
   nlohmann-json3-dev
   libfaiss-dev libopenblas-dev
   libhwy-dev
+  clang libclang-rt-14-dev  # the fuzz and tsan presets: clang, libFuzzer and the sanitizer runtimes
 )
 
 missing=()

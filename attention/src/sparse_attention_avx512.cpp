@@ -2,8 +2,10 @@
 // row tails read with masked loads. Compiled with the AVX-512 flags (attention/CMakeLists.txt) and only called
 // when the CPU has them.
 // GCC 12's AVX-512 headers trip its own uninitialised-variable warnings (the `__Y = __Y` idiom); not ours.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include <cmath>

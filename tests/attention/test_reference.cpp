@@ -659,7 +659,7 @@ TEST_F(ReferenceBadInput, SparseAttentionNamesTheArgumentAndWritesNothing) {
     Buffer out({p.T, p.Hq, p.Dv});
     Buffer lse({p.T, p.Hq});
     expect_error_naming(
-        [&] {
+        [&, &sel = sel] {  // clang 14 cannot capture a structured binding itself
           sparse_attention_reference(p.inputs(), TensorView(sel.data(), DType::int32, {p.T, p.Hkv, p.N}),
                                      Granularity::per_kv_head, out.view, lse.view);
         },

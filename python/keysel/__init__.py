@@ -125,26 +125,36 @@ def exact_topk(q, k_cache, positions, k, *, granularity="per_kv_head", scale=Non
 
 
 # ---- the Lightning Indexer -------------------------------------------------------------------------------
+def _uint8_only(x, dtype):
+    """dtype= applies to byte tensors (uint8 / int8) only; other tensors keep their own dtype."""
+    if dtype is None:
+        return None
+    name = str(getattr(x, "dtype", "")).removeprefix("torch.")
+    return dtype if name in ("uint8", "int8", "float8_e4m3fn", "float8_e5m2") else None
+
+
 def _default_positions(t, n, like):
     """Every query may read every key: positions[t] = N - 1, in the library of `like`."""
     return _io.empty((t,), "int32", (like,), "indexer_scores", fill=n - 1)
 
 
-def indexer_scores(q_index, weights, k_index, positions=None, *, out=None):
+def indexer_scores(q_index, weights, k_index, positions=None, *, out=None, dtype=None):
     """The Lightning-Indexer score I[t, s] = sum_j w[t, j] * ReLU(qI[t, j] . kI[s]) (SPEC §3), in float32.
 
-    q_index:   [T, HI, DI] float32, float16 or bfloat16
+    q_index:   [T, HI, DI] float32, float16, bfloat16 or float8 (torch.float8_e4m3fn / float8_e5m2, or uint8
+               bytes with dtype="fp8_e4m3" / "fp8_e5m2"; fp8 values are decoded exactly)
     weights:   float32 [T, HI]
-    k_index:   [N, DI] float32, float16 or bfloat16 (one indexer key per cached token)
+    k_index:   [N, DI], the same dtypes (one indexer key per cached token)
     positions: int32 [T] or None (every query reads every key); keys s > positions[t] score -inf.
-    out:       optional float32 [T, N].
+    out:       optional float32 [T, N], contiguous.
+    dtype:     the fp8 format of uint8 q_index / k_index bytes.
     Returns float32 [T, N]. Products are fp32, as the fp32 indexer computes them; for low-precision keys use
     IndexerKeyCache.
     """
     fn = "indexer_scores"
-    q_c, _ = _io.arg(q_index, fn, "q_index")
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
     w_c, _ = _io.arg(weights, fn, "weights")
-    k_c, _ = _io.arg(k_index, fn, "k_index")
+    k_c, k_dtype = _io.arg(k_index, fn, "k_index", _uint8_only(k_index, dtype))
     t, _hi, _di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
     n, _di2 = _io.shape(k_index, fn, "k_index", 2, "[N, DI]")
     if positions is None:
@@ -152,8 +162,8 @@ def indexer_scores(q_index, weights, k_index, positions=None, *, out=None):
     p_c, _ = _io.arg(positions, fn, "positions")
     result = out if out is not None else _io.empty((t, n), "float32", (q_index, weights, k_index), fn)
     out_c, _ = _io.arg(result, fn, "out")
-    _io.call(fn, {"scores": "out", "queries": "q_index", "keys": "k_index"}, _C.indexer_scores, q_c, w_c, k_c, p_c,
-             out_c)
+    _io.call(fn, {"scores": "out", "queries": "q_index", "keys": "k_index"}, _C.indexer_scores, q_c, q_dtype, w_c,
+             k_c, k_dtype, p_c, out_c)
     return result
 
 
@@ -211,25 +221,25 @@ class IndexerKeyCache:
     def bytes_per_token(self) -> int:
         return int(self._cache.bytes_per_token)
 
-    def append(self, keys):
-        """Appends keys [n, DI] (float32, float16 or bfloat16 on the CPU, any strides). A non-finite value raises
-        keysel.Error and leaves the cache unchanged."""
+    def append(self, keys, *, dtype=None):
+        """Appends keys [n, DI] (float32, float16, bfloat16 or float8 on the CPU, any strides; uint8 bytes with
+        dtype="fp8_e4m3" / "fp8_e5m2"). A non-finite value raises keysel.Error and leaves the cache unchanged."""
         fn = "IndexerKeyCache.append"
-        keys_c, _ = _io.arg(keys, fn, "keys")
-        _io.call(fn, {}, self._cache.append, keys_c)
+        keys_c, keys_dtype = _io.arg(keys, fn, "keys", _uint8_only(keys, dtype))
+        _io.call(fn, {}, self._cache.append, keys_c, keys_dtype)
 
     def clear(self):
         """Removes every key (keeps the configuration)."""
         self._cache.clear()
 
-    def scores(self, q_index, weights, positions=None, *, out=None):
+    def scores(self, q_index, weights, positions=None, *, out=None, dtype=None):
         """I[t, s] for every cached key (SPEC §3), from quantised queries and keys.
 
         q_index [T, HI, DI] float32/float16/bfloat16; weights float32 [T, HI]; positions int32 [T] or None (every
         key allowed). Returns float32 [T, N]; keys s > positions[t] score -inf.
         """
         fn = "IndexerKeyCache.scores"
-        q_c, _ = _io.arg(q_index, fn, "q_index")
+        q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
         w_c, _ = _io.arg(weights, fn, "weights")
         t, _hi, _di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
         n = len(self)
@@ -238,17 +248,18 @@ class IndexerKeyCache:
         p_c, _ = _io.arg(positions, fn, "positions")
         result = out if out is not None else _io.empty((t, n), "float32", (q_index, weights), fn)
         out_c, _ = _io.arg(result, fn, "out")
-        _io.call(fn, {"scores": "out", "queries": "q_index"}, self._cache.scores, q_c, w_c, p_c, out_c)
+        _io.call(fn, {"scores": "out", "queries": "q_index"}, self._cache.scores, q_c, q_dtype, w_c, p_c, out_c)
         return result
 
-    def select(self, q_index, weights, positions, k, *, n_sink=0, n_local=0, kept_on_top=False, out=None):
+    def select(self, q_index, weights, positions, k, *, n_sink=0, n_local=0, kept_on_top=False, out=None,
+               dtype=None):
         """The top-k keys by the indexer score plus the kept keys, scored block by block (never holding [T, N]).
 
         Returns int32 [T, 1, W] (DeepSeek Sparse Attention shares one selection among all heads): the same
         selection select_topk makes from scores(), bit for bit. The cost (SPEC §5) is in .last_cost.
         """
         fn = "IndexerKeyCache.select"
-        q_c, _ = _io.arg(q_index, fn, "q_index")
+        q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
         w_c, _ = _io.arg(weights, fn, "weights")
         p_c, _ = _io.arg(positions, fn, "positions")
         t, _hi, _di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
@@ -256,7 +267,7 @@ class IndexerKeyCache:
         result = out if out is not None else _io.empty((t, 1, width), "int32", (q_index, weights, positions), fn)
         out_c, _ = _io.arg(result, fn, "out")
         self.last_cost = _io.call(fn, {"selection": "out", "queries": "q_index", **_io.POLICY}, self._cache.select,
-                                  q_c, w_c, p_c, k, n_sink, n_local, kept_on_top, out_c)
+                                  q_c, q_dtype, w_c, p_c, k, n_sink, n_local, kept_on_top, out_c)
         return result
 
 

@@ -78,6 +78,15 @@ nb::object loaded_tensor_array(const LoadedTensor& tensor) {
   return numpy_array(tensor.to_float(), std::move(shape));
 }
 
+// fp8 tensors on the CPU are decoded exactly into `storage` (fp32), for entry points that take fp32/fp16/bf16.
+TensorView decoded_if_fp8(const TensorView& view, std::vector<float>& storage) {
+  if (view.dtype() != DType::fp8_e4m3 && view.dtype() != DType::fp8_e5m2) return view;
+  if (view.device().kind != DeviceKind::cpu) return view;
+  const std::vector<double> values = to_double_vector(view);
+  storage.assign(values.begin(), values.end());
+  return TensorView(static_cast<const void*>(storage.data()), DType::fp32, view.shape());
+}
+
 // ---- selection -------------------------------------------------------------------------------------------
 std::int64_t selection_width(std::int64_t k, std::int64_t n_sink, std::int64_t n_local, bool kept_on_top,
                              std::string_view function) {
@@ -129,17 +138,19 @@ QuantizationConfig make_config(std::string_view format, std::string_view scale, 
   return config;
 }
 
-void cache_append(IndexerKeyCache& cache, nb::handle keys) {
+void cache_append(IndexerKeyCache& cache, nb::handle keys, std::string_view keys_dtype) {
   TensorArguments args("IndexerKeyCache.append");
-  const TensorView keys_view = args.input(keys, "keys");
+  std::vector<float> decoded;
+  const TensorView keys_view = decoded_if_fp8(args.input(keys, "keys", keys_dtype), decoded);
   nb::gil_scoped_release release;
   cache.append(keys_view);
 }
 
-void cache_scores(const IndexerKeyCache& cache, nb::handle q_index, nb::handle weights, nb::handle positions,
-                  nb::handle out) {
+void cache_scores(const IndexerKeyCache& cache, nb::handle q_index, std::string_view q_dtype, nb::handle weights,
+                  nb::handle positions, nb::handle out) {
   TensorArguments args("IndexerKeyCache.scores");
-  const TensorView queries = args.input(q_index, "q_index");
+  std::vector<float> decoded;
+  const TensorView queries = decoded_if_fp8(args.input(q_index, "q_index", q_dtype), decoded);
   const TensorView weights_view = args.input(weights, "weights");
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView out_view = args.output(out, "scores");
@@ -149,10 +160,12 @@ void cache_scores(const IndexerKeyCache& cache, nb::handle q_index, nb::handle w
   lightning_indexer_scores(quantized, weights_view, positions_view, cache, out_view);
 }
 
-nb::dict cache_select(const IndexerKeyCache& cache, nb::handle q_index, nb::handle weights, nb::handle positions,
+nb::dict cache_select(const IndexerKeyCache& cache, nb::handle q_index, std::string_view q_dtype, nb::handle weights,
+                      nb::handle positions,
                       std::int64_t k, std::int64_t n_sink, std::int64_t n_local, bool kept_on_top, nb::handle out) {
   TensorArguments args("IndexerKeyCache.select");
-  const TensorView queries = args.input(q_index, "q_index");
+  std::vector<float> decoded;
+  const TensorView queries = decoded_if_fp8(args.input(q_index, "q_index", q_dtype), decoded);
   const TensorView weights_view = args.input(weights, "weights");
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView out_view = args.output(out, "selection");
@@ -168,12 +181,13 @@ nb::dict cache_select(const IndexerKeyCache& cache, nb::handle q_index, nb::hand
 }
 
 // I[t, s] over fp32 copies of the keys (SPEC §3 without quantisation).
-void indexer_scores_binding(nb::handle q_index, nb::handle weights, nb::handle k_index, nb::handle positions,
-                            nb::handle out) {
+void indexer_scores_binding(nb::handle q_index, std::string_view q_dtype, nb::handle weights, nb::handle k_index,
+                            std::string_view k_dtype, nb::handle positions, nb::handle out) {
   TensorArguments args("indexer_scores");
-  const TensorView queries = args.input(q_index, "q_index");
+  std::vector<float> decoded_queries, decoded_keys;
+  const TensorView queries = decoded_if_fp8(args.input(q_index, "q_index", q_dtype), decoded_queries);
   const TensorView weights_view = args.input(weights, "weights");
-  const TensorView keys = args.input(k_index, "k_index");
+  const TensorView keys = decoded_if_fp8(args.input(k_index, "k_index", k_dtype), decoded_keys);
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView out_view = args.output(out, "scores");
   expect_shape("indexer_scores", keys, "k_index", {kAnyExtent, kAnyExtent});
@@ -383,7 +397,8 @@ NB_MODULE(_C, m) {
         "kept_on_top"_a, "out"_a, "stream"_a);
   m.def("exact_topk", &exact_topk_binding, "q"_a, "k_cache"_a, "positions"_a, "k"_a, "granularity"_a, "scale"_a,
         "n_sink"_a, "n_local"_a, "kept_on_top"_a, "out"_a);
-  m.def("indexer_scores", &indexer_scores_binding, "q_index"_a, "weights"_a, "k_index"_a, "positions"_a, "out"_a);
+  m.def("indexer_scores", &indexer_scores_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "k_index"_a, "k_dtype"_a,
+        "positions"_a, "out"_a);
   m.def("sparse_attention", &sparse_attention_binding, "q"_a, "k_cache"_a, "v_cache"_a, "selection"_a,
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
   m.def("metrics", &metrics_binding, "q"_a, "k_cache"_a, "v_cache"_a.none(), "positions"_a, "selection"_a, "k"_a,
@@ -396,9 +411,9 @@ NB_MODULE(_C, m) {
              new (self) IndexerKeyCache(dim, make_config(format, scale, group_size, power_of_two_scales, hadamard));
            },
            "dim"_a, "format"_a, "scale"_a, "group_size"_a, "power_of_two_scales"_a, "hadamard"_a)
-      .def("append", &cache_append, "keys"_a)
-      .def("scores", &cache_scores, "q_index"_a, "weights"_a, "positions"_a, "out"_a)
-      .def("select", &cache_select, "q_index"_a, "weights"_a, "positions"_a, "k"_a, "n_sink"_a, "n_local"_a,
+      .def("append", &cache_append, "keys"_a, "keys_dtype"_a)
+      .def("scores", &cache_scores, "q_index"_a, "q_dtype"_a, "weights"_a, "positions"_a, "out"_a)
+      .def("select", &cache_select, "q_index"_a, "q_dtype"_a, "weights"_a, "positions"_a, "k"_a, "n_sink"_a, "n_local"_a,
            "kept_on_top"_a, "out"_a)
       .def("clear", &IndexerKeyCache::clear)
       .def_prop_ro("size", &IndexerKeyCache::size)
@@ -420,5 +435,19 @@ NB_MODULE(_C, m) {
   });
 
   m.def("load_dump", &load_dump_binding, "path"_a);
+  m.def("tensor_view_info",
+        [](nb::handle tensor, std::string_view dtype) {
+          TensorArguments args("tensor_view_info");
+          const TensorView view = args.input(tensor, "tensor", dtype);
+          nb::dict d;
+          d["data_ptr"] = reinterpret_cast<std::uintptr_t>(view.raw_data());
+          d["dtype"] = std::string(dtype_name(view.dtype()));
+          d["shape"] = std::vector<std::int64_t>(view.shape().begin(), view.shape().end());
+          d["strides"] = std::vector<std::int64_t>(view.strides().begin(), view.strides().end());
+          d["device"] = view.device().str();
+          return d;
+        },
+        "tensor"_a, "dtype"_a = "",
+        "The keysel::TensorView a tensor becomes (data pointer, dtype, shape, strides in elements, device).");
   m.def("run_study", &run_study_binding, "config_text"_a, "config_path"_a, "out"_a);
 }

@@ -115,7 +115,7 @@ def exact_topk(q, k_cache, positions, k, *, granularity="per_kv_head", scale=Non
     p_c, _ = _io.arg(positions, fn, "positions")
     t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
     _n, hkv, _d2 = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
-    groups = _io.call(fn, {}, _C.group_count, granularity, hq, hkv)
+    groups = _io.call(fn, _io.GROUPS, _C.group_count, granularity, hq, hkv)
     width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
     result = out if out is not None else _io.empty((t, groups, width), "int32", (q, k_cache, positions), fn)
     out_c, _ = _io.arg(result, fn, "out")
@@ -326,7 +326,7 @@ def metrics(q, k_cache, v_cache, positions, selection, k, *, granularity="per_kv
     s_c, _ = _io.arg(selection, fn, "selection")
     t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
     _n, hkv, _d2 = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
-    groups = _io.call(fn, {}, _C.group_count, granularity, hq, hkv)
+    groups = _io.call(fn, _io.GROUPS, _C.group_count, granularity, hq, hkv)
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
         raise _io.fail(fn, "k", "an integer >= 1", repr(k))
     rows = _io.call(fn, _io.ATTENTION, _C.metrics, q_c, k_c, v_c, p_c, s_c, int(k), granularity, _scale(scale, fn))
@@ -376,7 +376,7 @@ class Selector:
         w_c = None if weights is None else _io.arg(weights, fn, "weights")[0]
         t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
         _n, hkv, _d2 = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
-        groups = _io.call(fn, {}, _C.group_count, granularity, hq, hkv)
+        groups = _io.call(fn, _io.GROUPS, _C.group_count, granularity, hq, hkv)
         width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
         result = out if out is not None else _io.empty((t, groups, width), "int32", (q, k_cache, positions), fn)
         out_c, _ = _io.arg(result, fn, "out")

@@ -145,5 +145,6 @@ def call(function: str, renames: dict, body, *args):
 # C++ argument names -> Python keywords, per kind of call.
 POLICY = {"policy.k": "k", "policy.n_sink": "n_sink", "policy.n_local": "n_local",
           "policy.n_sink + policy.n_local": "n_sink + n_local"}
+GROUPS = {"kv_heads": "k_cache", "query_heads": "q"}
 ATTENTION = {"k": "k_cache", "v": "v_cache", "cache.k": "k_cache", "cache.v": "v_cache",
              "cache.block_table": "block_table", **POLICY}

@@ -126,11 +126,26 @@ void exact_topk_binding(nb::handle q, nb::handle k_cache, nb::handle positions, 
 }
 
 // ---- the Lightning Indexer -------------------------------------------------------------------------------
+// Runs a name parser whose errors say argument 'name', saying `argument` instead.
+template <typename Parse>
+auto parse_named(std::string_view argument, Parse&& parse) {
+  try {
+    return parse();
+  } catch (const Error& error) {
+    std::string message = error.what();
+    const std::string generic = "argument 'name'";
+    if (const auto at = message.find(generic); at != std::string::npos) {
+      message.replace(at, generic.size(), "argument '" + std::string(argument) + "'");
+    }
+    throw Error(message);
+  }
+}
+
 QuantizationConfig make_config(std::string_view format, std::string_view scale, std::int64_t group_size,
                                bool power_of_two_scales, bool hadamard) {
   QuantizationConfig config;
-  config.format = parse_dtype(format);
-  config.granularity = parse_scale_granularity(scale);
+  config.format = parse_named("format", [&] { return parse_dtype(format); });
+  config.granularity = parse_named("scale", [&] { return parse_scale_granularity(scale); });
   config.group_size = group_size;
   config.power_of_two_scales = power_of_two_scales;
   config.hadamard = hadamard;

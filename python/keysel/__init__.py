@@ -27,7 +27,8 @@ nothing.
     out, lse = keysel.sparse_attention(q, k, k, sel)            # float32 [4, 8, 64], [4, 8]
 
 Functions: select_topk, exact_topk, indexer_scores, IndexerKeyCache, sparse_attention, metrics, make_selector,
-load_dump, run_study; set_num_threads, num_threads, simd_level, built_with_cuda. PyTorch integration lives in
+load_dump, run_study; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
+take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count. PyTorch integration lives in
 keysel.torch (import it explicitly).
 """
 
@@ -53,7 +54,8 @@ simd_level = _C.simd_level
 set_simd_level = _C.set_simd_level
 
 __all__ = [
-    "Error", "IndexerKeyCache", "Selector", "exact_topk", "indexer_scores", "load_dump", "make_selector",
+    "Error", "IndexerKeyCache", "Selector", "exact_topk", "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda",
+    "load_dump", "make_selector",
     "metric_names", "metrics", "run_study", "select_topk", "sparse_attention", "built_with_cuda",
     "built_with_faiss", "cuda_device_count", "num_threads", "set_num_threads", "simd_level", "set_simd_level",
 ]
@@ -269,6 +271,62 @@ class IndexerKeyCache:
         self.last_cost = _io.call(fn, {"selection": "out", "queries": "q_index", **_io.POLICY}, self._cache.select,
                                   q_c, q_dtype, w_c, p_c, k, n_sink, n_local, kept_on_top, out_c)
         return result
+
+
+def indexer_logits_cuda(q_index, weights, blocks, positions, n_keys, *, block_table=None, sequence_of_row=None,
+                        out=None, stream=None):
+    """The Lightning Indexer on a GPU over a serving engine's paged fp8 key cache (keysel's CUDA kernel as it is).
+
+    I[r, s] = scale[s] * sum_j weights[r, j] * ReLU(q_index[r, j] . k[s]) for s <= positions[r] (SPEC §3), fp8
+    products accumulated in fp32 by the tensor cores; needs a GPU of compute capability 8.9 or newer.
+      q_index:   fp8 e4m3 [R, HI, DI] (torch.float8_e4m3fn, or uint8 bytes), contiguous; HI 32/64/128, DI 64/128
+      weights:   float32 [R, HI], each query head's scale (and any softmax scale) folded in
+      blocks:    uint8 [num_blocks, 64, DI + 4]: per token its DI fp8 e4m3 bytes, then its fp32 scale (4 bytes)
+      positions: int32 [R]; n_keys: N, the width of the logits
+      block_table: int32 [S, max_blocks] (token s of sequence q is row s % 64 of block block_table[q, s // 64]) or
+                 None (sequence q owns blocks [q * ceil(N/64), (q+1) * ceil(N/64)))
+      sequence_of_row: int32 [R] (prefill: the sequence of each query row) or None (row r reads sequence r)
+    Returns float32 [R, N] (-inf beyond each row's allowed keys), enqueued on `stream`.
+    """
+    fn = "indexer_logits_cuda"
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
+    p_c, _ = _io.arg(positions, fn, "positions")
+    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
+    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
+    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    result = out if out is not None else _io.empty((r, int(n_keys)), "float32", (q_index, weights, positions), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"logits": "out", "q": "q_index", "cache.blocks": "blocks", "cache.block_table": "block_table"},
+             _C.indexer_logits_cuda, q_c, q_dtype, w_c, b_c, b_dtype, table_c, p_c, rows_c, out_c,
+             _io.stream_handle(stream, (q_index,)))
+    return result
+
+
+def indexer_topk_cuda(q_index, weights, blocks, positions, n_keys, k, *, n_sink=0, n_local=0, kept_on_top=False,
+                      block_table=None, sequence_of_row=None, out=None, stream=None):
+    """Decode selection on a GPU: indexer_logits_cuda into stream-ordered scratch memory, then keysel's CUDA top-k.
+
+    Arguments as indexer_logits_cuda, plus k, n_sink, n_local, kept_on_top as in select_topk.
+    Returns int32 [R, 1, W] (one selection per token, shared by all heads), enqueued on `stream`.
+    """
+    fn = "indexer_topk_cuda"
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
+    p_c, _ = _io.arg(positions, fn, "positions")
+    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
+    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
+    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
+    result = out if out is not None else _io.empty((r, 1, width), "int32", (q_index, weights, positions), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"selection": "out", "q": "q_index", "cache.blocks": "blocks", "cache.block_table": "block_table",
+                  **_io.POLICY},
+             _C.indexer_topk_cuda, q_c, q_dtype, w_c, b_c, b_dtype, table_c, p_c, int(n_keys), k, n_sink, n_local,
+             kept_on_top, rows_c, out_c, _io.stream_handle(stream, (q_index,)))
+    return result
 
 
 # ---- attention -------------------------------------------------------------------------------------------

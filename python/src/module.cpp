@@ -214,6 +214,40 @@ void indexer_scores_binding(nb::handle q_index, std::string_view q_dtype, nb::ha
   lightning_indexer_scores(quantized, weights_view, positions_view, cache, out_view);
 }
 
+// The CUDA Lightning Indexer over a serving engine's paged fp8 key cache (cuda_indexer.h), as it is.
+void indexer_logits_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle blocks,
+                                 std::string_view blocks_dtype, nb::handle block_table, nb::handle positions,
+                                 nb::handle sequence_of_row, nb::handle out, std::uintptr_t stream) {
+  TensorArguments args("indexer_logits_cuda");
+  const TensorView q_view = args.input(q, "q_index", q_dtype);
+  const TensorView weights_view = args.input(weights, "weights");
+  const CudaIndexerKeyCache cache{args.input(blocks, "blocks", blocks_dtype),
+                                  args.optional_input(block_table, "block_table")};
+  const TensorView positions_view = args.input(positions, "positions");
+  const TensorView rows = args.optional_input(sequence_of_row, "sequence_of_row");
+  const TensorView out_view = args.output(out, "logits");
+  nb::gil_scoped_release release;
+  lightning_indexer_logits_cuda(q_view, weights_view, cache, positions_view, out_view, rows, stream_pointer(stream));
+}
+
+void indexer_topk_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle blocks,
+                               std::string_view blocks_dtype, nb::handle block_table, nb::handle positions,
+                               std::int64_t n_keys, std::int64_t k, std::int64_t n_sink, std::int64_t n_local,
+                               bool kept_on_top, nb::handle sequence_of_row, nb::handle out, std::uintptr_t stream) {
+  TensorArguments args("indexer_topk_cuda");
+  const TensorView q_view = args.input(q, "q_index", q_dtype);
+  const TensorView weights_view = args.input(weights, "weights");
+  const CudaIndexerKeyCache cache{args.input(blocks, "blocks", blocks_dtype),
+                                  args.optional_input(block_table, "block_table")};
+  const TensorView positions_view = args.input(positions, "positions");
+  const TensorView rows = args.optional_input(sequence_of_row, "sequence_of_row");
+  const TensorView out_view = args.output(out, "selection");
+  const SelectionPolicy policy = make_policy(k, "per_token", n_sink, n_local, kept_on_top);
+  nb::gil_scoped_release release;
+  lightning_indexer_topk_cuda(q_view, weights_view, cache, positions_view, n_keys, policy, out_view, rows,
+                              stream_pointer(stream));
+}
+
 // ---- attention -------------------------------------------------------------------------------------------
 void sparse_attention_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle selection,
                               std::string_view granularity, double scale, nb::handle block_table, nb::handle out,
@@ -414,6 +448,11 @@ NB_MODULE(_C, m) {
         "n_sink"_a, "n_local"_a, "kept_on_top"_a, "out"_a);
   m.def("indexer_scores", &indexer_scores_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "k_index"_a, "k_dtype"_a,
         "positions"_a, "out"_a);
+  m.def("indexer_logits_cuda", &indexer_logits_cuda_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "blocks"_a,
+        "blocks_dtype"_a, "block_table"_a.none(), "positions"_a, "sequence_of_row"_a.none(), "out"_a, "stream"_a);
+  m.def("indexer_topk_cuda", &indexer_topk_cuda_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "blocks"_a,
+        "blocks_dtype"_a, "block_table"_a.none(), "positions"_a, "n_keys"_a, "k"_a, "n_sink"_a, "n_local"_a,
+        "kept_on_top"_a, "sequence_of_row"_a.none(), "out"_a, "stream"_a);
   m.def("sparse_attention", &sparse_attention_binding, "q"_a, "k_cache"_a, "v_cache"_a, "selection"_a,
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
   m.def("metrics", &metrics_binding, "q"_a, "k_cache"_a, "v_cache"_a.none(), "positions"_a, "selection"_a, "k"_a,

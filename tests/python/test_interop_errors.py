@@ -234,3 +234,16 @@ def test_help_and_introspection():
     keysel.set_num_threads(previous)
     assert isinstance(keysel.built_with_cuda(), bool)
     assert "torch" not in dir(keysel)        # keysel.torch is imported explicitly
+
+
+def test_committed_stub_matches_the_module(tmp_path):
+    """python/keysel/_C.pyi is nanobind's stubgen output for the _C that was built (docs/python.md)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    committed = pathlib.Path(__file__).resolve().parents[2] / "python" / "keysel" / "_C.pyi"
+    generated = tmp_path / "_C.pyi"
+    subprocess.run([sys.executable, "-m", "nanobind.stubgen", "-q", "-m", "keysel._C", "-o", str(generated)],
+                   check=True)
+    assert generated.read_text() == committed.read_text(), "regenerate python/keysel/_C.pyi (docs/python.md)"

@@ -331,3 +331,21 @@ def test_cuda_matches_cpu_and_is_captured_by_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(static_out.cpu(), kt.topk_attention(q2, k2, v2, k=32), atol=1e-4, rtol=1e-4)
+
+
+@needs_cuda
+def test_cuda_bfloat16_decode_under_torch_compile_with_cuda_graphs():
+    torch._dynamo.reset()
+    q, key, v = random_qkv(2, 8, 2, 1, 500, 128, seed=12, dtype=torch.bfloat16, device="cuda")
+
+    def attend(q, key, v):
+        return kt.topk_attention(q, key, v, k=64, granularity="per_token", n_sink=4, n_local=16)
+
+    eager = attend(q, key, v)
+    compiled = torch.compile(attend, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # the first calls record the graph, the later ones replay it
+        out = compiled(q, key, v)
+    torch.testing.assert_close(out, eager, atol=2e-2, rtol=2e-2)
+    expected = reference_topk_attention(q.cpu(), key.cpu(), v.cpu(), k=64, granularity="per_token", n_sink=4,
+                                        n_local=16)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=2e-2, rtol=2e-2)

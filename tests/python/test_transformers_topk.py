@@ -242,3 +242,19 @@ def test_masks_other_than_causal_with_left_padding_are_refused():
     kt.configure(k=4)
     with pytest.raises(NotImplementedError, match="sliding-window"):
         kt.transformers_attention(model.model.layers[0].self_attn, q, k, v, window[None, None], scaling=0.3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_generate_matches_the_cpu():
+    model = small_llama(seed=9)
+    prompt = tokens(2, 12, seed=9)
+    use(5)
+    model.set_attn_implementation("keysel_topk")
+    with torch.no_grad():
+        cpu = model.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        model.cuda()
+        gpu = model.generate(prompt.cuda(), max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(gpu.sequences.cpu(), cpu.sequences)
+    torch.testing.assert_close(torch.stack(gpu.logits).cpu(), torch.stack(cpu.logits), atol=1e-4, rtol=1e-4)

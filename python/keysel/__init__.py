@@ -28,8 +28,8 @@ nothing.
 
 Functions: select_topk, exact_topk, indexer_scores, IndexerKeyCache, sparse_attention, metrics, make_selector,
 load_dump, run_study; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
-take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count. PyTorch integration lives in
-keysel.torch (import it explicitly).
+take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count.
+PyTorch integration lives in keysel.torch (import it explicitly: import keysel.torch).
 """
 
 from __future__ import annotations

@@ -233,7 +233,13 @@ def test_help_and_introspection():
     assert keysel.num_threads() == 1
     keysel.set_num_threads(previous)
     assert isinstance(keysel.built_with_cuda(), bool)
-    assert "torch" not in dir(keysel)        # keysel.torch is imported explicitly
+    # keysel.torch is imported explicitly, never by `import keysel` (which also never imports torch).
+    import subprocess
+    import sys
+
+    probe = "import sys, keysel; print('keysel.torch' in sys.modules, 'torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "False"]
 
 
 def test_committed_stub_matches_the_module(tmp_path):
@@ -247,3 +253,15 @@ def test_committed_stub_matches_the_module(tmp_path):
     subprocess.run([sys.executable, "-m", "nanobind.stubgen", "-q", "-m", "keysel._C", "-o", str(generated)],
                    check=True)
     assert generated.read_text() == committed.read_text(), "regenerate python/keysel/_C.pyi (docs/python.md)"
+
+
+def test_the_package_under_test_is_the_one_just_built():
+    """Under ctest (python.pytest), keysel must come from the build tree, not from an older installed copy."""
+    import os
+    import pathlib
+
+    build = os.environ.get("KEYSEL_EXPECT_BUILD_DIR")
+    location = pathlib.Path(keysel.__file__).resolve()
+    if build is not None:
+        assert location.is_relative_to(pathlib.Path(build).resolve()), location
+    assert location.parent.name == "keysel"

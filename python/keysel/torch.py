@@ -558,6 +558,10 @@ def transformers_attention(module, query, key, value, attention_mask, dropout=0.
     key_start = query_positions = None
     if attention_mask is not None:
         key_start, query_positions = _mask_layout(attention_mask, t, n)
+    elif is_causal and 1 < t < n:
+        # transformers leaves out the mask where SDPA's is_causal (aligned top-left: query t at position t) is right:
+        # T == N, or a prefill into an empty static cache whose slots after the T queries are still empty.
+        key, value = key[:, :, :t], value[:, :, :t]
     out = topk_attention(query, key, value, k=opts["k"], is_causal=is_causal, scale=scaling,
                          granularity=opts["granularity"], selector=opts["selector"], n_sink=opts["n_sink"],
                          n_local=opts["n_local"], stats=opts["stats"], layer=layer, key_start=key_start,

@@ -25,9 +25,10 @@ REFERENCE = {"k": None, "granularity": "per_kv_head", "allowed": None}
 
 def reference_allowed(attention_mask, b, t, n):
     """bool [B, T, N] from what transformers passes (None: causal, queries at the last T positions)."""
-    if attention_mask is None:
-        s = torch.arange(n)
-        return (s[None, :] <= (n - t + torch.arange(t))[:, None]).expand(b, t, n)
+    if attention_mask is None:  # SDPA's is_causal: aligned top-left for T > 1 (T == N, or a static cache's
+        s = torch.arange(n)     # prefill), every key for T == 1
+        first = n - 1 if t == 1 else 0
+        return (s[None, :] <= (first + torch.arange(t))[:, None]).expand(b, t, n)
     mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
     return mask[:, 0].expand(b, t, n)
 
@@ -160,6 +161,26 @@ def test_generate_with_every_key_selected_equals_eager_generate():
     torch.testing.assert_close(torch.stack(topk.logits), torch.stack(eager.logits), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k", [64, 5])
+def test_a_static_cache_generates_as_the_dynamic_one(k):
+    # A static cache hands attention all of its slots, the empty ones included; prefill comes without a mask.
+    model = small_llama(seed=10)
+    prompt = tokens(1, 12, seed=10)
+    use(k)
+    runs = {}
+    for name, cache in (("eager", None), ("reference_topk", None), ("keysel_topk", "static"),
+                        ("keysel_topk", None)):
+        model.set_attn_implementation(name)
+        with torch.no_grad():
+            runs[name, cache] = model.generate(prompt, max_new_tokens=8, do_sample=False, output_logits=True,
+                                               return_dict_in_generate=True, cache_implementation=cache)
+    expected = runs["eager", None] if k == 64 else runs["reference_topk", None]
+    for cache in (None, "static"):
+        assert torch.equal(runs["keysel_topk", cache].sequences, expected.sequences)
+        torch.testing.assert_close(torch.stack(runs["keysel_topk", cache].logits), torch.stack(expected.logits),
+                                   atol=2e-5, rtol=1e-5)
+
+
 def test_left_padding_reads_only_the_real_keys():
     model = small_llama(seed=4)
     use(4)
@@ -258,3 +279,22 @@ def test_cuda_generate_matches_the_cpu():
                              return_dict_in_generate=True)
     assert torch.equal(gpu.sequences.cpu(), cpu.sequences)
     torch.testing.assert_close(torch.stack(gpu.logits).cpu(), torch.stack(cpu.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_right_padding_and_a_prefill_in_chunks():
+    model = small_llama(seed=11)
+    use(4)
+    a, b = tokens(1, 14, seed=11), tokens(1, 9, seed=12)
+    ids = torch.cat([a, torch.cat([b, torch.zeros(1, 5, dtype=torch.long)], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    model.set_attn_implementation("keysel_topk")
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        alone_a, alone_b = model(a).logits, model(b).logits
+        # the same 14 tokens in two chunks: the second chunk's 6 queries sit after 8 cached keys
+        first = model(a[:, :8], use_cache=True)
+        second = model(a[:, 8:], past_key_values=first.past_key_values).logits
+    torch.testing.assert_close(batch[0], alone_a[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(batch[1, :9], alone_b[0], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(second[0], alone_a[0, 8:], atol=2e-5, rtol=1e-5)

@@ -353,22 +353,39 @@ def _make_selector(spec, layer):
     return selector
 
 
-def _select(selector, q, k_cache, positions, k, granularity, scale, n_sink, n_local, layer):
-    """int32 [T, G, W] for one sequence."""
+def _cpu32(x):
+    return x.detach().to("cpu", torch.float32).contiguous()
+
+
+def _select(selector, q, k_cache, positions, k, granularity, scale, n_sink, n_local, layer, indexer=None):
+    """int32 [T, G, W] for one sequence; indexer: None or (q_index [T, HI, DI], k_index [N, DI], weights [T, HI])."""
     if isinstance(selector, str) and selector == "exact":
         return exact_topk(q, k_cache, positions, k, granularity=granularity, scale=scale, n_sink=n_sink,
                           n_local=n_local)
+    extra = {}
     if isinstance(selector, (str, dict)):
-        selector = _make_selector(selector, layer)
+        if indexer is None:
+            selector = _make_selector(selector, layer)
+        else:  # a fresh selector over this sequence's indexer keys, as keysel's tiny-lm study builds one per layer
+            core = _core()
+            if core is None or not hasattr(core, "make_selector"):
+                raise ImportError("keysel.torch: a selector spec needs keysel.make_selector from the compiled core")
+            indexer = tuple(_cpu32(x) for x in indexer)
+            selector = core.make_selector(selector, indexer=indexer)
+            extra = {"q_index": indexer[0], "weights": indexer[2]}
+    elif indexer is not None:
+        extra = {"indexer": indexer}
     select = selector.select if hasattr(selector, "select") else selector
     device = q.device
     if not callable(select):
         raise ValueError(f"keysel.torch: selector must be 'exact', a selector spec (dict or JSON text), an object "
                          f"with .select or a callable; got {selector!r}")
     if hasattr(selector, "select"):  # a keysel selector: fp32 CPU tensors
-        q, k_cache, positions = q.float().cpu(), k_cache.float().cpu(), positions.cpu()
+        q, k_cache, positions = _cpu32(q), _cpu32(k_cache), positions.to("cpu", torch.int32)
+        if "indexer" in extra:
+            extra = {"q_index": _cpu32(indexer[0]), "weights": _cpu32(indexer[2])}
     selection = select(q, k_cache, positions, k, granularity=granularity, scale=scale, n_sink=n_sink,
-                       n_local=n_local)
+                       n_local=n_local, **extra)
     selection = torch.as_tensor(selection).to(device=device, dtype=torch.int32)
     groups = _fallback.group_count(granularity, q.shape[1], k_cache.shape[1])
     if selection.dim() != 3 or selection.shape[0] != q.shape[0] or selection.shape[1] != groups:
@@ -427,7 +444,7 @@ def _check_layout(query, key, value, k, granularity, n_sink, n_local):
 
 def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granularity="per_kv_head",
                    selector="exact", n_sink=0, n_local=0, stats=None, layer=None, key_start=None,
-                   query_positions=None):
+                   query_positions=None, indexer=None):
     """Attention of each query over only its k selected keys, in the layout of F.scaled_dot_product_attention.
 
     query [B, Hq, T, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv] (Hkv divides Hq) -> [B, Hq, T, Dv], query's
@@ -446,6 +463,10 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
       key_start    optional int64 [B]: keys before key_start[b] are padding that no query of sequence b reads
       query_positions  optional int [B, T]: the key position of each query (overrides is_causal); a negative
                    entry marks a padding query, whose output is zeros
+      indexer      optional trained Lightning-Indexer tensors (q_index [B, T, HI, DI], k_index [B, N, DI],
+                   weights [B, T, HI]), a tuple or a dict: a selector spec of type "indexer" (or a hybrid over one)
+                   then scores with them (a fresh keysel selector per call); a callable selector receives them as
+                   indexer=(q_index, k_index, weights) of one sequence
     """
     _check_layout(query, key, value, k, granularity, n_sink, n_local)
     b, hq, t, d = query.shape
@@ -480,7 +501,12 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
             outputs.append(query.new_zeros((t, hq, value.shape[-1])))
             continue
         q, kc, vc = q.contiguous(), kc.contiguous(), vc.contiguous()
-        selection = _select(selector, q, kc, pos, k, granularity, scale, n_sink, n_local, layer)
+        seq_indexer = None
+        if indexer is not None:
+            qi, ki, wi = ((indexer["q_index"], indexer["k_index"], indexer["weights"]) if isinstance(indexer, dict)
+                          else indexer)
+            seq_indexer = (qi[i], ki[i, start:], wi[i])
+        selection = _select(selector, q, kc, pos, k, granularity, scale, n_sink, n_local, layer, seq_indexer)
         out, _ = sparse_attention(q, kc, vc, selection, granularity=granularity, scale=scale)
         if live is not None:
             out = out * live[:, None, None].to(out.dtype)

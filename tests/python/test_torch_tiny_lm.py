@@ -1,6 +1,6 @@
 """keysel's tiny language model (tools/train_tiny_lm.py, weights in models/tiny_lm/) in PyTorch with every layer's
-attention replaced by keysel.torch.topk_attention, against keysel's C++ decoder: for the same selector, k and
-granularity the bits per byte (and the SPEC §4 metrics of every layer's selections) must equal what keysel's
+attention replaced by keysel.torch.topk_attention, against keysel's C++ decoder: for the same selector (the
+model's trained Lightning Indexers included), k and granularity the bits per byte (and the SPEC §4 metrics of every layer's selections) must equal what keysel's
 tiny-lm study computes (keysel.run_study, the C++ TinyLm forward pass with each layer restricted to the
 selector's keys).
 """
@@ -32,18 +32,28 @@ TRAIN = load_training_module()
 
 class TopkFunctional:
     """Stands in for torch.nn.functional inside train_tiny_lm: scaled_dot_product_attention becomes
-    topk_attention (the layer is the call's index within a forward pass); everything else is torch's."""
+    topk_attention (the layer is the call's index within a forward pass); everything else is torch's. With
+    `indexer`, each layer's trained Lightning-Indexer tensors (from the normed input x that Block.qkv receives)
+    go to topk_attention too."""
 
-    def __init__(self, layers, **options):
-        self.layers = layers
+    def __init__(self, model, indexer=False, **options):
+        self.model = model
+        self.layers = model.cfg.layers
+        self.indexer = indexer
         self.options = options
         self.calls = 0
+        self.x = None
 
     def scaled_dot_product_attention(self, q, k, v, is_causal, scale, enable_gqa):
         assert is_causal and enable_gqa
         layer = self.calls % self.layers
         self.calls += 1
-        return kt.topk_attention(q, k, v, is_causal=True, scale=scale, layer=layer, **self.options)
+        extra = {}
+        if self.indexer:
+            t = self.x.shape[1]
+            _, _, ci, si = self.model.rope(t, self.x.device, torch.float32)
+            extra["indexer"] = self.model.layers[layer].indexer.tensors(self.x, ci, si)
+        return kt.topk_attention(q, k, v, is_causal=True, scale=scale, layer=layer, **self.options, **extra)
 
     def __getattr__(self, name):
         return getattr(torch.nn.functional, name)
@@ -68,12 +78,20 @@ def bits_per_byte(logits, tokens):
     return -logp.gather(-1, tokens[0, 1:, None]).mean().item() / math.log(2)
 
 
-def forward(model, tokens, monkeypatch, **options):
-    functional = TopkFunctional(model.cfg.layers, **options)
+def forward(model, tokens, monkeypatch, indexer=False, **options):
+    functional = TopkFunctional(model, indexer=indexer, **options)
     monkeypatch.setattr(TRAIN, "F", functional)
+    qkv = TRAIN.Block.qkv
+
+    def capture(block, x, cos, sin):
+        functional.x = x
+        return qkv(block, x, cos, sin)
+
+    monkeypatch.setattr(TRAIN.Block, "qkv", capture)
     with torch.no_grad():
         logits = model(tokens)
     monkeypatch.setattr(TRAIN, "F", torch.nn.functional)
+    monkeypatch.setattr(TRAIN.Block, "qkv", qkv)
     assert functional.calls == model.cfg.layers
     return logits
 
@@ -106,12 +124,15 @@ def test_pytorch_full_attention_matches_the_shipped_reference_logits(model, text
     ({"type": "exact"}, 16, "per_token"),
     ({"type": "streaming", "n_sink": 4}, 32, "per_kv_head"),
     ({"type": "random", "seed": 1}, 64, "per_head"),
+    ({"type": "indexer", "format": "fp8_e4m3"}, 32, "per_token"),
+    ({"type": "indexer", "format": "int4", "hadamard": True}, 16, "per_kv_head"),
 ])
 def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatch, selector, k, granularity):
     metrics, full_bpb = cpp_study(selector, k, granularity)
     stats = kt.TopkStats()
     torch_selector = "exact" if selector["type"] == "exact" else selector
-    logits = forward(model, text, monkeypatch, k=k, granularity=granularity, selector=torch_selector, stats=stats)
+    logits = forward(model, text, monkeypatch, indexer=selector["type"] == "indexer", k=k, granularity=granularity,
+                     selector=torch_selector, stats=stats)
     bpb = bits_per_byte(logits, text)
     with torch.no_grad():
         full = bits_per_byte(model(text), text)

@@ -298,3 +298,18 @@ def test_right_padding_and_a_prefill_in_chunks():
     torch.testing.assert_close(batch[0], alone_a[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(batch[1, :9], alone_b[0], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(second[0], alone_a[0, 8:], atol=2e-5, rtol=1e-5)
+
+
+def test_torch_compile_of_the_model_gives_the_eager_logits():
+    # transformers materialises the mask while tracing; keysel_topk reads its layout eagerly (a graph break), and
+    # the keysel ops run inside the compiled graphs around it.
+    torch._dynamo.reset()
+    model = small_llama(seed=13)
+    ids = tokens(2, 16, seed=13)
+    use(5)
+    expected = logits_with(model, "reference_topk", ids, use_cache=False)
+    model.set_attn_implementation("keysel_topk")
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)

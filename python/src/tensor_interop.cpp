@@ -1,5 +1,7 @@
 #include "tensor_interop.h"
 
+#include <nanobind/stl/string.h>
+
 #include <string>
 
 #include "keysel/core/error.h"
@@ -7,8 +9,28 @@
 namespace keysel::python {
 namespace {
 
+// "numpy.ndarray of dtype >f4", "list", ...: what came, for error messages.
 std::string python_type_name(nb::handle object) {
-  return nb::cast<std::string>(nb::str(nb::handle(reinterpret_cast<PyObject*>(Py_TYPE(object.ptr())))));
+  const nb::object type = nb::borrow(reinterpret_cast<PyObject*>(Py_TYPE(object.ptr())));
+  std::string name = nb::str(type.attr("__name__")).c_str();
+  if (!object.is_none() && nb::hasattr(object, "dtype")) {
+    const nb::object dtype = object.attr("dtype");
+    name += std::string(" of dtype ") + nb::str(dtype).c_str();
+  }
+  return name;
+}
+
+// nanobind's import of `object` as an ndarray without conversion; false when it is none (some producers, such
+// as NumPy arrays in non-native byte order, make the import throw rather than fail).
+template <typename Array>
+bool import_array(nb::handle object, Array& array) {
+  if (object.is_none()) return false;
+  try {
+    return nb::try_cast(object, array, /*convert=*/false);
+  } catch (const std::exception&) {
+    if (PyErr_Occurred()) PyErr_Clear();
+    return false;
+  }
 }
 
 std::string dlpack_dtype_name(nb::dlpack::dtype dtype) {
@@ -93,6 +115,13 @@ TensorView view_of(std::string_view function_, const Array& array, std::string_v
     shape[i] = static_cast<std::int64_t>(array.shape(i));
     strides[i] = array.stride(i);
   }
+  for (std::int64_t stride : strides) {
+    if (stride < 0) {
+      detail::throw_argument_error(function_, argument,
+                                   "non-negative strides (no reversed axis; np.ascontiguousarray copies such a view)",
+                                   detail::describe(strides));
+    }
+  }
   return TensorView(static_cast<const void*>(array.data()), keysel_type, shape, strides, device, /*read_only=*/!writable);
 }
 
@@ -100,8 +129,9 @@ TensorView view_of(std::string_view function_, const Array& array, std::string_v
 
 TensorView TensorArguments::input(nb::handle object, std::string_view argument, std::string_view dtype) {
   nb::ndarray<nb::ro> array;
-  if (object.is_none() || !nb::try_cast(object, array, /*convert=*/false)) {
-    detail::throw_argument_error(function_, argument, "a NumPy array or a DLPack tensor (torch, CuPy, JAX)",
+  if (!import_array(object, array)) {
+    detail::throw_argument_error(function_, argument,
+                                 "a NumPy array (native byte order) or a DLPack tensor (torch, CuPy, JAX)",
                                  python_type_name(object));
   }
   inputs_.push_back(array);
@@ -115,9 +145,9 @@ TensorView TensorArguments::optional_input(nb::handle object, std::string_view a
 
 TensorView TensorArguments::output(nb::handle object, std::string_view argument) {
   nb::ndarray<> array;
-  if (object.is_none() || !nb::try_cast(object, array, /*convert=*/false)) {
+  if (!import_array(object, array)) {
     nb::ndarray<nb::ro> read_only;
-    const bool is_array = !object.is_none() && nb::try_cast(object, read_only, false);
+    const bool is_array = import_array(object, read_only);
     detail::throw_argument_error(function_, argument, "a writable NumPy array or DLPack tensor",
                                  is_array ? "a read-only array" : python_type_name(object));
   }

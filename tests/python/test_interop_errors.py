@@ -265,3 +265,14 @@ def test_the_package_under_test_is_the_one_just_built():
     if build is not None:
         assert location.is_relative_to(pathlib.Path(build).resolve()), location
     assert location.parent.name == "keysel"
+
+
+def test_arrays_keysel_cannot_view_are_refused_by_name(rng):
+    scores = rng.standard_normal((2, 1, 20)).astype(np.float32)
+    positions = np.array([19, 19], np.int32)
+    out = np.full((2, 1, 3), 4242, np.int32)
+    for bad, what in [(scores[:, :, ::-1], "non-negative strides"), (scores.astype(">f4"), "native byte order"),
+                      (scores > 0, "float32"), (scores.astype(np.int64), "float32")]:
+        with pytest.raises(keysel.Error, match=f"argument 'scores'.*{what}"):
+            keysel.select_topk(bad, positions, 3, out=out)
+    assert_untouched(out)

@@ -54,10 +54,10 @@ simd_level = _C.simd_level
 set_simd_level = _C.set_simd_level
 
 __all__ = [
-    "Error", "IndexerKeyCache", "Selector", "exact_topk", "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda",
-    "load_dump", "make_selector",
-    "metric_names", "metrics", "run_study", "select_topk", "sparse_attention", "built_with_cuda",
-    "built_with_faiss", "cuda_device_count", "num_threads", "set_num_threads", "simd_level", "set_simd_level",
+    "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
+    "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
+    "metrics", "num_threads", "run_study", "select_topk", "set_num_threads", "set_simd_level", "simd_level",
+    "sparse_attention",
 ]
 
 

@@ -92,6 +92,9 @@ def empty(shape, dtype: str, inputs, function: str, fill=None):
     kind, index = device_of(first)
     if any(is_torch(x) for x in inputs):
         torch = _torch()
+        if kind == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise fail(function, "out", "an output tensor while a CUDA graph is captured (keysel allocates nothing "
+                       "during capture)", "None")
         device = torch.device("cuda", index) if kind == "cuda" else torch.device("cpu")
         out = torch.empty(shape, dtype=getattr(torch, _TORCH_DTYPES[dtype]), device=device)
     elif any(is_cupy(x) for x in inputs):

@@ -148,3 +148,14 @@ def test_indexer_cuda_logits_and_topk_match_reference(generator):
     selection = keysel.indexer_topk_cuda(q.to(DEVICE), weights.to(DEVICE), blocks.to(DEVICE), positions.to(DEVICE), n,
                                          32, n_sink=1)
     assert torch.equal(selection.cpu(), keysel.select_topk(logits.cpu()[:, None, :], positions, 32, n_sink=1))
+
+
+def test_capture_without_out_is_refused(generator):
+    scores = torch.randn(2, 1, 100, generator=generator).to(DEVICE)
+    positions = torch.tensor([99, 99], dtype=torch.int32, device=DEVICE)
+    keysel.select_topk(scores, positions, 4)                                          # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(keysel.Error, match="argument 'out'"):
+        with torch.cuda.graph(graph):
+            keysel.select_topk(scores, positions, 4)

@@ -42,15 +42,17 @@ def selection_width(k, n_sink, n_local, kept_on_top):
     return k + n_sink + n_local if kept_on_top else k
 
 
-def select_topk(scores, positions, k, n_sink=0, n_local=0, kept_on_top=False):
-    """scores [T, G, N] (float), positions int [T] -> int32 [T, G, W]."""
+def select_topk(scores, positions, k, n_sink=0, n_local=0, kept_on_top=False, key_start=None):
+    """scores [T, G, N] (float), positions int [T] -> int32 [T, G, W]. key_start: None or an int64 scalar tensor;
+    keys before it are padding, never selected (the sinks are the first n_sink keys from it)."""
     t, g, n = scores.shape
     width = selection_width(k, n_sink, n_local, kept_on_top)
     device = scores.device
     s = torch.arange(n, device=device)
     pos = positions.to(torch.int64)[:, None, None]                 # [T, 1, 1]
-    allowed = s[None, None, :] <= pos                               # [T, 1, N]
-    kept = allowed & ((s[None, None, :] < n_sink) | (s[None, None, :] > pos - n_local))
+    first = torch.zeros((), dtype=torch.int64, device=device) if key_start is None else key_start.to(device)
+    allowed = (s[None, None, :] <= pos) & (s[None, None, :] >= first)  # [T, 1, N]
+    kept = allowed & ((s[None, None, :] < first + n_sink) | (s[None, None, :] > pos - n_local))
     candidate = allowed & ~kept & ~torch.isnan(scores)              # [T, G, N]
     kept = kept.expand(t, g, n)
     # Lexicographic order (kept, candidate, other) then by score, stable so that equal scores keep the lower
@@ -75,14 +77,16 @@ def select_topk(scores, positions, k, n_sink=0, n_local=0, kept_on_top=False):
     return torch.where(ascending == n, torch.full_like(ascending, -1), ascending).to(torch.int32)
 
 
-def group_probabilities(q, k_cache, positions, granularity, scale):
-    """pbar [T, G, N] in float64 (SPEC §2); 0 on keys a query may not read."""
+def group_probabilities(q, k_cache, positions, granularity, scale, key_start=None):
+    """pbar [T, G, N] in float64 (SPEC §2); 0 on keys a query may not read (after positions[t], before key_start)."""
     t, hq, _ = q.shape
     n, hkv, _ = k_cache.shape
     kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)
     keys = k_cache.to(torch.float64)[:, kv_of_head, :]               # [N, Hq, D]
     logits = torch.einsum("thd,nhd->thn", q.to(torch.float64), keys) * scale
     allowed = torch.arange(n, device=q.device)[None, None, :] <= positions.to(torch.int64)[:, None, None]
+    if key_start is not None:
+        allowed = allowed & (torch.arange(n, device=q.device)[None, None, :] >= key_start.to(q.device))
     p = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
     if granularity == "per_head":
         return p
@@ -91,9 +95,9 @@ def group_probabilities(q, k_cache, positions, granularity, scale):
     return p.mean(dim=1, keepdim=True)
 
 
-def exact_topk(q, k_cache, positions, k, granularity, scale, n_sink=0, n_local=0):
-    pbar = group_probabilities(q, k_cache, positions, granularity, scale)
-    return select_topk(pbar, positions, k, n_sink, n_local, False)
+def exact_topk(q, k_cache, positions, k, granularity, scale, n_sink=0, n_local=0, key_start=None):
+    pbar = group_probabilities(q, k_cache, positions, granularity, scale, key_start)
+    return select_topk(pbar, positions, k, n_sink, n_local, False, key_start)
 
 
 def sparse_attention(q, k_cache, v_cache, selection, granularity, scale):

@@ -119,6 +119,18 @@ def _exact_topk_impl(q, k_cache, positions, k, granularity, scale, n_sink, n_loc
     return _fallback.exact_topk(q, k_cache, positions, k, granularity, scale, n_sink, n_local)
 
 
+def _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scale, n_sink, n_local):
+    # Keys before key_start are padding: select among [key_start, N) (sinks are its first keys), then shift back.
+    # Reading the start here, inside the op, keeps the data-dependent slice out of traced graphs.
+    if not (_core_takes(q.device, q.dtype) and _core_takes(k_cache.device, k_cache.dtype)):
+        _check_backend_request()  # the pure-torch path masks the padding keys: no host synchronisation
+        return _fallback.exact_topk(q, k_cache, positions, k, granularity, scale, n_sink, n_local, key_start)
+    first = int(key_start)
+    selection = _exact_topk_impl(q, k_cache[first:], (positions.to(torch.int64) - first).to(torch.int32), k,
+                                 granularity, scale, n_sink, n_local)
+    return torch.where(selection >= 0, selection + first, selection)
+
+
 def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
     _check_backend_request()
     if all(_core_takes(x.device, x.dtype) for x in (q, k_cache, v_cache)):
@@ -149,6 +161,17 @@ if _TORCH_VERSION >= (2, 4):
 
         @_exact_topk_op.register_fake
         def _(q, k_cache, positions, k, granularity, scale, n_sink, n_local):
+            groups = _fallback.group_count(granularity, q.shape[1], k_cache.shape[1])
+            return q.new_empty((q.shape[0], groups, k), dtype=torch.int32)
+
+        @torch.library.custom_op("keysel::exact_topk_from", mutates_args=())
+        def _exact_topk_from_op(q: torch.Tensor, k_cache: torch.Tensor, positions: torch.Tensor,
+                                key_start: torch.Tensor, k: int, granularity: str, scale: float, n_sink: int,
+                                n_local: int) -> torch.Tensor:
+            return _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scale, n_sink, n_local)
+
+        @_exact_topk_from_op.register_fake
+        def _(q, k_cache, positions, key_start, k, granularity, scale, n_sink, n_local):
             groups = _fallback.group_count(granularity, q.shape[1], k_cache.shape[1])
             return q.new_empty((q.shape[0], groups, k), dtype=torch.int32)
 
@@ -187,6 +210,18 @@ def exact_topk(q, k_cache, positions, k, *, granularity="per_kv_head", scale=Non
     if _ops_registered:
         return torch.ops.keysel.exact_topk(q, k_cache, positions, k, granularity, scale, n_sink, n_local)
     return _exact_topk_impl(q, k_cache, positions, k, granularity, scale, n_sink, n_local)
+
+
+def exact_topk_from(q, k_cache, positions, key_start, k, *, granularity="per_kv_head", scale=None, n_sink=0,
+                    n_local=0):
+    """exact_topk over keys [key_start, N) only (an int64 scalar tensor: keys before it are padding), in the
+    positions of the whole cache -> int32 [T, G, k]. positions[t] must be >= key_start."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    key_start = torch.as_tensor(key_start, dtype=torch.int64)
+    if _ops_registered:
+        return torch.ops.keysel.exact_topk_from(q, k_cache, positions, key_start, k, granularity, scale, n_sink,
+                                                n_local)
+    return _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scale, n_sink, n_local)
 
 
 def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None):
@@ -357,11 +392,23 @@ def _cpu32(x):
     return x.detach().to("cpu", torch.float32).contiguous()
 
 
-def _select(selector, q, k_cache, positions, k, granularity, scale, n_sink, n_local, layer, indexer=None):
-    """int32 [T, G, W] for one sequence; indexer: None or (q_index [T, HI, DI], k_index [N, DI], weights [T, HI])."""
+def _select(selector, q, k_cache, positions, k, granularity, scale, n_sink, n_local, layer, indexer=None,
+            key_start=None):
+    """int32 [T, G, W] for one sequence; indexer: None or (q_index [T, HI, DI], k_index [N, DI], weights [T, HI]);
+    key_start: None or an int64 scalar tensor, the first key any query may read (keys before it are padding)."""
     if isinstance(selector, str) and selector == "exact":
+        if key_start is not None:
+            return exact_topk_from(q, k_cache, positions, key_start, k, granularity=granularity, scale=scale,
+                                   n_sink=n_sink, n_local=n_local)
         return exact_topk(q, k_cache, positions, k, granularity=granularity, scale=scale, n_sink=n_sink,
                           n_local=n_local)
+    if key_start is not None:  # eager selectors see only the readable keys, then positions shift back
+        first = int(key_start)
+        if indexer is not None:
+            indexer = (indexer[0], indexer[1][first:], indexer[2])
+        selection = _select(selector, q, k_cache[first:], positions - first, k, granularity, scale, n_sink, n_local,
+                            layer, indexer)
+        return torch.where(selection >= 0, selection + first, selection)
     extra = {}
     if isinstance(selector, (str, dict)):
         if indexer is None:
@@ -486,33 +533,32 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
             positions = torch.full((t,), n - 1, device=query.device, dtype=torch.int32)
     outputs = []
     for i in range(b):
-        start = 0 if key_start is None else int(key_start[i])
-        q = query[i].transpose(0, 1)                              # [T, Hq, D]
-        kc = key[i, :, start:].transpose(0, 1)                    # [N', Hkv, D]
-        vc = value[i, :, start:].transpose(0, 1)                  # [N', Hkv, Dv]
+        q = query[i].transpose(0, 1).contiguous()                # [T, Hq, D]
+        kc = key[i].transpose(0, 1).contiguous()                 # [N, Hkv, D]
+        vc = value[i].transpose(0, 1).contiguous()               # [N, Hkv, Dv]
+        start = None if key_start is None else torch.as_tensor(key_start[i]).to(query.device, torch.int64)
         if query_positions is None:
-            pos = positions - start if start else positions
-            live = None
+            pos, live = positions, None
         else:
-            raw = query_positions[i].to(device=query.device, dtype=torch.int64) - start
+            raw = query_positions[i].to(device=query.device, dtype=torch.int64)
             live = raw >= 0
-            pos = raw.clamp_min(0).to(torch.int32)
-        if kc.shape[0] == 0:
-            outputs.append(query.new_zeros((t, hq, value.shape[-1])))
-            continue
-        q, kc, vc = q.contiguous(), kc.contiguous(), vc.contiguous()
+            pos = (raw.clamp_min(0) if start is None else torch.maximum(raw, start)).to(torch.int32)
         seq_indexer = None
         if indexer is not None:
             qi, ki, wi = ((indexer["q_index"], indexer["k_index"], indexer["weights"]) if isinstance(indexer, dict)
                           else indexer)
-            seq_indexer = (qi[i], ki[i, start:], wi[i])
-        selection = _select(selector, q, kc, pos, k, granularity, scale, n_sink, n_local, layer, seq_indexer)
+            seq_indexer = (qi[i], ki[i], wi[i])
+        selection = _select(selector, q, kc, pos, k, granularity, scale, n_sink, n_local, layer, seq_indexer,
+                            key_start=start)
         out, _ = sparse_attention(q, kc, vc, selection, granularity=granularity, scale=scale)
         if live is not None:
             out = out * live[:, None, None].to(out.dtype)
-        if stats is not None:
+        if stats is not None:  # eagerly, on the keys the queries may read: [start, N)
+            first = 0 if start is None else int(start)
             keep = slice(None) if live is None else live
-            _record(stats, layer, q[keep], kc, vc, pos[keep], selection[keep], k, granularity, scale)
+            shifted = torch.where(selection >= 0, selection - first, selection)
+            _record(stats, layer, q[keep], kc[first:], vc[first:], pos[keep] - first, shifted[keep], k, granularity,
+                    scale)
         outputs.append(out)
     return torch.stack(outputs).transpose(1, 2)                   # [B, Hq, T, Dv]
 
@@ -559,7 +605,7 @@ def _mask_layout(mask, t, n):
     start = torch.where(start == n, torch.zeros_like(start), start)
     contiguous = (count == last - first + 1) | ~reads
     same_start = (first == start[:, None]) | ~reads
-    if not bool((contiguous & same_start).all()):
+    if not torch.compiler.is_compiling() and not bool((contiguous & same_start).all()):
         raise NotImplementedError(
             "keysel_topk: the attention mask is not a causal mask with left padding (each query must read one "
             "run of keys starting at its sequence's first real key); sliding-window and packed-sequence masks "

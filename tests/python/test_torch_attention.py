@@ -256,6 +256,20 @@ def test_exact_topk_matches_the_reference_selection(granularity):
         assert all(row == sorted(row) for row in sel[t].tolist())
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_exact_topk_from_skips_the_padding_keys(backend):
+    q, key, _ = random_qkv(1, 6, 2, 4, 30, 8, seed=22)
+    q, key = q[0].transpose(0, 1).contiguous(), key[0].transpose(0, 1).contiguous()
+    positions = torch.tensor([20, 25, 27, 29], dtype=torch.int32)
+    with kt.options(backend=backend):
+        got = kt.exact_topk_from(q, key, positions, torch.tensor(10), 5, n_sink=2)
+        alone = kt.exact_topk(q, key[10:], positions - 10, 5, n_sink=2)
+    assert torch.equal(got, torch.where(alone >= 0, alone + 10, alone))
+    assert int(got[got >= 0].min()) == 10 and bool((got[:, :, :2] == torch.tensor([10, 11])).all())
+    torch.library.opcheck(torch.ops.keysel.exact_topk_from.default,
+                          (q, key, positions, torch.tensor(10), 5, "per_kv_head", 0.3, 1, 0))
+
+
 def test_the_pure_torch_backend_agrees_with_the_default_one():
     q, key, v = random_qkv(2, 6, 2, 5, 40, 16, seed=3)
     with kt.options(backend="torch"):

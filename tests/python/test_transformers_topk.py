@@ -300,16 +300,22 @@ def test_right_padding_and_a_prefill_in_chunks():
     torch.testing.assert_close(second[0], alone_a[0, 8:], atol=2e-5, rtol=1e-5)
 
 
-def test_torch_compile_of_the_model_gives_the_eager_logits():
-    # transformers materialises the mask while tracing; keysel_topk reads its layout eagerly (a graph break), and
-    # the keysel ops run inside the compiled graphs around it.
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_torch_compile_fullgraph_of_the_model_with_padding(backend):
+    # transformers materialises the mask while tracing; keysel_topk turns it into key positions with tensor ops
+    # and the padding start goes into torch.ops.keysel.exact_topk_from, so the whole model is one graph.
     torch._dynamo.reset()
     model = small_llama(seed=13)
-    ids = tokens(2, 16, seed=13)
-    use(5)
-    expected = logits_with(model, "reference_topk", ids, use_cache=False)
+    a, b = tokens(1, 14, seed=13), tokens(1, 9, seed=14)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    use(5, n_sink=1, backend=backend)
     model.set_attn_implementation("keysel_topk")
-    compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
-        out = compiled(ids, use_cache=False).logits
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+        eager = model(ids, attention_mask=mask, use_cache=False).logits
+        alone = model(b, use_cache=False).logits
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        out = compiled(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(out, eager, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, 5:], alone[0], atol=2e-5, rtol=1e-5)  # the sink is the first real key

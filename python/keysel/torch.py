@@ -18,7 +18,8 @@ Sinks (n_sink) and a local window (n_local) are always kept and count toward k. 
 renormalised over the selected keys (keysel.sparse_attention).
 
 The selection and the attention are torch.library custom ops (torch >= 2.4): torch.ops.keysel.topk_select,
-torch.ops.keysel.exact_topk and torch.ops.keysel.sparse_attention, with fake implementations, so torch.compile
+torch.ops.keysel.exact_topk, torch.ops.keysel.exact_topk_from (padding before a start key) and
+torch.ops.keysel.sparse_attention, with fake implementations, so torch.compile
 (fullgraph) traces through topk_attention with selector="exact", and CUDA graphs can capture it. They run keysel's
 compiled core (keysel._C) when it is importable and takes the tensors' device, and pure-torch stand-ins that
 follow the same contract otherwise (keysel.torch.backend() says which; configure(backend=...) forces one).
@@ -45,6 +46,10 @@ __all__ = [
     "transformers_attention",
     "backend",
     "ops_registered",
+    "exact_topk",
+    "exact_topk_from",
+    "topk_select",
+    "sparse_attention",
 ]
 
 GRANULARITIES = _fallback.GRANULARITIES
@@ -242,9 +247,8 @@ class TopkStats:
 
     Each recorded call adds its rows (query token x group, per batch element) to its layer. rows(layer) gives the
     per-row values of each metric as float64 tensors; summary() the aggregates of every layer (and of all layers
-    together under "all"): mean, min, p5, p50, p95 (linear interpolation between order statistics) and count.
-    Non-finite values (kl of an empty row) count in min/max order as they are; the mean of a metric holding +inf
-    is inf.
+    together under "all"): mean, min, p5, p50, p95 (linear interpolation between order statistics) and count,
+    as keysel.metrics aggregates: NaN rows are left out; +inf (kl of a row with no selected mass) counts.
     """
 
     def __init__(self):
@@ -273,6 +277,7 @@ class TopkStats:
 
     @staticmethod
     def _aggregate(values):
+        values = values[~torch.isnan(values)]
         n = values.numel()
         if n == 0:
             return {"mean": math.nan, "min": math.nan, "p5": math.nan, "p50": math.nan, "p95": math.nan, "count": 0}

@@ -363,3 +363,40 @@ def test_cuda_bfloat16_decode_under_torch_compile_with_cuda_graphs():
     expected = reference_topk_attention(q.cpu(), key.cpu(), v.cpu(), k=64, granularity="per_token", n_sink=4,
                                         n_local=16)
     torch.testing.assert_close(out.double().cpu(), expected, atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def test_stats_aggregate_as_keysel_metrics_does():
+    import keysel
+    q, key, v = random_qkv(1, 4, 2, 37, 50, 8, seed=23)
+    q, key, v = (x[0].transpose(0, 1).contiguous() for x in (q, key, v))
+    positions = torch.arange(13, 50, dtype=torch.int32)
+    selection = keysel.make_selector({"type": "random", "seed": 3}).select(q, key, positions, 5)
+    metrics = keysel.metrics(q, key, v, positions, selection, 5)
+    stats = kt.TopkStats()
+    stats.record(7, metrics)
+    summary = stats.summary()
+    assert stats.layers == [7] and set(summary) == {7, "all"}
+    for name in keysel.metric_names():
+        for what, value in metrics["aggregates"][name].items():
+            assert summary[7][name][what] == pytest.approx(value, rel=1e-12, abs=1e-15), (name, what)
+    # NaN rows are left out (out_err without values), as keysel.metrics leaves them out
+    stats.record(7, keysel.metrics(q, key, None, positions, selection, 5))
+    assert stats.summary()[7]["out_err"]["count"] == 74 and stats.summary()[7]["recall"]["count"] == 148
+    assert stats.rows(7)["recall"].shape == (148,)
+    stats.reset()
+    assert stats.layers == [] and stats.summary() == {}
+
+
+def test_topk_attention_records_stats_of_its_selection():
+    q, key, v = random_qkv(2, 4, 2, 6, 30, 8, seed=24)
+    stats = kt.TopkStats()
+    kt.topk_attention(q, key, v, k=4, stats=stats, layer=3)
+    kt.topk_attention(q, key, v, k=4, stats=stats, layer=3, selector=lambda q1, kc, pos, k, **kw: torch.arange(
+        4, dtype=torch.int32).expand(q1.shape[0], 2, 4).contiguous())
+    rows = stats.rows(3)
+    assert rows["recall"].shape == (2 * 2 * 6 * 2,)
+    assert bool((rows["recall"][:24] == 1).all()) and rows["recall"][24:].mean() < 0.6
+    assert bool((rows["mass_ratio"][:24] - 1).abs().max() < 1e-12)

@@ -57,6 +57,14 @@ ATTN_IMPLEMENTATION = "keysel_topk"
 
 _TORCH_VERSION = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2] if x.isdigit())
 
+
+
+def _is_compiling():
+    """Whether torch.compile is tracing the caller (False on a torch without torch.compiler.is_compiling)."""
+    probe = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(probe()) if probe is not None else False
+
+
 # ----------------------------------------------------------------------------------------------- the core
 
 
@@ -91,10 +99,21 @@ def backend(device="cpu"):
     return "keysel" if _core_takes(torch.device(device)) else "torch"
 
 
-def _check_backend_request():
-    if _settings["backend"] == "keysel" and _core() is None:
-        raise ImportError("keysel.torch: backend='keysel' asks for the compiled core, but keysel._C cannot be "
-                          "imported (build the package: pip install . or see docs/python.md)")
+def _use_core(*tensors):
+    """Whether an op runs the compiled core on these tensors: never with backend "torch"; where it can with
+    "auto"; with "keysel" where it can, and a ValueError (or ImportError without keysel._C) elsewhere."""
+    choice = _settings["backend"]
+    if choice == "torch":
+        return False
+    able = all(_core_takes(x.device, x.dtype) for x in tensors)
+    if choice == "keysel" and not able:
+        if _core() is None:
+            raise ImportError("keysel.torch: backend='keysel' asks for the compiled core, but keysel._C cannot be "
+                              "imported (build the package: pip install . or see docs/python.md)")
+        got = ", ".join(f"{x.dtype} on {x.device}" for x in tensors)
+        raise ValueError(f"keysel.torch: backend='keysel' runs the compiled core on CPU tensors of float32, "
+                         f"float16 or bfloat16; got {got} (use backend='auto' or 'torch')")
+    return able
 
 
 # ----------------------------------------------------------------------------------------------- the ops
@@ -108,16 +127,14 @@ def _as_float(x):
 
 
 def _topk_select_impl(scores, positions, k, n_sink, n_local, kept_on_top):
-    _check_backend_request()
-    if _core_takes(scores.device):
+    if _use_core(scores):
         return _core().select_topk(_as_float(scores).contiguous(), positions.to(torch.int32).contiguous(), k,
                                    n_sink=n_sink, n_local=n_local, kept_on_top=kept_on_top)
     return _fallback.select_topk(scores, positions, k, n_sink, n_local, kept_on_top)
 
 
 def _exact_topk_impl(q, k_cache, positions, k, granularity, scale, n_sink, n_local):
-    _check_backend_request()
-    if _core_takes(q.device, q.dtype) and _core_takes(k_cache.device, k_cache.dtype):
+    if _use_core(q, k_cache):
         return _core().exact_topk(q.contiguous(), k_cache.contiguous(),
                                   positions.to(torch.int32).contiguous(), k, granularity=granularity, scale=scale,
                                   n_sink=n_sink, n_local=n_local)
@@ -127,8 +144,7 @@ def _exact_topk_impl(q, k_cache, positions, k, granularity, scale, n_sink, n_loc
 def _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scale, n_sink, n_local):
     # Keys before key_start are padding: select among [key_start, N) (sinks are its first keys), then shift back.
     # Reading the start here, inside the op, keeps the data-dependent slice out of traced graphs.
-    if not (_core_takes(q.device, q.dtype) and _core_takes(k_cache.device, k_cache.dtype)):
-        _check_backend_request()  # the pure-torch path masks the padding keys: no host synchronisation
+    if not _use_core(q, k_cache):  # the pure-torch path masks the padding keys: no host synchronisation
         return _fallback.exact_topk(q, k_cache, positions, k, granularity, scale, n_sink, n_local, key_start)
     first = int(key_start)
     selection = _exact_topk_impl(q, k_cache[first:], (positions.to(torch.int64) - first).to(torch.int32), k,
@@ -137,8 +153,7 @@ def _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scal
 
 
 def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
-    _check_backend_request()
-    if all(_core_takes(x.device, x.dtype) for x in (q, k_cache, v_cache)):
+    if _use_core(q, k_cache, v_cache):
         out, lse = _core().sparse_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
                                             selection.to(torch.int32).contiguous(), granularity=granularity,
                                             scale=scale)
@@ -526,7 +541,7 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"keysel.torch.topk_attention: scale must be finite; got {scale}")
-    if stats is not None and torch.compiler.is_compiling():
+    if stats is not None and _is_compiling():
         raise RuntimeError("keysel.torch.topk_attention: stats are recorded eagerly; run without torch.compile")
     if query_positions is None and is_causal and t > n:
         raise ValueError(f"keysel.torch.topk_attention: a causal call needs T <= N (queries at the last T key "
@@ -610,7 +625,7 @@ def _mask_layout(mask, t, n):
     start = torch.where(start == n, torch.zeros_like(start), start)
     contiguous = (count == last - first + 1) | ~reads
     same_start = (first == start[:, None]) | ~reads
-    if not torch.compiler.is_compiling() and not bool((contiguous & same_start).all()):
+    if not _is_compiling() and not bool((contiguous & same_start).all()):
         raise NotImplementedError(
             "keysel_topk: the attention mask is not a causal mask with left padding (each query must read one "
             "run of keys starting at its sequence's first real key); sliding-window and packed-sequence masks "

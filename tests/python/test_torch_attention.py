@@ -400,3 +400,14 @@ def test_topk_attention_records_stats_of_its_selection():
     assert rows["recall"].shape == (2 * 2 * 6 * 2,)
     assert bool((rows["recall"][:24] == 1).all()) and rows["recall"][24:].mean() < 0.6
     assert bool((rows["mass_ratio"][:24] - 1).abs().max() < 1e-12)
+
+
+def test_backend_keysel_refuses_what_the_core_cannot_run():
+    q, key, v = random_qkv(1, 4, 2, 3, 12, 8, dtype=torch.float64)
+    with kt.options(backend="keysel"):
+        with pytest.raises(ValueError, match="backend='keysel' runs the compiled core on CPU tensors"):
+            kt.topk_attention(q, key, v, k=4)
+        out = kt.topk_attention(q.float(), key.float(), v.float(), k=4)  # float32 on the CPU runs
+    torch.testing.assert_close(out.double(), reference_topk_attention(q, key, v, k=4), atol=2e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="backend must be"):
+        kt.configure(backend="cuda")

@@ -411,3 +411,12 @@ def test_backend_keysel_refuses_what_the_core_cannot_run():
     torch.testing.assert_close(out.double(), reference_topk_attention(q, key, v, k=4), atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="backend must be"):
         kt.configure(backend="cuda")
+
+
+def test_without_registered_ops_the_same_functions_run_directly(monkeypatch):
+    # what a torch older than 2.4 (no torch.library.custom_op) runs
+    q, key, v = random_qkv(2, 4, 2, 5, 20, 8, seed=25)
+    expected = kt.topk_attention(q, key, v, k=6, n_local=2)
+    monkeypatch.setattr(kt, "_ops_registered", False)
+    torch.testing.assert_close(kt.topk_attention(q, key, v, k=6, n_local=2), expected, atol=0, rtol=0)
+    assert not kt.ops_registered()

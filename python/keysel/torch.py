@@ -614,6 +614,7 @@ def _mask_layout(mask, t, n):
     is refused."""
     if mask.dtype != torch.bool:
         mask = mask == 0
+    mask = mask[..., -t:, :n]                                             # a mask may cover more than the call
     mask = mask[:, 0] if mask.shape[1] == 1 else mask.all(dim=1)          # [B, T, N]
     mask = mask.expand(mask.shape[0], t, n) if mask.shape[1] != t or mask.shape[2] != n else mask
     reads = mask.any(dim=-1)                                              # [B, T]
@@ -670,7 +671,7 @@ def register_transformers(name=ATTN_IMPLEMENTATION):
     from transformers import AttentionInterface
     try:
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:  # transformers < 4.53 builds masks without this interface
+    except ImportError:  # an older transformers builds its masks without this interface
         AttentionMaskInterface = sdpa_mask = None
     AttentionInterface.register(name, transformers_attention)
     if AttentionMaskInterface is not None:

@@ -1,6 +1,7 @@
 # Thin wrapper over the CMake presets. Each target installs missing Debian packages first.
 #   make study   build, then run `keysel study` on the built-in default workload
-#   make test    build, then run every test through ctest
+#   make test    build, then run every test through ctest (the Python tests too: ctest's python.pytest)
+#   make pytest  build the Python package only and run tests/python
 #   make asan    the same tests under AddressSanitizer + UndefinedBehaviorSanitizer
 #   make fuzz    build the libFuzzer harnesses (clang) and run each for FUZZ_SECONDS (docs/reliability.md)
 #   make tsan    the multi-threaded tests under ThreadSanitizer (clang + libomp + Archer)
@@ -10,7 +11,7 @@ export PATH := $(PATH):/usr/local/cuda/bin
 BUILD_DIR = $(if $(filter default,$(PRESET)),build,build-$(PRESET))
 FUZZ_SECONDS ?= 60
 
-.PHONY: deps configure build study test asan fuzz tsan clean
+.PHONY: deps configure build study test pytest asan fuzz tsan clean
 
 deps:
 	bash scripts/install-deps.sh
@@ -26,6 +27,10 @@ study: build
 
 test: build
 	ctest --preset $(PRESET)
+
+pytest: configure
+	cmake --build --preset $(PRESET) -j $(JOBS) --target keysel_python
+	PYTHONPATH=$(BUILD_DIR)/python .venv/bin/python -m pytest -q tests/python
 
 asan:
 	$(MAKE) test PRESET=asan

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages keysel builds with, skipping those already present.
+# Installs the Debian packages keysel builds with, skipping those already present, then the Python packages
+# of python/requirements.txt into the virtual environment .venv/ at the repository root (skipped when the
+# requirements file has not changed since the last install; KEYSEL_NO_PYTHON=1 skips it altogether).
 # Runs apt-get as root, or through sudo when it is available.
 set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 packages=(
   build-essential cmake ninja-build pkg-config
@@ -12,6 +15,7 @@ packages=(
   libfaiss-dev libopenblas-dev
   libhwy-dev
   clang libclang-rt-14-dev  # the fuzz and tsan presets: clang, libFuzzer and the sanitizer runtimes
+  python3 python3-dev python3-venv
 )
 
 missing=()
@@ -23,21 +27,40 @@ done
 
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all ${#packages[@]} packages present"
-  exit 0
-fi
+else
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+      echo "install-deps: missing ${missing[*]}; run as root or install sudo" >&2
+      exit 1
+    fi
+  fi
 
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
-    echo "install-deps: missing ${missing[*]}; run as root or install sudo" >&2
-    exit 1
+  echo "install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; then
+    # Package lists may be missing or stale on a fresh machine.
+    $SUDO apt-get update
+    $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
   fi
 fi
 
-echo "install-deps: installing ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-if ! $SUDO apt-get install -y --no-install-recommends "${missing[@]}"; then
-  # Package lists may be missing or stale on a fresh machine.
-  $SUDO apt-get update
-  $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
+# ---- Python: .venv/ with the exact pins of python/requirements.txt ----------------------------------------
+if [ "${KEYSEL_NO_PYTHON:-0}" = 1 ]; then
+  exit 0
 fi
+venv="$root/.venv"
+requirements="$root/python/requirements.txt"
+stamp="$venv/.keysel-requirements.sha256"
+wanted="$(sha256sum "$requirements" | cut -d' ' -f1)"
+if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$wanted" ]; then
+  echo "install-deps: .venv has python/requirements.txt"
+  exit 0
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  echo "install-deps: creating .venv"
+  python3 -m venv "$venv"
+fi
+echo "install-deps: installing python/requirements.txt into .venv (torch brings about 3 GB of CUDA wheels)"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+echo "$wanted" > "$stamp"

@@ -1,0 +1,104 @@
+"""
+keysel's compiled core: the C++ library bound as it is. Use the functions of the keysel package.
+"""
+
+from collections.abc import Sequence
+
+
+class Error(ValueError):
+    pass
+
+def built_with_cuda() -> bool:
+    """True when keysel was built with its CUDA kernels."""
+
+def built_with_faiss() -> bool:
+    """True when keysel was built with the FAISS candidate searches."""
+
+def cuda_device_count() -> int:
+    """CUDA devices visible (0 without CUDA support or a GPU)."""
+
+def num_threads() -> int:
+    """Threads keysel's CPU code uses."""
+
+def set_num_threads(threads: int) -> None:
+    """Sets the threads keysel's CPU code uses (0: default)."""
+
+def simd_level() -> str:
+    """
+    The instruction set keysel's CPU kernels use: "scalar", "avx2" or "avx512".
+    """
+
+def set_simd_level(level: str) -> None:
+    """
+    Forces a lower instruction set ("scalar", "avx2", "avx512") for the CPU kernels.
+    """
+
+def group_count(granularity: str, query_heads: int, kv_heads: int) -> int: ...
+
+def selection_width(k: int, n_sink: int, n_local: int, kept_on_top: bool, function: str) -> int:
+    """
+    Checks a selection policy (keysel::Error naming the argument) and returns its width W.
+    """
+
+def metric_names() -> list[str]: ...
+
+def aggregate(values: Sequence[float]) -> dict:
+    """
+    mean, min, p5, p50, p95 and count of values (NaN left out), as studies report them.
+    """
+
+def select_topk(scores: object, positions: object, k: int, n_sink: int, n_local: int, kept_on_top: bool, out: object, stream: int) -> None: ...
+
+def exact_topk(q: object, k_cache: object, positions: object, k: int, granularity: str, scale: float, n_sink: int, n_local: int, kept_on_top: bool, out: object) -> None: ...
+
+def indexer_scores(q_index: object, q_dtype: str, weights: object, k_index: object, k_dtype: str, positions: object, out: object) -> None: ...
+
+def indexer_logits_cuda(q_index: object, q_dtype: str, weights: object, blocks: object, blocks_dtype: str, block_table: object | None, positions: object, sequence_of_row: object | None, out: object, stream: int) -> None: ...
+
+def indexer_topk_cuda(q_index: object, q_dtype: str, weights: object, blocks: object, blocks_dtype: str, block_table: object | None, positions: object, n_keys: int, k: int, n_sink: int, n_local: int, kept_on_top: bool, sequence_of_row: object | None, out: object, stream: int) -> None: ...
+
+def sparse_attention(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, block_table: object | None, out: object, lse: object | None, stream: int) -> None: ...
+
+def metrics(q: object, k_cache: object, v_cache: object | None, positions: object, selection: object, k: int, granularity: str, scale: float) -> dict[str, list[float]]: ...
+
+class IndexerKeyCache:
+    def __init__(self, dim: int, format: str, scale: str, group_size: int, power_of_two_scales: bool, hadamard: bool) -> None: ...
+
+    def append(self, keys: object, keys_dtype: str) -> None: ...
+
+    def scores(self, q_index: object, q_dtype: str, weights: object, positions: object, out: object) -> None: ...
+
+    def select(self, q_index: object, q_dtype: str, weights: object, positions: object, k: int, n_sink: int, n_local: int, kept_on_top: bool, out: object) -> dict: ...
+
+    def clear(self) -> None: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    @property
+    def bytes_per_token(self) -> int: ...
+
+    @property
+    def config(self) -> str: ...
+
+class Selector:
+    @property
+    def name(self) -> str: ...
+
+    def select(self, q: object, k_cache: object, positions: object, k: int, granularity: str, scale: float, n_sink: int, n_local: int, kept_on_top: bool, q_index: object | None, weights: object | None, cache: str, unchanged_keys: int, out: object) -> dict: ...
+
+def make_selector(spec_json: str, q_index: object | None, k_index: object | None, weights: object | None) -> Selector: ...
+
+def selector_spec_types() -> list[str]: ...
+
+def load_dump(path: str) -> dict: ...
+
+def tensor_view_info(tensor: object, dtype: str = '') -> dict:
+    """
+    The keysel::TensorView a tensor becomes (data pointer, dtype, shape, strides in elements, device).
+    """
+
+def run_study(config_text: str, config_path: str, out: str) -> str: ...

@@ -1,0 +1,502 @@
+"""keysel: choose which cached keys top-k sparse attention reads, and measure how well a choice does.
+
+keysel picks, for each query token, the k cached keys attention should read (the exact top-k of the attention
+itself, or a cheap approximation such as DeepSeek-V3.2's Lightning Indexer over a low-precision key cache),
+runs exact attention over just those keys, and scores any selection against the exact top-k (recall,
+attention mass, KL, top-1, output error). This package is the Python face of the keysel C++ library;
+docs/SPEC.md defines every number and docs/python.md every rule below.
+
+Shapes (SPEC §1): T query tokens, N cached keys, Hq query heads, Hkv key/value heads, D head dim, HI indexer
+heads, DI indexer dim, G selection groups (granularity "per_head": Hq, "per_kv_head": Hkv, "per_token": 1).
+
+    q           [T, Hq, D]     float32, float16 or bfloat16
+    k_cache     [N, Hkv, D]    as a KV cache stores it; v_cache [N, Hkv, Dv]
+    positions   [T] int32      query t may read keys s <= positions[t]
+    selection   [T, G, W] int32  ascending key positions, then -1 padding (W = k, or k + n_sink + n_local
+                               with kept_on_top=True)
+
+Tensors: NumPy arrays or any DLPack producer (torch, CuPy, JAX), CPU or CUDA, read in place without copies.
+Results come back in the inputs' library (torch if any tensor argument is torch, else CuPy if any is CuPy, else
+NumPy), or are written into out=. Bad input raises keysel.Error (a ValueError) naming the argument, and writes
+nothing.
+
+    import numpy as np, keysel
+    q = np.random.randn(4, 8, 64).astype(np.float32); k = np.random.randn(100, 2, 64).astype(np.float32)
+    pos = np.array([40, 60, 80, 99], np.int32)
+    sel = keysel.exact_topk(q, k, pos, 16)                      # int32 [4, 2, 16]
+    out, lse = keysel.sparse_attention(q, k, k, sel)            # float32 [4, 8, 64], [4, 8]
+
+Functions: select_topk, exact_topk, indexer_scores, IndexerKeyCache, sparse_attention, metrics, make_selector,
+load_dump, run_study; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
+take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count.
+PyTorch integration lives in keysel.torch (import it explicitly: import keysel.torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from . import _C
+from . import _interop as _io
+
+Error = _C.Error
+__version__ = _C.__version__
+
+built_with_cuda = _C.built_with_cuda
+built_with_faiss = _C.built_with_faiss
+cuda_device_count = _C.cuda_device_count
+num_threads = _C.num_threads
+set_num_threads = _C.set_num_threads
+simd_level = _C.simd_level
+set_simd_level = _C.set_simd_level
+
+__all__ = [
+    "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
+    "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
+    "metrics", "num_threads", "run_study", "select_topk", "set_num_threads", "set_simd_level", "simd_level",
+    "sparse_attention",
+]
+
+
+def _scale(scale, function):
+    if scale is None:
+        return 0.0
+    value = float(scale)
+    if not (value > 0.0 and np.isfinite(value)):
+        raise _io.fail(function, "scale", "a finite scale > 0 (or None for 1/sqrt(D))", scale)
+    return value
+
+
+def metric_names() -> list[str]:
+    """The SPEC §4 metrics keysel.metrics reports, in order."""
+    return list(_C.metric_names())
+
+
+# ---- selection -------------------------------------------------------------------------------------------
+def select_topk(scores, positions, k, *, n_sink=0, n_local=0, kept_on_top=False, out=None, stream=None):
+    """Top-k of any score over the allowed keys, plus the always-kept keys (SPEC §2).
+
+    scores:    float32 or float64 [T, G, N]; higher is better. NaN is never selected; -inf can be.
+    positions: int32 [T]; row t may read keys s <= positions[t].
+    k:         keys per row (>= 1). n_sink: always keep keys 0..n_sink-1; n_local: always keep the last n_local
+               allowed keys; they count toward k unless kept_on_top=True (then W = k + n_sink + n_local).
+    out:       optional int32 [T, G, W] written in place.
+    stream:    CUDA inputs only: an int cudaStream_t or a torch/CuPy stream (default: the current one).
+    Returns int32 [T, G, W]: per row the selected key positions ascending, then -1 padding. Equal scores prefer
+    the lower position. CUDA tensors (float32 scores, int32 positions on the same GPU) run keysel's CUDA top-k
+    asynchronously on the stream, with the identical result.
+    """
+    fn = "select_topk"
+    scores_c, _ = _io.arg(scores, fn, "scores")
+    positions_c, _ = _io.arg(positions, fn, "positions")
+    t, g, _n = _io.shape(scores, fn, "scores", 3, "[T, G, N]")
+    width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
+    result = out if out is not None else _io.empty((t, g, width), "int32", (scores, positions), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"selection": "out", **_io.POLICY}, _C.select_topk, scores_c, positions_c, k, n_sink, n_local,
+             kept_on_top, out_c, _io.stream_handle(stream, (scores,)))
+    return result
+
+
+def exact_topk(q, k_cache, positions, k, *, granularity="per_kv_head", scale=None, n_sink=0, n_local=0,
+               kept_on_top=False, out=None):
+    """The exact top-k E[t, G] of the main attention (SPEC §2): the k allowed keys with the largest group-mean
+    probability pbar, computed in double precision on the CPU.
+
+    q: [T, Hq, D]; k_cache: [N, Hkv, D] (float32, float16 or bfloat16); positions: int32 [T].
+    granularity: "per_head" (G = Hq), "per_kv_head" (G = Hkv) or "per_token" (G = 1). scale: softmax scale,
+    default 1/sqrt(D). n_sink, n_local, kept_on_top as in select_topk. out: optional int32 [T, G, W].
+    Returns int32 [T, G, W], ascending positions then -1 padding.
+    """
+    fn = "exact_topk"
+    q_c, _ = _io.arg(q, fn, "q")
+    k_c, _ = _io.arg(k_cache, fn, "k_cache")
+    p_c, _ = _io.arg(positions, fn, "positions")
+    t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
+    _n, hkv, _d2 = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
+    groups = _io.call(fn, _io.GROUPS, _C.group_count, granularity, hq, hkv)
+    width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
+    result = out if out is not None else _io.empty((t, groups, width), "int32", (q, k_cache, positions), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"selection": "out", **_io.ATTENTION}, _C.exact_topk, q_c, k_c, p_c, k, granularity,
+             _scale(scale, fn), n_sink, n_local, kept_on_top, out_c)
+    return result
+
+
+# ---- the Lightning Indexer -------------------------------------------------------------------------------
+def _uint8_only(x, dtype):
+    """dtype= applies to byte tensors (uint8 / int8) only; other tensors keep their own dtype."""
+    if dtype is None:
+        return None
+    name = str(getattr(x, "dtype", "")).removeprefix("torch.")
+    return dtype if name in ("uint8", "int8", "float8_e4m3fn", "float8_e5m2") else None
+
+
+def _default_positions(t, n, like):
+    """Every query may read every key: positions[t] = N - 1, in the library of `like`."""
+    return _io.empty((t,), "int32", (like,), "indexer_scores", fill=n - 1)
+
+
+def indexer_scores(q_index, weights, k_index, positions=None, *, out=None, dtype=None):
+    """The Lightning-Indexer score I[t, s] = sum_j w[t, j] * ReLU(qI[t, j] . kI[s]) (SPEC §3), in float32.
+
+    q_index:   [T, HI, DI] float32, float16, bfloat16 or float8 (torch.float8_e4m3fn / float8_e5m2, or uint8
+               bytes with dtype="fp8_e4m3" / "fp8_e5m2"; fp8 values are decoded exactly)
+    weights:   float32 [T, HI]
+    k_index:   [N, DI], the same dtypes (one indexer key per cached token)
+    positions: int32 [T] or None (every query reads every key); keys s > positions[t] score -inf.
+    out:       optional float32 [T, N], contiguous.
+    dtype:     the fp8 format of uint8 q_index / k_index bytes.
+    Returns float32 [T, N]. Products are fp32, as the fp32 indexer computes them; for low-precision keys use
+    IndexerKeyCache.
+    """
+    fn = "indexer_scores"
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    k_c, k_dtype = _io.arg(k_index, fn, "k_index", _uint8_only(k_index, dtype))
+    t, _hi, _di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
+    n, _di2 = _io.shape(k_index, fn, "k_index", 2, "[N, DI]")
+    if positions is None:
+        positions = _default_positions(t, n, q_index)
+    p_c, _ = _io.arg(positions, fn, "positions")
+    result = out if out is not None else _io.empty((t, n), "float32", (q_index, weights, k_index), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"scores": "out", "queries": "q_index", "keys": "k_index"}, _C.indexer_scores, q_c, q_dtype, w_c,
+             k_c, k_dtype, p_c, out_c)
+    return result
+
+
+class IndexerKeyCache:
+    """The Lightning Indexer's low-precision key cache: one indexer key per cached token (SPEC §3).
+
+    IndexerKeyCache(dim, format="fp8_e4m3", scale="per_token", group_size=128, power_of_two_scales=False,
+                    hadamard=False, device="cpu")
+      dim:    DI, channels per key
+      format: "fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "int8" or "int4"
+      scale:  "per_token" (one scale per key) or "per_group" (one per group_size channels: 32, 64 or 128)
+      power_of_two_scales: round scales up to powers of two (DeepSeek-V3.2's ue8m0)
+      hadamard: rotate the channel axis before quantising (queries are rotated alike; dot products unchanged)
+      device: "cpu" (the cache lives in host memory)
+
+    .append(keys)                     keys [n, DI] float32/float16/bfloat16; quantised as appended
+    .scores(q_index, weights, positions=None)            -> float32 [T, N]
+    .select(q_index, weights, positions, k, ...)         -> int32 [T, 1, W] (one selection shared by all heads)
+    .nbytes                           bytes the cache stores (codes and scales); len(cache) == N
+    """
+
+    def __init__(self, dim, format="fp8_e4m3", scale="per_token", group_size=128, power_of_two_scales=False,
+                 hadamard=False, device="cpu"):
+        fn = "IndexerKeyCache"
+        if str(device) != "cpu":
+            raise _io.fail(fn, "device", "\"cpu\" (keysel's indexer key cache lives in host memory)", repr(device))
+        if int(dim) < 1:
+            raise _io.fail(fn, "dim", ">= 1", dim)
+        self._cache = _io.call(fn, {}, _C.IndexerKeyCache, int(dim), format, scale, int(group_size),
+                               bool(power_of_two_scales), bool(hadamard))
+        self.device = "cpu"
+        self.last_cost = None
+
+    def __len__(self):
+        return int(self._cache.size)
+
+    def __repr__(self):
+        return f"keysel.IndexerKeyCache(dim={self.dim}, {self.config}, tokens={len(self)})"
+
+    @property
+    def dim(self) -> int:
+        return int(self._cache.dim)
+
+    @property
+    def config(self) -> str:
+        """The storage as text: "fp8_e4m3", "int4/g32/ue8m0/hadamard", ..."""
+        return self._cache.config
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: per key the codes (padded to 32 channels) and 4 bytes per scale."""
+        return int(self._cache.size) * int(self._cache.bytes_per_token)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return int(self._cache.bytes_per_token)
+
+    def append(self, keys, *, dtype=None):
+        """Appends keys [n, DI] (float32, float16, bfloat16 or float8 on the CPU, any strides; uint8 bytes with
+        dtype="fp8_e4m3" / "fp8_e5m2"). A non-finite value raises keysel.Error and leaves the cache unchanged."""
+        fn = "IndexerKeyCache.append"
+        keys_c, keys_dtype = _io.arg(keys, fn, "keys", _uint8_only(keys, dtype))
+        _io.call(fn, {}, self._cache.append, keys_c, keys_dtype)
+
+    def clear(self):
+        """Removes every key (keeps the configuration)."""
+        self._cache.clear()
+
+    def scores(self, q_index, weights, positions=None, *, out=None, dtype=None):
+        """I[t, s] for every cached key (SPEC §3), from quantised queries and keys.
+
+        q_index [T, HI, DI] float32/float16/bfloat16; weights float32 [T, HI]; positions int32 [T] or None (every
+        key allowed). Returns float32 [T, N]; keys s > positions[t] score -inf.
+        """
+        fn = "IndexerKeyCache.scores"
+        q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
+        w_c, _ = _io.arg(weights, fn, "weights")
+        t, _hi, _di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
+        n = len(self)
+        if positions is None:
+            positions = _default_positions(t, n, q_index)
+        p_c, _ = _io.arg(positions, fn, "positions")
+        result = out if out is not None else _io.empty((t, n), "float32", (q_index, weights), fn)
+        out_c, _ = _io.arg(result, fn, "out")
+        _io.call(fn, {"scores": "out", "queries": "q_index"}, self._cache.scores, q_c, q_dtype, w_c, p_c, out_c)
+        return result
+
+    def select(self, q_index, weights, positions, k, *, n_sink=0, n_local=0, kept_on_top=False, out=None,
+               dtype=None):
+        """The top-k keys by the indexer score plus the kept keys, scored block by block (never holding [T, N]).
+
+        Returns int32 [T, 1, W] (DeepSeek Sparse Attention shares one selection among all heads): the same
+        selection select_topk makes from scores(), bit for bit. The cost (SPEC §5) is in .last_cost.
+        """
+        fn = "IndexerKeyCache.select"
+        q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
+        w_c, _ = _io.arg(weights, fn, "weights")
+        p_c, _ = _io.arg(positions, fn, "positions")
+        t, _hi, _di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
+        width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
+        result = out if out is not None else _io.empty((t, 1, width), "int32", (q_index, weights, positions), fn)
+        out_c, _ = _io.arg(result, fn, "out")
+        self.last_cost = _io.call(fn, {"selection": "out", "queries": "q_index", **_io.POLICY}, self._cache.select,
+                                  q_c, q_dtype, w_c, p_c, k, n_sink, n_local, kept_on_top, out_c)
+        return result
+
+
+def indexer_logits_cuda(q_index, weights, blocks, positions, n_keys, *, block_table=None, sequence_of_row=None,
+                        out=None, stream=None):
+    """The Lightning Indexer on a GPU over a serving engine's paged fp8 key cache (keysel's CUDA kernel as it is).
+
+    I[r, s] = scale[s] * sum_j weights[r, j] * ReLU(q_index[r, j] . k[s]) for s <= positions[r] (SPEC §3), fp8
+    products accumulated in fp32 by the tensor cores; needs a GPU of compute capability 8.9 or newer.
+      q_index:   fp8 e4m3 [R, HI, DI] (torch.float8_e4m3fn, or uint8 bytes), contiguous; HI 32/64/128, DI 64/128
+      weights:   float32 [R, HI], each query head's scale (and any softmax scale) folded in
+      blocks:    uint8 [num_blocks, 64, DI + 4]: per token its DI fp8 e4m3 bytes, then its fp32 scale (4 bytes)
+      positions: int32 [R]; n_keys: N, the width of the logits
+      block_table: int32 [S, max_blocks] (token s of sequence q is row s % 64 of block block_table[q, s // 64]) or
+                 None (sequence q owns blocks [q * ceil(N/64), (q+1) * ceil(N/64)))
+      sequence_of_row: int32 [R] (prefill: the sequence of each query row) or None (row r reads sequence r)
+    Returns float32 [R, N] (-inf beyond each row's allowed keys), enqueued on `stream`.
+    """
+    fn = "indexer_logits_cuda"
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
+    p_c, _ = _io.arg(positions, fn, "positions")
+    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
+    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
+    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    result = out if out is not None else _io.empty((r, int(n_keys)), "float32", (q_index, weights, positions), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"logits": "out", "q": "q_index", "cache.blocks": "blocks", "cache.block_table": "block_table"},
+             _C.indexer_logits_cuda, q_c, q_dtype, w_c, b_c, b_dtype, table_c, p_c, rows_c, out_c,
+             _io.stream_handle(stream, (q_index,)))
+    return result
+
+
+def indexer_topk_cuda(q_index, weights, blocks, positions, n_keys, k, *, n_sink=0, n_local=0, kept_on_top=False,
+                      block_table=None, sequence_of_row=None, out=None, stream=None):
+    """Decode selection on a GPU: indexer_logits_cuda into stream-ordered scratch memory, then keysel's CUDA top-k.
+
+    Arguments as indexer_logits_cuda, plus k, n_sink, n_local, kept_on_top as in select_topk.
+    Returns int32 [R, 1, W] (one selection per token, shared by all heads), enqueued on `stream`.
+    """
+    fn = "indexer_topk_cuda"
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
+    p_c, _ = _io.arg(positions, fn, "positions")
+    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
+    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
+    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
+    result = out if out is not None else _io.empty((r, 1, width), "int32", (q_index, weights, positions), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"selection": "out", "q": "q_index", "cache.blocks": "blocks", "cache.block_table": "block_table",
+                  **_io.POLICY},
+             _C.indexer_topk_cuda, q_c, q_dtype, w_c, b_c, b_dtype, table_c, p_c, int(n_keys), k, n_sink, n_local,
+             kept_on_top, rows_c, out_c, _io.stream_handle(stream, (q_index,)))
+    return result
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None, out=None, lse=None,
+                     block_table=None, stream=None):
+    """Exact attention over the selected keys, renormalised on them (SPEC §4 o_A).
+
+    o[t, h] = sum_{s in A[t, G(h)]} softmax_A(scale * q[t, h] . k[s, kv(h)]) v[s, kv(h)]
+    lse[t, h] = log sum_{s in A} exp(scale * q[t, h] . k[s, kv(h)])
+
+    CPU: q [T, Hq, D], k_cache [N, Hkv, D], v_cache [N, Hkv, Dv] (float32, float16 or bfloat16, any strides),
+         selection int32 [T, G, W] (distinct keys < N in any order, then -1).
+    CUDA (keysel's decode kernel): bfloat16 q [T, Hq, D] and a bfloat16 cache, contiguous, D = Dv in {64, 128,
+         256}: either k_cache/v_cache [T, N, Hkv, D] (row t reads its own sequence) or paged
+         [num_blocks, block_size, Hkv, D] with block_table int32 [T, max_blocks]; runs on `stream`.
+    Returns (out float32 [T, Hq, Dv], lse float32 [T, Hq]); a query with no selected key gets zeros and -inf.
+    out= and lse= are written in place when given.
+    """
+    fn = "sparse_attention"
+    q_c, _ = _io.arg(q, fn, "q")
+    k_c, _ = _io.arg(k_cache, fn, "k_cache")
+    v_c, _ = _io.arg(v_cache, fn, "v_cache")
+    s_c, _ = _io.arg(selection, fn, "selection")
+    t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
+    v_shape = tuple(int(n) for n in getattr(v_cache, "shape", ()))
+    if len(v_shape) not in (3, 4):
+        raise _io.fail(fn, "v_cache", "a rank-3 tensor [N, Hkv, Dv] (or rank 4 on CUDA)", f"shape {list(v_shape)}")
+    dv = v_shape[-1]
+    inputs = (q, k_cache, v_cache, selection)
+    result = out if out is not None else _io.empty((t, hq, dv), "float32", inputs, fn)
+    result_lse = lse if lse is not None else _io.empty((t, hq), "float32", inputs, fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    lse_c, _ = _io.arg(result_lse, fn, "lse")
+    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
+    _io.call(fn, _io.ATTENTION, _C.sparse_attention, q_c, k_c, v_c, s_c, granularity, _scale(scale, fn), table_c,
+             out_c, lse_c, _io.stream_handle(stream, (q,)))
+    return result, result_lse
+
+
+def metrics(q, k_cache, v_cache, positions, selection, k, *, granularity="per_kv_head", scale=None):
+    """Fidelity of a selection against the exact top-k (SPEC §4), per row and aggregated.
+
+    q [T, Hq, D], k_cache [N, Hkv, D], v_cache [N, Hkv, Dv] or None (then out_err is NaN), positions int32 [T],
+    selection int32 [T, G, W] (distinct allowed keys, then -1), k: the k the selection was made for
+    (k_eff = min(k, allowed keys)).
+    Returns a dict: each metric of keysel.metric_names() ("recall", "mass", "mass_ratio", "kl", "top1",
+    "out_err", "entropy", "entropy_normalized") as float64 [T, G] in the inputs' library (on the CPU), and
+    "aggregates": {metric: {"mean", "min", "p5", "p50", "p95", "count"}} over the rows (NaN left out).
+    """
+    fn = "metrics"
+    q_c, _ = _io.arg(q, fn, "q")
+    k_c, _ = _io.arg(k_cache, fn, "k_cache")
+    v_c = None if v_cache is None else _io.arg(v_cache, fn, "v_cache")[0]
+    p_c, _ = _io.arg(positions, fn, "positions")
+    s_c, _ = _io.arg(selection, fn, "selection")
+    t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
+    _n, hkv, _d2 = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
+    groups = _io.call(fn, _io.GROUPS, _C.group_count, granularity, hq, hkv)
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+        raise _io.fail(fn, "k", "an integer >= 1", repr(k))
+    rows = _io.call(fn, _io.ATTENTION, _C.metrics, q_c, k_c, v_c, p_c, s_c, int(k), granularity, _scale(scale, fn))
+    torch_out = any(_io.is_torch(x) for x in (q, k_cache, v_cache, positions, selection))
+    result = {}
+    aggregates = {}
+    for name in _C.metric_names():
+        values = np.asarray(rows[name], dtype=np.float64).reshape(t, groups)
+        aggregates[name] = _C.aggregate(rows[name])
+        result[name] = _io._torch().from_numpy(values) if torch_out else values
+    result["aggregates"] = aggregates
+    return result
+
+
+# ---- selectors -------------------------------------------------------------------------------------------
+class Selector:
+    """A selector built from a spec (make_selector): .name, and .select(...) once per call (decode step)."""
+
+    def __init__(self, native, spec):
+        self._native = native
+        self.spec = spec
+        self.last_cost = None
+
+    @property
+    def name(self) -> str:
+        return self._native.name
+
+    def __repr__(self):
+        return f"keysel.Selector({self.name!r})"
+
+    def select(self, q, k_cache, positions, k, *, granularity="per_kv_head", scale=None, n_sink=0, n_local=0,
+               kept_on_top=False, q_index=None, weights=None, cache="unknown", unchanged_keys=0, out=None):
+        """Writes the selection of one request (keysel::Selector::select with a SelectionRequest).
+
+        q [T, Hq, D], k_cache [N, Hkv, D] (float32/float16/bfloat16, CPU), positions int32 [T]; k, granularity,
+        n_sink, n_local, kept_on_top: the selection policy. q_index [T, HI, DI] and weights float32 [T, HI]: the
+        step's Lightning-Indexer inputs for selectors that score with a trained indexer. cache: what changed in
+        k_cache since this selector's previous call: "unknown", "appended" (keys [0, unchanged_keys) are those of
+        the previous call, later ones new: a decode step) or "fresh" (another sequence).
+        Returns int32 [T, G, W]; the cost (SPEC §5) is in .last_cost.
+        """
+        fn = "Selector.select"
+        q_c, _ = _io.arg(q, fn, "q")
+        k_c, _ = _io.arg(k_cache, fn, "k_cache")
+        p_c, _ = _io.arg(positions, fn, "positions")
+        qi_c = None if q_index is None else _io.arg(q_index, fn, "q_index")[0]
+        w_c = None if weights is None else _io.arg(weights, fn, "weights")[0]
+        t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
+        _n, hkv, _d2 = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
+        groups = _io.call(fn, _io.GROUPS, _C.group_count, granularity, hq, hkv)
+        width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
+        result = out if out is not None else _io.empty((t, groups, width), "int32", (q, k_cache, positions), fn)
+        out_c, _ = _io.arg(result, fn, "out")
+        renames = {"selection": "out", "request.indexer_queries": "q_index", "request.indexer_weights": "weights",
+                   **_io.ATTENTION}
+        self.last_cost = _io.call(fn, renames, self._native.select, q_c, k_c, p_c, k, granularity, _scale(scale, fn),
+                                  n_sink, n_local, kept_on_top, qi_c, w_c, cache, int(unchanged_keys), out_c)
+        return result
+
+
+def make_selector(spec, *, indexer=None) -> Selector:
+    """Builds any selector keysel ships from its spec (docs/studies.md): a dict or JSON text, e.g.
+    {"type": "exact"}, {"type": "random", "seed": 1}, {"type": "streaming", "n_sink": 4},
+    {"type": "block_topk", "block_size": 16}, {"type": "indexer", "format": "fp8_e4m3"}, {"type": "faiss", ...}.
+
+    indexer: optional trained Lightning-Indexer tensors (q_index [T, HI, DI], k_index [N, DI], weights [T, HI]) as a
+    tuple or dict, which an "indexer" spec then scores with. Unknown keys or types raise keysel.Error.
+    """
+    fn = "make_selector"
+    if isinstance(spec, dict):
+        text = json.dumps(spec)
+    elif isinstance(spec, str):
+        text = spec
+    else:
+        raise _io.fail(fn, "spec", "a dict or JSON text", type(spec).__name__)
+    if indexer is None:
+        native = _io.call(fn, {}, _C.make_selector, text, None, None, None)
+    else:
+        if isinstance(indexer, dict):
+            indexer = (indexer.get("q_index"), indexer.get("k_index"), indexer.get("weights"))
+        q_index, k_index, weights = indexer
+        native = _io.call(fn, {}, _C.make_selector, text, _io.arg(q_index, fn, "indexer.q_index")[0],
+                          _io.arg(k_index, fn, "indexer.k_index")[0], _io.arg(weights, fn, "indexer.weights")[0])
+    return Selector(native, text)
+
+
+# ---- files and studies -----------------------------------------------------------------------------------
+def load_dump(path) -> dict:
+    """Loads and validates an attention dump (docs/dumps.md; tools/capture_dump.py writes them).
+
+    Returns {"source", "model", "scale", "metadata", "layers"}; each layer a dict with "index" and NumPy arrays
+    "q" [T, Hq, D], "k" [N, Hkv, D], "v" [N, Hkv, Dv] (float32, decoded from the stored dtype, named in
+    layer["dtypes"]), "positions" int32 [T], and when present "index_q", "index_k", "index_w", "probs".
+    """
+    return _io.call("load_dump", {}, _C.load_dump, os.fspath(path))
+
+
+def run_study(config, out=None) -> dict:
+    """Runs a study file (docs/studies.md): workloads x selectors (with grids) x k values.
+
+    config: a dict, JSON text, or the path of a study file. out: a directory to write results.csv, by_row.csv,
+    results.json and report.html into (None: write nothing). Returns results.json's content as a dict.
+    """
+    fn = "run_study"
+    if isinstance(config, dict):
+        text, path = json.dumps(config), ""
+    elif isinstance(config, (str, os.PathLike)) and (isinstance(config, os.PathLike) or
+                                                       not config.lstrip().startswith("{")):
+        text, path = "", os.fspath(config)
+    elif isinstance(config, str):
+        text, path = config, ""
+    else:
+        raise _io.fail(fn, "config", "a dict, JSON text or a path", type(config).__name__)
+    result = _io.call(fn, {}, _C.run_study, text, path, "" if out is None else os.fspath(out))
+    return json.loads(result)

@@ -1,0 +1,52 @@
+"""Shared helpers of keysel's Python tests: seeded inputs of awkward sizes, in NumPy or torch."""
+
+import numpy as np
+import pytest
+
+import keysel
+
+try:
+    import torch
+except ImportError:  # the tests that need torch say so
+    torch = None
+
+LIBRARIES = ["numpy", "torch"]
+
+
+def as_library(array, library):
+    """The same values as a NumPy array or a torch CPU tensor (sharing memory)."""
+    if library == "numpy":
+        return array
+    if torch is None:
+        pytest.skip("torch is not installed (python/requirements.txt pins it)")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def to_numpy(x):
+    if torch is not None and isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+@pytest.fixture(params=LIBRARIES)
+def library(request):
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    # A fresh seed per test, printed on failure, so every run draws new inputs.
+    seed = np.random.SeedSequence().entropy % (2**32)
+    request.node.user_properties.append(("seed", seed))
+    print(f"seed {seed}")
+    return np.random.default_rng(seed)
+
+
+def attention_inputs(rng, t=5, hq=6, hkv=3, n=53, d=24, dv=20, spread=2.0):
+    """q [T, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] float32 and positions int32 [T] (some beyond N - 1)."""
+    q = (rng.standard_normal((t, hq, d)) * spread).astype(np.float32)
+    k = rng.standard_normal((n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((n, hkv, dv)).astype(np.float32)
+    positions = np.sort(rng.integers(0, n + 5, size=t)).astype(np.int32)
+    positions[0] = 0
+    return q, k, v, positions

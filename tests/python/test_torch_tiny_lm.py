@@ -1,0 +1,147 @@
+"""keysel's tiny language model (tools/train_tiny_lm.py, weights in models/tiny_lm/) in PyTorch with every layer's
+attention replaced by keysel.torch.topk_attention, against keysel's C++ decoder: for the same selector (the
+model's trained Lightning Indexers included), k and granularity the bits per byte (and the SPEC §4 metrics of every layer's selections) must equal what keysel's
+tiny-lm study computes (keysel.run_study, the C++ TinyLm forward pass with each layer restricted to the
+selector's keys).
+"""
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import keysel
+import keysel.torch as kt
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "models" / "tiny_lm"
+TOKENS = 256
+
+
+def load_training_module():
+    spec = importlib.util.spec_from_file_location("train_tiny_lm", ROOT / "tools" / "train_tiny_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TRAIN = load_training_module()
+
+
+class TopkFunctional:
+    """Stands in for torch.nn.functional inside train_tiny_lm: scaled_dot_product_attention becomes
+    topk_attention (the layer is the call's index within a forward pass); everything else is torch's. With
+    `indexer`, each layer's trained Lightning-Indexer tensors (from the normed input x that Block.qkv receives)
+    go to topk_attention too."""
+
+    def __init__(self, model, indexer=False, **options):
+        self.model = model
+        self.layers = model.cfg.layers
+        self.indexer = indexer
+        self.options = options
+        self.calls = 0
+        self.x = None
+
+    def scaled_dot_product_attention(self, q, k, v, is_causal, scale, enable_gqa):
+        assert is_causal and enable_gqa
+        layer = self.calls % self.layers
+        self.calls += 1
+        extra = {}
+        if self.indexer:
+            t = self.x.shape[1]
+            _, _, ci, si = self.model.rope(t, self.x.device, torch.float32)
+            extra["indexer"] = self.model.layers[layer].indexer.tensors(self.x, ci, si)
+        return kt.topk_attention(q, k, v, is_causal=True, scale=scale, layer=layer, **self.options, **extra)
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = TRAIN.Config()
+    net = TRAIN.TinyLM(cfg).float().eval()
+    TRAIN.load_state(net, {name: t.float() for name, t in load_file(str(MODEL_DIR / "model.safetensors")).items()})
+    return net
+
+
+@pytest.fixture(scope="module")
+def text():
+    data = (MODEL_DIR / "eval.txt").read_bytes()
+    return torch.tensor(list(data[:TOKENS]), dtype=torch.long)[None]
+
+
+def bits_per_byte(logits, tokens):
+    logp = torch.log_softmax(logits[0].double(), dim=-1)[:-1]
+    return -logp.gather(-1, tokens[0, 1:, None]).mean().item() / math.log(2)
+
+
+def forward(model, tokens, monkeypatch, indexer=False, **options):
+    functional = TopkFunctional(model, indexer=indexer, **options)
+    monkeypatch.setattr(TRAIN, "F", functional)
+    qkv = TRAIN.Block.qkv
+
+    def capture(block, x, cos, sin):
+        functional.x = x
+        return qkv(block, x, cos, sin)
+
+    monkeypatch.setattr(TRAIN.Block, "qkv", capture)
+    with torch.no_grad():
+        logits = model(tokens)
+    monkeypatch.setattr(TRAIN, "F", torch.nn.functional)
+    monkeypatch.setattr(TRAIN.Block, "qkv", qkv)
+    assert functional.calls == model.cfg.layers
+    return logits
+
+
+def cpp_study(selector, k, granularity):
+    """keysel's C++ tiny-lm study of the first TOKENS bytes of eval.txt: its one row's metrics and full bpb."""
+    result = keysel.run_study({"workloads": [{"type": "tiny-lm", "tokens": TOKENS, "offset": 0}],
+                               "selectors": [selector], "k": [k], "granularity": granularity})
+    study = result["studies"][0]
+    assert study["shape"]["tokens"] == TOKENS
+    (row,) = study["rows"]
+    return row["metrics"], study["full_attention"]["bpb"]["mean"]
+
+
+def test_pytorch_full_attention_matches_the_shipped_reference_logits(model, text, monkeypatch):
+    reference = load_file(str(MODEL_DIR / "logits.safetensors"))
+    n = min(TOKENS, reference["tokens"].shape[0])
+    assert torch.equal(reference["tokens"][:n].long(), text[0, :n])
+    with torch.no_grad():
+        logits = model(text)[0, :n]
+    scale = reference["logits"].abs().max()
+    assert (logits - reference["logits"][:n]).abs().max() / scale < 1e-5
+    # topk_attention with k >= T is full attention
+    topk = forward(model, text, monkeypatch, k=TOKENS)
+    torch.testing.assert_close(topk[0, :n], logits, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selector,k,granularity", [
+    ({"type": "exact"}, 32, "per_kv_head"),
+    ({"type": "exact"}, 16, "per_token"),
+    ({"type": "streaming", "n_sink": 4}, 32, "per_kv_head"),
+    ({"type": "random", "seed": 1}, 64, "per_head"),
+    ({"type": "indexer", "format": "fp8_e4m3"}, 32, "per_token"),
+    ({"type": "indexer", "format": "int4", "hadamard": True}, 16, "per_kv_head"),
+])
+def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatch, selector, k, granularity):
+    metrics, full_bpb = cpp_study(selector, k, granularity)
+    stats = kt.TopkStats()
+    torch_selector = "exact" if selector["type"] == "exact" else selector
+    logits = forward(model, text, monkeypatch, indexer=selector["type"] == "indexer", k=k, granularity=granularity,
+                     selector=torch_selector, stats=stats)
+    bpb = bits_per_byte(logits, text)
+    with torch.no_grad():
+        full = bits_per_byte(model(text), text)
+    assert full == pytest.approx(full_bpb, abs=2e-5)
+    assert bpb == pytest.approx(metrics["bpb"]["mean"], abs=5e-6)  # measured: 2e-7 apart
+    assert abs(bpb - full) > 1e-3  # the selection matters at this k
+    summary = stats.summary()
+    assert stats.layers == list(range(model.cfg.layers))
+    for name in ("recall", "mass", "mass_ratio", "top1", "out_err"):
+        ours = summary["all"][name]
+        assert ours["count"] == metrics[name]["count"], name
+        assert ours["mean"] == pytest.approx(metrics[name]["mean"], abs=1e-6), name

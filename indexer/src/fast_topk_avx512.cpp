@@ -123,15 +123,6 @@ inline __m512 fma_in_place(__m512 acc, __m512 q, __m512 b) {
 inline __m512 fma_in_place(__m512 acc, __m512 q, __m512 b) { return _mm512_fmadd_ps(q, b, acc); }
 #endif
 
-/// Calls f(std::integral_constant<int, 0>) ... f(std::integral_constant<int, N-1>), fully unrolled, so that
-/// arrays of registers stay in registers.
-template <int N, typename F>
-[[gnu::always_inline]] inline void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) __attribute__((always_inline)) {
-    (f(std::integral_constant<int, I>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
-}
-
 /// acc[i][k] = scores of queries [16 i, 16 i + 16) with key row kb + k * dim. `next` is the next tile's first
 /// key row (prefetched one cache line per row every 16 channels; the tile itself is then in L1).
 template <int V, int K>

@@ -34,13 +34,6 @@ inline __m512 dot_in_place(__m512 acc, __m512 q, __m512 b) {
 }
 #endif
 
-template <int N, typename F>
-[[gnu::always_inline]] inline void unroll(F&& f) {
-  [&]<int... I>(std::integer_sequence<int, I...>) __attribute__((always_inline)) {
-    (f(std::integral_constant<int, I>{}), ...);
-  }(std::make_integer_sequence<int, N>{});
-}
-
 /// `n` fp32 values (n <= 32) to bf16, rounded to nearest even, stored as n 16-bit values (zeros past n up to 32).
 inline void to_bf16(const float* src, std::int64_t n, std::uint16_t* dst) {
   const __mmask16 lo = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1u);

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "keysel/indexer/simd.h"
 
@@ -38,6 +40,15 @@ inline std::int32_t candidate_position(std::uint64_t candidate) {
 }
 inline float candidate_score(std::uint64_t candidate) {
   return key_score(static_cast<std::uint32_t>(candidate >> 32));
+}
+
+/// Calls f(std::integral_constant<int, 0>) ... f(std::integral_constant<int, N-1>), fully unrolled, so that
+/// arrays of registers stay in registers (the AVX-512 scans).
+template <int N, typename F>
+[[gnu::always_inline]] inline void unroll(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) __attribute__((always_inline)) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
 }
 
 }  // namespace

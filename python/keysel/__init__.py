@@ -273,6 +273,18 @@ class IndexerKeyCache:
         return result
 
 
+def _paged_indexer_args(fn, q_index, weights, blocks, positions, block_table, sequence_of_row):
+    """The core's views of the paged-indexer arguments shared by indexer_logits_cuda and indexer_topk_cuda, and R."""
+    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
+    p_c, _ = _io.arg(positions, fn, "positions")
+    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
+    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
+    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    return q_c, q_dtype, w_c, b_c, b_dtype, p_c, table_c, rows_c, r
+
+
 def indexer_logits_cuda(q_index, weights, blocks, positions, n_keys, *, block_table=None, sequence_of_row=None,
                         out=None, stream=None):
     """The Lightning Indexer on a GPU over a serving engine's paged fp8 key cache (keysel's CUDA kernel as it is).
@@ -289,13 +301,8 @@ def indexer_logits_cuda(q_index, weights, blocks, positions, n_keys, *, block_ta
     Returns float32 [R, N] (-inf beyond each row's allowed keys), enqueued on `stream`.
     """
     fn = "indexer_logits_cuda"
-    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
-    w_c, _ = _io.arg(weights, fn, "weights")
-    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
-    p_c, _ = _io.arg(positions, fn, "positions")
-    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
-    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
-    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    q_c, q_dtype, w_c, b_c, b_dtype, p_c, table_c, rows_c, r = _paged_indexer_args(
+        fn, q_index, weights, blocks, positions, block_table, sequence_of_row)
     result = out if out is not None else _io.empty((r, int(n_keys)), "float32", (q_index, weights, positions), fn)
     out_c, _ = _io.arg(result, fn, "out")
     _io.call(fn, {"logits": "out", "q": "q_index", "cache.blocks": "blocks", "cache.block_table": "block_table"},
@@ -312,13 +319,8 @@ def indexer_topk_cuda(q_index, weights, blocks, positions, n_keys, k, *, n_sink=
     Returns int32 [R, 1, W] (one selection per token, shared by all heads), enqueued on `stream`.
     """
     fn = "indexer_topk_cuda"
-    q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, "fp8_e4m3"))
-    w_c, _ = _io.arg(weights, fn, "weights")
-    b_c, b_dtype = _io.arg(blocks, fn, "blocks", _uint8_only(blocks, "fp8_e4m3"))
-    p_c, _ = _io.arg(positions, fn, "positions")
-    table_c = None if block_table is None else _io.arg(block_table, fn, "block_table")[0]
-    rows_c = None if sequence_of_row is None else _io.arg(sequence_of_row, fn, "sequence_of_row")[0]
-    r = _io.shape(q_index, fn, "q_index", 3, "[R, HI, DI]")[0]
+    q_c, q_dtype, w_c, b_c, b_dtype, p_c, table_c, rows_c, r = _paged_indexer_args(
+        fn, q_index, weights, blocks, positions, block_table, sequence_of_row)
     width = _io.call(fn, _io.POLICY, _C.selection_width, k, n_sink, n_local, kept_on_top, fn)
     result = out if out is not None else _io.empty((r, 1, width), "int32", (q_index, weights, positions), fn)
     out_c, _ = _io.arg(result, fn, "out")

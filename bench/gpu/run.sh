@@ -2,7 +2,10 @@
 # Builds keysel with CUDA on a GPU machine, runs the GPU tests (plain, then under compute-sanitizer), the GPU
 # benchmarks beside their PyTorch peers, and Nsight Compute on the kernels, in one call. Results go to $OUT.
 #
-#   bench/gpu/run.sh [stages]     stages: any of build test sanitize bench ncu (default: all of them)
+#   bench/gpu/run.sh [stages]     stages: any of build test python sanitize bench ncu (default: all of them)
+#
+# The python stage builds keysel._C into the same build tree (python3 of the machine, with its torch, nanobind
+# and pytest; wheels carried in .whl/ are installed first where present) and runs tests/python on the GPU.
 #
 # Builds for sm_90a (CUDA_ARCHS=90a by default): the Lightning Indexer's warpgroup-MMA kernel (wgmma, fp8 QGMMA)
 # exists only in sm_90a code; a plain sm_90 or sm_80 build runs the mma.sync kernels instead.
@@ -14,7 +17,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-STAGES=${*:-build test bench ncu sanitize}
+STAGES=${*:-build test python bench ncu sanitize}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 BUILD=${BUILD_DIR:-build-gpu}
 JOBS=$(nproc)
@@ -36,11 +39,21 @@ fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv; nvcc --version | tail -2; } \
   2>&1 | tee "$OUT/machine.txt"
 
+PYTHON_OPT=OFF; PY_TARGET=()
+if has python; then
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/keysel-site .whl/*.whl &&
+      export PYTHONPATH=/tmp/keysel-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  PYTHON_OPT=ON; PY_TARGET=(keysel_python)
+fi
+
 if has build; then
   start=$SECONDS
   if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEYSEL_CUDA=ON -DKEYSEL_FAISS=OFF \
-       -DKEYSEL_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90a}" "${PREFIX_ARGS[@]}" >"$OUT/build.log" 2>&1 &&
-     cmake --build "$BUILD" --target test_gpu bench_gpu -j"$JOBS" >>"$OUT/build.log" 2>&1; then
+       -DKEYSEL_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90a}" "${PREFIX_ARGS[@]}" \
+       -DKEYSEL_PYTHON="$PYTHON_OPT" -DPython_EXECUTABLE="$(command -v python3)" >"$OUT/build.log" 2>&1 &&
+     cmake --build "$BUILD" --target test_gpu bench_gpu "${PY_TARGET[@]}" -j"$JOBS" >>"$OUT/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - start)) s)")
   else
     tail -40 "$OUT/build.log"
@@ -61,6 +74,17 @@ if has test; then
   rc=$?
   summary+=("tests: rc=$rc, $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]|^\[  SKIPPED \] [0-9]' "$OUT/test.log" | tr '\n' ' ') ($((SECONDS - start)) s)")
   grep -E "Failure|FAILED|error" "$OUT/test.log" | head -30
+fi
+
+if has python; then
+  start=$SECONDS
+  python3 -c 'import torch, nanobind, pytest; print("torch", torch.__version__, "nanobind", nanobind.__version__, "pytest", pytest.__version__, "gpu", torch.cuda.get_device_name())' \
+    >"$OUT/pytest.log" 2>&1
+  PYTHONPATH="$PWD/$BUILD/python${PYTHONPATH:+:$PYTHONPATH}" KEYSEL_EXPECT_BUILD_DIR="$PWD/$BUILD/python" \
+    python3 -m pytest -q -rs -p no:cacheprovider tests/python >>"$OUT/pytest.log" 2>&1
+  rc=$?
+  summary+=("python: rc=$rc, $(tail -1 "$OUT/pytest.log") ($((SECONDS - start)) s)")
+  grep -E "FAILED|Error" "$OUT/pytest.log" | head -30
 fi
 
 if has bench; then

@@ -138,9 +138,14 @@ void expect_device_pointers(std::string_view function, std::initializer_list<Nam
   }
 }
 
-Scratch::Scratch(std::string_view function, std::size_t bytes, int device, void* stream)
+Scratch::Scratch(std::string_view function, std::size_t bytes, int device, void* stream, void* external)
     : function_(function), stream_(stream) {
+  if (external != nullptr) {
+    data_ = external;
+    return;
+  }
   if (bytes == 0) return;
+  owned_ = true;
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
   const cudaMemPool_t pool = scratch_pool(device);
   if (pool == nullptr) {
@@ -151,11 +156,11 @@ Scratch::Scratch(std::string_view function, std::size_t bytes, int device, void*
 }
 
 Scratch::~Scratch() {
-  if (data_ != nullptr && cudaFreeAsync(data_, static_cast<cudaStream_t>(stream_)) != cudaSuccess) cudaGetLastError();
+  if (owned_ && data_ != nullptr && cudaFreeAsync(data_, static_cast<cudaStream_t>(stream_)) != cudaSuccess) cudaGetLastError();
 }
 
 void Scratch::release() {
-  if (data_ == nullptr) return;
+  if (!owned_ || data_ == nullptr) return;
   void* data = data_;
   data_ = nullptr;
   check(cudaFreeAsync(data, static_cast<cudaStream_t>(stream_)), function_, "cudaFreeAsync");

@@ -47,7 +47,9 @@ void expect_device_pointers(std::string_view function, std::initializer_list<Nam
 /// becomes an allocation node. Zero bytes allocate nothing.
 class Scratch {
  public:
-  Scratch(std::string_view function, std::size_t bytes, int device, void* stream);
+  /// `external` (nullptr: allocate): caller-owned device memory of at least `bytes`, used as is and never freed
+  /// (a caller's workspace; nothing is allocated, so the call can be captured without memory nodes).
+  Scratch(std::string_view function, std::size_t bytes, int device, void* stream, void* external = nullptr);
   /// Frees (stream-ordered) what release() did not; an error is dropped (the caller is already failing).
   ~Scratch();
   Scratch(const Scratch&) = delete;
@@ -64,6 +66,7 @@ class Scratch {
   std::string_view function_;
   void* data_ = nullptr;
   void* stream_ = nullptr;  // a cudaStream_t
+  bool owned_ = false;      // data_ came from the stream-ordered pool
 };
 
 #if defined(__CUDACC__)

@@ -5,7 +5,9 @@
 #include <string>
 #include <utility>
 
+#include "cuda_topk_sizes.h"
 #include "keysel/core/build_config.h"
+#include "keysel/core/checked.h"
 #include "keysel/core/error.h"
 
 #if KEYSEL_CUDA
@@ -13,6 +15,25 @@
 #endif
 
 namespace keysel {
+namespace {
+
+/// lightning_indexer_topk_cuda's logits: rows x n_keys fp32, rounded up to 256 bytes (the top-k's part follows).
+std::int64_t indexer_logits_bytes(std::int64_t rows, std::int64_t n_keys, std::string_view function) {
+  const std::int64_t bytes = checked_mul(checked_mul(rows, n_keys > 0 ? n_keys : 1, function, "n_keys"), 4,
+                                         function, "n_keys");
+  return checked_add(bytes, 255, function, "n_keys") / 256 * 256;
+}
+
+}  // namespace
+
+std::int64_t lightning_indexer_topk_cuda_workspace_bytes(std::int64_t rows, std::int64_t n_keys) {
+  constexpr std::string_view function = "lightning_indexer_topk_cuda_workspace_bytes";
+  KEYSEL_CHECK_ARG(rows >= 0, "rows", ">= 0", rows);
+  KEYSEL_CHECK_ARG(n_keys >= 0, "n_keys", ">= 0", n_keys);
+  return checked_add(indexer_logits_bytes(rows, n_keys, function),
+                     cuda_kernels::topk_scratch_bytes(rows, n_keys, cuda_kernels::kTopkMaxSegments, function),
+                     function, "n_keys");
+}
 
 #if KEYSEL_CUDA
 namespace {
@@ -133,7 +154,8 @@ void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weight
 
 void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
                                  const TensorView& positions, std::int64_t n_keys, const SelectionPolicy& policy,
-                                 const TensorView& selection, const TensorView& sequence_of_row, void* stream) {
+                                 const TensorView& selection, const TensorView& sequence_of_row, void* stream,
+                                 const TensorView& workspace) {
   constexpr std::string_view function = "lightning_indexer_topk_cuda";
   policy.validate(function);
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
@@ -143,11 +165,13 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
   KEYSEL_CHECK_ARG(policy.width() <= 0x7fffffff, "policy", "a selection width below 2^31", policy.width());
   cuda_kernels::IndexerLaunch launch =
       prepare(function, q, weights, cache, positions, n_keys, sequence_of_row, selection, "selection");
+  auto* const external = static_cast<std::uint8_t*>(detail::workspace_pointer(
+      function, workspace, lightning_indexer_topk_cuda_workspace_bytes(rows, n_keys), q.device()));
   if (rows == 0) return;
-  // The logits into stream-ordered scratch memory, then their selection as select_topk_cuda makes it, without
-  // repeating the checks made above.
-  const std::size_t bytes = static_cast<std::size_t>(rows * (n_keys > 0 ? n_keys : 1)) * sizeof(float);
-  cuda_glue::Scratch logits(function, bytes, launch.device, stream);
+  // The logits into the caller's workspace or stream-ordered scratch memory, then their selection as
+  // select_topk_cuda makes it, without repeating the checks made above.
+  const std::int64_t logits_bytes = indexer_logits_bytes(rows, n_keys, function);
+  cuda_glue::Scratch logits(function, static_cast<std::size_t>(logits_bytes), launch.device, stream, external);
   launch.logits = logits.as<float>();
   cuda_kernels::launch_indexer_logits(function, launch, stream);
   cuda_kernels::TopkLaunch topk{};
@@ -160,6 +184,7 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
   topk.policy = policy;
   topk.device = launch.device;
   topk.facts = launch.facts;
+  topk.workspace = external != nullptr ? external + logits_bytes : nullptr;
   cuda_kernels::launch_topk(function, topk, stream);
   logits.release();
 }
@@ -173,7 +198,7 @@ void lightning_indexer_logits_cuda(const TensorView&, const TensorView&, const C
 
 void lightning_indexer_topk_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&,
                                  const TensorView&, std::int64_t, const SelectionPolicy&, const TensorView&,
-                                 const TensorView&, void*) {
+                                 const TensorView&, void*, const TensorView&) {
   detail::throw_error("lightning_indexer_topk_cuda", "keysel was built without CUDA");
 }
 

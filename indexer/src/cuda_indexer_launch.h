@@ -19,6 +19,8 @@ struct TopkLaunch {
   int device;                     // the current GPU
   cuda_glue::DeviceFacts facts;   // its facts (chain the kernels by programmatic dependent launch on sm_90+)
   int force_path;                 // 0: by shape; 1: one block per row; 2: several blocks per row (tests)
+  void* workspace;                // caller's device memory of topk_scratch_bytes(rows, n, kTopkMaxSegments) bytes
+                                  // or more, 16-byte aligned; nullptr: stream-ordered scratch
 };
 
 /// Launches on `stream` (a cudaStream_t); throws keysel::Error of `function` when CUDA refuses.

@@ -4,7 +4,9 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda_topk_sizes.h"
 #include "keysel/core/build_config.h"
+#include "keysel/core/checked.h"
 #include "keysel/core/error.h"
 
 #if KEYSEL_CUDA
@@ -13,10 +15,39 @@
 
 namespace keysel {
 
+std::int64_t select_topk_cuda_workspace_bytes(std::int64_t tokens, std::int64_t groups, std::int64_t n) {
+  constexpr std::string_view function = "select_topk_cuda_workspace_bytes";
+  KEYSEL_CHECK_ARG(tokens >= 0, "tokens", ">= 0", tokens);
+  KEYSEL_CHECK_ARG(groups >= 0, "groups", ">= 0", groups);
+  KEYSEL_CHECK_ARG(n >= 0, "n", ">= 0", n);
+  return cuda_kernels::topk_scratch_bytes(checked_mul(tokens, groups, function, "groups"), n,
+                                          cuda_kernels::kTopkMaxSegments, function);
+}
+
+namespace detail {
+
+/// The device pointer of a caller's workspace of at least `bytes` bytes on `device`, or nullptr when `workspace`
+/// is empty (the kernels then take stream-ordered scratch).
+void* workspace_pointer(std::string_view function, const TensorView& workspace, std::int64_t bytes, Device device) {
+  if (workspace.empty()) return nullptr;
+  KEYSEL_CHECK_ARG(workspace.device() == device, "workspace", "device memory on " + device.str(), workspace.str());
+  expect_writable(function, workspace, "workspace");
+  expect_contiguous(function, workspace, "workspace");
+  KEYSEL_CHECK_ARG(workspace.bytes() >= bytes, "workspace", "at least " + std::to_string(bytes) + " bytes",
+                   std::to_string(workspace.bytes()) + " bytes (" + workspace.str() + ")");
+  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(workspace.raw_data()) % 16 == 0, "workspace",
+                   "a 16-byte aligned address", "an address " +
+                       std::to_string(reinterpret_cast<std::uintptr_t>(workspace.raw_data()) % 16) +
+                       " bytes past alignment");
+  return const_cast<void*>(workspace.raw_data());
+}
+
+}  // namespace detail
+
 #if KEYSEL_CUDA
 
 void select_topk_cuda(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,
-                      const TensorView& selection, void* stream) {
+                      const TensorView& selection, void* stream, const TensorView& workspace) {
   constexpr std::string_view function = "select_topk_cuda";
   policy.validate(function);
   expect_shape(function, scores, "scores", {kAnyExtent, kAnyExtent, kAnyExtent});
@@ -38,12 +69,17 @@ void select_topk_cuda(const TensorView& scores, const TensorView& positions, con
   KEYSEL_CHECK_ARG(width <= 0x7fffffff, "policy", "a selection width below 2^31", width);
   KEYSEL_CHECK_ARG(tokens * groups <= 0x7fffffff, "scores", "at most 2^31 - 1 rows (T * G)", tokens * groups);
   cuda_kernels::TopkLaunch launch{};
+  launch.workspace = detail::workspace_pointer(function, workspace,
+                                               select_topk_cuda_workspace_bytes(tokens, groups, keys), device);
   launch.facts = cuda_glue::use_device(function, device.index);
   cuda_glue::expect_device_pointers(function,
                                     {{scores.raw_data(), "scores"},
                                      {positions.raw_data(), "positions"},
                                      {selection.raw_data(), "selection"}},
                                     device.index);
+  if (launch.workspace != nullptr) {
+    cuda_glue::expect_device_pointers(function, {{workspace.raw_data(), "workspace"}}, device.index);
+  }
   launch.scores = scores.data<float>();
   launch.positions = positions.data<std::int32_t>();
   launch.selection = selection.mutable_data<std::int32_t>();
@@ -57,7 +93,8 @@ void select_topk_cuda(const TensorView& scores, const TensorView& positions, con
 
 #else  // !KEYSEL_CUDA
 
-void select_topk_cuda(const TensorView&, const TensorView&, const SelectionPolicy&, const TensorView&, void*) {
+void select_topk_cuda(const TensorView&, const TensorView&, const SelectionPolicy&, const TensorView&, void*,
+                      const TensorView&) {
   detail::throw_error("select_topk_cuda", "keysel was built without CUDA");
 }
 

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "cuda_indexer_launch.h"
+#include "cuda_topk_sizes.h"
 #include "cuda_pdl.cuh"
 #include "keysel/core/row_plan.h"
 
@@ -26,7 +27,7 @@ namespace {
 constexpr int kThreads = 1024;
 constexpr int kItems = 8;  // contiguous scores per thread per chunk
 constexpr int kChunk = kThreads * kItems;
-constexpr int kBins = 2048;
+constexpr int kBins = kTopkBins;
 constexpr int kBufferCapacity = 6144;
 
 __device__ __forceinline__ std::uint32_t order_key(float x) {
@@ -391,7 +392,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_bucket_kernel(const Segme
   }
 }
 
-constexpr int kMaxSegments = 512;
+constexpr int kMaxSegments = kTopkMaxSegments;
 constexpr int kStagedKeys = 32768;  // bucket keys of a row refined in (dynamic) shared memory: 128 KiB
 
 __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const SegmentParams p) {
@@ -653,11 +654,9 @@ void launch_topk(std::string_view function, const TopkLaunch& in, void* stream) 
   }
   if (segments < 1) segments = 1;
   const bool chain_programmatic = chain_waits(function, in.device);
-  const std::size_t hist_bytes = static_cast<std::size_t>(in.rows) * kBins * sizeof(int);
-  const std::size_t row_bytes = static_cast<std::size_t>(in.rows) * 4 * sizeof(int);
-  const std::size_t seg_bytes = static_cast<std::size_t>(in.rows * segments) * 4 * sizeof(int);
-  const std::size_t key_bytes = static_cast<std::size_t>(in.rows * (in.n > 0 ? in.n : 1)) * sizeof(std::uint32_t);
-  cuda_glue::Scratch workspace(function, hist_bytes + row_bytes + seg_bytes + key_bytes, in.device, stream);
+  // The caller's workspace (checked against topk_scratch_bytes with kMaxSegments) or stream-ordered scratch.
+  const auto bytes = static_cast<std::size_t>(topk_scratch_bytes(in.rows, in.n, segments, function));
+  cuda_glue::Scratch workspace(function, bytes, in.device, stream, in.workspace);
   SegmentParams p{};
   p.scores = in.scores;
   p.positions = in.positions;

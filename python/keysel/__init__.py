@@ -56,8 +56,8 @@ set_simd_level = _C.set_simd_level
 __all__ = [
     "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
     "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
-    "metrics", "num_threads", "run_study", "select_topk", "set_num_threads", "set_simd_level", "simd_level",
-    "sparse_attention",
+    "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
+    "set_simd_level", "simd_level", "sparse_attention", "indexer_topk_workspace_bytes",
 ]
 
 
@@ -76,7 +76,8 @@ def metric_names() -> list[str]:
 
 
 # ---- selection -------------------------------------------------------------------------------------------
-def select_topk(scores, positions, k, *, n_sink=0, n_local=0, kept_on_top=False, out=None, stream=None):
+def select_topk(scores, positions, k, *, n_sink=0, n_local=0, kept_on_top=False, out=None, stream=None,
+                workspace=None):
     """Top-k of any score over the allowed keys, plus the always-kept keys (SPEC §2).
 
     scores:    float32 or float64 [T, G, N]; higher is better. NaN is never selected; -inf can be.
@@ -85,6 +86,9 @@ def select_topk(scores, positions, k, *, n_sink=0, n_local=0, kept_on_top=False,
                allowed keys; they count toward k unless kept_on_top=True (then W = k + n_sink + n_local).
     out:       optional int32 [T, G, W] written in place.
     stream:    CUDA inputs only: an int cudaStream_t or a torch/CuPy stream (default: the current one).
+    workspace: CUDA inputs only (ignored on the CPU): a contiguous tensor on the same GPU of at least
+               select_topk_workspace_bytes(T, G, N) bytes that the call uses as scratch, so that it allocates
+               nothing (CUDA graph capture without memory nodes). None: scratch from a stream-ordered pool.
     Returns int32 [T, G, W]: per row the selected key positions ascending, then -1 padding. Equal scores prefer
     the lower position. CUDA tensors (float32 scores, int32 positions on the same GPU) run keysel's CUDA top-k
     asynchronously on the stream, with the identical result.
@@ -97,7 +101,7 @@ def select_topk(scores, positions, k, *, n_sink=0, n_local=0, kept_on_top=False,
     result = out if out is not None else _io.empty((t, g, width), "int32", (scores, positions), fn)
     out_c, _ = _io.arg(result, fn, "out")
     _io.call(fn, {"selection": "out", **_io.POLICY}, _C.select_topk, scores_c, positions_c, k, n_sink, n_local,
-             kept_on_top, out_c, _io.stream_handle(stream, (scores,)))
+             kept_on_top, out_c, _io.stream_handle(stream, (scores,)), _io.workspace(workspace, fn))
     return result
 
 
@@ -312,10 +316,12 @@ def indexer_logits_cuda(q_index, weights, blocks, positions, n_keys, *, block_ta
 
 
 def indexer_topk_cuda(q_index, weights, blocks, positions, n_keys, k, *, n_sink=0, n_local=0, kept_on_top=False,
-                      block_table=None, sequence_of_row=None, out=None, stream=None):
-    """Decode selection on a GPU: indexer_logits_cuda into stream-ordered scratch memory, then keysel's CUDA top-k.
+                      block_table=None, sequence_of_row=None, out=None, stream=None, workspace=None):
+    """Decode selection on a GPU: indexer_logits_cuda into scratch memory, then keysel's CUDA top-k.
 
-    Arguments as indexer_logits_cuda, plus k, n_sink, n_local, kept_on_top as in select_topk.
+    Arguments as indexer_logits_cuda, plus k, n_sink, n_local, kept_on_top as in select_topk, and workspace: None
+    (scratch from a stream-ordered pool) or a contiguous tensor on the GPU of at least
+    indexer_topk_workspace_bytes(R, n_keys) bytes, used instead (the call then allocates nothing).
     Returns int32 [R, 1, W] (one selection per token, shared by all heads), enqueued on `stream`.
     """
     fn = "indexer_topk_cuda"
@@ -327,8 +333,19 @@ def indexer_topk_cuda(q_index, weights, blocks, positions, n_keys, k, *, n_sink=
     _io.call(fn, {"selection": "out", "q": "q_index", "cache.blocks": "blocks", "cache.block_table": "block_table",
                   **_io.POLICY},
              _C.indexer_topk_cuda, q_c, q_dtype, w_c, b_c, b_dtype, table_c, p_c, int(n_keys), k, n_sink, n_local,
-             kept_on_top, rows_c, out_c, _io.stream_handle(stream, (q_index,)))
+             kept_on_top, rows_c, out_c, _io.stream_handle(stream, (q_index,)), _io.workspace(workspace, fn))
     return result
+
+
+def select_topk_workspace_bytes(t, g, n):
+    """Bytes of GPU scratch select_topk may use for scores [T, G, N]: the size of its workspace= (an upper bound,
+    the same on every GPU)."""
+    return _io.call("select_topk_workspace_bytes", {}, _C.select_topk_workspace_bytes, t, g, n)
+
+
+def indexer_topk_workspace_bytes(rows, n_keys):
+    """Bytes of GPU scratch indexer_topk_cuda may use for R rows of n_keys keys: the size of its workspace=."""
+    return _io.call("indexer_topk_workspace_bytes", {}, _C.indexer_topk_workspace_bytes, rows, n_keys)
 
 
 # ---- attention -------------------------------------------------------------------------------------------

@@ -62,6 +62,27 @@ def arg(x, function: str, argument: str, dtype: str | None = None):
     raise fail(function, argument, "a NumPy array or a DLPack tensor (torch, CuPy, JAX)", type(x).__name__)
 
 
+def workspace(x, function: str):
+    """A caller's scratch memory as the int8 bytes _C takes (None stays None); a contiguous tensor of any dtype."""
+    if x is None:
+        return None
+    if is_torch(x):
+        if not x.is_contiguous():
+            raise fail(function, "workspace", "a contiguous tensor", f"strides {list(x.stride())}")
+        return x.detach().view(-1).view(_torch().int8)
+    if isinstance(x, np.ndarray):
+        if not x.flags.c_contiguous:
+            raise fail(function, "workspace", "a contiguous array", f"strides {list(x.strides)}")
+        return x.reshape(-1).view(np.int8)
+    if is_cupy(x):
+        import cupy
+
+        if not x.flags.c_contiguous:
+            raise fail(function, "workspace", "a contiguous array", f"strides {list(x.strides)}")
+        return x.ravel().view(cupy.int8)
+    raise fail(function, "workspace", "a torch tensor or a CuPy/NumPy array", type(x).__name__)
+
+
 def shape(x, function: str, argument: str, rank: int, layout: str) -> tuple:
     """The shape of a tensor argument after checking its rank (keysel.Error naming the argument otherwise)."""
     s = tuple(int(n) for n in getattr(x, "shape", ()))

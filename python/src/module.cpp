@@ -96,15 +96,17 @@ std::int64_t selection_width(std::int64_t k, std::int64_t n_sink, std::int64_t n
 }
 
 void select_topk_binding(nb::handle scores, nb::handle positions, std::int64_t k, std::int64_t n_sink,
-                         std::int64_t n_local, bool kept_on_top, nb::handle out, std::uintptr_t stream) {
+                         std::int64_t n_local, bool kept_on_top, nb::handle out, std::uintptr_t stream,
+                         nb::handle workspace) {
   TensorArguments args("select_topk");
   const TensorView scores_view = args.input(scores, "scores");
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView out_view = args.output(out, "selection");
+  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
   const SelectionPolicy policy = make_policy(k, "per_kv_head", n_sink, n_local, kept_on_top);
   nb::gil_scoped_release release;
   if (on_cuda(scores_view)) {
-    select_topk_cuda(scores_view, positions_view, policy, out_view, stream_pointer(stream));
+    select_topk_cuda(scores_view, positions_view, policy, out_view, stream_pointer(stream), workspace_view);
   } else {
     select_topk(scores_view, positions_view, policy, out_view);
   }
@@ -233,7 +235,8 @@ void indexer_logits_cuda_binding(nb::handle q, std::string_view q_dtype, nb::han
 void indexer_topk_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle blocks,
                                std::string_view blocks_dtype, nb::handle block_table, nb::handle positions,
                                std::int64_t n_keys, std::int64_t k, std::int64_t n_sink, std::int64_t n_local,
-                               bool kept_on_top, nb::handle sequence_of_row, nb::handle out, std::uintptr_t stream) {
+                               bool kept_on_top, nb::handle sequence_of_row, nb::handle out, std::uintptr_t stream,
+                               nb::handle workspace) {
   TensorArguments args("indexer_topk_cuda");
   const TensorView q_view = args.input(q, "q_index", q_dtype);
   const TensorView weights_view = args.input(weights, "weights");
@@ -242,10 +245,11 @@ void indexer_topk_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handl
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView rows = args.optional_input(sequence_of_row, "sequence_of_row");
   const TensorView out_view = args.output(out, "selection");
+  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
   const SelectionPolicy policy = make_policy(k, "per_token", n_sink, n_local, kept_on_top);
   nb::gil_scoped_release release;
   lightning_indexer_topk_cuda(q_view, weights_view, cache, positions_view, n_keys, policy, out_view, rows,
-                              stream_pointer(stream));
+                              stream_pointer(stream), workspace_view);
 }
 
 // ---- attention -------------------------------------------------------------------------------------------
@@ -443,7 +447,11 @@ NB_MODULE(_C, m) {
         "mean, min, p5, p50, p95 and count of values (NaN left out), as studies report them.");
 
   m.def("select_topk", &select_topk_binding, "scores"_a, "positions"_a, "k"_a, "n_sink"_a, "n_local"_a,
-        "kept_on_top"_a, "out"_a, "stream"_a);
+        "kept_on_top"_a, "out"_a, "stream"_a, "workspace"_a.none());
+  m.def("select_topk_workspace_bytes", &select_topk_cuda_workspace_bytes, "tokens"_a, "groups"_a, "n"_a,
+        "Device bytes select_topk may use on CUDA for scores [T, G, N] (an upper bound for every GPU).");
+  m.def("indexer_topk_workspace_bytes", &lightning_indexer_topk_cuda_workspace_bytes, "rows"_a, "n_keys"_a,
+        "Device bytes indexer_topk_cuda may use for R rows of n_keys keys.");
   m.def("exact_topk", &exact_topk_binding, "q"_a, "k_cache"_a, "positions"_a, "k"_a, "granularity"_a, "scale"_a,
         "n_sink"_a, "n_local"_a, "kept_on_top"_a, "out"_a);
   m.def("indexer_scores", &indexer_scores_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "k_index"_a, "k_dtype"_a,
@@ -452,7 +460,7 @@ NB_MODULE(_C, m) {
         "blocks_dtype"_a, "block_table"_a.none(), "positions"_a, "sequence_of_row"_a.none(), "out"_a, "stream"_a);
   m.def("indexer_topk_cuda", &indexer_topk_cuda_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "blocks"_a,
         "blocks_dtype"_a, "block_table"_a.none(), "positions"_a, "n_keys"_a, "k"_a, "n_sink"_a, "n_local"_a,
-        "kept_on_top"_a, "sequence_of_row"_a.none(), "out"_a, "stream"_a);
+        "kept_on_top"_a, "sequence_of_row"_a.none(), "out"_a, "stream"_a, "workspace"_a.none());
   m.def("sparse_attention", &sparse_attention_binding, "q"_a, "k_cache"_a, "v_cache"_a, "selection"_a,
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
   m.def("metrics", &metrics_binding, "q"_a, "k_cache"_a, "v_cache"_a.none(), "positions"_a, "selection"_a, "k"_a,

@@ -71,11 +71,17 @@ void check_case(const Case& c, std::uint64_t seed) {
 
   const CudaBuffer d_scores = to_device(scores);
   const CudaBuffer d_positions = to_device(positions);
+  // The second run takes its scratch from a caller's workspace (poisoned: its contents must not matter).
+  const std::int64_t workspace_bytes = select_topk_cuda_workspace_bytes(c.T, c.G, c.N);
+  CudaBuffer d_workspace = poisoned<std::int8_t>(workspace_bytes, 0x7F);
   for (int run = 0; run < 2; ++run) {  // twice: the result must not depend on what the buffer held
     CudaBuffer d_selection = poisoned<std::int32_t>(c.T * c.G * width, run == 0 ? 0xA5 : 0x5A);
+    const TensorView workspace =
+        run == 0 ? TensorView{} : TensorView(d_workspace.data(), DType::int8, {workspace_bytes}, Device::cuda());
     select_topk_cuda(TensorView(d_scores.data(), DType::fp32, {c.T, c.G, c.N}, Device::cuda()),
                      TensorView(d_positions.data(), DType::int32, {c.T}, Device::cuda()), c.policy,
-                     TensorView(d_selection.data(), DType::int32, {c.T, c.G, width}, Device::cuda()));
+                     TensorView(d_selection.data(), DType::int32, {c.T, c.G, width}, Device::cuda()), nullptr,
+                     workspace);
     cuda_synchronize();
     const std::vector<std::int32_t> got = to_host<std::int32_t>(d_selection);
     ASSERT_EQ(got.size(), expected.size());
@@ -165,6 +171,17 @@ TEST(CudaTopk, RejectsBadArguments) {
   EXPECT_THROW(select_topk_cuda(host_view, p, policy(8), out), Error);
   const TensorView cpu_view(host_scores.data(), DType::fp32, {T, G, N});
   EXPECT_THROW(select_topk_cuda(cpu_view, p, policy(8), out), Error);
+  const std::int64_t need = select_topk_cuda_workspace_bytes(T, G, N);
+  CudaBuffer workspace = poisoned<std::int8_t>(need + 16, 0);
+  const TensorView small(workspace.data(), DType::int8, {need - 1}, Device::cuda());
+  EXPECT_THROW(select_topk_cuda(s, p, policy(8), out, nullptr, small), Error);  // too small
+  const TensorView unaligned(static_cast<std::int8_t*>(workspace.data()) + 4, DType::int8, {need}, Device::cuda());
+  EXPECT_THROW(select_topk_cuda(s, p, policy(8), out, nullptr, unaligned), Error);
+  std::vector<std::int8_t> host_workspace(static_cast<std::size_t>(need));
+  const TensorView on_host(host_workspace.data(), DType::int8, {need});
+  EXPECT_THROW(select_topk_cuda(s, p, policy(8), out, nullptr, on_host), Error);  // not on the GPU
+  EXPECT_THROW(select_topk_cuda_workspace_bytes(-1, 1, 1), Error);
+  EXPECT_THROW(select_topk_cuda_workspace_bytes(1LL << 40, 1LL << 40, 1), Error);  // overflow
   const std::vector<std::int32_t> untouched = to_host<std::int32_t>(selection);
   for (std::int32_t v : untouched) EXPECT_EQ(static_cast<std::uint32_t>(v), 0xA5A5A5A5u);
 }

@@ -159,3 +159,60 @@ def test_capture_without_out_is_refused(generator):
     with pytest.raises(keysel.Error, match="argument 'out'"):
         with torch.cuda.graph(graph):
             keysel.select_topk(scores, positions, 4)
+
+
+def test_select_topk_cuda_uses_the_callers_workspace_under_capture(generator):
+    t, g, n, k = 2, 1, 40000, 2048                     # few long rows: the several-blocks-per-row path needs scratch
+    scores = torch.randn(t, g, n, generator=generator).to(DEVICE)
+    positions = torch.tensor([n - 1, 30000], dtype=torch.int32, device=DEVICE)
+    out = torch.empty(t, g, k, dtype=torch.int32, device=DEVICE)
+    workspace = torch.full((keysel.select_topk_workspace_bytes(t, g, n),), 0xAB, dtype=torch.uint8, device=DEVICE)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        keysel.select_topk(scores, positions, k, out=out, workspace=workspace)      # warm-up
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    assert not bool((workspace == 0xAB).all()), "the call did not use the caller's workspace"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        keysel.select_topk(scores, positions, k, out=out, workspace=workspace)
+    for _ in range(2):
+        fresh = torch.randn(t, g, n, generator=generator)
+        fresh[1, 0, 100:5000] = 1.25                                                   # heavy ties
+        scores.copy_(fresh.to(DEVICE))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), keysel.select_topk(fresh, positions.cpu(), k))
+
+
+def test_workspace_too_small_or_elsewhere_is_refused(generator):
+    scores = torch.randn(2, 1, 40000, generator=generator).to(DEVICE)
+    positions = torch.tensor([39999, 39999], dtype=torch.int32, device=DEVICE)
+    out = torch.full((2, 1, 16), -7, dtype=torch.int32, device=DEVICE)
+    small = torch.empty(keysel.select_topk_workspace_bytes(2, 1, 40000) - 16, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(keysel.Error, match="argument 'workspace'.*at least"):
+        keysel.select_topk(scores, positions, 16, out=out, workspace=small)
+    host = torch.empty(keysel.select_topk_workspace_bytes(2, 1, 40000), dtype=torch.uint8)
+    with pytest.raises(keysel.Error, match="argument 'workspace'"):
+        keysel.select_topk(scores, positions, 16, out=out, workspace=host)
+    torch.cuda.synchronize()
+    assert bool((out == -7).all())
+
+
+def test_indexer_topk_cuda_with_workspace_equals_without(generator):
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("the fp8 indexer kernel needs compute capability 8.9 or newer")
+    r, hi, di, n = 2, 32, 64, 20000
+    q = torch.randn(r, hi, di, generator=generator).to(torch.float8_e4m3fn).to(DEVICE)
+    weights = torch.randn(r, hi, generator=generator).to(DEVICE)
+    blocks_per_sequence = (n + 63) // 64
+    blocks = torch.randint(0, 120, (r * blocks_per_sequence, 64, di + 4), generator=generator, dtype=torch.uint8)
+    blocks[:, :, di:] = torch.full((r * blocks_per_sequence, 64), 0.75).view(torch.uint8).view(-1, 64, 4)
+    blocks = blocks.to(DEVICE)
+    positions = torch.tensor([n - 1, 12345], dtype=torch.int32, device=DEVICE)
+    expected = keysel.indexer_topk_cuda(q, weights, blocks, positions, n, 300)
+    workspace = torch.empty(keysel.indexer_topk_workspace_bytes(r, n), dtype=torch.uint8, device=DEVICE)
+    got = keysel.indexer_topk_cuda(q, weights, blocks, positions, n, 300, workspace=workspace)
+    torch.cuda.synchronize()
+    assert torch.equal(got, expected)

@@ -62,3 +62,13 @@ def test_exact_topk_default_scale_and_half_precision(rng):
     pbar = reference.group_mean(reference.probabilities(qd, kd, positions), "per_kv_head", 4)
     assert out.dtype == torch.int32 and tuple(out.shape) == (3, 4, 7)
     reference.assert_same_selection(out.numpy(), reference.select_topk(pbar, positions, 5, 2, 0, True), pbar)
+
+
+def test_workspace_sizes_are_plain_arithmetic():
+    small = keysel.select_topk_workspace_bytes(1, 1, 1000)
+    assert small > 4 * 1000 and keysel.select_topk_workspace_bytes(4, 2, 1000) == 8 * small
+    assert keysel.indexer_topk_workspace_bytes(3, 5000) >= 3 * 5000 * 4 + keysel.select_topk_workspace_bytes(3, 1, 5000)
+    with pytest.raises(keysel.Error, match="argument 'n'"):
+        keysel.select_topk_workspace_bytes(1, 1, -1)
+    with pytest.raises(keysel.Error, match="argument 'groups'"):
+        keysel.select_topk_workspace_bytes(2**40, 2**40, 10)

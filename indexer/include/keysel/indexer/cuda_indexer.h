@@ -42,12 +42,18 @@ void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weight
                                    const TensorView& positions, const TensorView& logits,
                                    const TensorView& sequence_of_row = {}, void* stream = nullptr);
 
-/// Decode selection: the logits above into a stream-ordered scratch buffer, then select_topk_cuda with `policy`.
+/// Decode selection: the logits above into scratch memory, then select_topk_cuda with `policy`.
 ///   selection: int32 [R, 1, policy.width()] on the same GPU (one selection group per token: DeepSeek Sparse
 ///              Attention shares it across heads).
+///   workspace: empty (scratch from a stream-ordered pool) or the caller's device memory of at least
+///              lightning_indexer_topk_cuda_workspace_bytes(R, n_keys) bytes, as select_topk_cuda takes it.
 void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
                                  const TensorView& positions, std::int64_t n_keys, const SelectionPolicy& policy,
                                  const TensorView& selection, const TensorView& sequence_of_row = {},
-                                 void* stream = nullptr);
+                                 void* stream = nullptr, const TensorView& workspace = {});
+
+/// Bytes of device memory lightning_indexer_topk_cuda may use for R rows of n_keys keys (fp32 logits, 256-byte
+/// aligned, then the top-k's scratch); plain arithmetic, also without CUDA.
+std::int64_t lightning_indexer_topk_cuda_workspace_bytes(std::int64_t rows, std::int64_t n_keys);
 
 }  // namespace keysel

@@ -225,11 +225,13 @@ void bench_indexer(std::int64_t batch, std::int64_t n, std::int64_t heads, std::
   // Rotate over enough copies of the cache that the set exceeds L2 (50 MB on an H100).
   const int copies = static_cast<int>(std::max<std::int64_t>(1, (256ll << 20) / cache_bytes_one));
   CudaBuffer cache(cache_bytes_one * copies);
+  // The engines' pages: 64 x DI fp8 values, then 64 fp32 scales.
+  const std::size_t page_bytes = static_cast<std::size_t>(64 * (dim + 4));
   fill_random(cache.data(), static_cast<std::size_t>(cache.bytes()), [&](std::uint8_t* p, std::size_t size) {
-    for (std::size_t t = 0; t + (dim + 4) <= size; t += static_cast<std::size_t>(dim + 4)) {
-      for (std::int64_t d = 0; d < dim; ++d) p[t + d] &= 0xBF;  // finite fp8 codes of magnitude <= 2^1
+    for (std::size_t page = 0; page + page_bytes <= size; page += page_bytes) {
+      for (std::int64_t i = 0; i < 64 * dim; ++i) p[page + i] &= 0xBF;  // finite fp8 codes of magnitude <= 2^1
       const float scale = 0.01f;
-      std::memcpy(p + t + dim, &scale, 4);
+      for (std::int64_t t = 0; t < 64; ++t) std::memcpy(p + page + 64 * dim + 4 * t, &scale, 4);
     }
   });
   CudaBuffer q(batch * heads * dim), weights(batch * heads * 4), positions(batch * 4), logits(batch * n * 4);
@@ -247,7 +249,7 @@ void bench_indexer(std::int64_t batch, std::int64_t n, std::int64_t heads, std::
   auto cache_view = [&](int i) {
     CudaIndexerKeyCache c;
     c.blocks = TensorView(static_cast<std::uint8_t*>(cache.data()) + (i % copies) * cache_bytes_one, DType::fp8_e4m3,
-                          {batch * blocks_per_sequence, 64, dim + 4}, Device::cuda());
+                          {batch * blocks_per_sequence, 64 * (dim + 4)}, Device::cuda());
     return c;
   };
   const auto logits_call = [&](int i, void* stream) {

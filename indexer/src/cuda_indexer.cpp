@@ -38,11 +38,19 @@ std::int64_t lightning_indexer_topk_cuda_workspace_bytes(std::int64_t rows, std:
 #if KEYSEL_CUDA
 namespace {
 
-/// Checks everything but the output and fills the launch parameters (logits left null).
+/// The rows of a call: positions (+ sequence_of_row), or context_lens with next_n rows per sequence.
+struct RowsSpec {
+  TensorView positions, sequence_of_row, context_lens;
+  std::int64_t next_n = 1;
+};
+
+/// Checks everything but the output and fills the launch parameters (logits left null). q is [R, HI, DI].
 cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView& q, const TensorView& weights,
-                                    const CudaIndexerKeyCache& cache, const TensorView& positions,
-                                    std::int64_t n_keys, const TensorView& sequence_of_row,
+                                    const CudaIndexerKeyCache& cache, const RowsSpec& spec, std::int64_t n_keys,
                                     const TensorView& output, const char* output_name) {
+  const TensorView& positions = spec.positions;
+  const TensorView& sequence_of_row = spec.sequence_of_row;
+  const TensorView& context_lens = spec.context_lens;
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_dtype(function, q, "q", {DType::fp8_e4m3});
   const Device device = q.device();
@@ -51,22 +59,52 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(q.raw_data()) % 16 == 0, "q", "a 16-byte aligned buffer",
                    "a misaligned pointer");
   const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  KEYSEL_CHECK_ARG(heads == 32 || heads == 64 || heads == 128, "q", "HI of 32, 64 or 128", heads);
+  KEYSEL_CHECK_ARG(heads == 16 || heads == 32 || heads == 64 || heads == 128, "q", "HI of 16, 32, 64 or 128", heads);
   KEYSEL_CHECK_ARG(dim == 64 || dim == 128, "q", "DI of 64 or 128", dim);
   expect_shape(function, weights, "weights", {rows, heads});
   expect_dtype(function, weights, "weights", {DType::fp32});
   expect_device(function, weights, "weights", device);
   expect_contiguous(function, weights, "weights");
-  expect_shape(function, cache.blocks, "cache.blocks", {kAnyExtent, kIndexerCacheBlock, dim + 4});
+  // The engines' page, viewed as [num_blocks, 64 * (DI + 4)], [num_blocks, 64, DI + 4] or [num_blocks, 64, 1, DI + 4].
+  const std::int64_t page_bytes = kIndexerCacheBlock * (dim + 4);
+  const int cache_rank = cache.blocks.rank();
+  KEYSEL_CHECK_ARG((cache_rank == 2 && cache.blocks.size(1) == page_bytes) ||
+                       (cache_rank == 3 && cache.blocks.size(1) == kIndexerCacheBlock &&
+                        cache.blocks.size(2) == dim + 4) ||
+                       (cache_rank == 4 && cache.blocks.size(1) == kIndexerCacheBlock && cache.blocks.size(2) == 1 &&
+                        cache.blocks.size(3) == dim + 4),
+                   "cache.blocks",
+                   "pages of 64 * (DI + 4) = " + std::to_string(page_bytes) + " bytes: [num_blocks, " +
+                       std::to_string(page_bytes) + "], [num_blocks, 64, " + std::to_string(dim + 4) +
+                       "] or [num_blocks, 64, 1, " + std::to_string(dim + 4) + "]",
+                   cache.blocks.str());
   expect_dtype(function, cache.blocks, "cache.blocks", {DType::fp8_e4m3});
   expect_device(function, cache.blocks, "cache.blocks", device);
   expect_contiguous(function, cache.blocks, "cache.blocks");
   KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(cache.blocks.raw_data()) % 16 == 0, "cache.blocks",
                    "a 16-byte aligned buffer", "a misaligned pointer");
-  expect_shape(function, positions, "positions", {rows});
-  expect_dtype(function, positions, "positions", {DType::int32});
-  expect_device(function, positions, "positions", device);
-  expect_contiguous(function, positions, "positions");
+  if (context_lens.empty()) {
+    expect_shape(function, positions, "positions", {rows});
+    expect_dtype(function, positions, "positions", {DType::int32});
+    expect_device(function, positions, "positions", device);
+    expect_contiguous(function, positions, "positions");
+  } else {
+    KEYSEL_CHECK_ARG(spec.next_n >= 1 && spec.next_n <= 4, "next_n", "1 to 4 query tokens per sequence", spec.next_n);
+    KEYSEL_CHECK_ARG(!cache.block_table.empty(), "cache.block_table", "a block table [B, max_blocks]", "none");
+    KEYSEL_CHECK_ARG(rows == cache.block_table.size(0) * spec.next_n, "q",
+                     "B * next_n = " + std::to_string(cache.block_table.size(0) * spec.next_n) +
+                         " rows (B: the block table's rows)",
+                     rows);
+    KEYSEL_CHECK_ARG((context_lens.rank() == 1 && context_lens.size(0) == cache.block_table.size(0)) ||
+                         (context_lens.rank() == 2 && context_lens.size(0) == cache.block_table.size(0) &&
+                          context_lens.size(1) == spec.next_n),
+                     "context_lens",
+                     "int32 [B] or [B, next_n] with B = " + std::to_string(cache.block_table.size(0)),
+                     context_lens.str());
+    expect_dtype(function, context_lens, "context_lens", {DType::int32});
+    expect_device(function, context_lens, "context_lens", device);
+    expect_contiguous(function, context_lens, "context_lens");
+  }
   KEYSEL_CHECK_ARG(n_keys >= 0 && n_keys <= 0x7fffffff, "n_keys", "N in [0, 2^31)", n_keys);
   KEYSEL_CHECK_ARG(rows <= 65535, "q", "at most 65535 rows per call", rows);
   const std::int64_t blocks_per_sequence = (n_keys + kIndexerCacheBlock - 1) / kIndexerCacheBlock;
@@ -110,6 +148,7 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
                                      {cache.block_table.raw_data(), "cache.block_table"},
                                      {positions.raw_data(), "positions"},
                                      {sequence_of_row.raw_data(), "sequence_of_row"},
+                                     {context_lens.raw_data(), "context_lens"},
                                      {output.raw_data(), output_name}},
                                     device.index);
   cuda_kernels::IndexerLaunch launch{};
@@ -117,7 +156,10 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   launch.weights = weights.data<float>();
   launch.cache = cache.blocks.data<std::uint8_t>();
   launch.block_table = cache.block_table.empty() ? nullptr : cache.block_table.data<std::int32_t>();
-  launch.positions = positions.data<std::int32_t>();
+  launch.positions = context_lens.empty() ? positions.data<std::int32_t>() : nullptr;
+  launch.context_lens = context_lens.empty() ? nullptr : context_lens.data<std::int32_t>();
+  launch.next_n = static_cast<int>(spec.next_n);
+  launch.lens_per_row = context_lens.rank() == 2;
   launch.sequence_of_row = sequence_of_row.empty() ? nullptr : sequence_of_row.data<std::int32_t>();
   launch.rows = rows;
   launch.n = n_keys;
@@ -134,10 +176,10 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
 
 }  // namespace
 
-void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
-                                   const TensorView& positions, const TensorView& logits,
-                                   const TensorView& sequence_of_row, void* stream) {
-  constexpr std::string_view function = "lightning_indexer_logits_cuda";
+namespace {
+
+void logits_with(std::string_view function, const TensorView& q, const TensorView& weights,
+                 const CudaIndexerKeyCache& cache, const RowsSpec& spec, const TensorView& logits, void* stream) {
   expect_shape(function, logits, "logits", {kAnyExtent, kAnyExtent});
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_shape(function, logits, "logits", {q.size(0), kAnyExtent});
@@ -145,31 +187,35 @@ void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weight
   expect_device(function, logits, "logits", q.device());
   expect_writable(function, logits, "logits");
   expect_contiguous(function, logits, "logits");
-  cuda_kernels::IndexerLaunch launch =
-      prepare(function, q, weights, cache, positions, logits.size(1), sequence_of_row, logits, "logits");
+  cuda_kernels::IndexerLaunch launch = prepare(function, q, weights, cache, spec, logits.size(1), logits, "logits");
   launch.logits = logits.mutable_data<float>();
   if (launch.rows == 0) return;
   cuda_kernels::launch_indexer_logits(function, launch, stream);
 }
 
-void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
-                                 const TensorView& positions, std::int64_t n_keys, const SelectionPolicy& policy,
-                                 const TensorView& selection, const TensorView& sequence_of_row, void* stream,
-                                 const TensorView& workspace) {
-  constexpr std::string_view function = "lightning_indexer_topk_cuda";
+/// The logits into the caller's workspace or stream-ordered scratch memory, then their selection as
+/// select_topk_cuda makes it (one group per row), without repeating the checks made by prepare().
+void topk_with(std::string_view function, const TensorView& q, const TensorView& weights,
+               const CudaIndexerKeyCache& cache, const RowsSpec& spec, std::int64_t n_keys,
+               const SelectionPolicy& policy, const TensorView& selection, void* stream,
+               const TensorView& workspace) {
   policy.validate(function);
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   const std::int64_t rows = q.size(0);
-  check_selection_output(function, selection, rows, 1, policy.width(), q.device());
+  if (selection.rank() == 2) {
+    expect_shape(function, selection, "selection", {rows, policy.width()});
+    expect_dtype(function, selection, "selection", {DType::int32});
+    expect_device(function, selection, "selection", q.device());
+    expect_writable(function, selection, "selection");
+  } else {
+    check_selection_output(function, selection, rows, 1, policy.width(), q.device());
+  }
   expect_contiguous(function, selection, "selection");
   KEYSEL_CHECK_ARG(policy.width() <= 0x7fffffff, "policy", "a selection width below 2^31", policy.width());
-  cuda_kernels::IndexerLaunch launch =
-      prepare(function, q, weights, cache, positions, n_keys, sequence_of_row, selection, "selection");
+  cuda_kernels::IndexerLaunch launch = prepare(function, q, weights, cache, spec, n_keys, selection, "selection");
   auto* const external = static_cast<std::uint8_t*>(detail::workspace_pointer(
       function, workspace, lightning_indexer_topk_cuda_workspace_bytes(rows, n_keys), q.device()));
   if (rows == 0) return;
-  // The logits into the caller's workspace or stream-ordered scratch memory, then their selection as
-  // select_topk_cuda makes it, without repeating the checks made above.
   const std::int64_t logits_bytes = indexer_logits_bytes(rows, n_keys, function);
   cuda_glue::Scratch logits(function, static_cast<std::size_t>(logits_bytes), launch.device, stream, external);
   launch.logits = logits.as<float>();
@@ -177,6 +223,9 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
   cuda_kernels::TopkLaunch topk{};
   topk.scores = launch.logits;
   topk.positions = launch.positions;
+  topk.lengths = launch.context_lens;
+  topk.next_n = launch.next_n;
+  topk.lengths_per_row = launch.lens_per_row;
   topk.selection = selection.mutable_data<std::int32_t>();
   topk.rows = rows;
   topk.groups = 1;
@@ -187,6 +236,62 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
   topk.workspace = external != nullptr ? external + logits_bytes : nullptr;
   cuda_kernels::launch_topk(function, topk, stream);
   logits.release();
+}
+
+/// q [B, next_n, HI, DI] as the kernels' [B * next_n, HI, DI] (a contiguous view), and next_n.
+std::pair<TensorView, std::int64_t> mqa_rows(std::string_view function, const TensorView& q) {
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_contiguous(function, q, "q");
+  const std::int64_t next_n = q.size(1);
+  KEYSEL_CHECK_ARG(next_n >= 1 && next_n <= 4, "q", "[B, next_n, HI, DI] with next_n of 1 to 4", q.str());
+  const std::int64_t rows = checked_mul(q.size(0), next_n, function, "q");
+  return {TensorView(q.raw_data(), q.dtype(), {rows, q.size(2), q.size(3)}, q.device()), next_n};
+}
+
+}  // namespace
+
+void lightning_indexer_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                                   const TensorView& positions, const TensorView& logits,
+                                   const TensorView& sequence_of_row, void* stream) {
+  RowsSpec spec;
+  spec.positions = positions;
+  spec.sequence_of_row = sequence_of_row;
+  logits_with("lightning_indexer_logits_cuda", q, weights, cache, spec, logits, stream);
+}
+
+void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                                 const TensorView& positions, std::int64_t n_keys, const SelectionPolicy& policy,
+                                 const TensorView& selection, const TensorView& sequence_of_row, void* stream,
+                                 const TensorView& workspace) {
+  RowsSpec spec;
+  spec.positions = positions;
+  spec.sequence_of_row = sequence_of_row;
+  topk_with("lightning_indexer_topk_cuda", q, weights, cache, spec, n_keys, policy, selection, stream, workspace);
+}
+
+void paged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                           const TensorView& context_lens, const TensorView& logits, void* stream) {
+  constexpr std::string_view function = "paged_mqa_logits_cuda";
+  const auto [rows, next_n] = mqa_rows(function, q);
+  RowsSpec spec;
+  spec.context_lens = context_lens;
+  spec.next_n = next_n;
+  KEYSEL_CHECK_ARG(!context_lens.empty(), "context_lens", "int32 [B] or [B, next_n]", "none");
+  logits_with(function, rows, weights, cache, spec, logits, stream);
+}
+
+void paged_mqa_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                         const TensorView& context_lens, std::int64_t n_keys, std::int64_t k,
+                         const TensorView& selection, void* stream, const TensorView& workspace) {
+  constexpr std::string_view function = "paged_mqa_topk_cuda";
+  const auto [rows, next_n] = mqa_rows(function, q);
+  RowsSpec spec;
+  spec.context_lens = context_lens;
+  spec.next_n = next_n;
+  KEYSEL_CHECK_ARG(!context_lens.empty(), "context_lens", "int32 [B] or [B, next_n]", "none");
+  SelectionPolicy policy;
+  policy.k = k;
+  topk_with(function, rows, weights, cache, spec, n_keys, policy, selection, stream, workspace);
 }
 
 #else  // !KEYSEL_CUDA
@@ -200,6 +305,16 @@ void lightning_indexer_topk_cuda(const TensorView&, const TensorView&, const Cud
                                  const TensorView&, std::int64_t, const SelectionPolicy&, const TensorView&,
                                  const TensorView&, void*, const TensorView&) {
   detail::throw_error("lightning_indexer_topk_cuda", "keysel was built without CUDA");
+}
+
+void paged_mqa_logits_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&, const TensorView&,
+                           const TensorView&, void*) {
+  detail::throw_error("paged_mqa_logits_cuda", "keysel was built without CUDA");
+}
+
+void paged_mqa_topk_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&, const TensorView&,
+                         std::int64_t, std::int64_t, const TensorView&, void*, const TensorView&) {
+  detail::throw_error("paged_mqa_topk_cuda", "keysel was built without CUDA");
 }
 
 #endif  // KEYSEL_CUDA

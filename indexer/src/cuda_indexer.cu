@@ -4,12 +4,12 @@
 //   indexer_logits_wgmma_kernel (sm_90a builds on sm_90 GPUs): warpgroup MMA on the fp8 values (QGMMA), bulk
 //     copies of the cache blocks, decode (one query row per CTA) and prefill (256 / HI query rows share every
 //     cache block). Described above the kernel.
-//   indexer_logits_tokens_kernel (HI of 32 or 64, other builds and GPUs): fp16 mma.sync on exactly converted fp8.
+//   indexer_logits_tokens_kernel (HI of 16, 32 or 64, other builds and GPUs): fp16 mma.sync on exactly converted fp8.
 //   indexer_logits_kernel (HI = 128, other builds and GPUs):
 // Grid (CTAs per row, R); HI/16 warps. Warp w holds the A fragments of heads [16w, 16w + 16) for all of DI in
 // registers (fp8, loaded once). For each 64-token cache block of its row (blocks blockIdx.x, + gridDim.x, ...):
-//   the block's 64 * (DI + 4) bytes arrive as 16-byte loads into registers one block ahead (the next block's
-//   loads are in flight while this one is computed), are spread into shared memory with a padded token stride
+//   the block's 64 * (DI + 4) bytes (the engines' page: 64 tokens' DI fp8 values, then their 64 fp32 scales)
+//   arrive by 4-byte cp.async in a three-stage ring, spread into shared memory with a padded token stride
 //   (DI/4 + 4 words: the B-fragment reads are free of bank conflicts), then each warp runs
 //   mma.m16n8k32.e4m3 (16 heads x 8 tokens x 32 channels, fp32 accumulate) over 8 token tiles x DI/32 steps,
 //   applies ReLU and the head weights, sums its 16 heads by shuffles; warps add through shared memory and the
@@ -30,20 +30,30 @@ constexpr int kBlock = 64;
 struct IndexerParams {
   const std::uint8_t* q;            // [R, HI, DI]
   const float* weights;             // [R, HI]
-  const std::uint8_t* cache;        // [num_blocks, 64, DI + 4]
+  const std::uint8_t* cache;        // [num_blocks, 64 * (DI + 4)]: per page 64 x DI fp8 values, then 64 fp32 scales
   const std::int32_t* block_table;  // [S, max_blocks] or nullptr
-  const std::int32_t* positions;    // [R]
+  const std::int32_t* positions;    // [R], or nullptr when context_lens is given
   const std::int32_t* sequence_of_row;  // [R] or nullptr
+  const std::int32_t* context_lens;     // [S] or [S, next_n] (lens_per_row), or nullptr: row r = (r / next_n, i)
   float* logits;                    // [R, N]
   std::int64_t rows, n, num_blocks;
-  int heads, sequences, max_blocks, blocks_per_sequence;
+  int heads, sequences, max_blocks, blocks_per_sequence, next_n;
+  bool lens_per_row;
 };
 
 /// Row r's sequence (seq) and the number of keys it may read, min(pos + 1, N); 0 for a negative position or a
 /// sequence outside the cache (GPU values are not validated on the host: such a row gets only -inf).
 __device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p, std::int64_t r, int& seq) {
-  seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
-  const std::int64_t pos = p.positions[r];
+  std::int64_t pos = 0;
+  if (p.context_lens) {  // decode with next_n query tokens per sequence (multi-token prediction)
+    seq = static_cast<int>(r / p.next_n);
+    const int i = static_cast<int>(r % p.next_n);
+    pos = p.lens_per_row ? static_cast<std::int64_t>(p.context_lens[r]) - 1
+                         : static_cast<std::int64_t>(p.context_lens[seq]) - p.next_n + i;
+  } else {
+    seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
+    pos = p.positions[r];
+  }
   const bool row_ok = seq >= 0 && seq < p.sequences &&
                       (p.block_table || static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence <= p.num_blocks);
   if (!row_ok || pos < 0) return 0;
@@ -66,6 +76,27 @@ struct LaunchContext {
   mutable cudaError_t error = cudaSuccess;     // of a launch through cudaLaunchKernelEx
 };
 
+/// Lane (g, tig)'s DI/16 consecutive fp8 words of one token row in shared memory (a page's token stride, DI
+/// bytes), from word tig * DI/16: the words the MMA fragments below take. 16-byte loads. At DI = 128 a lane needs
+/// two 16-byte chunks and rows lie 128 bytes apart, so lanes g and g + 1 of an eight-lane phase would hit the
+/// same bank group; lanes of odd g load their two chunks in the other order, and every load is conflict-free.
+template <int DI>
+__device__ __forceinline__ void load_token_words(const std::uint32_t* row, int g, int tig,
+                                                 std::uint32_t (&w)[DI / 16]) {
+  const uint4* v = reinterpret_cast<const uint4*>(row) + tig * (DI / 64);
+  if constexpr (DI == 128) {
+    const int odd = g & 1;
+    const uint4 first = v[odd];
+    const uint4 second = v[1 - odd];
+    const uint4 x = odd ? second : first;
+    const uint4 y = odd ? first : second;
+    w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w, w[4] = y.x, w[5] = y.y, w[6] = y.z, w[7] = y.w;
+  } else {
+    const uint4 x = v[0];
+    w[0] = x.x, w[1] = x.y, w[2] = x.z, w[3] = x.w;
+  }
+}
+
 __device__ __forceinline__ void mma_e4m3(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
                                          std::uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
@@ -85,7 +116,7 @@ template <int DI, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;              // key words per token
   constexpr int kStride = kWords + 4;         // padded shared-memory stride in words
-  constexpr int kTokenWords = kWords + 1;     // key words + scale in the cache
+  constexpr int kPageWords = kBlock * (kWords + 1);  // a page: 64 tokens' key words, then their 64 scales
   constexpr int kSteps = DI / 32;
   constexpr int kThreads = kWarps * 32;
   __shared__ __align__(16) std::uint32_t keys[3][kBlock * kStride];
@@ -124,8 +155,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
                                        : static_cast<std::int64_t>(seq) * p.blocks_per_sequence + j;
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
-    const std::uint32_t* src =
-        reinterpret_cast<const std::uint32_t*>(p.cache + block * (kBlock * kTokenWords * 4));
+    const std::uint32_t* src = reinterpret_cast<const std::uint32_t*>(p.cache) + block * kPageWords;
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
     const std::uint32_t scale_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(scales[stage]));
     // Key words: a warp copies whole tokens (kWords consecutive words each), no division by the token stride.
@@ -134,12 +164,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
       const int token = w / kWords;  // a power of two
       const int word = w % kWords;
       const std::uint32_t dst = key_base + 4u * static_cast<std::uint32_t>(token * kStride + word);
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src + token * kTokenWords + word)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(src + token * kWords + word)
                    : "memory");
     }
     if (tid < kBlock) {
       asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(scale_base + 4u * static_cast<std::uint32_t>(tid)),
-                   "l"(src + tid * kTokenWords + kWords)
+                   "l"(src + kBlock * kWords + tid)
                    : "memory");
     }
     return ok;
@@ -237,14 +267,14 @@ __device__ __forceinline__ std::uint32_t fp8x2_to_f16x2(std::uint32_t word16) {
 template <int DI, int HI, int kSplit>
 __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;
-  constexpr int kTokenWords = kWords + 1;  // the cache's token stride, kept in shared memory
-  constexpr int kBlockVectors = kBlock * kTokenWords / 4;  // 16-byte pieces of one cache block
+  constexpr int kPageWords = kBlock * (kWords + 1);  // a page as it is in the cache: key words, then 64 scales
+  constexpr int kBlockVectors = kPageWords / 4;        // 16-byte pieces of one page
   constexpr int kChunks = DI / 16;          // f16 k16 steps
   constexpr int kHeads = HI / kSplit;       // heads per warp
   constexpr int kHeadTiles = kHeads / 8;
   constexpr int kThreads = 128 * kSplit;
   constexpr int kStages = 4;
-  __shared__ __align__(16) std::uint32_t keys[kStages][kBlock * kTokenWords];  // raw cache blocks, scales included
+  __shared__ __align__(16) std::uint32_t keys[kStages][kPageWords];  // raw pages, scales included
   __shared__ float partial[kStages][kSplit - 1][kBlock];
 
   const int tid = threadIdx.x;
@@ -263,7 +293,7 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
                                        : static_cast<std::int64_t>(seq) * p.blocks_per_sequence + j;
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
-    const uint4* src16 = reinterpret_cast<const uint4*>(p.cache + block * (kBlock * kTokenWords * 4));
+    const uint4* src16 = reinterpret_cast<const uint4*>(p.cache) + block * kBlockVectors;
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
 #pragma unroll
     for (int v = tid; v < kBlockVectors; v += kThreads) {
@@ -287,8 +317,8 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
 
   // B fragments of this warp's heads, f16. Lane tig owns the fp8 words [tig * kChunks, + kChunks) of a token
   // (channels 32tig.. at DI = 128): MMA step c takes word tig * kChunks + c, so b[nt][c][0] = its channels
-  // {0, 1} of head nt*8 + g and b[nt][c][1] = channels {2, 3}. The A reads below use the same words of the
-  // keys, whose banks (token stride DI/4 + 1 words) are then distinct across the warp at DI = 128.
+  // {0, 1} of head nt*8 + g and b[nt][c][1] = channels {2, 3}. The A reads below take the same words of the
+  // keys with 16-byte loads (load_token_words).
   const int head0 = head_half * kHeads;
   std::uint32_t b[kHeadTiles][kChunks][2];
 #pragma unroll
@@ -323,14 +353,17 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
     }
     commit();
 
-    const std::uint32_t* rows = keys[stage] + (tile * 16 + g) * kTokenWords + tig * kChunks;
+    const std::uint32_t* row = keys[stage] + (tile * 16 + g) * kWords;
+    std::uint32_t words_lo[kChunks], words_hi[kChunks];  // tokens g and g + 8: words tig * kChunks + c
+    load_token_words<DI>(row, g, tig, words_lo);
+    load_token_words<DI>(row + 8 * kWords, g, tig, words_hi);
     float acc[kHeadTiles][4];
 #pragma unroll
     for (int nt = 0; nt < kHeadTiles; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
-      const std::uint32_t lo = rows[c];                    // token g, word tig * kChunks + c
-      const std::uint32_t hi = rows[8 * kTokenWords + c];  // token g + 8
+      const std::uint32_t lo = words_lo[c];
+      const std::uint32_t hi = words_hi[c];
       const std::uint32_t a[4] = {fp8x2_to_f16x2(lo), fp8x2_to_f16x2(hi), fp8x2_to_f16x2(lo >> 16),
                                   fp8x2_to_f16x2(hi >> 16)};
 #pragma unroll
@@ -357,7 +390,7 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
         float total = sum;
 #pragma unroll
         for (int h = 0; h < kSplit - 1; ++h) total += partial[stage][h][token];
-        out[s] = (ok_bits >> stage) & 1u ? total * __uint_as_float(keys[stage][token * kTokenWords + kWords])
+        out[s] = (ok_bits >> stage) & 1u ? total * __uint_as_float(keys[stage][kBlock * kWords + token])
                                          : __int_as_float(0x7fffffff);
       } else if (s < p.n) {
         out[s] = -INFINITY;
@@ -373,8 +406,9 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
 // One warpgroup (128 threads) per CTA, several CTAs per SM (5 at HI = 64, DI = 128 decode). A CTA serves a group
 // of kRows query rows (1 for decode; 256 / HI for prefill, so the group's kRows x HI heads fill the MMA's N = 256)
 // and walks the 64-token cache blocks blockIdx.x, + gridDim.x, ... of its rows. Per cache block:
-//   A = the block's 64 tokens x DI (M = 64: warp w owns tokens 16w..16w+15), read from the raw cache block in
-//       shared memory (token stride DI + 4 bytes) into registers, 4-byte words free of bank conflicts at DI = 128;
+//   A = the block's 64 tokens x DI (M = 64: warp w owns tokens 16w..16w+15), read from the raw page in shared
+//       memory (token stride DI bytes, the scales after the 64 tokens) into registers by 16-byte loads free of
+//       bank conflicts (load_token_words);
 //   B = the group's kRows x HI query heads x DI, written once per CTA into shared memory in the K-major core-matrix
 //       layout (8 heads x 16 bytes per core matrix, no swizzle) that the descriptor names;
 //   D = fp32 [64 tokens, kRows x HI] in registers; ReLU, the head weights (shared memory) and the sum over a row's
@@ -423,13 +457,25 @@ __device__ __forceinline__ void wgmma_e4m3_n64(float (&d)[32], const std::uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
+__device__ __forceinline__ void wgmma_e4m3_n16(float (&d)[8], const std::uint32_t (&a)[4], std::uint64_t desc_b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, "
+      "{%8, %9, %10, %11}, %12, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
+}
+
 template <int N>
 __device__ __forceinline__ void wgmma_tile(float (&d)[N / 2], const std::uint32_t (&a)[4], std::uint64_t desc_b,
                                            int accumulate) {
   if constexpr (N == 64) {
     wgmma_e4m3_n64(d, a, desc_b, accumulate);
-  } else {
+  } else if constexpr (N == 32) {
     wgmma_e4m3_n32(d, a, desc_b, accumulate);
+  } else {
+    wgmma_e4m3_n16(d, a, desc_b, accumulate);
   }
 }
 
@@ -466,11 +512,10 @@ template <int DI, int HI, int kRows>
 __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const IndexerParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWords = DI / 4;
-  constexpr int kTokenWords = kWords + 1;
-  constexpr int kBlockWords = kBlock * kTokenWords;
+  constexpr int kBlockWords = kBlock * (kWords + 1);  // a page: 64 tokens' key words, then their 64 scales
   constexpr int kSteps = DI / 32;
   constexpr int kN = HI * kRows;
-  constexpr int kTileN = HI == 32 ? 32 : 64;
+  constexpr int kTileN = HI < 64 ? HI : 64;
   constexpr int kTiles = kN / kTileN;
   constexpr int kStages = WgmmaShape<DI, HI, kRows>::kStages;
   constexpr int kSbo = DI * 8;  // bytes between the 8-head core-matrix rows of B
@@ -575,19 +620,21 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   // matrix kc = 2ks + half = word % 2kSteps. 16-byte loads, all issued before the first store.
   {
     constexpr int kVectorsPerHead = DI / 16;
-    constexpr int kPerThread = kN * kVectorsPerHead / 128;
+    constexpr int kVectors = kN * kVectorsPerHead;
+    constexpr int kPerThread = (kVectors + 127) / 128;  // HI = 16, DI = 64 decode: 64 vectors, half the threads
     uint4 v[kPerThread];
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int vec = tid + u * 128;
       const int n = vec / kVectorsPerHead, rr = n / HI;
-      v[u] = rr < rows_here ? __ldg(reinterpret_cast<const uint4*>(p.q + ((r0 + rr) * HI + n % HI) * DI) +
+      v[u] = vec < kVectors && rr < rows_here ? __ldg(reinterpret_cast<const uint4*>(p.q + ((r0 + rr) * HI + n % HI) * DI) +
                                     vec % kVectorsPerHead)
                             : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int u = 0; u < kPerThread; ++u) {
       const int vec = tid + u * 128;
+      if (vec >= kVectors) break;
       const int n = vec / kVectorsPerHead;
       const std::uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
 #pragma unroll
@@ -626,17 +673,20 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
       phase_bits ^= 1u << stage;
 
       const std::uint32_t* block_words = keys + stage * kBlockWords;
-      const std::uint32_t* rows = block_words + (warp * 16 + g) * kTokenWords + tig * (2 * kSteps);
+      const std::uint32_t* row = block_words + (warp * 16 + g) * kWords;
+      std::uint32_t words_lo[2 * kSteps], words_hi[2 * kSteps];  // tokens g and g + 8: words tig * 2kSteps + ..
+      load_token_words<DI>(row, g, tig, words_lo);
+      load_token_words<DI>(row + 8 * kWords, g, tig, words_hi);
       std::uint32_t a[kSteps][4];
 #pragma unroll
       for (int ks = 0; ks < kSteps; ++ks) {
-        a[ks][0] = rows[2 * ks];                        // token g, k 4tig..
-        a[ks][1] = rows[8 * kTokenWords + 2 * ks];      // token g + 8
-        a[ks][2] = rows[2 * ks + 1];                    // token g, k 16 + 4tig..
-        a[ks][3] = rows[8 * kTokenWords + 2 * ks + 1];  // token g + 8
+        a[ks][0] = words_lo[2 * ks];      // token g, k 4tig..
+        a[ks][1] = words_hi[2 * ks];      // token g + 8
+        a[ks][2] = words_lo[2 * ks + 1];  // token g, k 16 + 4tig..
+        a[ks][3] = words_hi[2 * ks + 1];  // token g + 8
       }
-      const float scale_lo = __uint_as_float(block_words[(warp * 16 + g) * kTokenWords + kWords]);
-      const float scale_hi = __uint_as_float(block_words[(warp * 16 + g + 8) * kTokenWords + kWords]);
+      const float scale_lo = __uint_as_float(block_words[kBlock * kWords + warp * 16 + g]);
+      const float scale_hi = __uint_as_float(block_words[kBlock * kWords + warp * 16 + g + 8]);
 
       float acc[kTiles][kTileN / 2];
 #pragma unroll
@@ -748,17 +798,20 @@ bool launch_wgmma(const IndexerParams& p, const LaunchContext& context, cudaStre
 
 template <int DI, int HI>
 bool launch_wgmma_rows(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
-  // Prefill (rows mapped onto sequences): 256 / HI query rows share each cache block; decode: one row per CTA.
-  if (p.sequence_of_row) return launch_wgmma<DI, HI, 256 / HI>(p, context, stream);
+  // Prefill (rows mapped onto sequences) and decode of next_n > 1 tokens per sequence: 256 / HI query rows share
+  // each cache block; decode of one token per sequence: one row per CTA.
+  if (p.sequence_of_row || (p.context_lens && p.next_n > 1)) return launch_wgmma<DI, HI, 256 / HI>(p, context, stream);
   return launch_wgmma<DI, HI, 1>(p, context, stream);
 }
 
 bool launch_wgmma_any(const IndexerParams& p, int dim, const LaunchContext& context, cudaStream_t stream) {
   if (dim == 128) {
+    if (p.heads == 16) return launch_wgmma_rows<128, 16>(p, context, stream);
     if (p.heads == 32) return launch_wgmma_rows<128, 32>(p, context, stream);
     if (p.heads == 64) return launch_wgmma_rows<128, 64>(p, context, stream);
     return launch_wgmma_rows<128, 128>(p, context, stream);
   }
+  if (p.heads == 16) return launch_wgmma_rows<64, 16>(p, context, stream);
   if (p.heads == 32) return launch_wgmma_rows<64, 32>(p, context, stream);
   if (p.heads == 64) return launch_wgmma_rows<64, 64>(p, context, stream);
   return launch_wgmma_rows<64, 128>(p, context, stream);
@@ -775,15 +828,17 @@ void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchCont
   per_row = per_row < blocks ? per_row : blocks;
   per_row = per_row < 1 ? 1 : (per_row > 65535 ? 65535 : per_row);
   const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));
-  if (p.heads == 64 || p.heads == 32) {
+  if (p.heads <= 64) {
     // Two warps per token tile (kSplit = 2). kSplit = 4 (16 warps per CTA at 64 registers, twice the occupancy)
     // measured slower on the H100: 18.7 against 15.5 us at B = 1 (each key fragment converted by 4 warps).
     if (dim == 128) {
       if (p.heads == 64) indexer_logits_tokens_kernel<128, 64, 2><<<grid, 256, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<128, 32, 2><<<grid, 256, 0, stream>>>(p);
+      else if (p.heads == 32) indexer_logits_tokens_kernel<128, 32, 2><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<128, 16, 2><<<grid, 256, 0, stream>>>(p);
     } else {
       if (p.heads == 64) indexer_logits_tokens_kernel<64, 64, 2><<<grid, 256, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<64, 32, 2><<<grid, 256, 0, stream>>>(p);
+      else if (p.heads == 32) indexer_logits_tokens_kernel<64, 32, 2><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<64, 16, 2><<<grid, 256, 0, stream>>>(p);
     }
     return;
   }
@@ -804,6 +859,9 @@ void launch_indexer_logits(std::string_view function, const IndexerLaunch& in, v
   p.block_table = in.block_table;
   p.positions = in.positions;
   p.sequence_of_row = in.sequence_of_row;
+  p.context_lens = in.context_lens;
+  p.next_n = in.next_n > 0 ? in.next_n : 1;
+  p.lens_per_row = in.lens_per_row;
   p.logits = in.logits;
   p.rows = in.rows;
   p.n = in.n;

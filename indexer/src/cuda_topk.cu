@@ -123,10 +123,51 @@ __device__ __forceinline__ void for_each_chunk(const float* row, int n, int firs
   }
 }
 
-__global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores,
-                                                             const std::int32_t* __restrict__ positions, int groups,
-                                                             int n, int k, int n_sink, int n_local, bool kept_on_top,
-                                                             int width, bool vector_ok,
+/// Where a row's scores lie and which of them it may select: row r's scores start at scores + r * stride +
+/// start (start = starts[r], or 0), and positions count from there (the selection's indices too). Its last allowed
+/// position is, relative to start: ends[r] - 1 - start (ranged rows); else lengths[r] - 1 (lengths_per_row) or
+/// lengths[r / next_n] - next_n + r % next_n (next_n query tokens per sequence, the last one reading all its
+/// keys); else positions[r / groups] - start. Rows hold n - start scores.
+struct RowSource {
+  const float* scores;
+  std::int64_t stride;
+  const std::int32_t* positions;  // [rows / groups], or nullptr
+  const std::int32_t* starts;     // [rows] or nullptr
+  const std::int32_t* ends;       // [rows] or nullptr
+  const std::int32_t* lengths;    // [rows / next_n] or [rows], or nullptr
+  int groups, next_n, n;
+  bool lengths_per_row, vector_ok;  // vector_ok: stride and scores allow 16-byte loads at start % 4 == 0
+};
+
+struct RowSpan {
+  const float* base;  // position 0 of the row
+  int n;              // scores from base on
+  int last;           // last allowed position (-1: none; the plan clamps it to n - 1)
+  bool vector_ok;
+};
+
+__device__ __forceinline__ RowSpan row_span(const RowSource& s, std::int64_t row) {
+  int start = s.starts ? s.starts[row] : 0;
+  start = start < 0 ? 0 : (start > s.n ? s.n : start);
+  std::int64_t last;
+  if (s.ends) {
+    last = static_cast<std::int64_t>(s.ends[row]) - 1 - start;
+  } else if (s.lengths) {
+    last = s.lengths_per_row ? static_cast<std::int64_t>(s.lengths[row]) - 1
+                             : static_cast<std::int64_t>(s.lengths[row / s.next_n]) - s.next_n + row % s.next_n;
+  } else {
+    last = static_cast<std::int64_t>(s.positions[row / s.groups]) - start;
+  }
+  RowSpan span;
+  span.base = s.scores + row * s.stride + start;
+  span.n = s.n - start;
+  span.last = last < -1 ? -1 : (last > 0x7ffffffe ? 0x7ffffffe : static_cast<int>(last));
+  span.vector_ok = s.vector_ok && start % 4 == 0;
+  return span;
+}
+
+__global__ void __launch_bounds__(kThreads) topk_rows_kernel(const RowSource source, int k, int n_sink, int n_local,
+                                                             bool kept_on_top, int width,
                                                              std::int32_t* __restrict__ selection) {
   using IntScan = cub::BlockScan<int, kThreads>;
   __shared__ int hist[kBins];
@@ -137,10 +178,12 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
 
   const int tid = threadIdx.x;
   const std::int64_t row_index = blockIdx.x;
-  const float* row = scores + row_index * n;
+  const RowSpan span = row_span(source, row_index);
+  const float* row = span.base;
+  const int n = span.n;
+  const bool vector_ok = span.vector_ok;
   std::int32_t* out = selection + row_index * width;
-  const BasicRowPlan<int> plan =
-      BasicRowPlan<int>::make(k, n_sink, n_local, kept_on_top, width, positions[row_index / groups], n);
+  const BasicRowPlan<int> plan = BasicRowPlan<int>::make(k, n_sink, n_local, kept_on_top, width, span.last, n);
   const int allowed = plan.allowed, sink_end = plan.sink_end, local_begin = plan.local_begin, fill = plan.fill;
 
   for (int i = tid; i < kBins; i += kThreads) hist[i] = 0;
@@ -267,20 +310,19 @@ constexpr int kSegThreads = 256;
 constexpr int kSegChunk = kSegThreads * kItems;  // 2048
 
 struct SegmentParams {
-  const float* scores;            // [rows, n]
-  const std::int32_t* positions;  // [rows / groups]
+  RowSource src;                  // the rows (at most n scores each)
   std::int32_t* selection;        // [rows, width]
   int* hist;                      // [rows, kBins], zeroed
   int* row_info;                  // [rows, 4]: threshold bucket, remaining, threshold key, ties
   int* seg_info;                  // [rows, segments, 4]: above-bucket count, bucket count, take offset, tie offset
   std::uint32_t* bucket_keys;     // [rows, n]: segment s's bucket keys from row * n + s * seg_len
-  int groups, n, k, n_sink, n_local, width, segments, seg_len;
-  bool kept_on_top, vector_ok;
+  int n, k, n_sink, n_local, width, segments, seg_len;
+  bool kept_on_top;
 };
 
-/// The plan of row `row` (SPEC §2).
-__device__ __forceinline__ BasicRowPlan<int> row_plan(const SegmentParams& p, int row) {
-  return BasicRowPlan<int>::make(p.k, p.n_sink, p.n_local, p.kept_on_top, p.width, p.positions[row / p.groups], p.n);
+/// The plan of row `row` (SPEC §2) over its span.
+__device__ __forceinline__ BasicRowPlan<int> row_plan(const SegmentParams& p, const RowSpan& span) {
+  return BasicRowPlan<int>::make(p.k, p.n_sink, p.n_local, p.kept_on_top, p.width, span.last, span.n);
 }
 
 /// Zeroes the per-row histograms (the first kernel of the chain, launched in plain stream order).
@@ -293,7 +335,8 @@ __global__ void __launch_bounds__(kSegThreads) segment_histogram_kernel(const Se
   __shared__ int hist[kBins];
   pdl_trigger();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
-  const BasicRowPlan<int> g = row_plan(p, row);
+  const RowSpan span = row_span(p.src, row);
+  const BasicRowPlan<int> g = row_plan(p, span);
   const int first = max(g.sink_end, seg * p.seg_len), last = min(g.local_begin, (seg + 1) * p.seg_len);
   const bool work = g.fill > 0 && first < last;
   // The segment's histogram in shared memory reads only the inputs (complete before the chain's first kernel
@@ -301,8 +344,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_histogram_kernel(const Se
   if (work) {
     for (int i = tid; i < kBins; i += kSegThreads) hist[i] = 0;
     __syncthreads();
-    const float* scores = p.scores + static_cast<std::int64_t>(row) * p.n;
-    for_each_chunk<kSegThreads>(scores, p.n, first, last, p.vector_ok, [&](const float (&v)[kItems], int p0, bool full) {
+    for_each_chunk<kSegThreads>(span.base, span.n, first, last, span.vector_ok, [&](const float (&v)[kItems], int p0, bool full) {
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const bool in_range = full || (p0 + i >= first && p0 + i < last);
@@ -351,7 +393,8 @@ __global__ void __launch_bounds__(kSegThreads) segment_bucket_kernel(const Segme
   pdl_trigger();
   pdl_wait();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
-  const BasicRowPlan<int> g = row_plan(p, row);
+  const RowSpan span = row_span(p.src, row);
+  const BasicRowPlan<int> g = row_plan(p, span);
   const FindResult bucket = row_bucket(p.hist + static_cast<std::int64_t>(row) * kBins, g.fill);
   if (tid == 0) above_count = 0, bucket_count = 0;
   __syncthreads();
@@ -360,8 +403,7 @@ __global__ void __launch_bounds__(kSegThreads) segment_bucket_kernel(const Segme
   std::uint32_t* keys = p.bucket_keys + static_cast<std::int64_t>(row) * p.n + static_cast<std::int64_t>(seg) * p.seg_len;
   const int lane = tid & 31;
   if (first < last && b0 < kBins) {
-    const float* scores = p.scores + static_cast<std::int64_t>(row) * p.n;
-    for_each_chunk<kSegThreads>(scores, p.n, first, last, p.vector_ok, [&](const float (&v)[kItems], int p0, bool full) {
+    for_each_chunk<kSegThreads>(span.base, span.n, first, last, span.vector_ok, [&](const float (&v)[kItems], int p0, bool full) {
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
         const bool valid = (full || (p0 + i >= first && p0 + i < last)) && !isnan(v[i]);
@@ -407,7 +449,8 @@ __global__ void __launch_bounds__(kThreads) segment_threshold_kernel(const Segme
   pdl_trigger();
   pdl_wait();
   const int row = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const BasicRowPlan<int> g = row_plan(p, row);
+  const RowSpan span = row_span(p.src, row);
+  const BasicRowPlan<int> g = row_plan(p, span);
   const int* info = p.seg_info + static_cast<std::int64_t>(row) * p.segments * 4;
   const int b0 = p.row_info[row * 4], want = p.row_info[row * 4 + 1];
   const std::uint32_t* keys = p.bucket_keys + static_cast<std::int64_t>(row) * p.n;
@@ -572,7 +615,8 @@ __global__ void __launch_bounds__(kSegThreads) segment_compact_kernel(const Segm
   __shared__ typename IntScan::TempStorage scan_storage;
   pdl_trigger();
   const int row = blockIdx.y, seg = blockIdx.x, tid = threadIdx.x;
-  const BasicRowPlan<int> g = row_plan(p, row);
+  const RowSpan span = row_span(p.src, row);
+  const BasicRowPlan<int> g = row_plan(p, span);
   const int lo = seg * p.seg_len, hi = min(g.allowed, (seg + 1) * p.seg_len);
   pdl_wait();
   if (lo >= hi) return;
@@ -580,13 +624,12 @@ __global__ void __launch_bounds__(kSegThreads) segment_compact_kernel(const Segm
   const int ties = p.row_info[row * 4 + 3];
   const int* info = p.seg_info + (static_cast<std::int64_t>(row) * p.segments + seg) * 4;
   int taken_before = info[2], ties_before = info[3];
-  const float* scores = p.scores + static_cast<std::int64_t>(row) * p.n;
   std::int32_t* out = p.selection + static_cast<std::int64_t>(row) * p.width;
   for (int base = lo; base < hi; base += kSegChunk) {
     const int p0 = base + tid * kItems;
     const bool any_candidate = p0 < g.local_begin && p0 + kItems > g.sink_end && p0 < hi;
     float v[kItems];
-    if (any_candidate) load_items(scores, p.n, p0, p.vector_ok, v);
+    if (any_candidate) load_items(span.base, span.n, p0, span.vector_ok, v);
     unsigned take_bits = 0, tie_bits = 0;
 #pragma unroll
     for (int i = 0; i < kItems; ++i) {
@@ -631,15 +674,26 @@ void launch_topk(std::string_view function, const TopkLaunch& in, void* stream) 
   if (in.rows == 0 || width == 0) return;
   const int multiprocessors = in.facts.multiprocessors;
   const cudaStream_t cuda_stream = static_cast<cudaStream_t>(stream);
-  const bool vector_ok = in.n % 4 == 0 && reinterpret_cast<std::uintptr_t>(in.scores) % 16 == 0;
+  const std::int64_t stride = in.stride > 0 ? in.stride : in.n;
+  RowSource source{};
+  source.scores = in.scores;
+  source.stride = stride;
+  source.positions = in.positions;
+  source.starts = in.starts;
+  source.ends = in.ends;
+  source.lengths = in.lengths;
+  source.groups = static_cast<int>(in.groups > 0 ? in.groups : 1);
+  source.next_n = in.next_n > 0 ? in.next_n : 1;
+  source.n = static_cast<int>(in.n);
+  source.lengths_per_row = in.lengths_per_row;
+  source.vector_ok = stride % 4 == 0 && reinterpret_cast<std::uintptr_t>(in.scores) % 16 == 0;
   // Few long rows: several blocks per row, about four per SM in all; otherwise one block per row.
   const std::int64_t target_blocks = 4LL * (multiprocessors > 0 ? multiprocessors : 132);
   const bool segmented = in.force_path == 2 || (in.force_path == 0 && in.rows < multiprocessors && in.n >= 16384);
   if (!segmented) {
     topk_rows_kernel<<<static_cast<unsigned>(in.rows), kThreads, 0, cuda_stream>>>(
-        in.scores, in.positions, static_cast<int>(in.groups), static_cast<int>(in.n), clamp_int(in.policy.k),
-        clamp_int(in.policy.n_sink), clamp_int(in.policy.n_local), in.policy.kept_on_top, clamp_int(width), vector_ok,
-        in.selection);
+        source, clamp_int(in.policy.k), clamp_int(in.policy.n_sink), clamp_int(in.policy.n_local),
+        in.policy.kept_on_top, clamp_int(width), in.selection);
     cuda_glue::check(cudaGetLastError(), function, "topk_rows_kernel launch");
     return;
   }
@@ -658,14 +712,12 @@ void launch_topk(std::string_view function, const TopkLaunch& in, void* stream) 
   const auto bytes = static_cast<std::size_t>(topk_scratch_bytes(in.rows, in.n, segments, function));
   cuda_glue::Scratch workspace(function, bytes, in.device, stream, in.workspace);
   SegmentParams p{};
-  p.scores = in.scores;
-  p.positions = in.positions;
+  p.src = source;
   p.selection = in.selection;
   p.hist = workspace.as<int>();
   p.row_info = p.hist + in.rows * kBins;
   p.seg_info = p.row_info + in.rows * 4;
   p.bucket_keys = reinterpret_cast<std::uint32_t*>(p.seg_info + in.rows * segments * 4);
-  p.groups = static_cast<int>(in.groups);
   p.n = static_cast<int>(in.n);
   p.k = clamp_int(in.policy.k);
   p.n_sink = clamp_int(in.policy.n_sink);
@@ -674,7 +726,6 @@ void launch_topk(std::string_view function, const TopkLaunch& in, void* stream) 
   p.segments = static_cast<int>(segments);
   p.seg_len = static_cast<int>(seg_len);
   p.kept_on_top = in.policy.kept_on_top;
-  p.vector_ok = vector_ok;
   const dim3 grid(static_cast<unsigned>(segments), static_cast<unsigned>(in.rows));
   // Programmatic launch paid off where the chain's grids are small (B = 1: 64 blocks of 256 threads; per call 27.4
   // -> 21.9 us) and cost time where they fill the GPU (B = 64: 512 blocks, 76.5 -> 82.1 us): used up to one block

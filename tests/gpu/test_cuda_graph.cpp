@@ -107,11 +107,16 @@ TEST(CudaGraph, IndexerReplayMatchesDirectCall) {
   std::vector<float> weights(static_cast<std::size_t>(R * HI));
   for (auto& w : weights) w = static_cast<float>(rng.normal(0.0, 0.2));
   const std::int64_t num_blocks = R * blocks_per_sequence;
-  std::vector<std::uint8_t> cache(static_cast<std::size_t>(num_blocks * kIndexerCacheBlock * (DI + 4)));
-  for (std::size_t t = 0; t < cache.size(); t += DI + 4) {
-    for (std::int64_t d = 0; d < DI; ++d) cache[t + d] = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 1.0)));
-    const float scale = static_cast<float>(0.01 + rng.uniform());
-    std::memcpy(&cache[t + DI], &scale, 4);
+  constexpr std::int64_t page_bytes = kIndexerCacheBlock * (DI + 4);  // 64 x DI fp8, then 64 fp32 scales
+  std::vector<std::uint8_t> cache(static_cast<std::size_t>(num_blocks * page_bytes));
+  for (std::size_t page = 0; page < cache.size(); page += page_bytes) {
+    for (std::int64_t i = 0; i < kIndexerCacheBlock * DI; ++i) {
+      cache[page + i] = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 1.0)));
+    }
+    for (std::int64_t t = 0; t < kIndexerCacheBlock; ++t) {
+      const float scale = static_cast<float>(0.01 + rng.uniform());
+      std::memcpy(&cache[page + kIndexerCacheBlock * DI + 4 * t], &scale, 4);
+    }
   }
   const std::vector<std::int32_t> positions = {N - 1, N / 2, 77};
   const CudaBuffer d_q = to_device(q), d_w = to_device(weights), d_cache = to_device(cache),
@@ -127,7 +132,7 @@ TEST(CudaGraph, IndexerReplayMatchesDirectCall) {
   const TensorView lv(d_logits.data(), DType::fp32, {R, N}, Device::cuda());
   const TensorView sv(d_selection.data(), DType::int32, {R, 1, policy.width()}, Device::cuda());
   CudaIndexerKeyCache kc;
-  kc.blocks = TensorView(d_cache.data(), DType::fp8_e4m3, {num_blocks, kIndexerCacheBlock, DI + 4}, Device::cuda());
+  kc.blocks = TensorView(d_cache.data(), DType::fp8_e4m3, {num_blocks, page_bytes}, Device::cuda());
 
   CudaStream stream;
   const auto record = [&] {

@@ -17,6 +17,7 @@
 #include "keysel/core/dtype.h"
 #include "keysel/core/random.h"
 #include "keysel/indexer/cuda_indexer.h"
+#include "keysel/indexer/dsa.h"
 #include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/topk.h"
 
@@ -39,7 +40,7 @@ struct Case {
 struct Problem {
   std::vector<std::uint8_t> q;        // [R, HI, DI] fp8
   std::vector<float> weights;         // [R, HI]
-  std::vector<std::uint8_t> cache;    // [num_blocks, 64, DI + 4]
+  std::vector<std::uint8_t> cache;    // [num_blocks, 64 * (DI + 4)]: per page 64 x DI fp8, then 64 fp32 scales
   std::vector<std::int32_t> table;    // [S, max_blocks] (paged)
   std::vector<std::int32_t> positions, sequence_of_row;
   std::vector<std::uint8_t> keys;     // [S, N, DI] fp8 (logical order)
@@ -80,14 +81,14 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   } else {
     std::iota(block_of.begin(), block_of.end(), 0);
   }
-  const std::int64_t token_bytes = c.DI + 4;
-  p.cache.assign(static_cast<std::size_t>(p.num_blocks * kB * token_bytes), 0x7E);  // unowned: large values
+  const std::int64_t page_bytes = kB * (c.DI + 4);
+  p.cache.assign(static_cast<std::size_t>(p.num_blocks * page_bytes), 0x7E);  // unowned: large values
   for (std::int64_t s = 0; s < S; ++s) {
     for (std::int64_t t = 0; t < c.N; ++t) {
       const std::int64_t block = block_of[static_cast<std::size_t>(s * blocks_per_sequence + t / kB)];
-      std::uint8_t* dst = p.cache.data() + (block * kB + t % kB) * token_bytes;
-      std::memcpy(dst, p.keys.data() + (s * c.N + t) * c.DI, static_cast<std::size_t>(c.DI));
-      std::memcpy(dst + c.DI, &p.key_scales[static_cast<std::size_t>(s * c.N + t)], 4);
+      std::uint8_t* page = p.cache.data() + block * page_bytes;
+      std::memcpy(page + (t % kB) * c.DI, p.keys.data() + (s * c.N + t) * c.DI, static_cast<std::size_t>(c.DI));
+      std::memcpy(page + kB * c.DI + (t % kB) * 4, &p.key_scales[static_cast<std::size_t>(s * c.N + t)], 4);
     }
   }
   p.positions.resize(static_cast<std::size_t>(c.rows));
@@ -123,7 +124,7 @@ Views upload(const Case& c, const Problem& p) {
   v.wv = TensorView(v.weights.data(), DType::fp32, {c.rows, c.HI}, Device::cuda());
   v.pv = TensorView(v.positions.data(), DType::int32, {c.rows}, Device::cuda());
   if (c.prefill) v.sv = TensorView(v.sequence_of_row.data(), DType::int32, {c.rows}, Device::cuda());
-  v.key_cache.blocks = TensorView(v.cache.data(), DType::fp8_e4m3, {p.num_blocks, kB, c.DI + 4}, Device::cuda());
+  v.key_cache.blocks = TensorView(v.cache.data(), DType::fp8_e4m3, {p.num_blocks, kB * (c.DI + 4)}, Device::cuda());
   if (c.paged) {
     v.table = to_device(p.table);
     v.key_cache.block_table =
@@ -200,6 +201,8 @@ TEST(CudaLightningIndexer, DecodeMatchesReference) {
   check_case({2, 128, 128, 3000, true, false}, seed++);
   check_case({4, 64, 64, 130, true, false}, seed++);
   check_case({1, 64, 128, 64 * 70 + 1, false, false}, seed++);
+  check_case({3, 16, 128, 2100, true, false}, seed++);
+  check_case({2, 16, 64, 999, false, false}, seed++);
 }
 
 TEST(CudaLightningIndexer, PrefillMatchesReference) {
@@ -211,6 +214,8 @@ TEST(CudaLightningIndexer, PrefillMatchesReference) {
   // Query rows of two sequences interleaved in runs of 3: row groups that span both are served row by row.
   check_case({30, 64, 128, 1300, true, true, 2}, 75);
   check_case({14, 128, 128, 1100, false, true, 2}, 76);
+  check_case({33, 16, 128, 1200, true, true}, 77);
+  check_case({17, 16, 64, 600, false, true, 2}, 78);
 }
 
 TEST(CudaLightningIndexer, DecodeTopkMatchesSelectTopkOnTheLogits) {
@@ -254,6 +259,170 @@ TEST(CudaLightningIndexer, RejectsBadArguments) {
   const TensorView logits_short(d_logits.data(), DType::fp32, {c.rows, c.N + 64}, Device::cuda());
   EXPECT_THROW(lightning_indexer_logits_cuda(v.qv, v.wv, v.key_cache, v.pv, logits_short), Error);
   for (float x : to_host<float>(d_logits)) EXPECT_TRUE(std::isnan(x));
+}
+
+// ---- the engines' entry points: paged MQA logits with next_n, the fused top-k, top-k over ranged rows ----------
+
+struct MqaCase {
+  std::int64_t B, next_n, HI, DI, max_len;
+  bool lens_per_row;
+};
+
+void check_paged_mqa(const MqaCase& c, std::uint64_t seed) {
+  SCOPED_TRACE("B=" + std::to_string(c.B) + " next_n=" + std::to_string(c.next_n) + " HI=" + std::to_string(c.HI) +
+               " DI=" + std::to_string(c.DI) + " max_len=" + std::to_string(c.max_len) +
+               " lens_per_row=" + std::to_string(c.lens_per_row));
+  RandomStream rng(seed);
+  const std::int64_t R = c.B * c.next_n;
+  const std::int64_t max_blocks = (c.max_len + kB - 1) / kB + 1;
+  const std::int64_t num_blocks = c.B * max_blocks + 3;
+  // Keys written by the engines' writer (bf16-like values as fp32), slots through a shuffled block table.
+  std::vector<std::uint8_t> cache(static_cast<std::size_t>(num_blocks * kB * (c.DI + 4)), 0);
+  std::vector<std::int32_t> order(static_cast<std::size_t>(num_blocks));
+  std::iota(order.begin(), order.end(), 0);
+  rng.shuffle(std::span<std::int32_t>(order));
+  std::vector<std::int32_t> table(static_cast<std::size_t>(c.B * max_blocks));
+  for (std::size_t i = 0; i < table.size(); ++i) table[i] = order[i];
+  std::vector<std::int32_t> lens(static_cast<std::size_t>(c.lens_per_row ? R : c.B));
+  std::vector<std::int32_t> seq_len(static_cast<std::size_t>(c.B));
+  for (std::int64_t b = 0; b < c.B; ++b) {
+    seq_len[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(
+        c.next_n + rng.uniform_int(static_cast<std::uint64_t>(c.max_len - c.next_n + 1)));
+  }
+  for (std::int64_t b = 0; b < c.B; ++b) {
+    const std::int64_t len = seq_len[static_cast<std::size_t>(b)];
+    std::vector<float> keys(static_cast<std::size_t>(len * c.DI));
+    rng.fill_normal(keys, 0.0, 1.0);
+    std::vector<std::int32_t> slots(static_cast<std::size_t>(len));
+    for (std::int64_t s = 0; s < len; ++s) {
+      slots[static_cast<std::size_t>(s)] = table[static_cast<std::size_t>(b * max_blocks + s / kB)] * kB + s % kB;
+    }
+    indexer_k_quant_and_cache(TensorView(keys.data(), DType::fp32, {len, c.DI}),
+                              TensorView(cache.data(), DType::fp8_e4m3, {num_blocks, kB * (c.DI + 4)}),
+                              TensorView(slots.data(), DType::int32, {len}));
+    if (c.lens_per_row) {
+      for (std::int64_t i = 0; i < c.next_n; ++i) {
+        lens[static_cast<std::size_t>(b * c.next_n + i)] = static_cast<std::int32_t>(len - c.next_n + i + 1 -
+                                                                                      (i == 0 ? 1 : 0));
+      }
+    } else {
+      lens[static_cast<std::size_t>(b)] = static_cast<std::int32_t>(len);
+    }
+  }
+  std::vector<std::uint8_t> q(static_cast<std::size_t>(R * c.HI * c.DI));
+  for (auto& x : q) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 2.0)));
+  std::vector<float> weights(static_cast<std::size_t>(R * c.HI));
+  for (auto& w : weights) w = static_cast<float>(rng.normal(0.0, 0.2));
+  const std::int64_t N = c.max_len + 37;  // logits wider than any context
+
+  std::vector<double> expected(static_cast<std::size_t>(R * N));
+  const TensorView lens_view = c.lens_per_row ? TensorView(lens.data(), DType::int32, {c.B, c.next_n})
+                                              : TensorView(lens.data(), DType::int32, {c.B});
+  paged_mqa_logits_reference(TensorView(q.data(), DType::fp8_e4m3, {c.B, c.next_n, c.HI, c.DI}),
+                             TensorView(weights.data(), DType::fp32, {R, c.HI}),
+                             TensorView(cache.data(), DType::fp8_e4m3, {num_blocks, kB * (c.DI + 4)}),
+                             TensorView(table.data(), DType::int32, {c.B, max_blocks}), lens_view,
+                             TensorView(expected.data(), DType::fp64, {R, N}, Device::cpu()));
+
+  const CudaBuffer d_q = to_device(q), d_w = to_device(weights), d_cache = to_device(cache),
+                   d_table = to_device(table), d_lens = to_device(lens);
+  CudaIndexerKeyCache kc;
+  kc.blocks = TensorView(d_cache.data(), DType::fp8_e4m3, {num_blocks, kB, 1, c.DI + 4}, Device::cuda());
+  kc.block_table = TensorView(d_table.data(), DType::int32, {c.B, max_blocks}, Device::cuda());
+  const TensorView qv(d_q.data(), DType::fp8_e4m3, {c.B, c.next_n, c.HI, c.DI}, Device::cuda());
+  const TensorView wv(d_w.data(), DType::fp32, {R, c.HI}, Device::cuda());
+  const TensorView lv = c.lens_per_row ? TensorView(d_lens.data(), DType::int32, {c.B, c.next_n}, Device::cuda())
+                                       : TensorView(d_lens.data(), DType::int32, {c.B}, Device::cuda());
+  CudaBuffer d_logits = poisoned<float>(R * N, 0xFF);
+  paged_mqa_logits_cuda(qv, wv, kc, lv, TensorView(d_logits.data(), DType::fp32, {R, N}, Device::cuda()));
+  constexpr std::int64_t k = 300;
+  CudaBuffer d_selection = poisoned<std::int32_t>(R * k, 0xA5);
+  paged_mqa_topk_cuda(qv, wv, kc, lv, N, k, TensorView(d_selection.data(), DType::int32, {R, k}, Device::cuda()));
+  cuda_synchronize();
+  const std::vector<float> got = to_host<float>(d_logits);
+  for (std::int64_t i = 0; i < R * N; ++i) {
+    const double want = expected[static_cast<std::size_t>(i)];
+    const double g = got[static_cast<std::size_t>(i)];
+    if (std::isinf(want)) {
+      ASSERT_TRUE(std::isinf(g) && g < 0) << "row " << i / N << " key " << i % N << ": " << g;
+    } else {
+      ASSERT_NEAR(g, want, 2e-5 * std::abs(want) + 2e-3) << "row " << i / N << " key " << i % N;
+    }
+  }
+  // The fused selection is topk_rows over the same logits (row r reads its context's keys).
+  std::vector<std::int32_t> expected_selection(static_cast<std::size_t>(R * k));
+  TopkRowBounds bounds;
+  std::vector<std::int32_t> row_lens(static_cast<std::size_t>(R));
+  for (std::int64_t r = 0; r < R; ++r) {
+    row_lens[static_cast<std::size_t>(r)] =
+        c.lens_per_row ? lens[static_cast<std::size_t>(r)]
+                       : lens[static_cast<std::size_t>(r / c.next_n)] - static_cast<std::int32_t>(c.next_n - 1 - r % c.next_n);
+  }
+  bounds.lengths = TensorView(row_lens.data(), DType::int32, {R});
+  topk_rows(TensorView(got.data(), DType::fp32, {R, N}), bounds, k,
+            TensorView(expected_selection.data(), DType::int32, {R, k}, Device::cpu()));
+  EXPECT_EQ(to_host<std::int32_t>(d_selection), expected_selection);
+}
+
+TEST(CudaPagedMqa, LogitsAndTopkMatchReference) {
+  KEYSEL_REQUIRE_GPU();
+  std::uint64_t seed = 1001;
+  check_paged_mqa({3, 1, 64, 128, 3000, false}, seed++);
+  check_paged_mqa({2, 2, 32, 128, 1500, false}, seed++);
+  check_paged_mqa({4, 3, 16, 64, 700, false}, seed++);
+  check_paged_mqa({2, 4, 128, 128, 900, true}, seed++);
+  check_paged_mqa({5, 1, 16, 128, 5000, false}, seed++);
+  check_paged_mqa({1, 2, 64, 64, 130, true}, seed++);
+}
+
+TEST(CudaTopkRows, RangedRowsMatchCpu) {
+  KEYSEL_REQUIRE_GPU();
+  RandomStream rng(2024);
+  for (const std::int64_t R : {1, 5, 70}) {
+    for (const std::int64_t L : {100, 5000, 40000}) {
+      for (int mode = 0; mode < 3; ++mode) {  // ends, lengths, lengths with next_n = 2
+        SCOPED_TRACE("R=" + std::to_string(R) + " L=" + std::to_string(L) + " mode=" + std::to_string(mode));
+        const std::int64_t next_n = mode == 2 && R % 2 == 0 ? 2 : 1;
+        const std::int64_t stride = L + 3;  // rows not 16-byte aligned
+        std::vector<float> logits(static_cast<std::size_t>(R * stride));
+        rng.fill_normal(logits, 0.0, 1.0);
+        for (std::size_t i = 0; i < logits.size(); i += 7) logits[i] = std::round(logits[i]);  // ties
+        std::vector<std::int32_t> starts(static_cast<std::size_t>(R)), ends(static_cast<std::size_t>(R));
+        for (std::int64_t r = 0; r < R; ++r) {
+          starts[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(rng.uniform_int(static_cast<std::uint64_t>(L / 3 + 1)));
+          ends[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
+              starts[static_cast<std::size_t>(r)] + rng.uniform_int(static_cast<std::uint64_t>(L - starts[static_cast<std::size_t>(r)] + 5)));
+        }
+        std::vector<std::int32_t> lengths(static_cast<std::size_t>(R / next_n));
+        for (auto& x : lengths) x = static_cast<std::int32_t>(next_n + rng.uniform_int(static_cast<std::uint64_t>(L / 2)));
+        TopkRowBounds host, device;
+        const CudaBuffer d_logits = to_device(logits), d_starts = to_device(starts), d_ends = to_device(ends),
+                         d_lengths = to_device(lengths);
+        host.starts = TensorView(starts.data(), DType::int32, {R});
+        device.starts = TensorView(d_starts.data(), DType::int32, {R}, Device::cuda());
+        if (mode == 0) {
+          host.ends = TensorView(ends.data(), DType::int32, {R});
+          device.ends = TensorView(d_ends.data(), DType::int32, {R}, Device::cuda());
+        } else {
+          host.lengths = TensorView(lengths.data(), DType::int32, {R / next_n});
+          device.lengths = TensorView(d_lengths.data(), DType::int32, {R / next_n}, Device::cuda());
+          host.next_n = device.next_n = next_n;
+        }
+        for (const std::int64_t k : {1LL, 7LL, 2048LL}) {
+          const std::int64_t shape[] = {R, L};
+          const std::int64_t strides[] = {stride, 1};
+          std::vector<std::int32_t> expected(static_cast<std::size_t>(R * k));
+          topk_rows(TensorView(logits.data(), DType::fp32, shape, strides), host, k,
+                    TensorView(expected.data(), DType::int32, {R, k}, Device::cpu()));
+          CudaBuffer d_selection = poisoned<std::int32_t>(R * k, 0xA5);
+          topk_rows_cuda(TensorView(d_logits.data(), DType::fp32, shape, strides, Device::cuda()), device, k,
+                         TensorView(d_selection.data(), DType::int32, {R, k}, Device::cuda()));
+          cuda_synchronize();
+          EXPECT_EQ(to_host<std::int32_t>(d_selection), expected) << "k=" << k;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace

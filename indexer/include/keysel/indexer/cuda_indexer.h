@@ -13,10 +13,14 @@ namespace keysel {
 /// Tokens per block of the fp8 indexer key cache (as serving engines page it).
 inline constexpr int kIndexerCacheBlock = 64;
 
-/// fp8 e4m3 indexer keys, one fp32 scale per token: kI[s] = scale[s] * decode(fp8[s]).
+/// fp8 e4m3 indexer keys, one fp32 scale per token: kI[s] = scale[s] * decode(fp8[s]), in the serving engines'
+/// paged layout (vLLM's and SGLang's DeepSeek-V3.2 indexer cache, DeepGEMM's kv_cache; docs/SPEC.md §7): a page
+/// of 64 tokens is 64 * (DI + 4) bytes, the 64 tokens' DI fp8 values first (token i at bytes [i * DI, (i + 1) *
+/// DI)), then their 64 fp32 scales (token i's at byte 64 * DI + 4 * i; finite and > 0).
 struct CudaIndexerKeyCache {
-  TensorView blocks;       // fp8_e4m3 [num_blocks, 64, DI + 4]: each token's DI fp8 values, then its fp32 scale
-                           // (4 little-endian bytes, finite and > 0); the buffer must be 16-byte aligned
+  TensorView blocks;       // fp8_e4m3 (or uint8 reinterpreted) pages: [num_blocks, 64 * (DI + 4)], or the same
+                           // bytes viewed as [num_blocks, 64, DI + 4] or [num_blocks, 64, 1, DI + 4]; contiguous,
+                           // 16-byte aligned
   TensorView block_table;  // int32 [S, max_blocks]: token s of sequence q is row s % 64 of block
                            // block_table[q, s / 64]; empty view: contiguous, sequence q owns blocks
                            // [q * ceil(N / 64), (q + 1) * ceil(N / 64)) with N = logits.size(1)
@@ -24,7 +28,7 @@ struct CudaIndexerKeyCache {
 
 /// I[r, s] = scale[s] * sum_j weights[r, j] * ReLU(q[r, j] . k[s]) for s <= positions[r] (SPEC §3, fp8 products
 /// accumulated in fp32 by the tensor cores), over the keys of sequence sequence_of_row[r].
-///   q:               fp8_e4m3 [R, HI, DI] on Device::cuda(i), contiguous, 16-byte aligned; HI 32, 64
+///   q:               fp8_e4m3 [R, HI, DI] on Device::cuda(i), contiguous, 16-byte aligned; HI 16, 32, 64
 ///                    or 128, DI 64 or 128
 ///   weights:         fp32 [R, HI]: the per-head weights with q's per-head scale (and any softmax scale)
 ///                    folded in
@@ -51,6 +55,28 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
                                  const TensorView& positions, std::int64_t n_keys, const SelectionPolicy& policy,
                                  const TensorView& selection, const TensorView& sequence_of_row = {},
                                  void* stream = nullptr, const TensorView& workspace = {});
+
+/// DeepSeek-V3.2's decode logits over the paged cache as DeepGEMM's fp8_paged_mqa_logits defines them (SPEC §7):
+/// B sequences with next_n query tokens each (multi-token prediction).
+///   q:            fp8_e4m3 [B, next_n, HI, DI], contiguous, 16-byte aligned; next_n 1 to 4, HI 16/32/64/128,
+///                 DI 64/128
+///   weights:      fp32 [B * next_n, HI] (the query scales folded in)
+///   cache:        the paged cache; its block_table int32 [B, max_blocks] is required
+///   context_lens: int32 [B]: row b * next_n + i reads keys s < context_lens[b] - next_n + i + 1 (the last token
+///                 of a sequence reads all its keys), or [B, next_n]: row (b, i) reads s < context_lens[b, i]
+///   logits:       fp32 [B * next_n, N], contiguous: I[r, s] as lightning_indexer_logits_cuda, -inf beyond each
+///                 row's keys; N bounds the keys read.
+void paged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                           const TensorView& context_lens, const TensorView& logits, void* stream = nullptr);
+
+/// The decode selection of DeepSeek-V3.2: paged_mqa_logits_cuda's logits (into the workspace or stream-ordered
+/// scratch; at small B they stay in L2), then per row the k keys of largest logit among its own.
+///   selection: int32 [B * next_n, k] on the same GPU: key positions ascending, then -1 (rows with fewer than k
+///              keys); equal logits prefer the lower position, NaN is never selected.
+///   workspace: as lightning_indexer_topk_cuda (paged_mqa_topk_cuda_workspace_bytes = its bytes for R = B * next_n).
+void paged_mqa_topk_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
+                         const TensorView& context_lens, std::int64_t n_keys, std::int64_t k,
+                         const TensorView& selection, void* stream = nullptr, const TensorView& workspace = {});
 
 /// Bytes of device memory lightning_indexer_topk_cuda may use for R rows of n_keys keys (fp32 logits, 256-byte
 /// aligned, then the top-k's scratch); plain arithmetic, also without CUDA.

@@ -27,6 +27,7 @@
 #include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/cuda_indexer.h"
 #include "keysel/indexer/cuda_topk.h"
+#include "keysel/indexer/dsa.h"
 #include "keysel/indexer/faiss_search.h"
 #include "keysel/indexer/fast_topk.h"
 #include "keysel/indexer/hadamard.h"

@@ -57,7 +57,9 @@ __all__ = [
     "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
     "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
-    "set_simd_level", "simd_level", "sparse_attention", "indexer_topk_workspace_bytes",
+    "set_simd_level", "simd_level", "sparse_attention", "indexer_topk_workspace_bytes", "topk_rows",
+    "topk_rows_workspace_bytes", "paged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
+    "indexer_k_quant_and_cache",
 ]
 
 
@@ -346,6 +348,126 @@ def select_topk_workspace_bytes(t, g, n):
 def indexer_topk_workspace_bytes(rows, n_keys):
     """Bytes of GPU scratch indexer_topk_cuda may use for R rows of n_keys keys: the size of its workspace=."""
     return _io.call("indexer_topk_workspace_bytes", {}, _C.indexer_topk_workspace_bytes, rows, n_keys)
+
+
+# ---- DeepSeek-V3.2 in the engines' formats (SPEC §7; keysel.compat wraps these with the peers' signatures) ----
+def topk_rows(logits, k, *, starts=None, ends=None, lengths=None, next_n=1, out=None, stream=None, workspace=None):
+    """The engines' top-k over ranged rows (SPEC §7): per row r of logits, the k keys of its range with the largest
+    logits, as indices from the range's start, ascending, then -1 where the range holds fewer than k keys.
+
+    logits:  float32 [R, L], unit stride along L, any row stride (>= L); CPU or CUDA.
+    starts:  int32 [R] or None (0): row r's range begins at starts[r].
+    ends:    int32 [R]: the range ends before ends[r]; or
+    lengths: int32 [R / next_n]: row r's range holds lengths[r // next_n] - next_n + r % next_n + 1 keys (decode
+             with next_n query tokens per sequence; next_n = 1: lengths[r] keys). Exactly one of ends and lengths.
+    Equal logits prefer the lower index; NaN is never selected; -inf can be. Ranges are clamped to [0, L).
+    out: int32 [R, k] written in place; stream / workspace as select_topk (workspace of
+    topk_rows_workspace_bytes(R, L) bytes). Returns int32 [R, k].
+    """
+    fn = "topk_rows"
+    logits_c, _ = _io.arg(logits, fn, "logits")
+    r = _io.shape(logits, fn, "logits", 2, "[R, L]")[0]
+    extra = [x for x in (starts, ends, lengths) if x is not None]
+    result = out if out is not None else _io.empty((r, int(k)), "int32", (logits, *extra), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+
+    def optional(x, name):
+        return None if x is None else _io.arg(x, fn, name)[0]
+
+    _io.call(fn, {"selection": "out"}, _C.topk_rows, logits_c, optional(starts, "starts"), optional(ends, "ends"),
+             optional(lengths, "lengths"), int(next_n), k, out_c, _io.stream_handle(stream, (logits,)),
+             _io.workspace(workspace, fn))
+    return result
+
+
+def topk_rows_workspace_bytes(rows, n):
+    """Bytes of GPU scratch topk_rows may use for R rows of L logits: the size of its workspace=."""
+    return _io.call("topk_rows_workspace_bytes", {}, _C.topk_rows_workspace_bytes, rows, n)
+
+
+def _paged_args(fn, q, weights, kv_cache, block_table, context_lens):
+    q_c, q_dtype = _io.arg(q, fn, "q", _uint8_only(q, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    c_c, c_dtype = _io.arg(kv_cache, fn, "kv_cache", _uint8_only(kv_cache, "fp8_e4m3"))
+    t_c, _ = _io.arg(block_table, fn, "block_table")
+    l_c, _ = _io.arg(context_lens, fn, "context_lens")
+    b, next_n = _io.shape(q, fn, "q", 4, "[B, next_n, HI, DI]")[:2]
+    return (q_c, q_dtype, w_c, c_c, c_dtype, t_c, l_c), b, next_n
+
+
+_PAGED_RENAMES = {"cache.blocks": "kv_cache", "cache.block_table": "block_table"}
+
+
+def paged_mqa_logits(q, weights, kv_cache, block_table, context_lens, max_context_len, *, out=None, stream=None):
+    """DeepSeek-V3.2's indexer logits over the engines' paged fp8 cache (SPEC §7; DeepGEMM's fp8_paged_mqa_logits).
+
+    q:            fp8 e4m3 [B, next_n, HI, DI] (torch.float8_e4m3fn, or uint8 bytes); next_n 1-4, HI 16/32/64/128,
+                  DI 64/128
+    weights:      float32 [B * next_n, HI], the query scales folded in
+    kv_cache:     uint8 (or float8) pages [num_pages, 64 * (DI + 4)] (or viewed [num_pages, 64, DI + 4] /
+                  [num_pages, 64, 1, DI + 4]): per page its 64 tokens' DI fp8 values, then their 64 fp32 scales
+    block_table:  int32 [B, max_pages]; context_lens: int32 [B] (row b * next_n + i reads keys
+                  s < context_lens[b] - next_n + i + 1) or [B, next_n] (s < context_lens[b, i])
+    Returns float32 [B * next_n, max_context_len]: I = scale[s] * sum_h w[h] ReLU(q[h] . k[s]), -inf beyond each
+    row's keys. CUDA: keysel's tensor-core kernel on `stream` (compute capability 8.9+); CPU: the double-precision
+    reference, rounded to float32.
+    """
+    fn = "paged_mqa_logits"
+    args, b, next_n = _paged_args(fn, q, weights, kv_cache, block_table, context_lens)
+    result = out if out is not None else _io.empty((b * next_n, int(max_context_len)), "float32", (q, weights), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"logits": "out", **_PAGED_RENAMES}, _C.paged_mqa_logits, *args, out_c,
+             _io.stream_handle(stream, (q,)))
+    return result
+
+
+def select_topk_paged(q, kv_cache, weights, context_lens, block_table, k, *, n_keys=None, out=None, out_slots=None,
+                      stream=None, workspace=None):
+    """DeepSeek-V3.2's decode selection in one call: paged_mqa_logits, then the top-k of each row's keys.
+
+    Arguments as paged_mqa_logits (q [B, next_n, HI, DI] gives next_n); n_keys: the longest context (default:
+    64 * max_pages). Returns int32 [B * next_n, k]: key positions ascending, -1 padded; equal logits prefer the lower
+    position. The logits go to scratch memory (CUDA: workspace= of paged_topk_workspace_bytes(B * next_n, n_keys)
+    bytes, else the stream-ordered pool), never to a tensor of the caller's. out_slots (torch): int32
+    [B * next_n, k] also receives each selected key's cache slot, block_table[b, s // 64] * 64 + s % 64 (-1 for
+    padding).
+    """
+    fn = "select_topk_paged"
+    args, b, next_n = _paged_args(fn, q, weights, kv_cache, block_table, context_lens)
+    max_pages = _io.shape(block_table, fn, "block_table", 2, "[B, max_pages]")[1]
+    n = int(n_keys) if n_keys is not None else 64 * max_pages
+    result = out if out is not None else _io.empty((b * next_n, int(k)), "int32", (q, weights), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"selection": "out", **_PAGED_RENAMES}, _C.paged_mqa_topk, *args, n, k, out_c,
+             _io.stream_handle(stream, (q,)), _io.workspace(workspace, fn))
+    if out_slots is not None:
+        import torch
+
+        from .compat import _ops
+
+        rows = torch.arange(b * next_n, device=block_table.device, dtype=torch.int64) // next_n
+        out_slots.copy_(_ops.gather_slots(result, block_table, rows, page_size=64))
+    return result
+
+
+def paged_topk_workspace_bytes(rows, n_keys):
+    """Bytes of GPU scratch select_topk_paged may use for R = B * next_n rows of n_keys keys."""
+    return _io.call("paged_topk_workspace_bytes", {}, _C.indexer_topk_workspace_bytes, rows, n_keys)
+
+
+def indexer_k_quant_and_cache(k, kv_cache, slot_mapping, *, scale_fmt="ue8m0"):
+    """The engines' indexer-cache writer on the CPU (vLLM's indexer_k_quant_and_cache; keysel.compat.vllm has it on
+    any device): each row of k (float32/float16/bfloat16 [T, DI], DI 64 or 128) gets one scale, max(amax, 1e-4) /
+    448 (rounded up to a power of two with scale_fmt="ue8m0"), its values fp8 e4m3 of k / scale, written to page
+    slot_mapping[t] // 64, row slot_mapping[t] % 64 of kv_cache (uint8 pages as paged_mqa_logits reads them); a
+    negative slot skips the row. int32 slot_mapping. Every slot is checked before anything is written.
+    """
+    fn = "indexer_k_quant_and_cache"
+    k_c, _ = _io.arg(k, fn, "k")
+    c_c, c_dtype = _io.arg(kv_cache, fn, "kv_cache", _uint8_only(kv_cache, "fp8_e4m3"))
+    s_c, _ = _io.arg(slot_mapping, fn, "slot_mapping")
+    _io.call(fn, {"cache": "kv_cache"}, _C.indexer_k_quant_and_cache, k_c, c_c, c_dtype, s_c, scale_fmt == "ue8m0")
+    return kv_cache
 
 
 # ---- attention -------------------------------------------------------------------------------------------

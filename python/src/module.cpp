@@ -252,6 +252,98 @@ void indexer_topk_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handl
                               stream_pointer(stream), workspace_view);
 }
 
+// ---- DeepSeek-V3.2 in the engines' formats (dsa.h) ----------------------------------------------------------
+TensorView optional_view(TensorArguments& args, nb::handle object, std::string_view argument) {
+  return object.is_none() ? TensorView{} : args.input(object, argument);
+}
+
+void topk_rows_binding(nb::handle logits, nb::handle starts, nb::handle ends, nb::handle lengths,
+                       std::int64_t next_n, std::int64_t k, nb::handle out, std::uintptr_t stream,
+                       nb::handle workspace) {
+  TensorArguments args("topk_rows");
+  const TensorView logits_view = args.input(logits, "logits");
+  TopkRowBounds bounds;
+  bounds.starts = optional_view(args, starts, "starts");
+  bounds.ends = optional_view(args, ends, "ends");
+  bounds.lengths = optional_view(args, lengths, "lengths");
+  bounds.next_n = next_n;
+  const TensorView out_view = args.output(out, "selection");
+  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
+  nb::gil_scoped_release release;
+  if (on_cuda(logits_view)) {
+    topk_rows_cuda(logits_view, bounds, k, out_view, stream_pointer(stream), workspace_view);
+  } else {
+    topk_rows(logits_view, bounds, k, out_view);
+  }
+}
+
+void paged_mqa_logits_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle blocks,
+                              std::string_view blocks_dtype, nb::handle block_table, nb::handle context_lens,
+                              nb::handle out, std::uintptr_t stream) {
+  TensorArguments args("paged_mqa_logits");
+  const TensorView q_view = args.input(q, "q", q_dtype);
+  const TensorView weights_view = args.input(weights, "weights");
+  const TensorView blocks_view = args.input(blocks, "kv_cache", blocks_dtype);
+  const TensorView table_view = args.input(block_table, "block_table");
+  const TensorView lens_view = args.input(context_lens, "context_lens");
+  const TensorView out_view = args.output(out, "logits");
+  nb::gil_scoped_release release;
+  if (on_cuda(q_view)) {
+    paged_mqa_logits_cuda(q_view, weights_view, CudaIndexerKeyCache{blocks_view, table_view}, lens_view, out_view,
+                          stream_pointer(stream));
+  } else {
+    paged_mqa_logits_reference(q_view, weights_view, blocks_view, table_view, lens_view, out_view);
+  }
+}
+
+void paged_mqa_topk_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle blocks,
+                            std::string_view blocks_dtype, nb::handle block_table, nb::handle context_lens,
+                            std::int64_t n_keys, std::int64_t k, nb::handle out, std::uintptr_t stream,
+                            nb::handle workspace) {
+  TensorArguments args("paged_mqa_topk");
+  const TensorView q_view = args.input(q, "q", q_dtype);
+  const TensorView weights_view = args.input(weights, "weights");
+  const TensorView blocks_view = args.input(blocks, "kv_cache", blocks_dtype);
+  const TensorView table_view = args.input(block_table, "block_table");
+  const TensorView lens_view = args.input(context_lens, "context_lens");
+  const TensorView out_view = args.output(out, "selection");
+  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
+  nb::gil_scoped_release release;
+  if (on_cuda(q_view)) {
+    paged_mqa_topk_cuda(q_view, weights_view, CudaIndexerKeyCache{blocks_view, table_view}, lens_view, n_keys, k,
+                        out_view, stream_pointer(stream), workspace_view);
+    return;
+  }
+  // The CPU: the reference logits in fp32, then topk_rows over each row's keys.
+  constexpr std::string_view function = "paged_mqa_topk";
+  expect_shape(function, q_view, "q", {kAnyExtent, kAnyExtent, kAnyExtent, kAnyExtent});
+  KEYSEL_CHECK_ARG(n_keys >= 0 && n_keys <= 0x7fffffff, "n_keys", "N in [0, 2^31)", n_keys);
+  const std::int64_t batch = q_view.size(0), next_n = q_view.size(1);
+  const std::int64_t rows = checked_mul(batch, next_n, function, "q");
+  std::vector<float> logits(static_cast<std::size_t>(checked_mul(rows, n_keys, function, "n_keys")));
+  paged_mqa_logits_reference(q_view, weights_view, blocks_view, table_view, lens_view,
+                             TensorView(logits.data(), DType::fp32, {rows, n_keys}));
+  std::vector<std::int32_t> lengths(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    lengths[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
+        lens_view.rank() == 2 ? lens_view.load({r / next_n, r % next_n})
+                              : lens_view.load({r / next_n}) - static_cast<double>(next_n - 1 - r % next_n));
+  }
+  TopkRowBounds bounds;
+  bounds.lengths = TensorView(lengths.data(), DType::int32, {rows});
+  topk_rows(TensorView(logits.data(), DType::fp32, {rows, n_keys}), bounds, k, out_view);
+}
+
+void indexer_k_quant_and_cache_binding(nb::handle k, nb::handle cache, std::string_view cache_dtype,
+                                       nb::handle slot_mapping, bool power_of_two_scale) {
+  TensorArguments args("indexer_k_quant_and_cache");
+  const TensorView k_view = args.input(k, "k");
+  const TensorView cache_view = args.output(cache, "kv_cache", cache_dtype);
+  const TensorView slots_view = args.input(slot_mapping, "slot_mapping");
+  nb::gil_scoped_release release;
+  indexer_k_quant_and_cache(k_view, cache_view, slots_view, power_of_two_scale);
+}
+
 // ---- attention -------------------------------------------------------------------------------------------
 void sparse_attention_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle selection,
                               std::string_view granularity, double scale, nb::handle block_table, nb::handle out,
@@ -461,6 +553,17 @@ NB_MODULE(_C, m) {
   m.def("indexer_topk_cuda", &indexer_topk_cuda_binding, "q_index"_a, "q_dtype"_a, "weights"_a, "blocks"_a,
         "blocks_dtype"_a, "block_table"_a.none(), "positions"_a, "n_keys"_a, "k"_a, "n_sink"_a, "n_local"_a,
         "kept_on_top"_a, "sequence_of_row"_a.none(), "out"_a, "stream"_a, "workspace"_a.none());
+  m.def("topk_rows", &topk_rows_binding, "logits"_a, "starts"_a.none(), "ends"_a.none(), "lengths"_a.none(),
+        "next_n"_a, "k"_a, "out"_a, "stream"_a, "workspace"_a.none());
+  m.def("topk_rows_workspace_bytes", &topk_rows_cuda_workspace_bytes, "rows"_a, "n"_a,
+        "Device bytes topk_rows may use on CUDA for R rows of L logits.");
+  m.def("paged_mqa_logits", &paged_mqa_logits_binding, "q"_a, "q_dtype"_a, "weights"_a, "kv_cache"_a,
+        "kv_cache_dtype"_a, "block_table"_a, "context_lens"_a, "out"_a, "stream"_a);
+  m.def("paged_mqa_topk", &paged_mqa_topk_binding, "q"_a, "q_dtype"_a, "weights"_a, "kv_cache"_a,
+        "kv_cache_dtype"_a, "block_table"_a, "context_lens"_a, "n_keys"_a, "k"_a, "out"_a, "stream"_a,
+        "workspace"_a.none());
+  m.def("indexer_k_quant_and_cache", &indexer_k_quant_and_cache_binding, "k"_a, "kv_cache"_a,
+        "kv_cache_dtype"_a, "slot_mapping"_a, "power_of_two_scale"_a);
   m.def("sparse_attention", &sparse_attention_binding, "q"_a, "k_cache"_a, "v_cache"_a, "selection"_a,
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
   m.def("metrics", &metrics_binding, "q"_a, "k_cache"_a, "v_cache"_a.none(), "positions"_a, "selection"_a, "k"_a,

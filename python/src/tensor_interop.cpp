@@ -143,7 +143,7 @@ TensorView TensorArguments::optional_input(nb::handle object, std::string_view a
   return input(object, argument, dtype);
 }
 
-TensorView TensorArguments::output(nb::handle object, std::string_view argument) {
+TensorView TensorArguments::output(nb::handle object, std::string_view argument, std::string_view dtype) {
   nb::ndarray<> array;
   if (!import_array(object, array)) {
     nb::ndarray<nb::ro> read_only;
@@ -152,7 +152,7 @@ TensorView TensorArguments::output(nb::handle object, std::string_view argument)
                                  is_array ? "a read-only array" : python_type_name(object));
   }
   outputs_.push_back(array);
-  return view_of(function_, outputs_.back(), argument, {}, /*writable=*/true);
+  return view_of(function_, outputs_.back(), argument, dtype, /*writable=*/true);
 }
 
 }  // namespace keysel::python

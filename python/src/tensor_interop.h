@@ -28,8 +28,8 @@ class TensorArguments {
   TensorView input(nb::handle object, std::string_view argument, std::string_view dtype = {});
   /// As input(), or an empty view when `object` is None.
   TensorView optional_input(nb::handle object, std::string_view argument, std::string_view dtype = {});
-  /// A writable view of `object` (an output); a read-only array is refused.
-  TensorView output(nb::handle object, std::string_view argument);
+  /// A writable view of `object` (an output); a read-only array is refused. `dtype` as for input().
+  TensorView output(nb::handle object, std::string_view argument, std::string_view dtype = {});
 
  private:
   std::string_view function_;

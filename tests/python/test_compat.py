@@ -60,10 +60,10 @@ def ref_scores(q, k, w, scale):
 
 
 def ref_topk_row(values, start, end, k):
-    """Keysel's rule in plain Python: larger first, ties to the lower index, NaN lowest; relative, ascending."""
+    """Keysel's rule in plain Python: larger first, ties to the lower index, NaN never; relative, ascending."""
     width = len(values)
-    window = [s for s in range(max(start, 0), min(end, width))]
-    ranked = sorted(window, key=lambda s: (math.isnan(values[s]), -values[s] if not math.isnan(values[s]) else 0, s))
+    window = [s for s in range(max(start, 0), min(end, width)) if not math.isnan(values[s])]
+    ranked = sorted(window, key=lambda s: (-values[s], s))
     chosen = sorted(ranked[:k])
     return [s - start for s in chosen] + [-1] * (k - len(chosen))
 
@@ -290,6 +290,11 @@ def test_topk_rows_nan_inf_zero_and_strides(rng, device):
     for k in (1, 3, 6, 9, 10, 12):
         out = torch.empty((2, k), dtype=torch.int32, device=device)
         _ops.topk_rows(view, i32([0, 2], device), i32([10, 10], device), k, out)
+        np.testing.assert_array_equal(out.cpu().numpy(), ref_topk(x, [0, 2], [10, 10], k))
+    dense = torch.from_numpy(x).to(device)  # unit stride: keysel's kernel (the strided view took the torch body)
+    for k in (1, 6, 9, 12):
+        out = torch.empty((2, k), dtype=torch.int32, device=device)
+        _ops.topk_rows(dense, i32([0, 2], device), i32([10, 10], device), k, out)
         np.testing.assert_array_equal(out.cpu().numpy(), ref_topk(x, [0, 2], [10, 10], k))
     out = torch.empty((2, 4), dtype=torch.int32, device=device)
     _ops.topk_rows(view.to(torch.bfloat16), i32([0, 0], device), i32([10, 10], device), 4, out)  # widened exactly

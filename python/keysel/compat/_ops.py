@@ -8,9 +8,11 @@ calls one of these; keysel CUDA kernels will later replace the bodies, with the 
     topk_rows(logits, starts, ends, k, out)
     quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
 
-The bodies are plain torch: they run on CPU tensors and, unchanged, on CUDA tensors. They read no tensor value
-on the host (every size comes from shapes and Python ints), so on CUDA they queue work without synchronising
-and can be captured in a CUDA graph. Each validates all of its arguments first and raises keysel.Error (a
+Where keysel has a kernel for the call, it runs: topk_rows through keysel.topk_rows (keysel's exact top-k, CPU
+and CUDA), paged_logits on CUDA through keysel.paged_mqa_logits (keysel's tensor-core indexer). Otherwise the
+bodies are plain torch: they run on CPU tensors and, unchanged, on CUDA tensors (the reference the tests compare
+against). Neither reads a tensor value on the host (every size comes from shapes and Python ints), so on CUDA
+they queue work without synchronising and can be captured in a CUDA graph. Each validates all of its arguments first and raises keysel.Error (a
 ValueError) naming the argument, the expectation and what came; nothing is written on failure.
 
 Numerics: fp8 e4m3 values are decoded exactly to float32 and every dot product and head sum accumulates in
@@ -23,6 +25,9 @@ from __future__ import annotations
 import torch
 
 from .. import Error
+from .. import built_with_cuda as _built_with_cuda
+from .. import paged_mqa_logits as _keysel_paged_mqa_logits
+from .. import topk_rows as _keysel_topk_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -219,6 +224,9 @@ def paged_logits(q_fp8, kv_cache, weights, context_lens, block_table, next_n, cl
         raise fail(fn, "out", f"a tensor on {q_fp8.device}", describe(out))
     same_device(fn, q_fp8, kv_cache=kv_cache, weights=weights, context_lens=context_lens, block_table=block_table)
 
+    if _kernel_takes_paged(q_fp8, pages, weights, context_lens, block_table, out):
+        _keysel_paged_mqa_logits(q_fp8, weights, pages, block_table, context_lens, out.shape[1], out=out)
+        return out
     width = out.shape[1]
     num_pages = pages.shape[0]
     max_pages = block_table.shape[1]
@@ -245,6 +253,20 @@ def paged_logits(q_fp8, kv_cache, weights, context_lens, block_table, next_n, cl
     return out
 
 
+def _kernel_takes_paged(q_fp8, pages, weights, context_lens, block_table, out):
+    """Whether keysel's CUDA indexer runs this call (else the torch body does): CUDA tensors on a GPU of compute
+    capability 8.9+, contiguous 16-byte aligned operands, HI in {16, 32, 64, 128}, DI in {64, 128}, next_n <= 4,
+    and a block table wide enough for the logits' width."""
+    if q_fp8.device.type != "cuda" or not _built_with_cuda():
+        return False
+    b, next_n, h, d = q_fp8.shape
+    return (h in (16, 32, 64, 128) and d in (64, 128) and 1 <= next_n <= 4 and 0 < b * next_n <= 65535
+            and torch.cuda.get_device_capability(q_fp8.device) >= (8, 9)
+            and all(x.is_contiguous() for x in (q_fp8, pages, weights, context_lens, block_table, out))
+            and q_fp8.data_ptr() % 16 == 0 and pages.data_ptr() % 16 == 0 and pages.shape[0] > 0
+            and block_table.shape[1] * PAGE_TOKENS >= out.shape[1])
+
+
 # ---- exact per-row top-k -------------------------------------------------------------------------------------
 _LOW = 1 << 32
 
@@ -257,11 +279,13 @@ def topk_rows(logits, starts, ends, k, out):
     k:           int >= 1 (any value; k > L is fine)
     out:         int32 [R, k], written in place and returned: the chosen positions relative to the row's start
                  (s - starts[r]), in ascending order, then -1 padding.
-    Order: larger value first; equal values prefer the lower position; NaN ranks below every number (-inf
-    included), so NaN is chosen only when the window has fewer than k other entries; -0.0 equals +0.0.
-    Exact on every input (ties included) and deterministic. Implementation: one int64 key per entry (the
-    order-preserving integer of the float in the high 32 bits, L-1-s in the low 32 bits, so every key is distinct
-    and the tie rule is part of the key), torch.topk over the keys, then an ascending sort of the chosen positions.
+    Order: larger value first; equal values prefer the lower position; NaN is never chosen (a window of fewer
+    than k numbers pads with -1); -inf can be; -0.0 equals +0.0 (keysel's rule, SPEC §2).
+    float32 logits with unit stride along L run keysel.topk_rows (keysel's top-k, CPU and CUDA). The torch body
+    (other dtypes and strides, and the tests' reference): one int64 key per entry (the order-preserving integer
+    of the float in the high 32 bits, L-1-s in the low 32 bits, so every key is distinct and the tie rule is part
+    of the key), torch.topk over the keys, then an ascending sort of the chosen positions. Exact on every input
+    (ties included) and deterministic.
     """
     fn = "_ops.topk_rows"
     tensor(fn, "logits", logits, (torch.float32, torch.float16, torch.bfloat16), 2, "[R, L]")
@@ -275,17 +299,34 @@ def topk_rows(logits, starts, ends, k, out):
     same_device(fn, logits, starts=starts, ends=ends)
     if length >= (1 << 31) - 1:
         raise fail(fn, "logits", "rows shorter than 2**31 - 1", describe(logits))
+    if _kernel_takes_rows(logits, starts, ends, out):
+        _keysel_topk_rows(logits, k, starts=starts, ends=ends, out=out)
+        return out
+    return topk_rows_torch(logits, starts, ends, k, out)
 
+
+def _kernel_takes_rows(logits, starts, ends, out):
+    r, length = logits.shape
+    if logits.device.type == "cuda" and not _built_with_cuda():
+        return False
+    return (logits.dtype == torch.float32 and (logits.stride(1) == 1 or length <= 1)
+            and (r <= 1 or logits.stride(0) >= length) and starts.is_contiguous() and ends.is_contiguous()
+            and out.is_contiguous())
+
+
+def topk_rows_torch(logits, starts, ends, k, out):
+    """topk_rows in plain torch (arguments already checked): the reference of the keysel kernels."""
+    r, length = logits.shape
     chosen = min(k, length)
     if chosen > 0:
         device = logits.device
         values = logits.to(torch.float32) + 0.0  # -0.0 -> +0.0 (and a private copy)
         bits = values.view(torch.int32)
         ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float order
-        ordered = torch.where(torch.isnan(values), torch.full_like(ordered, -(1 << 31) + 1), ordered)
         columns = torch.arange(length, device=device, dtype=torch.int64)
         keys = ordered * _LOW + (length - 1 - columns)
         valid = (columns >= starts.to(torch.int64).unsqueeze(1)) & (columns < ends.to(torch.int64).unsqueeze(1))
+        valid &= ~torch.isnan(values)  # NaN is never chosen
         keys = torch.where(valid, keys, torch.full_like(keys, torch.iinfo(torch.int64).min))
         top = torch.topk(keys, chosen, dim=1, largest=True, sorted=False).values
         taken = top != torch.iinfo(torch.int64).min

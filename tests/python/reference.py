@@ -187,12 +187,14 @@ def round_fp8_e4m3(x):
 
 def quantize_rows(x, fmt):
     """Stored values of rows quantised with one scale per row (SPEC §3 per_token): fp8_e4m3 or int8."""
-    x = np.asarray(x, np.float64)
-    amax = np.abs(x).max(axis=-1, keepdims=True)
+    # keysel divides in float32 (SPEC §3): the quotient is formed as float32 / float32, so that a value whose
+    # quotient lands within float64's reach of a rounding midpoint rounds as keysel rounds it.
+    x32 = np.asarray(x, np.float32)
+    amax = np.abs(x32).max(axis=-1, keepdims=True)
     if fmt == "fp8_e4m3":
-        scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32).astype(np.float64)
-        return round_fp8_e4m3(x / scale) * scale
+        scale = np.where(amax > 0, amax / np.float32(448.0), np.float32(1.0)).astype(np.float32)
+        return round_fp8_e4m3((x32 / scale).astype(np.float64)) * scale.astype(np.float64)
     if fmt == "int8":
-        scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32).astype(np.float64)
-        return np.clip(np.round(x / scale), -127, 127) * scale
+        scale = np.where(amax > 0, amax / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+        return np.clip(np.round((x32 / scale).astype(np.float64)), -127, 127) * scale.astype(np.float64)
     raise ValueError(fmt)

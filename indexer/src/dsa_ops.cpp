@@ -118,7 +118,9 @@ void topk_rows(const TensorView& logits, const TopkRowBounds& bounds, std::int64
       std::memcpy(dense.data() + r * width, base + r * logits.stride(0) + start,
                   static_cast<std::size_t>(end - start) * sizeof(float));
     }
-    last[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(end - start - 1);
+    // An empty range: one NaN key, which select_topk never selects (it refuses negative positions).
+    if (end == start) dense[static_cast<std::size_t>(r * width)] = std::numeric_limits<float>::quiet_NaN();
+    last[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(end > start ? end - start - 1 : 0);
   }
   SelectionPolicy policy;
   policy.k = k;

@@ -1,0 +1,257 @@
+"""keysel's DSA entry points beside the kernels the engines run, in one process on one GPU (docs/performance.md).
+
+Run on the GPU machine after ../shared/peers' run.sh has built the peers (bench/gpu/peers.sh does both):
+    LD_PRELOAD=<system libstdc++> PYTHONPATH=<DeepGEMM>:<sglang_topk build>:<keysel build>/python \
+        python3 bench/gpu/dsa_peers.py [--json FILE]
+
+Shapes follow the peer harness (../shared/peers/bench_peers.py, whose timing helpers are imported): caches rotated
+past L2, per-call and CUDA-graph times, the same input distributions. Every row also checks keysel against the
+peer on the same inputs: logits relative error against DeepGEMM's, top-k sets against torch.topk and SGLang.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", ".peers", "scripts"))
+import bench_peers as bp  # noqa: E402  (time_calls, time_graph, random_fp8_bytes, line, emit)
+
+import keysel  # noqa: E402
+from keysel.compat import deep_gemm as ks_deep_gemm  # noqa: E402
+from keysel.compat import sglang as ks_sglang  # noqa: E402
+
+try:
+    import deep_gemm
+except Exception as exc:  # noqa: BLE001
+    print(f"# DeepGEMM unavailable: {exc!r}", flush=True)
+    deep_gemm = None
+try:
+    import sglang_topk
+except Exception as exc:  # noqa: BLE001
+    print(f"# SGLang fast_topk unavailable: {exc!r}", flush=True)
+    sglang_topk = None
+
+N, HEADS, DIM, BLOCK, K = 131072, 64, 128, 64, 2048
+
+
+def rel(a, b):
+    a, b = a.float(), b.float()
+    finite = torch.isfinite(b)
+    return ((a[finite] - b[finite]).norm() / b[finite].norm()).item()
+
+
+def set_misses(got, want_sets):
+    """Per row, how many of got's indices (>= 0) are not in the wanted set; the worst row."""
+    worst = 0
+    for row, want in zip(got.tolist(), want_sets):
+        worst = max(worst, sum(1 for i in row if i >= 0 and i not in want))
+    return worst
+
+
+def indexer_decode():
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch in (1, 64):
+        blocks_per_seq = N // BLOCK
+        one = batch * blocks_per_seq * BLOCK * (DIM + 4)
+        copies = max(1, bp.L2_ROTATE_BYTES // one)
+        caches = []
+        for _ in range(copies):
+            kv = bp.random_fp8_bytes((batch * blocks_per_seq, BLOCK * (DIM + 4)))
+            kv[:, BLOCK * DIM:].view(torch.float32).uniform_(0.005, 0.02)
+            caches.append(kv.view(batch * blocks_per_seq, BLOCK, 1, DIM + 4))
+        q = bp.random_fp8_bytes((batch, 1, HEADS, DIM)).view(torch.float8_e4m3fn)
+        weights = torch.rand(batch, HEADS, device="cuda", dtype=torch.float32) * 0.1
+        context_lens = torch.full((batch, 1), N, dtype=torch.int32, device="cuda")
+        table = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device="cuda").view(batch, blocks_per_seq)
+        out = torch.empty(batch, N, device="cuda")
+        shape = f"B={batch} N={N} HI={HEADS} DI={DIM}"
+        key_bytes = batch * N * (DIM + 4)
+        calls = max(copies, 4)
+
+        def ks_logits(i):
+            keysel.paged_mqa_logits(q, weights, caches[i % copies], table, context_lens, N, out=out)
+
+        check = None
+        if deep_gemm is not None:
+            meta = deep_gemm.get_paged_mqa_logits_metadata(context_lens, BLOCK, num_sms)
+            ref = deep_gemm.fp8_paged_mqa_logits(q, caches[0], weights, context_lens, table, meta, N, False)
+            ks_logits(0)
+            compat = ks_deep_gemm.fp8_paged_mqa_logits(q, caches[0], weights, context_lens, table,
+                                                       ks_deep_gemm.get_paged_mqa_logits_metadata(
+                                                           context_lens, BLOCK, num_sms), N, False)
+            torch.cuda.synchronize()
+            check = ("rel_err_vs_deep_gemm", max(rel(out, ref), rel(compat, ref)))
+            print(f"# check keysel paged_mqa_logits {shape} vs DeepGEMM: rel err {check[1]:.2e} "
+                  f"(compat {rel(compat, ref):.2e})", flush=True)
+        us, gus = bp.time_calls(ks_logits), bp.time_graph(ks_logits, calls)
+        bp.line(f"keysel paged_mqa_logits {shape} (per call)", us, key_bytes)
+        bp.line(f"keysel paged_mqa_logits {shape} (graph)", gus, key_bytes)
+        bp.emit("keysel.paged_mqa_logits", f"{shape} engines' paged fp8 layout", us, gus, key_bytes, check=check)
+
+        # The fused decode selection (logits stay in the workspace) against DeepGEMM + SGLang's top-k.
+        sel = torch.empty(batch, K, dtype=torch.int32, device="cuda")
+        workspace = torch.empty(keysel.paged_topk_workspace_bytes(batch, N), dtype=torch.uint8, device="cuda")
+
+        def ks_fused(i):
+            keysel.select_topk_paged(q, caches[i % copies], weights, context_lens, table, K, n_keys=N, out=sel,
+                                     workspace=workspace)
+
+        if deep_gemm is not None:
+            ks_fused(0)
+            torch.cuda.synchronize()
+            want = [set(torch.topk(ref[b], K).indices.tolist()) for b in range(min(batch, 2))]
+            print(f"# check keysel select_topk_paged {shape}: indices outside torch.topk of DeepGEMM's logits: "
+                  f"{set_misses(sel[:2].cpu(), want)} of {K} (near-ties of two fp32 logits may differ)", flush=True)
+        us, gus = bp.time_calls(ks_fused), bp.time_graph(ks_fused, calls)
+        bp.line(f"keysel select_topk_paged k={K} {shape} (per call)", us, key_bytes)
+        bp.line(f"keysel select_topk_paged k={K} {shape} (graph)", gus, key_bytes)
+        bp.emit("keysel.select_topk_paged", f"k={K} {shape}", us, gus, key_bytes)
+        if deep_gemm is not None and sglang_topk is not None:
+            idx = torch.empty(batch, K, dtype=torch.int32, device="cuda")
+            lengths = torch.full((batch,), N, dtype=torch.int32, device="cuda")
+
+            def chain(i):
+                logits = deep_gemm.fp8_paged_mqa_logits(q, caches[i % copies], weights, context_lens, table, meta, N,
+                                                        False)
+                sglang_topk.fast_topk(logits, idx, lengths)
+
+            us, gus = bp.time_calls(chain), bp.time_graph(chain, calls)
+            bp.line(f"DeepGEMM paged logits + SGLang fast_topk k={K} {shape} (per call)", us, key_bytes)
+            bp.line(f"DeepGEMM paged logits + SGLang fast_topk k={K} {shape} (graph)", gus, key_bytes)
+            bp.emit("deep_gemm+sglang.chain", f"k={K} {shape}", us, gus, key_bytes)
+        del caches
+        torch.cuda.empty_cache()
+
+
+def topk_decode():
+    for dist in ("uniform", "normal"):
+        for batch in (1, 64):
+            scores = (torch.rand(batch, N, device="cuda") * 10.0 if dist == "uniform"
+                      else torch.randn(batch, N, device="cuda"))
+            lengths = torch.tensor([N if batch == 1 else N - (b * 977) % (N // 4 + 1) for b in range(batch)],
+                                   dtype=torch.int32, device="cuda")
+            out = torch.empty(batch, K, dtype=torch.int32, device="cuda")
+            workspace = torch.empty(keysel.topk_rows_workspace_bytes(batch, N), dtype=torch.uint8, device="cuda")
+
+            def ks(i):
+                keysel.topk_rows(scores, K, lengths=lengths, out=out, workspace=workspace)
+
+            ks(0)
+            compat = ks_sglang.fast_topk_v2(scores, lengths, K)
+            torch.cuda.synchronize()
+            rows = sorted({0, batch - 1})
+            want = [set(torch.topk(scores[b, :int(lengths[b])], K).indices.tolist()) for b in rows]
+            misses = set_misses(out[rows].cpu(), want)
+            misses_compat = set_misses(compat[rows].cpu(), want)
+            print(f"# check keysel topk_rows {dist} B={batch}: indices outside torch.topk's set: {misses} of {K}; "
+                  f"compat fast_topk_v2: {misses_compat}", flush=True)
+            shape = f"k={K} B={batch} N={N}" + (" (lengths N..3N/4)" if batch > 1 else "") + f" {dist}"
+            score_bytes = batch * N * 4
+            us, gus = bp.time_calls(ks), bp.time_graph(ks, 10)
+            bp.line(f"keysel topk_rows {shape} (per call)", us, score_bytes)
+            bp.line(f"keysel topk_rows {shape} (graph)", gus, score_bytes)
+            bp.emit("keysel.topk_rows", shape, us, gus, score_bytes, check=("indices_not_in_torch_topk", misses))
+            if sglang_topk is not None:
+                idx = torch.empty(batch, K, dtype=torch.int32, device="cuda")
+                call = lambda i: sglang_topk.fast_topk(scores, idx, lengths)  # noqa: E731
+                call(0)
+                torch.cuda.synchronize()
+                sg = set_misses(idx[rows].cpu(), want)
+                us, gus = bp.time_calls(call), bp.time_graph(call, 10)
+                bp.line(f"SGLang fast_topk {shape} (per call)", us, score_bytes)
+                bp.line(f"SGLang fast_topk {shape} (graph)", gus, score_bytes)
+                bp.emit("sglang.fast_topk", shape, us, gus, score_bytes, check=("indices_not_in_torch_topk", sg))
+            del scores
+
+
+def topk_prefill():
+    """Prefill top-k: 8192 rows of ragged (causal) lengths up to 8192, and 1024 rows of 131072, against torch.topk."""
+    for rows, width in ((8192, 8192), (1024, N)):
+        scores = torch.randn(rows, width, device="cuda")
+        if rows == width:
+            ends = torch.arange(1, rows + 1, dtype=torch.int32, device="cuda")
+        else:
+            ends = torch.full((rows,), width, dtype=torch.int32, device="cuda")
+        starts = torch.zeros(rows, dtype=torch.int32, device="cuda")
+        out = torch.empty(rows, K, dtype=torch.int32, device="cuda")
+
+        def ks(i):
+            keysel.topk_rows(scores, K, starts=starts, ends=ends, out=out)
+
+        masked = scores.masked_fill(torch.arange(width, device="cuda")[None, :] >= ends[:, None].long(), float("-inf"))
+        torch_call = lambda i: torch.topk(masked, K, dim=-1)  # noqa: E731
+        ks(0)
+        torch.cuda.synchronize()
+        row = rows - 1
+        miss = set_misses(out[row:row + 1].cpu(), [set(torch.topk(scores[row, :int(ends[row])], K).indices.tolist())])
+        shape = f"k={K} R={rows} L={width}" + (" causal lengths 1..L" if rows == width else "")
+        nbytes = 4 * int(ends.long().sum())
+        us, gus = bp.time_calls(ks, iters=3), bp.time_graph(ks, 3)
+        bp.line(f"keysel topk_rows {shape} (per call)", us, nbytes)
+        bp.line(f"keysel topk_rows {shape} (graph)", gus, nbytes)
+        bp.emit("keysel.topk_rows prefill", shape, us, gus, nbytes, check=("indices_not_in_torch_topk", miss))
+        us, gus = bp.time_calls(torch_call, iters=3), bp.time_graph(torch_call, 3)
+        bp.line(f"torch.topk {shape} (masked rows) (per call)", us, nbytes)
+        bp.line(f"torch.topk {shape} (masked rows) (graph)", gus, nbytes)
+        bp.emit("torch.topk prefill", shape, us, gus, nbytes)
+        del scores, masked
+
+
+def indexer_prefill():
+    """keysel's prefill kernel (rows of one sequence sharing cache blocks) on DeepGEMM fp8_mqa_logits' shape."""
+    rows, n = 1024, 8192
+    q = bp.random_fp8_bytes((rows, HEADS, DIM)).view(torch.float8_e4m3fn)
+    kv = bp.random_fp8_bytes((n, DIM)).view(torch.float8_e4m3fn)
+    scale = torch.rand(n, device="cuda", dtype=torch.float32) * 0.015 + 0.005
+    weights = torch.rand(rows, HEADS, device="cuda", dtype=torch.float32) * 0.1
+    pages = torch.cat([kv.view(torch.uint8).view(n // BLOCK, BLOCK * DIM),
+                       scale.view(torch.uint8).view(n // BLOCK, BLOCK * 4)], dim=1).contiguous()
+    positions = torch.arange(n - rows, n, dtype=torch.int32, device="cuda")
+    seq = torch.zeros(rows, dtype=torch.int32, device="cuda")
+    out = torch.empty(rows, n, device="cuda")
+    flops = float(positions.double().add(1).sum().item()) * HEADS * DIM * 2
+
+    def ks(i):
+        keysel.indexer_logits_cuda(q, weights, pages, positions, n, sequence_of_row=seq, out=out)
+
+    check = None
+    if deep_gemm is not None:
+        ks_ = torch.zeros(rows, dtype=torch.int32, device="cuda")
+        ke = positions + 1
+        ref = deep_gemm.fp8_mqa_logits(q, (kv, scale), weights, ks_, ke, True)
+        ks(0)
+        torch.cuda.synchronize()
+        check = ("rel_err_vs_deep_gemm", rel(out, ref))
+        print(f"# check keysel prefill logits vs DeepGEMM fp8_mqa_logits: rel err {check[1]:.2e}", flush=True)
+    us = bp.time_calls(ks, iters=5)
+    bp.line(f"keysel indexer_logits_cuda prefill R={rows} N={n} HI={HEADS} DI={DIM} (causal MMA flops)", us, flops,
+            "flops")
+    bp.emit("keysel.indexer_logits_cuda prefill", f"R={rows} N={n} HI={HEADS} DI={DIM} causal", us, None,
+            flops=flops, check=check)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    ap.add_argument("--only", default="copy,decode,topk,prefill_topk,prefill")
+    args = ap.parse_args()
+    bp.JSON_FILE = args.json
+    bp.GPU = torch.cuda.get_device_name()
+    stages = {"copy": bp.bench_copy, "decode": indexer_decode, "topk": topk_decode, "prefill_topk": topk_prefill,
+              "prefill": indexer_prefill}
+    for name in args.only.split(","):
+        try:
+            stages[name]()
+        except Exception:  # noqa: BLE001
+            import traceback
+
+            print(f"# stage {name} FAILED", flush=True)
+            traceback.print_exc()
+
+
+if __name__ == "__main__":
+    main()

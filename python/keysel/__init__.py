@@ -297,9 +297,10 @@ def indexer_logits_cuda(q_index, weights, blocks, positions, n_keys, *, block_ta
 
     I[r, s] = scale[s] * sum_j weights[r, j] * ReLU(q_index[r, j] . k[s]) for s <= positions[r] (SPEC §3), fp8
     products accumulated in fp32 by the tensor cores; needs a GPU of compute capability 8.9 or newer.
-      q_index:   fp8 e4m3 [R, HI, DI] (torch.float8_e4m3fn, or uint8 bytes), contiguous; HI 32/64/128, DI 64/128
+      q_index:   fp8 e4m3 [R, HI, DI] (torch.float8_e4m3fn, or uint8 bytes), contiguous; HI 16/32/64/128, DI 64/128
       weights:   float32 [R, HI], each query head's scale (and any softmax scale) folded in
-      blocks:    uint8 [num_blocks, 64, DI + 4]: per token its DI fp8 e4m3 bytes, then its fp32 scale (4 bytes)
+      blocks:    uint8 pages [num_blocks, 64 * (DI + 4)] (or viewed [num_blocks, 64, DI + 4] / [.., 64, 1, DI + 4]),
+                 the engines' layout (SPEC §7): per page its 64 tokens' DI fp8 e4m3 bytes, then their 64 fp32 scales
       positions: int32 [R]; n_keys: N, the width of the logits
       block_table: int32 [S, max_blocks] (token s of sequence q is row s % 64 of block block_table[q, s // 64]) or
                  None (sequence q owns blocks [q * ceil(N/64), (q+1) * ceil(N/64)))

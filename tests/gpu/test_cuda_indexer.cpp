@@ -323,6 +323,20 @@ void check_paged_mqa(const MqaCase& c, std::uint64_t seed) {
                              TensorView(cache.data(), DType::fp8_e4m3, {num_blocks, kB * (c.DI + 4)}),
                              TensorView(table.data(), DType::int32, {c.B, max_blocks}), lens_view,
                              TensorView(expected.data(), DType::fp64, {R, N}, Device::cpu()));
+  // The sum of |terms| of each logit: the same reference over |q|, |w| and |k| (fp8 sign bits cleared).
+  std::vector<std::uint8_t> q_abs = q, cache_abs = cache;
+  for (auto& x : q_abs) x &= 0x7F;
+  for (std::int64_t page = 0; page < num_blocks; ++page) {
+    for (std::int64_t i = 0; i < kB * c.DI; ++i) cache_abs[static_cast<std::size_t>(page * kB * (c.DI + 4) + i)] &= 0x7F;
+  }
+  std::vector<float> weights_abs = weights;
+  for (auto& w : weights_abs) w = std::abs(w);
+  std::vector<double> magnitude(static_cast<std::size_t>(R * N));
+  paged_mqa_logits_reference(TensorView(q_abs.data(), DType::fp8_e4m3, {c.B, c.next_n, c.HI, c.DI}),
+                             TensorView(weights_abs.data(), DType::fp32, {R, c.HI}),
+                             TensorView(cache_abs.data(), DType::fp8_e4m3, {num_blocks, kB * (c.DI + 4)}),
+                             TensorView(table.data(), DType::int32, {c.B, max_blocks}), lens_view,
+                             TensorView(magnitude.data(), DType::fp64, {R, N}, Device::cpu()));
 
   const CudaBuffer d_q = to_device(q), d_w = to_device(weights), d_cache = to_device(cache),
                    d_table = to_device(table), d_lens = to_device(lens);
@@ -346,7 +360,10 @@ void check_paged_mqa(const MqaCase& c, std::uint64_t seed) {
     if (std::isinf(want)) {
       ASSERT_TRUE(std::isinf(g) && g < 0) << "row " << i / N << " key " << i % N << ": " << g;
     } else {
-      ASSERT_NEAR(g, want, 2e-5 * std::abs(want) + 2e-3) << "row " << i / N << " key " << i % N;
+      // fp8 tensor-core products are exact, their accumulation keeps about 14 bits per MMA step on Hopper (as the
+      // DeepSeek-V3 report measured): 1e-3 of the sum of |terms| bounds it with room (as check_case above).
+      ASSERT_NEAR(g, want, 1e-3 * magnitude[static_cast<std::size_t>(i)] + 1e-6)
+          << "row " << i / N << " key " << i % N;
     }
   }
   // The fused selection is topk_rows over the same logits (row r reads its context's keys).

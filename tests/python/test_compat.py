@@ -42,11 +42,14 @@ def i32(a, device="cpu"):
 
 def assert_logits(actual, expected, magnitude, terms=256):
     """Within (terms + 4) * 2**-24 * magnitude of float64: the worst case of float32 summation of `terms` = D + H
-    products, each exact (fp8 x fp8 fits float32); -inf exactly where expected."""
+    products, each exact (fp8 x fp8 fits float32); -inf exactly where expected. On a CUDA tensor (keysel's
+    tensor-core kernel): within 1e-3 * magnitude, since Hopper's fp8 MMA accumulates with about 14 bits per step
+    (the DeepSeek-V3 report; DeepGEMM's logits carry the same error)."""
+    on_cuda = actual.device.type == "cuda"
     actual = actual.detach().cpu().double().numpy()
     finite = np.isfinite(expected)
     np.testing.assert_array_equal(np.isneginf(actual), ~finite)
-    bound = (terms + 4) * 2.0**-24 * magnitude[finite] + 1e-30
+    bound = (1e-3 if on_cuda else (terms + 4) * 2.0**-24) * magnitude[finite] + 1e-30
     assert np.all(np.abs(actual[finite] - expected[finite]) <= bound), np.abs(actual[finite] - expected[finite]).max()
 
 

@@ -130,12 +130,12 @@ def test_indexer_cuda_logits_and_topk_match_reference(generator):
     keys = torch.randn(n, di, generator=generator).to(torch.float8_e4m3fn)
     scales = torch.rand(n, generator=generator) + 0.5
     blocks_per_sequence = (n + 63) // 64
-    blocks = torch.zeros(r * blocks_per_sequence, 64, di + 4, dtype=torch.uint8)
+    blocks = torch.zeros(r * blocks_per_sequence, 64 * (di + 4), dtype=torch.uint8)  # the engines' pages
     for seq in range(r):                                      # each row reads its own copy of the cache
         for s in range(n):
             b, row = seq * blocks_per_sequence + s // 64, s % 64
-            blocks[b, row, :di] = keys[s].view(torch.uint8)
-            blocks[b, row, di:] = scales[s : s + 1].view(torch.uint8)
+            blocks[b, row * di:(row + 1) * di] = keys[s].view(torch.uint8)
+            blocks[b, 64 * di + 4 * row:64 * di + 4 * row + 4] = scales[s : s + 1].view(torch.uint8)
     positions = torch.tensor([n - 1, 200, 63], dtype=torch.int32)
     logits = keysel.indexer_logits_cuda(q.to(DEVICE), weights.to(DEVICE), blocks.to(DEVICE), positions.to(DEVICE), n)
     torch.cuda.synchronize()
@@ -207,8 +207,8 @@ def test_indexer_topk_cuda_with_workspace_equals_without(generator):
     q = torch.randn(r, hi, di, generator=generator).to(torch.float8_e4m3fn).to(DEVICE)
     weights = torch.randn(r, hi, generator=generator).to(DEVICE)
     blocks_per_sequence = (n + 63) // 64
-    blocks = torch.randint(0, 120, (r * blocks_per_sequence, 64, di + 4), generator=generator, dtype=torch.uint8)
-    blocks[:, :, di:] = torch.full((r * blocks_per_sequence, 64), 0.75).view(torch.uint8).view(-1, 64, 4)
+    blocks = torch.randint(0, 120, (r * blocks_per_sequence, 64 * (di + 4)), generator=generator, dtype=torch.uint8)
+    blocks[:, 64 * di:] = torch.full((r * blocks_per_sequence, 64), 0.75).view(torch.uint8)  # the pages' scales
     blocks = blocks.to(DEVICE)
     positions = torch.tensor([n - 1, 12345], dtype=torch.int32, device=DEVICE)
     expected = keysel.indexer_topk_cuda(q, weights, blocks, positions, n, 300)

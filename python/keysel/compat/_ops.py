@@ -374,7 +374,9 @@ def quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt):
     device = k.device
     blocks = k.to(torch.float32).reshape(t, groups, quant_block_size)
     amax = blocks.abs().amax(dim=2)
-    scale = torch.clamp(amax, min=1e-4) / FP8_MAX  # [T, G]
+    # Divided by a tensor, not a Python number: torch turns "tensor / number" on CUDA into a multiplication by the
+    # reciprocal, which is not the correctly rounded quotient the engines' kernels compute.
+    scale = torch.clamp(amax, min=1e-4) / torch.full_like(amax, FP8_MAX)  # [T, G]
     if scale_fmt == "ue8m0":
         mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
         scale = torch.where(mantissa == 0.5, scale, torch.ldexp(torch.ones_like(scale), exponent))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages keysel builds with, skipping those already present, then the Python packages
 # of python/requirements.txt into the virtual environment .venv/ at the repository root (skipped when the
-# requirements file has not changed since the last install; KEYSEL_NO_PYTHON=1 skips it altogether).
+# requirements file has not changed since the last install). KEYSEL_NO_PYTHON=1 skips both the Python packages of
+# .venv and the Debian ones only the Python tests use (python3-torch, python3-numpy, python3-pytest).
 # Runs apt-get as root, or through sudo when it is available.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +18,12 @@ packages=(
   clang libclang-rt-14-dev  # the fuzz and tsan presets: clang, libFuzzer and the sanitizer runtimes
   python3 python3-dev python3-venv
 )
+if [ "${KEYSEL_NO_PYTHON:-0}" != 1 ]; then
+  # ctest's python.pytest_oldest_torch: tests/python under the system Python with Debian 12's torch 1.13 (CPU),
+  # the oldest torch keysel supports (python/CMakeLists.txt). Without recommends, on a machine that has the
+  # packages above: 182 packages, 141 MB to download, 608 MiB installed (about a minute; PyPI's torch is ~3 GB).
+  packages+=(python3-torch python3-numpy python3-pytest)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -13,6 +13,27 @@ except ImportError:  # the tests that need torch say so
 LIBRARIES = ["numpy", "torch"]
 
 
+def _sdpa_takes_gqa():
+    """Whether torch.nn.functional.scaled_dot_product_attention exists (torch >= 2.0) and takes enable_gqa
+    (torch >= 2.5). ctest's python.pytest_oldest_torch runs these tests on torch 1.13, which has neither."""
+    sdpa = getattr(getattr(torch, "nn", None) and torch.nn.functional, "scaled_dot_product_attention", None)
+    if sdpa is None:
+        return False
+    try:
+        sdpa(torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), enable_gqa=True)
+    except TypeError:
+        return False
+    return True
+
+
+TORCH_VERSION = None if torch is None else torch.__version__
+SDPA_TAKES_GQA = torch is not None and _sdpa_takes_gqa()
+TORCH_FLOAT8 = torch is not None and hasattr(torch, "float8_e4m3fn") and hasattr(torch, "float8_e5m2")
+needs_torch_float8 = pytest.mark.skipif(
+    not TORCH_FLOAT8, reason="torch is not installed" if torch is None else
+    f"torch.float8_e4m3fn and float8_e5m2 need torch >= 2.1 (this is torch {TORCH_VERSION})")
+
+
 def as_library(array, library):
     """The same values as a NumPy array or a torch CPU tensor (sharing memory)."""
     if library == "numpy":

@@ -5,7 +5,7 @@ import pytest
 
 import keysel
 import reference
-from conftest import as_library, to_numpy
+from conftest import as_library, needs_torch_float8, to_numpy
 
 
 def indexer_inputs(rng, t=5, hi=7, di=40, n=75):
@@ -75,6 +75,7 @@ def test_key_cache_hadamard_keeps_exact_scores(rng):
     close(cache.scores(q, w, positions), reference.indexer_scores(q, w, k, positions), relative=1e-5)
 
 
+@needs_torch_float8
 def test_fp8_inputs_via_torch_float8_and_uint8_with_dtype(rng):
     torch = pytest.importorskip("torch")
     q, w, k, positions = indexer_inputs(rng, di=32, n=19)

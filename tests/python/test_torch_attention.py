@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import keysel.torch as kt
+from conftest import SDPA_TAKES_GQA, TORCH_VERSION
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,6 +85,19 @@ def reference_attention(query, key, value, chosen, *, scale=None, granularity="p
     return torch.matmul(p, vv)
 
 
+def full_attention(query, key, value, mask=None):
+    """float64 [B, Hq, T, Dv] over every key `mask` (bool [T, N], None: all) allows: torch's own
+    F.scaled_dot_product_attention where it takes enable_gqa (torch >= 2.5); on an older torch (1.13 has no SDPA)
+    reference_attention with every allowed key chosen."""
+    if SDPA_TAKES_GQA:
+        return F.scaled_dot_product_attention(query.double(), key.double(), value.double(), attn_mask=mask,
+                                              enable_gqa=True)
+    b, hq, t, _ = query.shape
+    n = key.shape[2]
+    allowed = torch.ones(t, n, dtype=torch.bool) if mask is None else mask
+    return reference_attention(query, key, value, allowed.expand(b, hq, t, n), granularity="per_head")
+
+
 def reference_topk_attention(query, key, value, *, k, is_causal=True, scale=None, granularity="per_kv_head",
                              n_sink=0, n_local=0):
     chosen = reference_exact_selection(query, key, k=k, is_causal=is_causal, scale=scale, granularity=granularity,
@@ -115,8 +129,7 @@ def test_every_key_selected_is_full_causal_attention(granularity, t, n):
         out = kt.topk_attention(q, k, v, k=kk, granularity=granularity)
         assert out.shape == (2, 6, t, 16) and out.dtype == torch.float32
         mask = reference_allowed(t, n, True)
-        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
-                                                  enable_gqa=True)
+        expected = full_attention(q, k, v, mask)
         torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
 
 
@@ -130,8 +143,7 @@ def test_topk_matches_the_masked_softmax_reference(granularity, hq, hkv, t, n, k
     assert out.shape == (2, hq, t, 12)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
     # and it is not full attention: restricting to k keys changes the output of the queries that see more
-    full = F.scaled_dot_product_attention(q.double(), key.double(), v.double(),
-                                          attn_mask=reference_allowed(t, n, True), enable_gqa=True)
+    full = full_attention(q, key, v, reference_allowed(t, n, True))
     assert (out.double() - full).abs().max() > 1e-3
 
 
@@ -155,7 +167,7 @@ def test_kept_keys_count_toward_k(n_sink, n_local):
 def test_not_causal_reads_every_key():
     q, key, v = random_qkv(1, 4, 2, 5, 11, 8, seed=2)
     out = kt.topk_attention(q, key, v, k=11, is_causal=False)
-    expected = F.scaled_dot_product_attention(q.double(), key.double(), v.double(), enable_gqa=True)
+    expected = full_attention(q, key, v)
     torch.testing.assert_close(out.double(), expected, atol=2e-6, rtol=1e-5)
     out = kt.topk_attention(q, key, v, k=3, is_causal=False)
     expected = reference_topk_attention(q, key, v, k=3, is_causal=False)
@@ -266,8 +278,27 @@ def test_exact_topk_from_skips_the_padding_keys(backend):
         alone = kt.exact_topk(q, key[10:], positions - 10, 5, n_sink=2)
     assert torch.equal(got, torch.where(alone >= 0, alone + 10, alone))
     assert int(got[got >= 0].min()) == 10 and bool((got[:, :, :2] == torch.tensor([10, 11])).all())
-    torch.library.opcheck(torch.ops.keysel.exact_topk_from.default,
-                          (q, key, positions, torch.tensor(10), 5, "per_kv_head", 0.3, 1, 0))
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_the_transformers_attention_function_reads_a_left_padded_mask(float_mask):
+    # transformers_attention without transformers (which test_transformers_topk.py drives): a boolean or additive
+    # causal mask with left padding becomes key_start and query positions; padding keys are never read
+    q, key, v = random_qkv(2, 4, 2, 3, 9, 8, seed=31)
+    mask = torch.ones(2, 1, 3, 9, dtype=torch.bool).tril(6)
+    mask[1, :, :, :2] = False                                                      # sequence 1: two padding keys
+    layer = type("Attention", (), {"config": type("Config", (), {"keysel_topk": {"k": 4}})(), "layer_idx": 0,
+                                   "training": False, "is_causal": True})()
+    passed = torch.zeros(mask.shape).masked_fill(~mask, -math.inf) if float_mask else mask
+    out, weights = kt.transformers_attention(layer, q, key, v, passed)
+    assert weights is None and out.shape == (2, 3, 4, 8)                           # [B, T, Hq, Dv]
+    for b, first in ((0, 0), (1, 2)):
+        expected = reference_topk_attention(q[b:b + 1], key[b:b + 1, :, first:], v[b:b + 1, :, first:], k=4)
+        torch.testing.assert_close(out[b:b + 1].transpose(1, 2).double(), expected, atol=2e-6, rtol=1e-5)
+    window = mask.clone()
+    window[0, :, 2, 0] = False                                                     # not one run from the first key
+    with pytest.raises(NotImplementedError, match="not a causal mask with left padding"):
+        kt.transformers_attention(layer, q, key, v, window)
 
 
 def test_the_pure_torch_backend_agrees_with_the_default_one():
@@ -282,6 +313,31 @@ def test_the_pure_torch_backend_agrees_with_the_default_one():
 # ----------------------------------------------------------------------------------------------- ops and compile
 
 
+CUSTOM_OPS = hasattr(torch.library, "custom_op")
+needs_registered_ops = pytest.mark.skipif(
+    not CUSTOM_OPS, reason=f"torch.library.custom_op (torch.ops.keysel.*) needs torch >= 2.4; this is torch "
+                           f"{TORCH_VERSION}, where keysel.torch runs the same functions unregistered")
+needs_torch_compile = pytest.mark.skipif(
+    not CUSTOM_OPS or not hasattr(torch, "compile"),
+    reason=f"torch.compile through keysel.torch needs the keysel ops of torch.library.custom_op (torch >= 2.4); "
+           f"this is torch {TORCH_VERSION}")
+
+
+def test_the_ops_are_registered_exactly_where_torch_library_can():
+    # torch >= 2.4: torch.ops.keysel.*; older torch (no torch.library.custom_op): none, the functions run directly
+    assert kt.ops_registered() == CUSTOM_OPS
+    assert (hasattr(torch.ops, "keysel") and hasattr(torch.ops.keysel, "sparse_attention")) == CUSTOM_OPS
+    q, key, v = random_qkv(1, 4, 2, 3, 12, 8, seed=6)
+    q, key, v = (x[0].transpose(0, 1).contiguous() for x in (q, key, v))
+    positions = torch.arange(9, 12, dtype=torch.int32)
+    sel = kt.exact_topk(q, key, positions, 4, scale=0.25)
+    assert sel.shape == (3, 2, 4) and sel.dtype == torch.int32
+    out, lse = kt.sparse_attention(q, key, v, sel, scale=0.25)
+    assert out.shape == (3, 4, 8) and lse.shape == (3, 4) and lse.dtype == torch.float32
+    assert torch.equal(kt.topk_select(torch.randn(3, 2, 12), positions, 4).ge(0).sum(-1), torch.full((3, 2), 4))
+
+
+@needs_registered_ops
 def test_the_ops_are_registered_with_fake_implementations():
     assert kt.ops_registered()
     q, key, v = random_qkv(1, 4, 2, 3, 12, 8)
@@ -293,8 +349,11 @@ def test_the_ops_are_registered_with_fake_implementations():
     torch.library.opcheck(torch.ops.keysel.topk_select.default, (scores, positions, 4, 1, 1, False))
     torch.library.opcheck(torch.ops.keysel.exact_topk.default, (q, key, positions, 4, "per_token", 0.25, 0, 0))
     torch.library.opcheck(torch.ops.keysel.sparse_attention.default, (q, key, v, sel, "per_kv_head", 0.25))
+    torch.library.opcheck(torch.ops.keysel.exact_topk_from.default,
+                          (q, key, positions, torch.tensor(2), 4, "per_kv_head", 0.3, 1, 0))
 
 
+@needs_torch_compile
 @pytest.mark.parametrize("t,n", [(6, 6), (1, 24)])
 def test_torch_compile_fullgraph_gives_the_eager_result(t, n):
     torch._dynamo.reset()
@@ -347,6 +406,7 @@ def test_cuda_matches_cpu_and_is_captured_by_a_cuda_graph():
     torch.testing.assert_close(static_out.cpu(), kt.topk_attention(q2, k2, v2, k=32), atol=1e-4, rtol=1e-4)
 
 
+@needs_torch_compile
 @needs_cuda
 def test_cuda_bfloat16_decode_under_torch_compile_with_cuda_graphs():
     torch._dynamo.reset()

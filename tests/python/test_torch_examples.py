@@ -1,11 +1,29 @@
 """The scripts of examples/python run and print what they promise."""
+import importlib.util
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
+import pytest
+
+from conftest import SDPA_TAKES_GQA, TORCH_VERSION
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def missing(*modules):
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def needs(*modules, sdpa_gqa=False):
+    """Skips unless this Python has `modules` (and, with sdpa_gqa, a torch whose scaled_dot_product_attention takes
+    enable_gqa: torch >= 2.5, which tools/train_tiny_lm.py's full attention calls)."""
+    lacking = [f"{m} (not installed for {sys.executable})" for m in missing(*modules)]
+    if sdpa_gqa and not SDPA_TAKES_GQA:
+        lacking.append(f"F.scaled_dot_product_attention(enable_gqa=True) (torch >= 2.5; this is torch {TORCH_VERSION})")
+    return pytest.mark.skipif(bool(lacking), reason="the example needs " + ", ".join(lacking))
 
 
 def run(script, *args):
@@ -16,6 +34,7 @@ def run(script, *args):
     return done.stdout
 
 
+@needs("torch", "transformers")
 def test_topk_decoding_prints_both_continuations_and_layer_metrics():
     out = run("topk_decoding.py", "--k", "8", "--prompt-tokens", "20", "--new-tokens", "4")
     assert "backend keysel" in out
@@ -27,6 +46,7 @@ def test_topk_decoding_prints_both_continuations_and_layer_metrics():
     assert all(float(r[2]) == 1.0 for r in rows)              # the exact top-k has recall 1
 
 
+@needs("torch", "safetensors", sdpa_gqa=True)
 def test_the_study_script_matches_the_cpp_bits_per_byte():
     out = run("study_tiny_lm.py")
     assert re.search(r"full attention 1\.\d+ bits per byte", out)

@@ -5,15 +5,37 @@ tiny-lm study computes (keysel.run_study, the C++ TinyLm forward pass with each 
 selector's keys).
 """
 import importlib.util
+import json
 import math
 import pathlib
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import keysel
 import keysel.torch as kt
+from conftest import SDPA_TAKES_GQA
+
+try:
+    from safetensors.torch import load_file
+except ImportError:  # Debian's python3-torch (ctest's python.pytest_oldest_torch) comes without safetensors
+    _SAFETENSORS_DTYPES = {"F16": "<f2", "F32": "<f4", "F64": "<f8", "I32": "<i4", "I64": "<i8", "U8": "u1"}
+
+    def load_file(path):
+        """name -> CPU tensor of a .safetensors file: an 8-byte little-endian header size, a JSON header of
+        {name: {dtype, shape, data_offsets}} (plus "__metadata__"), then the little-endian data."""
+        raw = pathlib.Path(path).read_bytes()
+        size = int.from_bytes(raw[:8], "little")
+        data = memoryview(raw)[8 + size:]
+        out = {}
+        for name, info in json.loads(raw[8:8 + size]).items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            array = np.frombuffer(data[begin:end], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            out[name] = torch.from_numpy(array.reshape(info["shape"]).astype(array.dtype.newbyteorder("=")))
+        return out
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "tiny_lm"
@@ -73,6 +95,13 @@ def text():
     return torch.tensor(list(data[:TOKENS]), dtype=torch.long)[None]
 
 
+def full_forward(model, tokens):
+    """The model's logits with full attention: its F.scaled_dot_product_attention(enable_gqa=True) where torch has
+    that (torch >= 2.5), else its plain reference attention (exact=True: softmax over s <= t, key heads repeated)."""
+    with torch.no_grad():
+        return model(tokens) if SDPA_TAKES_GQA else model(tokens, exact=True)
+
+
 def bits_per_byte(logits, tokens):
     logp = torch.log_softmax(logits[0].double(), dim=-1)[:-1]
     return -logp.gather(-1, tokens[0, 1:, None]).mean().item() / math.log(2)
@@ -110,8 +139,7 @@ def test_pytorch_full_attention_matches_the_shipped_reference_logits(model, text
     reference = load_file(str(MODEL_DIR / "logits.safetensors"))
     n = min(TOKENS, reference["tokens"].shape[0])
     assert torch.equal(reference["tokens"][:n].long(), text[0, :n])
-    with torch.no_grad():
-        logits = model(text)[0, :n]
+    logits = full_forward(model, text)[0, :n]
     scale = reference["logits"].abs().max()
     assert (logits - reference["logits"][:n]).abs().max() / scale < 1e-5
     # topk_attention with k >= T is full attention
@@ -134,8 +162,7 @@ def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatc
     logits = forward(model, text, monkeypatch, indexer=selector["type"] == "indexer", k=k, granularity=granularity,
                      selector=torch_selector, stats=stats)
     bpb = bits_per_byte(logits, text)
-    with torch.no_grad():
-        full = bits_per_byte(model(text), text)
+    full = bits_per_byte(full_forward(model, text), text)
     assert full == pytest.approx(full_bpb, abs=2e-5)
     assert bpb == pytest.approx(metrics["bpb"]["mean"], abs=5e-6)  # measured: 2e-7 apart
     assert abs(bpb - full) > 1e-3  # the selection matters at this k

@@ -14,6 +14,9 @@ import pytest
 import keysel
 
 torch = pytest.importorskip("torch")
+if not hasattr(torch, "float8_e4m3fn"):
+    pytest.skip(f"keysel.compat needs torch.float8_e4m3fn (torch >= 2.1); this is torch {torch.__version__}",
+                allow_module_level=True)
 
 from keysel.compat import _ops, deep_gemm, flashinfer, sglang, vllm  # noqa: E402
 

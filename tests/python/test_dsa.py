@@ -12,6 +12,9 @@ import pytest
 import keysel
 
 torch = pytest.importorskip("torch")
+if not hasattr(torch, "float8_e4m3fn"):
+    pytest.skip(f"keysel.compat needs torch.float8_e4m3fn (torch >= 2.1); this is torch {torch.__version__}",
+                allow_module_level=True)
 
 from keysel.compat import _ops, vllm  # noqa: E402
 from test_compat import assert_logits, i32, paged_case, ref_topk, scores_of, to  # noqa: E402

@@ -29,6 +29,9 @@ from .. import built_with_cuda as _built_with_cuda
 from .. import paged_mqa_logits as _keysel_paged_mqa_logits
 from .. import topk_rows as _keysel_topk_rows
 
+if not hasattr(torch, "float8_e4m3fn"):
+    raise ImportError(f"keysel.compat needs torch.float8_e4m3fn (torch >= 2.1, as the engines); this is torch "
+                      f"{torch.__version__}")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 PAGE_TOKENS = 64  # tokens per page of the engines' indexer cache (DeepGEMM block_kv on SM90, vLLM/SGLang pages)

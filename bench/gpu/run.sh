@@ -5,7 +5,8 @@
 #   bench/gpu/run.sh [stages]     stages: any of build test python sanitize bench ncu (default: all of them)
 #
 # The python stage builds keysel._C into the same build tree (python3 of the machine, with its torch, nanobind
-# and pytest; wheels carried in .whl/ are installed first where present) and runs tests/python on the GPU.
+# and pytest; wheels carried in .whl/ are installed first where present) and runs tests/python on the GPU
+# (PYTEST_TARGETS names other files).
 #
 # Builds for sm_90a (CUDA_ARCHS=90a by default): the Lightning Indexer's warpgroup-MMA kernel (wgmma, fp8 QGMMA)
 # exists only in sm_90a code; a plain sm_90 or sm_80 build runs the mma.sync kernels instead.
@@ -81,7 +82,7 @@ if has python; then
   python3 -c 'import torch, nanobind, pytest; print("torch", torch.__version__, "nanobind", nanobind.__version__, "pytest", pytest.__version__, "gpu", torch.cuda.get_device_name())' \
     >"$OUT/pytest.log" 2>&1
   PYTHONPATH="$PWD/$BUILD/python${PYTHONPATH:+:$PYTHONPATH}" KEYSEL_EXPECT_BUILD_DIR="$PWD/$BUILD/python" \
-    python3 -m pytest -q -rs -p no:cacheprovider tests/python >>"$OUT/pytest.log" 2>&1
+    python3 -m pytest -q -rs -p no:cacheprovider ${PYTEST_TARGETS:-tests/python} >>"$OUT/pytest.log" 2>&1
   rc=$?
   summary+=("python: rc=$rc, $(tail -1 "$OUT/pytest.log") ($((SECONDS - start)) s)")
   grep -E "FAILED|Error" "$OUT/pytest.log" | head -30

@@ -93,6 +93,26 @@ def integer(fn, name, value, minimum=None):
     return value
 
 
+def length_windows(fn, scores, lengths, k, row_starts, *, names=("score", "topk"), dtypes=torch.float32,
+                   rows_name="R", width_name="L"):
+    """Checks the (scores [rows, width], lengths [rows], k, row_starts [rows] or None) of the SGLang / FlashInfer
+    top-k ops, naming the arguments as the peer does (names = (scores, k)), and returns (rows, k, starts, ends):
+    the windows [row_starts[r], row_starts[r] + lengths[r]) as int32, row_starts defaulting to 0."""
+    score_name, k_name = names
+    tensor(fn, score_name, scores, dtypes, 2, f"[{rows_name}, {width_name}]")
+    rows = scores.shape[0]
+    tensor(fn, "lengths", lengths, torch.int32, 1, f"[{rows_name}]")
+    shape_is(fn, "lengths", lengths, (rows,), f"[{rows_name}]")
+    k = integer(fn, k_name, k, 1)
+    if row_starts is not None:
+        tensor(fn, "row_starts", row_starts, torch.int32, 1, f"[{rows_name}]")
+        shape_is(fn, "row_starts", row_starts, (rows,), f"[{rows_name}]")
+    same_device(fn, scores, lengths=lengths, row_starts=row_starts)
+    starts = row_starts if row_starts is not None else torch.zeros_like(lengths)
+    ends = (starts.to(torch.int64) + lengths.to(torch.int64)).clamp(max=2**31 - 1).to(torch.int32)
+    return rows, k, starts, ends
+
+
 def writable_out(fn, out, shape, dtype, device, layout):
     tensor(fn, "out", out, dtype, len(shape), layout)
     shape_is(fn, "out", out, shape, layout)

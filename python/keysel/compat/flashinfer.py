@@ -45,18 +45,8 @@ def _tie_break(fn, tie_break):
 
 
 def _windows(fn, scores, lengths, k, row_starts):
-    tensor(fn, "input", scores, _SCORES, 2, "[num_rows, max_len]")
-    rows = scores.shape[0]
-    tensor(fn, "lengths", lengths, torch.int32, 1, "[num_rows]")
-    shape_is(fn, "lengths", lengths, (rows,), "[num_rows]")
-    k = _ops.integer(fn, "k", k, 1)
-    if row_starts is not None:
-        tensor(fn, "row_starts", row_starts, torch.int32, 1, "[num_rows]")
-        shape_is(fn, "row_starts", row_starts, (rows,), "[num_rows]")
-    same_device(fn, scores, lengths=lengths, row_starts=row_starts)
-    starts = row_starts if row_starts is not None else torch.zeros_like(lengths)
-    ends = (starts.to(torch.int64) + lengths.to(torch.int64)).clamp(max=2**31 - 1).to(torch.int32)
-    return rows, k, starts, ends
+    return _ops.length_windows(fn, scores, lengths, k, row_starts, names=("input", "k"), dtypes=_SCORES,
+                               rows_name="num_rows", width_name="max_len")
 
 
 def _out(fn, name, buffer, rows, k, device):

@@ -27,18 +27,7 @@ __all__ = ["fast_topk_v2", "fast_topk_transform_fused", "fast_topk_transform_rag
 
 
 def _windows(fn, score, lengths, topk, row_starts):
-    tensor(fn, "score", score, torch.float32, 2, "[R, L]")
-    rows = score.shape[0]
-    tensor(fn, "lengths", lengths, torch.int32, 1, "[R]")
-    shape_is(fn, "lengths", lengths, (rows,), "[R]")
-    topk = _ops.integer(fn, "topk", topk, 1)
-    if row_starts is not None:
-        tensor(fn, "row_starts", row_starts, torch.int32, 1, "[R]")
-        shape_is(fn, "row_starts", row_starts, (rows,), "[R]")
-    same_device(fn, score, lengths=lengths, row_starts=row_starts)
-    starts = row_starts if row_starts is not None else torch.zeros_like(lengths)
-    ends = (starts.to(torch.int64) + lengths.to(torch.int64)).clamp(max=2**31 - 1).to(torch.int32)
-    return rows, topk, starts, ends
+    return _ops.length_windows(fn, score, lengths, topk, row_starts)
 
 
 def fast_topk_v2(score, lengths, topk, row_starts=None):

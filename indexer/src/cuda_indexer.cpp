@@ -238,14 +238,19 @@ void topk_with(std::string_view function, const TensorView& q, const TensorView&
   logits.release();
 }
 
-/// q [B, next_n, HI, DI] as the kernels' [B * next_n, HI, DI] (a contiguous view), and next_n.
-std::pair<TensorView, std::int64_t> mqa_rows(std::string_view function, const TensorView& q) {
+/// q [B, next_n, HI, DI] as the kernels' [B * next_n, HI, DI] (a contiguous view), and the rows' spec: next_n
+/// rows per sequence, bounded by context_lens.
+std::pair<TensorView, RowsSpec> mqa_rows(std::string_view function, const TensorView& q,
+                                         const TensorView& context_lens) {
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent, kAnyExtent});
   expect_contiguous(function, q, "q");
-  const std::int64_t next_n = q.size(1);
-  KEYSEL_CHECK_ARG(next_n >= 1 && next_n <= 4, "q", "[B, next_n, HI, DI] with next_n of 1 to 4", q.str());
-  const std::int64_t rows = checked_mul(q.size(0), next_n, function, "q");
-  return {TensorView(q.raw_data(), q.dtype(), {rows, q.size(2), q.size(3)}, q.device()), next_n};
+  KEYSEL_CHECK_ARG(!context_lens.empty(), "context_lens", "int32 [B] or [B, next_n]", "none");
+  RowsSpec spec;
+  spec.context_lens = context_lens;
+  spec.next_n = q.size(1);
+  KEYSEL_CHECK_ARG(spec.next_n >= 1 && spec.next_n <= 4, "q", "[B, next_n, HI, DI] with next_n of 1 to 4", q.str());
+  const std::int64_t rows = checked_mul(q.size(0), spec.next_n, function, "q");
+  return {TensorView(q.raw_data(), q.dtype(), {rows, q.size(2), q.size(3)}, q.device()), spec};
 }
 
 }  // namespace
@@ -272,11 +277,7 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
 void paged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
                            const TensorView& context_lens, const TensorView& logits, void* stream) {
   constexpr std::string_view function = "paged_mqa_logits_cuda";
-  const auto [rows, next_n] = mqa_rows(function, q);
-  RowsSpec spec;
-  spec.context_lens = context_lens;
-  spec.next_n = next_n;
-  KEYSEL_CHECK_ARG(!context_lens.empty(), "context_lens", "int32 [B] or [B, next_n]", "none");
+  const auto [rows, spec] = mqa_rows(function, q, context_lens);
   logits_with(function, rows, weights, cache, spec, logits, stream);
 }
 
@@ -284,11 +285,7 @@ void paged_mqa_topk_cuda(const TensorView& q, const TensorView& weights, const C
                          const TensorView& context_lens, std::int64_t n_keys, std::int64_t k,
                          const TensorView& selection, void* stream, const TensorView& workspace) {
   constexpr std::string_view function = "paged_mqa_topk_cuda";
-  const auto [rows, next_n] = mqa_rows(function, q);
-  RowsSpec spec;
-  spec.context_lens = context_lens;
-  spec.next_n = next_n;
-  KEYSEL_CHECK_ARG(!context_lens.empty(), "context_lens", "int32 [B] or [B, next_n]", "none");
+  const auto [rows, spec] = mqa_rows(function, q, context_lens);
   SelectionPolicy policy;
   policy.k = k;
   topk_with(function, rows, weights, cache, spec, n_keys, policy, selection, stream, workspace);

@@ -296,4 +296,27 @@ void paged_mqa_logits_reference(const TensorView& q, const TensorView& weights, 
   }
 }
 
+void paged_mqa_topk_reference(const TensorView& q, const TensorView& weights, const TensorView& cache,
+                              const TensorView& block_table, const TensorView& context_lens, std::int64_t n_keys,
+                              std::int64_t k, const TensorView& selection) {
+  constexpr std::string_view function = "paged_mqa_topk_reference";
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent, kAnyExtent});
+  KEYSEL_CHECK_ARG(n_keys >= 0 && n_keys <= 0x7fffffff, "n_keys", "N in [0, 2^31)", n_keys);
+  const std::int64_t next_n = q.size(1);
+  const std::int64_t rows = checked_mul(q.size(0), next_n, function, "q");
+  std::vector<float> logits(static_cast<std::size_t>(checked_mul(rows, n_keys, function, "n_keys")));
+  const TensorView logits_view(logits.data(), DType::fp32, {rows, n_keys});
+  paged_mqa_logits_reference(q, weights, cache, block_table, context_lens, logits_view);
+  // Each row's own keys (the reference above checked context_lens): topk_rows' lengths, one per row.
+  std::vector<std::int32_t> per_row(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) {
+    per_row[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
+        context_lens.rank() == 2 ? context_lens.load({r / next_n, r % next_n})
+                                 : context_lens.load({r / next_n}) - static_cast<double>(next_n - 1 - r % next_n));
+  }
+  TopkRowBounds bounds;
+  bounds.lengths = TensorView(per_row.data(), DType::int32, {rows});
+  topk_rows(logits_view, bounds, k, selection);
+}
+
 }  // namespace keysel

@@ -102,7 +102,7 @@ void select_topk_binding(nb::handle scores, nb::handle positions, std::int64_t k
   const TensorView scores_view = args.input(scores, "scores");
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView out_view = args.output(out, "selection");
-  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
+  const TensorView workspace_view = args.optional_output(workspace, "workspace");
   const SelectionPolicy policy = make_policy(k, "per_kv_head", n_sink, n_local, kept_on_top);
   nb::gil_scoped_release release;
   if (on_cuda(scores_view)) {
@@ -245,7 +245,7 @@ void indexer_topk_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handl
   const TensorView positions_view = args.input(positions, "positions");
   const TensorView rows = args.optional_input(sequence_of_row, "sequence_of_row");
   const TensorView out_view = args.output(out, "selection");
-  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
+  const TensorView workspace_view = args.optional_output(workspace, "workspace");
   const SelectionPolicy policy = make_policy(k, "per_token", n_sink, n_local, kept_on_top);
   nb::gil_scoped_release release;
   lightning_indexer_topk_cuda(q_view, weights_view, cache, positions_view, n_keys, policy, out_view, rows,
@@ -253,22 +253,18 @@ void indexer_topk_cuda_binding(nb::handle q, std::string_view q_dtype, nb::handl
 }
 
 // ---- DeepSeek-V3.2 in the engines' formats (dsa.h) ----------------------------------------------------------
-TensorView optional_view(TensorArguments& args, nb::handle object, std::string_view argument) {
-  return object.is_none() ? TensorView{} : args.input(object, argument);
-}
-
 void topk_rows_binding(nb::handle logits, nb::handle starts, nb::handle ends, nb::handle lengths,
                        std::int64_t next_n, std::int64_t k, nb::handle out, std::uintptr_t stream,
                        nb::handle workspace) {
   TensorArguments args("topk_rows");
   const TensorView logits_view = args.input(logits, "logits");
   TopkRowBounds bounds;
-  bounds.starts = optional_view(args, starts, "starts");
-  bounds.ends = optional_view(args, ends, "ends");
-  bounds.lengths = optional_view(args, lengths, "lengths");
+  bounds.starts = args.optional_input(starts, "starts");
+  bounds.ends = args.optional_input(ends, "ends");
+  bounds.lengths = args.optional_input(lengths, "lengths");
   bounds.next_n = next_n;
   const TensorView out_view = args.output(out, "selection");
-  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
+  const TensorView workspace_view = args.optional_output(workspace, "workspace");
   nb::gil_scoped_release release;
   if (on_cuda(logits_view)) {
     topk_rows_cuda(logits_view, bounds, k, out_view, stream_pointer(stream), workspace_view);
@@ -307,31 +303,14 @@ void paged_mqa_topk_binding(nb::handle q, std::string_view q_dtype, nb::handle w
   const TensorView table_view = args.input(block_table, "block_table");
   const TensorView lens_view = args.input(context_lens, "context_lens");
   const TensorView out_view = args.output(out, "selection");
-  const TensorView workspace_view = workspace.is_none() ? TensorView{} : args.output(workspace, "workspace");
+  const TensorView workspace_view = args.optional_output(workspace, "workspace");
   nb::gil_scoped_release release;
   if (on_cuda(q_view)) {
     paged_mqa_topk_cuda(q_view, weights_view, CudaIndexerKeyCache{blocks_view, table_view}, lens_view, n_keys, k,
                         out_view, stream_pointer(stream), workspace_view);
-    return;
+  } else {
+    paged_mqa_topk_reference(q_view, weights_view, blocks_view, table_view, lens_view, n_keys, k, out_view);
   }
-  // The CPU: the reference logits in fp32, then topk_rows over each row's keys.
-  constexpr std::string_view function = "paged_mqa_topk";
-  expect_shape(function, q_view, "q", {kAnyExtent, kAnyExtent, kAnyExtent, kAnyExtent});
-  KEYSEL_CHECK_ARG(n_keys >= 0 && n_keys <= 0x7fffffff, "n_keys", "N in [0, 2^31)", n_keys);
-  const std::int64_t batch = q_view.size(0), next_n = q_view.size(1);
-  const std::int64_t rows = checked_mul(batch, next_n, function, "q");
-  std::vector<float> logits(static_cast<std::size_t>(checked_mul(rows, n_keys, function, "n_keys")));
-  paged_mqa_logits_reference(q_view, weights_view, blocks_view, table_view, lens_view,
-                             TensorView(logits.data(), DType::fp32, {rows, n_keys}));
-  std::vector<std::int32_t> lengths(static_cast<std::size_t>(rows));
-  for (std::int64_t r = 0; r < rows; ++r) {
-    lengths[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
-        lens_view.rank() == 2 ? lens_view.load({r / next_n, r % next_n})
-                              : lens_view.load({r / next_n}) - static_cast<double>(next_n - 1 - r % next_n));
-  }
-  TopkRowBounds bounds;
-  bounds.lengths = TensorView(lengths.data(), DType::int32, {rows});
-  topk_rows(TensorView(logits.data(), DType::fp32, {rows, n_keys}), bounds, k, out_view);
 }
 
 void indexer_k_quant_and_cache_binding(nb::handle k, nb::handle cache, std::string_view cache_dtype,

@@ -143,6 +143,11 @@ TensorView TensorArguments::optional_input(nb::handle object, std::string_view a
   return input(object, argument, dtype);
 }
 
+TensorView TensorArguments::optional_output(nb::handle object, std::string_view argument) {
+  if (object.is_none()) return {};
+  return output(object, argument);
+}
+
 TensorView TensorArguments::output(nb::handle object, std::string_view argument, std::string_view dtype) {
   nb::ndarray<> array;
   if (!import_array(object, array)) {

@@ -30,6 +30,8 @@ class TensorArguments {
   TensorView optional_input(nb::handle object, std::string_view argument, std::string_view dtype = {});
   /// A writable view of `object` (an output); a read-only array is refused. `dtype` as for input().
   TensorView output(nb::handle object, std::string_view argument, std::string_view dtype = {});
+  /// As output(), or an empty view when `object` is None (a caller's optional scratch memory).
+  TensorView optional_output(nb::handle object, std::string_view argument);
 
  private:
   std::string_view function_;

@@ -55,4 +55,11 @@ void paged_mqa_logits_reference(const TensorView& q, const TensorView& weights, 
                                 const TensorView& block_table, const TensorView& context_lens,
                                 const TensorView& logits);
 
+/// The decode selection on the CPU (the reference of paged_mqa_topk_cuda): paged_mqa_logits_reference's logits
+/// over n_keys keys rounded to float32, then topk_rows of each row over its own keys. selection: int32
+/// [B * next_n, k], contiguous.
+void paged_mqa_topk_reference(const TensorView& q, const TensorView& weights, const TensorView& cache,
+                              const TensorView& block_table, const TensorView& context_lens, std::int64_t n_keys,
+                              std::int64_t k, const TensorView& selection);
+
 }  // namespace keysel

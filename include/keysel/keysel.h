@@ -23,6 +23,7 @@
 #include "keysel/attention/cuda_sparse_attention.h"
 #include "keysel/attention/reference.h"
 #include "keysel/attention/sparse_attention.h"
+#include "keysel/attention/sparse_mla.h"
 
 #include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/cuda_indexer.h"

@@ -1,0 +1,61 @@
+// Sparse MLA attention on the CPU (SPEC §8): DeepSeek-V3.2's attention over the selected keys, in MQA form.
+//
+// One latent per cached token, d_qk = 576 (512 latent channels + 64 RoPE channels), d_v = 512 (the latent
+// channels); h_q query heads share it. For query token t and head h, over the valid slots A[t] of indices[t]:
+//   l[s]     = scale * q[t,h] . kv[s]                                 (all 576 channels)
+//   lse[t,h] = log( sum_{s in A[t]} exp(l[s]) + exp(attn_sink[h]) )   (natural log; the sink term only with one)
+//   o[t,h]   = sum_{s in A[t]} exp(l[s] - lse[t,h]) * kv[s, :512]
+// A slot is valid when it is >= 0 (-1 marks an invalid one, anywhere in the row) and, with topk_length, among the
+// first topk_length[t] entries of the row. A row with no valid slot gets o = 0 and lse = -inf (attn_sink[h]
+// with a sink).
+//
+// The cache is either a plain latent cache, fp32 / bf16 / fp16 [N, 576] (slot s = row s), or DeepSeek-V3.2's fp8
+// cache: pages [P, page_size, 656] of bytes per token = 512 fp8 e4m3 values | 4 fp32 scales (one per 128 values)
+// | 64 bf16 RoPE values (slot s = token s % page_size of page s / page_size). mla_v32_quantize writes it.
+#pragma once
+
+#include <cstdint>
+
+#include "keysel/attention/sparse_attention.h"
+#include "keysel/core/tensor.h"
+
+namespace keysel {
+
+inline constexpr std::int64_t kMlaLatentDim = 512;     // d_v: the latent channels
+inline constexpr std::int64_t kMlaRopeDim = 64;        // the RoPE channels after them
+inline constexpr std::int64_t kMlaQkDim = 576;         // d_qk = 512 + 64
+inline constexpr std::int64_t kMlaV32TokenBytes = 656;  // 512 fp8 + 4 x fp32 scale + 64 x bf16
+inline constexpr std::int64_t kMlaV32ScaleGroup = 128;  // latent values per scale
+
+/// Optional parts of a sparse MLA call.
+struct SparseMlaOptions {
+  double scale = 0.0;      // softmax scale; 0 means 1/sqrt(576)
+  TensorView attn_sink;    // fp32 [h_q] or empty: an extra logit per head in the denominator
+  TensorView topk_length;  // int32 [T] or empty: only the first topk_length[t] entries of row t count
+};
+
+/// Writes latents into the fp8 V3.2 cache: each row t of kv (fp32, bf16 or fp16 [T, 576]) goes to slot
+/// slot_mapping[t] (int32 [T]; negative: skipped). Per group of 128 latent values scale = max(amax, 1e-4) / 448
+/// rounded up to a power of two, values fp8 e4m3 of x / scale (round to nearest even, saturating); the 64 RoPE
+/// values are stored as bf16 (round to nearest even). cache: fp8_e4m3 bytes [P, page_size, 656], CPU, contiguous.
+/// Every slot is checked before anything is written.
+void mla_v32_quantize(const TensorView& kv, const TensorView& cache, const TensorView& slot_mapping);
+
+/// The V3.2 cache decoded exactly (fp8 x scale, bf16) into fp32 [P * page_size, 576].
+void mla_v32_dequantize(const TensorView& cache, const TensorView& out);
+
+/// Sparse MLA in double precision (the reference).
+///   q:       fp32 / bf16 / fp16 [T, h_q, 576]
+///   kv:      a latent cache [N, 576] or V3.2 pages [P, page_size, 656] (see above)
+///   indices: int32 [T, topk]: slots, -1 invalid; valid slots are < N (P * page_size) and distinct in a row
+///   out:     fp32 or fp64 [T, h_q, 512]; lse: fp32 or fp64 [T, h_q] or empty
+void sparse_mla_reference(const TensorView& q, const TensorView& kv, const TensorView& indices,
+                          const TensorView& out, const TensorView& lse = {}, const SparseMlaOptions& options = {});
+
+/// Sparse MLA in fp32 through keysel's CPU sparse attention (SIMD, OpenMP; the V3.2 cache decoded first):
+/// the same contract, out fp32 [T, h_q, 512], lse fp32 [T, h_q] or empty.
+void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& indices, const TensorView& out,
+                const TensorView& lse = {}, const SparseMlaOptions& options = {},
+                const SparseAttentionOptions& attention = {});
+
+}  // namespace keysel

@@ -7,10 +7,13 @@ run it (issue 15; docs/compat.md, docs/SPEC.md §7).
     from keysel.compat import sglang        # fast_topk_v2, fast_topk_transform_fused,
                                             # fast_topk_transform_ragged_fused
     from keysel.compat import flashinfer    # top_k, top_k_page_table_transform, top_k_ragged_transform
+    from keysel.compat import flash_mla     # get_mla_metadata, flash_mla_with_kvcache, flash_mla_sparse_fwd
+                                            # (the MLA attention over the selected keys, issue 16)
 
 Each function has its peer's name, argument order, defaults, shapes, dtypes and in-place / returned outputs.
 All of them route the heavy work through keysel.compat._ops (ragged_logits, paged_logits, topk_rows,
-quant_and_cache): torch code today that runs on CPU and CUDA tensors without host synchronisation (CUDA-graph
+quant_and_cache) or, for flash_mla and vllm.concat_and_cache_mla, keysel.compat._mla (sparse_mla, dense_mla,
+write_v32): torch code today that runs on CPU and CUDA tensors without host synchronisation (CUDA-graph
 capturable), to be replaced by keysel CUDA kernels with the same contracts. Top-k is exact and deterministic:
 equal values prefer the lower position, NaN ranks lowest, the chosen positions come out ascending, then -1.
 Bad arguments raise keysel.Error (a ValueError) naming the argument, and nothing is written.
@@ -18,7 +21,7 @@ Bad arguments raise keysel.Error (a ValueError) naming the argument, and nothing
 The submodules import torch; ``import keysel.compat`` alone does not.
 """
 
-__all__ = ["deep_gemm", "flashinfer", "sglang", "vllm"]
+__all__ = ["deep_gemm", "flash_mla", "flashinfer", "sglang", "vllm"]
 
 
 def __getattr__(name):

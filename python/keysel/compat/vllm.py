@@ -9,6 +9,8 @@ with the same arguments (vLLM csrc/ops.h, csrc/cache_kernels.cu, csrc/sampler.cu
                           topk_tokens) -> None
     top_k_per_row_decode(logits, next_n, seq_lens, raw_topk_indices, num_rows, stride0, stride1,
                          topk_tokens) -> None
+    concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale) -> None
+        (the MLA latent cache writer; "fp8_ds_mla" is the 656-byte fp8 V3.2 cache FlashMLA's sparse decode reads)
 
 All write their outputs in place, as vLLM's do. Top-k indices are relative to the row's first key (the prefill
 row's cu_seqlen_ks, 0 for decode), -1 padded; keysel writes them in ascending order (vLLM's order is
@@ -20,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops
+from . import _mla, _ops
 from ._ops import describe, fail, same_device, shape_is, tensor
 
 __all__ = ["indexer_k_quant_and_cache", "cp_gather_indexer_k_quant_cache", "top_k_per_row_prefill",
-           "top_k_per_row_decode"]
+           "top_k_per_row_decode", "concat_and_cache_mla"]
 
 
 def indexer_k_quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt):
@@ -150,3 +152,56 @@ def top_k_per_row_decode(logits, next_n, seq_lens, raw_topk_indices, num_rows, s
     ends = _ops.row_limits(seq_lens, batch, next_n)[:num_rows].clamp(min=0, max=2**31 - 1).to(torch.int32)
     starts = torch.zeros_like(ends)
     _ops.topk_rows(logits[:num_rows], starts, ends, topk_tokens, raw_topk_indices[:num_rows])
+
+
+def concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping, kv_cache_dtype, scale):
+    """Store MLA latents (kv_c, then k_pe) of T = slot_mapping.shape[0] tokens into the paged cache, in place.
+
+    kv_c:           bf16 / fp16 [>= T, kv_lora_rank]; k_pe: [>= T, pe_dim], the same dtype (vLLM uses the first
+                    T rows: T = slot_mapping.shape[0], the rest is CUDA-graph padding)
+    kv_cache:       "fp8_ds_mla": uint8 / float8_e4m3fn [num_blocks, block_size, 656], kv_lora_rank 512 and
+                    pe_dim 64: per token 512 fp8 e4m3 values (tile j = channels 128j..128j+127 divided by its
+                    scale), 4 float32 scales max(amax_j / 448, FLT_MIN) (not rounded to a power of two), then the
+                    64 k_pe values' 2-byte bits;
+                    "auto": kv_c's dtype [num_blocks, block_size, kv_lora_rank + pe_dim], a plain copy
+    slot_mapping:   int64 [T] (int32 accepted): block slot // block_size, row slot % block_size; slot < 0 skipped
+                    (and, unlike vLLM, slots past the cache)
+    kv_cache_dtype: "fp8_ds_mla" or "auto" (vLLM's per-tensor "fp8" / "fp8_e4m3" forms are refused)
+    scale:          float32 tensor (vLLM's per-tensor scale; unused by these two forms, as in vLLM)
+    """
+    fn = "vllm.concat_and_cache_mla"
+    tensor(fn, "kv_c", kv_c, (torch.bfloat16, torch.float16), 2, "[T, kv_lora_rank]")
+    tensor(fn, "k_pe", k_pe, kv_c.dtype, 2, "[T, pe_dim] in kv_c's dtype")
+    tensor(fn, "slot_mapping", slot_mapping, (torch.int64, torch.int32), 1, "[T]")
+    t = slot_mapping.shape[0]
+    if kv_c.shape[0] < t or k_pe.shape[0] < t:
+        raise fail(fn, "kv_c" if kv_c.shape[0] < t else "k_pe", f"at least T = {t} rows (slot_mapping.shape[0])",
+                   describe(kv_c if kv_c.shape[0] < t else k_pe))
+    if not isinstance(kv_cache_dtype, str) or kv_cache_dtype not in ("fp8_ds_mla", "auto"):
+        raise fail(fn, "kv_cache_dtype", '"fp8_ds_mla" or "auto"', describe(kv_cache_dtype))
+    if scale is not None and not isinstance(scale, torch.Tensor):
+        raise fail(fn, "scale", "a float32 tensor", describe(scale))
+    rank, pe = kv_c.shape[1], k_pe.shape[1]
+    if kv_cache_dtype == "fp8_ds_mla":
+        if rank != _mla.D_NOPE:
+            raise fail(fn, "kv_c", "[T, 512] (kv_lora_rank 512 for fp8_ds_mla)", describe(kv_c))
+        if pe != _mla.D_ROPE:
+            raise fail(fn, "k_pe", "[T, 64] (pe_dim 64 for fp8_ds_mla)", describe(k_pe))
+        layout = "uint8 [num_blocks, block_size, 656] (fp8_ds_mla)"
+        tensor(fn, "kv_cache", kv_cache, (torch.uint8, _ops.FP8), 3, layout)
+        if kv_cache.shape[2] != _mla.V32_BYTES or kv_cache.stride(2) != 1:
+            raise fail(fn, "kv_cache", layout + ", each token's bytes contiguous", describe(kv_cache))
+    else:
+        layout = f"{str(kv_c.dtype).removeprefix('torch.')} [num_blocks, block_size, {rank + pe}] (auto)"
+        tensor(fn, "kv_cache", kv_cache, kv_c.dtype, 3, layout)
+        if kv_cache.shape[2] != rank + pe or kv_cache.stride(2) != 1:
+            raise fail(fn, "kv_cache", layout + ", each token's values contiguous", describe(kv_cache))
+    same_device(fn, kv_c, k_pe=k_pe, kv_cache=kv_cache, slot_mapping=slot_mapping)
+    if t == 0:
+        return None
+    if kv_cache_dtype == "fp8_ds_mla":
+        _mla.write_v32(kv_c, k_pe, kv_cache.view(torch.uint8), slot_mapping)
+    elif kv_cache.shape[0] > 0 and kv_cache.shape[1] > 0:
+        new = torch.cat([kv_c[:t], k_pe[:t]], dim=1).contiguous().view(torch.uint8)  # [T, 2 * (rank + pe)]
+        _mla.scatter_tokens(kv_cache.view(torch.uint8), slot_mapping, new)
+    return None

@@ -50,8 +50,8 @@ MlaShape check_cache(std::string_view function, const TensorView& kv) {
 
 /// Checks every argument (index values included) before anything is written.
 MlaShape check(std::string_view function, const TensorView& q, const TensorView& kv, const TensorView& indices,
-               const TensorView& out, const TensorView& lse, const SparseMlaOptions& options,
-               std::initializer_list<DType> out_types) {
+               const TensorView& out, const TensorView& lse, const TensorView& max_logits,
+               const SparseMlaOptions& options, std::initializer_list<DType> out_types) {
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kMlaQkDim});
   expect_dtype(function, q, "q", {DType::fp32, DType::bf16, DType::fp16});
   expect_device(function, q, "q", Device::cpu());
@@ -72,6 +72,12 @@ MlaShape check(std::string_view function, const TensorView& q, const TensorView&
     expect_dtype(function, lse, "lse", out_types);
     expect_device(function, lse, "lse", Device::cpu());
     expect_writable(function, lse, "lse");
+  }
+  if (!max_logits.empty()) {
+    expect_shape(function, max_logits, "max_logits", {shape.tokens, shape.heads});
+    expect_dtype(function, max_logits, "max_logits", out_types);
+    expect_device(function, max_logits, "max_logits", Device::cpu());
+    expect_writable(function, max_logits, "max_logits");
   }
   KEYSEL_CHECK_ARG(options.scale == 0.0 || (std::isfinite(options.scale) && options.scale > 0.0), "scale",
                    "a finite scale > 0 (0: 1/sqrt(576))", options.scale);
@@ -224,9 +230,11 @@ void mla_v32_dequantize(const TensorView& cache, const TensorView& out) {
 }
 
 void sparse_mla_reference(const TensorView& q, const TensorView& kv, const TensorView& indices,
-                          const TensorView& out, const TensorView& lse, const SparseMlaOptions& options) {
+                          const TensorView& out, const TensorView& lse, const SparseMlaOptions& options,
+                          const TensorView& max_logits) {
   constexpr std::string_view function = "sparse_mla_reference";
-  const MlaShape shape = check(function, q, kv, indices, out, lse, options, {DType::fp32, DType::fp64});
+  const MlaShape shape =
+      check(function, q, kv, indices, out, lse, max_logits, options, {DType::fp32, DType::fp64});
   const double scale = effective_scale(options);
 #pragma omp parallel for schedule(dynamic)
   for (std::int64_t t = 0; t < shape.tokens; ++t) {
@@ -244,32 +252,30 @@ void sparse_mla_reference(const TensorView& q, const TensorView& kv, const Tenso
         logits[i] = scale * dot;
         top = std::max(top, logits[i]);
       }
-      const bool sink = !options.attn_sink.empty();
-      const double sink_logit = sink ? options.attn_sink.load({h}) : kNegInf;
-      top = std::max(top, sink_logit);
-      double denominator = 0.0;
+      double sum = 0.0;  // sum of exp(l - top) over the slots
       std::fill(o.begin(), o.end(), 0.0);
-      if (top > kNegInf) {
-        for (std::size_t i = 0; i < slots.size(); ++i) {
-          const double p = std::exp(logits[i] - top);
-          denominator += p;
-          for (std::int64_t d = 0; d < kMlaLatentDim; ++d) o[static_cast<std::size_t>(d)] += p * latents[i * kMlaQkDim + d];
-        }
-        if (sink) denominator += std::exp(sink_logit - top);
+      for (std::size_t i = 0; i < slots.size(); ++i) {
+        const double p = std::exp(logits[i] - top);
+        sum += p;
+        for (std::int64_t d = 0; d < kMlaLatentDim; ++d) o[static_cast<std::size_t>(d)] += p * latents[i * kMlaQkDim + d];
       }
-      const double row_lse = denominator > 0.0 ? top + std::log(denominator) : kNegInf;
+      // The sink enters the denominator only: exp(lse) + exp(sink), both relative to top.
+      const double sink = options.attn_sink.empty() ? kNegInf : static_cast<double>(options.attn_sink.load({h}));
+      const double denominator = slots.empty() ? 0.0 : sum + std::exp(sink - top);
       for (std::int64_t d = 0; d < kMlaLatentDim; ++d) {
         store(out, {t, h, d}, denominator > 0.0 ? o[static_cast<std::size_t>(d)] / denominator : 0.0);
       }
-      if (!lse.empty()) store(lse, {t, h}, row_lse);
+      if (!lse.empty()) store(lse, {t, h}, slots.empty() ? kNegInf : top + std::log(sum));
+      if (!max_logits.empty()) store(max_logits, {t, h}, top);
     }
   }
 }
 
 void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& indices, const TensorView& out,
-                const TensorView& lse, const SparseMlaOptions& options, const SparseAttentionOptions& attention) {
+                const TensorView& lse, const SparseMlaOptions& options, const SparseAttentionOptions& attention,
+                const TensorView& max_logits) {
   constexpr std::string_view function = "sparse_mla";
-  const MlaShape shape = check(function, q, kv, indices, out, lse, options, {DType::fp32});
+  const MlaShape shape = check(function, q, kv, indices, out, lse, max_logits, options, {DType::fp32});
   // The rows of K and V sparse_attention reads: the cache itself, or the V3.2 slots the rows name, decoded
   // (compact, in first-use order) with the rows' slots renumbered.
   std::vector<float> decoded;
@@ -328,22 +334,38 @@ void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& ind
   inputs.scale = effective_scale(options);
   sparse_attention(inputs, TensorView(selection.data(), DType::int32, {shape.tokens, 1, width}),
                    Granularity::per_kv_head, out, lse_view, attention);
+  if (!max_logits.empty()) {  // the largest selected logit, from q . kv of the (decoded) rows in fp32
+    const float scale = static_cast<float>(inputs.scale);
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      const auto& row = rows[static_cast<std::size_t>(t)];
+      for (std::int64_t h = 0; h < shape.heads; ++h) {
+        float top = -std::numeric_limits<float>::infinity();
+        for (const std::int32_t s : row) {
+          float dot = 0.0f;
+          for (std::int64_t d = 0; d < kMlaQkDim; ++d) {
+            dot += static_cast<float>(q.load({t, h, d})) * static_cast<float>(k_view.load({s, 0, d}));
+          }
+          top = std::max(top, scale * dot);
+        }
+        const std::int64_t index[] = {t, h};
+        max_logits.mutable_data<float>()[max_logits.offset(index)] = top;
+      }
+    }
+  }
   if (options.attn_sink.empty()) return;
-  // The sink joins the denominator: lse' = logaddexp(lse, sink), out *= exp(lse - lse').
+  // The sink joins the denominator only: out *= exp(lse) / (exp(lse) + exp(sink)); lse stays.
   for (std::int64_t t = 0; t < shape.tokens; ++t) {
     for (std::int64_t h = 0; h < shape.heads; ++h) {
       const double sink = options.attn_sink.load({h});
-      const double old = lse_view.load({t, h});
-      const double top = std::max(old, sink);
-      const double merged = top + std::log(std::exp(old - top) + std::exp(sink - top));
-      const double factor = std::exp(old - merged);
+      const double keys = lse_view.load({t, h});
+      if (keys == -std::numeric_limits<double>::infinity()) continue;  // an empty row keeps o = 0
+      const double top = std::max(keys, sink);
+      const double factor = std::exp(keys - top) / (std::exp(keys - top) + std::exp(sink - top));
       for (std::int64_t d = 0; d < kMlaLatentDim; ++d) {
         const std::int64_t index[] = {t, h, d};
         float& value = out.mutable_data<float>()[out.offset(index)];
         value = static_cast<float>(value * factor);
       }
-      const std::int64_t index[] = {t, h};
-      lse_view.mutable_data<float>()[lse_view.offset(index)] = static_cast<float>(merged);
     }
   }
 }

@@ -86,18 +86,41 @@ void check(const Problem& p, bool v32, bool with_length, bool with_sink) {
   if (with_sink) options.attn_sink = TensorView(p.sink.data(), DType::fp32, {p.H});
   const TensorView indices(p.indices.data(), DType::int32, {p.T, p.topk});
   std::vector<double> ref_out(static_cast<std::size_t>(p.T * p.H * kMlaLatentDim)), ref_lse(static_cast<std::size_t>(p.T * p.H));
+  std::vector<double> ref_max(ref_lse.size());
   sparse_mla_reference(q, kv, indices, TensorView(ref_out.data(), DType::fp64, {p.T, p.H, kMlaLatentDim}),
-                       TensorView(ref_lse.data(), DType::fp64, {p.T, p.H}), options);
-  std::vector<float> out(ref_out.size(), 7.0f), lse(ref_lse.size(), 7.0f);
+                       TensorView(ref_lse.data(), DType::fp64, {p.T, p.H}), options,
+                       TensorView(ref_max.data(), DType::fp64, {p.T, p.H}));
+  std::vector<float> out(ref_out.size(), 7.0f), lse(ref_lse.size(), 7.0f), max_logits(ref_lse.size(), 7.0f);
   sparse_mla(q, kv, indices, TensorView(out.data(), DType::fp32, {p.T, p.H, kMlaLatentDim}),
-             TensorView(lse.data(), DType::fp32, {p.T, p.H}), options);
+             TensorView(lse.data(), DType::fp32, {p.T, p.H}), options, {},
+             TensorView(max_logits.data(), DType::fp32, {p.T, p.H}));
   // fp32 products over 576 channels and an online softmax over <= topk keys, against double.
   expect_close(out, ref_out, 2e-5, "out");
   expect_close(lse, ref_lse, 2e-5, "lse");
-  for (std::int64_t h = 0; h < p.H; ++h) {  // row 0 has no valid slot
-    const double want = with_sink ? p.sink[static_cast<std::size_t>(h)] : -std::numeric_limits<double>::infinity();
-    EXPECT_EQ(ref_lse[static_cast<std::size_t>(h)], want);
+  expect_close(max_logits, ref_max, 2e-5, "max_logits");
+  for (std::int64_t h = 0; h < p.H; ++h) {  // row 0 has no valid slot, sink or not
+    EXPECT_EQ(ref_lse[static_cast<std::size_t>(h)], -std::numeric_limits<double>::infinity());
+    EXPECT_EQ(ref_max[static_cast<std::size_t>(h)], -std::numeric_limits<double>::infinity());
     EXPECT_EQ(ref_out[static_cast<std::size_t>(h * kMlaLatentDim)], 0.0);
+  }
+  if (!with_sink) return;
+  // The sink scales the output by exp(lse) / (exp(lse) + exp(sink)) and leaves lse alone.
+  std::vector<double> plain_out(ref_out.size()), plain_lse(ref_lse.size());
+  SparseMlaOptions plain = options;
+  plain.attn_sink = {};
+  sparse_mla_reference(q, kv, indices, TensorView(plain_out.data(), DType::fp64, {p.T, p.H, kMlaLatentDim}),
+                       TensorView(plain_lse.data(), DType::fp64, {p.T, p.H}), plain);
+  for (std::int64_t t = 1; t < p.T; ++t) {
+    for (std::int64_t h = 0; h < p.H; ++h) {
+      const auto i = static_cast<std::size_t>(t * p.H + h);
+      EXPECT_EQ(ref_lse[i], plain_lse[i]);
+      if (std::isinf(plain_lse[i])) continue;
+      const double factor = 1.0 / (1.0 + std::exp(p.sink[static_cast<std::size_t>(h)] - plain_lse[i]));
+      for (std::int64_t d = 0; d < kMlaLatentDim; d += 61) {
+        const auto j = static_cast<std::size_t>(i * kMlaLatentDim + d);
+        EXPECT_NEAR(ref_out[j], plain_out[j] * factor, 1e-12 * (1.0 + std::abs(plain_out[j])));
+      }
+    }
   }
 }
 

@@ -2,12 +2,14 @@
 //
 // One latent per cached token, d_qk = 576 (512 latent channels + 64 RoPE channels), d_v = 512 (the latent
 // channels); h_q query heads share it. For query token t and head h, over the valid slots A[t] of indices[t]:
-//   l[s]     = scale * q[t,h] . kv[s]                                 (all 576 channels)
-//   lse[t,h] = log( sum_{s in A[t]} exp(l[s]) + exp(attn_sink[h]) )   (natural log; the sink term only with one)
-//   o[t,h]   = sum_{s in A[t]} exp(l[s] - lse[t,h]) * kv[s, :512]
-// A slot is valid when it is >= 0 (-1 marks an invalid one, anywhere in the row) and, with topk_length, among the
-// first topk_length[t] entries of the row. A row with no valid slot gets o = 0 and lse = -inf (attn_sink[h]
-// with a sink).
+//   l[s]            = scale * q[t,h] . kv[s]                             (all 576 channels)
+//   max_logits[t,h] = max_{s in A[t]} l[s]
+//   lse[t,h]        = log sum_{s in A[t]} exp(l[s])                      (natural log; the sink never enters it)
+//   o[t,h]          = sum_{s in A[t]} exp(l[s]) * kv[s, :512] / (exp(lse[t,h]) + exp(attn_sink[h]))
+// (FlashMLA's convention: the sink, an extra logit per head, only scales the output down, so that lse stays the
+// state of the keys and partial results still merge by log-sum-exp.) A slot is valid when it is >= 0 (-1 marks an
+// invalid one, anywhere in the row) and, with topk_length, among the first topk_length[t] entries of the row. A
+// row with no valid slot gets o = 0 and lse = max_logits = -inf.
 //
 // The cache is either a plain latent cache, fp32 / bf16 / fp16 [N, 576] (slot s = row s), or DeepSeek-V3.2's fp8
 // cache: pages [P, page_size, 656] of bytes per token = 512 fp8 e4m3 values | 4 fp32 scales (one per 128 values)
@@ -48,14 +50,15 @@ void mla_v32_dequantize(const TensorView& cache, const TensorView& out);
 ///   q:       fp32 / bf16 / fp16 [T, h_q, 576]
 ///   kv:      a latent cache [N, 576] or V3.2 pages [P, page_size, 656] (see above)
 ///   indices: int32 [T, topk]: slots, -1 invalid; valid slots are < N (P * page_size) and distinct in a row
-///   out:     fp32 or fp64 [T, h_q, 512]; lse: fp32 or fp64 [T, h_q] or empty
+///   out:     fp32 or fp64 [T, h_q, 512]; lse, max_logits: fp32 or fp64 [T, h_q], or empty
 void sparse_mla_reference(const TensorView& q, const TensorView& kv, const TensorView& indices,
-                          const TensorView& out, const TensorView& lse = {}, const SparseMlaOptions& options = {});
+                          const TensorView& out, const TensorView& lse = {}, const SparseMlaOptions& options = {},
+                          const TensorView& max_logits = {});
 
 /// Sparse MLA in fp32 through keysel's CPU sparse attention (SIMD, OpenMP; the V3.2 cache decoded first):
-/// the same contract, out fp32 [T, h_q, 512], lse fp32 [T, h_q] or empty.
+/// the same contract, out fp32 [T, h_q, 512], lse and max_logits fp32 [T, h_q] or empty.
 void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& indices, const TensorView& out,
                 const TensorView& lse = {}, const SparseMlaOptions& options = {},
-                const SparseAttentionOptions& attention = {});
+                const SparseAttentionOptions& attention = {}, const TensorView& max_logits = {});
 
 }  // namespace keysel

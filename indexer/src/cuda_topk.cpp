@@ -24,26 +24,6 @@ std::int64_t select_topk_cuda_workspace_bytes(std::int64_t tokens, std::int64_t 
                                           cuda_kernels::kTopkMaxSegments, function);
 }
 
-namespace detail {
-
-/// The device pointer of a caller's workspace of at least `bytes` bytes on `device`, or nullptr when `workspace`
-/// is empty (the kernels then take stream-ordered scratch).
-void* workspace_pointer(std::string_view function, const TensorView& workspace, std::int64_t bytes, Device device) {
-  if (workspace.empty()) return nullptr;
-  KEYSEL_CHECK_ARG(workspace.device() == device, "workspace", "device memory on " + device.str(), workspace.str());
-  expect_writable(function, workspace, "workspace");
-  expect_contiguous(function, workspace, "workspace");
-  KEYSEL_CHECK_ARG(workspace.bytes() >= bytes, "workspace", "at least " + std::to_string(bytes) + " bytes",
-                   std::to_string(workspace.bytes()) + " bytes (" + workspace.str() + ")");
-  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(workspace.raw_data()) % 16 == 0, "workspace",
-                   "a 16-byte aligned address", "an address " +
-                       std::to_string(reinterpret_cast<std::uintptr_t>(workspace.raw_data()) % 16) +
-                       " bytes past alignment");
-  return const_cast<void*>(workspace.raw_data());
-}
-
-}  // namespace detail
-
 #if KEYSEL_CUDA
 
 void select_topk_cuda(const TensorView& scores, const TensorView& positions, const SelectionPolicy& policy,

@@ -7,6 +7,7 @@
 
 #include "keysel/core/checked.h"
 #include "keysel/core/tensor.h"
+#include "../../attention/src/cuda_workspace.h"  // detail::workspace_pointer (the attention module builds it)
 
 namespace keysel::cuda_kernels {
 
@@ -25,11 +26,3 @@ inline std::int64_t topk_scratch_bytes(std::int64_t rows, std::int64_t n, std::i
 }
 
 }  // namespace keysel::cuda_kernels
-
-namespace keysel::detail {
-
-/// The device pointer of a caller's workspace (any dtype, contiguous, writable, 16-byte aligned, on `device`) of
-/// at least `bytes` bytes, or nullptr when `workspace` is empty; keysel::Error of `function` naming "workspace".
-void* workspace_pointer(std::string_view function, const TensorView& workspace, std::int64_t bytes, Device device);
-
-}  // namespace keysel::detail

@@ -27,7 +27,8 @@ nothing.
     out, lse = keysel.sparse_attention(q, k, k, sel)            # float32 [4, 8, 64], [4, 8]
 
 Functions: select_topk, exact_topk, indexer_scores, IndexerKeyCache, sparse_attention, metrics, make_selector,
-load_dump, run_study; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
+load_dump, run_study; DeepSeek-V3.2's DSA formats: topk_rows, paged_mqa_logits, select_topk_paged,
+indexer_k_quant_and_cache, sparse_mla, mla_v32_quantize; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
 take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count.
 PyTorch integration lives in keysel.torch (import it explicitly: import keysel.torch).
 """
@@ -59,7 +60,7 @@ __all__ = [
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
     "set_simd_level", "simd_level", "sparse_attention", "indexer_topk_workspace_bytes", "topk_rows",
     "topk_rows_workspace_bytes", "paged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
-    "indexer_k_quant_and_cache",
+    "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_workspace_bytes", "mla_v32_quantize",
 ]
 
 
@@ -506,6 +507,61 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
     _io.call(fn, _io.ATTENTION, _C.sparse_attention, q_c, k_c, v_c, s_c, granularity, _scale(scale, fn), table_c,
              out_c, lse_c, _io.stream_handle(stream, (q,)))
     return result, result_lse
+
+
+def sparse_mla(q, kv, indices, *, scale=None, attn_sink=None, topk_length=None, out=None, lse=None,
+               max_logits=None, stream=None, workspace=None):
+    """DeepSeek-V3.2's sparse MLA attention over selected cache slots (SPEC §8), MQA form: d_qk 576, d_v 512.
+
+    q:           [T, h_q, 576] (CPU: float32/float16/bfloat16; CUDA: bfloat16, contiguous)
+    kv:          the fp8 V3.2 cache, uint8 or float8 pages [P, page_size, 656] (512 e4m3 values, 4 float32 scales,
+                 64 bfloat16 RoPE values a token; slot s = token s % page_size of page s // page_size), or a latent
+                 cache [N, 576] (CPU: float32/float16/bfloat16; CUDA: bfloat16)
+    indices:     int32 [T, topk]: slots, -1 invalid (anywhere). CPU: valid slots must be < the cache's slots and
+                 distinct in a row (keysel.Error otherwise); CUDA: values are not read by the host, a slot outside
+                 the cache counts as invalid
+    scale:       softmax scale (default 1/sqrt(576)); attn_sink: float32 [h_q], an extra logit per head in the
+                 denominator only; topk_length: int32 [T], only the first topk_length[t] entries of row t count
+    Returns (out [T, h_q, 512], lse float32 [T, h_q], max_logits float32 [T, h_q]): lse and max_logits are the
+    natural-log state of the selected keys (the sink never enters them); a row with no valid slot gets out = 0 and
+    lse = max_logits = -inf. out is float32 unless out= is given (CUDA also writes bfloat16). CUDA runs keysel's
+    tensor-core kernel on `stream`; workspace= (sparse_mla_workspace_bytes) makes it allocate nothing.
+    """
+    fn = "sparse_mla"
+    q_c, _ = _io.arg(q, fn, "q")
+    kv_c, kv_dtype = _io.arg(kv, fn, "kv", _uint8_only(kv, "fp8_e4m3"))
+    i_c, _ = _io.arg(indices, fn, "indices")
+    t, h = _io.shape(q, fn, "q", 3, "[T, h_q, 576]")[:2]
+    inputs = (q, kv, indices)
+    result = out if out is not None else _io.empty((t, h, 512), "float32", inputs, fn)
+    result_lse = lse if lse is not None else _io.empty((t, h), "float32", inputs, fn)
+    result_max = max_logits if max_logits is not None else _io.empty((t, h), "float32", inputs, fn)
+    sink_c = None if attn_sink is None else _io.arg(attn_sink, fn, "attn_sink")[0]
+    len_c = None if topk_length is None else _io.arg(topk_length, fn, "topk_length")[0]
+    _io.call(fn, {}, _C.sparse_mla, q_c, kv_c, kv_dtype, i_c, _io.arg(result, fn, "out")[0],
+             _io.arg(result_lse, fn, "lse")[0], _io.arg(result_max, fn, "max_logits")[0],
+             0.0 if scale is None else _scale(scale, fn), sink_c, len_c, _io.stream_handle(stream, (q,)),
+             _io.workspace(workspace, fn))
+    return result, result_lse, result_max
+
+
+def sparse_mla_workspace_bytes(rows, heads, topk, device=0):
+    """Bytes of GPU workspace sparse_mla may use for T = rows query rows, h_q = heads and topk slots on GPU
+    `device` (0 when its rows are not split across thread blocks)."""
+    return _io.call("sparse_mla_workspace_bytes", {}, _C.sparse_mla_workspace_bytes, rows, heads, topk, device)
+
+
+def mla_v32_quantize(kv, cache, slot_mapping):
+    """The fp8 V3.2 cache writer on the CPU (SPEC §8): row t of kv (float32/float16/bfloat16 [T, 576]) goes to
+    slot slot_mapping[t] (int32 [T]; negative: skipped) of cache (uint8 or float8 [P, page_size, 656]): per group
+    of 128 latent values scale = max(amax, 1e-4) / 448 rounded up to a power of two, values e4m3 of x / scale, the
+    64 RoPE values as bfloat16. keysel.compat.vllm.concat_and_cache_mla writes it on any device."""
+    fn = "mla_v32_quantize"
+    kv_c, _ = _io.arg(kv, fn, "kv")
+    cache_c, cache_dtype = _io.arg(cache, fn, "cache", _uint8_only(cache, "fp8_e4m3"))
+    slots_c, _ = _io.arg(slot_mapping, fn, "slot_mapping")
+    _io.call(fn, {}, _C.mla_v32_quantize, kv_c, cache_c, cache_dtype, slots_c)
+    return cache
 
 
 def metrics(q, k_cache, v_cache, positions, selection, k, *, granularity="per_kv_head", scale=None):

@@ -3,8 +3,8 @@ docs/compat.md "FlashMLA", docs/spec-mla-draft.md).
 
 DeepSeek-V3.2 attends with MLA in MQA form: one latent per token, d_qk = 576 (512 latent channels, then 64 RoPE
 channels), d_v = 512 (the first 512 latent channels are the value), h_q query heads sharing it. Every
-FlashMLA-shaped function translates its arguments and calls one of these; keysel CUDA kernels will later replace
-the bodies, with the signatures kept:
+FlashMLA-shaped function translates its arguments and calls one of these; on a GPU, sparse_mla_kernel (keysel's
+CUDA kernel, keysel.sparse_mla) replaces the torch softmax wherever kernel_takes says it can:
 
     sparse_mla(q, gather, indices, valid, sm_scale, d_v, attn_sink)        the sparse softmax (both FlashMLA forms)
     gather_bf16(kv)          -> gather    a bf16 [S, d_qk] latent buffer (flash_mla_sparse_fwd's kv)
@@ -198,6 +198,46 @@ def sparse_mla(q, sources, sm_scale, d_v, attn_sink):
         out[r0:r1] = torch.matmul(weights, kv[..., :d_v]).to(torch.bfloat16)
         max_logits[r0:r1] = m
         lse[r0:r1] = torch.where(any_valid, row_lse, torch.full_like(row_lse, float("inf")))
+    return out, max_logits, lse
+
+
+def kernel_takes(q, kv_rows, indices):
+    """Whether keysel's CUDA sparse MLA kernel runs this call (else the torch body sparse_mla does): CUDA tensors
+    in a CUDA build on a GPU of compute capability 8.0+, d_qk 576, h_q <= 65535, contiguous q, unit-stride
+    indices rows, and 16-byte aligned q and cache (kv_rows: the V3.2 pages [P, page, 656] or bf16 rows [S, 576])."""
+    from .. import built_with_cuda
+
+    if q.device.type != "cuda" or not built_with_cuda():
+        return False
+    if q.shape[-1] != D_QK or q.shape[-2] > 65535 or not q.is_contiguous():
+        return False
+    if kv_rows.dim() == 3:
+        layout_ok = kv_rows.stride(2) == 1 and kv_rows.stride(1) == V32_BYTES and kv_rows.stride(0) % 16 == 0
+    else:
+        layout_ok = kv_rows.stride(1) == 1 and kv_rows.stride(0) % 8 == 0
+    return (layout_ok and kv_rows.stride(0) > 0 and (indices.shape[-1] == 0 or indices.stride(-1) == 1)
+            and q.data_ptr() % 16 == 0 and kv_rows.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
+
+
+def sparse_mla_kernel(q, kv_rows, indices, length, sm_scale, attn_sink):
+    """The sparse softmax of sparse_mla by keysel's CUDA kernel (kernel_takes said yes), on torch's current
+    stream: q bf16 [R, h_q, 576], kv_rows the V3.2 pages [P, page, 656] (any 1-byte dtype) or bf16 rows [S, 576],
+    indices int32 [R, k], length None or int32 [R]. Same results as sparse_mla (out bf16, max_logits, lse with +inf
+    for a row with no valid slot)."""
+    from .. import sparse_mla as keysel_sparse_mla
+
+    r, h, _ = q.shape
+    out = torch.empty((r, h, D_NOPE), dtype=torch.bfloat16, device=q.device)
+    lse = torch.empty((r, h), dtype=torch.float32, device=q.device)
+    max_logits = torch.empty((r, h), dtype=torch.float32, device=q.device)
+    if r == 0:
+        return out, max_logits, lse
+    kv = kv_rows.view(torch.uint8) if kv_rows.dim() == 3 and kv_rows.dtype != torch.uint8 else kv_rows
+    keysel_sparse_mla(q, kv, indices, scale=float(sm_scale), attn_sink=attn_sink,
+                      topk_length=None if length is None else length.to(torch.int32).contiguous(),
+                      out=out, lse=lse, max_logits=max_logits)
+    lse = torch.where(torch.isinf(lse) & (lse < 0), torch.full_like(lse, float("inf")), lse)
     return out, max_logits, lse
 
 

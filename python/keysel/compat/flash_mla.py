@@ -200,6 +200,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v, t
     def per_row(length):
         return None if length is None else length.repeat_interleave(s_q)
 
+    pages = cache  # [num_blocks, page_block_size, 656] bytes
+    if extra is None and _mla.kernel_takes(q, pages, indices):
+        out, _, lse = _mla.sparse_mla_kernel(q.reshape(rows, h_q, d_qk), pages, indices.reshape(rows, topk),
+                                             per_row(topk_length), sm_scale, attn_sink)
+        return out.reshape(b, s_q, h_q, head_dim_v), lse.reshape(b, s_q, h_q).transpose(1, 2)
     slots, gather = _mla.gather_v32(cache)
     sources = [(gather, slots, indices.reshape(rows, topk), per_row(topk_length))]
     if extra is not None:
@@ -275,5 +280,7 @@ def flash_mla_sparse_fwd(q, kv, indices, sm_scale, d_v=512, attn_sink=None, topk
         tensor(fn, "topk_length", topk_length, torch.int32, 1, "[s_q]")
         shape_is(fn, "topk_length", topk_length, (s_q,), "[s_q]")
     same_device(fn, q, kv=kv, indices=indices, attn_sink=attn_sink, topk_length=topk_length)
+    if d_qk == _mla.D_QK and _mla.kernel_takes(q, kv[:, 0, :], indices[:, 0, :]):
+        return _mla.sparse_mla_kernel(q, kv[:, 0, :], indices[:, 0, :], topk_length, sm_scale, attn_sink)
     slots, gather = _mla.gather_bf16(kv[:, 0, :])
     return _mla.sparse_mla(q, [(gather, slots, indices[:, 0, :], topk_length)], sm_scale, d_v, attn_sink)

@@ -61,4 +61,30 @@ void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& ind
                 const TensorView& lse = {}, const SparseMlaOptions& options = {},
                 const SparseAttentionOptions& attention = {}, const TensorView& max_logits = {});
 
+/// Sparse MLA on a GPU (bf16 tensor cores, sm_80 and later; declared in every build, without CUDA it throws):
+/// the contract of sparse_mla_reference, with
+///   q:          bf16 [T, h_q, 576] on Device::cuda(i), contiguous (1 <= h_q <= 65535)
+///   kv:         V3.2 pages fp8_e4m3 / int8 bytes [P, page_size, 656] (a page's tokens contiguous, any page stride
+///               that is a multiple of 16 bytes), or a bf16 latent cache [N, 576] (channels contiguous, a row
+///               stride that is a multiple of 8), on the same GPU
+///   indices:    int32 [T, topk] (channels contiguous, any row stride). Values are not read by the host: a slot
+///               outside [0, N) counts as invalid (like -1); the caller keeps the valid slots of a row distinct
+///               (a repeated slot counts once per entry)
+///   out:        bf16 or fp32 [T, h_q, 512], contiguous; lse, max_logits: fp32 [T, h_q] contiguous, or empty
+///   options:    scale, attn_sink (fp32 [h_q] on the GPU), topk_length (int32 [T] on the GPU)
+///   stream:     a cudaStream_t (nullptr: the default stream); nothing synchronises the host
+///   workspace:  empty (keysel's stream-ordered pool) or device memory of sparse_mla_cuda_workspace_bytes: then
+///               nothing is allocated, so the call can be captured in a CUDA graph without memory nodes.
+/// Latents are multiplied in bf16 (the V3.2 cache decoded as fp8 x scale rounded to bf16) with fp32
+/// accumulation and an fp32 online softmax; rows with few thread blocks split their slots across blocks and
+/// merge by log-sum-exp. Throws keysel::Error (launching nothing) on a bad shape, dtype, device or pointer.
+void sparse_mla_cuda(const TensorView& q, const TensorView& kv, const TensorView& indices, const TensorView& out,
+                     const TensorView& lse = {}, const SparseMlaOptions& options = {},
+                     const TensorView& max_logits = {}, void* stream = nullptr, const TensorView& workspace = {});
+
+/// Bytes of workspace sparse_mla_cuda needs for T rows, h_q heads and topk slots on GPU `device` (0 when the
+/// call does not split rows; the split depends on the GPU's multiprocessor count).
+std::int64_t sparse_mla_cuda_workspace_bytes(std::int64_t rows, std::int64_t heads, std::int64_t topk,
+                                             int device = 0);
+
 }  // namespace keysel

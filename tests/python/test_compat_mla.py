@@ -1,4 +1,4 @@
-"""keysel.compat.flash_mla and vllm.concat_and_cache_mla (docs/compat.md "FlashMLA", docs/spec-mla-draft.md)
+"""keysel.compat.flash_mla and vllm.concat_and_cache_mla (docs/compat.md "FlashMLA", docs/SPEC.md §8)
 against float64 NumPy references written here.
 
 The fp8 V3.2 cache is decoded here from its bits (e4m3: 1 sign, 4 exponent bits of bias 7, 3 mantissa bits; the

@@ -1,5 +1,5 @@
 """The operations behind keysel.compat.flash_mla and keysel.compat.vllm.concat_and_cache_mla (issue 16;
-docs/compat.md "FlashMLA", docs/spec-mla-draft.md).
+docs/compat.md "FlashMLA", docs/SPEC.md §8).
 
 DeepSeek-V3.2 attends with MLA in MQA form: one latent per token, d_qk = 576 (512 latent channels, then 64 RoPE
 channels), d_v = 512 (the first 512 latent channels are the value), h_q query heads sharing it. Every

@@ -30,6 +30,11 @@ except Exception as exc:  # noqa: BLE001
     print(f"# DeepGEMM unavailable: {exc!r}", flush=True)
     deep_gemm = None
 try:
+    import flash_mla
+except Exception as exc:  # noqa: BLE001
+    print(f"# FlashMLA unavailable: {exc!r}", flush=True)
+    flash_mla = None
+try:
     import sglang_topk
 except Exception as exc:  # noqa: BLE001
     print(f"# SGLang fast_topk unavailable: {exc!r}", flush=True)
@@ -234,15 +239,107 @@ def indexer_prefill():
             flops=flops, check=check)
 
 
+def mla_decode():
+    """keysel.sparse_mla (and keysel.compat.flash_mla) beside FlashMLA's sparse decode on the peer's shape: B=64,
+    topk 2048 of 16384 tokens a sequence, fp8 V3.2 cache, h_q 128 and 64; FlashMLA timed in the same process."""
+    from keysel.compat import flash_mla as ks_flash_mla
+
+    for batch in (64, 1):
+        topk, seq, block, d_qk, d_v = 2048, 16384, 64, 576, 512
+        blocks_per_seq = seq // block
+        num_blocks = batch * blocks_per_seq
+        cache = bp.make_v32_cache(num_blocks, block)  # fp8 [num_blocks, 64, 1, 656]
+        pages = cache.view(torch.uint8).view(num_blocks, block, 656)
+        table = torch.randperm(num_blocks, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
+        pos = torch.argsort(torch.rand(batch, seq, device="cuda"), dim=1)[:, :topk].sort(dim=1).values.int()
+        indices = (table.gather(1, (pos // block).long()) * block + pos % block).int().view(batch, 1, topk)
+        flat_idx = indices.view(batch, topk)
+        scale = d_qk ** -0.5
+        for h_q in (128, 64):
+            q = (torch.randn(batch, 1, h_q, d_qk, device="cuda") * 0.5).to(torch.bfloat16)
+            q3 = q.view(batch, h_q, d_qk)
+            out = torch.empty(batch, h_q, d_v, dtype=torch.bfloat16, device="cuda")
+            lse = torch.empty(batch, h_q, device="cuda")
+            ws = torch.empty(max(16, keysel.sparse_mla_workspace_bytes(batch, h_q, topk)), dtype=torch.uint8,
+                             device="cuda")
+
+            def ks(i):
+                keysel.sparse_mla(q3, pages, flat_idx, scale=scale, out=out, lse=lse, workspace=ws)
+
+            check = None
+            if flash_mla is not None:
+                meta, _ = flash_mla.get_mla_metadata()
+                ref_out, ref_lse = flash_mla.flash_mla_with_kvcache(q, cache, None, None, d_v, meta, None, scale,
+                                                                    False, True, indices)
+                ks(0)
+                kmeta, _ = ks_flash_mla.get_mla_metadata()
+                c_out, c_lse = ks_flash_mla.flash_mla_with_kvcache(q, cache, None, None, d_v, kmeta, None, scale,
+                                                                   False, True, indices)
+                torch.cuda.synchronize()
+                check = ("rel_err_vs_flash_mla", rel(out, ref_out.view(batch, h_q, d_v)))
+                lse_err = (lse - ref_lse.view(batch, h_q)).abs().max().item()
+                compat_err = rel(c_out, ref_out)
+                print(f"# check keysel sparse_mla decode B={batch} h_q={h_q} vs FlashMLA: out rel err {check[1]:.2e},"
+                      f" lse max abs err {lse_err:.2e}; compat.flash_mla out rel err {compat_err:.2e}", flush=True)
+
+                def fm(i):
+                    return flash_mla.flash_mla_with_kvcache(q, cache, None, None, d_v, meta, None, scale, False,
+                                                            True, indices)
+            kv_bytes = batch * topk * 656
+            flops = 2.0 * batch * h_q * topk * (d_qk + d_v)
+            shape = f"B={batch} h_q={h_q} d_qk={d_qk} d_v={d_v} topk={topk} fp8 V3.2 KV"
+            for who, fn in (("keysel sparse_mla", ks),) + ((("FlashMLA (same process)", fm),) if flash_mla else ()):
+                us = bp.time_calls(fn, iters=10)
+                gus = bp.time_graph(fn, 4)
+                bp.line(f"{who} decode {shape} (per call)", us, flops, "flops")
+                bp.line(f"{who} decode {shape} (graph, KV bytes)", gus, kv_bytes)
+                bp.emit(f"{who}.decode", shape, us, gus, kv_bytes, flops, check if who.startswith("keysel") else None)
+            del q, out
+        del cache, pages
+
+
+def mla_prefill():
+    """keysel.sparse_mla beside flash_mla_sparse_fwd on the peer's prefill shape (bf16 latents)."""
+    s_q, s_kv, h_q, d_qk, d_v, topk = 1024, 32768, 128, 576, 512, 2048
+    q = (torch.randn(s_q, h_q, d_qk, device="cuda") * 0.5).to(torch.bfloat16)
+    kv = (torch.randn(s_kv, 1, d_qk, device="cuda") * 0.5).to(torch.bfloat16)
+    indices = torch.argsort(torch.rand(s_q, s_kv, device="cuda"), dim=1)[:, :topk].int().view(s_q, 1, topk)
+    scale = d_qk ** -0.5
+    out = torch.empty(s_q, h_q, d_v, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(s_q, h_q, device="cuda")
+    mx = torch.empty(s_q, h_q, device="cuda")
+
+    def ks(i):
+        keysel.sparse_mla(q, kv[:, 0, :], indices[:, 0, :], scale=scale, out=out, lse=lse, max_logits=mx)
+
+    check = None
+    flops = 2.0 * s_q * h_q * topk * (d_qk + d_v)
+    runs = [("keysel sparse_mla", ks)]
+    if flash_mla is not None:
+        ref_out, ref_max, ref_lse = flash_mla.flash_mla_sparse_fwd(q, kv, indices, scale, d_v)
+        ks(0)
+        torch.cuda.synchronize()
+        check = ("rel_err_vs_flash_mla", rel(out, ref_out))
+        print(f"# check keysel sparse_mla prefill vs FlashMLA: out rel err {check[1]:.2e}, lse max abs err "
+              f"{(lse - ref_lse).abs().max().item():.2e}, max_logits max abs err "
+              f"{(mx - ref_max).abs().max().item():.2e}", flush=True)
+        runs.append(("FlashMLA (same process)", lambda i: flash_mla.flash_mla_sparse_fwd(q, kv, indices, scale, d_v)))
+    for who, fn in runs:
+        us = bp.time_calls(fn, iters=5)
+        bp.line(f"{who} prefill s_q={s_q} s_kv={s_kv} h_q={h_q} topk={topk} bf16 (per call)", us, flops, "flops")
+        bp.emit(f"{who}.prefill", f"s_q={s_q} s_kv={s_kv} h_q={h_q} d_qk={d_qk} d_v={d_v} topk={topk} bf16", us,
+                None, flops=flops, check=check if who.startswith("keysel") else None)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--only", default="copy,decode,topk,prefill_topk,prefill")
+    ap.add_argument("--only", default="copy,decode,topk,prefill_topk,prefill,mla_decode,mla_prefill")
     args = ap.parse_args()
     bp.JSON_FILE = args.json
     bp.GPU = torch.cuda.get_device_name()
     stages = {"copy": bp.bench_copy, "decode": indexer_decode, "topk": topk_decode, "prefill_topk": topk_prefill,
-              "prefill": indexer_prefill}
+              "prefill": indexer_prefill, "mla_decode": mla_decode, "mla_prefill": mla_prefill}
     for name in args.only.split(","):
         try:
             stages[name]()

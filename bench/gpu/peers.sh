@@ -15,7 +15,7 @@ STDCXX=$(ldconfig -p 2>/dev/null | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF
 STDCXX=${STDCXX:-/lib/x86_64-linux-gnu/libstdc++.so.6}
 jit=$(ls -d "$W"/jit-* 2>/dev/null | head -1)
 env LD_PRELOAD="$STDCXX" DG_JIT_CACHE_DIR="${jit:-$W/dg-jit}" PYTHONUNBUFFERED=1 \
-  PYTHONPATH="$W/DeepGEMM:$W/sgl:$PWD/${BUILD_DIR:-build-gpu}/python" \
+  PYTHONPATH="$W/DeepGEMM:$W/FlashMLA:$W/sgl:$PWD/${BUILD_DIR:-build-gpu}/python" \
   timeout 280 python3 -X faulthandler bench/gpu/dsa_peers.py --json "$OUT/keysel-peers.jsonl" >"$OUT/keysel-peers.txt" 2>&1
 echo "dsa_peers rc=$?"
 grep -vE '^\{' "$OUT/keysel-peers.txt" | tail -n 70

@@ -19,6 +19,8 @@
 #include "keysel/core/random.h"
 #include "keysel/recall/dump.h"
 #include "keysel/recall/loaders.h"
+#include "keysel/indexer/selector.h"
+#include "keysel/recall/study.h"
 #include "keysel/recall/synthetic.h"
 
 namespace keysel {
@@ -574,6 +576,64 @@ TEST(DumpTest, WrittenDumpLoadsBackAsTheSameWorkload) {
   EXPECT_NE(w7.name.find("layer 7"), std::string::npos);
   expect_error([&] { (void)back.layer(3); }, {"index", "[0, 7]"});
   expect_error([&] { (void)back.workload(2); });
+}
+
+TEST(DumpTest, MlaLatentFormIsMqaWithTheLatentAsValues) {
+  // DeepSeek-V3.2's shape, scaled down: q [T, Hq, Dc + Dr] (absorbed), kv_latent [N, Dc], k_rope [N, Dr].
+  const std::int64_t T = 6, Hq = 4, N = 80, Dc = 24, Dr = 8;
+  SafetensorsFile file;
+  file.metadata["format"] = std::string(kDumpFormat);
+  const std::vector<float> q = test_values(T * Hq * (Dc + Dr), 11), latent = test_values(N * Dc, 12),
+                           rope = test_values(N * Dr, 13);
+  file.tensors.push_back(LoadedTensor::from_float("layer3.q", q, {T, Hq, Dc + Dr}, DType::bf16));
+  file.tensors.push_back(LoadedTensor::from_float("layer3.kv_latent", latent, {N, Dc}, DType::fp8_e4m3));
+  file.tensors.push_back(LoadedTensor::from_float("layer3.k_rope", rope, {N, Dr}, DType::bf16));
+  LoadedTensor positions;
+  positions.name = "layer3.positions";
+  positions.dtype = DType::int32;
+  positions.shape = {T};
+  positions.data.resize(static_cast<std::size_t>(T * 4));
+  for (std::int64_t t = 0; t < T; ++t) {
+    const std::int32_t p = static_cast<std::int32_t>(N - T + t);
+    std::memcpy(positions.data.data() + t * 4, &p, 4);
+  }
+  file.tensors.push_back(positions);
+  const Dump dump = dump_from_safetensors(file);
+  ASSERT_EQ(dump.layers.size(), 1u);
+  const AttentionShape shape = dump.layers[0].shape();
+  EXPECT_EQ(shape.kv_heads, 1);
+  EXPECT_EQ(shape.head_dim, Dc + Dr);
+  EXPECT_EQ(shape.value_dim, Dc);
+  const Workload w = dump.workload(0);
+  for (std::int64_t s = 0; s < N; ++s) {
+    for (std::int64_t d = 0; d < Dc; ++d) {
+      const float x = round_to_dtype(latent[static_cast<std::size_t>(s * Dc + d)], DType::fp8_e4m3);
+      ASSERT_EQ(w.k[static_cast<std::size_t>(s * (Dc + Dr) + d)], x);
+      ASSERT_EQ(w.v[static_cast<std::size_t>(s * Dc + d)], x);
+    }
+    for (std::int64_t d = 0; d < Dr; ++d) {
+      ASSERT_EQ(w.k[static_cast<std::size_t>(s * (Dc + Dr) + Dc + d)],
+                round_to_dtype(rope[static_cast<std::size_t>(s * Dr + d)], DType::bf16));
+    }
+  }
+  // Studies run on it: exact top-k has recall 1 and the output error of the full selection is 0.
+  std::vector<std::unique_ptr<Selector>> selectors;
+  selectors.push_back(make_exact_selector());
+  StudyOptions options;
+  options.k_values = {8, 80};
+  const StudyResult result = run_study(w, selectors, options);
+  ASSERT_EQ(result.rows.size(), 2u);
+  for (const StudyRow& row : result.rows) {
+    EXPECT_DOUBLE_EQ(row.metrics.at("recall").mean, 1.0) << row.k;
+    if (row.k == 80) EXPECT_NEAR(row.metrics.at("out_err").mean, 0.0, 1e-6);
+  }
+  // Both forms at once, or half of the MLA form, is refused naming the tensor.
+  SafetensorsFile both = file;
+  both.tensors.push_back(LoadedTensor::from_float("layer3.v", latent, {N, 1, Dc}));
+  expect_error([&] { (void)dump_from_safetensors(both); }, {"layer3.kv_latent", "both"});
+  SafetensorsFile half = file;
+  half.tensors.erase(half.tensors.begin() + 2);
+  expect_error([&] { (void)dump_from_safetensors(half); }, {"layer3.k_rope", "missing"});
 }
 
 TEST(DumpTest, InconsistentDumpsThrowNamingTheTensor) {

@@ -5,6 +5,8 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <optional>
 #include <sstream>
 
 #include "loaders/loader_support.h"
@@ -165,6 +167,7 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
 
   std::map<std::int64_t, DumpLayer> layers;
   std::map<std::int64_t, int> required;  // bit mask of q, k, v, positions seen
+  std::map<std::int64_t, std::pair<std::optional<LoadedTensor>, std::optional<LoadedTensor>>> latents;  // MLA form
   for (LoadedTensor& t : file.tensors) {
     std::int64_t index = 0;
     std::string_view name;
@@ -188,7 +191,43 @@ Dump dump_from_file(SafetensorsFile file, std::string_view source, std::string_v
       layer.index_w = std::move(t);
     } else if (name == "probs") {
       layer.probabilities = std::move(t);
+    } else if (name == "kv_latent") {
+      latents[index].first = std::move(t);
+    } else if (name == "k_rope") {
+      latents[index].second = std::move(t);
     }
+  }
+  // The MLA form (docs/dumps.md): kv_latent [N, Dc] and k_rope [N, Dr] instead of k and v become the MQA shape
+  // k = [kv_latent | k_rope] [N, 1, Dc + Dr], v = kv_latent [N, 1, Dc], in fp32 (both decode exactly).
+  for (auto& [index, parts] : latents) {
+    DumpLayer& layer = layers[index];
+    const std::string prefix = "layer" + std::to_string(index) + ".";
+    if (!parts.first || !parts.second) {
+      throw_file_error(function, source, prefix + (parts.first ? "k_rope" : "kv_latent"),
+                       "is missing (the MLA form needs kv_latent and k_rope together)");
+    }
+    if (required[index] & 6) {
+      throw_file_error(function, source, prefix + "kv_latent",
+                       "expected either k and v or the MLA form (kv_latent, k_rope), found both");
+    }
+    const Checker check{function, source};
+    check.float_tensor(*parts.first, 2);
+    check.float_tensor(*parts.second, 2);
+    const std::int64_t n = parts.first->shape[0], dc = parts.first->shape[1], dr = parts.second->shape[1];
+    check.extent(*parts.second, 0, n, "N of kv_latent");
+    if (n < 1 || dc < 1) {
+      throw_file_error(function, source, parts.first->name,
+                       "expected non-empty [N, Dc], found " + shape_text(parts.first->shape));
+    }
+    const std::vector<float> latent = parts.first->to_float(), rope = parts.second->to_float();
+    std::vector<float> k(static_cast<std::size_t>(n * (dc + dr)));
+    for (std::int64_t s = 0; s < n; ++s) {
+      std::copy_n(latent.begin() + s * dc, dc, k.begin() + s * (dc + dr));
+      std::copy_n(rope.begin() + s * dr, dr, k.begin() + s * (dc + dr) + dc);
+    }
+    layer.k = LoadedTensor::from_float(prefix + "k", k, {n, 1, dc + dr});
+    layer.v = LoadedTensor::from_float(prefix + "v", latent, {n, 1, dc});
+    required[index] |= 6;
   }
   if (layers.empty()) {
     throw_file_error(function, source, "",

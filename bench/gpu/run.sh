@@ -2,7 +2,7 @@
 # Builds keysel with CUDA on a GPU machine, runs the GPU tests (plain, then under compute-sanitizer), the GPU
 # benchmarks beside their PyTorch peers, and Nsight Compute on the kernels, in one call. Results go to $OUT.
 #
-#   bench/gpu/run.sh [stages]     stages: any of build test python sanitize bench ncu (default: all of them)
+#   bench/gpu/run.sh [stages]     stages: any of build test python sanitize bench ncu mla (default: all of them)
 #
 # The python stage builds keysel._C into the same build tree (python3 of the machine, with its torch, nanobind
 # and pytest; wheels carried in .whl/ are installed first where present) and runs tests/python on the GPU
@@ -18,7 +18,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
-STAGES=${*:-build test python bench ncu sanitize}
+STAGES=${*:-build test python bench ncu mla sanitize}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 BUILD=${BUILD_DIR:-build-gpu}
 JOBS=$(nproc)
@@ -103,6 +103,25 @@ if has ncu; then
     --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis --section SourceCounters \
     "$BUILD/bench/bench_gpu" --profile --quick >"$OUT/ncu.txt" 2>&1
   summary+=("ncu: rc=$? ($((SECONDS - start)) s)")
+fi
+
+if has mla; then
+  start=$SECONDS
+  # The sparse MLA kernels: memcheck and racecheck on their tests, Nsight Compute on the decode and prefill shapes.
+  compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD/tests/test_gpu" --gtest_filter='CudaSparseMla.*' \
+    >"$OUT/mla-sanitizer.log" 2>&1
+  m=$?
+  compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD/tests/test_gpu" --gtest_filter='CudaSparseMla.*' \
+    >>"$OUT/mla-sanitizer.log" 2>&1
+  r=$?
+  for shape in "" "--heads 64" "--prefill"; do
+    PYTHONPATH="$PWD/$BUILD/python${PYTHONPATH:+:$PYTHONPATH}" ncu --clock-control none -k 'regex:sparse_mla|merge_mla' \
+      -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section SchedulerStats --section WarpStateStats --section ComputeWorkloadAnalysis \
+      python3 bench/gpu/mla_profile.py $shape >>"$OUT/ncu-mla.txt" 2>&1
+  done
+  summary+=("mla: memcheck rc=$m racecheck rc=$r, ncu in ncu-mla.txt ($((SECONDS - start)) s)")
+  grep -E "ERROR SUMMARY|Invalid|Race|hazard" "$OUT/mla-sanitizer.log" | sort | uniq -c | head -20
 fi
 
 if has sanitize; then

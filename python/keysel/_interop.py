@@ -83,11 +83,24 @@ def workspace(x, function: str):
     raise fail(function, "workspace", "a torch tensor or a CuPy/NumPy array", type(x).__name__)
 
 
+def _dlpack_shape(x):
+    """The shape of a DLPack producer that has no .shape attribute (the protocol requires only __dlpack__ and
+    __dlpack_device__), read from a zero-copy view: NumPy's on the CPU, torch's on a GPU; None if neither can."""
+    if not hasattr(x, "__dlpack__"):
+        return None
+    try:
+        if device_of(x)[0] == "cpu":
+            return tuple(np.from_dlpack(x).shape)
+        return tuple(_torch().from_dlpack(x).shape)
+    except Exception:  # noqa: BLE001 - an unreadable producer is reported as the argument's error
+        return None
+
+
 def shape(x, function: str, argument: str, rank: int, layout: str) -> tuple:
     """The shape of a tensor argument after checking its rank (keysel.Error naming the argument otherwise)."""
-    s = tuple(int(n) for n in getattr(x, "shape", ()))
-    if not hasattr(x, "shape") or len(s) != rank:
-        got = f"shape {list(s)}" if hasattr(x, "shape") else type(x).__name__
+    s = tuple(int(n) for n in x.shape) if hasattr(x, "shape") else _dlpack_shape(x)
+    if s is None or len(s) != rank:
+        got = f"shape {list(s)}" if s is not None else type(x).__name__
         raise fail(function, argument, f"a rank-{rank} tensor {layout}", got)
     return s
 

@@ -186,7 +186,10 @@ class IndexerKeyCache:
       scale:  "per_token" (one scale per key) or "per_group" (one per group_size channels: 32, 64 or 128)
       power_of_two_scales: round scales up to powers of two (DeepSeek-V3.2's ue8m0)
       hadamard: rotate the channel axis before quantising (queries are rotated alike; dot products unchanged)
-      device: "cpu" (the cache lives in host memory)
+      device: "cpu" (host memory), or a CUDA device ("cuda", "cuda:1"; torch tensors): the engines' paged fp8
+              layout (SPEC §7) in GPU memory, scored by keysel's CUDA indexer; fp8_e4m3 per_token, DI 64 or 128,
+              no hadamard; the same codes and scales as the CPU cache, results within the CUDA indexer's fp8
+              accumulation of the CPU's
 
     .append(keys)                     keys [n, DI] float32/float16/bfloat16; quantised as appended
     .scores(q_index, weights, positions=None)            -> float32 [T, N]
@@ -197,14 +200,18 @@ class IndexerKeyCache:
     def __init__(self, dim, format="fp8_e4m3", scale="per_token", group_size=128, power_of_two_scales=False,
                  hadamard=False, device="cpu"):
         fn = "IndexerKeyCache"
-        if str(device) != "cpu":
-            raise _io.fail(fn, "device", "\"cpu\" (keysel's indexer key cache lives in host memory)", repr(device))
         if int(dim) < 1:
             raise _io.fail(fn, "dim", ">= 1", dim)
+        self.last_cost = None
+        if str(device) != "cpu":
+            from ._cuda_key_cache import CudaKeyCache
+
+            self._cache = CudaKeyCache(fn, int(dim), format, scale, power_of_two_scales, hadamard, device)
+            self.device = str(self._cache.device)
+            return
         self._cache = _io.call(fn, {}, _C.IndexerKeyCache, int(dim), format, scale, int(group_size),
                                bool(power_of_two_scales), bool(hadamard))
         self.device = "cpu"
-        self.last_cost = None
 
     def __len__(self):
         return int(self._cache.size)
@@ -224,16 +231,19 @@ class IndexerKeyCache:
     @property
     def nbytes(self) -> int:
         """Bytes stored: per key the codes (padded to 32 channels) and 4 bytes per scale."""
-        return int(self._cache.size) * int(self._cache.bytes_per_token)
+        return int(self._cache.size) * self.bytes_per_token
 
     @property
     def bytes_per_token(self) -> int:
-        return int(self._cache.bytes_per_token)
+        return self.dim + 4 if self.device != "cpu" else int(self._cache.bytes_per_token)
 
     def append(self, keys, *, dtype=None):
         """Appends keys [n, DI] (float32, float16, bfloat16 or float8 on the CPU, any strides; uint8 bytes with
         dtype="fp8_e4m3" / "fp8_e5m2"). A non-finite value raises keysel.Error and leaves the cache unchanged."""
         fn = "IndexerKeyCache.append"
+        if self.device != "cpu":
+            self._cache.append(fn, keys)
+            return
         keys_c, keys_dtype = _io.arg(keys, fn, "keys", _uint8_only(keys, dtype))
         _io.call(fn, {}, self._cache.append, keys_c, keys_dtype)
 
@@ -254,6 +264,8 @@ class IndexerKeyCache:
         n = len(self)
         if positions is None:
             positions = _default_positions(t, n, q_index)
+        if self.device != "cpu":
+            return self._cache.scores(fn, q_index, weights, positions, out)
         p_c, _ = _io.arg(positions, fn, "positions")
         result = out if out is not None else _io.empty((t, n), "float32", (q_index, weights), fn)
         out_c, _ = _io.arg(result, fn, "out")
@@ -268,6 +280,9 @@ class IndexerKeyCache:
         selection select_topk makes from scores(), bit for bit. The cost (SPEC §5) is in .last_cost.
         """
         fn = "IndexerKeyCache.select"
+        if self.device != "cpu":
+            self.last_cost = None
+            return self._cache.select(fn, q_index, weights, positions, k, n_sink, n_local, kept_on_top, out)
         q_c, q_dtype = _io.arg(q_index, fn, "q_index", _uint8_only(q_index, dtype))
         w_c, _ = _io.arg(weights, fn, "weights")
         p_c, _ = _io.arg(positions, fn, "positions")

@@ -34,11 +34,15 @@ constexpr int kMaxCachedDevices = 64;
 std::atomic<int> g_multiprocessors[kMaxCachedDevices];
 std::atomic<int> g_capability[kMaxCachedDevices];
 
+/// An environment switch: set, non-empty and not "0".
+bool environment_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
+}
+
 DeviceFacts device_facts(std::string_view function, int device) {
-  static const bool no_pdl = [] {
-    const char* value = std::getenv("KEYSEL_CUDA_NO_PDL");
-    return value != nullptr && value[0] != '\0' && value[0] != '0';
-  }();
+  static const bool no_pdl = environment_flag("KEYSEL_CUDA_NO_PDL");
+  static const bool portable = environment_flag("KEYSEL_CUDA_PORTABLE");
   DeviceFacts facts;
   const bool cached = device >= 0 && device < kMaxCachedDevices;
   if (cached) {
@@ -60,6 +64,7 @@ DeviceFacts device_facts(std::string_view function, int device) {
     }
   }
   facts.programmatic = facts.capability >= 90 && !no_pdl;
+  facts.portable_only = portable;
   return facts;
 }
 

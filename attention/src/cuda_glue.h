@@ -23,6 +23,9 @@ struct DeviceFacts {
   /// sm_90+ and not switched off by the environment variable KEYSEL_CUDA_NO_PDL (read once): kernels that
   /// depend on the stream's previous kernel are launched as programmatic dependents (overlapping its end).
   bool programmatic = false;
+  /// The environment variable KEYSEL_CUDA_PORTABLE is set (read once): kernels that have an sm_90a version run
+  /// their portable (sm_80+) version instead, so that both can be tested on one Hopper GPU.
+  bool portable_only = false;
 };
 
 /// Checks that GPU `device` exists, makes it current (cudaSetDevice only when another GPU is current) and

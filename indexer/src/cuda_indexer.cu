@@ -73,6 +73,7 @@ struct LaunchContext {
   int multiprocessors;
   int device;
   bool programmatic;                           // the wgmma kernel is launched as a programmatic dependent
+  bool portable_only;                          // KEYSEL_CUDA_PORTABLE: never the wgmma kernel
   mutable cudaError_t error = cudaSuccess;     // of a launch through cudaLaunchKernelEx
 };
 
@@ -819,7 +820,7 @@ bool launch_wgmma_any(const IndexerParams& p, int dim, const LaunchContext& cont
 
 void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchContext& context, cudaStream_t stream) {
   if (rows == 0) return;
-  if (launch_wgmma_any(p, dim, context, stream)) return;  // sm_90a build on an sm_90 GPU
+  if (!context.portable_only && launch_wgmma_any(p, dim, context, stream)) return;  // sm_90a build, sm_90 GPU
   const int multiprocessors = context.multiprocessors;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   // One wave: two resident CTAs of 8 warps per SM over all rows; each CTA walks several cache blocks, prefetching.
@@ -870,7 +871,7 @@ void launch_indexer_logits(std::string_view function, const IndexerLaunch& in, v
   p.sequences = in.sequences;
   p.max_blocks = in.max_blocks;
   p.blocks_per_sequence = in.blocks_per_sequence;
-  const LaunchContext context{in.facts.multiprocessors, in.device, in.facts.programmatic};
+  const LaunchContext context{in.facts.multiprocessors, in.device, in.facts.programmatic, in.facts.portable_only};
   launch(p, in.rows, in.dim, context, static_cast<cudaStream_t>(stream));
   cudaError_t status = cudaGetLastError();
   if (status == cudaSuccess) status = context.error;

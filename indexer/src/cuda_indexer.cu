@@ -21,6 +21,7 @@
 
 #include "cuda_indexer_launch.h"
 #include "cuda_pdl.cuh"
+#include "mtp_rows.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -49,7 +50,7 @@ __device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p,
     seq = static_cast<int>(r / p.next_n);
     const int i = static_cast<int>(r % p.next_n);
     pos = p.lens_per_row ? static_cast<std::int64_t>(p.context_lens[r]) - 1
-                         : static_cast<std::int64_t>(p.context_lens[seq]) - p.next_n + i;
+                         : detail::mtp_row_keys(p.context_lens[seq], p.next_n, i) - 1;
   } else {
     seq = p.sequence_of_row ? p.sequence_of_row[r] : static_cast<int>(r);
     pos = p.positions[r];

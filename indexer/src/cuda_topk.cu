@@ -20,6 +20,7 @@
 #include "cuda_topk_sizes.h"
 #include "cuda_pdl.cuh"
 #include "keysel/core/row_plan.h"
+#include "mtp_rows.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -154,7 +155,7 @@ __device__ __forceinline__ RowSpan row_span(const RowSource& s, std::int64_t row
     last = static_cast<std::int64_t>(s.ends[row]) - 1 - start;
   } else if (s.lengths) {
     last = s.lengths_per_row ? static_cast<std::int64_t>(s.lengths[row]) - 1
-                             : static_cast<std::int64_t>(s.lengths[row / s.next_n]) - s.next_n + row % s.next_n;
+                             : detail::mtp_row_keys(s.lengths[row / s.next_n], s.next_n, row % s.next_n) - 1;
   } else {
     last = static_cast<std::int64_t>(s.positions[row / s.groups]) - start;
   }

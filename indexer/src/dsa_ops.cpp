@@ -18,6 +18,8 @@
 #include "keysel/indexer/cuda_indexer.h"
 #include "keysel/indexer/topk.h"
 
+#include "mtp_rows.h"
+
 #if KEYSEL_CUDA
 #include "cuda_indexer_launch.h"
 #endif
@@ -69,7 +71,7 @@ std::pair<std::int64_t, std::int64_t> row_range(const TopkRowBounds& b, std::int
   if (!b.ends.empty()) {
     end = b.ends.data<std::int32_t>()[row];
   } else {
-    end = start + b.lengths.data<std::int32_t>()[row / b.next_n] - b.next_n + row % b.next_n + 1;
+    end = start + detail::mtp_row_keys(b.lengths.data<std::int32_t>()[row / b.next_n], b.next_n, row % b.next_n);
   }
   end = end < start ? start : (end > n ? n : end);
   return {start, end};
@@ -259,9 +261,9 @@ void paged_mqa_logits_reference(const TensorView& q, const TensorView& weights, 
   for (std::int64_t b = 0; b < batch; ++b) {
     for (std::int64_t i = 0; i < next_n; ++i) {
       const std::int64_t r = b * next_n + i;
-      const std::int64_t keys = context_lens.rank() == 2 ? static_cast<std::int64_t>(context_lens.load({b, i}))
-                                                         : static_cast<std::int64_t>(context_lens.load({b})) -
-                                                               next_n + i + 1;
+      const std::int64_t keys =
+          context_lens.rank() == 2 ? static_cast<std::int64_t>(context_lens.load({b, i}))
+                                   : detail::mtp_row_keys(static_cast<std::int64_t>(context_lens.load({b})), next_n, i);
       for (std::int64_t h = 0; h < heads; ++h) {
         for (std::int64_t d = 0; d < dim; ++d) qd[static_cast<std::size_t>(h * dim + d)] = q.load({b, i, h, d});
       }
@@ -312,7 +314,8 @@ void paged_mqa_topk_reference(const TensorView& q, const TensorView& weights, co
   for (std::int64_t r = 0; r < rows; ++r) {
     per_row[static_cast<std::size_t>(r)] = static_cast<std::int32_t>(
         context_lens.rank() == 2 ? context_lens.load({r / next_n, r % next_n})
-                                 : context_lens.load({r / next_n}) - static_cast<double>(next_n - 1 - r % next_n));
+                                 : detail::mtp_row_keys(static_cast<std::int64_t>(context_lens.load({r / next_n})),
+                                                        next_n, r % next_n));
   }
   TopkRowBounds bounds;
   bounds.lengths = TensorView(per_row.data(), DType::int32, {rows});

@@ -91,6 +91,9 @@ if has python; then
   rc=$?
   summary+=("python: rc=$rc, $(tail -1 "$OUT/pytest.log") ($((SECONDS - start)) s)")
   grep -E "FAILED|Error" "$OUT/pytest.log" | head -30
+  PYTHONPATH="$PWD/$BUILD/python${PYTHONPATH:+:$PYTHONPATH}" timeout 120 python3 bench/gpu/mla_time.py \
+    >"$OUT/mla-time.txt" 2>&1
+  cat "$OUT/mla-time.txt"
 fi
 
 if has bench; then

@@ -26,6 +26,7 @@
 #include "keysel/attention/sparse_mla.h"
 
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/context_parallel.h"
 #include "keysel/indexer/cuda_indexer.h"
 #include "keysel/indexer/cuda_topk.h"
 #include "keysel/indexer/dsa.h"

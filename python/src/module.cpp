@@ -11,6 +11,8 @@
 #include <nanobind/stl/string_view.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstring>
+
 #include <cmath>
 #include <memory>
 #include <string>
@@ -392,6 +394,53 @@ void mla_v32_quantize_binding(nb::handle kv, nb::handle cache, std::string_view 
   mla_v32_quantize(kv_view, cache_view, slots_view);
 }
 
+// Context parallelism (SPEC §10) from Python: the collective is a Python callable, all_gather(bytes) -> bytes of
+// every rank's contribution in rank order (keysel.distributed builds it over torch.distributed).
+class PythonRankGroup final : public RankGroup {
+ public:
+  PythonRankGroup(int size, nb::callable all_gather) : size_(size), all_gather_(std::move(all_gather)) {}
+  int size() const override { return size_; }
+  void all_gather(int, const void* send, std::int64_t bytes, void* receive) override {
+    nb::gil_scoped_acquire gil;
+    nb::bytes result = nb::cast<nb::bytes>(all_gather_(nb::bytes(static_cast<const char*>(send),
+                                                                 static_cast<std::size_t>(bytes))));
+    KEYSEL_CHECK_ARG_IN("all_gather", static_cast<std::int64_t>(result.size()) == bytes * size_, "all_gather",
+                        std::to_string(bytes * size_) + " bytes (every rank's " + std::to_string(bytes) + ")",
+                        std::to_string(result.size()) + " bytes");
+    if (bytes > 0) std::memcpy(receive, result.c_str(), static_cast<std::size_t>(bytes * size_));
+  }
+
+ private:
+  int size_;
+  nb::callable all_gather_;
+};
+
+nb::dict select_topk_context_parallel_binding(int size, int rank, nb::callable all_gather, nb::handle local_scores,
+                                              nb::handle local_positions, nb::handle positions, std::int64_t n_keys,
+                                              std::int64_t k, std::int64_t n_sink, std::int64_t n_local,
+                                              bool kept_on_top, std::string_view exchange, nb::handle out) {
+  TensorArguments args("select_topk_context_parallel");
+  const TensorView scores_view = args.input(local_scores, "local_scores");
+  const TensorView mine = args.input(local_positions, "local_positions");
+  const TensorView positions_view = args.input(positions, "positions");
+  const TensorView out_view = args.output(out, "out");
+  const SelectionPolicy policy = make_policy(k, "per_kv_head", n_sink, n_local, kept_on_top);
+  const TopkExchange parsed = parse_topk_exchange(exchange);
+  KEYSEL_CHECK_ARG_IN("select_topk_context_parallel", size >= 1, "group", "a group of at least one rank", size);
+  PythonRankGroup group(size, std::move(all_gather));
+  ExchangeCost cost;
+  {
+    nb::gil_scoped_release release;
+    select_topk_context_parallel(group, rank, scores_view, mine, positions_view, n_keys, policy, parsed, out_view,
+                                 &cost);
+  }
+  nb::dict d;
+  d["collectives"] = cost.collectives;
+  d["bytes_sent"] = cost.bytes_sent;
+  d["bytes_received"] = cost.bytes_received;
+  return d;
+}
+
 // Per-row SPEC §4 metrics: {name: [T * G values]}.
 std::map<std::string, std::vector<double>> metrics_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache,
                                                            nb::handle positions, nb::handle selection, std::int64_t k,
@@ -588,6 +637,9 @@ NB_MODULE(_C, m) {
   m.def("mla_v32_quantize", &mla_v32_quantize_binding, "kv"_a, "cache"_a, "cache_dtype"_a, "slot_mapping"_a);
   m.def("sparse_mla_workspace_bytes", &sparse_mla_cuda_workspace_bytes, "rows"_a, "heads"_a, "topk"_a,
         "device"_a = 0);
+  m.def("select_topk_context_parallel", &select_topk_context_parallel_binding, "size"_a, "rank"_a, "all_gather"_a,
+        "local_scores"_a, "local_positions"_a, "positions"_a, "n_keys"_a, "k"_a, "n_sink"_a, "n_local"_a,
+        "kept_on_top"_a, "exchange"_a, "out"_a);
   m.def("metrics", &metrics_binding, "q"_a, "k_cache"_a, "v_cache"_a.none(), "positions"_a, "selection"_a, "k"_a,
         "granularity"_a, "scale"_a);
 

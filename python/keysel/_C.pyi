@@ -2,7 +2,7 @@
 keysel's compiled core: the C++ library bound as it is. Use the functions of the keysel package.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class Error(ValueError):
@@ -83,6 +83,8 @@ def sparse_mla(q: object, kv: object, kv_dtype: str, indices: object, out: objec
 def mla_v32_quantize(kv: object, cache: object, cache_dtype: str, slot_mapping: object) -> None: ...
 
 def sparse_mla_workspace_bytes(rows: int, heads: int, topk: int, device: int = 0) -> int: ...
+
+def select_topk_context_parallel(size: int, rank: int, all_gather: Callable, local_scores: object, local_positions: object, positions: object, n_keys: int, k: int, n_sink: int, n_local: int, kept_on_top: bool, exchange: str, out: object) -> dict: ...
 
 def metrics(q: object, k_cache: object, v_cache: object | None, positions: object, selection: object, k: int, granularity: str, scale: float) -> dict[str, list[float]]: ...
 

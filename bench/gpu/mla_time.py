@@ -39,8 +39,9 @@ def decode(batch, heads, topk=2048, seq=16384, block=64):
     idx = (table.gather(1, (pos // block).long()) * block + pos % block).int()
     q = (torch.randn(batch, heads, 576, device="cuda") * 0.5).to(torch.bfloat16)
     out = torch.empty(batch, heads, 512, dtype=torch.bfloat16, device="cuda")
+    lse, top = torch.empty(batch, heads, device="cuda"), torch.empty(batch, heads, device="cuda")
     ws = torch.empty(max(16, keysel.sparse_mla_workspace_bytes(batch, heads, topk)), dtype=torch.uint8, device="cuda")
-    us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, workspace=ws))
+    us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top, workspace=ws))
     flops = 2.0 * batch * heads * topk * (576 + 512)
     print(f"keysel sparse_mla decode B={batch} h_q={heads} topk={topk} fp8 V3.2: {us:8.1f} us  "
           f"{flops / us / 1e6:6.0f} TFLOP/s  {batch * topk * 656 / us / 1e3:6.0f} GB/s gathered", flush=True)
@@ -51,7 +52,8 @@ def prefill(s_q=1024, s_kv=32768, heads=128, topk=2048):
     kv = (torch.randn(s_kv, 576, device="cuda") * 0.5).to(torch.bfloat16)
     idx = torch.argsort(torch.rand(s_q, s_kv, device="cuda"), dim=1)[:, :topk].int()
     out = torch.empty(s_q, heads, 512, dtype=torch.bfloat16, device="cuda")
-    us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out), calls=3, samples=3)
+    lse, top = torch.empty(s_q, heads, device="cuda"), torch.empty(s_q, heads, device="cuda")
+    us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top), calls=3, samples=3)
     flops = 2.0 * s_q * heads * topk * (576 + 512)
     print(f"keysel sparse_mla prefill s_q={s_q} s_kv={s_kv} h_q={heads} topk={topk} bf16: {us:8.1f} us  "
           f"{flops / us / 1e6:6.0f} TFLOP/s", flush=True)

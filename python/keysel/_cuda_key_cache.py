@@ -57,6 +57,8 @@ class CudaKeyCache:
             raise fail(fn, "device", "\"cpu\" or a CUDA device", repr(device))
         if not built_with_cuda() or not torch.cuda.is_available():
             raise fail(fn, "device", "a CUDA device present and a CUDA build of keysel", repr(device))
+        if self.device.index is None:  # "cuda": the current GPU, named by index so tensors compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dim = dim
         self.power_of_two = bool(power_of_two_scales)
         self.size = 0

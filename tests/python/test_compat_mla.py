@@ -79,8 +79,12 @@ def ref_attention(q, kv, valid, scale, sink, d_v=512):
 
 def assert_attention(out, max_logits, lse, ref):
     r_out, r_max, r_lse, vmax = ref
+    # keysel's CUDA kernel (the sparse forms on a GPU), like FlashMLA, rounds the probabilities and the decoded
+    # values to bf16 before p.v: each term errs by up to 2^-9 of p_j |v_j| twice, at most 2^-8 vmax in all. The
+    # torch body accumulates p.v in float32 from exact values: 2e-4 vmax covers its float32 sums.
+    kernel = out.device.type == "cuda" and keysel.built_with_cuda()
     out = out.detach().float().cpu().double().numpy()
-    bound = 2.0**-8 * np.abs(r_out) + 2e-4 * max(vmax, 1e-30)
+    bound = 2.0**-8 * np.abs(r_out) + (2.0**-8 if kernel else 2e-4) * max(vmax, 1e-30)
     assert np.all(np.abs(out - r_out) <= bound), np.abs(out - r_out).max()
     for got, want in ((lse, r_lse), (max_logits, r_max)):
         if got is None:

@@ -183,15 +183,16 @@ def test_cuda_graph_capture_with_workspace(rng):
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     out = torch.empty((t_count, h, 512), dtype=torch.bfloat16, device="cuda")
     lse = torch.empty((t_count, h), device="cuda")
+    top = torch.empty((t_count, h), device="cuda")  # under capture every output is the caller's
     eager = keysel.sparse_mla(q, kv, idx)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        keysel.sparse_mla(q, kv, idx, out=out, lse=lse, workspace=workspace)  # warm-up
+        keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top, workspace=workspace)  # warm-up
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        keysel.sparse_mla(q, kv, idx, out=out, lse=lse, workspace=workspace)
+        keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top, workspace=workspace)
     out.zero_()
     lse.zero_()
     graph.replay()

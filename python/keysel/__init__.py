@@ -540,7 +540,8 @@ def sparse_mla(q, kv, indices, *, scale=None, attn_sink=None, topk_length=None, 
     Returns (out [T, h_q, 512], lse float32 [T, h_q], max_logits float32 [T, h_q]): lse and max_logits are the
     natural-log state of the selected keys (the sink never enters them); a row with no valid slot gets out = 0 and
     lse = max_logits = -inf. out is float32 unless out= is given (CUDA also writes bfloat16). CUDA runs keysel's
-    tensor-core kernel on `stream`; workspace= (sparse_mla_workspace_bytes) makes it allocate nothing.
+    tensor-core kernel on `stream`; workspace= (sparse_mla_workspace_bytes) makes it allocate nothing. Inside a
+    CUDA graph capture pass out=, lse= and max_logits= (keysel allocates no output while a graph is captured).
     """
     fn = "sparse_mla"
     q_c, _ = _io.arg(q, fn, "q")

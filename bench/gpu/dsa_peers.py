@@ -260,11 +260,12 @@ def mla_decode():
             q3 = q.view(batch, h_q, d_qk)
             out = torch.empty(batch, h_q, d_v, dtype=torch.bfloat16, device="cuda")
             lse = torch.empty(batch, h_q, device="cuda")
+            top = torch.empty(batch, h_q, device="cuda")
             ws = torch.empty(max(16, keysel.sparse_mla_workspace_bytes(batch, h_q, topk)), dtype=torch.uint8,
                              device="cuda")
 
             def ks(i):
-                keysel.sparse_mla(q3, pages, flat_idx, scale=scale, out=out, lse=lse, workspace=ws)
+                keysel.sparse_mla(q3, pages, flat_idx, scale=scale, out=out, lse=lse, max_logits=top, workspace=ws)
 
             check = None
             if flash_mla is not None:

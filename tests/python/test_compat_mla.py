@@ -93,7 +93,10 @@ def assert_attention(out, max_logits, lse, ref):
         np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
         np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
         finite = np.isfinite(want)
-        assert np.all(np.abs(got[finite] - want[finite]) <= 1e-4 + 1e-6 * np.abs(want[finite]))
+        # The kernel's logits come from keys decoded to bf16 (2^-9 of each value when a scale is not a power of
+        # two, as vLLM's writer makes them): about 1e-3 of logits of order one.
+        tolerance = 1e-3 if kernel else 1e-4
+        assert np.all(np.abs(got[finite] - want[finite]) <= tolerance + 1e-6 * np.abs(want[finite]))
 
 
 def random_indices(rng, rows, topk, slots, invalid=(-1,)):

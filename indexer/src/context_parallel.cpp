@@ -12,6 +12,7 @@
 #include "keysel/attention/sparse_attention.h"
 #include "keysel/core/checked.h"
 #include "keysel/core/error.h"
+#include "keysel/core/row_plan.h"
 #include "keysel/indexer/topk.h"
 
 namespace keysel {
@@ -28,22 +29,6 @@ static_assert(sizeof(Candidate) == 8);
 bool better(const Candidate& a, const Candidate& b) {
   if (a.score != b.score) return a.score > b.score;
   return a.position < b.position;
-}
-
-/// The kept keys and the number of others of one row, as select_topk defines them.
-struct RowPlan {
-  std::int64_t allowed = 0, sink_end = 0, local_begin = 0, fill = 0;
-};
-
-RowPlan plan_row(std::int64_t position, std::int64_t n_keys, const SelectionPolicy& policy) {
-  RowPlan p;
-  p.allowed = std::clamp<std::int64_t>(position + 1, 0, n_keys);
-  p.sink_end = std::min(policy.n_sink, p.allowed);
-  p.local_begin = std::max(std::max<std::int64_t>(p.allowed - policy.n_local, 0), p.sink_end);
-  const std::int64_t kept = p.sink_end + (p.allowed - p.local_begin);
-  p.fill = policy.kept_on_top ? policy.k : std::min(policy.k, p.allowed) - kept;
-  p.fill = std::max<std::int64_t>(p.fill, 0);
-  return p;
 }
 
 /// The best `count` of `pool` (in place), in `better` order.
@@ -181,9 +166,10 @@ void select_topk_context_parallel(RankGroup& group, int rank, const TensorView& 
 
   // 1. Local candidates: this rank's best `fill` of each row.
   std::vector<std::vector<Candidate>> local(static_cast<std::size_t>(rows));
-  std::vector<RowPlan> plans(static_cast<std::size_t>(rows));
+  std::vector<SelectionRowPlan> plans(static_cast<std::size_t>(rows));
   for (std::int64_t t = 0; t < tokens; ++t) {
-    const RowPlan plan = plan_row(positions.data<std::int32_t>()[t * positions.stride(0)], n_keys, policy);
+    const SelectionRowPlan plan =
+        SelectionRowPlan::make(policy, positions.data<std::int32_t>()[t * positions.stride(0)], n_keys);
     for (std::int64_t g = 0; g < groups; ++g) {
       const std::int64_t row = t * groups + g;
       plans[static_cast<std::size_t>(row)] = plan;
@@ -277,7 +263,7 @@ void select_topk_context_parallel(RankGroup& group, int rank, const TensorView& 
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t g = 0; g < groups; ++g) {
       const std::int64_t row = t * groups + g;
-      const RowPlan& plan = plans[static_cast<std::size_t>(row)];
+      const SelectionRowPlan& plan = plans[static_cast<std::size_t>(row)];
       std::vector<Candidate>& pool = pools[static_cast<std::size_t>(row)];
       best_first(pool, static_cast<std::size_t>(plan.fill));
       chosen.clear();

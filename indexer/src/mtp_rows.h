@@ -4,11 +4,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define KEYSEL_HOST_DEVICE __host__ __device__
-#else
-#define KEYSEL_HOST_DEVICE
-#endif
+#include "keysel/core/row_plan.h"  // KEYSEL_HOST_DEVICE
 
 namespace keysel::detail {
 

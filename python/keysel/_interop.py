@@ -152,7 +152,11 @@ def stream_handle(stream, inputs) -> int:
         if device_of(first)[0] != "cuda":
             return 0
         if is_torch(first):
-            return int(_torch().cuda.current_stream(first.device).cuda_stream)
+            torch = _torch()
+            raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # a plain int, without a Stream object
+            if raw is not None:
+                return int(raw(first.device.index if first.device.index is not None else torch.cuda.current_device()))
+            return int(torch.cuda.current_stream(first.device).cuda_stream)
         if is_cupy(first):
             import cupy
 
@@ -167,10 +171,22 @@ def stream_handle(stream, inputs) -> int:
                 f"{type(stream).__name__}")
 
 
+def _capsules(args):
+    """args with every torch tensor replaced by its DLPack capsule. nanobind would otherwise call Tensor.__dlpack__,
+    a Python method that costs several microseconds per tensor (on a GPU it also records an event to order the
+    legacy default stream after the current one, which keysel, running on the caller's stream, does not need)."""
+    torch = _torch()
+    if torch is None:
+        return args
+    to_dlpack = torch.utils.dlpack.to_dlpack
+    return tuple(to_dlpack(x) if isinstance(x, torch.Tensor) and not x.requires_grad and x.layout == torch.strided
+                 and not x.is_conj() and not x.is_neg() else x for x in args)
+
+
 def call(function: str, renames: dict, body, *args):
     """Runs body(*args), re-raising keysel.Error with the C++ argument names replaced by the Python ones."""
     try:
-        return body(*args)
+        return body(*_capsules(args))
     except Error as error:
         message = str(error)
         for cpp, py in renames.items():

@@ -527,7 +527,9 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
       n_sink, n_local  keys always kept (the first n_sink positions, the last n_local allowed ones); they count
                    toward k
       stats        a TopkStats: records SPEC §4 metrics of the selection against the exact top-k under `layer`
-      key_start    optional int64 [B]: keys before key_start[b] are padding that no query of sequence b reads
+      key_start    optional int64 [B]: keys before key_start[b] are padding that no query of sequence b reads;
+                   or [B, T]: query t of sequence b reads no key before key_start[b, t] (sliding windows, packed
+                   sequences; one selector call per distinct first key)
       query_positions  optional int [B, T]: the key position of each query (overrides is_causal); a negative
                    entry marks a padding query, whose output is zeros
       indexer      optional trained Lightning-Indexer tensors (q_index [B, T, HI, DI], k_index [B, N, DI],
@@ -568,17 +570,36 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
             qi, ki, wi = ((indexer["q_index"], indexer["k_index"], indexer["weights"]) if isinstance(indexer, dict)
                           else indexer)
             seq_indexer = (qi[i], ki[i], wi[i])
-        selection = _select(selector, q, kc, pos, k, granularity, scale, n_sink, n_local, layer, seq_indexer,
-                            key_start=start)
+        if start is None or start.dim() == 0:
+            runs = [(slice(None), start)]
+        else:  # a first key per query (sliding windows, packed sequences): one selection per distinct first key
+            runs = [((start == s).nonzero().squeeze(1), s) for s in torch.unique(start)]
+        parts = []
+        for rows, first in runs:
+            run_indexer = None if seq_indexer is None else (seq_indexer[0][rows], seq_indexer[1], seq_indexer[2][rows])
+            parts.append((rows, first, _select(selector, q[rows], kc, pos[rows], k, granularity, scale, n_sink,
+                                               n_local, layer, run_indexer, key_start=first)))
+        if len(parts) == 1:
+            selection = parts[0][2]
+        else:
+            width = max(part.shape[2] for _, _, part in parts)
+            selection = torch.full((t, parts[0][2].shape[1], width), -1, dtype=torch.int32, device=query.device)
+            for rows, _, part in parts:
+                selection[rows, :, :part.shape[2]] = part
         out, _ = sparse_attention(q, kc, vc, selection, granularity=granularity, scale=scale)
         if live is not None:
             out = out * live[:, None, None].to(out.dtype)
-        if stats is not None:  # eagerly, on the keys the queries may read: [start, N)
-            first = 0 if start is None else int(start)
-            keep = slice(None) if live is None else live
-            shifted = torch.where(selection >= 0, selection - first, selection)
-            _record(stats, layer, q[keep], kc[first:], vc[first:], pos[keep] - first, shifted[keep], k, granularity,
-                    scale)
+        if stats is not None:  # eagerly, on the keys the queries may read: [first, N)
+            for rows, first, part in parts:
+                first = 0 if first is None else int(first)
+                keep = torch.ones(t, dtype=torch.bool, device=query.device) if live is None else live.clone()
+                if not isinstance(rows, slice):
+                    chosen = torch.zeros_like(keep)
+                    chosen[rows] = True
+                    keep &= chosen
+                shifted = torch.where(selection >= 0, selection - first, selection)
+                _record(stats, layer, q[keep], kc[first:], vc[first:], pos[keep] - first, shifted[keep], k,
+                        granularity, scale)
         outputs.append(out)
     return torch.stack(outputs).transpose(1, 2)                   # [B, Hq, T, Dv]
 
@@ -606,12 +627,12 @@ def _model_settings(module):
 
 
 def _mask_layout(mask, t, n):
-    """A 4-D mask [B, 1|H, T, N] (bool: True = read; float: 0 = read) -> (key_start [B], query_positions [B, T]).
+    """A 4-D mask [B, 1|H, T, N] (bool: True = read; float: 0 = read) -> (key_start, query_positions [B, T]).
 
     keysel's causal rule reads a prefix of the keys; with left padding that prefix starts at the first real key.
-    So every query row must read one contiguous run of keys [start_b, last_t], start_b the same for all queries
-    of a sequence (rows that read nothing are padding queries). Anything else (sliding windows, packed sequences)
-    is refused."""
+    So every query row must read one contiguous run of keys [first_t, last_t] (rows that read nothing are padding
+    queries). key_start is [B] when every query of a sequence starts at the same key (causal masks, left padding),
+    else [B, T], each query's first key (sliding windows, packed sequences). Masks with gaps are refused."""
     if mask.dtype != torch.bool:
         mask = mask == 0
     mask = mask[..., -t:, :n]                                             # a mask may cover more than the call
@@ -626,13 +647,17 @@ def _mask_layout(mask, t, n):
     start = torch.where(start == n, torch.zeros_like(start), start)
     contiguous = (count == last - first + 1) | ~reads
     same_start = (first == start[:, None]) | ~reads
-    if not _is_compiling() and not bool((contiguous & same_start).all()):
-        raise NotImplementedError(
-            "keysel_topk: the attention mask is not a causal mask with left padding (each query must read one "
-            "run of keys starting at its sequence's first real key); sliding-window and packed-sequence masks "
-            "are not supported")
     positions = torch.where(reads, last, torch.full_like(last, -1))
-    return start, positions
+    if _is_compiling():  # a compiled graph takes the common layout as given (no data-dependent branch)
+        return start, positions
+    if not bool(contiguous.all()):
+        raise NotImplementedError(
+            "keysel_topk: the attention mask lets a query read keys that are not one contiguous run (causal, "
+            "left-padded, sliding-window and packed-sequence masks are; this one is not)")
+    if bool(same_start.all()):
+        return start, positions
+    # Sliding windows and packed sequences: each query reads its own run [first, last].
+    return torch.where(reads, first, torch.zeros_like(first)), positions
 
 
 def transformers_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,

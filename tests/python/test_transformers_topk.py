@@ -262,13 +262,51 @@ def test_stats_record_every_layer_against_the_exact_topk():
     assert random_stats.rows(0)["recall"].shape == (2 * 16 * 2,)
 
 
-def test_masks_other_than_causal_with_left_padding_are_refused():
+def test_a_sliding_window_mask_reads_each_querys_window():
+    # Query t reads keys (t - 3, t]: every query starts at its own key, so the selection runs per first key.
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    window = torch.ones(9, 9, dtype=torch.bool).tril() & ~torch.ones(9, 9, dtype=torch.bool).tril(-3)
+    model = small_llama()
+    kt.configure(k=3)  # k = the window: every allowed key, so this is masked dense attention
+    got, _ = kt.transformers_attention(model.model.layers[0].self_attn, q, k, v, window[None, None], scaling=0.3)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                             attn_mask=window, scale=0.3)
+    torch.testing.assert_close(got, dense.transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+def test_masks_with_gaps_are_refused():
     q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
-    window = torch.ones(6, 6, dtype=torch.bool).tril() & ~torch.ones(6, 6, dtype=torch.bool).tril(-3)
+    gaps = torch.ones(6, 6, dtype=torch.bool).tril()
+    gaps[5, 2] = False  # the last query skips one key in the middle of its run
     model = small_llama()
     kt.configure(k=4)
-    with pytest.raises(NotImplementedError, match="sliding-window"):
-        kt.transformers_attention(model.model.layers[0].self_attn, q, k, v, window[None, None], scaling=0.3)
+    with pytest.raises(NotImplementedError, match="contiguous"):
+        kt.transformers_attention(model.model.layers[0].self_attn, q, k, v, gaps[None, None], scaling=0.3)
+
+
+def small_mistral(seed=0, **config):
+    from transformers import MistralConfig, MistralForCausalLM
+    settings = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, sliding_window=8,
+                    pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    settings.update(config)
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**settings)).eval()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_a_sliding_window_model_matches_the_reference(granularity):
+    model = small_mistral(seed=2)
+    ids = tokens(2, 30, seed=2)
+    use(8, granularity)  # k = the window: full attention within it, as eager computes it
+    torch.testing.assert_close(logits_with(model, "keysel_topk", ids), logits_with(model, "eager", ids),
+                               atol=2e-5, rtol=1e-5)
+    use(3, granularity)  # k < the window: the exact top-k of each query's window
+    expected = logits_with(model, "reference_topk", ids)
+    topk = logits_with(model, "keysel_topk", ids)
+    torch.testing.assert_close(topk, expected, atol=2e-5, rtol=1e-5)
+    assert (topk - logits_with(model, "eager", ids)).abs().max() > 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")

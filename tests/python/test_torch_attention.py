@@ -296,9 +296,14 @@ def test_the_transformers_attention_function_reads_a_left_padded_mask(float_mask
         expected = reference_topk_attention(q[b:b + 1], key[b:b + 1, :, first:], v[b:b + 1, :, first:], k=4)
         torch.testing.assert_close(out[b:b + 1].transpose(1, 2).double(), expected, atol=2e-6, rtol=1e-5)
     window = mask.clone()
-    window[0, :, 2, 0] = False                                                     # not one run from the first key
-    with pytest.raises(NotImplementedError, match="not a causal mask with left padding"):
-        kt.transformers_attention(layer, q, key, v, window)
+    window[0, :, 2, 0] = False                               # query 2 of sequence 0 starts at key 1: its own run
+    out, _ = kt.transformers_attention(layer, q, key, v, window)
+    expected = reference_topk_attention(q[:1, :, 2:], key[:1, :, 1:], v[:1, :, 1:], k=4)
+    torch.testing.assert_close(out[:1, 2:].transpose(1, 2).double(), expected, atol=2e-6, rtol=1e-5)
+    gap = mask.clone()
+    gap[0, :, 2, 3] = False                                  # a gap inside query 2's run
+    with pytest.raises(NotImplementedError, match="contiguous"):
+        kt.transformers_attention(layer, q, key, v, gap)
 
 
 def test_the_pure_torch_backend_agrees_with_the_default_one():

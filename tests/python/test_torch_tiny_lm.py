@@ -171,4 +171,7 @@ def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatc
     for name in ("recall", "mass", "mass_ratio", "top1", "out_err"):
         ours = summary["all"][name]
         assert ours["count"] == metrics[name]["count"], name
-        assert ours["mean"] == pytest.approx(metrics[name]["mean"], abs=1e-6), name
+        # out_err = |o_sel - o_full| / |o_full| differences two fp32 outputs that torch and the C++ decoder compute
+        # in different orders: 7e-6 relative apart on an AVX-512 Xeon; the selections themselves agree to 1e-6.
+        tolerance = dict(rel=5e-5, abs=1e-6) if name == "out_err" else dict(abs=1e-6)
+        assert ours["mean"] == pytest.approx(metrics[name]["mean"], **tolerance), name

@@ -161,6 +161,51 @@ def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
     return _fallback.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
 
 
+def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
+    """(dq, dk, dv) of sparse_attention's out (SPEC §9) in the dtypes of q, k_cache, v_cache: keysel's CPU kernel
+    where the compiled core takes the tensors, the gather-based pure-torch backward otherwise (CUDA tensors,
+    float64, backend "torch")."""
+    if _use_core(q, k_cache, v_cache) and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dq, dk, dv = _core().sparse_attention_backward(
+            q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
+            out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,
+            scale=scale)
+        return dq.to(q.dtype), dk.to(k_cache.dtype), dv.to(v_cache.dtype)
+    return _fallback.sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k_cache, v_cache, selection, granularity, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k_cache, v_cache, selection, out, lse)
+    ctx.granularity = granularity
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse, backward):
+    q, k_cache, v_cache, selection, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = backward(q, k_cache, v_cache, selection, out, lse, grad_out, ctx.granularity, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+class _SparseAttentionFunction(torch.autograd.Function):
+    """sparse_attention with keysel's backward, for a torch without torch.library.custom_op (torch < 2.4);
+    newer torches register the same backward on torch.ops.keysel.sparse_attention."""
+
+    @staticmethod
+    def forward(ctx, q, k_cache, v_cache, selection, granularity, scale):
+        output = _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
+        _attention_setup_context(ctx, (q, k_cache, v_cache, selection, granularity, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _attention_backward(ctx, grad_out, grad_lse, _sparse_attention_backward_impl)
+
+
 _ops_registered = False
 if _TORCH_VERSION >= (2, 4):
     try:
@@ -207,6 +252,23 @@ if _TORCH_VERSION >= (2, 4):
             lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
             return out, lse
 
+        @torch.library.custom_op("keysel::sparse_attention_backward", mutates_args=())
+        def _sparse_attention_backward_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                          selection: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                          grad_out: torch.Tensor, granularity: str,
+                                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity,
+                                                   scale)
+
+        @_sparse_attention_backward_op.register_fake
+        def _(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
+            return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+        _sparse_attention_op.register_autograd(
+            lambda ctx, grad_out, grad_lse: _attention_backward(ctx, grad_out, grad_lse,
+                                                                torch.ops.keysel.sparse_attention_backward),
+            setup_context=_attention_setup_context)
+
         _ops_registered = True
     except (AttributeError, RuntimeError):  # an older torch.library, or the ops already exist in this process
         _ops_registered = hasattr(torch.ops, "keysel") and hasattr(torch.ops.keysel, "sparse_attention")
@@ -245,10 +307,16 @@ def exact_topk_from(q, k_cache, positions, key_start, k, *, granularity="per_kv_
 
 
 def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None):
-    """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq])."""
+    """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq]).
+
+    Differentiable in q, k_cache and v_cache (SPEC §9; the selection is a constant, lse carries no gradient):
+    the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16), and a
+    gather-based pure-torch backward elsewhere (CUDA tensors, float64, backend "torch")."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _ops_registered:
         return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
+        return _SparseAttentionFunction.apply(q, k_cache, v_cache, selection, granularity, scale)
     return _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
 
 
@@ -568,8 +636,9 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
             qi, ki, wi = ((indexer["q_index"], indexer["k_index"], indexer["weights"]) if isinstance(indexer, dict)
                           else indexer)
             seq_indexer = (qi[i], ki[i], wi[i])
-        selection = _select(selector, q, kc, pos, k, granularity, scale, n_sink, n_local, layer, seq_indexer,
-                            key_start=start)
+        with torch.no_grad():  # the selection is a constant of the gradient (SPEC §9)
+            selection = _select(selector, q.detach(), kc.detach(), pos, k, granularity, scale, n_sink, n_local,
+                                layer, seq_indexer, key_start=start)
         out, _ = sparse_attention(q, kc, vc, selection, granularity=granularity, scale=scale)
         if live is not None:
             out = out * live[:, None, None].to(out.dtype)
@@ -577,8 +646,8 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
             first = 0 if start is None else int(start)
             keep = slice(None) if live is None else live
             shifted = torch.where(selection >= 0, selection - first, selection)
-            _record(stats, layer, q[keep], kc[first:], vc[first:], pos[keep] - first, shifted[keep], k, granularity,
-                    scale)
+            _record(stats, layer, q.detach()[keep], kc.detach()[first:], vc.detach()[first:], pos[keep] - first,
+                    shifted[keep], k, granularity, scale)
         outputs.append(out)
     return torch.stack(outputs).transpose(1, 2)                   # [B, Hq, T, Dv]
 

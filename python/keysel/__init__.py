@@ -58,7 +58,7 @@ __all__ = [
     "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
     "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
-    "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "indexer_topk_workspace_bytes", "topk_rows",
+    "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "indexer_kl_loss_reference", "indexer_topk_workspace_bytes", "topk_rows",
     "topk_rows_workspace_bytes", "paged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
     "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_workspace_bytes", "mla_v32_quantize",
 ]
@@ -554,6 +554,32 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
     _io.call(fn, _io.ATTENTION, _C.sparse_attention_backward, *converted[:4], granularity, _scale(scale, fn),
              *converted[4:])
     return tuple(results)
+
+
+def indexer_kl_loss_reference(target, q_index, weights, k_index, positions, selection=None, *, reduction="mean"):
+    """The Lightning Indexer's training loss (SPEC §9.1) and its gradients, in double precision (the reference).
+
+    target:    float32/float64 [T, N]: the main attention's head-mean distribution pbar (SPEC §2, per_token)
+    q_index:   float32/float64 [T, HI, DI];  weights: [T, HI];  k_index: [N, DI]
+    positions: int32 [T] (query t reads keys s <= positions[t])
+    selection: None for the dense warm-up (KL over every allowed key), or int32 [T, 1, W] / [T, W] (the per_token
+               selection, -1 padded) for the sparse stage (KL over the selected keys, both sides renormalised)
+    reduction: "mean" over the query tokens with keys, or "sum".
+    Returns (loss float, grad_q_index, grad_weights, grad_k_index) as float64 NumPy arrays.
+    """
+    fn = "indexer_kl_loss_reference"
+    if selection is not None and len(getattr(selection, "shape", ())) == 2:
+        selection = selection[:, None, :]
+    t, hi, di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
+    n = _io.shape(k_index, fn, "k_index", 2, "[N, DI]")[0]
+    grads = (np.zeros((t, hi, di)), np.zeros((t, hi)), np.zeros((n, di)))
+    tensors = [_io.arg(x, fn, name)[0] for x, name in ((target, "target"), (q_index, "q_index"), (weights, "weights"),
+                                                       (k_index, "k_index"), (positions, "positions"))]
+    sel_c = None if selection is None else _io.arg(selection, fn, "selection")[0]
+    renames = {"queries": "q_index", "keys": "k_index", "gradients.queries": "q_index",
+               "gradients.weights": "weights", "gradients.keys": "k_index"}
+    loss = _io.call(fn, renames, _C.indexer_kl_loss_reference, *tensors, sel_c, reduction, *grads)
+    return (loss,) + grads
 
 
 def sparse_mla(q, kv, indices, *, scale=None, attn_sink=None, topk_length=None, out=None, lse=None,

@@ -50,6 +50,7 @@ __all__ = [
     "exact_topk_from",
     "topk_select",
     "sparse_attention",
+    "indexer_kl_loss",
 ]
 
 GRANULARITIES = _fallback.GRANULARITIES
@@ -318,6 +319,81 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
         return _SparseAttentionFunction.apply(q, k_cache, v_cache, selection, granularity, scale)
     return _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
+
+
+# ----------------------------------------------------------------------------------------------- indexer training
+
+
+def indexer_kl_loss(index_q, index_w, index_k, attention, positions, selection=None, *, scale=None,
+                    reduction="mean"):
+    """The Lightning Indexer's training loss as DeepSeek-V3.2 trains it (SPEC §9.1), differentiable in the
+    indexer's tensors.
+
+    index_q [T, HI, DI], index_w [T, HI], index_k [N, DI]: the indexer's queries, head weights and keys of one
+        sequence; the score is I[t, s] = sum_j index_w[t, j] ReLU(index_q[t, j] . index_k[s]) (SPEC §3)
+    attention: the target, no gradient flows into it: either pbar [T, N] (the main attention's probabilities
+        averaged over heads), or a pair (q [T, Hq, D], k_cache [N, Hkv, D]) of the main attention from which pbar
+        is computed (per_token group mean, softmax scale `scale`, default 1/sqrt(D))
+    positions: int [T]: query t reads keys s <= positions[t]
+    selection: None for the dense warm-up (KL(pbar || softmax I) over every allowed key), or int [T, W] /
+        [T, 1, W] (the per_token selection, -1 padded) for the sparse stage: the KL over the selected keys with
+        both distributions renormalised on them. In the sparse stage the indexer's input is detached from the main
+        model (compute index_q / index_k from hidden_states.detach()) so the loss trains the indexer only.
+    reduction: "mean" over the query tokens that have keys (and target mass on them), or "sum".
+    Returns a scalar tensor: float64 when index_q is float64, else float32. The gradient with respect to I is
+    softmax(I) - pbar (restricted and renormalised); keysel.indexer_kl_loss_reference is the double-precision
+    reference.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"keysel.torch.indexer_kl_loss: reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if index_q.dim() != 3 or index_w.dim() != 2 or index_k.dim() != 2:
+        raise ValueError("keysel.torch.indexer_kl_loss: expected index_q [T, HI, DI], index_w [T, HI] and index_k "
+                         f"[N, DI]; got {list(index_q.shape)}, {list(index_w.shape)}, {list(index_k.shape)}")
+    t, hi, di = index_q.shape
+    n = index_k.shape[0]
+    if tuple(index_w.shape) != (t, hi) or index_k.shape[1] != di:
+        raise ValueError(f"keysel.torch.indexer_kl_loss: index_w must be [{t}, {hi}] and index_k [N, {di}]; got "
+                         f"{list(index_w.shape)} and {list(index_k.shape)}")
+    compute = torch.float64 if index_q.dtype == torch.float64 else torch.float32
+    device = index_q.device
+    positions = positions.to(device=device, dtype=torch.int64)
+    with torch.no_grad():
+        if isinstance(attention, (tuple, list)):
+            q, k_cache = attention
+            d = q.shape[-1]
+            main_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+            pbar = _fallback.group_probabilities(q.detach(), k_cache.detach(), positions, "per_token",
+                                                 main_scale)[:, 0, :]
+        else:
+            pbar = attention.detach()
+        if tuple(pbar.shape) != (t, n):
+            raise ValueError(f"keysel.torch.indexer_kl_loss: the target must be [T, N] = [{t}, {n}]; got "
+                             f"{list(pbar.shape)}")
+        pbar = pbar.to(device=device, dtype=compute)
+        keys = torch.arange(n, device=device)
+        mask = keys[None, :] <= positions[:, None]                              # allowed [T, N]
+        if selection is not None:
+            sel = selection.to(device=device, dtype=torch.int64).reshape(t, -1)
+            chosen = torch.zeros(t, n + 1, dtype=torch.bool, device=device)
+            chosen.scatter_(1, torch.where(sel >= 0, sel, torch.full_like(sel, n)), True)
+            mask = mask & chosen[:, :n]
+        target = torch.where(mask, pbar, torch.zeros_like(pbar))
+        mass = target.sum(-1)
+        live = mask.any(-1) & (mass > 0)
+        ptilde = target / torch.where(live, mass, torch.ones_like(mass))[:, None]
+        entropy_part = torch.xlogy(ptilde, ptilde).sum(-1)                      # sum p log p (constant)
+    dots = torch.einsum("tjd,sd->tjs", index_q.to(compute), index_k.to(compute))
+    scores = (index_w.to(compute)[:, :, None] * torch.relu(dots)).sum(1)        # I [T, N]
+    readable = mask & live[:, None]
+    masked = torch.where(readable, scores, torch.full_like(scores, float("-inf")))
+    masked = torch.where(live[:, None], masked, torch.zeros_like(scores))      # rows without keys: no NaN
+    log_q = torch.log_softmax(masked, dim=-1)
+    cross = (ptilde * torch.where(readable, log_q, torch.zeros_like(log_q))).sum(-1)
+    per_row = torch.where(live, entropy_part - cross, torch.zeros_like(cross))
+    total = per_row.sum()
+    if reduction == "mean":
+        total = total / live.sum().clamp_min(1).to(compute)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------- statistics

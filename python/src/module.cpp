@@ -386,6 +386,29 @@ void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::han
                             grad_k_view, grad_v_view);
 }
 
+// The Lightning Indexer's KL objectives (SPEC §9.1) in double precision; gradients into the caller's fp64 arrays.
+double indexer_kl_loss_reference_binding(nb::handle target, nb::handle queries, nb::handle weights, nb::handle keys,
+                                         nb::handle positions, nb::handle selection, std::string_view reduction,
+                                         nb::handle grad_queries, nb::handle grad_weights, nb::handle grad_keys) {
+  constexpr std::string_view function = "indexer_kl_loss_reference";
+  KEYSEL_CHECK_ARG_IN(function, reduction == "mean" || reduction == "sum", "reduction", "\"mean\" or \"sum\"",
+                      reduction);
+  TensorArguments args(function);
+  const TensorView target_view = args.input(target, "target");
+  const TensorView queries_view = args.input(queries, "queries");
+  const TensorView weights_view = args.input(weights, "weights");
+  const TensorView keys_view = args.input(keys, "keys");
+  const TensorView positions_view = args.input(positions, "positions");
+  const TensorView selection_view = args.optional_input(selection, "selection");
+  const IndexerLossGradients gradients{args.output(grad_queries, "gradients.queries"),
+                                       args.output(grad_weights, "gradients.weights"),
+                                       args.output(grad_keys, "gradients.keys")};
+  nb::gil_scoped_release release;
+  return indexer_kl_loss_reference(target_view, queries_view, weights_view, keys_view, positions_view,
+                                   selection_view, reduction == "mean" ? LossReduction::mean : LossReduction::sum,
+                                   gradients);
+}
+
 // Sparse MLA (SPEC §8): the CUDA kernel on GPU tensors, the fp32 CPU path otherwise.
 void sparse_mla_binding(nb::handle q, nb::handle kv, std::string_view kv_dtype, nb::handle indices, nb::handle out,
                         nb::handle lse, nb::handle max_logits, double scale, nb::handle attn_sink,
@@ -665,6 +688,11 @@ NB_MODULE(_C, m) {
         "grad_v"_a,
         "Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and "
         "grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU, deterministic.");
+  m.def("indexer_kl_loss_reference", &indexer_kl_loss_reference_binding, "target"_a, "queries"_a, "weights"_a,
+        "keys"_a, "positions"_a, "selection"_a.none(), "reduction"_a, "grad_queries"_a, "grad_weights"_a,
+        "grad_keys"_a,
+        "The Lightning Indexer's KL loss (SPEC §9.1) in double precision; writes its gradients with respect to "
+        "queries, weights and keys into the given float64 arrays and returns the loss.");
   m.def("sparse_mla", &sparse_mla_binding, "q"_a, "kv"_a, "kv_dtype"_a, "indices"_a, "out"_a, "lse"_a.none(),
         "max_logits"_a.none(), "scale"_a, "attn_sink"_a.none(), "topk_length"_a.none(), "stream"_a,
         "workspace"_a.none());

@@ -218,3 +218,15 @@ def test_topk_attention_gradients_match_masked_softmax(granularity, heads):
     for leaf, expected in zip(leaves, ref_leaves):
         assert float(expected.grad.abs().max()) > 0.1
         assert_close(leaf.grad, expected.grad)
+
+
+@pytest.mark.skipif(not kt.ops_registered(),
+                    reason=f"torch.ops.keysel.* and torch.library.opcheck need torch >= 2.4 (this is {torch.__version__})")
+def test_opcheck_of_the_differentiable_op_and_its_backward():
+    q, k, v, sel, grad_out = make_problem(9, granularity="per_head")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    # With inputs that require grad, opcheck also runs the registered autograd formula.
+    torch.library.opcheck(torch.ops.keysel.sparse_attention.default, (*leaves, sel, "per_head", 0.5))
+    out, lse = kt.sparse_attention(q, k, v, sel, granularity="per_head", scale=0.5)
+    torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
+                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5))

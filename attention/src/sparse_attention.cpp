@@ -456,7 +456,6 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
                   Granularity granularity, const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                   const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v, int threads,
                   AttentionKernel kernel) {
-  constexpr std::string_view function = "sparse_attention_backward";
   const kernels::BackwardOps ops = backward_ops(kernel);
   const UnitLayout layout(shape, granularity);
   const std::int64_t tokens = shape.tokens, heads = shape.query_heads, kv_heads = shape.kv_heads;
@@ -543,9 +542,7 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
   }
 
   // The index of pass 2: for each (key head, key) the units that select it, ascending (CSR).
-  KEYSEL_CHECK_ARG_IN(function, units <= std::numeric_limits<std::int32_t>::max(), "q",
-                      "T * (Hq or Hkv) <= 2^31 - 1 work units", units);
-  const std::int64_t lists = checked_mul(kv_heads, shape.keys, function, "k");
+  const std::int64_t lists = kv_heads * shape.keys;  // checked by sparse_attention_backward
   std::vector<std::int64_t> offsets(static_cast<std::size_t>(lists + 1), 0);
   for (std::int64_t unit = 0; unit < units; ++unit) {
     const std::int64_t t = unit / layout.units_per_token;
@@ -714,6 +711,13 @@ void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& 
   std::vector<std::int64_t> allowed(positions.size());
   for (std::size_t t = 0; t < positions.size(); ++t) allowed[t] = allowed_keys(positions[t], shape.keys);
   check_selection(function, selection, inputs.positions, allowed, shape.keys, groups);
+  // The key-major index stores work units as int32 and has Hkv * N lists.
+  const std::int64_t units =
+      checked_mul(shape.tokens, granularity == Granularity::per_head ? shape.query_heads : shape.kv_heads, function,
+                  "q");
+  KEYSEL_CHECK_ARG_IN(function, units <= std::numeric_limits<std::int32_t>::max(), "q",
+                      "T * (Hq for per_head, else Hkv) <= 2^31 - 1 work units", units);
+  checked_mul(shape.kv_heads, shape.keys, function, "k");
   const int threads = options.threads > 0 ? options.threads : num_threads();
   run_backward(inputs, shape, selection, granularity, out, lse, grad_out, grad_q, grad_k, grad_v, threads, kernel);
 }

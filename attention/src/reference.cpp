@@ -1,5 +1,6 @@
 #include "keysel/attention/reference.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -261,6 +262,90 @@ void sparse_attention_reference(const AttentionInputs& inputs, const TensorView&
         const Softmax softmax = softmax_weights(in, t, h, keys, weights);
         write_attention_row(in, t, h, keys, weights, softmax, accumulator, out_writer, lse_ptr);
       }
+    }
+  }
+}
+
+void sparse_attention_backward_reference(const AttentionInputs& inputs, const TensorView& selection,
+                                         Granularity granularity, const TensorView& grad_out,
+                                         const TensorView& grad_q, const TensorView& grad_k,
+                                         const TensorView& grad_v) {
+  constexpr std::string_view function = "sparse_attention_backward_reference";
+  const AttentionShape shape = inputs.validate(function, true);
+  const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
+  expect_shape(function, grad_out, "grad_out", {shape.tokens, shape.query_heads, shape.value_dim});
+  expect_dtype(function, grad_out, "grad_out", {DType::fp32, DType::bf16, DType::fp16, DType::fp64});
+  expect_device(function, grad_out, "grad_out", Device::cpu());
+  check_output(function, grad_q, "grad_q", {shape.tokens, shape.query_heads, shape.head_dim},
+               {DType::fp32, DType::fp64});
+  check_output(function, grad_k, "grad_k", {shape.keys, shape.kv_heads, shape.head_dim}, {DType::fp32, DType::fp64});
+  check_output(function, grad_v, "grad_v", {shape.keys, shape.kv_heads, shape.value_dim},
+               {DType::fp32, DType::fp64});
+  validate_selection(function, selection, "selection", inputs.positions, shape.keys, groups);
+
+  const DecodedInputs in = decode(inputs, shape);
+  const std::vector<double> d_out = to_double_vector(grad_out);  // [T, Hq, Dv]
+  const std::vector<double> selected = to_double_vector(selection);
+  const std::int64_t width = selection.size(2);
+  const std::int64_t dim = shape.head_dim, dv = shape.value_dim;
+  std::vector<double> dq(static_cast<std::size_t>(shape.tokens * shape.query_heads * dim), 0.0);
+  std::vector<double> dk(static_cast<std::size_t>(shape.keys * shape.kv_heads * dim), 0.0);
+  std::vector<double> dvv(static_cast<std::size_t>(shape.keys * shape.kv_heads * dv), 0.0);
+
+  // Plain sequential loops: dK and dV gather from every (t, h), which keeps this the obvious transcription.
+  std::vector<std::int64_t> keys;
+  std::vector<double> weights;
+  std::vector<double> out(static_cast<std::size_t>(dv));
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    for (std::int64_t h = 0; h < shape.query_heads; ++h) {
+      const std::int64_t g = group_of_head(granularity, h, shape.query_heads, shape.kv_heads);
+      const std::int64_t kv = h / shape.group_size();
+      const double* row = selected.data() + (t * groups + g) * width;
+      keys.clear();
+      for (std::int64_t i = 0; i < width && row[i] >= 0.0; ++i) keys.push_back(static_cast<std::int64_t>(row[i]));
+      if (keys.empty()) continue;
+      const Softmax softmax = softmax_weights(in, t, h, keys, weights);
+      for (double& w : weights) w /= softmax.sum;  // P over the selection
+      const double* go = d_out.data() + (t * shape.query_heads + h) * dv;
+      std::fill(out.begin(), out.end(), 0.0);
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const double* vv = in.value(keys[i], kv);
+        for (std::int64_t d = 0; d < dv; ++d) out[static_cast<std::size_t>(d)] += weights[i] * vv[d];
+      }
+      double delta = 0.0;
+      for (std::int64_t d = 0; d < dv; ++d) delta += go[d] * out[static_cast<std::size_t>(d)];
+      const double* qv = in.query(t, h);
+      double* dqv = dq.data() + (t * shape.query_heads + h) * dim;
+      for (std::size_t i = 0; i < keys.size(); ++i) {
+        const std::int64_t s = keys[i];
+        const double* vv = in.value(s, kv);
+        const double* kvec = in.key(s, kv);
+        double dp = 0.0;
+        for (std::int64_t d = 0; d < dv; ++d) dp += go[d] * vv[d];
+        const double ds = weights[i] * (dp - delta);
+        double* dkv = dk.data() + (s * shape.kv_heads + kv) * dim;
+        double* dvv_row = dvv.data() + (s * shape.kv_heads + kv) * dv;
+        for (std::int64_t d = 0; d < dim; ++d) {
+          dqv[d] += in.scale * ds * kvec[d];
+          dkv[d] += in.scale * ds * qv[d];
+        }
+        for (std::int64_t d = 0; d < dv; ++d) dvv_row[d] += weights[i] * go[d];
+      }
+    }
+  }
+  const OutputWriter q_writer(grad_q), k_writer(grad_k), v_writer(grad_v);
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    for (std::int64_t h = 0; h < shape.query_heads; ++h) {
+      const double* row = dq.data() + (t * shape.query_heads + h) * dim;
+      for (std::int64_t d = 0; d < dim; ++d) q_writer.store(t, h, d, row[d]);
+    }
+  }
+  for (std::int64_t s = 0; s < shape.keys; ++s) {
+    for (std::int64_t kv = 0; kv < shape.kv_heads; ++kv) {
+      const double* k_row = dk.data() + (s * shape.kv_heads + kv) * dim;
+      const double* v_row = dvv.data() + (s * shape.kv_heads + kv) * dv;
+      for (std::int64_t d = 0; d < dim; ++d) k_writer.store(s, kv, d, k_row[d]);
+      for (std::int64_t d = 0; d < dv; ++d) v_writer.store(s, kv, d, v_row[d]);
     }
   }
 }

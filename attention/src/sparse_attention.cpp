@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "keysel/core/checked.h"
 #include "keysel/core/cpu_features.h"
 #include "keysel/core/threads.h"
 #include "sparse_attention_kernels.h"
@@ -413,6 +414,207 @@ void run_attention(const AttentionInputs& inputs, const AttentionShape& shape,
   }
 }
 
+// ---- the backward pass -------------------------------------------------------------------------------------
+
+kernels::BackwardOps backward_ops(AttentionKernel kernel) {
+  switch (kernel) {
+#if defined(__x86_64__)
+    case AttentionKernel::avx512: return kernels::backward_ops_avx512();
+    case AttentionKernel::avx2: return kernels::backward_ops_avx2();
+#endif
+    default: return kernels::backward_ops_scalar();
+  }
+}
+
+void check_input(std::string_view function, const TensorView& view, std::string_view argument,
+                 std::initializer_list<std::int64_t> shape, std::initializer_list<DType> dtypes) {
+  expect_shape(function, view, argument, shape);
+  expect_dtype(function, view, argument, dtypes);
+  expect_device(function, view, argument, Device::cpu());
+}
+
+/// The work units of the forward (run_attention): unit (t, u) holds the query heads that share one key head and
+/// one selection row.
+struct UnitLayout {
+  std::int64_t units_per_token = 0;
+  std::int64_t heads_per_unit = 0;
+  std::int64_t group_size = 0;  // g
+  Granularity granularity = Granularity::per_kv_head;
+
+  UnitLayout(const AttentionShape& shape, Granularity granularity_in)
+      : group_size(shape.group_size()), granularity(granularity_in) {
+    const bool per_head = granularity == Granularity::per_head;
+    units_per_token = per_head ? shape.query_heads : shape.kv_heads;
+    heads_per_unit = per_head ? 1 : group_size;
+  }
+  std::int64_t first_head(std::int64_t u) const { return granularity == Granularity::per_head ? u : u * group_size; }
+  std::int64_t kv_head(std::int64_t u) const { return first_head(u) / group_size; }
+  std::int64_t group(std::int64_t u) const { return granularity == Granularity::per_token ? 0 : u; }
+};
+
+void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, const TensorView& selection,
+                  Granularity granularity, const TensorView& out, const TensorView& lse, const TensorView& grad_out,
+                  const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v, int threads,
+                  AttentionKernel kernel) {
+  const kernels::BackwardOps ops = backward_ops(kernel);
+  const UnitLayout layout(shape, granularity);
+  const std::int64_t tokens = shape.tokens, heads = shape.query_heads, kv_heads = shape.kv_heads;
+  const std::int64_t dim = shape.head_dim, value_dim = shape.value_dim;
+  const std::int64_t dp = kernels::padded(dim);
+  const std::int64_t dvp = kernels::padded(value_dim);
+  const std::int64_t units = tokens * layout.units_per_token;
+  const float scale = static_cast<float>(inputs.effective_scale());
+
+  // fp32 copies: q * scale and grad_out, zero padded; lse; Delta = rowsum(grad_out * out).
+  const std::vector<float> queries = prepare_queries(inputs.q, inputs.effective_scale(), dp);
+  const std::vector<float> d_out = prepare_queries(grad_out, 1.0, dvp);
+  std::vector<float> lse_values(static_cast<std::size_t>(tokens * heads));
+  std::vector<float> delta(static_cast<std::size_t>(tokens * heads));
+  {
+    const float* lse_data = lse.data<float>();
+    const auto* out_base = static_cast<const std::byte*>(out.raw_data());
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) \
+    if (tokens * heads * value_dim > kParallelWork)
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      for (std::int64_t h = 0; h < heads; ++h) {
+        lse_values[static_cast<std::size_t>(t * heads + h)] = lse_data[t * lse.stride(0) + h * lse.stride(1)];
+        const float* go = d_out.data() + (t * heads + h) * dvp;
+        float sum = 0.0f;
+        for (std::int64_t d = 0; d < value_dim; ++d) {
+          sum += go[d] * load_as_float(out, out_base, t * out.stride(0) + h * out.stride(1) + d * out.stride(2));
+        }
+        delta[static_cast<std::size_t>(t * heads + h)] = sum;
+      }
+    }
+  }
+  std::vector<std::byte> k_storage, v_storage;
+  const RowSource k_rows = row_source(inputs.k, k_storage);
+  const RowSource v_rows = row_source(inputs.v, v_storage);
+  const std::int64_t width = selection.size(2);
+  const std::int32_t* sel = selection.data<std::int32_t>();
+  const std::int64_t ss[3] = {selection.stride(0), selection.stride(1), selection.stride(2)};
+
+  // The selected keys of unit `unit` (rows are validated: distinct allowed keys, then -1 padding).
+  const auto unit_count = [&](std::int64_t unit) {
+    const std::int64_t t = unit / layout.units_per_token;
+    const std::int64_t g = layout.group(unit % layout.units_per_token);
+    std::int64_t count = 0;
+    while (count < width && selection_entry(sel, ss, t, g, count) >= 0) ++count;
+    return count;
+  };
+
+  // Pass 1, query-major: dQ of each unit's heads, summed over its row in row order.
+  float* gq = grad_q.mutable_data<float>();
+  const std::int64_t gqs[3] = {grad_q.stride(0), grad_q.stride(1), grad_q.stride(2)};
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> k_row(static_cast<std::size_t>(dp)), v_row(static_cast<std::size_t>(dvp));
+    std::vector<float> dq(static_cast<std::size_t>(layout.heads_per_unit * dp));
+#pragma omp for schedule(dynamic, 1)
+    for (std::int64_t unit = 0; unit < units; ++unit) {
+      const std::int64_t t = unit / layout.units_per_token;
+      const std::int64_t u = unit % layout.units_per_token;
+      const std::int64_t g = layout.group(u);
+      const std::int64_t first_head = layout.first_head(u);
+      const std::int64_t kv = layout.kv_head(u);
+      const std::int64_t count = unit_count(unit);
+      std::fill(dq.begin(), dq.end(), 0.0f);
+      for (std::int64_t i = 0; i < count; ++i) {
+        const std::int64_t s = selection_entry(sel, ss, t, g, i);
+        ops.convert(k_row.data(), k_rows.base + s * k_rows.token_bytes + kv * k_rows.head_bytes, inputs.k.dtype(),
+                    dim, dp);
+        ops.convert(v_row.data(), v_rows.base + s * v_rows.token_bytes + kv * v_rows.head_bytes, inputs.v.dtype(),
+                    value_dim, dvp);
+        for (std::int64_t j = 0; j < layout.heads_per_unit; ++j) {
+          const std::int64_t row = t * heads + first_head + j;
+          const float p = std::exp(ops.dot(queries.data() + row * dp, k_row.data(), dp) -
+                                   lse_values[static_cast<std::size_t>(row)]);
+          const float dp_value = ops.dot(d_out.data() + row * dvp, v_row.data(), dvp);
+          const float ds = p * (dp_value - delta[static_cast<std::size_t>(row)]);
+          ops.axpy(dq.data() + j * dp, scale * ds, k_row.data(), dp);
+        }
+      }
+      for (std::int64_t j = 0; j < layout.heads_per_unit; ++j) {
+        float* target = gq + t * gqs[0] + (first_head + j) * gqs[1];
+        for (std::int64_t d = 0; d < dim; ++d) target[d * gqs[2]] = dq[static_cast<std::size_t>(j * dp + d)];
+      }
+    }
+  }
+
+  // The index of pass 2: for each (key head, key) the units that select it, ascending (CSR).
+  const std::int64_t lists = kv_heads * shape.keys;  // checked by sparse_attention_backward
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(lists + 1), 0);
+  for (std::int64_t unit = 0; unit < units; ++unit) {
+    const std::int64_t t = unit / layout.units_per_token;
+    const std::int64_t u = unit % layout.units_per_token;
+    const std::int64_t kv = layout.kv_head(u);
+    const std::int64_t count = unit_count(unit);
+    for (std::int64_t i = 0; i < count; ++i) {
+      ++offsets[static_cast<std::size_t>(kv * shape.keys + selection_entry(sel, ss, t, layout.group(u), i) + 1)];
+    }
+  }
+  for (std::size_t i = 0; i + 1 < offsets.size(); ++i) offsets[i + 1] += offsets[i];
+  std::vector<std::int32_t> entries(static_cast<std::size_t>(offsets.back()));
+  {
+    std::vector<std::int64_t> cursor(offsets.begin(), offsets.end() - 1);
+    for (std::int64_t unit = 0; unit < units; ++unit) {
+      const std::int64_t t = unit / layout.units_per_token;
+      const std::int64_t u = unit % layout.units_per_token;
+      const std::int64_t kv = layout.kv_head(u);
+      const std::int64_t count = unit_count(unit);
+      for (std::int64_t i = 0; i < count; ++i) {
+        const std::int64_t list = kv * shape.keys + selection_entry(sel, ss, t, layout.group(u), i);
+        entries[static_cast<std::size_t>(cursor[static_cast<std::size_t>(list)]++)] = static_cast<std::int32_t>(unit);
+      }
+    }
+  }
+
+  // Pass 2, key-major: each (key, key head) sums dK and dV over its units in order, on one thread.
+  float* gk = grad_k.mutable_data<float>();
+  float* gv = grad_v.mutable_data<float>();
+  const std::int64_t gks[3] = {grad_k.stride(0), grad_k.stride(1), grad_k.stride(2)};
+  const std::int64_t gvs[3] = {grad_v.stride(0), grad_v.stride(1), grad_v.stride(2)};
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> k_row(static_cast<std::size_t>(dp)), v_row(static_cast<std::size_t>(dvp));
+    std::vector<float> dk(static_cast<std::size_t>(dp)), dv(static_cast<std::size_t>(dvp));
+#pragma omp for schedule(dynamic, 16)
+    for (std::int64_t list = 0; list < lists; ++list) {
+      const std::int64_t kv = list / shape.keys;
+      const std::int64_t s = list % shape.keys;
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      const std::int64_t begin = offsets[static_cast<std::size_t>(list)];
+      const std::int64_t end = offsets[static_cast<std::size_t>(list + 1)];
+      if (end > begin) {
+        ops.convert(k_row.data(), k_rows.base + s * k_rows.token_bytes + kv * k_rows.head_bytes, inputs.k.dtype(),
+                    dim, dp);
+        ops.convert(v_row.data(), v_rows.base + s * v_rows.token_bytes + kv * v_rows.head_bytes, inputs.v.dtype(),
+                    value_dim, dvp);
+      }
+      for (std::int64_t e = begin; e < end; ++e) {
+        const std::int64_t unit = entries[static_cast<std::size_t>(e)];
+        const std::int64_t t = unit / layout.units_per_token;
+        const std::int64_t first_head = layout.first_head(unit % layout.units_per_token);
+        for (std::int64_t j = 0; j < layout.heads_per_unit; ++j) {
+          const std::int64_t row = t * heads + first_head + j;
+          const float* q_row = queries.data() + row * dp;
+          const float* go = d_out.data() + row * dvp;
+          const float p = std::exp(ops.dot(q_row, k_row.data(), dp) - lse_values[static_cast<std::size_t>(row)]);
+          const float dp_value = ops.dot(go, v_row.data(), dvp);
+          const float ds = p * (dp_value - delta[static_cast<std::size_t>(row)]);
+          ops.axpy(dk.data(), ds, q_row, dp);  // q_row holds scale * q
+          ops.axpy(dv.data(), p, go, dvp);
+        }
+      }
+      float* k_target = gk + s * gks[0] + kv * gks[1];
+      for (std::int64_t d = 0; d < dim; ++d) k_target[d * gks[2]] = dk[static_cast<std::size_t>(d)];
+      float* v_target = gv + s * gvs[0] + kv * gvs[1];
+      for (std::int64_t d = 0; d < value_dim; ++d) v_target[d * gvs[2]] = dv[static_cast<std::size_t>(d)];
+    }
+  }
+}
+
 }  // namespace
 
 std::string_view attention_kernel_name(AttentionKernel kernel) {
@@ -485,6 +687,39 @@ void full_attention_fast(const AttentionInputs& inputs, const TensorView& out, c
   source.prefix = prefix.data();
   // Every query head reads its key head's rows once per token: the per_kv_head layout of units.
   run_attention(inputs, shape, allowed, source, Granularity::per_kv_head, out, lse, options, kernel);
+}
+
+void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& selection, Granularity granularity,
+                               const TensorView& out, const TensorView& lse, const TensorView& grad_out,
+                               const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
+                               const SparseAttentionOptions& options) {
+  constexpr std::string_view function = "sparse_attention_backward";
+  const AttentionShape shape = inputs.validate(function, true);
+  const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
+  check_input(function, out, "out", {shape.tokens, shape.query_heads, shape.value_dim},
+              {DType::fp32, DType::bf16, DType::fp16});
+  check_input(function, lse, "lse", {shape.tokens, shape.query_heads}, {DType::fp32});
+  check_input(function, grad_out, "grad_out", {shape.tokens, shape.query_heads, shape.value_dim},
+              {DType::fp32, DType::bf16, DType::fp16});
+  check_output(function, grad_q, "grad_q", {shape.tokens, shape.query_heads, shape.head_dim});
+  check_output(function, grad_k, "grad_k", {shape.keys, shape.kv_heads, shape.head_dim});
+  check_output(function, grad_v, "grad_v", {shape.keys, shape.kv_heads, shape.value_dim});
+  KEYSEL_CHECK_ARG_IN(function, options.threads >= 0, "options.threads", ">= 0 (0: keysel::num_threads())",
+                      options.threads);
+  const AttentionKernel kernel = resolve_kernel(function, options.kernel);
+  const std::vector<std::int64_t> positions = read_positions(inputs.positions);
+  std::vector<std::int64_t> allowed(positions.size());
+  for (std::size_t t = 0; t < positions.size(); ++t) allowed[t] = allowed_keys(positions[t], shape.keys);
+  check_selection(function, selection, inputs.positions, allowed, shape.keys, groups);
+  // The key-major index stores work units as int32 and has Hkv * N lists.
+  const std::int64_t units =
+      checked_mul(shape.tokens, granularity == Granularity::per_head ? shape.query_heads : shape.kv_heads, function,
+                  "q");
+  KEYSEL_CHECK_ARG_IN(function, units <= std::numeric_limits<std::int32_t>::max(), "q",
+                      "T * (Hq for per_head, else Hkv) <= 2^31 - 1 work units", units);
+  checked_mul(shape.kv_heads, shape.keys, function, "k");
+  const int threads = options.threads > 0 ? options.threads : num_threads();
+  run_backward(inputs, shape, selection, granularity, out, lse, grad_out, grad_q, grad_k, grad_v, threads, kernel);
 }
 
 }  // namespace keysel

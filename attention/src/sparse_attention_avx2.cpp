@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "sparse_attention_backward_simd.h"
 #include "sparse_attention_simd.h"
 
 namespace keysel::attention_kernels {
@@ -87,5 +88,7 @@ struct Avx2 {
 void attend_avx2(const Problem& problem, const std::int32_t* keys, std::int64_t count, const State& state) {
   attend_simd<Avx2>(problem, keys, count, state);
 }
+
+BackwardOps backward_ops_avx2() { return backward_ops<Avx2>(); }
 
 }  // namespace keysel::attention_kernels

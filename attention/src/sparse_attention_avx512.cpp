@@ -10,6 +10,7 @@
 
 #include <cmath>
 
+#include "sparse_attention_backward_simd.h"
 #include "sparse_attention_simd.h"
 
 namespace keysel::attention_kernels {
@@ -80,5 +81,7 @@ struct Avx512 {
 void attend_avx512(const Problem& problem, const std::int32_t* keys, std::int64_t count, const State& state) {
   attend_simd<Avx512>(problem, keys, count, state);
 }
+
+BackwardOps backward_ops_avx512() { return backward_ops<Avx512>(); }
 
 }  // namespace keysel::attention_kernels

@@ -50,4 +50,20 @@ void attend_scalar(const Problem& problem, const std::int32_t* keys, std::int64_
 void attend_avx2(const Problem& problem, const std::int32_t* keys, std::int64_t count, const State& state);
 void attend_avx512(const Problem& problem, const std::int32_t* keys, std::int64_t count, const State& state);
 
+/// Row primitives of the backward pass (sparse_attention_backward). Every fp32 row they touch is zero padded to
+/// a multiple of kPad floats, so no call handles a tail except `convert`, which reads n elements and zero fills
+/// dst up to n_padded.
+struct BackwardOps {
+  /// dst[0 .. n) = row[0 .. n) widened to fp32 (row: n contiguous fp32, bf16 or fp16), dst[n .. n_padded) = 0.
+  void (*convert)(float* dst, const std::byte* row, DType dtype, std::int64_t n, std::int64_t n_padded);
+  /// sum_i a[i] * b[i] over n_padded floats.
+  float (*dot)(const float* a, const float* b, std::int64_t n_padded);
+  /// acc[i] += alpha * x[i] over n_padded floats.
+  void (*axpy)(float* acc, float alpha, const float* x, std::int64_t n_padded);
+};
+
+BackwardOps backward_ops_scalar();
+BackwardOps backward_ops_avx2();
+BackwardOps backward_ops_avx512();
+
 }  // namespace keysel::attention_kernels

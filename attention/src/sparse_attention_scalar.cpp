@@ -68,4 +68,25 @@ void attend_scalar(const Problem& p, const std::int32_t* keys, std::int64_t coun
   }
 }
 
+namespace {
+
+void convert_scalar(float* dst, const std::byte* row, DType dtype, std::int64_t n, std::int64_t n_padded) {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = load_element(row, dtype, i);
+  for (std::int64_t i = n; i < n_padded; ++i) dst[i] = 0.0f;
+}
+
+float dot_scalar(const float* a, const float* b, std::int64_t n_padded) {
+  float sum = 0.0f;
+  for (std::int64_t i = 0; i < n_padded; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+void axpy_scalar(float* acc, float alpha, const float* x, std::int64_t n_padded) {
+  for (std::int64_t i = 0; i < n_padded; ++i) acc[i] += alpha * x[i];
+}
+
+}  // namespace
+
+BackwardOps backward_ops_scalar() { return BackwardOps{&convert_scalar, &dot_scalar, &axpy_scalar}; }
+
 }  // namespace keysel::attention_kernels

@@ -33,6 +33,7 @@
 #include "keysel/indexer/faiss_search.h"
 #include "keysel/indexer/fast_topk.h"
 #include "keysel/indexer/hadamard.h"
+#include "keysel/indexer/indexer_training.h"
 #include "keysel/indexer/key_cache.h"
 #include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/proxy_scorer.h"

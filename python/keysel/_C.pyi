@@ -78,6 +78,16 @@ def indexer_k_quant_and_cache(k: object, kv_cache: object, kv_cache_dtype: str, 
 
 def sparse_attention(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, block_table: object | None, out: object, lse: object | None, stream: int) -> None: ...
 
+def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object) -> None:
+    """
+    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU, deterministic.
+    """
+
+def indexer_kl_loss_reference(target: object, queries: object, weights: object, keys: object, positions: object, selection: object | None, reduction: str, grad_queries: object, grad_weights: object, grad_keys: object) -> float:
+    """
+    The Lightning Indexer's KL loss (SPEC §9.1) in double precision; writes its gradients with respect to queries, weights and keys into the given float64 arrays and returns the loss.
+    """
+
 def sparse_mla(q: object, kv: object, kv_dtype: str, indices: object, out: object, lse: object | None, max_logits: object | None, scale: float, attn_sink: object | None, topk_length: object | None, stream: int, workspace: object | None) -> None: ...
 
 def mla_v32_quantize(kv: object, cache: object, cache_dtype: str, slot_mapping: object) -> None: ...

@@ -58,7 +58,7 @@ __all__ = [
     "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
     "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
-    "set_simd_level", "simd_level", "sparse_attention", "indexer_topk_workspace_bytes", "topk_rows",
+    "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "indexer_kl_loss_reference", "indexer_topk_workspace_bytes", "topk_rows",
     "topk_rows_workspace_bytes", "paged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
     "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_workspace_bytes", "mla_v32_quantize",
 ]
@@ -522,6 +522,64 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
     _io.call(fn, _io.ATTENTION, _C.sparse_attention, q_c, k_c, v_c, s_c, granularity, _scale(scale, fn), table_c,
              out_c, lse_c, _io.stream_handle(stream, (q,)))
     return result, result_lse
+
+
+def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out, *, granularity="per_kv_head",
+                              scale=None, grad_q=None, grad_k=None, grad_v=None):
+    """Gradients of sparse_attention's out with the selection held fixed (SPEC §9), on the CPU.
+
+    With P = exp(scale q.k - lse) over the selected keys, dP = grad_out . v, Delta = rowsum(grad_out * out),
+    dS = P (dP - Delta): grad_q = scale dS K, grad_k = scale dS^T Q, grad_v = P^T grad_out, the heads of a key
+    head (GQA) and every query token that selects a key summed into that key's rows.
+
+    q [T, Hq, D], k_cache [N, Hkv, D], v_cache [N, Hkv, Dv], out and grad_out [T, Hq, Dv] (float32, float16 or
+    bfloat16, any strides), lse float32 [T, Hq] (out and lse as sparse_attention returned them), selection int32
+    [T, G, W] as for sparse_attention. Arithmetic in float32; deterministic (the same bits for any thread count).
+    Returns (grad_q float32 [T, Hq, D], grad_k float32 [N, Hkv, D], grad_v float32 [N, Hkv, Dv]); keys no row
+    selects and queries with no selected key get zeros. grad_q=, grad_k=, grad_v= are written in place when given.
+    """
+    fn = "sparse_attention_backward"
+    names = ("q", "k_cache", "v_cache", "selection", "out", "lse", "grad_out")
+    tensors = (q, k_cache, v_cache, selection, out, lse, grad_out)
+    converted = [_io.arg(x, fn, name)[0] for x, name in zip(tensors, names)]
+    t, hq, d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
+    n, hkv, _ = _io.shape(k_cache, fn, "k_cache", 3, "[N, Hkv, D]")
+    dv = _io.shape(v_cache, fn, "v_cache", 3, "[N, Hkv, Dv]")[2]
+    results = []
+    for given, shape, name in ((grad_q, (t, hq, d), "grad_q"), (grad_k, (n, hkv, d), "grad_k"),
+                               (grad_v, (n, hkv, dv), "grad_v")):
+        result = given if given is not None else _io.empty(shape, "float32", tensors, fn)
+        results.append(result)
+        converted.append(_io.arg(result, fn, name)[0])
+    _io.call(fn, _io.ATTENTION, _C.sparse_attention_backward, *converted[:4], granularity, _scale(scale, fn),
+             *converted[4:])
+    return tuple(results)
+
+
+def indexer_kl_loss_reference(target, q_index, weights, k_index, positions, selection=None, *, reduction="mean"):
+    """The Lightning Indexer's training loss (SPEC §9.1) and its gradients, in double precision (the reference).
+
+    target:    float32/float64 [T, N]: the main attention's head-mean distribution pbar (SPEC §2, per_token)
+    q_index:   float32/float64 [T, HI, DI];  weights: [T, HI];  k_index: [N, DI]
+    positions: int32 [T] (query t reads keys s <= positions[t])
+    selection: None for the dense warm-up (KL over every allowed key), or int32 [T, 1, W] / [T, W] (the per_token
+               selection, -1 padded) for the sparse stage (KL over the selected keys, both sides renormalised)
+    reduction: "mean" over the query tokens with keys, or "sum".
+    Returns (loss float, grad_q_index, grad_weights, grad_k_index) as float64 NumPy arrays.
+    """
+    fn = "indexer_kl_loss_reference"
+    if selection is not None and len(getattr(selection, "shape", ())) == 2:
+        selection = selection[:, None, :]
+    t, hi, di = _io.shape(q_index, fn, "q_index", 3, "[T, HI, DI]")
+    n = _io.shape(k_index, fn, "k_index", 2, "[N, DI]")[0]
+    grads = (np.zeros((t, hi, di)), np.zeros((t, hi)), np.zeros((n, di)))
+    tensors = [_io.arg(x, fn, name)[0] for x, name in ((target, "target"), (q_index, "q_index"), (weights, "weights"),
+                                                       (k_index, "k_index"), (positions, "positions"))]
+    sel_c = None if selection is None else _io.arg(selection, fn, "selection")[0]
+    renames = {"queries": "q_index", "keys": "k_index", "gradients.queries": "q_index",
+               "gradients.weights": "weights", "gradients.keys": "k_index"}
+    loss = _io.call(fn, renames, _C.indexer_kl_loss_reference, *tensors, sel_c, reduction, *grads)
+    return (loss,) + grads
 
 
 def sparse_mla(q, kv, indices, *, scale=None, attn_sink=None, topk_length=None, out=None, lse=None,

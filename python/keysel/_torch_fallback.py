@@ -121,3 +121,40 @@ def sparse_attention(q, k_cache, v_cache, selection, granularity, scale):
     p = torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
     out = torch.einsum("thw,thwd->thd", p, values)
     return out.to(q.dtype), lse.to(torch.float32)
+
+
+
+def sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale):
+    """Gradients of sparse_attention's out (SPEC §9) by gathering the selected rows: (dq, dk, dv) in the dtypes of
+    q, k_cache, v_cache. Recomputes P in float32 (float64 for float64 inputs); dk and dv are summed with
+    index_add_ (on CUDA in an unspecified order: not bitwise reproducible)."""
+    t, hq, d = q.shape
+    n, hkv, _ = k_cache.shape
+    dv_dim = v_cache.shape[2]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    groups = head_groups(granularity, hq, hkv, q.device)              # [Hq]
+    kv_of_head = torch.arange(hq, device=q.device) // (hq // hkv)    # [Hq]
+    sel = selection.to(torch.int64)[:, groups, :]                      # [T, Hq, W]
+    valid = sel >= 0
+    idx = sel.clamp_min(0)
+    heads = kv_of_head[None, :, None].expand_as(idx)
+    qc = q.to(compute)
+    go = grad_out.to(compute)
+    keys = k_cache.to(compute)[idx, heads]                             # [T, Hq, W, D]
+    values = v_cache.to(compute)[idx, heads]                           # [T, Hq, W, Dv]
+    logits = torch.einsum("thd,thwd->thw", qc, keys) * scale
+    logits = logits.masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    p = torch.where(valid, torch.exp(logits - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None]),
+                    torch.zeros_like(logits))                          # [T, Hq, W]
+    out = torch.einsum("thw,thwd->thd", p, values)
+    dp = torch.einsum("thd,thwd->thw", go, values)
+    delta = (go * out).sum(-1, keepdim=True)
+    ds = p * (dp - delta)                                              # 0 on padding slots
+    dq = torch.einsum("thw,thwd->thd", ds, keys) * scale
+    flat = (idx * hkv + heads).reshape(-1)                             # row of [N * Hkv]
+    dk = torch.zeros(n * hkv, d, dtype=compute, device=q.device)
+    dk.index_add_(0, flat, (ds[..., None] * qc[:, :, None, :] * scale).reshape(-1, d))
+    dv = torch.zeros(n * hkv, dv_dim, dtype=compute, device=q.device)
+    dv.index_add_(0, flat, (p[..., None] * go[:, :, None, :]).reshape(-1, dv_dim))
+    return (dq.to(q.dtype), dk.reshape(n, hkv, d).to(k_cache.dtype), dv.reshape(n, hkv, dv_dim).to(v_cache.dtype))

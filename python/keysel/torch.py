@@ -50,6 +50,7 @@ __all__ = [
     "exact_topk_from",
     "topk_select",
     "sparse_attention",
+    "indexer_kl_loss",
 ]
 
 GRANULARITIES = _fallback.GRANULARITIES
@@ -161,6 +162,51 @@ def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
     return _fallback.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
 
 
+def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
+    """(dq, dk, dv) of sparse_attention's out (SPEC §9) in the dtypes of q, k_cache, v_cache: keysel's CPU kernel
+    where the compiled core takes the tensors, the gather-based pure-torch backward otherwise (CUDA tensors,
+    float64, backend "torch")."""
+    if _use_core(q, k_cache, v_cache) and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dq, dk, dv = _core().sparse_attention_backward(
+            q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
+            out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,
+            scale=scale)
+        return dq.to(q.dtype), dk.to(k_cache.dtype), dv.to(v_cache.dtype)
+    return _fallback.sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k_cache, v_cache, selection, granularity, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k_cache, v_cache, selection, out, lse)
+    ctx.granularity = granularity
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, grad_out, _grad_lse, backward):
+    q, k_cache, v_cache, selection, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = backward(q, k_cache, v_cache, selection, out, lse, grad_out, ctx.granularity, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+class _SparseAttentionFunction(torch.autograd.Function):
+    """sparse_attention with keysel's backward, for a torch without torch.library.custom_op (torch < 2.4);
+    newer torches register the same backward on torch.ops.keysel.sparse_attention."""
+
+    @staticmethod
+    def forward(ctx, q, k_cache, v_cache, selection, granularity, scale):
+        output = _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
+        _attention_setup_context(ctx, (q, k_cache, v_cache, selection, granularity, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _attention_backward(ctx, grad_out, grad_lse, _sparse_attention_backward_impl)
+
+
 _ops_registered = False
 if _TORCH_VERSION >= (2, 4):
     try:
@@ -207,6 +253,23 @@ if _TORCH_VERSION >= (2, 4):
             lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
             return out, lse
 
+        @torch.library.custom_op("keysel::sparse_attention_backward", mutates_args=())
+        def _sparse_attention_backward_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                          selection: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                                          grad_out: torch.Tensor, granularity: str,
+                                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity,
+                                                   scale)
+
+        @_sparse_attention_backward_op.register_fake
+        def _(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
+            return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+        _sparse_attention_op.register_autograd(
+            lambda ctx, grad_out, grad_lse: _attention_backward(ctx, grad_out, grad_lse,
+                                                                torch.ops.keysel.sparse_attention_backward),
+            setup_context=_attention_setup_context)
+
         _ops_registered = True
     except (AttributeError, RuntimeError):  # an older torch.library, or the ops already exist in this process
         _ops_registered = hasattr(torch.ops, "keysel") and hasattr(torch.ops.keysel, "sparse_attention")
@@ -245,11 +308,92 @@ def exact_topk_from(q, k_cache, positions, key_start, k, *, granularity="per_kv_
 
 
 def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None):
-    """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq])."""
+    """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq]).
+
+    Differentiable in q, k_cache and v_cache (SPEC §9; the selection is a constant, lse carries no gradient):
+    the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16), and a
+    gather-based pure-torch backward elsewhere (CUDA tensors, float64, backend "torch")."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _ops_registered:
         return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
+        return _SparseAttentionFunction.apply(q, k_cache, v_cache, selection, granularity, scale)
     return _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
+
+
+# ----------------------------------------------------------------------------------------------- indexer training
+
+
+def indexer_kl_loss(index_q, index_w, index_k, attention, positions, selection=None, *, scale=None,
+                    reduction="mean"):
+    """The Lightning Indexer's training loss as DeepSeek-V3.2 trains it (SPEC §9.1), differentiable in the
+    indexer's tensors.
+
+    index_q [T, HI, DI], index_w [T, HI], index_k [N, DI]: the indexer's queries, head weights and keys of one
+        sequence; the score is I[t, s] = sum_j index_w[t, j] ReLU(index_q[t, j] . index_k[s]) (SPEC §3)
+    attention: the target, no gradient flows into it: either pbar [T, N] (the main attention's probabilities
+        averaged over heads), or a pair (q [T, Hq, D], k_cache [N, Hkv, D]) of the main attention from which pbar
+        is computed (per_token group mean, softmax scale `scale`, default 1/sqrt(D))
+    positions: int [T]: query t reads keys s <= positions[t]
+    selection: None for the dense warm-up (KL(pbar || softmax I) over every allowed key), or int [T, W] /
+        [T, 1, W] (the per_token selection, -1 padded) for the sparse stage: the KL over the selected keys with
+        both distributions renormalised on them. In the sparse stage the indexer's input is detached from the main
+        model (compute index_q / index_k from hidden_states.detach()) so the loss trains the indexer only.
+    reduction: "mean" over the query tokens that have keys (and target mass on them), or "sum".
+    Returns a scalar tensor: float64 when index_q is float64, else float32. The gradient with respect to I is
+    softmax(I) - pbar (restricted and renormalised); keysel.indexer_kl_loss_reference is the double-precision
+    reference.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"keysel.torch.indexer_kl_loss: reduction must be 'mean' or 'sum'; got {reduction!r}")
+    if index_q.dim() != 3 or index_w.dim() != 2 or index_k.dim() != 2:
+        raise ValueError("keysel.torch.indexer_kl_loss: expected index_q [T, HI, DI], index_w [T, HI] and index_k "
+                         f"[N, DI]; got {list(index_q.shape)}, {list(index_w.shape)}, {list(index_k.shape)}")
+    t, hi, di = index_q.shape
+    n = index_k.shape[0]
+    if tuple(index_w.shape) != (t, hi) or index_k.shape[1] != di:
+        raise ValueError(f"keysel.torch.indexer_kl_loss: index_w must be [{t}, {hi}] and index_k [N, {di}]; got "
+                         f"{list(index_w.shape)} and {list(index_k.shape)}")
+    compute = torch.float64 if index_q.dtype == torch.float64 else torch.float32
+    device = index_q.device
+    positions = positions.to(device=device, dtype=torch.int64)
+    with torch.no_grad():
+        if isinstance(attention, (tuple, list)):
+            q, k_cache = attention
+            d = q.shape[-1]
+            main_scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+            pbar = _fallback.group_probabilities(q.detach(), k_cache.detach(), positions, "per_token",
+                                                 main_scale)[:, 0, :]
+        else:
+            pbar = attention.detach()
+        if tuple(pbar.shape) != (t, n):
+            raise ValueError(f"keysel.torch.indexer_kl_loss: the target must be [T, N] = [{t}, {n}]; got "
+                             f"{list(pbar.shape)}")
+        pbar = pbar.to(device=device, dtype=compute)
+        keys = torch.arange(n, device=device)
+        mask = keys[None, :] <= positions[:, None]                              # allowed [T, N]
+        if selection is not None:
+            sel = selection.to(device=device, dtype=torch.int64).reshape(t, -1)
+            chosen = torch.zeros(t, n + 1, dtype=torch.bool, device=device)
+            chosen.scatter_(1, torch.where(sel >= 0, sel, torch.full_like(sel, n)), True)
+            mask = mask & chosen[:, :n]
+        target = torch.where(mask, pbar, torch.zeros_like(pbar))
+        mass = target.sum(-1)
+        live = mask.any(-1) & (mass > 0)
+        ptilde = target / torch.where(live, mass, torch.ones_like(mass))[:, None]
+        entropy_part = torch.xlogy(ptilde, ptilde).sum(-1)                      # sum p log p (constant)
+    dots = torch.einsum("tjd,sd->tjs", index_q.to(compute), index_k.to(compute))
+    scores = (index_w.to(compute)[:, :, None] * torch.relu(dots)).sum(1)        # I [T, N]
+    readable = mask & live[:, None]
+    masked = torch.where(readable, scores, torch.full_like(scores, float("-inf")))
+    masked = torch.where(live[:, None], masked, torch.zeros_like(scores))      # rows without keys: no NaN
+    log_q = torch.log_softmax(masked, dim=-1)
+    cross = (ptilde * torch.where(readable, log_q, torch.zeros_like(log_q))).sum(-1)
+    per_row = torch.where(live, entropy_part - cross, torch.zeros_like(cross))
+    total = per_row.sum()
+    if reduction == "mean":
+        total = total / live.sum().clamp_min(1).to(compute)
+    return total
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -575,10 +719,13 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
         else:  # a first key per query (sliding windows, packed sequences): one selection per distinct first key
             runs = [((start == s).nonzero().squeeze(1), s) for s in torch.unique(start)]
         parts = []
-        for rows, first in runs:
-            run_indexer = None if seq_indexer is None else (seq_indexer[0][rows], seq_indexer[1], seq_indexer[2][rows])
-            parts.append((rows, first, _select(selector, q[rows], kc, pos[rows], k, granularity, scale, n_sink,
-                                               n_local, layer, run_indexer, key_start=first)))
+        with torch.no_grad():  # the selection is a constant of the gradient (SPEC §9)
+            qd, kd = q.detach(), kc.detach()
+            for rows, first in runs:
+                run_indexer = (None if seq_indexer is None
+                               else (seq_indexer[0][rows], seq_indexer[1], seq_indexer[2][rows]))
+                parts.append((rows, first, _select(selector, qd[rows], kd, pos[rows], k, granularity, scale, n_sink,
+                                                   n_local, layer, run_indexer, key_start=first)))
         if len(parts) == 1:
             selection = parts[0][2]
         else:
@@ -598,8 +745,8 @@ def topk_attention(query, key, value, *, k, is_causal=True, scale=None, granular
                     chosen[rows] = True
                     keep &= chosen
                 shifted = torch.where(selection >= 0, selection - first, selection)
-                _record(stats, layer, q[keep], kc[first:], vc[first:], pos[keep] - first, shifted[keep], k,
-                        granularity, scale)
+                _record(stats, layer, q.detach()[keep], kc.detach()[first:], vc.detach()[first:], pos[keep] - first,
+                        shifted[keep], k, granularity, scale)
         outputs.append(out)
     return torch.stack(outputs).transpose(1, 2)                   # [B, Hq, T, Dv]
 

@@ -357,6 +357,58 @@ void sparse_attention_binding(nb::handle q, nb::handle k_cache, nb::handle v_cac
   sparse_attention(inputs, selection_view, parsed, out_view, lse_view);
 }
 
+// The backward of sparse_attention (SPEC §9), CPU only: dQ, dK, dV into the caller's fp32 tensors.
+void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle selection,
+                                       std::string_view granularity, double scale, nb::handle out, nb::handle lse,
+                                       nb::handle grad_out, nb::handle grad_q, nb::handle grad_k, nb::handle grad_v) {
+  constexpr std::string_view function = "sparse_attention_backward";
+  TensorArguments args(function);
+  const Granularity parsed = parse_granularity(granularity);
+  const TensorView q_view = args.input(q, "q");
+  const TensorView k_view = args.input(k_cache, "k");
+  const TensorView v_view = args.input(v_cache, "v");
+  const TensorView selection_view = args.input(selection, "selection");
+  const TensorView out_view = args.input(out, "out");
+  const TensorView lse_view = args.input(lse, "lse");
+  const TensorView grad_out_view = args.input(grad_out, "grad_out");
+  const TensorView grad_q_view = args.output(grad_q, "grad_q");
+  const TensorView grad_k_view = args.output(grad_k, "grad_k");
+  const TensorView grad_v_view = args.output(grad_v, "grad_v");
+  KEYSEL_CHECK_ARG_IN(function, !on_cuda(q_view), "q", "a CPU tensor (the backward runs on the CPU)", "a CUDA tensor");
+  // As sparse_attention: the selection already obeys the causal rule, so every query may read every key.
+  const std::int64_t tokens = q_view.rank() >= 1 ? q_view.size(0) : 0;
+  const std::int64_t keys = k_view.rank() >= 1 ? k_view.size(0) : 0;
+  std::vector<std::int32_t> positions(static_cast<std::size_t>(tokens),
+                                      static_cast<std::int32_t>(keys > 0 ? keys - 1 : 0));
+  AttentionInputs inputs{q_view, k_view, v_view, TensorView(positions.data(), DType::int32, {tokens}), scale};
+  nb::gil_scoped_release release;
+  sparse_attention_backward(inputs, selection_view, parsed, out_view, lse_view, grad_out_view, grad_q_view,
+                            grad_k_view, grad_v_view);
+}
+
+// The Lightning Indexer's KL objectives (SPEC §9.1) in double precision; gradients into the caller's fp64 arrays.
+double indexer_kl_loss_reference_binding(nb::handle target, nb::handle queries, nb::handle weights, nb::handle keys,
+                                         nb::handle positions, nb::handle selection, std::string_view reduction,
+                                         nb::handle grad_queries, nb::handle grad_weights, nb::handle grad_keys) {
+  constexpr std::string_view function = "indexer_kl_loss_reference";
+  KEYSEL_CHECK_ARG_IN(function, reduction == "mean" || reduction == "sum", "reduction", "\"mean\" or \"sum\"",
+                      reduction);
+  TensorArguments args(function);
+  const TensorView target_view = args.input(target, "target");
+  const TensorView queries_view = args.input(queries, "queries");
+  const TensorView weights_view = args.input(weights, "weights");
+  const TensorView keys_view = args.input(keys, "keys");
+  const TensorView positions_view = args.input(positions, "positions");
+  const TensorView selection_view = args.optional_input(selection, "selection");
+  const IndexerLossGradients gradients{args.output(grad_queries, "gradients.queries"),
+                                       args.output(grad_weights, "gradients.weights"),
+                                       args.output(grad_keys, "gradients.keys")};
+  nb::gil_scoped_release release;
+  return indexer_kl_loss_reference(target_view, queries_view, weights_view, keys_view, positions_view,
+                                   selection_view, reduction == "mean" ? LossReduction::mean : LossReduction::sum,
+                                   gradients);
+}
+
 // Sparse MLA (SPEC §8): the CUDA kernel on GPU tensors, the fp32 CPU path otherwise.
 void sparse_mla_binding(nb::handle q, nb::handle kv, std::string_view kv_dtype, nb::handle indices, nb::handle out,
                         nb::handle lse, nb::handle max_logits, double scale, nb::handle attn_sink,
@@ -631,6 +683,16 @@ NB_MODULE(_C, m) {
         "kv_cache_dtype"_a, "slot_mapping"_a, "power_of_two_scale"_a);
   m.def("sparse_attention", &sparse_attention_binding, "q"_a, "k_cache"_a, "v_cache"_a, "selection"_a,
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
+  m.def("sparse_attention_backward", &sparse_attention_backward_binding, "q"_a, "k_cache"_a, "v_cache"_a,
+        "selection"_a, "granularity"_a, "scale"_a, "out"_a, "lse"_a, "grad_out"_a, "grad_q"_a, "grad_k"_a,
+        "grad_v"_a,
+        "Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and "
+        "grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU, deterministic.");
+  m.def("indexer_kl_loss_reference", &indexer_kl_loss_reference_binding, "target"_a, "queries"_a, "weights"_a,
+        "keys"_a, "positions"_a, "selection"_a.none(), "reduction"_a, "grad_queries"_a, "grad_weights"_a,
+        "grad_keys"_a,
+        "The Lightning Indexer's KL loss (SPEC §9.1) in double precision; writes its gradients with respect to "
+        "queries, weights and keys into the given float64 arrays and returns the loss.");
   m.def("sparse_mla", &sparse_mla_binding, "q"_a, "kv"_a, "kv_dtype"_a, "indices"_a, "out"_a, "lse"_a.none(),
         "max_logits"_a.none(), "scale"_a, "attn_sink"_a.none(), "topk_length"_a.none(), "stream"_a,
         "workspace"_a.none());

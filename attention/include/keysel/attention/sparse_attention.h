@@ -67,4 +67,22 @@ void sparse_attention(const AttentionInputs& inputs, const TensorView& selection
 void full_attention_fast(const AttentionInputs& inputs, const TensorView& out, const TensorView& lse = {},
                          const SparseAttentionOptions& options = {});
 
+/// Gradients of sparse_attention (SPEC §9): dQ, dK, dV of loss = sum(out * grad_out), the selection held fixed.
+///   inputs, selection, granularity: the forward's (v required)
+///   out:      the forward's output, fp32, bf16 or fp16 [T, Hq, Dv] (any strides)
+///   lse:      the forward's log-sum-exp, fp32 [T, Hq] (any strides)
+///   grad_out: d loss / d out, fp32, bf16 or fp16 [T, Hq, Dv] (any strides)
+///   grad_q:   fp32 [T, Hq, D], writable; a query with no selected key gets zeros
+///   grad_k:   fp32 [N, Hkv, D], writable; a key no row selects gets zeros
+///   grad_v:   fp32 [N, Hkv, Dv], writable
+/// fp32 arithmetic. Deterministic: dQ[t,h] sums its row's keys in row order, and each dK[s,kv], dV[s,kv] is
+/// summed by one thread over the query tokens that select s in ascending order (then heads ascending), so the
+/// result does not depend on options.threads (it does depend on options.kernel). Memory: besides fp32 copies of
+/// q and grad_out, an index of (query, key) pairs, 4 bytes per selected entry and key head it reaches.
+/// Throws keysel::Error, writing nothing, on a bad shape, dtype, device, scale, position or selection entry.
+void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& selection, Granularity granularity,
+                               const TensorView& out, const TensorView& lse, const TensorView& grad_out,
+                               const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
+                               const SparseAttentionOptions& options = {});
+
 }  // namespace keysel

@@ -1,0 +1,223 @@
+// sparse_attention_backward_cuda against keysel::sparse_attention_backward_reference (double precision): fp32 and
+// bf16 inputs, every granularity, GQA / MHA / MQA, odd head dims, padded and empty selection rows, bitwise equal
+// results on a second run (no atomics), and bad input. Each test skips where no GPU is present.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "gpu_test_support.h"
+#include "keysel/attention/cuda_sparse_attention.h"
+#include "keysel/attention/reference.h"
+#include "keysel/attention/sparse_attention.h"
+#include "keysel/core/dtype.h"
+#include "keysel/core/error.h"
+#include "keysel/core/random.h"
+
+namespace keysel {
+namespace {
+
+using keysel::testing::poisoned;
+using keysel::testing::to_device;
+using keysel::testing::to_host;
+
+struct Case {
+  std::int64_t T, N, Hq, Hkv, D, Dv, W;
+  Granularity granularity;
+  bool bf16;
+};
+
+/// Values as the device reads them (bf16 bits or fp32) and as fp32 for the CPU side.
+struct Values {
+  std::vector<float> f;
+  std::vector<std::uint16_t> bits;
+};
+
+Values random_values(RandomStream& rng, std::int64_t count, double stddev, bool bf16) {
+  Values v;
+  v.f.resize(static_cast<std::size_t>(count));
+  if (bf16) v.bits.resize(v.f.size());
+  for (std::size_t i = 0; i < v.f.size(); ++i) {
+    const auto x = static_cast<float>(rng.normal(0.0, stddev));
+    if (bf16) {
+      v.bits[i] = fp32_to_bf16_bits(x);
+      v.f[i] = bf16_bits_to_fp32(v.bits[i]);
+    } else {
+      v.f[i] = x;
+    }
+  }
+  return v;
+}
+
+/// Rounds fp32 values to what the device reads (bf16 or unchanged).
+Values as_device_values(const std::vector<float>& x, bool bf16) {
+  Values v;
+  v.f = x;
+  if (bf16) {
+    v.bits.resize(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      v.bits[i] = fp32_to_bf16_bits(x[i]);
+      v.f[i] = bf16_bits_to_fp32(v.bits[i]);
+    }
+  }
+  return v;
+}
+
+CudaBuffer upload(const Values& v, bool bf16) { return bf16 ? to_device(v.bits) : to_device(v.f); }
+
+struct Gradients {
+  std::vector<float> q, k, v;
+};
+
+struct Problem {
+  Case c;
+  Values q, k, v, out, grad_out;
+  std::vector<float> lse;
+  std::vector<std::int32_t> selection;
+  std::int64_t groups = 0;
+};
+
+Problem make_problem(const Case& c, std::uint64_t seed) {
+  Problem p;
+  p.c = c;
+  RandomStream rng(seed);
+  p.groups = group_count(c.granularity, c.Hq, c.Hkv);
+  p.q = random_values(rng, c.T * c.Hq * c.D, 1.5, c.bf16);
+  p.k = random_values(rng, c.N * c.Hkv * c.D, 1.0, c.bf16);
+  p.v = random_values(rng, c.N * c.Hkv * c.Dv, 1.0, c.bf16);
+  const Values grad = random_values(rng, c.T * c.Hq * c.Dv, 1.0, c.bf16);
+  p.grad_out = grad;
+  // Random distinct keys per row (any order), then -1; row (0, 0) empty.
+  p.selection.assign(static_cast<std::size_t>(c.T * p.groups * c.W), -1);
+  std::vector<std::int32_t> all(static_cast<std::size_t>(c.N));
+  std::iota(all.begin(), all.end(), 0);
+  for (std::int64_t r = 1; r < c.T * p.groups; ++r) {
+    rng.shuffle(std::span<std::int32_t>(all));
+    const auto count = static_cast<std::int64_t>(rng.uniform_int(static_cast<std::uint64_t>(std::min(c.W, c.N) + 1)));
+    std::copy_n(all.begin(), count, p.selection.begin() + r * c.W);
+  }
+  // The forward on the CPU (every query may read every key), out rounded to the device dtype.
+  std::vector<float> out(static_cast<std::size_t>(c.T * c.Hq * c.Dv));
+  p.lse.resize(static_cast<std::size_t>(c.T * c.Hq));
+  const std::vector<std::int32_t> positions(static_cast<std::size_t>(c.T), static_cast<std::int32_t>(c.N - 1));
+  AttentionInputs in{TensorView(p.q.f.data(), DType::fp32, {c.T, c.Hq, c.D}),
+                     TensorView(p.k.f.data(), DType::fp32, {c.N, c.Hkv, c.D}),
+                     TensorView(p.v.f.data(), DType::fp32, {c.N, c.Hkv, c.Dv}),
+                     TensorView(positions.data(), DType::int32, {c.T}), 0.0};
+  sparse_attention(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}), c.granularity,
+                   TensorView(out.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
+                   TensorView(p.lse.data(), DType::fp32, {c.T, c.Hq}));
+  p.out = as_device_values(out, c.bf16);
+  return p;
+}
+
+Gradients run_cuda(const Problem& p) {
+  const Case& c = p.c;
+  const DType dtype = c.bf16 ? DType::bf16 : DType::fp32;
+  const CudaBuffer d_q = upload(p.q, c.bf16), d_k = upload(p.k, c.bf16), d_v = upload(p.v, c.bf16);
+  const CudaBuffer d_out = upload(p.out, c.bf16), d_grad = upload(p.grad_out, c.bf16);
+  const CudaBuffer d_lse = to_device(p.lse), d_sel = to_device(p.selection);
+  CudaBuffer d_gq = poisoned<float>(c.T * c.Hq * c.D, 0xFF);
+  CudaBuffer d_gk = poisoned<float>(c.N * c.Hkv * c.D, 0xFF);
+  CudaBuffer d_gv = poisoned<float>(c.N * c.Hkv * c.Dv, 0xFF);
+  const Device gpu = Device::cuda();
+  sparse_attention_backward_cuda(
+      TensorView(d_q.data(), dtype, {c.T, c.Hq, c.D}, gpu), TensorView(d_k.data(), dtype, {c.N, c.Hkv, c.D}, gpu),
+      TensorView(d_v.data(), dtype, {c.N, c.Hkv, c.Dv}, gpu),
+      TensorView(d_sel.data(), DType::int32, {c.T, p.groups, c.W}, gpu), c.granularity, 0.0,
+      TensorView(d_out.data(), dtype, {c.T, c.Hq, c.Dv}, gpu), TensorView(d_lse.data(), DType::fp32, {c.T, c.Hq}, gpu),
+      TensorView(d_grad.data(), dtype, {c.T, c.Hq, c.Dv}, gpu),
+      TensorView(d_gq.data(), DType::fp32, {c.T, c.Hq, c.D}, gpu),
+      TensorView(d_gk.data(), DType::fp32, {c.N, c.Hkv, c.D}, gpu),
+      TensorView(d_gv.data(), DType::fp32, {c.N, c.Hkv, c.Dv}, gpu));
+  cuda_synchronize();
+  return {to_host<float>(d_gq), to_host<float>(d_gk), to_host<float>(d_gv)};
+}
+
+void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tolerance, const char* name) {
+  ASSERT_EQ(got.size(), want.size());
+  double largest = 0.0;
+  for (const double x : want) largest = std::max(largest, std::abs(x));
+  const double bound = tolerance * (1.0 + largest);
+  for (std::size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], bound) << name << "[" << i << "]";
+}
+
+TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
+  KEYSEL_REQUIRE_GPU();
+  const Case cases[] = {
+      {7, 61, 6, 2, 19, 21, 13, Granularity::per_head, false},
+      {7, 61, 6, 2, 19, 21, 13, Granularity::per_kv_head, false},
+      {7, 61, 6, 2, 19, 21, 13, Granularity::per_token, false},
+      {5, 300, 8, 1, 128, 64, 100, Granularity::per_token, true},   // MQA
+      {9, 40, 4, 4, 256, 256, 40, Granularity::per_kv_head, true},  // MHA, every key of a short cache
+  };
+  std::uint64_t seed = 1;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(granularity_name(c.granularity)) + (c.bf16 ? " bf16" : " fp32") +
+                 " D=" + std::to_string(c.D));
+    const Problem p = make_problem(c, ++seed);
+    // The reference differentiates the forward of the same (device-rounded) inputs in double precision.
+    const std::vector<std::int32_t> positions(static_cast<std::size_t>(c.T), static_cast<std::int32_t>(c.N - 1));
+    AttentionInputs in{TensorView(p.q.f.data(), DType::fp32, {c.T, c.Hq, c.D}),
+                       TensorView(p.k.f.data(), DType::fp32, {c.N, c.Hkv, c.D}),
+                       TensorView(p.v.f.data(), DType::fp32, {c.N, c.Hkv, c.Dv}),
+                       TensorView(positions.data(), DType::int32, {c.T}), 0.0};
+    std::vector<double> gq(static_cast<std::size_t>(c.T * c.Hq * c.D)), gk(static_cast<std::size_t>(c.N * c.Hkv * c.D));
+    std::vector<double> gv(static_cast<std::size_t>(c.N * c.Hkv * c.Dv));
+    sparse_attention_backward_reference(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}),
+                                        c.granularity, TensorView(p.grad_out.f.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
+                                        TensorView(gq.data(), DType::fp64, {c.T, c.Hq, c.D}),
+                                        TensorView(gk.data(), DType::fp64, {c.N, c.Hkv, c.D}),
+                                        TensorView(gv.data(), DType::fp64, {c.N, c.Hkv, c.Dv}));
+    const Gradients got = run_cuda(p);
+    // fp32: the CPU kernel's bound (tests/attention/test_sparse_attention_backward.cpp); bf16: out rounded to
+    // 8 bits moves Delta by about 2^-8 relative.
+    const double tolerance = c.bf16 ? 0.02 : 64.0 * static_cast<double>(c.D + c.Dv + c.W) / 16777216.0;
+    expect_close(got.q, gq, tolerance, "grad_q");
+    expect_close(got.k, gk, tolerance, "grad_k");
+    expect_close(got.v, gv, tolerance, "grad_v");
+    // No atomics: a second run gives the same bits.
+    const Gradients again = run_cuda(p);
+    EXPECT_EQ(0, std::memcmp(got.k.data(), again.k.data(), got.k.size() * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(got.v.data(), again.v.data(), got.v.size() * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(got.q.data(), again.q.data(), got.q.size() * sizeof(float)));
+  }
+}
+
+TEST(CudaSparseAttentionBackward, RejectsBadInputNamingTheArgument) {
+  KEYSEL_REQUIRE_GPU();
+  const Problem p = make_problem({3, 10, 4, 2, 8, 8, 4, Granularity::per_kv_head, false}, 3);
+  const CudaBuffer d_q = to_device(p.q.f), d_k = to_device(p.k.f), d_v = to_device(p.v.f);
+  const CudaBuffer d_sel = to_device(p.selection), d_lse = to_device(p.lse), d_out = to_device(p.out.f);
+  CudaBuffer d_gq = poisoned<float>(3 * 4 * 8, 0xFF), d_gk = poisoned<float>(10 * 2 * 8, 0xFF);
+  CudaBuffer d_gv = poisoned<float>(10 * 2 * 8, 0xFF);
+  const Device gpu = Device::cuda();
+  const auto call = [&](std::int64_t gq_heads, DType k_dtype) {
+    sparse_attention_backward_cuda(
+        TensorView(d_q.data(), DType::fp32, {3, 4, 8}, gpu), TensorView(d_k.data(), k_dtype, {10, 2, 8}, gpu),
+        TensorView(d_v.data(), DType::fp32, {10, 2, 8}, gpu), TensorView(d_sel.data(), DType::int32, {3, 2, 4}, gpu),
+        Granularity::per_kv_head, 0.0, TensorView(d_out.data(), DType::fp32, {3, 4, 8}, gpu),
+        TensorView(d_lse.data(), DType::fp32, {3, 4}, gpu), TensorView(d_out.data(), DType::fp32, {3, 4, 8}, gpu),
+        TensorView(d_gq.data(), DType::fp32, {3, gq_heads, 8}, gpu),
+        TensorView(d_gk.data(), DType::fp32, {10, 2, 8}, gpu), TensorView(d_gv.data(), DType::fp32, {10, 2, 8}, gpu));
+  };
+  const auto expect_error = [](const auto& body, const std::string& argument) {
+    try {
+      body();
+      ADD_FAILURE() << "no error for " << argument;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(argument), std::string::npos) << e.what();
+    }
+  };
+  expect_error([&] { call(3, DType::fp32); }, "grad_q");
+  expect_error([&] { call(4, DType::bf16); }, "'k'");
+}
+
+}  // namespace
+}  // namespace keysel

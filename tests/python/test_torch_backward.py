@@ -1,0 +1,232 @@
+"""Gradients of attention over a selection (docs/SPEC.md §9): keysel.sparse_attention_backward (the CPU kernel),
+keysel.torch.sparse_attention and keysel.torch.topk_attention under autograd, against a plain float64
+masked-softmax reference written below (dense scores with -inf outside the selection, differentiated by torch's
+autograd), and torch.autograd.gradcheck in float64.
+
+Tolerances: the kernel computes in float32 (unit roundoff 6e-8) over at most a few dozen products per value:
+1e-4 relative to the largest gradient leaves a wide margin while a wrong term moves gradients by O(1e-1).
+Every API used here exists in torch 1.13 (ctest's python.pytest_oldest_torch).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import keysel
+import keysel.torch as kt
+
+GRANULARITIES = ("per_head", "per_kv_head", "per_token")
+
+
+def group_of_heads(granularity, hq, hkv):
+    if granularity == "per_head":
+        return list(range(hq))
+    if granularity == "per_kv_head":
+        return [h // (hq // hkv) for h in range(hq)]
+    return [0] * hq
+
+
+def random_selection(generator, t, n, groups, width, positions):
+    """int32 [T, G, W]: per row a random number of distinct allowed keys in random order, then -1; row (0, 0)
+    is empty."""
+    sel = torch.full((t, groups, width), -1, dtype=torch.int32)
+    for i in range(t):
+        allowed = min(int(positions[i]) + 1, n)
+        for g in range(groups):
+            if i == 0 and g == 0:
+                continue
+            count = int(torch.randint(0, min(width, allowed) + 1, (1,), generator=generator))
+            keys = torch.randperm(allowed, generator=generator)[:count]
+            sel[i, g, :count] = keys.to(torch.int32)
+    return sel
+
+
+def masked_reference(q, k, v, selection, granularity, scale):
+    """out [T, Hq, Dv] in float64 from dense scores [T, Hq, N] masked to -inf outside the selection; a row with
+    no key gives zeros. Differentiable by torch's autograd."""
+    t, hq, _ = q.shape
+    n, hkv, _ = k.shape
+    g = hq // hkv
+    groups = group_of_heads(granularity, hq, hkv)
+    mask = torch.zeros(t, hq, n, dtype=torch.bool)
+    for i in range(t):
+        for h in range(hq):
+            for s in selection[i, groups[h]].tolist():
+                if s >= 0:
+                    mask[i, h, s] = True
+    k_heads = k.double()[:, [h // g for h in range(hq)], :]           # [N, Hq, D]
+    v_heads = v.double()[:, [h // g for h in range(hq)], :]
+    scores = torch.einsum("thd,nhd->thn", q.double(), k_heads) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    empty = ~mask.any(-1, keepdim=True)
+    p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    return torch.einsum("thn,nhd->thd", p, v_heads)
+
+
+def make_problem(seed, t=5, n=19, hq=6, hkv=2, d=7, dv=5, width=8, granularity="per_kv_head",
+                 dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, hq, d, generator=generator, dtype=torch.float64).to(dtype)
+    k = torch.randn(n, hkv, d, generator=generator, dtype=torch.float64).to(dtype)
+    v = torch.randn(n, hkv, dv, generator=generator, dtype=torch.float64).to(dtype)
+    positions = torch.tensor([n - 1, 3, n + 4, 0, 11][:t] + [n - 1] * max(0, t - 5))
+    groups = len(set(group_of_heads(granularity, hq, hkv)))
+    selection = random_selection(generator, t, n, groups, width, positions)
+    grad_out = torch.randn(t, hq, dv, generator=generator, dtype=torch.float64)
+    return q, k, v, selection, grad_out
+
+
+def reference_gradients(q, k, v, selection, grad_out, granularity, scale):
+    leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
+    out = masked_reference(*leaves, selection, granularity, scale)
+    return torch.autograd.grad(out, leaves, grad_out.double())
+
+
+def assert_close(got, want, relative=1e-4):
+    bound = relative * (1.0 + float(want.abs().max()))
+    error = float((got.double() - want).abs().max())
+    assert error <= bound, f"max error {error} > {bound}"
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_core_backward_matches_the_masked_softmax_reference(granularity):
+    q, k, v, sel, grad_out = make_problem(1, granularity=granularity)
+    scale = 0.37
+    out, lse = keysel.sparse_attention(q, k, v, sel, granularity=granularity, scale=scale)
+    dq, dk, dv = keysel.sparse_attention_backward(q, k, v, sel, out, lse, grad_out.float(), granularity=granularity,
+                                                  scale=scale)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float32
+    want = reference_gradients(q, k, v, sel, grad_out, granularity, scale)
+    for got, expected in zip((dq, dk, dv), want):
+        assert float(expected.abs().max()) > 0.1  # not a comparison of zeros
+        assert_close(got, expected)
+    assert torch.all(dq[0, [h for h, g in enumerate(group_of_heads(granularity, 6, 2)) if g == 0]] == 0)
+
+
+def test_core_backward_takes_numpy_and_writes_in_place():
+    q, k, v, sel, grad_out = make_problem(2)
+    qn, kn, vn, sn = (x.numpy() for x in (q, k, v, sel))
+    out, lse = keysel.sparse_attention(qn, kn, vn, sn)
+    grads = [np.full(x.shape, 7.0, dtype=np.float32) for x in (qn, kn, vn)]
+    result = keysel.sparse_attention_backward(qn, kn, vn, sn, out, lse, grad_out.float().numpy(), grad_q=grads[0],
+                                              grad_k=grads[1], grad_v=grads[2])
+    assert all(a is b for a, b in zip(result, grads))
+    want = reference_gradients(q, k, v, sel, grad_out, "per_kv_head", 1 / math.sqrt(7))
+    for got, expected in zip(grads, want):
+        assert_close(torch.from_numpy(got), expected)
+
+
+def test_core_backward_rejects_bad_input_naming_the_argument():
+    q, k, v, sel, grad_out = make_problem(3)
+    out, lse = keysel.sparse_attention(q, k, v, sel)
+    with pytest.raises(keysel.Error, match="grad_q"):
+        keysel.sparse_attention_backward(q, k, v, sel, out, lse, grad_out.float(), grad_q=torch.zeros(5, 6, 6))
+    bad = sel.clone()
+    bad[1, 0, 0] = 19  # N = 19 keys
+    with pytest.raises(keysel.Error, match="selection"):
+        keysel.sparse_attention_backward(q, k, v, bad, out, lse, grad_out.float())
+    with pytest.raises(keysel.Error, match="lse"):
+        keysel.sparse_attention_backward(q, k, v, sel, out, lse.double(), grad_out.float())
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gradcheck_float64(granularity):
+    q, k, v, sel, _ = make_problem(4, t=4, n=9, hq=4, hkv=2, d=3, dv=2, width=5, granularity=granularity,
+                                   dtype=torch.float64)
+    leaves = tuple(x.clone().requires_grad_(True) for x in (q, k, v))
+
+    def attention(q, k, v):
+        return kt.sparse_attention(q, k, v, sel, granularity=granularity, scale=0.6)[0]
+
+    assert torch.autograd.gradcheck(attention, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_torch_sparse_attention_gradients(granularity, backend):
+    """backend auto: keysel's CPU kernel; backend torch: the gather-based pure-torch backward (what CUDA runs)."""
+    q, k, v, sel, grad_out = make_problem(5, t=6, n=23, hq=6, hkv=3, d=9, dv=11, width=7, granularity=granularity)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    with kt.options(backend=backend):
+        out, lse = kt.sparse_attention(*leaves, sel, granularity=granularity, scale=0.45)
+        assert not lse.requires_grad
+        out.backward(grad_out.float())
+    want = reference_gradients(q, k, v, sel, grad_out, granularity, 0.45)
+    for leaf, expected in zip(leaves, want):
+        assert_close(leaf.grad, expected)
+
+
+def test_autograd_function_of_older_torches():
+    """The torch.autograd.Function torch < 2.4 uses (newer ones register the same backward on the custom op)."""
+    q, k, v, sel, grad_out = make_problem(6, granularity="per_token")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out, _ = kt._SparseAttentionFunction.apply(*leaves, sel, "per_token", 0.5)
+    out.backward(grad_out.float())
+    want = reference_gradients(q, k, v, sel, grad_out, "per_token", 0.5)
+    for leaf, expected in zip(leaves, want):
+        assert_close(leaf.grad, expected)
+
+
+def test_backward_is_bitwise_identical_across_thread_counts():
+    q, k, v, sel, grad_out = make_problem(7, t=20, n=60, hq=8, hkv=2, d=32, dv=16, width=30, granularity="per_token")
+    out, lse = keysel.sparse_attention(q, k, v, sel, granularity="per_token")
+    before = keysel.num_threads()
+    try:
+        keysel.set_num_threads(1)
+        one = keysel.sparse_attention_backward(q, k, v, sel, out, lse, grad_out.float(), granularity="per_token")
+        keysel.set_num_threads(2)
+        two = keysel.sparse_attention_backward(q, k, v, sel, out, lse, grad_out.float(), granularity="per_token")
+    finally:
+        keysel.set_num_threads(before)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+def dense_topk_reference(query, key, value, k, granularity, scale):
+    """[B, Hq, T, Dv] float64, causal prefill (T = N), the selection of keysel's exact top-k held fixed."""
+    b, hq, t, d = query.shape
+    outputs = []
+    positions = torch.arange(t, dtype=torch.int32)
+    for i in range(b):
+        q = query[i].transpose(0, 1)
+        kc = key[i].transpose(0, 1)
+        vc = value[i].transpose(0, 1)
+        with torch.no_grad():
+            sel = kt.exact_topk(q.detach().float(), kc.detach().float(), positions, k, granularity=granularity,
+                                scale=scale)
+        outputs.append(masked_reference(q, kc, vc, sel, granularity, scale))
+    return torch.stack(outputs).transpose(1, 2)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2), (3, 1)])
+def test_topk_attention_gradients_match_masked_softmax(granularity, heads):
+    hq, hkv = heads
+    generator = torch.Generator().manual_seed(8)
+    b, t, d, dv, k = 2, 13, 10, 6, 4
+    tensors = [torch.randn(b, hq, t, d, generator=generator), torch.randn(b, hkv, t, d, generator=generator),
+               torch.randn(b, hkv, t, dv, generator=generator)]
+    weights = torch.randn(b, hq, t, dv, generator=generator, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in tensors]
+    out = kt.topk_attention(*leaves, k=k, granularity=granularity)
+    (out.double() * weights).sum().backward()
+    ref_leaves = [x.double().requires_grad_(True) for x in tensors]
+    ref = dense_topk_reference(*ref_leaves, k, granularity, 1 / math.sqrt(d))
+    assert_close(out.detach(), ref.detach())
+    (ref * weights).sum().backward()
+    for leaf, expected in zip(leaves, ref_leaves):
+        assert float(expected.grad.abs().max()) > 0.1
+        assert_close(leaf.grad, expected.grad)
+
+
+@pytest.mark.skipif(not kt.ops_registered(),
+                    reason=f"torch.ops.keysel.* and torch.library.opcheck need torch >= 2.4 (this is {torch.__version__})")
+def test_opcheck_of_the_differentiable_op_and_its_backward():
+    q, k, v, sel, grad_out = make_problem(9, granularity="per_head")
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    # With inputs that require grad, opcheck also runs the registered autograd formula.
+    torch.library.opcheck(torch.ops.keysel.sparse_attention.default, (*leaves, sel, "per_head", 0.5))
+    out, lse = kt.sparse_attention(q, k, v, sel, granularity="per_head", scale=0.5)
+    torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
+                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5))

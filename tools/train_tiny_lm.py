@@ -498,7 +498,7 @@ def train_indexers(model, data, args, device, info):
     start = time.time()
     step, losses = 0, []
     model.eval()
-    while time.time() - start < args.indexer_seconds:
+    while step == 0 or time.time() - start < args.indexer_seconds:  # one step at least
         offs = torch.randint(0, n - t, (args.indexer_batch,), device=device, generator=gen)
         tokens = data[offs[:, None] + arange[None, :]].long()
         capture = []
@@ -564,7 +564,7 @@ def indexer_recall(model, data, device, ks=(32, 128, 512)):
             pbar = torch.softmax(logits, dim=-1).mean(dim=1)[0]
             scores = model.layers[li].indexer.scores(x.float(), ci, si)[0].masked_fill(~mask, -math.inf)
             row = {}
-            for kk in ks:
+            for kk in (kk for kk in ks if kk < t):
                 rows = torch.arange(kk, t, device=device)
                 e = pbar[rows].topk(kk, dim=-1).indices
                 a = scores[rows].topk(kk, dim=-1).indices
@@ -628,8 +628,7 @@ def numbers(text, kind):
     return [kind(x) for x in text.split(",") if x.strip()]
 
 
-def main():
-    global _LOG_FILE
+def make_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--lm-seconds", type=float, default=300)
@@ -691,6 +690,23 @@ def main():
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    return ap
+
+
+def config_from_args(args):
+    return Config(d_model=args.d_model, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                  head_dim=args.head_dim, ffn_dim=args.ffn_dim, context=args.context, rope_theta=args.rope_theta,
+                  index_heads=args.index_heads, index_dim=args.index_dim)
+
+
+def default_config():
+    """The model the script trains without shape options (models/tiny_lm's)."""
+    return config_from_args(make_parser().parse_args(["--out", "unused"]))
+
+
+def main():
+    global _LOG_FILE
+    ap = make_parser()
     args = ap.parse_args()
     if args.short_fraction > 0 and not args.short_context:
         ap.error("--short-fraction needs --short-context")
@@ -737,9 +753,7 @@ def main():
         f"{len(heldout) / 1e6:.2f} MB; read in {time.time() - t0:.0f}s")
     data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)
 
-    cfg = Config(d_model=args.d_model, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                 head_dim=args.head_dim, ffn_dim=args.ffn_dim, context=args.context, rope_theta=args.rope_theta,
-                 index_heads=args.index_heads, index_dim=args.index_dim)
+    cfg = config_from_args(args)
     model = TinyLM(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     info["parameters"] = n_params
@@ -783,7 +797,41 @@ def main():
     bpb_eval = bits_per_byte(model32, eval_text, cfg.context, device, exact=exact_bpb, autocast=False)
     info["eval_bpb_fp32"] = bpb_eval
     log(f"eval.txt bits/byte (fp16 weights, fp32 math, full attention, windows of {cfg.context}): {bpb_eval:.5f}")
-    info["indexer_recall_eval"] = indexer_recall(model32, eval_text[:2048], device)
+    # retrieval with full attention on examples from the held-out package (fp16 weights, fp32 math), shipped
+    if args.eval_per_cell > 0:
+        contexts = numbers(args.eval_contexts, int) if args.eval_contexts else sorted(
+            {max(retrieval_task.min_context(4), cfg.context // 4), max(retrieval_task.min_context(4),
+                                                                          cfg.context // 2), cfg.context})
+        keys, depths = numbers(args.eval_keys, int), numbers(args.eval_depths, float)
+        examples = []
+        rng = random.Random(args.seed + 2)
+        for context in contexts:
+            for k in keys:
+                for depth in depths:
+                    for _ in range(args.eval_per_cell):
+                        ex = retrieval_task.make_example(heldout, context, k, depth, rng)
+                        ex.target_depth = depth
+                        examples.append(ex)
+        retrieval_task.write_retrieval(args.out, examples)
+        deadline = (budget_end - 5) if budget_end is not None else float("inf")
+        start = time.time()
+        results = retrieval_eval(model32, examples, device, deadline)
+        table = retrieval_table(examples, results)
+        skipped = sum(r is None for r in results)
+        info["retrieval_eval"] = {"contexts": contexts, "keys": keys, "depths": depths,
+                                  "per_cell": args.eval_per_cell, "seconds": round(time.time() - start, 1),
+                                  "skipped_for_time": skipped, "table": table,
+                                  "examples": [None if r is None else dict(r, context=e.length, keys=e.keys,
+                                                                            depth=round(e.depth, 6))
+                                               for e, r in zip(examples, results)]}
+        log(f"retrieval exact match, full attention, fp16 weights in fp32 ({len(examples)} held-out examples, "
+            f"{time.time() - start:.0f}s{f', {skipped} skipped for time' if skipped else ''}):")
+        for row in table:
+            depth = "all" if row["depth"] is None else f"{row['depth']:g}"
+            log(f"  context {row['context']:>6} keys {row['keys']} depth {depth:>4}: "
+                f"{row['exact_match']:.3f} ({row['examples']} examples)")
+
+    info["indexer_recall_eval"] = indexer_recall(model32, eval_text[:min(2048, cfg.context)], device)
 
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "training": json.dumps(
         {k: info[k] for k in ("command", "torch", "device", "parameters", "heldout_bpb_bf16", "eval_bpb_fp32")}
@@ -830,40 +878,6 @@ def main():
                           {"format": "keysel-dump/1", "model": name,
                            "scale": "0", "layers": ",".join(str(i) for i in range(cfg.layers)),
                            "prefill_tokens": str(t), "decode_tokens": "0", "queries": "all"})
-
-    # retrieval with full attention on examples from the held-out package (fp16 weights, fp32 math), shipped
-    if args.eval_per_cell > 0:
-        contexts = numbers(args.eval_contexts, int) if args.eval_contexts else sorted(
-            {max(retrieval_task.min_context(4), cfg.context // 4), max(retrieval_task.min_context(4),
-                                                                          cfg.context // 2), cfg.context})
-        keys, depths = numbers(args.eval_keys, int), numbers(args.eval_depths, float)
-        examples = []
-        rng = random.Random(args.seed + 2)
-        for context in contexts:
-            for k in keys:
-                for depth in depths:
-                    for _ in range(args.eval_per_cell):
-                        ex = retrieval_task.make_example(heldout, context, k, depth, rng)
-                        ex.target_depth = depth
-                        examples.append(ex)
-        retrieval_task.write_retrieval(args.out, examples)
-        deadline = (budget_end - 10) if budget_end is not None else float("inf")
-        start = time.time()
-        results = retrieval_eval(model32, examples, device, deadline)
-        table = retrieval_table(examples, results)
-        skipped = sum(r is None for r in results)
-        info["retrieval_eval"] = {"contexts": contexts, "keys": keys, "depths": depths,
-                                  "per_cell": args.eval_per_cell, "seconds": round(time.time() - start, 1),
-                                  "skipped_for_time": skipped, "table": table,
-                                  "examples": [None if r is None else dict(r, context=e.length, keys=e.keys,
-                                                                            depth=round(e.depth, 6))
-                                               for e, r in zip(examples, results)]}
-        log(f"retrieval exact match, full attention, fp16 weights in fp32 ({len(examples)} held-out examples, "
-            f"{time.time() - start:.0f}s{f', {skipped} skipped for time' if skipped else ''}):")
-        for row in table:
-            depth = "all" if row["depth"] is None else f"{row['depth']:g}"
-            log(f"  context {row['context']:>6} keys {row['keys']} depth {depth:>4}: "
-                f"{row['exact_match']:.3f} ({row['examples']} examples)")
 
     info["total_seconds"] = round(time.time() - _T_START, 1)
     info["package_bytes"] = directory_bytes(args.out)

@@ -382,7 +382,8 @@ def train_lm(model, data, args, device, info, corpus=None):
         try:  # compiles on the first call of each window shape; its time counts against the budget
             step_fn = torch.compile(model, dynamic=False)
             for t in shapes:
-                warm = data[:t].long()[None].repeat(rows_for(t), 1)
+                # the layout of a training batch (a [rows, t] slice of [rows, t + 1]): no recompilation at step 1
+                warm = data[:t + 1].long()[None].repeat(rows_for(t), 1)[:, :-1]
                 with amp(device):
                     step_fn(warm).float().mean().backward()
                 model.zero_grad(set_to_none=True)

@@ -6,11 +6,20 @@ the study it serves): a byte-level GQA decoder, RMSNorm, rotate-half RoPE, SwiGL
 Lightning Indexer per layer (I[t,s] = sum_j w[t,j] ReLU(qI[t,j] . kI[s]), SPEC section 3) over the normed input of
 that layer's attention.
 
-Training runs on one GPU in two phases within a wall-clock budget:
+Training runs on one GPU (the CPU when there is none, in fp32 and eager mode: for tests with tiny shapes) in two
+phases within a wall-clock budget:
   1. the language model, next-byte cross entropy on Python sources already installed on the machine (the
      site-packages of the running interpreter), one package held out for evaluation;
   2. the indexers, with the model frozen: per layer the KL divergence from the mean attention distribution of all
      the layer's query heads to softmax(I) (DeepSeek-V3.2's indexer warm-up objective).
+The shape options (--d-model ... --context --rope-theta) default to the shipped models/tiny_lm. For a long context
+(models/tiny_lm_32k, docs/tiny-lm.md "The 32K model and the retrieval task"): --batch-tokens keeps the tokens per
+step fixed at any window; --short-context/--short-fraction make that share of the steps on short windows;
+--retrieval-fraction fills that share of each step's rows with key-value retrieval examples (tools/retrieval_task.py)
+made from the training corpus, their longest length growing to --context over the first --curriculum of the LM
+time, their answer bytes' mean cross entropy added with weight --answer-weight; --budget-seconds bounds the whole
+run (imports, data, compilation, both phases, evaluation and export), splitting what is left after loading, less
+--reserve-seconds, between the LM and the indexers (--indexer-share).
 
 Outputs (in --out):
   model.safetensors   fp16 weights, metadata "format" = "keysel-tiny-lm/1", "config" (JSON), "training" (JSON)
@@ -19,10 +28,16 @@ Outputs (in --out):
                       logits computed in float64 from the fp16 weights; metadata "bpb_eval" = bits per byte of
                       the fp16 weights over eval.txt with full attention in float32, windows of the context length
   dump.safetensors    keysel dump (docs/dumps.md) of the first --dump-tokens bytes of eval.txt: every layer's q, k
-                      (after RoPE), v, positions and index_q, index_k (after RoPE), index_w, F16
-  train_log.json      what ran: arguments, steps, tokens, losses, held-out bits per byte, indexer recall
+                      (after RoPE), v, positions and index_q, index_k (after RoPE), index_w, F16 (none with
+                      --dump-tokens 0)
+  retrieval.json/.bin retrieval examples from the held-out package (tools/retrieval_task.py's format), --eval-per-cell
+                      per (length, keys, depth), and their exact match with full attention in train_log.json
+                      (none with --eval-per-cell 0)
+  train_log.json      what ran: arguments, steps, tokens, losses, answer accuracy on training batches, held-out bits
+                      per byte, retrieval exact match per (length, keys, depth), indexer recall
+  train.log           the progress lines printed
 
-Usage (the exact command behind the shipped files is in docs/tiny-lm.md):
+Usage (the exact commands behind the shipped files are in docs/tiny-lm.md):
   python3 tools/train_tiny_lm.py --out /tmp/tiny_lm --lm-seconds 300 --indexer-seconds 60
 Needs torch (CUDA), numpy and safetensors.
 """

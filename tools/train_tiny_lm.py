@@ -6,11 +6,20 @@ the study it serves): a byte-level GQA decoder, RMSNorm, rotate-half RoPE, SwiGL
 Lightning Indexer per layer (I[t,s] = sum_j w[t,j] ReLU(qI[t,j] . kI[s]), SPEC section 3) over the normed input of
 that layer's attention.
 
-Training runs on one GPU in two phases within a wall-clock budget:
+Training runs on one GPU (the CPU when there is none, in fp32 and eager mode: for tests with tiny shapes) in two
+phases within a wall-clock budget:
   1. the language model, next-byte cross entropy on Python sources already installed on the machine (the
      site-packages of the running interpreter), one package held out for evaluation;
   2. the indexers, with the model frozen: per layer the KL divergence from the mean attention distribution of all
      the layer's query heads to softmax(I) (DeepSeek-V3.2's indexer warm-up objective).
+The shape options (--d-model ... --context --rope-theta) default to the shipped models/tiny_lm. For a long context
+(models/tiny_lm_32k, docs/tiny-lm.md "The 32K model and the retrieval task"): --batch-tokens keeps the tokens per
+step fixed at any window; --short-context/--short-fraction make that share of the steps on short windows;
+--retrieval-fraction fills that share of each step's rows with key-value retrieval examples (tools/retrieval_task.py)
+made from the training corpus, their longest length growing to --context over the first --curriculum of the LM
+time, their answer bytes' mean cross entropy added with weight --answer-weight; --budget-seconds bounds the whole
+run (imports, data, compilation, both phases, evaluation and export), splitting what is left after loading, less
+--reserve-seconds, between the LM and the indexers (--indexer-share).
 
 Outputs (in --out):
   model.safetensors   fp16 weights, metadata "format" = "keysel-tiny-lm/1", "config" (JSON), "training" (JSON)
@@ -19,25 +28,37 @@ Outputs (in --out):
                       logits computed in float64 from the fp16 weights; metadata "bpb_eval" = bits per byte of
                       the fp16 weights over eval.txt with full attention in float32, windows of the context length
   dump.safetensors    keysel dump (docs/dumps.md) of the first --dump-tokens bytes of eval.txt: every layer's q, k
-                      (after RoPE), v, positions and index_q, index_k (after RoPE), index_w, F16
-  train_log.json      what ran: arguments, steps, tokens, losses, held-out bits per byte, indexer recall
+                      (after RoPE), v, positions and index_q, index_k (after RoPE), index_w, F16 (none with
+                      --dump-tokens 0)
+  retrieval.json/.bin retrieval examples from the held-out package (tools/retrieval_task.py's format), --eval-per-cell
+                      per (length, keys, depth), and their exact match with full attention in train_log.json
+                      (none with --eval-per-cell 0)
+  train_log.json      what ran: arguments, steps, tokens, losses, answer accuracy on training batches, held-out bits
+                      per byte, retrieval exact match per (length, keys, depth), indexer recall
+  train.log           the progress lines printed
 
-Usage (the exact command behind the shipped files is in docs/tiny-lm.md):
+Usage (the exact commands behind the shipped files are in docs/tiny-lm.md):
   python3 tools/train_tiny_lm.py --out /tmp/tiny_lm --lm-seconds 300 --indexer-seconds 60
 Needs torch (CUDA), numpy and safetensors.
 """
+import time
+
+_T_START = time.time()  # the wall-clock budget (--budget-seconds) counts from here, imports included
+
 import argparse
 import json
 import math
 import os
 import random
 import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import retrieval_task  # noqa: E402  (tools/retrieval_task.py: the retrieval examples)
 
 FORMAT = "keysel-tiny-lm/1"
 
@@ -161,6 +182,12 @@ class Block(nn.Module):
             mask = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
             logits = logits.masked_fill(~mask, float("-inf"))
             o = torch.matmul(torch.softmax(logits, dim=-1), vh)
+        elif qh.dtype == torch.float32 and cfg.kv_heads != cfg.heads:
+            # fp32 (evaluation): repeat the key heads, so that SDPA's memory-efficient kernel runs (its GQA path
+            # would fall back to the math kernel, which holds [heads, T, T] probabilities: 26 GB at 32K)
+            g = cfg.heads // cfg.kv_heads
+            o = F.scaled_dot_product_attention(qh, kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1),
+                                               is_causal=True, scale=scale)
         else:
             o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
         h = h + self.wo(o.transpose(1, 2).reshape(b, t, cfg.heads * cfg.head_dim))
@@ -277,8 +304,20 @@ def read_corpus(files, limit, seed):
 # ----------------------------------------------------------------------------------------------- phases
 
 
+_LOG_FILE = None  # --out/train.log once main() opens it
+
+
 def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if _LOG_FILE is not None:
+        _LOG_FILE.write(line + "\n")
+        _LOG_FILE.flush()
+
+
+def amp(device):
+    """bf16 autocast on a GPU; nothing on the CPU (the CPU fallback trains in fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=True):
@@ -293,7 +332,7 @@ def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=T
             group = windows[i:i + batch]
             for w in group:  # windows of different lengths: one at a time when lengths differ
                 tokens = torch.tensor(np.frombuffer(w, dtype=np.uint8).astype(np.int64), device=device)[None]
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
                     logits = model(tokens, exact=exact)
                 lp = torch.log_softmax(logits.double(), dim=-1)[0, :-1]
                 nll = -lp.gather(-1, tokens[0, 1:, None]).sum().item()
@@ -302,32 +341,78 @@ def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=T
     return total_bits / total_count
 
 
-def train_lm(model, data, args, device, info):
+def retrieval_cap(args, context, frac):
+    """The longest retrieval example of the curriculum at training progress `frac` (0..1): from the short window
+    (or the shortest example) up to the full context, geometrically over the first --curriculum of the LM time."""
+    first = min(context, max(args.retrieval_min_context, args.short_context or 0))
+    if args.curriculum <= 0 or frac >= args.curriculum:
+        return context
+    return int(first * (context / first) ** (frac / args.curriculum))
+
+
+def retrieval_rows(corpus, rows, t, cap, args, rng):
+    """`rows` training rows of t + 1 bytes of packed retrieval examples (tools/retrieval_task.py) from the training
+    corpus, half of them single examples of the curriculum's longest length, half examples of log-uniform lengths.
+    Returns (tokens uint8 [rows, t + 1], flat indices [examples, ANSWER_LENGTH] of the answer bytes' targets in a
+    [rows, t] target tensor)."""
+    out, answers = np.empty((rows, t + 1), dtype=np.uint8), []
+    for r in range(rows):
+        lo = args.retrieval_min_context if r % 2 else min(cap, t + 1)
+        row, starts = retrieval_task.pack_row(corpus, t + 1, rng, lo, min(cap, t + 1), args.retrieval_max_keys)
+        out[r] = np.frombuffer(row, dtype=np.uint8)
+        for a in starts:  # target position j predicts byte j + 1 of the row
+            answers.append([r * t + a - 1 + i for i in range(retrieval_task.ANSWER_LENGTH)])
+    return out, np.array(answers, dtype=np.int64).reshape(-1, retrieval_task.ANSWER_LENGTH)
+
+
+def train_lm(model, data, args, device, info, corpus=None):
+    """Next-byte cross entropy on windows of the corpus for args.lm_seconds (compilation included). With
+    --short-fraction, that share of the steps uses windows of --short-context bytes; with --retrieval-fraction,
+    that share of each step's rows holds retrieval examples from the training corpus, whose answer bytes' mean
+    cross entropy is added with weight --answer-weight."""
     cfg = model.cfg
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "indexer" not in n]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 and "indexer" not in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=True)
+                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     n = data.shape[0]
-    t = cfg.context
+    long_t = cfg.context
+    short_t = args.short_context if args.short_fraction > 0 else long_t
+
+    def rows_for(t):
+        return max(1, args.batch_tokens // t) if args.batch_tokens else args.batch
+
+    shapes = [long_t] if args.short_fraction < 1 else []
+    if short_t != long_t or args.short_fraction >= 1:
+        shapes.append(short_t)
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed)
-    arange = torch.arange(t + 1, device=device)
+    step_rng = random.Random(args.seed + 7)
+    arange = torch.arange(long_t + 1, device=device)
     start = time.time()
     step_fn = model
-    if args.compile:
-        try:  # compiles on the first call; its time counts against the budget
-            step_fn = torch.compile(model)
-            warm = data[:t][None].long().expand(args.batch, t)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                step_fn(warm).float().mean().backward()
-            model.zero_grad(set_to_none=True)
-            log(f"torch.compile ready after {time.time() - start:.0f}s")
+    if args.compile and device.type != "cuda":
+        log("no GPU: eager mode (torch.compile is for the GPU run)")
+    elif args.compile:
+        try:  # compiles on the first call of each window shape; its time counts against the budget
+            step_fn = torch.compile(model, dynamic=False)
+            for t in shapes:
+                # the layout of a training batch (a [rows, t] slice of [rows, t + 1]): no recompilation at step 1
+                warm = data[:t + 1].long()[None].repeat(rows_for(t), 1)[:, :-1]
+                with amp(device):
+                    step_fn(warm).float().mean().backward()
+                model.zero_grad(set_to_none=True)
+            log(f"torch.compile ready after {time.time() - start:.0f}s (windows {shapes})")
         except Exception as e:  # a compile failure leaves eager mode
             log(f"torch.compile failed ({type(e).__name__}: {e}); eager mode")
             model.zero_grad(set_to_none=True)
             step_fn = model
     step, tokens_seen, losses = 0, 0, []
+    retrieval_on = args.retrieval_fraction > 0
+    # answer statistics since the last progress line, per window kind, kept on the device (no sync per step)
+    stats = {kind: torch.zeros(2, dtype=torch.float64, device=device) for kind in ("short", "long")}
+    counts = {kind: [0, 0] for kind in ("short", "long")}  # answer bytes, examples
+    retrieval_log = []
     model.train()
     while True:
         elapsed = time.time() - start
@@ -337,24 +422,75 @@ def train_lm(model, data, args, device, info):
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
-        offs = torch.randint(0, n - t - 1, (args.batch,), device=device, generator=gen)
-        batch = data[offs[:, None] + arange[None, :]].long()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        short = args.short_fraction > 0 and (args.short_fraction >= 1 or step_rng.random() < args.short_fraction)
+        t = short_t if short else long_t
+        rows = rows_for(t)
+        n_ret = 0
+        if retrieval_on:
+            want = rows * args.retrieval_fraction
+            n_ret = min(rows, int(want) + (1 if step_rng.random() < want - int(want) else 0))
+        offs = torch.randint(0, n - t - 1, (rows - n_ret,), device=device, generator=gen)
+        batch = data[offs[:, None] + arange[None, :t + 1]].long()
+        ans_idx = None
+        if n_ret:
+            cap = retrieval_cap(args, long_t, frac)
+            ret, ans = retrieval_rows(corpus, n_ret, t, cap, args, step_rng)
+            ret_t = torch.from_numpy(ret)
+            ans_t = torch.from_numpy(ans)
+            if device.type == "cuda":
+                ret_t, ans_t = ret_t.pin_memory(), ans_t.pin_memory()
+            batch = torch.cat([ret_t.to(device, non_blocking=True).long(), batch], dim=0)
+            ans_idx = ans_t.to(device, non_blocking=True)
+        with amp(device):
             logits = step_fn(batch[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab), batch[:, 1:].reshape(-1))
+        targets = batch[:, 1:].reshape(-1)
+        if ans_idx is None:
+            loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab), targets)
+            lm_loss = loss
+        else:
+            flat = logits.float().reshape(-1, cfg.vocab)
+            ce = F.cross_entropy(flat, targets, reduction="none")
+            lm_loss = ce.mean()
+            loss = lm_loss + args.answer_weight * ce[ans_idx].mean()
+            with torch.no_grad():
+                hit = flat[ans_idx.reshape(-1)].argmax(-1) == targets[ans_idx.reshape(-1)]
+                hit = hit.reshape(ans_idx.shape)
+                kind = "short" if short else "long"
+                stats[kind] += torch.stack([hit.sum().double(), hit.all(-1).sum().double()])
+                counts[kind][0] += hit.numel()
+                counts[kind][1] += hit.shape[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        tokens_seen += args.batch * t
-        if step % 50 == 0 or step == 1:
-            lv = loss.item()
-            losses.append([step, round(time.time() - start, 1), lv / math.log(2)])
-            log(f"lm step {step} t={time.time() - start:.0f}s lr={lr:.2e} loss={lv / math.log(2):.4f} bits/byte "
-                f"tok/s={tokens_seen / (time.time() - start):.3g}")
+        tokens_seen += rows * t
+        if step % args.log_every == 0 or step == 1:
+            lv = lm_loss.item()
+            now = time.time() - start
+            losses.append([step, round(now, 1), lv / math.log(2)])
+            msg = (f"lm step {step} t={now:.0f}s lr={lr:.2e} loss={lv / math.log(2):.4f} bits/byte "
+                   f"tok/s={tokens_seen / now:.3g}")
+            if retrieval_on:
+                entry = {"step": step, "seconds": round(now, 1), "loss": round(loss.item(), 4),
+                         "cap": retrieval_cap(args, long_t, frac)}
+                for kind, acc in stats.items():
+                    (c, e), (nb, ne) = acc.tolist(), counts[kind]
+                    counts[kind] = [0, 0]
+                    if ne > 0:
+                        entry[kind] = {"answer_byte_accuracy": round(c / nb, 4), "exact_match": round(e / ne, 4),
+                                       "examples": int(ne)}
+                        msg += f" {kind}: answer acc={c / nb:.3f} exact={e / ne:.3f} ({int(ne)} ex)"
+                    acc.zero_()
+                msg += f" loss+answer={loss.item():.4f} cap={entry['cap']}"
+                retrieval_log.append(entry)
+            log(msg)
     info["lm"] = {"steps": step, "tokens": tokens_seen, "seconds": round(time.time() - start, 1),
-                  "batch": args.batch, "context": t, "lr": args.lr, "losses": losses}
+                  "batch": args.batch, "context": long_t, "lr": args.lr, "losses": losses}
+    if args.batch_tokens or args.short_fraction > 0 or retrieval_on:
+        info["lm"].update({"batch_tokens": args.batch_tokens, "short_context": short_t,
+                           "short_fraction": args.short_fraction, "retrieval_fraction": args.retrieval_fraction,
+                           "answer_weight": args.answer_weight, "retrieval": retrieval_log})
 
 
 def train_indexers(model, data, args, device, info):
@@ -378,11 +514,11 @@ def train_indexers(model, data, args, device, info):
     start = time.time()
     step, losses = 0, []
     model.eval()
-    while time.time() - start < args.indexer_seconds:
+    while step == 0 or time.time() - start < args.indexer_seconds:  # one step at least
         offs = torch.randint(0, n - t, (args.indexer_batch,), device=device, generator=gen)
         tokens = data[offs[:, None] + arange[None, :]].long()
         capture = []
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), amp(device):
             model(tokens, capture=capture)
         _, _, ci, si = model.rope(t, device, torch.float32)
         total = 0.0
@@ -444,7 +580,7 @@ def indexer_recall(model, data, device, ks=(32, 128, 512)):
             pbar = torch.softmax(logits, dim=-1).mean(dim=1)[0]
             scores = model.layers[li].indexer.scores(x.float(), ci, si)[0].masked_fill(~mask, -math.inf)
             row = {}
-            for kk in ks:
+            for kk in (kk for kk in ks if kk < t):
                 rows = torch.arange(kk, t, device=device)
                 e = pbar[rows].topk(kk, dim=-1).indices
                 a = scores[rows].topk(kk, dim=-1).indices
@@ -457,15 +593,104 @@ def indexer_recall(model, data, device, ks=(32, 128, 512)):
     return out
 
 
+def retrieval_eval(model, examples, device, deadline, autocast=False):
+    """Exact match (tools/retrieval_task.py) of each example: the argmax next-byte prediction at every answer
+    position, teacher-forced, full attention. Returns one dict per example ("exact", "answer_bytes_correct"), or
+    None for the examples left when time.time() passed `deadline`."""
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for ex in examples:
+            if time.time() > deadline:
+                out.append(None)
+                continue
+            data = np.frombuffer(ex.data, dtype=np.uint8).astype(np.int64)
+            tokens = torch.tensor(data[:-1], device=device)[None]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
+                logits = model(tokens)
+            pred = logits[0, -retrieval_task.ANSWER_LENGTH:].argmax(-1).cpu().numpy()
+            correct = pred == data[-retrieval_task.ANSWER_LENGTH:]
+            out.append({"exact": bool(correct.all()), "answer_bytes_correct": int(correct.sum())})
+    return out
+
+
+def retrieval_table(examples, results):
+    """Exact match per (context, keys, depth) and per (context, keys): [{"context", "keys", "depth", "examples",
+    "exact_match"}], depth None for the rows over all depths."""
+    cells = {}
+    for ex, res in zip(examples, results):
+        if res is None:
+            continue
+        target = getattr(ex, "target_depth", ex.depth)
+        for key in ((ex.length, ex.keys, target), (ex.length, ex.keys, None)):
+            cells.setdefault(key, []).append(res["exact"])
+    rows = []
+    for (context, keys, depth), hits in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2] is None,
+                                                                               kv[0][2] or 0)):
+        rows.append({"context": context, "keys": keys, "depth": depth, "examples": len(hits),
+                     "exact_match": round(sum(hits) / len(hits), 4)})
+    return rows
+
+
+def directory_bytes(path):
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+               if os.path.isfile(os.path.join(path, n)))
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main():
+def numbers(text, kind):
+    return [kind(x) for x in text.split(",") if x.strip()]
+
+
+def make_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--lm-seconds", type=float, default=300)
     ap.add_argument("--indexer-seconds", type=float, default=60)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--budget-seconds", type=float, default=None,
+                    help="total wall-clock budget from the start of the process (imports and data included); "
+                         "replaces --lm-seconds and --indexer-seconds: what is left after loading, less "
+                         "--reserve-seconds, goes to the LM and the indexers by --indexer-share")
+    ap.add_argument("--reserve-seconds", type=float, default=60,
+                    help="with --budget-seconds: time kept for the evaluation and the export at the end")
+    ap.add_argument("--indexer-share", type=float, default=0.15,
+                    help="with --budget-seconds: the indexers' share of the training time")
+    # model shape (defaults: the shipped models/tiny_lm)
+    ap.add_argument("--d-model", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--ffn-dim", type=int, default=1024)
+    ap.add_argument("--index-heads", type=int, default=4)
+    ap.add_argument("--index-dim", type=int, default=32)
+    ap.add_argument("--context", type=int, default=4096, help="the model's context: the longest training window")
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
+    # batches
+    ap.add_argument("--batch", type=int, default=32, help="rows per LM step (without --batch-tokens)")
+    ap.add_argument("--batch-tokens", type=int, default=None,
+                    help="tokens per LM step at any window length (rows = batch_tokens / window)")
+    ap.add_argument("--short-context", type=int, default=None, help="the window of the short steps")
+    ap.add_argument("--short-fraction", type=float, default=0.0, help="share of the LM steps on short windows")
+    # retrieval examples in training (tools/retrieval_task.py, from the training corpus)
+    ap.add_argument("--retrieval-fraction", type=float, default=0.0,
+                    help="share of each LM step's rows made of retrieval examples")
+    ap.add_argument("--retrieval-max-keys", type=int, default=4, help="planted keys per training example: 1..this")
+    ap.add_argument("--retrieval-min-context", type=int, default=256, help="shortest training retrieval example")
+    ap.add_argument("--curriculum", type=float, default=0.3,
+                    help="share of the LM time over which the longest retrieval example grows from the short "
+                         "window to --context")
+    ap.add_argument("--answer-weight", type=float, default=1.0,
+                    help="weight of the answer bytes' mean cross entropy added to the LM loss")
+    # evaluation of retrieval at the end (held-out package, full attention)
+    ap.add_argument("--eval-contexts", default=None,
+                    help="comma-separated example lengths (default: context/4, context/2, context)")
+    ap.add_argument("--eval-keys", default="1,4")
+    ap.add_argument("--eval-depths", default="0,0.25,0.5,0.75,1")
+    ap.add_argument("--eval-per-cell", type=int, default=3,
+                    help="retrieval examples per (length, keys, depth), written to retrieval.json/.bin; 0: none")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--indexer-batch", type=int, default=8)
@@ -473,20 +698,55 @@ def main():
     ap.add_argument("--indexer-lr", type=float, default=3e-3)
     ap.add_argument("--heldout", default="networkx", help="package directory held out for evaluation")
     ap.add_argument("--corpus-bytes", type=int, default=400_000_000)
+    ap.add_argument("--heldout-eval-bytes", type=int, default=2_000_000,
+                    help="bytes of the held-out package for the bf16 bits per byte after the LM phase")
     ap.add_argument("--eval-bytes", type=int, default=32768)
     ap.add_argument("--logit-tokens", type=int, default=512)
-    ap.add_argument("--dump-tokens", type=int, default=1024)
+    ap.add_argument("--dump-tokens", type=int, default=1024, help="0: no dump.safetensors")
+    ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    return ap
+
+
+def config_from_args(args):
+    return Config(d_model=args.d_model, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                  head_dim=args.head_dim, ffn_dim=args.ffn_dim, context=args.context, rope_theta=args.rope_theta,
+                  index_heads=args.index_heads, index_dim=args.index_dim)
+
+
+def default_config():
+    """The model the script trains without shape options (models/tiny_lm's)."""
+    return config_from_args(make_parser().parse_args(["--out", "unused"]))
+
+
+def main():
+    global _LOG_FILE
+    ap = make_parser()
     args = ap.parse_args()
+    if args.short_fraction > 0 and not args.short_context:
+        ap.error("--short-fraction needs --short-context")
+    if args.short_context and not 0 < args.short_context <= args.context:
+        ap.error(f"--short-context must be in [1, --context = {args.context}], got {args.short_context}")
+    if not 0 <= args.short_fraction <= 1 or not 0 <= args.retrieval_fraction <= 1:
+        ap.error("--short-fraction and --retrieval-fraction must be in [0, 1]")
+    if not 0 <= args.indexer_share < 1:
+        ap.error(f"--indexer-share must be in [0, 1), got {args.indexer_share}")
+    if args.retrieval_fraction > 0 and min(args.context, args.short_context or args.context) + 1 < \
+            retrieval_task.min_context(args.retrieval_max_keys):
+        ap.error(f"retrieval examples with {args.retrieval_max_keys} keys need windows of at least "
+                 f"{retrieval_task.min_context(args.retrieval_max_keys) - 1} bytes")
+    if args.indexer_context > args.context:
+        ap.error(f"--indexer-context must be <= --context = {args.context}, got {args.indexer_context}")
 
     os.makedirs(args.out, exist_ok=True)
+    _LOG_FILE = open(os.path.join(args.out, "train.log"), "w")
     torch.manual_seed(args.seed)
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0), "args": vars(args)}
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args)}
     t0 = time.time()
 
     root = site_packages()
@@ -500,7 +760,7 @@ def main():
     heldout = b"".join(open(f, "rb").read() + b"\n\n" for f in heldout_files)
     mid = len(heldout) // 2
     eval_text = heldout[mid:mid + args.eval_bytes]
-    heldout_eval = heldout[:min(len(heldout), 2_000_000)]
+    heldout_eval = heldout[:min(len(heldout), args.heldout_eval_bytes)]
     info["data"] = {"site_packages": root, "train_files": len(train_files), "train_bytes": len(corpus),
                     "heldout": args.heldout, "heldout_files": len(heldout_files), "heldout_bytes": len(heldout),
                     "eval_txt": f"bytes [{mid}, {mid + len(eval_text)}) of the held-out sources (sorted paths, "
@@ -509,19 +769,35 @@ def main():
         f"{len(heldout) / 1e6:.2f} MB; read in {time.time() - t0:.0f}s")
     data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)
 
-    cfg = Config()
+    cfg = config_from_args(args)
     model = TinyLM(cfg).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     info["parameters"] = n_params
-    log(f"model: {n_params / 1e6:.2f} M parameters")
+    log(f"model: {n_params / 1e6:.2f} M parameters ({2 * n_params / 2**20:.2f} MiB in fp16), "
+        f"context {cfg.context}, RoPE theta {cfg.rope_theta:g}, device {info['device']}")
 
-    train_lm(model, data, args, device, info)
+    budget_end = None
+    if args.budget_seconds is not None:
+        budget_end = _T_START + args.budget_seconds
+        left = budget_end - time.time() - args.reserve_seconds
+        if left <= 0:
+            raise SystemExit(f"--budget-seconds {args.budget_seconds}: {time.time() - _T_START:.0f}s went to start-up "
+                             f"and data, leaving nothing after the --reserve-seconds {args.reserve_seconds}")
+        args.lm_seconds = left * (1 - args.indexer_share)
+        args.indexer_seconds = left * args.indexer_share
+        log(f"budget {args.budget_seconds:.0f}s: {time.time() - _T_START:.0f}s used, LM {args.lm_seconds:.0f}s, "
+            f"indexers {args.indexer_seconds:.0f}s, reserve {args.reserve_seconds:.0f}s")
+
+    train_lm(model, data, args, device, info, corpus)
     model.eval()
     bpb_heldout = bits_per_byte(model, heldout_eval, cfg.context, device)
     info["heldout_bpb_bf16"] = bpb_heldout
     log(f"held-out bits/byte (bf16, {len(heldout_eval)} bytes): {bpb_heldout:.4f}")
 
+    if budget_end is not None:  # what the LM phase and the evaluation above overran comes off the indexers
+        args.indexer_seconds = max(0.0, min(args.indexer_seconds, budget_end - time.time() - args.reserve_seconds))
     train_indexers(model, data, args, device, info)
+    del data
 
     # the shipped weights are fp16: everything below uses them, as keysel will
     state = export_state(model)
@@ -531,10 +807,47 @@ def main():
     model32.eval()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    bpb_eval = bits_per_byte(model32, eval_text, cfg.context, device, exact=True, autocast=False)
+    # plain attention up to 4096 (the shipped 4K model's measure); beyond, SDPA in fp32 (a plain [T, T] per head
+    # would not fit)
+    exact_bpb = cfg.context <= 4096
+    bpb_eval = bits_per_byte(model32, eval_text, cfg.context, device, exact=exact_bpb, autocast=False)
     info["eval_bpb_fp32"] = bpb_eval
-    log(f"eval.txt bits/byte (fp16 weights, fp32 math, full attention): {bpb_eval:.5f}")
-    info["indexer_recall_eval"] = indexer_recall(model32, eval_text[:2048], device)
+    log(f"eval.txt bits/byte (fp16 weights, fp32 math, full attention, windows of {cfg.context}): {bpb_eval:.5f}")
+    # retrieval with full attention on examples from the held-out package (fp16 weights, fp32 math), shipped
+    if args.eval_per_cell > 0:
+        contexts = numbers(args.eval_contexts, int) if args.eval_contexts else sorted(
+            {max(retrieval_task.min_context(4), cfg.context // 4), max(retrieval_task.min_context(4),
+                                                                          cfg.context // 2), cfg.context})
+        keys, depths = numbers(args.eval_keys, int), numbers(args.eval_depths, float)
+        examples = []
+        rng = random.Random(args.seed + 2)
+        for context in contexts:
+            for k in keys:
+                for depth in depths:
+                    for _ in range(args.eval_per_cell):
+                        ex = retrieval_task.make_example(heldout, context, k, depth, rng)
+                        ex.target_depth = depth
+                        examples.append(ex)
+        retrieval_task.write_retrieval(args.out, examples)
+        deadline = (budget_end - 5) if budget_end is not None else float("inf")
+        start = time.time()
+        results = retrieval_eval(model32, examples, device, deadline)
+        table = retrieval_table(examples, results)
+        skipped = sum(r is None for r in results)
+        info["retrieval_eval"] = {"contexts": contexts, "keys": keys, "depths": depths,
+                                  "per_cell": args.eval_per_cell, "seconds": round(time.time() - start, 1),
+                                  "skipped_for_time": skipped, "table": table,
+                                  "examples": [None if r is None else dict(r, context=e.length, keys=e.keys,
+                                                                            depth=round(e.depth, 6))
+                                               for e, r in zip(examples, results)]}
+        log(f"retrieval exact match, full attention, fp16 weights in fp32 ({len(examples)} held-out examples, "
+            f"{time.time() - start:.0f}s{f', {skipped} skipped for time' if skipped else ''}):")
+        for row in table:
+            depth = "all" if row["depth"] is None else f"{row['depth']:g}"
+            log(f"  context {row['context']:>6} keys {row['keys']} depth {depth:>4}: "
+                f"{row['exact_match']:.3f} ({row['examples']} examples)")
+
+    info["indexer_recall_eval"] = indexer_recall(model32, eval_text[:min(2048, cfg.context)], device)
 
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "training": json.dumps(
         {k: info[k] for k in ("command", "torch", "device", "parameters", "heldout_bpb_bf16", "eval_bpb_fp32")}
@@ -563,25 +876,34 @@ def main():
 
     # dump of the first dump_tokens bytes of eval.txt (full attention, fp32 math)
     t = min(args.dump_tokens, len(eval_text))
-    tokens = torch.tensor(np.frombuffer(eval_text[:t], dtype=np.uint8).astype(np.int64), device=device)[None]
-    capture = []
-    with torch.no_grad():
-        model32(tokens, exact=True, capture=capture)
-        _, _, ci, si = model32.rope(t, device, torch.float32)
-        tensors = {}
-        for li, (x, q, k, v) in enumerate(capture):
-            iq, ik, iw = model32.layers[li].indexer.tensors(x, ci, si)
-            for name, value in (("q", q), ("k", k), ("v", v), ("index_q", iq), ("index_k", ik), ("index_w", iw)):
-                tensors[f"layer{li}.{name}"] = value[0].float().cpu().numpy().astype(np.float16)
-            tensors[f"layer{li}.positions"] = np.arange(t, dtype=np.int32)
-    write_safetensors(os.path.join(args.out, "dump.safetensors"), tensors,
-                      {"format": "keysel-dump/1", "model": "keysel tiny-lm (models/tiny_lm/model.safetensors)",
-                       "scale": "0", "layers": ",".join(str(i) for i in range(cfg.layers)),
-                       "prefill_tokens": str(t), "decode_tokens": "0", "queries": "all"})
-    info["total_seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+    if t > 0:
+        tokens = torch.tensor(np.frombuffer(eval_text[:t], dtype=np.uint8).astype(np.int64), device=device)[None]
+        capture = []
+        with torch.no_grad():
+            model32(tokens, exact=True, capture=capture)
+            _, _, ci, si = model32.rope(t, device, torch.float32)
+            tensors = {}
+            for li, (x, q, k, v) in enumerate(capture):
+                iq, ik, iw = model32.layers[li].indexer.tensors(x, ci, si)
+                for name, value in (("q", q), ("k", k), ("v", v), ("index_q", iq), ("index_k", ik), ("index_w", iw)):
+                    tensors[f"layer{li}.{name}"] = value[0].float().cpu().numpy().astype(np.float16)
+                tensors[f"layer{li}.positions"] = np.arange(t, dtype=np.int32)
+        name = "keysel tiny-lm (models/tiny_lm/model.safetensors)" if cfg.context == 4096 else \
+            f"keysel tiny-lm, context {cfg.context} (model.safetensors beside this dump)"
+        write_safetensors(os.path.join(args.out, "dump.safetensors"), tensors,
+                          {"format": "keysel-dump/1", "model": name,
+                           "scale": "0", "layers": ",".join(str(i) for i in range(cfg.layers)),
+                           "prefill_tokens": str(t), "decode_tokens": "0", "queries": "all"})
+
+    info["total_seconds"] = round(time.time() - _T_START, 1)
+    info["package_bytes"] = directory_bytes(args.out)
+    log(f"package {args.out}: {info['package_bytes'] / 2**20:.2f} MiB (model.safetensors "
+        f"{os.path.getsize(os.path.join(args.out, 'model.safetensors')) / 2**20:.2f} MiB)")
+    with open(os.path.join(args.out, "train_log.json.tmp"), "w") as f:
         json.dump(info, f, indent=1)
-    log(f"done in {time.time() - t0:.0f}s")
+    os.replace(os.path.join(args.out, "train_log.json.tmp"), os.path.join(args.out, "train_log.json"))
+    log(f"done in {time.time() - _T_START:.0f}s")
+    _LOG_FILE.close()
 
 
 if __name__ == "__main__":

@@ -430,6 +430,23 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(TinyLmLongStudy, LongContextExampleStudyParses) {
+  const std::filesystem::path example =
+      std::filesystem::path(__FILE__).parent_path() / "../../examples/studies/tiny_lm_32k.json";
+  const StudyConfig config = parse_study_config(read_text(example));
+  ASSERT_EQ(config.workloads.size(), 1u);
+  const TinyLmWorkloadOptions& tiny = config.workloads[0].tiny_lm;
+  EXPECT_TRUE(tiny.task);
+  EXPECT_EQ(tiny.study.mode, TinyLmStudyMode::decode);
+  EXPECT_EQ(tiny.contexts, (std::vector<std::int64_t>{8192, 16384, 32768}));
+  EXPECT_EQ(config.options.k_values, (std::vector<std::int64_t>{64, 256, 1024, 2048}));
+  EXPECT_EQ(config.options.granularity, Granularity::per_token);
+  EXPECT_EQ(config.selectors.size(), 13u);
+  std::size_t lowest = 0;
+  for (const StudySelectorSpec& spec : config.selectors) lowest += spec.name.find("drop=lowest") != std::string::npos;
+  EXPECT_EQ(lowest, 2u);
+}
+
 TEST(TinyLmLongStudy, FidelitySpecTakesTheDropProtocol) {
   EXPECT_EQ(make_selector_from_spec(R"({"type": "fidelity", "precision": 0.5, "drop": "lowest"})")->name(),
             "fidelity-p50-random-droplowest");

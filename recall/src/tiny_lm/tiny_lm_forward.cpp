@@ -1,6 +1,5 @@
 // The tiny language model's fast forward pass (TinyLm::logits, TinyLm::trace): fp32, BLAS sgemm for every
-// weight matrix, OpenMP over tokens for the element-wise steps; full attention in blocks through BLAS, sparse
-// attention through keysel's kernel.
+// weight matrix, OpenMP over tokens for the element-wise steps, keysel's attention kernels for attention.
 #include <cblas.h>
 
 #include <algorithm>
@@ -68,48 +67,6 @@ struct RopeTable {
     }
   }
 };
-
-/// Full causal attention of a whole sequence (query t reads keys 0..t), computed in blocks of query rows with BLAS:
-/// per query head and block, scores = scale q k^T (sgemm), a softmax per row over its allowed keys (max and sum
-/// in double), then out = p v (sgemm). The same attention as full_attention_fast, several times faster at long
-/// contexts, where it is what a forward pass spends its time on.
-///   q [T, Hq, D], k and v [T, Hkv, D], out [T, Hq, D]; GQA: query head h reads key head h / (Hq / Hkv).
-void blocked_causal_attention(const std::vector<float>& q, const std::vector<float>& k, const std::vector<float>& v,
-                              std::int64_t T, std::int64_t Hq, std::int64_t Hkv, std::int64_t D, double scale,
-                              std::vector<float>& out) {
-  constexpr std::int64_t kBlock = 128;
-  const std::int64_t group = Hq / Hkv;
-  std::vector<float> scores(static_cast<std::size_t>(std::min(kBlock, T) * T));
-  for (std::int64_t h = 0; h < Hq; ++h) {
-    const std::int64_t hk = h / group;
-    for (std::int64_t t0 = 0; t0 < T; t0 += kBlock) {
-      const std::int64_t m = std::min(kBlock, T - t0);
-      const std::int64_t n = t0 + m;  // keys the block's last row reads
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(n),
-                  static_cast<int>(D), static_cast<float>(scale), q.data() + (t0 * Hq + h) * D,
-                  static_cast<int>(Hq * D), k.data() + hk * D, static_cast<int>(Hkv * D), 0.0f, scores.data(),
-                  static_cast<int>(n));
-#pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < m; ++i) {
-        float* row = scores.data() + i * n;
-        const std::int64_t allowed = t0 + i + 1;
-        float largest = row[0];
-        for (std::int64_t s = 1; s < allowed; ++s) largest = std::max(largest, row[s]);
-        double sum = 0;
-        for (std::int64_t s = 0; s < allowed; ++s) {
-          row[s] = std::exp(row[s] - largest);
-          sum += row[s];
-        }
-        const auto inverse = static_cast<float>(1.0 / sum);
-        for (std::int64_t s = 0; s < allowed; ++s) row[s] *= inverse;
-        std::fill(row + allowed, row + n, 0.0f);
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(m), static_cast<int>(D),
-                  static_cast<int>(n), 1.0f, scores.data(), static_cast<int>(n), v.data() + hk * D,
-                  static_cast<int>(Hkv * D), 0.0f, out.data() + (t0 * Hq + h) * D, static_cast<int>(Hq * D));
-    }
-  }
-}
 
 TensorView view_of(const std::vector<float>& data, std::initializer_list<std::int64_t> shape) {
   return TensorView(static_cast<const void*>(data.data()), DType::fp32, shape);
@@ -230,7 +187,7 @@ std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const T
                          layer_view.attention.positions, T, groups);
       sparse_attention(layer_view.attention, selection_view, sparse->granularity, attended_view);
     } else {
-      blocked_causal_attention(q, k, v, T, Hq, Hkv, D, layer_view.attention.scale, attended);
+      full_attention_fast(layer_view.attention, attended_view);
     }
     matmul_transposed(T, d, Hq * D, attended.data(), layer.wo.data(), 1.0f, h.data());
 

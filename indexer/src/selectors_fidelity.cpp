@@ -22,7 +22,8 @@ class FidelitySelector final : public Selector {
   std::string name() const override {
     const int percent = static_cast<int>(std::lround(options_.precision * 100.0));
     return std::string("fidelity-p") + std::to_string(percent) +
-           (options_.fill == FidelityFill::random ? "-random" : "-next");
+           (options_.fill == FidelityFill::random ? "-random" : "-next") +
+           (options_.drop == FidelityDrop::lowest ? "-droplowest" : "");
   }
 
   SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
@@ -78,8 +79,11 @@ class FidelitySelector final : public Selector {
 
         RandomStream random(options_.seed, static_cast<std::uint64_t>(row));
         chosen.clear();
-        // A uniformly random subset of `hits` free keys of E (partial Fisher-Yates).
-        for (std::int64_t i = 0; i < hits; ++i) {
+        // A uniformly random subset of `hits` free keys of E (partial Fisher-Yates), or its best `hits` keys.
+        for (std::int64_t i = 0; i < hits && options_.drop == FidelityDrop::lowest; ++i) {
+          chosen.push_back(in_e[static_cast<std::size_t>(i)]);
+        }
+        for (std::int64_t i = 0; i < hits && options_.drop == FidelityDrop::random; ++i) {
           const auto j = i + static_cast<std::int64_t>(random.uniform_int(static_cast<std::uint64_t>(in_count - i)));
           std::swap(in_e[static_cast<std::size_t>(i)], in_e[static_cast<std::size_t>(j)]);
           chosen.push_back(in_e[static_cast<std::size_t>(i)]);

@@ -239,6 +239,60 @@ TEST(PipelineSelectors, ControlledFidelityNextRankedFillsWithTheFollowingRanks) 
   }
 }
 
+TEST(PipelineSelectors, ControlledFidelityDropLowestKeepsTheBestRanked) {
+  // drop = lowest: the part of the exact top-k a row keeps is its best round(p k) keys, i.e. the exact
+  // top-round(p k); the rest of the row lies outside the top-k (random or next-ranked fill).
+  const Workload w = make_workload(9, 240, 6, 2, 16, {239, 120, 77});
+  for (const Granularity gr : {Granularity::per_head, Granularity::per_kv_head, Granularity::per_token}) {
+    const SelectionPolicy policy{24, gr, 0, 0, false};
+    const auto top = run_exact(w, policy);
+    const std::int64_t groups = group_count(gr, 6, 2);
+    for (const double p : {0.0, 0.25, 0.5, 0.8, 1.0}) {
+      const auto kept = static_cast<std::int64_t>(std::llround(p * 24.0));
+      SelectionPolicy best_policy = policy;
+      best_policy.k = std::max<std::int64_t>(kept, 1);
+      const auto best = run_exact(w, best_policy);
+      for (const FidelityFill fill : {FidelityFill::random, FidelityFill::next_ranked}) {
+        FidelityOptions options{p, fill, 5};
+        options.drop = FidelityDrop::lowest;
+        auto selector = make_fidelity_selector(options);
+        EXPECT_NE(selector->name().find("droplowest"), std::string::npos);
+        const auto sel = run_selector(*selector, w, policy);
+        expect_valid(sel, w, policy, selector->name());
+        for (std::int64_t row = 0; row < w.T * groups; ++row) {
+          std::vector<std::int32_t> row_sel(sel.begin() + row * 24, sel.begin() + (row + 1) * 24);
+          std::vector<std::int32_t> row_top(top.begin() + row * 24, top.begin() + (row + 1) * 24);
+          std::sort(row_sel.begin(), row_sel.end());
+          std::sort(row_top.begin(), row_top.end());
+          std::vector<std::int32_t> in_top;
+          std::set_intersection(row_sel.begin(), row_sel.end(), row_top.begin(), row_top.end(),
+                                std::back_inserter(in_top));
+          std::vector<std::int32_t> want;
+          if (kept > 0) {
+            want.assign(best.begin() + row * best_policy.k, best.begin() + (row + 1) * best_policy.k);
+            std::sort(want.begin(), want.end());
+          }
+          EXPECT_EQ(in_top, want) << selector->name() << " " << granularity_name(gr) << " row " << row;
+        }
+      }
+      // The random protocol keeps a random part of the top-k: at p = 0.5 some row keeps another half.
+      if (p == 0.5) {
+        auto random_drop = make_fidelity_selector({p, FidelityFill::random, 5});
+        const auto sel = run_selector(*random_drop, w, policy);
+        bool differs = false;
+        for (std::int64_t row = 0; row < w.T * groups && !differs; ++row) {
+          std::vector<std::int32_t> row_sel(sel.begin() + row * 24, sel.begin() + (row + 1) * 24);
+          std::vector<std::int32_t> want(best.begin() + row * 12, best.begin() + (row + 1) * 12);
+          std::sort(row_sel.begin(), row_sel.end());
+          std::sort(want.begin(), want.end());
+          differs = !std::includes(row_sel.begin(), row_sel.end(), want.begin(), want.end());
+        }
+        EXPECT_TRUE(differs);
+      }
+    }
+  }
+}
+
 TEST(PipelineSelectors, HybridWithAllKeysAsCandidatesEqualsExact) {
   const Workload w = awkward(7);
   auto hybrid = make_hybrid_selector(make_random_selector(1), 1000);

@@ -18,6 +18,7 @@
 #include <iostream>
 #include <iterator>
 #include <limits>
+#include <numeric>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -430,6 +431,179 @@ LoadedTensor& tensor_of(SafetensorsFile& file, const std::string& name) {
     if (t.name == name) return t;
   }
   throw std::runtime_error("no tensor " + name);
+}
+
+// ---- top-k decoding over a full-attention prefill ---------------------------------------------------------
+
+void put(const TensorView& selection, std::int64_t t, std::int64_t g, std::int64_t i, std::int64_t value) {
+  selection.mutable_data<std::int32_t>()[(t * selection.size(1) + g) * selection.size(2) + i] =
+      static_cast<std::int32_t>(value);
+}
+
+/// A selection that depends on positions only (the same in every forward pass): per row and group, every
+/// allowed key s with (s * 7 + group * 3 + pos) % 3 != 0, plus the row's own key, up to the width.
+void hashed_selection(const TinyLmLayer& layer, const TensorView& selection) {
+  const TensorView& positions = layer.attention.positions;
+  for (std::int64_t t = 0; t < selection.size(0); ++t) {
+    const auto pos = static_cast<std::int64_t>(positions.load({t}));
+    for (std::int64_t g = 0; g < selection.size(1); ++g) {
+      std::int64_t n = 0;
+      for (std::int64_t s = 0; s <= pos && n < selection.size(2); ++s) {
+        if ((s * 7 + g * 3 + pos) % 3 != 0 || s == pos) put(selection, t, g, n++, s);
+      }
+    }
+  }
+}
+
+/// Every allowed key of every row below `first_sparse`, hashed_selection for the rows at or after it.
+TinyLmSparse suffix_sparse(std::int64_t first_sparse, std::int64_t width, Granularity granularity) {
+  TinyLmSparse sparse;
+  sparse.granularity = granularity;
+  sparse.width = width;
+  sparse.select = [first_sparse](const TinyLmLayer& layer, const TensorView& selection) {
+    hashed_selection(layer, selection);
+    const TensorView& positions = layer.attention.positions;
+    for (std::int64_t t = 0; t < selection.size(0); ++t) {
+      const auto pos = static_cast<std::int64_t>(positions.load({t}));
+      if (pos >= first_sparse) continue;
+      for (std::int64_t g = 0; g < selection.size(1); ++g) {
+        for (std::int64_t i = 0; i < selection.size(2); ++i) {
+          put(selection, t, g, i, i <= pos ? i : -1);
+        }
+      }
+    }
+  };
+  return sparse;
+}
+
+std::vector<float> rows_of(const std::vector<float>& logits, const std::vector<std::int64_t>& rows, std::int64_t vocab) {
+  std::vector<float> out;
+  for (const std::int64_t r : rows) {
+    out.insert(out.end(), logits.begin() + r * vocab, logits.begin() + (r + 1) * vocab);
+  }
+  return out;
+}
+
+TEST(TinyLmDecode, FullAttentionDecodeEqualsTheFullForwardRows) {
+  const TinyLmConfig config = small_config();
+  const TinyLm model = TinyLm::from_safetensors(random_model(config, DType::fp32, 17));
+  const std::vector<std::uint8_t> tokens = random_tokens(57, 5);
+  const TinyLmPrefill prefill = model.prefill(tokens);
+  const std::vector<float> full = model.logits(tokens);
+  EXPECT_EQ(prefill.logits, full);
+  ASSERT_EQ(prefill.k.size(), static_cast<std::size_t>(config.layers));
+  const std::vector<std::int64_t> rows = {0, 3, 17, 40, 56};
+  const std::vector<float> expected = rows_of(full, rows, config.vocab);
+  // Without a selection, and with the exact top-k at k >= the keys any row may read.
+  EXPECT_LE(max_relative_difference(model.decode(tokens, prefill, rows), expected), 1e-5);
+  const std::unique_ptr<Selector> exact = make_exact_selector();
+  for (const Granularity granularity : {Granularity::per_head, Granularity::per_kv_head, Granularity::per_token}) {
+    SCOPED_TRACE(granularity_name(granularity));
+    SelectionPolicy policy;
+    policy.k = 64;
+    policy.granularity = granularity;
+    const TinyLmSparse sparse = with_selector(*exact, policy);
+    EXPECT_LE(max_relative_difference(model.decode(tokens, prefill, rows, &sparse), expected), 1e-5);
+    // Fewer keys than the rows may read change the logits of the late rows.
+    policy.k = 3;
+    const TinyLmSparse few = with_selector(*exact, policy);
+    EXPECT_GT(max_relative_difference(model.decode(tokens, prefill, rows, &few), expected), 1e-3);
+  }
+}
+
+TEST(TinyLmDecode, EveryRowScoredEqualsTheSparseForwardPass) {
+  const TinyLmConfig config = small_config();
+  const TinyLm model = TinyLm::from_safetensors(random_model(config, DType::fp16, 19));
+  const std::vector<std::uint8_t> tokens = random_tokens(45, 6);
+  const TinyLmPrefill prefill = model.prefill(tokens);
+  std::vector<std::int64_t> rows(tokens.size());
+  std::iota(rows.begin(), rows.end(), 0);
+  for (const Granularity granularity : {Granularity::per_head, Granularity::per_kv_head, Granularity::per_token}) {
+    SCOPED_TRACE(granularity_name(granularity));
+    TinyLmSparse sparse;
+    sparse.granularity = granularity;
+    sparse.width = 9;
+    sparse.select = hashed_selection;
+    const std::vector<float> forward = model.logits(tokens, sparse);
+    const std::vector<float> decoded = model.decode(tokens, prefill, rows, &sparse);
+    EXPECT_LE(max_relative_difference(decoded, forward), 1e-5);
+    // The selection matters: the sparse pass is far from full attention.
+    EXPECT_GT(max_relative_difference(forward, prefill.logits), 1e-3);
+  }
+}
+
+TEST(TinyLmDecode, ScoredSuffixEqualsTheSparseForwardWithAFullPrefix) {
+  // Rows before the scored ones read every key in both passes; the scored suffix reads the same selection. The
+  // decode pass's cache holds the prefill's K/V below the suffix and the suffix rows' own K/V, as the sparse
+  // forward pass computes them.
+  const TinyLmConfig config = small_config();
+  const TinyLm model = TinyLm::from_safetensors(random_model(config, DType::fp32, 23));
+  const std::vector<std::uint8_t> tokens = random_tokens(50, 7);
+  const TinyLmPrefill prefill = model.prefill(tokens);
+  for (const std::int64_t suffix : {1, 4}) {
+    SCOPED_TRACE("suffix " + std::to_string(suffix));
+    const std::int64_t first = 50 - suffix;
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(suffix));
+    std::iota(rows.begin(), rows.end(), first);
+    const TinyLmSparse sparse = suffix_sparse(first, 50, Granularity::per_kv_head);
+    const std::vector<float> forward = rows_of(model.logits(tokens, sparse), rows, config.vocab);
+    const std::vector<float> decoded = model.decode(tokens, prefill, rows, &sparse);
+    EXPECT_LE(max_relative_difference(decoded, forward), 1e-5);
+    EXPECT_GT(max_relative_difference(decoded, rows_of(prefill.logits, rows, config.vocab)), 1e-3);
+  }
+  // Scored rows that are not a suffix: a later unscored row reads the prefill's K/V, not the sparse rows', so
+  // the passes differ (the decode pass is a decoder's, not a forward pass's).
+  const std::vector<std::int64_t> rows = {20, 49};
+  const TinyLmSparse sparse = suffix_sparse(0, 50, Granularity::per_kv_head);
+  const std::vector<float> forward = rows_of(model.logits(tokens, sparse), rows, config.vocab);
+  EXPECT_GT(max_relative_difference(model.decode(tokens, prefill, rows, &sparse), forward), 1e-4);
+}
+
+TEST(TinyLmDecode, TheCallbackSeesScoredRowsOverTheWholeCache) {
+  const TinyLmConfig config = small_config();
+  const TinyLm model = TinyLm::from_safetensors(random_model(config, DType::fp32, 29));
+  const std::vector<std::uint8_t> tokens = random_tokens(33, 8);
+  const TinyLmPrefill prefill = model.prefill(tokens);
+  const TinyLmTrace trace = model.trace(tokens);
+  const std::vector<std::int64_t> rows = {31, 32};
+  TinyLmSparse sparse = suffix_sparse(0, 40, Granularity::per_token);
+  std::int64_t calls = 0;
+  sparse.select = [&, inner = sparse.select](const TinyLmLayer& layer, const TensorView& selection) {
+    EXPECT_EQ(layer.layer, calls++);
+    EXPECT_EQ(layer.attention.q.size(0), 2);
+    EXPECT_EQ(layer.attention.k.size(0), 33);
+    EXPECT_EQ(layer.index_q.size(0), 2);
+    EXPECT_EQ(layer.index_k.size(0), 33);
+    EXPECT_EQ(layer.attention.positions.load({1}), 32.0);
+    EXPECT_EQ(selection.size(0), 2);
+    // Below the scored rows the cache is the full pass's.
+    const std::vector<float>& k = trace.layers[static_cast<std::size_t>(layer.layer)].k;
+    for (std::int64_t i = 0; i < 31 * config.kv_heads * config.head_dim; ++i) {
+      ASSERT_EQ(layer.attention.k.data<float>()[i], k[static_cast<std::size_t>(i)]);
+    }
+    inner(layer, selection);
+  };
+  model.decode(tokens, prefill, rows, &sparse);
+  EXPECT_EQ(calls, config.layers);
+}
+
+TEST(TinyLmDecode, BadArgumentsAreErrors) {
+  const TinyLmConfig config = small_config();
+  const TinyLm model = TinyLm::from_safetensors(random_model(config, DType::fp32, 31));
+  const std::vector<std::uint8_t> tokens = random_tokens(20, 9);
+  const TinyLmPrefill prefill = model.prefill(tokens);
+  expect_error([&] { model.decode(tokens, prefill, std::vector<std::int64_t>{3, 3}); }, {"TinyLm::decode", "rows"});
+  expect_error([&] { model.decode(tokens, prefill, std::vector<std::int64_t>{5, 2}); }, {"rows", "ascending"});
+  expect_error([&] { model.decode(tokens, prefill, std::vector<std::int64_t>{20}); }, {"rows", "[0, T = 20)"});
+  expect_error([&] { model.decode(tokens, prefill, std::vector<std::int64_t>{-1}); }, {"rows"});
+  expect_error([&] { model.decode(tokens, prefill, std::vector<std::int64_t>{}); }, {"rows", "none"});
+  expect_error([&] { model.decode(prefix(tokens, 19), prefill, std::vector<std::int64_t>{1}); }, {"prefill"});
+  TinyLmPrefill broken = prefill;
+  broken.k[1].pop_back();
+  expect_error([&] { model.decode(tokens, broken, std::vector<std::int64_t>{1}); }, {"prefill", "layer 1"});
+  TinyLmSparse sparse = suffix_sparse(0, 4, Granularity::per_head);
+  sparse.select = [](const TinyLmLayer&, const TensorView& selection) { put(selection, 0, 0, 0, 7); };
+  expect_error([&] { model.decode(tokens, prefill, std::vector<std::int64_t>{2, 9}, &sparse); }, {"layer 0"});
 }
 
 TEST(TinyLmLoad, MissingMisshapenOrExtraTensorsNameTheTensor) {

@@ -62,7 +62,38 @@ struct ChartStyle {
   bool y_from_zero = true;        // else the y axis spans the data (and the reference line) only
   double reference_y = std::numeric_limits<double>::quiet_NaN();  // when finite, a dashed horizontal line
   std::string reference_label;    // its legend entry
+  std::vector<double> x_ticks;    // when not empty, the x axis is ticked at these values (the k studied)
 };
+
+/// Rough width in pixels of `text` in the report's fonts (11 px labels, 14 px bold titles), so that titles,
+/// legends and labels are given the room they need instead of being cut at the edge of their chart.
+double text_width(std::string_view text, double font_px) { return 0.6 * font_px * static_cast<double>(text.size()); }
+
+/// Tick values of an axis from lo to hi: on a log axis 1, 2 and 5 times the powers of ten inside it (the
+/// powers only when those are many), else 5 even steps.
+std::vector<double> axis_ticks(double lo, double hi, bool log) {
+  std::vector<double> ticks;
+  if (log && lo > 0 && hi > lo) {
+    for (const bool powers_only : {false, true}) {
+      ticks.clear();
+      for (int e = static_cast<int>(std::floor(std::log10(lo))); e <= static_cast<int>(std::ceil(std::log10(hi)));
+           ++e) {
+        for (const double m : {1.0, 2.0, 5.0}) {
+          if (powers_only && m != 1.0) continue;
+          const double v = m * std::pow(10.0, e);
+          if (v >= lo && v <= hi) ticks.push_back(v);
+        }
+      }
+      if (ticks.size() <= 8) break;
+    }
+    if (ticks.size() >= 2) return ticks;
+    ticks.clear();
+    for (int i = 0; i <= 4; ++i) ticks.push_back(std::pow(10.0, std::log10(lo) + (std::log10(hi) - std::log10(lo)) * i / 4));
+    return ticks;
+  }
+  for (int i = 0; i <= 4; ++i) ticks.push_back(lo + (hi - lo) * i / 4);
+  return ticks;
+}
 
 /// A chart with axes, ticks and a legend.
 std::string chart(const std::string& title, const std::string& x_label, const std::string& y_label,
@@ -99,22 +130,31 @@ std::string chart(const std::string& title, const std::string& x_label, const st
     ay.lo = y_lo - margin, ay.hi = y_hi + margin;
   }
 
-  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(kWidth) + "\" height=\"" + px(kHeight) +
-                    "\" viewBox=\"0 0 " + px(kWidth) + " " + px(kHeight) + "\" role=\"img\">\n";
+  // Wide enough for the title and the legend's longest entry.
+  double width = std::max(kWidth, 12 + text_width(title, 14) + 12);
+  for (const Series& s : series) width = std::max(width, kWidth - kRight + 24 + text_width(s.name, 11) + 8);
+  if (reference) width = std::max(width, kWidth - kRight + 24 + text_width(style.reference_label, 11) + 8);
+  const double title_x = std::max(12.0, (kWidth - kRight) / 2 - text_width(title, 14) / 2);
+  std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(width) + "\" height=\"" + px(kHeight) +
+                    "\" viewBox=\"0 0 " + px(width) + " " + px(kHeight) + "\" role=\"img\">\n";
   svg += "<title>" + escape_html(title) + "</title>\n";
-  svg += "<text x=\"" + px(kWidth / 2 - kRight / 2) + "\" y=\"20\" text-anchor=\"middle\" class=\"t\">" +
-         escape_html(title) + "</text>\n";
+  svg += "<text x=\"" + px(title_x) + "\" y=\"20\" class=\"t\">" + escape_html(title) + "</text>\n";
   svg += "<rect x=\"" + px(kLeft) + "\" y=\"" + px(kTop) + "\" width=\"" + px(kWidth - kLeft - kRight) +
          "\" height=\"" + px(kHeight - kTop - kBottom) + "\" fill=\"none\" stroke=\"#999\"/>\n";
-  for (int i = 0; i <= 4; ++i) {
-    const double yv = log_y ? std::pow(10.0, std::log10(ay.lo) + (std::log10(ay.hi) - std::log10(ay.lo)) * i / 4)
-                            : ay.lo + (ay.hi - ay.lo) * i / 4;
-    const double xv = log_x ? std::pow(10.0, std::log10(ax.lo) + (std::log10(ax.hi) - std::log10(ax.lo)) * i / 4)
-                            : ax.lo + (ax.hi - ax.lo) * i / 4;
+  for (const double yv : axis_ticks(ay.lo, ay.hi, log_y)) {
     svg += "<text x=\"" + px(kLeft - 6) + "\" y=\"" + px(ay.map(yv) + 4) + "\" text-anchor=\"end\" class=\"a\">" +
            num(yv, "%.3g") + "</text>\n";
+  }
+  std::vector<double> x_ticks;
+  for (const double v : style.x_ticks) {
+    if (v >= ax.lo && v <= ax.hi) x_ticks.push_back(v);
+  }
+  if (x_ticks.empty()) x_ticks = axis_ticks(ax.lo, ax.hi, log_x);
+  for (const double xv : x_ticks) {
+    svg += "<line x1=\"" + px(ax.map(xv)) + "\" y1=\"" + px(kHeight - kBottom) + "\" x2=\"" + px(ax.map(xv)) +
+           "\" y2=\"" + px(kHeight - kBottom + 4) + "\" stroke=\"#999\"/>\n";
     svg += "<text x=\"" + px(ax.map(xv)) + "\" y=\"" + px(kHeight - kBottom + 16) +
-           "\" text-anchor=\"middle\" class=\"a\">" + num(xv, "%.3g") + "</text>\n";
+           "\" text-anchor=\"middle\" class=\"a\">" + num(xv, style.x_ticks.empty() ? "%.3g" : "%.6g") + "</text>\n";
   }
   svg += "<text x=\"" + px((kLeft + kWidth - kRight) / 2) + "\" y=\"" + px(kHeight - 10) +
          "\" text-anchor=\"middle\" class=\"a\">" + escape_html(x_label) + "</text>\n";
@@ -172,11 +212,19 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
   const std::size_t cols = rows > 0 ? cells[0].size() : 0;
   const double cell = std::clamp(360.0 / static_cast<double>(std::max<std::size_t>(cols, 1)), 4.0, 28.0);
   const double cell_h = std::clamp(220.0 / static_cast<double>(std::max<std::size_t>(rows, 1)), 4.0, 22.0);
-  const double left = 60, top = 34;
-  const double width = left + cell * static_cast<double>(cols) + 20, height = top + cell_h * static_cast<double>(rows) + 40;
+  double left = 60;
+  for (std::size_t r = 0; r < rows && r < row_names.size(); ++r) left = std::max(left, text_width(row_names[r], 11) + 12);
+  const double top = 34;
+  const std::string caption = col_label + " " + (cols > 0 ? col_names.front() : "") + " .. " +
+                              (cols > 0 ? col_names.back() : "") + " (columns); " + row_label +
+                              " (rows); white 0, dark 1";
+  // Wide enough for the title and the caption, however few the columns.
+  const double width = std::max({left + cell * static_cast<double>(cols) + 20, 12 + text_width(title, 14) + 12,
+                                 12 + text_width(caption, 11) + 12});
+  const double height = top + cell_h * static_cast<double>(rows) + 40;
   std::string svg = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" + px(width) + "\" height=\"" + px(height) +
                     "\" viewBox=\"0 0 " + px(width) + " " + px(height) + "\" role=\"img\">\n<title>" +
-                    escape_html(title) + "</title>\n<text x=\"" + px(left) + "\" y=\"20\" class=\"t\">" +
+                    escape_html(title) + "</title>\n<text x=\"12\" y=\"20\" class=\"t\">" +
                     escape_html(title) + "</text>\n";
   for (std::size_t r = 0; r < rows; ++r) {
     const std::string row_name = r < row_names.size() ? row_names[r] : std::to_string(r);
@@ -199,10 +247,7 @@ std::string heatmap(const std::string& title, const std::string& row_label, cons
              "</title></rect>\n";
     }
   }
-  svg += "<text x=\"" + px(left) + "\" y=\"" + px(height - 12) + "\" class=\"a\">" +
-         escape_html(col_label + " " + (cols > 0 ? col_names.front() : "") + " .. " + (cols > 0 ? col_names.back() : "") +
-                     " (columns); " + row_label + " (rows); white 0, dark 1") +
-         "</text>\n</svg>\n";
+  svg += "<text x=\"12\" y=\"" + px(height - 12) + "\" class=\"a\">" + escape_html(caption) + "</text>\n</svg>\n";
   return svg;
 }
 
@@ -352,7 +397,8 @@ std::string layer_heatmaps(const StudySuiteResult& result) {
 
 /// Bits per byte against mean recall and against mean mass, one point per selector and k, with full
 /// attention's bits per byte as a dashed line (studies over a model).
-std::string accuracy_charts(const StudyResult& study, const std::vector<std::string>& names) {
+std::string accuracy_charts(const StudyResult& study, const std::vector<std::string>& names,
+                            const std::vector<double>& k_ticks) {
   std::vector<Series> by_recall, by_mass, increase_by_recall, increase_by_mass;
   std::size_t not_above_full = 0;
   for (const std::string& name : names) {
@@ -403,6 +449,121 @@ std::string accuracy_charts(const StudyResult& study, const std::vector<std::str
                 increase_by_recall, log_style);
   html += chart("bpb increase vs mass", "mean attention mass (all layers)",
                 "bits per byte over full attention (log scale)", increase_by_mass, log_style);
+  html += "</div>\n<div>\n";
+  // Against k, with the values studied as ticks.
+  std::vector<Series> bpb_by_k, sparse_by_k;
+  bool sparse = false;
+  for (const std::string& name : names) {
+    Series b{name, {}}, sb{name, {}};
+    for (const StudyRow& row : study.rows) {
+      if (row.selector != name) continue;
+      b.points.push_back({static_cast<double>(row.k), metric_of(row, "bpb"), ""});
+      sb.points.push_back({static_cast<double>(row.k), metric_of(row, "bpb_sparse"), ""});
+      sparse = sparse || row.metrics.contains("bpb_sparse");
+    }
+    bpb_by_k.push_back(std::move(b));
+    sparse_by_k.push_back(std::move(sb));
+  }
+  ChartStyle by_k = style;
+  by_k.log_x = true;
+  by_k.x_ticks = k_ticks;
+  html += chart("bits per byte vs k", "k (log scale)", "bits per byte", bpb_by_k, by_k);
+  if (sparse) {
+    ChartStyle sparse_style = by_k;
+    sparse_style.reference_y = std::numeric_limits<double>::quiet_NaN();
+    html += chart("bits per byte at positions >= 2k vs k", "k (log scale)", "bits per byte (positions >= 2k)",
+                  sparse_by_k, sparse_style);
+  }
+  html += "</div>\n";
+  if (study.full_exact_match.count == 0) return html;
+
+  // A retrieval task: exact-match accuracy against recall, mass and k.
+  std::vector<Series> acc_recall, acc_mass, acc_k;
+  for (const std::string& name : names) {
+    Series r{name, {}}, m{name, {}}, kk{name, {}};
+    for (const StudyRow& row : study.rows) {
+      if (row.selector != name) continue;
+      const double accuracy = metric_of(row, "exact_match");
+      const std::string label = "k=" + std::to_string(row.k);
+      r.points.push_back({metric_of(row, "recall"), accuracy, label});
+      m.points.push_back({metric_of(row, "mass"), accuracy, label});
+      kk.points.push_back({static_cast<double>(row.k), accuracy, ""});
+    }
+    acc_recall.push_back(std::move(r));
+    acc_mass.push_back(std::move(m));
+    acc_k.push_back(std::move(kk));
+  }
+  ChartStyle acc_style;
+  acc_style.lines = true;
+  acc_style.reference_y = study.full_exact_match.mean;
+  acc_style.reference_label = "full attention";
+  html += "<h3>Task accuracy</h3>\n<p>" +
+          escape_html("Exact-match accuracy (every answer byte the model's argmax, teacher-forced) over " +
+                      std::to_string(study.full_exact_match.count) + " examples, with each scored row decoded over a "
+                      "full-attention prefill through each selector's keys; the dashed line is full attention: " +
+                      num(study.full_exact_match.mean, "%.3f") + ".") +
+          "</p>\n<div>\n";
+  html += chart("exact match vs recall", "mean recall (all layers)", "exact-match accuracy", acc_recall, acc_style);
+  html += chart("exact match vs mass", "mean attention mass (all layers)", "exact-match accuracy", acc_mass,
+                acc_style);
+  ChartStyle acc_by_k = acc_style;
+  acc_by_k.log_x = true;
+  acc_by_k.x_ticks = k_ticks;
+  html += chart("exact match vs k", "k (log scale)", "exact-match accuracy", acc_k, acc_by_k);
+  return html + "</div>\n";
+}
+
+/// Per layer and selection group (head): mean attention entropy of the scored rows against the exact top-k's
+/// mass (one series per k) and against the indexers' recall at the largest k (studies over a model): the
+/// hypothesis that low-entropy heads suit top-k attention.
+std::string entropy_by_head_charts(const StudyResult& study, std::int64_t k_max) {
+  const std::size_t tokens = static_cast<std::size_t>(std::max<std::int64_t>(study.shape.tokens, 0));
+  const std::size_t layers = study.layers.size();
+  if (layers == 0 || tokens == 0) return "";
+  std::vector<Series> mass_series, recall_series;
+  for (const StudyRow& row : study.rows) {
+    if (row.row_metrics.empty()) continue;
+    const bool exact = row.selector.rfind("exact", 0) == 0;
+    const bool indexer = row.selector.find("indexer") != std::string::npos && row.k == k_max;
+    if (!exact && !indexer) continue;
+    const std::size_t groups = row.row_metrics.size() / (tokens * layers);
+    Series series{exact ? row.selector + " k=" + std::to_string(row.k) : row.selector, {}};
+    for (std::size_t l = 0; l < layers; ++l) {
+      for (std::size_t g = 0; g < groups; ++g) {
+        double entropy = 0, value = 0;
+        std::size_t count = 0;
+        for (std::size_t t = 0; t < tokens; ++t) {
+          const SelectionMetrics& m = row.row_metrics[(l * tokens + t) * groups + g];
+          const double v = exact ? m.mass : m.recall;
+          if (!std::isfinite(m.entropy) || !std::isfinite(v)) continue;
+          entropy += m.entropy, value += v, ++count;
+        }
+        if (count == 0) continue;
+        series.points.push_back({entropy / static_cast<double>(count), value / static_cast<double>(count),
+                                 "L" + std::to_string(study.layers[l]) + " g" + std::to_string(g)});
+      }
+    }
+    (exact ? mass_series : recall_series).push_back(std::move(series));
+  }
+  if (mass_series.empty() && recall_series.empty()) return "";
+  std::string html =
+      "<h3>Attention entropy by layer and head</h3>\n<p>" +
+      escape_html("One dot per layer and selection group (head, or key head, or the layer with per_token "
+                  "selections): the mean entropy (nats) of the attention distribution over the scored rows, "
+                  "against the mass the exact top-k holds and against the indexers' recall at k = " +
+                  std::to_string(k_max) + ". Low-entropy heads concentrate their attention on few keys, which "
+                  "top-k attention keeps.") +
+      "</p>\n<div>\n";
+  ChartStyle dots;
+  dots.y_from_zero = false;
+  if (!mass_series.empty()) {
+    html += chart("exact top-k mass vs entropy, per head", "mean attention entropy (nats)", "mean top-k mass",
+                  mass_series, dots);
+  }
+  if (!recall_series.empty()) {
+    html += chart("indexer recall vs entropy, per head", "mean attention entropy (nats)", "mean recall",
+                  recall_series, dots);
+  }
   return html + "</div>\n";
 }
 
@@ -470,7 +631,9 @@ std::string study_report_html(const StudySuiteResult& result) {
     // Summary table.
     html += "<table>\n<tr><th class=\"n\">selector</th><th>k</th><th>recall</th><th>recall p5</th><th>mass</th>"
             "<th>mass_ratio</th><th>kl</th><th>top1</th><th>out_err</th>";
+    const bool task = study.full_exact_match.count > 0;
     if (model) html += "<th>bits per byte</th><th>bpb increase</th>";
+    if (task) html += "<th>exact match</th>";
     html += "<th>key bytes / row</th><th>MACs / row</th></tr>\n";
     for (const StudyRow& row : study.rows) {
       const double rows = std::max<double>(1.0, static_cast<double>(row.cost.rows));
@@ -480,12 +643,14 @@ std::string study_report_html(const StudySuiteResult& result) {
               num(metric_of(row, "kl")) + "</td><td>" + num(metric_of(row, "top1")) + "</td><td>" +
               num(metric_of(row, "out_err")) + "</td><td>";
       if (model) html += num(metric_of(row, "bpb")) + "</td><td>" + num(metric_of(row, "bpb_increase")) + "</td><td>";
+      if (task) html += num(metric_of(row, "exact_match")) + "</td><td>";
       html += num(row.cost.key_bytes_read / rows) + "</td><td>" + num(row.cost.macs / rows) + "</td></tr>\n";
     }
     if (model) {
       html += "<tr><td class=\"n\">full attention</td><td>" + std::to_string(s.keys) +
               "</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td><td>" + num(study.full_bpb.mean) +
-              "</td><td>0</td><td></td><td></td></tr>\n";
+              "</td><td>0</td>" + (task ? "<td>" + num(study.full_exact_match.mean) + "</td>" : std::string()) +
+              "<td></td><td></td></tr>\n";
     }
     html += "</table>\n";
 
@@ -520,10 +685,13 @@ std::string study_report_html(const StudySuiteResult& result) {
       if (!std::isfinite(p.y) || p.x <= 0) continue;
       if (frontier.empty() || p.y > frontier.back().y) frontier.push_back(p);
     }
-    if (model) html += accuracy_charts(study, names);
+    std::vector<double> k_ticks;
+    for (const std::int64_t k : study.options.k_values) k_ticks.push_back(static_cast<double>(k));
+    if (model) html += accuracy_charts(study, names, k_ticks);
     ChartStyle by_k;
     by_k.log_x = true;
     by_k.lines = true;
+    by_k.x_ticks = k_ticks;
     html += "<h3>Fidelity against k</h3>\n<div>\n";
     html += chart("recall vs k", "k (log scale)", "mean recall", recall_series, by_k);
     html += chart("mass vs k", "k (log scale)", "mean attention mass", mass_series, by_k);
@@ -593,7 +761,9 @@ std::string study_report_html(const StudySuiteResult& result) {
       }
       entropy_series.push_back(std::move(e));
     }
-    html += "</div>\n<h3>Attention entropy against recall, k = " + std::to_string(k_max) + "</h3>\n<div>\n";
+    html += "</div>\n";
+    if (model) html += entropy_by_head_charts(study, k_max);
+    html += "<h3>Attention entropy against recall, k = " + std::to_string(k_max) + "</h3>\n<div>\n";
     ChartStyle dots_only;
     dots_only.dot_radius = 2.5;
     html += chart(stride > 1 ? "entropy vs recall (one dot per " + std::to_string(stride) + " rows)"

@@ -210,11 +210,19 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
     } else {
       fail(where, "key 'fill': expected \"random\" or \"next_ranked\", got \"" + fill + "\"");
     }
+    const std::string drop = reader.string("drop", "random");
+    if (drop == "random") {
+      options.drop = FidelityDrop::random;
+    } else if (drop == "lowest") {
+      options.drop = FidelityDrop::lowest;
+    } else {
+      fail(where, "key 'drop': expected \"random\" or \"lowest\", got \"" + drop + "\"");
+    }
     options.seed = reader.seed("seed", 0);
     reader.finish();
     if (construct) selector = make_fidelity_selector(options);
     std::ostringstream os;
-    os << "fidelity(" << options.precision << ")";
+    os << "fidelity(" << options.precision << (options.drop == FidelityDrop::lowest ? ", drop lowest" : "") << ")";
     default_name = os.str();
   } else if (type == "hybrid") {
     const json* candidates = reader.find("candidates");

@@ -18,6 +18,7 @@
 #include "keysel/recall/dump.h"
 #include "keysel/recall/loaders.h"
 #include "keysel/recall/report.h"
+#include "keysel/recall/retrieval.h"
 #include "keysel/recall/tiny_lm.h"
 #include "studies/selector_spec_json.h"
 
@@ -90,8 +91,58 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     spec.layer = get_int(w, "layer", -1, 0, where);
     spec.name = "";  // the dump names its layers: "dump(<model>, layer <index>)"
   } else if (spec.type == "tiny-lm") {
-    check_keys(w, where, {"type", "name", "tokens", "offset", "model", "text"});
+    check_keys(w, where, {"type", "name", "tokens", "offset", "model", "text", "mode", "query_sample", "sample_seed",
+                          "bpb_from", "task"});
     TinyLmWorkloadOptions& o = spec.tiny_lm;
+    if (const auto it = w.find("mode"); it != w.end()) {
+      if (*it == "forward") {
+        o.study.mode = TinyLmStudyMode::forward;
+      } else if (*it == "decode") {
+        o.study.mode = TinyLmStudyMode::decode;
+      } else {
+        fail(where + ": key 'mode': expected \"forward\" or \"decode\", got " + it->dump());
+      }
+    }
+    if (const auto it = w.find("bpb_from"); it != w.end()) {
+      if (*it != "all" && *it != "sparse") {
+        fail(where + ": key 'bpb_from': expected \"all\" or \"sparse\" (positions >= 2k as well), got " + it->dump());
+      }
+      o.study.bpb_sparse = *it == "sparse";
+    }
+    o.study.query_sample = get_int(w, "query_sample", 0, 0, where);
+    o.study.sample_seed = static_cast<std::uint64_t>(get_int(w, "sample_seed", 1, 0, where));
+    if (const auto task = w.find("task"); task != w.end()) {
+      const std::string at = where + ".task";
+      check_keys(*task, at, {"retrieval", "contexts", "examples_per_context", "keys"});
+      for (const char* key : {"tokens", "offset", "text"}) {
+        if (w.contains(key)) fail(where + ": key '" + key + "': a task reads its examples, not a text");
+      }
+      if (o.study.mode != TinyLmStudyMode::decode) {
+        fail(where + ": key 'task': needs \"mode\": \"decode\" (answers are decoded over a full-attention prefill)");
+      }
+      o.task = true;
+      if (const auto it = task->find("retrieval"); it != task->end()) {
+        if (!it->is_string() || it->get<std::string>().empty()) {
+          fail(at + ": key 'retrieval': expected a non-empty path, got " + it->dump());
+        }
+        o.retrieval = it->get<std::string>();
+      }
+      const auto integers = [&](const char* key, std::int64_t min_value, std::vector<std::int64_t>& out) {
+        const auto it = task->find(key);
+        if (it == task->end()) return false;
+        if (!it->is_array() || it->empty()) fail(at + ": key '" + key + "': expected a non-empty list of integers");
+        for (const json& v : *it) {
+          if (!v.is_number_integer() || v.get<std::int64_t>() < min_value) {
+            fail(at + ": key '" + key + "': expected integers >= " + std::to_string(min_value) + ", got " + v.dump());
+          }
+          out.push_back(v.get<std::int64_t>());
+        }
+        return true;
+      };
+      if (!integers("contexts", 2, o.contexts)) fail(at + ": missing key 'contexts' (the context lengths studied)");
+      integers("keys", 1, o.keys);
+      o.examples_per_context = get_int(*task, "examples_per_context", 0, 1, at);
+    }
     o.tokens = get_int(w, "tokens", o.tokens, 2, where);
     o.offset = get_int(w, "offset", o.offset, 0, where);
     if (o.tokens > kMaxKeyPositions) {
@@ -111,6 +162,7 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     }
     const std::string text = o.text.empty() ? "eval.txt" : std::filesystem::path(o.text).filename().string();
     spec.name = "tiny-lm(" + text + "[" + std::to_string(o.offset) + ":" + std::to_string(o.offset + o.tokens) + "])";
+    if (o.task) spec.name = "tiny-lm(retrieval)";
   } else {
     fail(where + ": unknown workload type \"" + spec.type + "\" (expected \"synthetic\", \"dump\" or \"tiny-lm\")");
   }
@@ -401,13 +453,18 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
   for (const StudyWorkloadSpec& spec : specs) {
     if (spec.type == "synthetic") {
       check_study_fits(spec.synthetic.shape(), checked, config.selectors.size(), spec.name);
-    } else if (spec.type == "tiny-lm") {
+    } else if (spec.type == "tiny-lm" && !spec.tiny_lm.task) {
       // Its attention caches one key per token (the model's heads are known once it is loaded).
       check_k_values(config.options.k_values, spec.tiny_lm.tokens, spec.name, "run_study_config");
     }
   }
   const std::size_t per_workload = config.selectors.size() * config.options.k_values.size();
-  const std::size_t total = per_workload * specs.size();
+  // A task is one study per context length.
+  std::vector<std::size_t> first_study(specs.size() + 1, 0);
+  for (std::size_t w = 0; w < specs.size(); ++w) {
+    first_study[w + 1] = first_study[w] + (specs[w].tiny_lm.task ? specs[w].tiny_lm.contexts.size() : 1);
+  }
+  const std::size_t total = per_workload * first_study.back();
   for (std::size_t w = 0; w < specs.size(); ++w) {
     const auto start = std::chrono::steady_clock::now();
     const auto seconds = [&] {
@@ -415,12 +472,54 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
     };
     StudyOptions options = config.options;
     options.keep_row_metrics = true;
-    const auto report_progress = [&, w](const std::string& name) {
+    const auto report_progress = [&](const std::string& name, std::size_t study) {
       if (!progress) return;
-      options.progress = [&, w, name](std::size_t done, std::size_t, const std::string& what) {
-        progress(w * per_workload + done, total, name + ": " + what);
+      options.progress = [&, study, name](std::size_t done, std::size_t, const std::string& what) {
+        progress(study * per_workload + done, total, name + ": " + what);
       };
     };
+    const auto scored_positions = [](const StudyResult& study) {
+      std::vector<std::int32_t> positions(static_cast<std::size_t>(study.shape.tokens));
+      for (std::size_t t = 0; t < positions.size(); ++t) {
+        positions[t] = static_cast<std::int32_t>(study.row_positions.empty() ? static_cast<std::int64_t>(t)
+                                                                             : study.row_positions[t]);
+      }
+      return positions;
+    };
+    if (specs[w].type == "tiny-lm" && specs[w].tiny_lm.task) {
+      const TinyLmWorkloadOptions& tiny = specs[w].tiny_lm;
+      const auto [model_file, directory] = tiny_lm_model_paths(tiny.model);
+      const TinyLm model = TinyLm::load(model_file.string());
+      const RetrievalSet set =
+          load_retrieval_set(tiny.retrieval.empty() ? directory.string() : tiny.retrieval, model.config().context);
+      const double load_seconds = seconds();
+      for (std::size_t c = 0; c < tiny.contexts.size(); ++c) {
+        const std::int64_t context = tiny.contexts[c];
+        std::vector<TinyLmTaskExample> examples;
+        for (std::size_t e = 0; e < set.examples.size(); ++e) {
+          const RetrievalExample& x = set.examples[e];
+          if (x.context != context) continue;
+          if (!tiny.keys.empty() && std::find(tiny.keys.begin(), tiny.keys.end(), x.keys) == tiny.keys.end()) continue;
+          if (tiny.examples_per_context > 0 &&
+              static_cast<std::int64_t>(examples.size()) >= tiny.examples_per_context) {
+            break;
+          }
+          examples.push_back({set.bytes(e), x.answer_length});
+        }
+        if (examples.empty()) {
+          throw Error("keysel::run_study_config: " + specs[w].name + ": " + set.source +
+                      " holds no example of context " + std::to_string(context) +
+                      (tiny.keys.empty() ? std::string() : " with the keys asked for"));
+        }
+        const std::string name = specs[w].name + " context " + std::to_string(context);
+        result.workload_seconds.push_back(c == 0 ? load_seconds : 0.0);
+        report_progress(name, first_study[w] + c);
+        result.studies.push_back(run_tiny_lm_task_study(model, examples, selector_factories(config.selectors), options,
+                                                        tiny.study, name));
+        result.positions.push_back(scored_positions(result.studies.back()));
+      }
+      continue;
+    }
     if (specs[w].type == "tiny-lm") {
       TinyLmWorkloadOptions tiny = specs[w].tiny_lm;
       const auto [model_file, directory] = tiny_lm_model_paths(tiny.model);
@@ -428,12 +527,10 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
       const TinyLm model = TinyLm::load(model_file.string());
       const std::vector<std::uint8_t> tokens = read_tiny_lm_text(tiny);
       result.workload_seconds.push_back(seconds());
-      report_progress(specs[w].name);
-      result.studies.push_back(
-          run_tiny_lm_study(model, tokens, selector_factories(config.selectors), options, specs[w].name));
-      std::vector<std::int32_t> positions(tokens.size());
-      for (std::size_t t = 0; t < positions.size(); ++t) positions[t] = static_cast<std::int32_t>(t);
-      result.positions.push_back(std::move(positions));
+      report_progress(specs[w].name, first_study[w]);
+      result.studies.push_back(run_tiny_lm_study(model, tokens, selector_factories(config.selectors), options,
+                                                 tiny.study, specs[w].name));
+      result.positions.push_back(scored_positions(result.studies.back()));
       continue;
     }
     const Workload workload = make_study_workload(specs[w]);
@@ -444,7 +541,7 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
     for (const StudySelectorSpec& s : config.selectors) {
       selectors.push_back(detail::make_selector(json::parse(s.spec_json), s.name, indexer));
     }
-    report_progress(workload.name);
+    report_progress(workload.name, first_study[w]);
     result.studies.push_back(run_study(workload, selectors, options));
     result.positions.push_back(workload.positions);
   }

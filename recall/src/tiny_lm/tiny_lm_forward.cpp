@@ -5,8 +5,10 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
 
 #include "keysel/attention/sparse_attention.h"
+#include "keysel/core/error.h"
 #include "keysel/recall/tiny_lm.h"
 #include "tiny_lm/tiny_lm_weights.h"
 
@@ -86,8 +88,15 @@ TinyLmTrace TinyLm::trace(std::span<const std::uint8_t> tokens) const {
   return trace;
 }
 
+TinyLmPrefill TinyLm::prefill(std::span<const std::uint8_t> tokens) const {
+  TinyLmPrefill prefill;
+  prefill.logits = forward(tokens, nullptr, nullptr, &prefill);
+  prefill.tokens = static_cast<std::int64_t>(tokens.size());
+  return prefill;
+}
+
 std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const TinyLmSparse* sparse,
-                                   TinyLmTrace* trace) const {
+                                   TinyLmTrace* trace, TinyLmPrefill* prefill) const {
   constexpr std::string_view function = "TinyLm::logits";
   const TinyLmConfig& c = config_;
   const std::int64_t groups = check_tiny_lm_forward(function, c, weights_ != nullptr, tokens, sparse);
@@ -128,6 +137,11 @@ std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const T
     std::copy_n(w.embed.data() + tokens[size(t)] * d, d, h.data() + t * d);
   }
   if (trace != nullptr) trace->layers.clear();
+  if (prefill != nullptr) {
+    prefill->k.clear();
+    prefill->v.clear();
+    prefill->index_k.clear();
+  }
 
   for (std::int64_t l = 0; l < c.layers; ++l) {
     const Weights::Layer& layer = w.layers[size(l)];
@@ -160,6 +174,11 @@ std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const T
       record.positions = positions;
       trace->layers.push_back(std::move(record));
     }
+    if (prefill != nullptr) {
+      prefill->k.push_back(k);
+      prefill->v.push_back(v);
+      prefill->index_k.push_back(index_k);
+    }
     if (sparse != nullptr) {
       std::fill(selection.begin(), selection.end(), -1);
       const TensorView selection_view(static_cast<void*>(selection.data()), DType::int32, {T, groups, sparse->width});
@@ -188,6 +207,125 @@ std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const T
   rms_norm(h, w.final_norm, c.norm_eps, T, d, x);
   std::vector<float> logits(size(T * c.vocab));
   matmul_transposed(T, c.vocab, d, x.data(), w.lm_head.data(), 0.0f, logits.data());
+  return logits;
+}
+
+std::vector<float> TinyLm::decode(std::span<const std::uint8_t> tokens, const TinyLmPrefill& prefill,
+                                  std::span<const std::int64_t> rows, const TinyLmSparse* sparse) const {
+  constexpr std::string_view function = "TinyLm::decode";
+  const TinyLmConfig& c = config_;
+  const std::int64_t groups = check_tiny_lm_forward(function, c, weights_ != nullptr, tokens, sparse);
+  const auto T = static_cast<std::int64_t>(tokens.size());
+  const auto R = static_cast<std::int64_t>(rows.size());
+  const Weights& w = *weights_;
+  const std::int64_t d = c.d_model, D = c.head_dim, Hq = c.heads, Hkv = c.kv_heads, F = c.ffn_dim;
+  const std::int64_t HI = c.index_heads, DI = HI > 0 ? c.index_dim : 0;
+  const auto size = [](std::int64_t n) { return static_cast<std::size_t>(n); };
+
+  KEYSEL_CHECK_ARG_IN(function, prefill.tokens == T, "prefill", "the prefill of these " + std::to_string(T) + " tokens",
+                      "a prefill of " + std::to_string(prefill.tokens) + " tokens");
+  const auto layers = size(c.layers);
+  KEYSEL_CHECK_ARG_IN(function, prefill.k.size() == layers && prefill.v.size() == layers &&
+                                    prefill.index_k.size() == layers,
+                      "prefill", "one cache per layer (" + std::to_string(c.layers) + ")",
+                      std::to_string(prefill.k.size()) + " key caches");
+  for (std::size_t l = 0; l < layers; ++l) {
+    KEYSEL_CHECK_ARG_IN(function, prefill.k[l].size() == size(T * Hkv * D) && prefill.v[l].size() == size(T * Hkv * D) &&
+                                      prefill.index_k[l].size() == size(T * DI),
+                        "prefill", "caches of this model's shape", "layer " + std::to_string(l) + " of another shape");
+  }
+  KEYSEL_CHECK_ARG_IN(function, R >= 1, "rows", "at least one scored row", "none");
+  for (std::int64_t r = 0; r < R; ++r) {
+    const std::int64_t p = rows[size(r)];
+    KEYSEL_CHECK_ARG_IN(function, p >= 0 && p < T && (r == 0 || p > rows[size(r - 1)]), "rows",
+                        "strictly ascending positions in [0, T = " + std::to_string(T) + ")",
+                        "rows[" + std::to_string(r) + "] = " + std::to_string(p));
+  }
+
+  const TinyLmInputRows input_rows(c);
+  std::vector<float> h(size(R * d)), x(size(R * d)), projected(size(R * input_rows.total));
+  std::vector<float> q(size(R * Hq * D)), own_k(size(R * Hkv * D)), own_v(size(R * Hkv * D));
+  std::vector<float> attended(size(R * Hq * D));
+  std::vector<float> index_q(size(R * HI * DI)), own_index_k(size(R * DI)), index_w(size(R * HI));
+  std::vector<float> gate_up(size(R * 2 * F)), activated(size(R * F));
+  std::vector<float> k, v, index_k;  // this layer's cache with the scored rows' own K/V
+  std::vector<std::int32_t> positions(size(R));
+  for (std::int64_t r = 0; r < R; ++r) positions[size(r)] = static_cast<std::int32_t>(rows[size(r)]);
+  std::vector<std::int32_t> selection;
+  if (sparse != nullptr) selection.resize(size(R * groups * sparse->width));
+
+  const RopeTable rope(T, D, c.rope_theta);
+  const RopeTable index_rope(T, HI > 0 ? DI : 0, c.rope_theta);
+  const TensorView attended_view(static_cast<void*>(attended.data()), DType::fp32, {R, Hq, D});
+
+  for (std::int64_t r = 0; r < R; ++r) {
+    std::copy_n(w.embed.data() + tokens[size(rows[size(r)])] * d, d, h.data() + r * d);
+  }
+  for (std::int64_t l = 0; l < c.layers; ++l) {
+    const Weights::Layer& layer = w.layers[size(l)];
+    rms_norm(h, layer.attn_norm, c.norm_eps, R, d, x);
+    matmul_transposed(R, input_rows.total, d, x.data(), layer.input.data(), 0.0f, projected.data());
+#pragma omp parallel for schedule(static)
+    for (std::int64_t r = 0; r < R; ++r) {
+      const float* row = projected.data() + r * input_rows.total;
+      const std::int64_t p = rows[size(r)];
+      rope.apply(p, Hq, row + input_rows.q, q.data() + r * Hq * D);
+      rope.apply(p, Hkv, row + input_rows.k, own_k.data() + r * Hkv * D);
+      std::copy_n(row + input_rows.v, Hkv * D, own_v.data() + r * Hkv * D);
+      if (HI > 0) {
+        index_rope.apply(p, HI, row + input_rows.index_q, index_q.data() + r * HI * DI);
+        index_rope.apply(p, 1, row + input_rows.index_k, own_index_k.data() + r * DI);
+        std::copy_n(row + input_rows.index_w, HI, index_w.data() + r * HI);
+      }
+    }
+    // The cache of this layer, with each scored position's K/V its own row's (a decoder's cache).
+    k = prefill.k[size(l)];
+    v = prefill.v[size(l)];
+    index_k = prefill.index_k[size(l)];
+    for (std::int64_t r = 0; r < R; ++r) {
+      const std::int64_t p = rows[size(r)];
+      std::copy_n(own_k.data() + r * Hkv * D, Hkv * D, k.data() + p * Hkv * D);
+      std::copy_n(own_v.data() + r * Hkv * D, Hkv * D, v.data() + p * Hkv * D);
+      if (HI > 0) std::copy_n(own_index_k.data() + r * DI, DI, index_k.data() + p * DI);
+    }
+    TinyLmLayer layer_view;
+    layer_view.layer = l;
+    layer_view.attention.q = view_of(q, {R, Hq, D});
+    layer_view.attention.k = view_of(k, {T, Hkv, D});
+    layer_view.attention.v = view_of(v, {T, Hkv, D});
+    layer_view.attention.positions = TensorView(static_cast<const void*>(positions.data()), DType::int32, {R});
+    layer_view.attention.scale = 1.0 / std::sqrt(static_cast<double>(D));
+    if (HI > 0) {
+      layer_view.index_q = view_of(index_q, {R, HI, DI});
+      layer_view.index_k = view_of(index_k, {T, DI});
+      layer_view.index_w = view_of(index_w, {R, HI});
+    }
+    if (sparse != nullptr) {
+      std::fill(selection.begin(), selection.end(), -1);
+      const TensorView selection_view(static_cast<void*>(selection.data()), DType::int32, {R, groups, sparse->width});
+      sparse->select(layer_view, selection_view);
+      validate_selection(function, selection_view, "layer " + std::to_string(l) + " selection",
+                         layer_view.attention.positions, T, groups);
+      sparse_attention(layer_view.attention, selection_view, sparse->granularity, attended_view);
+    } else {
+      full_attention_fast(layer_view.attention, attended_view);
+    }
+    matmul_transposed(R, d, Hq * D, attended.data(), layer.wo.data(), 1.0f, h.data());
+
+    rms_norm(h, layer.mlp_norm, c.norm_eps, R, d, x);
+    matmul_transposed(R, 2 * F, d, x.data(), layer.gate_up.data(), 0.0f, gate_up.data());
+#pragma omp parallel for schedule(static)
+    for (std::int64_t r = 0; r < R; ++r) {
+      const float* gate = gate_up.data() + r * 2 * F;
+      const float* up = gate + F;
+      float* out = activated.data() + r * F;
+      for (std::int64_t i = 0; i < F; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    }
+    matmul_transposed(R, d, F, activated.data(), layer.w_down.data(), 1.0f, h.data());
+  }
+  rms_norm(h, w.final_norm, c.norm_eps, R, d, x);
+  std::vector<float> logits(size(R * c.vocab));
+  matmul_transposed(R, c.vocab, d, x.data(), w.lm_head.data(), 0.0f, logits.data());
   return logits;
 }
 

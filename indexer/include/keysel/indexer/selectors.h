@@ -57,18 +57,25 @@ enum class FidelityFill : std::uint8_t {
   next_ranked,  // the keys ranked just below the exact top-k (k_eff + 1, k_eff + 2, ... by pbar)
 };
 
+enum class FidelityDrop : std::uint8_t {
+  random,  // the kept part of the exact top-k is a uniformly random subset of it
+  lowest,  // the kept part is its best-ranked keys: the lowest-ranked keys of the exact top-k are dropped
+};
+
 struct FidelityOptions {
   /// Target retrieval precision p in [0, 1]: the fraction of the exact top-k (k_eff = min(k, allowed) keys)
   /// that each row holds.
   double precision = 1.0;
   FidelityFill fill = FidelityFill::random;
   std::uint64_t seed = 0;  // the kept subset of the top-k and the random fill (one stream per row)
+  FidelityDrop drop = FidelityDrop::random;
 };
 
 /// Selections of controlled fidelity for accuracy studies (the protocol of the native top-k sparse attention
 /// study): with E the exact top-k (the k_eff = min(k, allowed) allowed keys of largest pbar, SPEC §2), each row
 /// holds exactly round(p * k_eff) keys of E, so that its recall (SPEC §4) is round(p * k_eff) / k_eff. The row
-/// is the kept keys (whether in E or not), a uniformly random subset of E's other keys, and keys outside E,
+/// is the kept keys (whether in E or not), a uniformly random subset of E's other keys (with drop = lowest: E's
+/// best-ranked other keys, so that the keys dropped are the lowest-ranked of E), and keys outside E,
 /// uniformly random or next-ranked, for the remaining slots. The count is exact whenever it is feasible: the
 /// kept keys that fall in E always count, kept keys outside E take slots, and there must be enough allowed keys
 /// outside E; otherwise the nearest feasible count is used. Computes pbar in double (group_probabilities).

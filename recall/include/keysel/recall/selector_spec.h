@@ -4,7 +4,7 @@
 //   {"type": "random", "seed": 1}
 //   {"type": "streaming", "n_sink": 4}
 //   {"type": "block_topk", "block_size": 16, "oversample": 1.0}
-//   {"type": "fidelity", "precision": 0.9, "fill": "random" | "next_ranked", "seed": 0}
+//   {"type": "fidelity", "precision": 0.9, "fill": "random" | "next_ranked", "drop": "random" | "lowest", "seed": 0}
 //   {"type": "hybrid", "candidates": {<spec>}, "candidate_k": 4096}
 //   {"type": "proxy", "format": "fp8_e4m3", "scale_granularity": "per_token" | "per_group", "group_size": 128,
 //    "power_of_two_scales": false, "hadamard": false, "aggregation": "logsumexp" | "max" | "mean", "rank": 0}

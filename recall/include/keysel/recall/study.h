@@ -30,6 +30,41 @@ class TinyLm;
 inline constexpr std::string_view kBitsPerByteMetric = "bpb";
 inline constexpr std::string_view kBitsPerByteIncreaseMetric = "bpb_increase";
 
+/// Metrics of a study over a model in the regime where selections are sparse, and of a retrieval task:
+///   "bpb_sparse", "bpb_sparse_increase"  bpb and bpb_increase over the scored rows at positions >= 2k only
+///                                        (TinyLmStudyOptions::bpb_sparse), where no row reads all its keys
+///   "exact_match"                        per example of a retrieval task, 1 when the model's argmax predicts
+///                                        every answer byte (teacher-forced), else 0: the mean is the accuracy
+///   "answer_bpb"                         bits of each answer byte of a retrieval task
+inline constexpr std::string_view kSparseBitsPerByteMetric = "bpb_sparse";
+inline constexpr std::string_view kSparseBitsPerByteIncreaseMetric = "bpb_sparse_increase";
+inline constexpr std::string_view kExactMatchMetric = "exact_match";
+inline constexpr std::string_view kAnswerBitsMetric = "answer_bpb";
+
+/// How a study over a model (tiny-lm) applies each selector.
+enum class TinyLmStudyMode : std::uint8_t {
+  /// Every row of every layer is sparse, one forward pass per (selector, k) (TinyLm::logits with a selection):
+  /// errors compound through the layers as in a model that prefills sparsely.
+  forward,
+  /// Top-k decoding over a full-attention prefill (TinyLm::decode): one full forward pass per sequence builds
+  /// every layer's K/V cache, shared by all selectors and k; only the scored rows run sparsely, each through
+  /// every layer, reading the cache through the selector's keys.
+  decode,
+};
+
+/// Options of a study over a model beside StudyOptions.
+struct TinyLmStudyOptions {
+  TinyLmStudyMode mode = TinyLmStudyMode::forward;
+  /// The scored query rows: 0 scores every row; n > 0 a seeded uniform sample of n distinct rows among those
+  /// that predict a byte (positions 0 .. T-2; all of them when there are no more). The SPEC §4 metrics, the exact
+  /// reference and bits per byte cover the scored rows only, which keeps the exact reference affordable at long
+  /// contexts. Decode mode runs only the scored rows.
+  std::int64_t query_sample = 0;
+  std::uint64_t sample_seed = 1;
+  /// Adds kSparseBitsPerByteMetric and kSparseBitsPerByteIncreaseMetric (positions >= 2k) beside bpb.
+  bool bpb_sparse = false;
+};
+
 /// How long-running calls (studies, study files, tuning) report progress: called after each step with the steps
 /// done, the total, and what just finished ("exact k=64").
 using ProgressCallback = std::function<void(std::size_t done, std::size_t total, const std::string& what)>;
@@ -69,6 +104,11 @@ struct StudyResult {
   std::vector<std::int64_t> layers;
   /// Bits per predicted byte with full attention, aggregated like "bpb" (count 0 without a model).
   Aggregate full_bpb;
+  /// Full attention's exact-match accuracy of a retrieval task (count 0 otherwise).
+  Aggregate full_exact_match;
+  /// The positions of the query rows that row_metrics cover, in order, when they are not every token 0..T-1
+  /// (a sampled or decode-mode study over a model; shape.tokens is their count); empty otherwise.
+  std::vector<std::int64_t> row_positions;
 };
 
 /// Builds one fresh selector for one attention; `indexer` holds that attention's trained Lightning-Indexer
@@ -109,6 +149,28 @@ StudyResult run_study(const Workload& workload, const std::vector<std::unique_pt
 StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t> tokens,
                               const std::vector<SelectorFactory>& selectors, const StudyOptions& options,
                               std::string workload);
+
+/// The same with TinyLmStudyOptions: query-row sampling, decode mode (one full-attention prefill, only the
+/// scored rows sparse) and bits per byte where the selection is sparse.
+StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t> tokens,
+                              const std::vector<SelectorFactory>& selectors, const StudyOptions& options,
+                              const TinyLmStudyOptions& tiny, std::string workload);
+
+/// One example of a retrieval task: a prompt followed by its answer, the last answer_length bytes.
+struct TinyLmTaskExample {
+  std::span<const std::uint8_t> bytes;
+  std::int64_t answer_length = 0;
+};
+
+/// A retrieval task in decode mode (tiny.mode must be decode): per example one full-attention prefill, then per
+/// selector and k the scored rows decoded sparsely: the rows that predict the answer bytes (teacher-forced) and
+/// tiny.query_sample rows of the prompt (0: every prompt row). Rows carry the SPEC §4 metrics over every layer's
+/// scored rows, "bpb" and "bpb_increase" over the prompt rows, "answer_bpb" over the answer bytes and
+/// "exact_match" per example; full_exact_match and full_bpb give full attention's. Every k must be at most
+/// every example's length; each example's length is at most the model's context.
+StudyResult run_tiny_lm_task_study(const TinyLm& model, std::span<const TinyLmTaskExample> examples,
+                                   const std::vector<SelectorFactory>& selectors, const StudyOptions& options,
+                                   const TinyLmStudyOptions& tiny, std::string workload);
 
 /// Bits of each prediction: -log2 softmax(logits[i])[tokens[i + 1]] for i < T - 1, in double.
 ///   logits: [T, vocab] row-major; tokens: T bytes (< vocab).   Their mean is bits_per_byte().

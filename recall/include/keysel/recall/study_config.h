@@ -31,6 +31,14 @@ struct TinyLmWorkloadOptions {
   std::string text;          // the bytes; empty: <model>/eval.txt
   std::int64_t tokens = 2048;
   std::int64_t offset = 0;
+  /// "mode" ("forward" or "decode"), "query_sample", "sample_seed" and "bpb_from" ("all" or "sparse").
+  TinyLmStudyOptions study;
+  /// "task": a retrieval task (retrieval.h) instead of a text, one study per context length, in decode mode.
+  bool task = false;
+  std::string retrieval;                  // the directory of retrieval.json; empty: the model's directory
+  std::vector<std::int64_t> contexts;     // the examples' "context" values studied, in this order (required)
+  std::int64_t examples_per_context = 0;  // the first n matching examples of each context; 0: all of them
+  std::vector<std::int64_t> keys;         // only examples planting one of these numbers of keys; empty: any
 };
 
 struct StudyWorkloadSpec {

@@ -124,6 +124,16 @@ struct TinyLmTrace {
   std::vector<TinyLmLayerRecord> layers;  // one per layer, in layer order
 };
 
+/// The K/V cache of one full-attention forward pass (TinyLm::prefill), which decode passes read: every layer's
+/// keys after RoPE, values and indexer keys over all T tokens, and the logits of the pass.
+struct TinyLmPrefill {
+  std::int64_t tokens = 0;                    // T
+  std::vector<std::vector<float>> k;          // per layer [T, Hkv, D] after RoPE
+  std::vector<std::vector<float>> v;          // per layer [T, Hkv, D]
+  std::vector<std::vector<float>> index_k;    // per layer [T, DI] after RoPE; empty without an indexer
+  std::vector<float> logits;                  // [T, vocab] of the full-attention pass
+};
+
 /// The loaded model. Copies share the (immutable) weights; forward passes are const and allocate their own buffers.
 class TinyLm {
  public:
@@ -150,14 +160,30 @@ class TinyLm {
   /// selections with the model's own attention and for checks against a dump of the trained model.
   TinyLmTrace trace(std::span<const std::uint8_t> tokens) const;
 
+  /// A full-attention forward pass that keeps every layer's K/V cache (and indexer keys) for decode().
+  TinyLmPrefill prefill(std::span<const std::uint8_t> tokens) const;
+  /// Top-k decoding over a full-attention prefill, teacher-forced: logits fp32 [R, vocab] of the scored rows
+  /// `rows` (strictly ascending positions in [0, T)), each row's residual stream taken through every layer
+  /// with its attention restricted to the keys `sparse->select` picks (full causal attention over the cache
+  /// when `sparse` is nullptr). Every layer's keys and values are the prefill's, except at the scored
+  /// positions, which hold the scored rows' own K/V of this pass (as a decoder writes each decoded token's K/V;
+  /// a row never reads a later position). So with every row scored this equals logits(tokens, *sparse), and
+  /// with one scored row it equals the sparse forward pass in which every earlier row reads all its keys.
+  /// The callback receives a TinyLmLayer whose attention has q [R, Hq, D], k and v [T, Hkv, D] (the cache of
+  /// this layer), positions [R] = rows, and whose indexer has index_q [R, HI, DI], index_k [T, DI] and
+  /// index_w [R, HI]; it fills selection int32 [R, G, W]. `prefill` must come from prefill(tokens) of this
+  /// model. Throws keysel::Error naming the argument otherwise.
+  std::vector<float> decode(std::span<const std::uint8_t> tokens, const TinyLmPrefill& prefill,
+                            std::span<const std::int64_t> rows, const TinyLmSparse* sparse = nullptr) const;
+
  private:
   struct Weights;  // the weights in fp32, laid out for the forward pass (recall/src/tiny_lm_weights.h)
 
   friend std::vector<double> tiny_lm_reference_logits(const TinyLm& model, std::span<const std::uint8_t> tokens,
                                                       const TinyLmSparse* sparse);
   TinyLm(TinyLmConfig config, std::shared_ptr<const Weights> weights);
-  std::vector<float> forward(std::span<const std::uint8_t> tokens, const TinyLmSparse* sparse,
-                             TinyLmTrace* trace) const;
+  std::vector<float> forward(std::span<const std::uint8_t> tokens, const TinyLmSparse* sparse, TinyLmTrace* trace,
+                             TinyLmPrefill* prefill = nullptr) const;
 
   TinyLmConfig config_;
   std::shared_ptr<const Weights> weights_;  // shared by copies of a model; never modified after loading

@@ -47,6 +47,7 @@
 #include "keysel/recall/loaders.h"
 #include "keysel/recall/metrics.h"
 #include "keysel/recall/report.h"
+#include "keysel/recall/retrieval.h"
 #include "keysel/recall/selector_spec.h"
 #include "keysel/recall/study.h"
 #include "keysel/recall/study_config.h"

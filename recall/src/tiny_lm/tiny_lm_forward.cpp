@@ -72,6 +72,53 @@ TensorView view_of(const std::vector<float>& data, std::initializer_list<std::in
   return TensorView(static_cast<const void*>(data.data()), DType::fp32, shape);
 }
 
+
+/// The second half of a decoder block for `rows` query rows, shared by TinyLm::forward and TinyLm::decode, once
+/// `view` holds the layer's q, k, v (and the indexer's tensors) over `keys` keys: the attention (over the
+/// selector's keys with `sparse`, else every allowed key) into `attended`, h += wo . attended, then the MLP
+/// h += w_down (silu(w_gate x) * (w_up x)). `Layer` is TinyLm::Weights::Layer; x, gate_up, activated and
+/// selection are scratch of the sizes the callers allocate.
+template <typename Layer>
+void finish_block(std::string_view function, const Layer& layer, const TinyLmConfig& c, const TinyLmLayer& view,
+                  const TinyLmSparse* sparse, std::int64_t rows, std::int64_t keys, std::int64_t groups,
+                  std::vector<std::int32_t>& selection, std::vector<float>& attended, std::vector<float>& x,
+                  std::vector<float>& gate_up, std::vector<float>& activated, std::vector<float>& h) {
+  const std::int64_t d = c.d_model, D = c.head_dim, Hq = c.heads, F = c.ffn_dim;
+  const TensorView attended_view(static_cast<void*>(attended.data()), DType::fp32, {rows, Hq, D});
+  if (sparse != nullptr) {
+    std::fill(selection.begin(), selection.end(), -1);
+    const TensorView selection_view(static_cast<void*>(selection.data()), DType::int32, {rows, groups, sparse->width});
+    sparse->select(view, selection_view);
+    validate_selection(function, selection_view, "layer " + std::to_string(view.layer) + " selection",
+                       view.attention.positions, keys, groups);
+    sparse_attention(view.attention, selection_view, sparse->granularity, attended_view);
+  } else {
+    full_attention_fast(view.attention, attended_view);
+  }
+  matmul_transposed(rows, d, Hq * D, attended.data(), layer.wo.data(), 1.0f, h.data());
+
+  rms_norm(h, layer.mlp_norm, c.norm_eps, rows, d, x);
+  matmul_transposed(rows, 2 * F, d, x.data(), layer.gate_up.data(), 0.0f, gate_up.data());
+#pragma omp parallel for schedule(static)
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float* gate = gate_up.data() + r * 2 * F;
+    const float* up = gate + F;
+    float* out = activated.data() + r * F;
+    for (std::int64_t i = 0; i < F; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+  }
+  matmul_transposed(rows, d, F, activated.data(), layer.w_down.data(), 1.0f, h.data());
+}
+
+/// Logits fp32 [rows, vocab] of the residual stream h [rows, d]: the final RMSNorm, then the LM head.
+std::vector<float> output_logits(const std::vector<float>& h, const std::vector<float>& final_norm,
+                                 const std::vector<float>& lm_head, const TinyLmConfig& c, std::int64_t rows,
+                                 std::vector<float>& x) {
+  rms_norm(h, final_norm, c.norm_eps, rows, c.d_model, x);
+  std::vector<float> logits(static_cast<std::size_t>(rows * c.vocab));
+  matmul_transposed(rows, c.vocab, c.d_model, x.data(), lm_head.data(), 0.0f, logits.data());
+  return logits;
+}
+
 }  // namespace
 
 std::vector<float> TinyLm::logits(std::span<const std::uint8_t> tokens) const {
@@ -131,7 +178,6 @@ std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const T
     layer_view.index_k = view_of(index_k, {T, DI});
     layer_view.index_w = view_of(index_w, {T, HI});
   }
-  const TensorView attended_view(static_cast<void*>(attended.data()), DType::fp32, {T, Hq, D});
 
   for (std::int64_t t = 0; t < T; ++t) {
     std::copy_n(w.embed.data() + tokens[size(t)] * d, d, h.data() + t * d);
@@ -179,35 +225,9 @@ std::vector<float> TinyLm::forward(std::span<const std::uint8_t> tokens, const T
       prefill->v.push_back(v);
       prefill->index_k.push_back(index_k);
     }
-    if (sparse != nullptr) {
-      std::fill(selection.begin(), selection.end(), -1);
-      const TensorView selection_view(static_cast<void*>(selection.data()), DType::int32, {T, groups, sparse->width});
-      sparse->select(layer_view, selection_view);
-      validate_selection(function, selection_view, "layer " + std::to_string(l) + " selection",
-                         layer_view.attention.positions, T, groups);
-      sparse_attention(layer_view.attention, selection_view, sparse->granularity, attended_view);
-    } else {
-      full_attention_fast(layer_view.attention, attended_view);
-    }
-    matmul_transposed(T, d, Hq * D, attended.data(), layer.wo.data(), 1.0f, h.data());
-
-    // MLP block: h += w_down (silu(w_gate x) * (w_up x)).
-    rms_norm(h, layer.mlp_norm, c.norm_eps, T, d, x);
-    matmul_transposed(T, 2 * F, d, x.data(), layer.gate_up.data(), 0.0f, gate_up.data());
-#pragma omp parallel for schedule(static)
-    for (std::int64_t t = 0; t < T; ++t) {
-      const float* gate = gate_up.data() + t * 2 * F;
-      const float* up = gate + F;
-      float* out = activated.data() + t * F;
-      for (std::int64_t i = 0; i < F; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    }
-    matmul_transposed(T, d, F, activated.data(), layer.w_down.data(), 1.0f, h.data());
+    finish_block(function, layer, c, layer_view, sparse, T, T, groups, selection, attended, x, gate_up, activated, h);
   }
-
-  rms_norm(h, w.final_norm, c.norm_eps, T, d, x);
-  std::vector<float> logits(size(T * c.vocab));
-  matmul_transposed(T, c.vocab, d, x.data(), w.lm_head.data(), 0.0f, logits.data());
-  return logits;
+  return output_logits(h, w.final_norm, w.lm_head, c, T, x);
 }
 
 std::vector<float> TinyLm::decode(std::span<const std::uint8_t> tokens, const TinyLmPrefill& prefill,
@@ -256,7 +276,6 @@ std::vector<float> TinyLm::decode(std::span<const std::uint8_t> tokens, const Ti
 
   const RopeTable rope(T, D, c.rope_theta);
   const RopeTable index_rope(T, HI > 0 ? DI : 0, c.rope_theta);
-  const TensorView attended_view(static_cast<void*>(attended.data()), DType::fp32, {R, Hq, D});
 
   for (std::int64_t r = 0; r < R; ++r) {
     std::copy_n(w.embed.data() + tokens[size(rows[size(r)])] * d, d, h.data() + r * d);
@@ -300,33 +319,9 @@ std::vector<float> TinyLm::decode(std::span<const std::uint8_t> tokens, const Ti
       layer_view.index_k = view_of(index_k, {T, DI});
       layer_view.index_w = view_of(index_w, {R, HI});
     }
-    if (sparse != nullptr) {
-      std::fill(selection.begin(), selection.end(), -1);
-      const TensorView selection_view(static_cast<void*>(selection.data()), DType::int32, {R, groups, sparse->width});
-      sparse->select(layer_view, selection_view);
-      validate_selection(function, selection_view, "layer " + std::to_string(l) + " selection",
-                         layer_view.attention.positions, T, groups);
-      sparse_attention(layer_view.attention, selection_view, sparse->granularity, attended_view);
-    } else {
-      full_attention_fast(layer_view.attention, attended_view);
-    }
-    matmul_transposed(R, d, Hq * D, attended.data(), layer.wo.data(), 1.0f, h.data());
-
-    rms_norm(h, layer.mlp_norm, c.norm_eps, R, d, x);
-    matmul_transposed(R, 2 * F, d, x.data(), layer.gate_up.data(), 0.0f, gate_up.data());
-#pragma omp parallel for schedule(static)
-    for (std::int64_t r = 0; r < R; ++r) {
-      const float* gate = gate_up.data() + r * 2 * F;
-      const float* up = gate + F;
-      float* out = activated.data() + r * F;
-      for (std::int64_t i = 0; i < F; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    }
-    matmul_transposed(R, d, F, activated.data(), layer.w_down.data(), 1.0f, h.data());
+    finish_block(function, layer, c, layer_view, sparse, R, T, groups, selection, attended, x, gate_up, activated, h);
   }
-  rms_norm(h, w.final_norm, c.norm_eps, R, d, x);
-  std::vector<float> logits(size(R * c.vocab));
-  matmul_transposed(R, c.vocab, d, x.data(), w.lm_head.data(), 0.0f, logits.data());
-  return logits;
+  return output_logits(h, w.final_norm, w.lm_head, c, R, x);
 }
 
 }  // namespace keysel

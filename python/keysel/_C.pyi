@@ -78,7 +78,7 @@ def indexer_k_quant_and_cache(k: object, kv_cache: object, kv_cache_dtype: str, 
 
 def sparse_attention(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, block_table: object | None, out: object, lse: object | None, stream: int) -> None: ...
 
-def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object) -> None:
+def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object, stream: int = 0) -> None:
     """
     Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU, deterministic.
     """

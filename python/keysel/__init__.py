@@ -525,8 +525,8 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
 
 
 def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out, *, granularity="per_kv_head",
-                              scale=None, grad_q=None, grad_k=None, grad_v=None):
-    """Gradients of sparse_attention's out with the selection held fixed (SPEC §9), on the CPU.
+                              scale=None, grad_q=None, grad_k=None, grad_v=None, stream=None):
+    """Gradients of sparse_attention's out with the selection held fixed (SPEC §9), on the CPU or on a GPU.
 
     With P = exp(scale q.k - lse) over the selected keys, dP = grad_out . v, Delta = rowsum(grad_out * out),
     dS = P (dP - Delta): grad_q = scale dS K, grad_k = scale dS^T Q, grad_v = P^T grad_out, the heads of a key
@@ -537,6 +537,10 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
     [T, G, W] as for sparse_attention. Arithmetic in float32; deterministic (the same bits for any thread count).
     Returns (grad_q float32 [T, Hq, D], grad_k float32 [N, Hkv, D], grad_v float32 [N, Hkv, Dv]); keys no row
     selects and queries with no selected key get zeros. grad_q=, grad_k=, grad_v= are written in place when given.
+
+    CUDA tensors (torch or CuPy) run keysel's GPU backward on their device, asynchronously on `stream` (default:
+    the library's current stream): q, k_cache, v_cache, out and grad_out all bfloat16 or all float32,
+    contiguous, D and Dv <= 256; the same definition and the same determinism (no atomics).
     """
     fn = "sparse_attention_backward"
     names = ("q", "k_cache", "v_cache", "selection", "out", "lse", "grad_out")
@@ -552,7 +556,7 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
         results.append(result)
         converted.append(_io.arg(result, fn, name)[0])
     _io.call(fn, _io.ATTENTION, _C.sparse_attention_backward, *converted[:4], granularity, _scale(scale, fn),
-             *converted[4:])
+             *converted[4:], _io.stream_handle(stream, (q,)))
     return tuple(results)
 
 

@@ -153,7 +153,40 @@ def _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scal
     return torch.where(selection >= 0, selection + first, selection)
 
 
+def _cuda_kernels_take(q, k_cache, v_cache, *more, forward=False):
+    """Whether keysel's CUDA attention kernels run these CUDA tensors: a CUDA build, backend not "torch", one GPU,
+    q, K, V (and `more`) all bfloat16 (or, for the backward only, all float32); the forward kernel also needs
+    D == Dv in {64, 128, 256}, the backward D, Dv <= 256."""
+    if _settings["backend"] == "torch" or q.device.type != "cuda" or _core() is None:
+        return False
+    if not _core().built_with_cuda():
+        return False
+    tensors = (q, k_cache, v_cache) + more
+    if any(x.device != q.device for x in tensors):
+        return False
+    dtypes = {x.dtype for x in tensors}
+    d, dv = k_cache.shape[-1], v_cache.shape[-1]
+    if forward:
+        return dtypes == {torch.bfloat16} and d == dv and d in (64, 128, 256)
+    return len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float32} and d <= 256 and dv <= 256
+
+
+def _sparse_attention_cuda(q, k_cache, v_cache, selection, granularity, scale):
+    # keysel's CUDA kernel serves a batch of rows over a paged cache: one sequence's [N, Hkv, D] cache is one page
+    # of N tokens that every query row's one-entry block table names.
+    t = q.shape[0]
+    table = torch.zeros((t, 1), dtype=torch.int32, device=q.device)
+    out = torch.empty((t, q.shape[1], v_cache.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((t, q.shape[1]), dtype=torch.float32, device=q.device)
+    _core().sparse_attention(q.contiguous(), k_cache.contiguous().unsqueeze(0), v_cache.contiguous().unsqueeze(0),
+                             selection.to(torch.int32).contiguous(), granularity=granularity, scale=scale,
+                             block_table=table, out=out, lse=lse)
+    return out, lse
+
+
 def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
+    if q.shape[0] > 0 and k_cache.shape[0] > 0 and _cuda_kernels_take(q, k_cache, v_cache, forward=True):
+        return _sparse_attention_cuda(q, k_cache, v_cache, selection, granularity, scale)
     if _use_core(q, k_cache, v_cache):
         out, lse = _core().sparse_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
                                             selection.to(torch.int32).contiguous(), granularity=granularity,
@@ -166,6 +199,12 @@ def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, gr
     """(dq, dk, dv) of sparse_attention's out (SPEC §9) in the dtypes of q, k_cache, v_cache: keysel's CPU kernel
     where the compiled core takes the tensors, the gather-based pure-torch backward otherwise (CUDA tensors,
     float64, backend "torch")."""
+    if _cuda_kernels_take(q, k_cache, v_cache, out, grad_out):
+        dq, dk, dv = _core().sparse_attention_backward(
+            q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
+            out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,
+            scale=scale)
+        return dq.to(q.dtype), dk.to(k_cache.dtype), dv.to(v_cache.dtype)
     if _use_core(q, k_cache, v_cache) and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16):
         dq, dk, dv = _core().sparse_attention_backward(
             q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),

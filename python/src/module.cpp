@@ -357,10 +357,12 @@ void sparse_attention_binding(nb::handle q, nb::handle k_cache, nb::handle v_cac
   sparse_attention(inputs, selection_view, parsed, out_view, lse_view);
 }
 
-// The backward of sparse_attention (SPEC §9), CPU only: dQ, dK, dV into the caller's fp32 tensors.
+// The backward of sparse_attention (SPEC §9): dQ, dK, dV into the caller's fp32 tensors, on the CPU or, for CUDA
+// tensors, on their GPU (one sequence per call, as on the CPU).
 void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle selection,
                                        std::string_view granularity, double scale, nb::handle out, nb::handle lse,
-                                       nb::handle grad_out, nb::handle grad_q, nb::handle grad_k, nb::handle grad_v) {
+                                       nb::handle grad_out, nb::handle grad_q, nb::handle grad_k, nb::handle grad_v,
+                                       std::uintptr_t stream) {
   constexpr std::string_view function = "sparse_attention_backward";
   TensorArguments args(function);
   const Granularity parsed = parse_granularity(granularity);
@@ -374,7 +376,12 @@ void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::han
   const TensorView grad_q_view = args.output(grad_q, "grad_q");
   const TensorView grad_k_view = args.output(grad_k, "grad_k");
   const TensorView grad_v_view = args.output(grad_v, "grad_v");
-  KEYSEL_CHECK_ARG_IN(function, !on_cuda(q_view), "q", "a CPU tensor (the backward runs on the CPU)", "a CUDA tensor");
+  if (on_cuda(q_view)) {
+    nb::gil_scoped_release release;
+    sparse_attention_backward_cuda(q_view, k_view, v_view, selection_view, parsed, scale, out_view, lse_view,
+                                   grad_out_view, grad_q_view, grad_k_view, grad_v_view, stream_pointer(stream));
+    return;
+  }
   // As sparse_attention: the selection already obeys the causal rule, so every query may read every key.
   const std::int64_t tokens = q_view.rank() >= 1 ? q_view.size(0) : 0;
   const std::int64_t keys = k_view.rank() >= 1 ? k_view.size(0) : 0;
@@ -685,9 +692,9 @@ NB_MODULE(_C, m) {
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
   m.def("sparse_attention_backward", &sparse_attention_backward_binding, "q"_a, "k_cache"_a, "v_cache"_a,
         "selection"_a, "granularity"_a, "scale"_a, "out"_a, "lse"_a, "grad_out"_a, "grad_q"_a, "grad_k"_a,
-        "grad_v"_a,
+        "grad_v"_a, "stream"_a = 0,
         "Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and "
-        "grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU, deterministic.");
+        "grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU or CUDA, deterministic.");
   m.def("indexer_kl_loss_reference", &indexer_kl_loss_reference_binding, "target"_a, "queries"_a, "weights"_a,
         "keys"_a, "positions"_a, "selection"_a.none(), "reduction"_a, "grad_queries"_a, "grad_weights"_a,
         "grad_keys"_a,

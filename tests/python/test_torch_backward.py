@@ -230,3 +230,69 @@ def test_opcheck_of_the_differentiable_op_and_its_backward():
     out, lse = kt.sparse_attention(q, k, v, sel, granularity="per_head", scale=0.5)
     torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
                           (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5))
+
+
+CUDA_KERNELS = torch.cuda.is_available() and keysel.built_with_cuda()
+needs_cuda = pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA GPU here, or keysel built without CUDA: the "
+                                "GPU backward runs on the GPU machine (bench/gpu/run.sh python)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cuda_backward_kernel_matches_the_masked_softmax_reference(granularity, dtype):
+    """keysel.sparse_attention_backward on CUDA tensors (the GPU kernel) against the float64 reference, on the
+    forward's out and lse computed in float64 from the same (rounded) inputs; awkward sizes, empty rows."""
+    q, k, v, sel, grad_out = make_problem(21, t=37, n=71, hq=6, hkv=2, d=24, dv=40, width=13,
+                                          granularity=granularity, dtype=dtype)
+    out = masked_reference(q, k, v, sel, granularity, 0.3)
+    lse = torch.logsumexp(masked_lse_scores(q, k, sel, granularity, 0.3), dim=-1).float()
+    cuda = torch.device("cuda")
+    dq, dk, dv = keysel.sparse_attention_backward(
+        q.to(cuda), k.to(cuda), v.to(cuda), sel.to(cuda), out.to(dtype).to(cuda), lse.to(cuda),
+        grad_out.to(dtype).to(cuda), granularity=granularity, scale=0.3)
+    assert dq.device.type == "cuda" and dq.dtype == torch.float32
+    want = reference_gradients(q, k, v, sel, grad_out.to(dtype), granularity, 0.3)
+    relative = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 out and grad_out enter Delta rounded
+    for got, expected in zip((dq, dk, dv), want):
+        assert_close(got.cpu(), expected, relative)
+
+
+def masked_lse_scores(q, k, selection, granularity, scale):
+    """scale * q.k [T, Hq, N] in float64 with -inf outside the selection (rows with no key stay all -inf)."""
+    t, hq, _ = q.shape
+    n, hkv, _ = k.shape
+    g = hq // hkv
+    groups = group_of_heads(granularity, hq, hkv)
+    mask = torch.zeros(t, hq, n, dtype=torch.bool)
+    for i in range(t):
+        for h in range(hq):
+            for s in selection[i, groups[h]].tolist():
+                if s >= 0:
+                    mask[i, h, s] = True
+    scores = torch.einsum("thd,nhd->thn", q.double(), k.double()[:, [h // g for h in range(hq)], :]) * scale
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+@needs_cuda
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_torch_attention_on_cuda_runs_keysel_kernels_both_ways(granularity):
+    """keysel.torch.sparse_attention on bf16 CUDA tensors (D = Dv = 64) runs keysel's CUDA forward and backward
+    kernels; out, lse and the gradients against the float64 reference of the same bf16 inputs."""
+    q, k, v, sel, grad_out = make_problem(22, t=45, n=133, hq=8, hkv=2, d=64, dv=64, width=29,
+                                          granularity=granularity, dtype=torch.bfloat16)
+    cuda = torch.device("cuda")
+    leaves = [x.to(cuda).requires_grad_(True) for x in (q, k, v)]
+    assert kt._cuda_kernels_take(*leaves, forward=True)
+    out, lse = kt.sparse_attention(*leaves, sel.to(cuda), granularity=granularity, scale=0.125)
+    out.backward(grad_out.to(torch.bfloat16).to(cuda))
+    want_out = masked_reference(q, k, v, sel, granularity, 0.125)
+    assert_close(out.detach().float().cpu(), want_out, 2e-2)
+    want_lse = torch.logsumexp(masked_lse_scores(q, k, sel, granularity, 0.125), dim=-1)
+    finite = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert_close(lse.cpu()[finite], want_lse[finite], 1e-4)
+    want = reference_gradients(q, k, v, sel, grad_out.to(torch.bfloat16), granularity, 0.125)
+    for leaf, expected in zip(leaves, want):
+        assert leaf.grad.dtype == torch.bfloat16
+        assert_close(leaf.grad.float().cpu(), expected, 3e-2)

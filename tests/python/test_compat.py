@@ -171,6 +171,66 @@ def test_fp8_mqa_logits_matches_float64(rng, device, h, d):
     assert_logits(logits, expected, magnitude, d + h)
 
 
+def ragged_case(rng, m, n, h, d, kind):
+    """Query rows over one key array: "causal" (two sequences laid end to end, each query reading its sequence's keys
+    up to its own position) or "random" (mid-block starts, empty rows, starts < 0, ends > N, rows of one
+    256 / H group with different ranges). Returns the CPU tensors and the float64 reference."""
+    q, k = fp8(rng, (m, h, d), 4.0), fp8(rng, (n, d), 8.0)
+    scale = torch.from_numpy(rng.uniform(0.001, 0.05, n).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((m, h)).astype(np.float32))
+    if kind == "causal":
+        m0, n0 = m // 3, n // 3 + 5
+        t = np.arange(m)
+        first = t < m0
+        base = np.where(first, 0, n0)
+        length = np.where(first, n0 - m0 + t + 1, (n - n0) - (m - m0) + (t - m0) + 1).clip(0)
+        ks, ke = base, base + length
+    else:
+        ks = rng.integers(-10, n + 10, m)
+        ke = ks + rng.integers(0, n // 2 + 80, m)
+        ke[3::7] = ks[3::7] - 1  # empty rows
+    expected, magnitude = ref_scores(decoded(q), decoded(k), w.double().numpy(), scale.double().numpy())
+    cols = np.arange(n)
+    expected[(cols[None] < ks[:, None]) | (cols[None] >= ke[:, None])] = NEG_INF
+    return q, k, scale, w, ks.astype(np.int64), ke.astype(np.int64), expected, magnitude
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["causal", "random"])
+@pytest.mark.parametrize("h,d", [(64, 128), (16, 64), (128, 128), (32, 64)])
+def test_fp8_mqa_logits_prefill_ranges(rng, device, kind, h, d):
+    """The prefill shapes keysel's CUDA indexer serves (rows grouped 256 / H per key block, N not a multiple of 64,
+    ranges starting mid-block, empty rows) against float64; on CPU the torch body."""
+    m, n = 70, 333
+    q, k, scale, w, ks, ke, expected, magnitude = ragged_case(rng, m, n, h, d, kind)
+    q_d, k_d, s_d, w_d = to(device, q, k, scale, w)
+    starts = i32(ks.clip(-2**31, 2**31 - 1), device)
+    ends = i32(ke.clip(-2**31, 2**31 - 1), device)
+    logits = deep_gemm.fp8_mqa_logits(q_d, (k_d, s_d), w_d, starts, ends)
+    assert_logits(logits, expected, magnitude, d + h)
+    width = int((ke - ks).clip(0).max()) + 3
+    packed = deep_gemm.fp8_mqa_logits(q_d, (k_d, s_d), w_d, starts, ends, clean_logits=False, max_seqlen_k=width)
+    for t in range(m):
+        lo, hi = max(int(ks[t]), 0), min(int(ke[t]), n)
+        if hi > lo:
+            torch.testing.assert_close(packed[t, lo - int(ks[t]):hi - int(ks[t])], logits[t, lo:hi], rtol=0, atol=0)
+
+
+def test_ragged_mqa_logits_cpu_is_the_torch_body(rng):
+    """keysel.ragged_mqa_logits on CPU tensors (the C++ double reference of the CUDA kernel, rounded to float32)
+    against _ops.ragged_logits_torch: both within float32 rounding of float64."""
+    m, n, h, d = 9, 130, 32, 64
+    q, k, scale, w, ks, ke, expected, magnitude = ragged_case(rng, m, n, h, d, "random")
+    starts, ends = i32(ks), i32(ke)
+    ours = keysel.ragged_mqa_logits(q, w, k, scale, starts, ends)
+    assert ours.shape == (m, n) and ours.dtype == torch.float32
+    assert_logits(ours, expected, magnitude, d + h)
+    body = _ops.ragged_logits_torch(q, k, scale, w, starts, ends, torch.empty(m, n))
+    assert_logits(body, expected, magnitude, d + h)
+    with pytest.raises(keysel.Error, match="'k_scale'"):
+        keysel.ragged_mqa_logits(q, w, k, scale[:-1], starts, ends)
+
+
 def small_integers(rng, shape):
     """fp8 values from {-3, ..., 3}: with power-of-two weights and scales every partial sum is exact in float32."""
     return torch.from_numpy(rng.integers(-3, 4, shape).astype(np.float32)).to(FP8)

@@ -687,3 +687,106 @@ def test_cuda_graph_capture_and_replay(rng):
         torch.testing.assert_close(rout, eager_r, rtol=0, atol=0)
         np.testing.assert_array_equal(rsel.cpu().numpy(), ref_topk(eager_r.cpu().numpy(), rks.cpu().numpy(),
                                                                    rke.cpu().numpy(), k))
+
+
+def _entry_point_calls(rng, device):
+    """Each entry point of the issue's list on fresh CUDA inputs: name -> (call() returning its outputs, the inputs
+    a replay refreshes in place)."""
+    c = paged_case(rng, 3, 2, 64, 128)
+    q, cache, w, ctx, table = to(device, c["q"], c["cache"], c["weights"], c["ctx"], c["table"])
+    m, n = 40, 300
+    rq, rk, rs, rw, rks, rke, _, _ = ragged_case(rng, m, n, 64, 128, "causal")
+    rq, rk, rs, rw = to(device, rq, rk, rs, rw)
+    rks, rke = i32(rks, device), i32(rke, device)
+    rows, width, k = 6, 2100, 2048
+    scores = torch.from_numpy(scores_of(rng, "normal", (rows, width))).to(device)
+    starts = i32(rng.integers(0, 50, rows), device)
+    lengths = i32(rng.integers(1, width - 50, rows), device)
+    ends = (starts + lengths).to(torch.int32)
+    seq_lens = i32(rng.integers(2, width, 3), device)
+    page_table = i32(rng.integers(0, 10**5, (3, width)), device)
+    cu = i32([0, 2, 3, 6], device)
+    row_to_batch = i32([0, 0, 1, 2, 2, 1], device)
+    keys = torch.from_numpy(rng.standard_normal((20, 128)).astype(np.float32)).to(torch.bfloat16).to(device)
+    writer_cache = torch.zeros((4, 64 * 132), dtype=torch.uint8, device=device)
+    slots = torch.from_numpy(rng.permutation(256)[:20].astype(np.int64)).to(device)
+    out_prefill = torch.empty((rows, k), dtype=torch.int32, device=device)
+    out_decode = torch.empty((rows, k), dtype=torch.int32, device=device)
+    workspace = torch.empty(keysel.paged_topk_workspace_bytes(6, c["width"]), dtype=torch.uint8, device=device)
+
+    def topk_prefill():
+        vllm.top_k_per_row_prefill(scores, starts, ends, out_prefill, rows, scores.stride(0), scores.stride(1), k)
+        return [out_prefill]
+
+    def topk_decode():
+        vllm.top_k_per_row_decode(scores, 2, seq_lens, out_decode, rows, width, 1, k)
+        return [out_decode]
+
+    def writer():
+        vllm.indexer_k_quant_and_cache(keys, writer_cache, slots, 128, "ue8m0")
+        return [writer_cache]
+
+    calls = {
+        "fp8_mqa_logits": (lambda: [deep_gemm.fp8_mqa_logits(rq, (rk, rs), rw, rks, rke)], [rq]),
+        "fp8_paged_mqa_logits": (lambda: [deep_gemm.fp8_paged_mqa_logits(
+            q, cache, w, ctx, table, deep_gemm.get_paged_mqa_logits_metadata(ctx, 64, 8), c["width"])], [q]),
+        "top_k_per_row_prefill": (topk_prefill, [scores]),
+        "top_k_per_row_decode": (topk_decode, [scores]),
+        "fast_topk_v2": (lambda: [sglang.fast_topk_v2(scores, lengths, k, starts)], [scores]),
+        "fast_topk_transform_fused": (lambda: [sglang.fast_topk_transform_fused(scores, lengths, page_table, cu, k,
+                                                                                starts)], [scores]),
+        "top_k_page_table_transform": (lambda: [flashinfer.top_k_page_table_transform(
+            scores, page_table, lengths, k, row_to_batch.to(torch.int32))], [scores]),
+        "indexer_k_quant_and_cache": (writer, [keys]),
+        "select_topk_paged": (lambda: [keysel.select_topk_paged(
+            q, cache, w, ctx, table, 64, n_keys=c["width"], out=torch.empty((6, 64), dtype=torch.int32,
+                                                                           device=device), workspace=workspace)], [q]),
+    }
+    return calls
+
+
+ENTRY_POINTS = ["fp8_mqa_logits", "fp8_paged_mqa_logits", "top_k_per_row_prefill", "top_k_per_row_decode",
+                "fast_topk_v2", "fast_topk_transform_fused", "top_k_page_table_transform", "indexer_k_quant_and_cache",
+                "select_topk_paged"]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda) for graph capture")
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_entry_point_is_captured_by_a_cuda_graph(rng, name):
+    """Each entry point captured as the engines capture it (outputs allocated by torch inside the capture), replayed
+    on new inputs written into the captured buffers, and compared exactly with an eager call on the same inputs."""
+    call, inputs = _entry_point_calls(rng, "cuda")[name]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for _ in range(2):
+        for x in inputs:
+            fresh = torch.from_numpy((rng.standard_normal(tuple(x.shape)) * 4).astype(np.float32)).clamp(-448, 448)
+            x.copy_(fresh.to(x.dtype).to(x.device))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in captured]
+        eager = call()
+        torch.cuda.synchronize()
+        for a, b in zip(replayed, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda)")
+def test_cuda_tests_pass_on_the_portable_kernels():
+    """The CUDA tests of this file again in a fresh process with KEYSEL_CUDA_PORTABLE=1 (read once per process): the
+    indexer's mma.sync kernels, which sm_89 GPUs run, instead of the sm_90a wgmma kernel."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KEYSEL_CUDA_PORTABLE="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                             "cuda and not portable"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout, result.stdout[-500:]

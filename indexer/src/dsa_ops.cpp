@@ -329,20 +329,29 @@ void ragged_mqa_logits_reference(const TensorView& q, const TensorView& weights,
   expect_contiguous(function, logits, "logits");
   std::vector<double> out(static_cast<std::size_t>(checked_mul(rows, n, function, "logits")),
                           -std::numeric_limits<double>::infinity());
+  // Keys decoded once (exactly: fp8 e4m3 fits a double).
+  std::vector<double> kd(static_cast<std::size_t>(checked_mul(n, dim, function, "key_values")));
+  for (std::int64_t s = 0; s < n; ++s) {
+    for (std::int64_t d = 0; d < dim; ++d) kd[static_cast<std::size_t>(s * dim + d)] = key_values.load({s, d});
+  }
   std::vector<double> qd(static_cast<std::size_t>(checked_mul(heads, dim, function, "q")));
+  std::vector<double> wd(static_cast<std::size_t>(heads));
   for (std::int64_t t = 0; t < rows; ++t) {
     const std::int64_t begin = std::max<std::int64_t>(starts.load({t}), 0);
     const std::int64_t end = std::min<std::int64_t>(ends.load({t}), n);
     if (end <= begin) continue;
     for (std::int64_t h = 0; h < heads; ++h) {
+      wd[static_cast<std::size_t>(h)] = weights.load({t, h});
       for (std::int64_t d = 0; d < dim; ++d) qd[static_cast<std::size_t>(h * dim + d)] = q.load({t, h, d});
     }
     for (std::int64_t s = begin; s < end; ++s) {
+      const double* key = kd.data() + s * dim;
       double total = 0.0;
       for (std::int64_t h = 0; h < heads; ++h) {
+        const double* qh = qd.data() + h * dim;
         double dot = 0.0;
-        for (std::int64_t d = 0; d < dim; ++d) dot += qd[static_cast<std::size_t>(h * dim + d)] * key_values.load({s, d});
-        total += weights.load({t, h}) * std::max(dot, 0.0);
+        for (std::int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
+        total += wd[static_cast<std::size_t>(h)] * std::max(dot, 0.0);
       }
       out[static_cast<std::size_t>(t * n + s)] = total * key_scales.load({s});
     }

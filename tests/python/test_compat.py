@@ -779,14 +779,15 @@ def test_entry_point_is_captured_by_a_cuda_graph(rng, name):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda)")
 def test_cuda_tests_pass_on_the_portable_kernels():
-    """The CUDA tests of this file again in a fresh process with KEYSEL_CUDA_PORTABLE=1 (read once per process): the
-    indexer's mma.sync kernels, which sm_89 GPUs run, instead of the sm_90a wgmma kernel."""
+    """The CUDA tests of this file and of test_dsa.py again in a fresh process with KEYSEL_CUDA_PORTABLE=1 (read once
+    per process): the indexer's mma.sync kernels, which sm_89 GPUs run, instead of the sm_90a wgmma kernel."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, KEYSEL_CUDA_PORTABLE="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+    files = [__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_dsa.py")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files, "-k",
                              "cuda and not portable"], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert " passed" in result.stdout, result.stdout[-500:]

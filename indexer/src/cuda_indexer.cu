@@ -47,12 +47,15 @@ struct IndexerParams {
 
 /// Row r's sequence (seq) and the end of the keys it may read, min(pos + 1, N); 0 for a negative position or a
 /// sequence outside the cache (GPU values are not validated on the host: such a row gets only -inf). `first`: the
-/// first key it reads (0 but for ragged rows: max(starts[r], 0); an empty range gives end 0).
+/// first key it reads (0 but for ragged rows: max(starts[r], 0); an empty range gives end 0). kRagged: the
+/// kernels' compile-time switch between ragged rows (p.starts, p.ends, p.key_scales) and every other form, so the
+/// paged and prefill kernels keep their registers.
+template <bool kRagged>
 __device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p, std::int64_t r, int& seq,
                                                          std::int64_t& first) {
   first = 0;
   std::int64_t pos = 0;
-  if (p.ends) {  // ragged rows over one key array
+  if constexpr (kRagged) {  // ragged rows over one key array
     seq = 0;
     const std::int64_t begin = p.starts[r] > 0 ? p.starts[r] : 0;
     const std::int64_t end = p.ends[r] < p.n ? p.ends[r] : p.n;
@@ -134,7 +137,7 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], const std::uint32_t (&a)
 #endif
 }
 
-template <int DI, int kWarps>
+template <int DI, int kWarps, bool kRagged>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;              // key words per token
   constexpr int kStride = kWords + 4;         // padded shared-memory stride in words
@@ -150,13 +153,13 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
   const std::int64_t r = blockIdx.y;
   int seq = 0;
   std::int64_t first = 0;
-  const std::int64_t allowed = row_allowed_keys(p, r, seq, first);
+  const std::int64_t allowed = row_allowed_keys<kRagged>(p, r, seq, first);
   const std::int64_t row_blocks = (allowed + kBlock - 1) / kBlock;
-  const std::int64_t first_block = allowed > 0 ? first / kBlock : 0;
+  const std::int64_t first_block = kRagged && allowed > 0 ? first / kBlock : 0;
   float* out = p.logits + r * p.n;
 
   fill_minus_infinity<kThreads>(out, row_blocks * kBlock, p.n);  // beyond the last allowed block
-  fill_minus_infinity<kThreads>(out, 0, first_block * kBlock);    // before the first (ragged rows)
+  if constexpr (kRagged) fill_minus_infinity<kThreads>(out, 0, first_block * kBlock);  // before the first
   if (first_block + static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
   std::uint32_t a[kSteps][4];
@@ -182,7 +185,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
     if (!ok) block = 0;
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
     const std::uint32_t scale_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(scales[stage]));
-    if (p.key_scales) {  // ragged rows: values [N, DI] and scales [N] apart; keys past N are zero-filled
+    if constexpr (kRagged) {  // values [N, DI] and scales [N] apart; keys past N are zero-filled
       const int tokens = ragged_block_tokens(p, block);
       const std::uint32_t* values = reinterpret_cast<const std::uint32_t*>(p.cache) + block * kBlock * kWords;
 #pragma unroll 4
@@ -274,7 +277,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
       float sum = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += partial[w][tid];
-      if (s < allowed && s >= first) {
+      if (s < allowed && (!kRagged || s >= first)) {
         out[s] = (ok_bits >> stage) & 1u ? sum * scales[stage][tid] : __int_as_float(0x7fffffff);
       } else if (s < p.n) {
         out[s] = -INFINITY;
@@ -310,7 +313,7 @@ __device__ __forceinline__ std::uint32_t fp8x2_to_f16x2(std::uint32_t word16) {
 /// 8 + 2 * tig), which the dot product does not see. Cache blocks arrive as raw 16-byte cp.async.cg copies into a
 /// kStages-deep ring, one block-wide barrier per cache block. A persistent grid (two CTAs per SM in all rows)
 /// walks the blocks of its row with stride gridDim.x.
-template <int DI, int HI, int kSplit>
+template <int DI, int HI, int kSplit, bool kRagged>
 __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;
   constexpr int kPageWords = kBlock * (kWords + 1);  // a page as it is in the cache: key words, then 64 scales
@@ -329,12 +332,12 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
   const std::int64_t r = blockIdx.y;
   int seq = 0;
   std::int64_t first = 0;
-  const std::int64_t allowed = row_allowed_keys(p, r, seq, first);
+  const std::int64_t allowed = row_allowed_keys<kRagged>(p, r, seq, first);
   const std::int64_t row_blocks = (allowed + kBlock - 1) / kBlock;
-  const std::int64_t first_block = allowed > 0 ? first / kBlock : 0;
+  const std::int64_t first_block = kRagged && allowed > 0 ? first / kBlock : 0;
   float* out = p.logits + r * p.n;
   fill_minus_infinity<kThreads>(out, row_blocks * kBlock, p.n);  // beyond the last allowed block
-  fill_minus_infinity<kThreads>(out, 0, first_block * kBlock);    // before the first (ragged rows)
+  if constexpr (kRagged) fill_minus_infinity<kThreads>(out, 0, first_block * kBlock);  // before the first
   if (first_block + static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
   auto fetch = [&](std::int64_t j, int stage) -> bool {
@@ -343,7 +346,7 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
-    if (p.key_scales) {  // ragged rows: values [N, DI] and scales [N] apart, laid out as a page; past N: zeros
+    if constexpr (kRagged) {  // values [N, DI] and scales [N] apart, laid out as a page; past N: zeros
       const int tokens = ragged_block_tokens(p, block);
       constexpr int kValueVectors = kBlock * DI / 16;
       const uint4* values = reinterpret_cast<const uint4*>(p.cache + block * kBlock * DI);
@@ -455,7 +458,7 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
     asm volatile("bar.sync %0, %1;\n" ::"r"(1 + tile), "n"(32 * kSplit) : "memory");
     if (head_half == 0 && tig < 2) {
       const std::int64_t s = j * kBlock + token;
-      if (s < allowed && s >= first) {
+      if (s < allowed && (!kRagged || s >= first)) {
         float total = sum;
 #pragma unroll
         for (int h = 0; h < kSplit - 1; ++h) total += partial[stage][h][token];
@@ -577,7 +580,7 @@ __device__ __forceinline__ void mbarrier_wait(std::uint32_t bar, unsigned parity
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <int DI, int HI, int kRows>
+template <int DI, int HI, int kRows, bool kRagged>
 __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const IndexerParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWords = DI / 4;
@@ -611,7 +614,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
     std::int64_t allowed = 0, first = 0;
     int seq = 0;
     if (tid < rows_here) {
-      allowed = row_allowed_keys(p, r0 + tid, seq, first);
+      allowed = row_allowed_keys<kRagged>(p, r0 + tid, seq, first);
     }
     allowed_s[tid] = allowed;
     first_s[tid] = first;
@@ -630,14 +633,16 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   for (int rr = 0; rr < rows_here; ++rr) {
     float* out = p.logits + (r0 + rr) * p.n;
     const std::int64_t row_blocks = (allowed_s[rr] + kBlock - 1) / kBlock;
-    const std::int64_t first_key = allowed_s[rr] > 0 ? first_s[rr] / kBlock * kBlock : 0;
     for (std::int64_t s = row_blocks * kBlock + static_cast<std::int64_t>(blockIdx.x) * 128 + tid; s < p.n;
          s += static_cast<std::int64_t>(gridDim.x) * 128) {
       out[s] = -INFINITY;
     }
-    for (std::int64_t s = static_cast<std::int64_t>(blockIdx.x) * 128 + tid; s < first_key;
-         s += static_cast<std::int64_t>(gridDim.x) * 128) {
-      out[s] = -INFINITY;
+    if constexpr (kRagged) {
+      const std::int64_t first_key = allowed_s[rr] > 0 ? first_s[rr] / kBlock * kBlock : 0;
+      for (std::int64_t s = static_cast<std::int64_t>(blockIdx.x) * 128 + tid; s < first_key;
+           s += static_cast<std::int64_t>(gridDim.x) * 128) {
+        out[s] = -INFINITY;
+      }
     }
   }
 
@@ -669,7 +674,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
     if (tid == 0) {
-      if (p.key_scales) {
+      if constexpr (kRagged) {
         // Ragged rows: the block's values only (its tokens x DI bytes, a multiple of 16 that stops at key N); the
         // scales are read from global memory beside the MMA. Rows past N keep stale bytes whose logits are unused.
         bulk_copy_block(key_base + static_cast<std::uint32_t>(stage * kBlockWords * 4), p.cache + block * (kBlock * DI),
@@ -686,15 +691,19 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
     mask = shared_sequence ? (1u << rows_here) - 1u : 1u << pass;
     seq = shared_sequence ? (first_seq < 0 ? 0 : first_seq) : seq_s[pass];
     pass_blocks = 0;
-    pass_first = -1;
     for (int rr = 0; rr < rows_here; ++rr) {
-      if (!((mask >> rr) & 1u) || allowed_s[rr] == 0) continue;
       const std::int64_t b = (allowed_s[rr] + kBlock - 1) / kBlock;
-      const std::int64_t f = first_s[rr] / kBlock;
-      if (b > pass_blocks) pass_blocks = b;
-      if (pass_first < 0 || f < pass_first) pass_first = f;
+      if (((mask >> rr) & 1u) && b > pass_blocks) pass_blocks = b;
     }
-    if (pass_first < 0) pass_first = 0;
+    if constexpr (kRagged) {  // from the lowest first block of the pass's rows that read keys
+      pass_first = -1;
+      for (int rr = 0; rr < rows_here; ++rr) {
+        if (!((mask >> rr) & 1u) || allowed_s[rr] == 0) continue;
+        const std::int64_t f = first_s[rr] / kBlock;
+        if (pass_first < 0 || f < pass_first) pass_first = f;
+      }
+      if (pass_first < 0) pass_first = 0;
+    }
     ok_bits = 0;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -759,9 +768,9 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
         }
       }
       float ragged_scale = 0.0f;  // ragged rows: token warp * 16 + g + 8 * tig's scale (lanes with tig < 2)
-      if (p.key_scales && tig < 2) {
+      if constexpr (kRagged) {
         const std::int64_t key = j * kBlock + warp * 16 + g + 8 * tig;
-        if (key < p.n) ragged_scale = __ldg(p.key_scales + key);
+        if (tig < 2 && key < p.n) ragged_scale = __ldg(p.key_scales + key);
       }
       mbarrier_wait(bar_base + 8u * stage, (phase_bits >> stage) & 1u);
       phase_bits ^= 1u << stage;
@@ -780,9 +789,9 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
         a[ks][3] = words_hi[2 * ks + 1];  // token g + 8
       }
       const float scale_lo =
-          p.key_scales ? ragged_scale : __uint_as_float(block_words[kBlock * kWords + warp * 16 + g]);
+          kRagged ? ragged_scale : __uint_as_float(block_words[kBlock * kWords + warp * 16 + g]);
       const float scale_hi =
-          p.key_scales ? ragged_scale : __uint_as_float(block_words[kBlock * kWords + warp * 16 + g + 8]);
+          kRagged ? ragged_scale : __uint_as_float(block_words[kBlock * kWords + warp * 16 + g + 8]);
 
       float acc[kTiles][kTileN / 2];
 #pragma unroll
@@ -826,7 +835,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
         hi += __shfl_xor_sync(0xffffffffu, hi, 2);
         if (tig < 2) {
           float* out = p.logits + (r0 + rr) * p.n;
-          if (s < allowed_s[rr] && s >= first_s[rr]) {
+          if (s < allowed_s[rr] && (!kRagged || s >= first_s[rr])) {
             out[s] = ok ? (tig == 0 ? lo * scale_lo : hi * scale_hi) : __int_as_float(0x7fffffff);
           } else if (s < p.n) {
             out[s] = -INFINITY;
@@ -843,7 +852,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
 
 /// CTAs per SM of the wgmma kernel, or 0 when this binary has no sm_90a code for the GPU; read once per GPU (the
 /// shared-memory limit is raised there) and cached (stored as value + 1; a race stores the same value twice).
-template <int DI, int HI, int kRows>
+template <int DI, int HI, int kRows, bool kRagged>
 int wgmma_ctas_per_sm(int device) {
   static std::atomic<int> cache[64];
   const bool cached = device >= 0 && device < 64;
@@ -852,7 +861,7 @@ int wgmma_ctas_per_sm(int device) {
     if (known != 0) return known - 1;
   }
   const int ctas = [] {
-    const auto kernel = indexer_logits_wgmma_kernel<DI, HI, kRows>;
+    const auto kernel = indexer_logits_wgmma_kernel<DI, HI, kRows, kRagged>;
     cudaFuncAttributes attributes{};
     if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.sharedSizeBytes == 0) {
       cudaGetLastError();
@@ -874,10 +883,10 @@ int wgmma_ctas_per_sm(int device) {
   return ctas;
 }
 
-template <int DI, int HI, int kRows>
+template <int DI, int HI, int kRows, bool kRagged = false>
 bool launch_wgmma(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
   const int multiprocessors = context.multiprocessors;
-  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows>(context.device);
+  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows, kRagged>(context.device);
   if (per_sm == 0) return false;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   const std::int64_t groups = (p.rows + kRows - 1) / kRows;
@@ -886,7 +895,7 @@ bool launch_wgmma(const IndexerParams& p, const LaunchContext& context, cudaStre
   per_group = per_group < blocks ? per_group : blocks;
   per_group = per_group < 1 ? 1 : (per_group > 65535 ? 65535 : per_group);
   const dim3 grid(static_cast<unsigned>(per_group), static_cast<unsigned>(groups));
-  const cudaError_t status = launch_kernel(indexer_logits_wgmma_kernel<DI, HI, kRows>, grid, dim3(128),
+  const cudaError_t status = launch_kernel(indexer_logits_wgmma_kernel<DI, HI, kRows, kRagged>, grid, dim3(128),
                                           WgmmaShape<DI, HI, kRows>::kSharedBytes, stream, context.programmatic, p);
   if (status != cudaSuccess) context.error = status;
   return true;
@@ -896,9 +905,8 @@ template <int DI, int HI>
 bool launch_wgmma_rows(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
   // Prefill (rows mapped onto sequences) and decode of next_n > 1 tokens per sequence: 256 / HI query rows share
   // each cache block; decode of one token per sequence: one row per CTA.
-  if (p.sequence_of_row || p.ends || (p.context_lens && p.next_n > 1)) {
-    return launch_wgmma<DI, HI, 256 / HI>(p, context, stream);
-  }
+  if (p.ends) return launch_wgmma<DI, HI, 256 / HI, true>(p, context, stream);  // ragged rows (prefill)
+  if (p.sequence_of_row || (p.context_lens && p.next_n > 1)) return launch_wgmma<DI, HI, 256 / HI>(p, context, stream);
   return launch_wgmma<DI, HI, 1>(p, context, stream);
 }
 
@@ -915,6 +923,30 @@ bool launch_wgmma_any(const IndexerParams& p, int dim, const LaunchContext& cont
   return launch_wgmma_rows<64, 128>(p, context, stream);
 }
 
+/// The mma.sync kernels (other builds and GPUs, or KEYSEL_CUDA_PORTABLE), one row per CTA row of `grid`.
+template <bool kRagged>
+void launch_portable(const IndexerParams& p, int dim, dim3 grid, cudaStream_t stream) {
+  if (p.heads <= 64) {
+    // Two warps per token tile (kSplit = 2). kSplit = 4 (16 warps per CTA at 64 registers, twice the occupancy)
+    // measured slower on the H100: 18.7 against 15.5 us at B = 1 (each key fragment converted by 4 warps).
+    if (dim == 128) {
+      if (p.heads == 64) indexer_logits_tokens_kernel<128, 64, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else if (p.heads == 32) indexer_logits_tokens_kernel<128, 32, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<128, 16, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+    } else {
+      if (p.heads == 64) indexer_logits_tokens_kernel<64, 64, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else if (p.heads == 32) indexer_logits_tokens_kernel<64, 32, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<64, 16, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+    }
+    return;
+  }
+  if (dim == 128) {
+    indexer_logits_kernel<128, 8, kRagged><<<grid, 256, 0, stream>>>(p);  // HI = 128
+  } else {
+    indexer_logits_kernel<64, 8, kRagged><<<grid, 256, 0, stream>>>(p);  // HI = 128
+  }
+}
+
 void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchContext& context, cudaStream_t stream) {
   if (rows == 0) return;
   if (!context.portable_only && launch_wgmma_any(p, dim, context, stream)) return;  // sm_90a build, sm_90 GPU
@@ -926,24 +958,10 @@ void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchCont
   per_row = per_row < blocks ? per_row : blocks;
   per_row = per_row < 1 ? 1 : (per_row > 65535 ? 65535 : per_row);
   const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));
-  if (p.heads <= 64) {
-    // Two warps per token tile (kSplit = 2). kSplit = 4 (16 warps per CTA at 64 registers, twice the occupancy)
-    // measured slower on the H100: 18.7 against 15.5 us at B = 1 (each key fragment converted by 4 warps).
-    if (dim == 128) {
-      if (p.heads == 64) indexer_logits_tokens_kernel<128, 64, 2><<<grid, 256, 0, stream>>>(p);
-      else if (p.heads == 32) indexer_logits_tokens_kernel<128, 32, 2><<<grid, 256, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<128, 16, 2><<<grid, 256, 0, stream>>>(p);
-    } else {
-      if (p.heads == 64) indexer_logits_tokens_kernel<64, 64, 2><<<grid, 256, 0, stream>>>(p);
-      else if (p.heads == 32) indexer_logits_tokens_kernel<64, 32, 2><<<grid, 256, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<64, 16, 2><<<grid, 256, 0, stream>>>(p);
-    }
-    return;
-  }
-  if (dim == 128) {
-    indexer_logits_kernel<128, 8><<<grid, 256, 0, stream>>>(p);  // HI = 128
+  if (p.ends) {
+    launch_portable<true>(p, dim, grid, stream);  // ragged rows over one key array
   } else {
-    indexer_logits_kernel<64, 8><<<grid, 256, 0, stream>>>(p);  // HI = 128
+    launch_portable<false>(p, dim, grid, stream);
   }
 }
 

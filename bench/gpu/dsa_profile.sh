@@ -10,8 +10,8 @@
 #   bash bench/gpu/run.sh build python     # keysel's module into build-gpu/python (same machine)
 #   bash bench/gpu/dsa_profile.sh          # -> $OUT/dsa-profile.txt (+ $OUT/dsa-profile-<row>.csv raw metrics)
 #
-# SET=full (default: the sections below, about half the replay passes) chooses ncu's --set instead. Runs in about
-# two minutes on an H100.
+# SET=full chooses ncu's --set instead of the sections below (more replay passes). Sized to finish in under three
+# minutes (five ncu runs of at most 12 short kernels; each run is cut at 100 s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -39,7 +39,7 @@ for row in paged_logits_B1 select_topk_paged_B1 topk_rows_B1 indexer_prefill_rag
   # --cache-control none: each kernel sees the L2 its predecessor left (a fused chain reads its logits from L2,
   # as outside the profiler); --clock-control none: the clocks the benchmarks run at.
   # shellcheck disable=SC2086
-  timeout 150 ncu --clock-control none --cache-control none -k "$KERNELS" -c 12 "${WHAT[@]}" --csv --page raw \
+  timeout 100 ncu --clock-control none --cache-control none -k "$KERNELS" -c 12 "${WHAT[@]}" --csv --page raw \
     python3 bench/gpu/dsa_peers.py ${ROWS[$row]} >"$OUT/dsa-profile-$row.csv" 2>>"$OUT/dsa-profile.log"
   echo "$row: ncu rc=$? ($((SECONDS - start)) s)" | tee -a "$OUT/dsa-profile.log"
 done
@@ -67,8 +67,10 @@ PICK = [  # (label, candidate metric names, first present wins)
 ]
 # The tensor pipes ComputeWorkloadAnalysis collects (names differ between GPUs and ncu versions: all are shown).
 TENSOR = re.compile(r"sm__(pipe_tensor\w*_cycles_active|inst_executed_pipe_tensor\w*)\.avg\.pct_of_peak_sustained_active$")
+# Stall reasons: WarpStateStats' cycles per issued instruction, else the sampled warp states (SourceCounters).
 STALL = re.compile(r"smsp__average_warp_latency_issue_stalled_(\w+)\.ratio$|"
                    r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
+SAMPLED = re.compile(r"smsp__pcsamp_warps_issue_stalled_(\w+)$")
 
 
 def number(text):
@@ -123,8 +125,16 @@ for row in ROWS:
             v = number(r[i]) if m else None
             if m and v is not None:
                 stalls.append((v, m.group(1) or m.group(2)))
+        unit = "cycles per issued instruction"
+        if not stalls:
+            unit = "warp samples"
+            for name, i in col.items():
+                m = SAMPLED.match(name)
+                v = number(r[i]) if m and not m.group(1).endswith("not_issued") else None
+                if v is not None:
+                    stalls.append((v, m.group(1)))
         stalls.sort(reverse=True)
         total = sum(v for v, _ in stalls) or 1.0
-        print("    top stalls (cycles per issued instruction): " +
-              ", ".join(f"{reason} {v:.2f} ({100 * v / total:.0f}%)" for v, reason in stalls[:5]))
+        print(f"    top stalls ({unit}): " +
+              (", ".join(f"{reason} {v:.2f} ({100 * v / total:.0f}%)" for v, reason in stalls[:5]) or "n/a"))
 EOF

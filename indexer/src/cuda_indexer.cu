@@ -597,7 +597,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   float* w_s = reinterpret_cast<float*>(smem + kN * DI);                            // [kN]
   std::uint32_t* keys = reinterpret_cast<std::uint32_t*>(smem + kN * DI + kN * 4);  // [kStages][kBlockWords]
   __shared__ std::int64_t allowed_s[kRows];
-  __shared__ std::int64_t first_s[kRows];  // first key of each row (ragged rows; else 0)
+  __shared__ std::int64_t first_s[kRagged ? kRows : 1];  // first key of each row (ragged rows only)
   __shared__ int seq_s[kRows];
   __shared__ __align__(8) std::uint64_t full_bar[kStages];  // stage s's block has landed (phase parity)
 
@@ -617,7 +617,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
       allowed = row_allowed_keys<kRagged>(p, r0 + tid, seq, first);
     }
     allowed_s[tid] = allowed;
-    first_s[tid] = first;
+    if constexpr (kRagged) first_s[tid] = first;
     seq_s[tid] = seq;
   }
   const std::uint32_t bar_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(full_bar));

@@ -7,6 +7,16 @@ Run on the GPU machine after ../shared/peers' run.sh has built the peers (bench/
 Shapes follow the peer harness (../shared/peers/bench_peers.py, whose timing helpers are imported): caches rotated
 past L2, per-call and CUDA-graph times, the same input distributions. Every row also checks keysel against the
 peer on the same inputs: logits relative error against DeepGEMM's, top-k sets against torch.topk and SGLang.
+Every keysel row has its peer timed in this process right after it, on the same inputs (no quoted figures):
+    HBM copy                                   torch copy_ (bp.bench_copy)
+    paged logits B=1, B=64                     DeepGEMM fp8_paged_mqa_logits
+    fused select_topk_paged B=1, B=64          DeepGEMM fp8_paged_mqa_logits + SGLang fast_topk
+    topk_rows B=1, B=64                        SGLang fast_topk
+    prefill top-k                              torch.topk on masked rows
+    prefill logits 1024 x 8192 causal          DeepGEMM fp8_mqa_logits (keysel through keysel.compat.deep_gemm,
+                                               the ragged CUDA path, and keysel.indexer_logits_cuda on pages)
+--only picks stages (default: all); --profile runs each stage's keysel call a few times without timing (for
+Nsight Compute, bench/gpu/dsa_profile.sh).
 """
 
 import argparse
@@ -18,7 +28,18 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", ".peers", "scripts"))
-import bench_peers as bp  # noqa: E402  (time_calls, time_graph, random_fp8_bytes, line, emit)
+try:
+    import bench_peers as bp  # noqa: E402  (time_calls, time_graph, random_fp8_bytes, line, emit)
+except ImportError:
+    if "--profile" not in sys.argv:
+        raise
+    import types  # --profile times nothing: the two inputs helpers it needs, as the peer harness defines them
+
+    bp = types.SimpleNamespace(
+        L2_ROTATE_BYTES=256 << 20,  # caches rotated past L2
+        # random e4m3 codes with bit 6 cleared: finite, |x| < 2
+        random_fp8_bytes=lambda shape, device="cuda": torch.randint(0, 256, shape, dtype=torch.uint8,
+                                                                    device=device) & 0xBF)
 
 import keysel  # noqa: E402
 from keysel.compat import deep_gemm as ks_deep_gemm  # noqa: E402
@@ -41,6 +62,9 @@ except Exception as exc:  # noqa: BLE001
     sglang_topk = None
 
 N, HEADS, DIM, BLOCK, K = 131072, 64, 128, 64, 2048
+PROFILE = False  # --profile: keysel's calls only, untimed
+PROFILE_ROWS = set()  # with --profile: which of paged, fused, topk, prefill run
+BATCHES = (1, 64)  # --batches
 
 
 def rel(a, b):
@@ -59,7 +83,7 @@ def set_misses(got, want_sets):
 
 def indexer_decode():
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for batch in (1, 64):
+    for batch in BATCHES:
         blocks_per_seq = N // BLOCK
         one = batch * blocks_per_seq * BLOCK * (DIM + 4)
         copies = max(1, bp.L2_ROTATE_BYTES // one)
@@ -81,7 +105,7 @@ def indexer_decode():
             keysel.paged_mqa_logits(q, weights, caches[i % copies], table, context_lens, N, out=out)
 
         check = None
-        if deep_gemm is not None:
+        if deep_gemm is not None and not PROFILE:
             meta = deep_gemm.get_paged_mqa_logits_metadata(context_lens, BLOCK, num_sms)
             ref = deep_gemm.fp8_paged_mqa_logits(q, caches[0], weights, context_lens, table, meta, N, False)
             ks_logits(0)
@@ -92,10 +116,23 @@ def indexer_decode():
             check = ("rel_err_vs_deep_gemm", max(rel(out, ref), rel(compat, ref)))
             print(f"# check keysel paged_mqa_logits {shape} vs DeepGEMM: rel err {check[1]:.2e} "
                   f"(compat {rel(compat, ref):.2e})", flush=True)
-        us, gus = bp.time_calls(ks_logits), bp.time_graph(ks_logits, calls)
-        bp.line(f"keysel paged_mqa_logits {shape} (per call)", us, key_bytes)
-        bp.line(f"keysel paged_mqa_logits {shape} (graph)", gus, key_bytes)
-        bp.emit("keysel.paged_mqa_logits", f"{shape} engines' paged fp8 layout", us, gus, key_bytes, check=check)
+        if PROFILE:
+            for i in range(3 if "paged" in PROFILE_ROWS else 0):
+                ks_logits(i)
+        else:
+            us, gus = bp.time_calls(ks_logits), bp.time_graph(ks_logits, calls)
+            bp.line(f"keysel paged_mqa_logits {shape} (per call)", us, key_bytes)
+            bp.line(f"keysel paged_mqa_logits {shape} (graph)", gus, key_bytes)
+            bp.emit("keysel.paged_mqa_logits", f"{shape} engines' paged fp8 layout", us, gus, key_bytes, check=check)
+        if deep_gemm is not None and not PROFILE:
+            def dg_logits(i):
+                return deep_gemm.fp8_paged_mqa_logits(q, caches[i % copies], weights, context_lens, table, meta, N,
+                                                      False)
+
+            us, gus = bp.time_calls(dg_logits), bp.time_graph(dg_logits, calls)
+            bp.line(f"DeepGEMM fp8_paged_mqa_logits {shape} (same process) (per call)", us, key_bytes)
+            bp.line(f"DeepGEMM fp8_paged_mqa_logits {shape} (same process) (graph)", gus, key_bytes)
+            bp.emit("deep_gemm.fp8_paged_mqa_logits", f"{shape} engines' paged fp8 layout", us, gus, key_bytes)
 
         # The fused decode selection (logits stay in the workspace) against DeepGEMM + SGLang's top-k.
         sel = torch.empty(batch, K, dtype=torch.int32, device="cuda")
@@ -105,12 +142,18 @@ def indexer_decode():
             keysel.select_topk_paged(q, caches[i % copies], weights, context_lens, table, K, n_keys=N, out=sel,
                                      workspace=workspace)
 
-        if deep_gemm is not None:
+        if deep_gemm is not None and not PROFILE:
             ks_fused(0)
             torch.cuda.synchronize()
             want = [set(torch.topk(ref[b], K).indices.tolist()) for b in range(min(batch, 2))]
             print(f"# check keysel select_topk_paged {shape}: indices outside torch.topk of DeepGEMM's logits: "
                   f"{set_misses(sel[:2].cpu(), want)} of {K} (near-ties of two fp32 logits may differ)", flush=True)
+        if PROFILE:
+            for i in range(3 if "fused" in PROFILE_ROWS else 0):
+                ks_fused(i)
+            del caches
+            torch.cuda.empty_cache()
+            continue
         us, gus = bp.time_calls(ks_fused), bp.time_graph(ks_fused, calls)
         bp.line(f"keysel select_topk_paged k={K} {shape} (per call)", us, key_bytes)
         bp.line(f"keysel select_topk_paged k={K} {shape} (graph)", gus, key_bytes)
@@ -134,7 +177,7 @@ def indexer_decode():
 
 def topk_decode():
     for dist in ("uniform", "normal"):
-        for batch in (1, 64):
+        for batch in BATCHES:
             scores = (torch.rand(batch, N, device="cuda") * 10.0 if dist == "uniform"
                       else torch.randn(batch, N, device="cuda"))
             lengths = torch.tensor([N if batch == 1 else N - (b * 977) % (N // 4 + 1) for b in range(batch)],
@@ -145,6 +188,10 @@ def topk_decode():
             def ks(i):
                 keysel.topk_rows(scores, K, lengths=lengths, out=out, workspace=workspace)
 
+            if PROFILE:
+                for i in range(3 if "topk" in PROFILE_ROWS and dist == "normal" else 0):
+                    ks(i)
+                continue
             ks(0)
             compat = ks_sglang.fast_topk_v2(scores, lengths, K)
             torch.cuda.synchronize()
@@ -207,7 +254,9 @@ def topk_prefill():
 
 
 def indexer_prefill():
-    """keysel's prefill kernel (rows of one sequence sharing cache blocks) on DeepGEMM fp8_mqa_logits' shape."""
+    """Prefill logits on DeepGEMM fp8_mqa_logits' shape (1024 query rows, the last 1024 of 8192 causal keys):
+    keysel.compat.deep_gemm.fp8_mqa_logits (keysel's ragged CUDA path over the same contiguous keys), keysel's
+    indexer_logits_cuda over the same keys as pages, and DeepGEMM's fp8_mqa_logits, all on the same inputs."""
     rows, n = 1024, 8192
     q = bp.random_fp8_bytes((rows, HEADS, DIM)).view(torch.float8_e4m3fn)
     kv = bp.random_fp8_bytes((n, DIM)).view(torch.float8_e4m3fn)
@@ -217,26 +266,54 @@ def indexer_prefill():
                        scale.view(torch.uint8).view(n // BLOCK, BLOCK * 4)], dim=1).contiguous()
     positions = torch.arange(n - rows, n, dtype=torch.int32, device="cuda")
     seq = torch.zeros(rows, dtype=torch.int32, device="cuda")
+    starts = torch.zeros(rows, dtype=torch.int32, device="cuda")
+    ends = positions + 1
     out = torch.empty(rows, n, device="cuda")
     flops = float(positions.double().add(1).sum().item()) * HEADS * DIM * 2
+    shape = f"R={rows} N={n} HI={HEADS} DI={DIM}"
 
-    def ks(i):
+    def ks_pages(i):
         keysel.indexer_logits_cuda(q, weights, pages, positions, n, sequence_of_row=seq, out=out)
 
-    check = None
+    def ks_compat(i):
+        return ks_deep_gemm.fp8_mqa_logits(q, (kv, scale), weights, starts, ends, True)
+
+    if PROFILE:
+        for i in range(3):
+            if "prefill" in PROFILE_ROWS:
+                ks_compat(i)
+            if "prefill_pages" in PROFILE_ROWS:
+                ks_pages(i)
+        return
+    checks = {}
+    ref = None
     if deep_gemm is not None:
-        ks_ = torch.zeros(rows, dtype=torch.int32, device="cuda")
-        ke = positions + 1
-        ref = deep_gemm.fp8_mqa_logits(q, (kv, scale), weights, ks_, ke, True)
-        ks(0)
-        torch.cuda.synchronize()
-        check = ("rel_err_vs_deep_gemm", rel(out, ref))
-        print(f"# check keysel prefill logits vs DeepGEMM fp8_mqa_logits: rel err {check[1]:.2e}", flush=True)
-    us = bp.time_calls(ks, iters=5)
-    bp.line(f"keysel indexer_logits_cuda prefill R={rows} N={n} HI={HEADS} DI={DIM} (causal MMA flops)", us, flops,
-            "flops")
-    bp.emit("keysel.indexer_logits_cuda prefill", f"R={rows} N={n} HI={HEADS} DI={DIM} causal", us, None,
-            flops=flops, check=check)
+        ref = deep_gemm.fp8_mqa_logits(q, (kv, scale), weights, starts, ends, True)
+    else:  # the float32 reference of the last row (every key) where DeepGEMM is missing
+        r = rows - 1
+        last = (torch.relu(q[r].float() @ kv.float().T) * weights[r][:, None]).sum(0) * scale
+    ks_pages(0)
+    compat = ks_compat(0)
+    torch.cuda.synchronize()
+    masked_ok = bool(torch.isneginf(compat[0, int(ends[0]):]).all().item())
+    for name, got in (("compat", compat), ("pages", out)):
+        err = rel(got, ref) if ref is not None else rel(got[rows - 1], last)
+        checks[name] = ("rel_err_vs_deep_gemm" if ref is not None else "rel_err_fp32_last_row", err)
+    same_inf = bool((torch.isneginf(compat) == torch.isneginf(ref)).all().item()) if ref is not None else None
+    print(f"# check keysel prefill logits {shape} causal: compat.deep_gemm.fp8_mqa_logits rel err "
+          f"{checks['compat'][1]:.2e} ({checks['compat'][0]}), indexer_logits_cuda over pages "
+          f"{checks['pages'][1]:.2e}; -inf above the diagonal: {masked_ok}; -inf where DeepGEMM's is: {same_inf}",
+          flush=True)
+    runs = [("keysel compat.deep_gemm.fp8_mqa_logits (ragged CUDA path)", "keysel.compat.deep_gemm.fp8_mqa_logits",
+             ks_compat, checks["compat"]),
+            ("keysel indexer_logits_cuda (pages)", "keysel.indexer_logits_cuda prefill", ks_pages, checks["pages"])]
+    if deep_gemm is not None:
+        runs.append(("DeepGEMM fp8_mqa_logits (same process)", "deep_gemm.fp8_mqa_logits",
+                     lambda i: deep_gemm.fp8_mqa_logits(q, (kv, scale), weights, starts, ends, True), None))
+    for who, op, fn, check in runs:
+        us = bp.time_calls(fn, iters=5)
+        bp.line(f"{who} prefill {shape} clean_logits=1 (causal MMA flops)", us, flops, "flops")
+        bp.emit(op, f"{shape} causal clean_logits=1", us, None, flops=flops, check=check)
 
 
 def mla_decode():
@@ -336,7 +413,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--only", default="copy,decode,topk,prefill_topk,prefill,mla_decode,mla_prefill")
+    ap.add_argument("--profile", default="",
+                    help="comma list of paged, fused, topk, prefill (compat.deep_gemm), prefill_pages: run only those keysel calls, three times each, "
+                         "untimed (for Nsight Compute, bench/gpu/dsa_profile.sh)")
+    ap.add_argument("--batches", default="1,64", help="decode batch sizes (paged logits, fused, topk_rows)")
     args = ap.parse_args()
+    global PROFILE, PROFILE_ROWS, BATCHES
+    PROFILE = bool(args.profile)
+    PROFILE_ROWS = set(args.profile.split(",")) - {""}
+    BATCHES = tuple(int(b) for b in args.batches.split(","))
     bp.JSON_FILE = args.json
     bp.GPU = torch.cuda.get_device_name()
     stages = {"copy": bp.bench_copy, "decode": indexer_decode, "topk": topk_decode, "prefill_topk": topk_prefill,

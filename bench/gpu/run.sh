@@ -76,7 +76,7 @@ if has test; then
   summary+=("tests: rc=$rc, $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]|^\[  SKIPPED \] [0-9]' "$OUT/test.log" | tr '\n' ' ') ($((SECONDS - start)) s)")
   grep -E "Failure|FAILED|error" "$OUT/test.log" | head -30
   # The indexer's portable (mma.sync) kernels on this GPU too: KEYSEL_CUDA_PORTABLE keeps the wgmma kernel out.
-  KEYSEL_CUDA_PORTABLE=1 "$BUILD/tests/test_gpu" --gtest_filter='CudaLightningIndexer.*:CudaPagedMqa.*:CudaGraph.*' \
+  KEYSEL_CUDA_PORTABLE=1 "$BUILD/tests/test_gpu" --gtest_filter='CudaLightningIndexer.*:CudaPagedMqa.*:CudaRaggedMqa.*:CudaGraph.*' \
     >"$OUT/test-portable.log" 2>&1
   summary+=("tests, portable indexer kernels: rc=$?, $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$OUT/test-portable.log" | tr '\n' ' ')")
   grep -E "Failure|FAILED" "$OUT/test-portable.log" | head -10

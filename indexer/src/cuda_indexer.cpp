@@ -291,6 +291,89 @@ void paged_mqa_topk_cuda(const TensorView& q, const TensorView& weights, const C
   topk_with(function, rows, weights, cache, spec, n_keys, policy, selection, stream, workspace);
 }
 
+void ragged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, const TensorView& key_values,
+                            const TensorView& key_scales, const TensorView& starts, const TensorView& ends,
+                            const TensorView& logits, void* stream) {
+  constexpr std::string_view function = "ragged_mqa_logits_cuda";
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, q, "q", {DType::fp8_e4m3});
+  const Device device = q.device();
+  KEYSEL_CHECK_ARG(device.kind == DeviceKind::cuda, "q", "a tensor on a CUDA device", q.str());
+  expect_contiguous(function, q, "q");
+  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(q.raw_data()) % 16 == 0, "q", "a 16-byte aligned buffer",
+                   "a misaligned pointer");
+  const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  KEYSEL_CHECK_ARG(heads == 16 || heads == 32 || heads == 64 || heads == 128, "q", "HI of 16, 32, 64 or 128", heads);
+  KEYSEL_CHECK_ARG(dim == 64 || dim == 128, "q", "DI of 64 or 128", dim);
+  KEYSEL_CHECK_ARG(rows <= 65535, "q", "at most 65535 rows per call", rows);
+  expect_shape(function, weights, "weights", {rows, heads});
+  expect_dtype(function, weights, "weights", {DType::fp32});
+  expect_device(function, weights, "weights", device);
+  expect_contiguous(function, weights, "weights");
+  expect_shape(function, key_values, "key_values", {kAnyExtent, dim});
+  expect_dtype(function, key_values, "key_values", {DType::fp8_e4m3});
+  expect_device(function, key_values, "key_values", device);
+  expect_contiguous(function, key_values, "key_values");
+  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(key_values.raw_data()) % 16 == 0, "key_values",
+                   "a 16-byte aligned buffer", "a misaligned pointer");
+  const std::int64_t n = key_values.size(0);
+  KEYSEL_CHECK_ARG(n <= 0x7fffffff, "key_values", "N below 2^31 keys", n);
+  expect_shape(function, key_scales, "key_scales", {n});
+  expect_dtype(function, key_scales, "key_scales", {DType::fp32});
+  expect_device(function, key_scales, "key_scales", device);
+  expect_contiguous(function, key_scales, "key_scales");
+  const auto check_bounds = [&](const TensorView& view, const char* name) {
+    expect_shape(function, view, name, {rows});
+    expect_dtype(function, view, name, {DType::int32});
+    expect_device(function, view, name, device);
+    expect_contiguous(function, view, name);
+  };
+  check_bounds(starts, "starts");
+  check_bounds(ends, "ends");
+  expect_shape(function, logits, "logits", {rows, n});
+  expect_dtype(function, logits, "logits", {DType::fp32});
+  expect_device(function, logits, "logits", device);
+  expect_writable(function, logits, "logits");
+  expect_contiguous(function, logits, "logits");
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
+  if (facts.capability < 89) {
+    detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
+                                      std::to_string(device.index) + " is " + std::to_string(facts.capability / 10) +
+                                      "." + std::to_string(facts.capability % 10));
+  }
+  cuda_glue::expect_device_pointers(function,
+                                    {{q.raw_data(), "q"},
+                                     {weights.raw_data(), "weights"},
+                                     {key_values.raw_data(), "key_values"},
+                                     {key_scales.raw_data(), "key_scales"},
+                                     {starts.raw_data(), "starts"},
+                                     {ends.raw_data(), "ends"},
+                                     {logits.raw_data(), "logits"}},
+                                    device.index);
+  if (rows == 0 || n == 0) return;
+  const std::int64_t blocks = (n + kIndexerCacheBlock - 1) / kIndexerCacheBlock;
+  cuda_kernels::IndexerLaunch launch{};
+  launch.q = q.data<std::uint8_t>();
+  launch.weights = weights.data<float>();
+  launch.cache = key_values.data<std::uint8_t>();
+  launch.key_scales = key_scales.data<float>();
+  launch.starts = starts.data<std::int32_t>();
+  launch.ends = ends.data<std::int32_t>();
+  launch.next_n = 1;
+  launch.logits = logits.mutable_data<float>();
+  launch.rows = rows;
+  launch.n = n;
+  launch.num_blocks = blocks;
+  launch.heads = static_cast<int>(heads);
+  launch.dim = static_cast<int>(dim);
+  launch.sequences = 1;
+  launch.max_blocks = 0;
+  launch.blocks_per_sequence = static_cast<int>(blocks);
+  launch.device = device.index;
+  launch.facts = facts;
+  cuda_kernels::launch_indexer_logits(function, launch, stream);
+}
+
 #else  // !KEYSEL_CUDA
 
 void lightning_indexer_logits_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&,
@@ -312,6 +395,11 @@ void paged_mqa_logits_cuda(const TensorView&, const TensorView&, const CudaIndex
 void paged_mqa_topk_cuda(const TensorView&, const TensorView&, const CudaIndexerKeyCache&, const TensorView&,
                          std::int64_t, std::int64_t, const TensorView&, void*, const TensorView&) {
   detail::throw_error("paged_mqa_topk_cuda", "keysel was built without CUDA");
+}
+
+void ragged_mqa_logits_cuda(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
+                            const TensorView&, const TensorView&, const TensorView&, void*) {
+  detail::throw_error("ragged_mqa_logits_cuda", "keysel was built without CUDA");
 }
 
 #endif  // KEYSEL_CUDA

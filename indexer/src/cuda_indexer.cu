@@ -36,16 +36,33 @@ struct IndexerParams {
   const std::int32_t* positions;    // [R], or nullptr when context_lens is given
   const std::int32_t* sequence_of_row;  // [R] or nullptr
   const std::int32_t* context_lens;     // [S] or [S, next_n] (lens_per_row), or nullptr: row r = (r / next_n, i)
+  const float* key_scales;          // [N] with ragged rows (cache: fp8 values [N, DI], one array), else nullptr
+  const std::int32_t* starts;       // [R] with ragged rows (row r reads keys [starts[r], ends[r])), else nullptr
+  const std::int32_t* ends;         // [R] or nullptr
   float* logits;                    // [R, N]
   std::int64_t rows, n, num_blocks;
   int heads, sequences, max_blocks, blocks_per_sequence, next_n;
   bool lens_per_row;
 };
 
-/// Row r's sequence (seq) and the number of keys it may read, min(pos + 1, N); 0 for a negative position or a
-/// sequence outside the cache (GPU values are not validated on the host: such a row gets only -inf).
-__device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p, std::int64_t r, int& seq) {
+/// Row r's sequence (seq) and the end of the keys it may read, min(pos + 1, N); 0 for a negative position or a
+/// sequence outside the cache (GPU values are not validated on the host: such a row gets only -inf). `first`: the
+/// first key it reads (0 but for ragged rows: max(starts[r], 0); an empty range gives end 0). kRagged: the
+/// kernels' compile-time switch between ragged rows (p.starts, p.ends, p.key_scales) and every other form, so the
+/// paged and prefill kernels keep their registers.
+template <bool kRagged>
+__device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p, std::int64_t r, int& seq,
+                                                         std::int64_t& first) {
+  first = 0;
   std::int64_t pos = 0;
+  if constexpr (kRagged) {  // ragged rows over one key array
+    seq = 0;
+    const std::int64_t begin = p.starts[r] > 0 ? p.starts[r] : 0;
+    const std::int64_t end = p.ends[r] < p.n ? p.ends[r] : p.n;
+    if (end <= begin) return 0;
+    first = begin;
+    return end;
+  }
   if (p.context_lens) {  // decode with next_n query tokens per sequence (multi-token prediction)
     seq = static_cast<int>(r / p.next_n);
     const int i = static_cast<int>(r % p.next_n);
@@ -59,6 +76,12 @@ __device__ __forceinline__ std::int64_t row_allowed_keys(const IndexerParams& p,
                       (p.block_table || static_cast<std::int64_t>(seq + 1) * p.blocks_per_sequence <= p.num_blocks);
   if (!row_ok || pos < 0) return 0;
   return pos + 1 < p.n ? pos + 1 : p.n;
+}
+
+/// Keys of block `block` present in a ragged key array of n keys (64 but for the last block).
+__device__ __forceinline__ int ragged_block_tokens(const IndexerParams& p, std::int64_t block) {
+  const std::int64_t left = p.n - block * kBlock;
+  return left < kBlock ? static_cast<int>(left) : kBlock;
 }
 
 /// -inf into out[from, n), spread over the grid's x dimension (kThreads threads per block).
@@ -114,7 +137,7 @@ __device__ __forceinline__ void mma_e4m3(float (&c)[4], const std::uint32_t (&a)
 #endif
 }
 
-template <int DI, int kWarps>
+template <int DI, int kWarps, bool kRagged>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;              // key words per token
   constexpr int kStride = kWords + 4;         // padded shared-memory stride in words
@@ -129,12 +152,15 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
   const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
   const std::int64_t r = blockIdx.y;
   int seq = 0;
-  const std::int64_t allowed = row_allowed_keys(p, r, seq);
+  std::int64_t first = 0;
+  const std::int64_t allowed = row_allowed_keys<kRagged>(p, r, seq, first);
   const std::int64_t row_blocks = (allowed + kBlock - 1) / kBlock;
+  const std::int64_t first_block = kRagged && allowed > 0 ? first / kBlock : 0;
   float* out = p.logits + r * p.n;
 
   fill_minus_infinity<kThreads>(out, row_blocks * kBlock, p.n);  // beyond the last allowed block
-  if (static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
+  if constexpr (kRagged) fill_minus_infinity<kThreads>(out, 0, first_block * kBlock);  // before the first
+  if (first_block + static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
   std::uint32_t a[kSteps][4];
   {
@@ -157,9 +183,30 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
                                        : static_cast<std::int64_t>(seq) * p.blocks_per_sequence + j;
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
-    const std::uint32_t* src = reinterpret_cast<const std::uint32_t*>(p.cache) + block * kPageWords;
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
     const std::uint32_t scale_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(scales[stage]));
+    if constexpr (kRagged) {  // values [N, DI] and scales [N] apart; keys past N are zero-filled
+      const int tokens = ragged_block_tokens(p, block);
+      const std::uint32_t* values = reinterpret_cast<const std::uint32_t*>(p.cache) + block * kBlock * kWords;
+#pragma unroll 4
+      for (int w = tid; w < kBlock * kWords; w += kThreads) {
+        const int token = w / kWords;
+        const int word = w % kWords;
+        const std::uint32_t dst = key_base + 4u * static_cast<std::uint32_t>(token * kStride + word);
+        const bool present = token < tokens;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst),
+                     "l"(present ? values + token * kWords + word : values), "r"(present ? 4 : 0)
+                     : "memory");
+      }
+      if (tid < kBlock) {
+        const bool present = tid < tokens;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(scale_base + 4u * static_cast<std::uint32_t>(tid)),
+                     "l"(p.key_scales + block * kBlock + (present ? tid : 0)), "r"(present ? 4 : 0)
+                     : "memory");
+      }
+      return ok;
+    }
+    const std::uint32_t* src = reinterpret_cast<const std::uint32_t*>(p.cache) + block * kPageWords;
     // Key words: a warp copies whole tokens (kWords consecutive words each), no division by the token stride.
 #pragma unroll 4
     for (int w = tid; w < kBlock * kWords; w += kThreads) {
@@ -180,7 +227,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
 
   unsigned ok_bits = 0;  // bit s: the block in stage s lies inside the cache
   const std::int64_t step = gridDim.x;
-  std::int64_t j = blockIdx.x;
+  std::int64_t j = first_block + blockIdx.x;
   if (fetch(j, 0)) ok_bits |= 1u;
   commit();
   if (j + step < row_blocks && fetch(j + step, 1)) ok_bits |= 2u;
@@ -230,7 +277,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps) indexer_logits_kerne
       float sum = 0.0f;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) sum += partial[w][tid];
-      if (s < allowed) {
+      if (s < allowed && (!kRagged || s >= first)) {
         out[s] = (ok_bits >> stage) & 1u ? sum * scales[stage][tid] : __int_as_float(0x7fffffff);
       } else if (s < p.n) {
         out[s] = -INFINITY;
@@ -266,7 +313,7 @@ __device__ __forceinline__ std::uint32_t fp8x2_to_f16x2(std::uint32_t word16) {
 /// 8 + 2 * tig), which the dot product does not see. Cache blocks arrive as raw 16-byte cp.async.cg copies into a
 /// kStages-deep ring, one block-wide barrier per cache block. A persistent grid (two CTAs per SM in all rows)
 /// walks the blocks of its row with stride gridDim.x.
-template <int DI, int HI, int kSplit>
+template <int DI, int HI, int kSplit, bool kRagged>
 __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(const IndexerParams p) {
   constexpr int kWords = DI / 4;
   constexpr int kPageWords = kBlock * (kWords + 1);  // a page as it is in the cache: key words, then 64 scales
@@ -284,19 +331,42 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
   const int tile = warp & 3, head_half = warp >> 2;
   const std::int64_t r = blockIdx.y;
   int seq = 0;
-  const std::int64_t allowed = row_allowed_keys(p, r, seq);
+  std::int64_t first = 0;
+  const std::int64_t allowed = row_allowed_keys<kRagged>(p, r, seq, first);
   const std::int64_t row_blocks = (allowed + kBlock - 1) / kBlock;
+  const std::int64_t first_block = kRagged && allowed > 0 ? first / kBlock : 0;
   float* out = p.logits + r * p.n;
   fill_minus_infinity<kThreads>(out, row_blocks * kBlock, p.n);  // beyond the last allowed block
-  if (static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
+  if constexpr (kRagged) fill_minus_infinity<kThreads>(out, 0, first_block * kBlock);  // before the first
+  if (first_block + static_cast<std::int64_t>(blockIdx.x) >= row_blocks) return;
 
   auto fetch = [&](std::int64_t j, int stage) -> bool {
     std::int64_t block = p.block_table ? __ldg(p.block_table + static_cast<std::int64_t>(seq) * p.max_blocks + j)
                                        : static_cast<std::int64_t>(seq) * p.blocks_per_sequence + j;
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
-    const uint4* src16 = reinterpret_cast<const uint4*>(p.cache) + block * kBlockVectors;
     const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys[stage]));
+    if constexpr (kRagged) {  // values [N, DI] and scales [N] apart, laid out as a page; past N: zeros
+      const int tokens = ragged_block_tokens(p, block);
+      constexpr int kValueVectors = kBlock * DI / 16;
+      const uint4* values = reinterpret_cast<const uint4*>(p.cache + block * kBlock * DI);
+#pragma unroll
+      for (int v = tid; v < kValueVectors; v += kThreads) {
+        const bool present = v < tokens * (DI / 16);
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(key_base + 16u * static_cast<std::uint32_t>(v)),
+                     "l"(present ? values + v : values), "r"(present ? 16 : 0)
+                     : "memory");
+      }
+      if (tid < kBlock) {
+        const bool present = tid < tokens;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(key_base + static_cast<std::uint32_t>(
+                                                                          kBlock * DI + 4 * tid)),
+                     "l"(p.key_scales + block * kBlock + (present ? tid : 0)), "r"(present ? 4 : 0)
+                     : "memory");
+      }
+      return ok;
+    }
+    const uint4* src16 = reinterpret_cast<const uint4*>(p.cache) + block * kBlockVectors;
 #pragma unroll
     for (int v = tid; v < kBlockVectors; v += kThreads) {
       asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(key_base + 16u * static_cast<std::uint32_t>(v)),
@@ -310,7 +380,7 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
   // The first kStages - 1 blocks are requested before the query is read.
   unsigned ok_bits = 0;  // bit s: the block in stage s lies inside the cache
   const std::int64_t step = gridDim.x;
-  std::int64_t j = blockIdx.x;
+  std::int64_t j = first_block + blockIdx.x;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (j + s * step < row_blocks && fetch(j + s * step, s)) ok_bits |= 1u << s;
@@ -388,7 +458,7 @@ __global__ void __launch_bounds__(128 * kSplit, 2) indexer_logits_tokens_kernel(
     asm volatile("bar.sync %0, %1;\n" ::"r"(1 + tile), "n"(32 * kSplit) : "memory");
     if (head_half == 0 && tig < 2) {
       const std::int64_t s = j * kBlock + token;
-      if (s < allowed) {
+      if (s < allowed && (!kRagged || s >= first)) {
         float total = sum;
 #pragma unroll
         for (int h = 0; h < kSplit - 1; ++h) total += partial[stage][h][token];
@@ -510,7 +580,7 @@ __device__ __forceinline__ void mbarrier_wait(std::uint32_t bar, unsigned parity
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-template <int DI, int HI, int kRows>
+template <int DI, int HI, int kRows, bool kRagged>
 __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const IndexerParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int kWords = DI / 4;
@@ -527,6 +597,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   float* w_s = reinterpret_cast<float*>(smem + kN * DI);                            // [kN]
   std::uint32_t* keys = reinterpret_cast<std::uint32_t*>(smem + kN * DI + kN * 4);  // [kStages][kBlockWords]
   __shared__ std::int64_t allowed_s[kRows];
+  __shared__ std::int64_t first_s[kRagged ? kRows : 1];  // first key of each row (ragged rows only)
   __shared__ int seq_s[kRows];
   __shared__ __align__(8) std::uint64_t full_bar[kStages];  // stage s's block has landed (phase parity)
 
@@ -540,12 +611,13 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   const std::int64_t r0 = group * kRows;
   const int rows_here = static_cast<int>(p.rows - r0 < kRows ? p.rows - r0 : kRows);
   if (tid < kRows) {
-    std::int64_t allowed = 0;
+    std::int64_t allowed = 0, first = 0;
     int seq = 0;
     if (tid < rows_here) {
-      allowed = row_allowed_keys(p, r0 + tid, seq);
+      allowed = row_allowed_keys<kRagged>(p, r0 + tid, seq, first);
     }
     allowed_s[tid] = allowed;
+    if constexpr (kRagged) first_s[tid] = first;
     seq_s[tid] = seq;
   }
   const std::uint32_t bar_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(full_bar));
@@ -556,7 +628,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   }
   __syncthreads();
 
-  // Beyond each row's last allowed block: -inf.
+  // Beyond each row's last allowed block and before its first (ragged rows): -inf.
 #pragma unroll 1
   for (int rr = 0; rr < rows_here; ++rr) {
     float* out = p.logits + (r0 + rr) * p.n;
@@ -564,6 +636,13 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
     for (std::int64_t s = row_blocks * kBlock + static_cast<std::int64_t>(blockIdx.x) * 128 + tid; s < p.n;
          s += static_cast<std::int64_t>(gridDim.x) * 128) {
       out[s] = -INFINITY;
+    }
+    if constexpr (kRagged) {
+      const std::int64_t first_key = allowed_s[rr] > 0 ? first_s[rr] / kBlock * kBlock : 0;
+      for (std::int64_t s = static_cast<std::int64_t>(blockIdx.x) * 128 + tid; s < first_key;
+           s += static_cast<std::int64_t>(gridDim.x) * 128) {
+        out[s] = -INFINITY;
+      }
     }
   }
 
@@ -581,7 +660,8 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
   const std::uint32_t key_base = static_cast<std::uint32_t>(__cvta_generic_to_shared(keys));
   unsigned mask = 0;              // rows of the current pass
   int seq = 0;                    // their sequence
-  std::int64_t pass_blocks = 0;   // cache blocks the pass reads
+  std::int64_t pass_first = 0;    // first cache block the pass reads (ragged rows; else 0)
+  std::int64_t pass_blocks = 0;   // end of the cache blocks the pass reads
   unsigned ok_bits = 0;           // bit s: the block in stage s lies inside the cache
   unsigned phase_bits = 0;        // bit s: parity of stage s's next barrier phase
   const std::int64_t step = gridDim.x;
@@ -594,8 +674,15 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
     const bool ok = block >= 0 && block < p.num_blocks;
     if (!ok) block = 0;
     if (tid == 0) {
-      bulk_copy_block(key_base + static_cast<std::uint32_t>(stage * kBlockWords * 4), p.cache + block * (kBlockWords * 4),
-                      kBlockWords * 4, bar_base + 8u * stage);
+      if constexpr (kRagged) {
+        // Ragged rows: the block's values only (its tokens x DI bytes, a multiple of 16 that stops at key N); the
+        // scales are read from global memory beside the MMA. Rows past N keep stale bytes whose logits are unused.
+        bulk_copy_block(key_base + static_cast<std::uint32_t>(stage * kBlockWords * 4), p.cache + block * (kBlock * DI),
+                        static_cast<unsigned>(ragged_block_tokens(p, block) * DI), bar_base + 8u * stage);
+      } else {
+        bulk_copy_block(key_base + static_cast<std::uint32_t>(stage * kBlockWords * 4),
+                        p.cache + block * (kBlockWords * 4), kBlockWords * 4, bar_base + 8u * stage);
+      }
     }
     return ok;
   };
@@ -608,10 +695,19 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
       const std::int64_t b = (allowed_s[rr] + kBlock - 1) / kBlock;
       if (((mask >> rr) & 1u) && b > pass_blocks) pass_blocks = b;
     }
+    if constexpr (kRagged) {  // from the lowest first block of the pass's rows that read keys
+      pass_first = -1;
+      for (int rr = 0; rr < rows_here; ++rr) {
+        if (!((mask >> rr) & 1u) || allowed_s[rr] == 0) continue;
+        const std::int64_t f = first_s[rr] / kBlock;
+        if (pass_first < 0 || f < pass_first) pass_first = f;
+      }
+      if (pass_first < 0) pass_first = 0;
+    }
     ok_bits = 0;
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
-      const std::int64_t j = static_cast<std::int64_t>(blockIdx.x) + s * step;
+      const std::int64_t j = pass_first + static_cast<std::int64_t>(blockIdx.x) + s * step;
       if (j < pass_blocks && fetch(j, s)) ok_bits |= 1u << s;
     }
   };
@@ -657,8 +753,8 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
 #pragma unroll 1
   for (int pass = 0; pass < passes; ++pass) {
     if (pass > 0) begin_pass(pass);
-    if (static_cast<std::int64_t>(blockIdx.x) >= pass_blocks) continue;  // nothing was requested
-    std::int64_t j = blockIdx.x;
+    if (pass_first + static_cast<std::int64_t>(blockIdx.x) >= pass_blocks) continue;  // nothing was requested
+    std::int64_t j = pass_first + blockIdx.x;
 #pragma unroll 1
     for (int stage = 0; j < pass_blocks; j += step, stage = stage == kStages - 1 ? 0 : stage + 1) {
       __syncthreads();  // every warp is done with the stage refilled below (read an iteration ago)
@@ -670,6 +766,11 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
         } else {
           ok_bits &= ~(1u << next_stage);
         }
+      }
+      float ragged_scale = 0.0f;  // ragged rows: token warp * 16 + g + 8 * tig's scale (lanes with tig < 2)
+      if constexpr (kRagged) {
+        const std::int64_t key = j * kBlock + warp * 16 + g + 8 * tig;
+        if (tig < 2 && key < p.n) ragged_scale = __ldg(p.key_scales + key);
       }
       mbarrier_wait(bar_base + 8u * stage, (phase_bits >> stage) & 1u);
       phase_bits ^= 1u << stage;
@@ -687,8 +788,10 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
         a[ks][2] = words_lo[2 * ks + 1];  // token g, k 16 + 4tig..
         a[ks][3] = words_hi[2 * ks + 1];  // token g + 8
       }
-      const float scale_lo = __uint_as_float(block_words[kBlock * kWords + warp * 16 + g]);
-      const float scale_hi = __uint_as_float(block_words[kBlock * kWords + warp * 16 + g + 8]);
+      const float scale_lo =
+          kRagged ? ragged_scale : __uint_as_float(block_words[kBlock * kWords + warp * 16 + g]);
+      const float scale_hi =
+          kRagged ? ragged_scale : __uint_as_float(block_words[kBlock * kWords + warp * 16 + g + 8]);
 
       float acc[kTiles][kTileN / 2];
 #pragma unroll
@@ -732,7 +835,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
         hi += __shfl_xor_sync(0xffffffffu, hi, 2);
         if (tig < 2) {
           float* out = p.logits + (r0 + rr) * p.n;
-          if (s < allowed_s[rr]) {
+          if (s < allowed_s[rr] && (!kRagged || s >= first_s[rr])) {
             out[s] = ok ? (tig == 0 ? lo * scale_lo : hi * scale_hi) : __int_as_float(0x7fffffff);
           } else if (s < p.n) {
             out[s] = -INFINITY;
@@ -749,7 +852,7 @@ __global__ void __launch_bounds__(128) indexer_logits_wgmma_kernel(const Indexer
 
 /// CTAs per SM of the wgmma kernel, or 0 when this binary has no sm_90a code for the GPU; read once per GPU (the
 /// shared-memory limit is raised there) and cached (stored as value + 1; a race stores the same value twice).
-template <int DI, int HI, int kRows>
+template <int DI, int HI, int kRows, bool kRagged>
 int wgmma_ctas_per_sm(int device) {
   static std::atomic<int> cache[64];
   const bool cached = device >= 0 && device < 64;
@@ -758,7 +861,7 @@ int wgmma_ctas_per_sm(int device) {
     if (known != 0) return known - 1;
   }
   const int ctas = [] {
-    const auto kernel = indexer_logits_wgmma_kernel<DI, HI, kRows>;
+    const auto kernel = indexer_logits_wgmma_kernel<DI, HI, kRows, kRagged>;
     cudaFuncAttributes attributes{};
     if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.sharedSizeBytes == 0) {
       cudaGetLastError();
@@ -780,10 +883,10 @@ int wgmma_ctas_per_sm(int device) {
   return ctas;
 }
 
-template <int DI, int HI, int kRows>
+template <int DI, int HI, int kRows, bool kRagged = false>
 bool launch_wgmma(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
   const int multiprocessors = context.multiprocessors;
-  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows>(context.device);
+  const int per_sm = wgmma_ctas_per_sm<DI, HI, kRows, kRagged>(context.device);
   if (per_sm == 0) return false;
   const std::int64_t blocks = (p.n + kBlock - 1) / kBlock;
   const std::int64_t groups = (p.rows + kRows - 1) / kRows;
@@ -792,7 +895,7 @@ bool launch_wgmma(const IndexerParams& p, const LaunchContext& context, cudaStre
   per_group = per_group < blocks ? per_group : blocks;
   per_group = per_group < 1 ? 1 : (per_group > 65535 ? 65535 : per_group);
   const dim3 grid(static_cast<unsigned>(per_group), static_cast<unsigned>(groups));
-  const cudaError_t status = launch_kernel(indexer_logits_wgmma_kernel<DI, HI, kRows>, grid, dim3(128),
+  const cudaError_t status = launch_kernel(indexer_logits_wgmma_kernel<DI, HI, kRows, kRagged>, grid, dim3(128),
                                           WgmmaShape<DI, HI, kRows>::kSharedBytes, stream, context.programmatic, p);
   if (status != cudaSuccess) context.error = status;
   return true;
@@ -802,6 +905,7 @@ template <int DI, int HI>
 bool launch_wgmma_rows(const IndexerParams& p, const LaunchContext& context, cudaStream_t stream) {
   // Prefill (rows mapped onto sequences) and decode of next_n > 1 tokens per sequence: 256 / HI query rows share
   // each cache block; decode of one token per sequence: one row per CTA.
+  if (p.ends) return launch_wgmma<DI, HI, 256 / HI, true>(p, context, stream);  // ragged rows (prefill)
   if (p.sequence_of_row || (p.context_lens && p.next_n > 1)) return launch_wgmma<DI, HI, 256 / HI>(p, context, stream);
   return launch_wgmma<DI, HI, 1>(p, context, stream);
 }
@@ -819,6 +923,30 @@ bool launch_wgmma_any(const IndexerParams& p, int dim, const LaunchContext& cont
   return launch_wgmma_rows<64, 128>(p, context, stream);
 }
 
+/// The mma.sync kernels (other builds and GPUs, or KEYSEL_CUDA_PORTABLE), one row per CTA row of `grid`.
+template <bool kRagged>
+void launch_portable(const IndexerParams& p, int dim, dim3 grid, cudaStream_t stream) {
+  if (p.heads <= 64) {
+    // Two warps per token tile (kSplit = 2). kSplit = 4 (16 warps per CTA at 64 registers, twice the occupancy)
+    // measured slower on the H100: 18.7 against 15.5 us at B = 1 (each key fragment converted by 4 warps).
+    if (dim == 128) {
+      if (p.heads == 64) indexer_logits_tokens_kernel<128, 64, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else if (p.heads == 32) indexer_logits_tokens_kernel<128, 32, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<128, 16, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+    } else {
+      if (p.heads == 64) indexer_logits_tokens_kernel<64, 64, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else if (p.heads == 32) indexer_logits_tokens_kernel<64, 32, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+      else indexer_logits_tokens_kernel<64, 16, 2, kRagged><<<grid, 256, 0, stream>>>(p);
+    }
+    return;
+  }
+  if (dim == 128) {
+    indexer_logits_kernel<128, 8, kRagged><<<grid, 256, 0, stream>>>(p);  // HI = 128
+  } else {
+    indexer_logits_kernel<64, 8, kRagged><<<grid, 256, 0, stream>>>(p);  // HI = 128
+  }
+}
+
 void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchContext& context, cudaStream_t stream) {
   if (rows == 0) return;
   if (!context.portable_only && launch_wgmma_any(p, dim, context, stream)) return;  // sm_90a build, sm_90 GPU
@@ -830,24 +958,10 @@ void launch(const IndexerParams& p, std::int64_t rows, int dim, const LaunchCont
   per_row = per_row < blocks ? per_row : blocks;
   per_row = per_row < 1 ? 1 : (per_row > 65535 ? 65535 : per_row);
   const dim3 grid(static_cast<unsigned>(per_row), static_cast<unsigned>(rows));
-  if (p.heads <= 64) {
-    // Two warps per token tile (kSplit = 2). kSplit = 4 (16 warps per CTA at 64 registers, twice the occupancy)
-    // measured slower on the H100: 18.7 against 15.5 us at B = 1 (each key fragment converted by 4 warps).
-    if (dim == 128) {
-      if (p.heads == 64) indexer_logits_tokens_kernel<128, 64, 2><<<grid, 256, 0, stream>>>(p);
-      else if (p.heads == 32) indexer_logits_tokens_kernel<128, 32, 2><<<grid, 256, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<128, 16, 2><<<grid, 256, 0, stream>>>(p);
-    } else {
-      if (p.heads == 64) indexer_logits_tokens_kernel<64, 64, 2><<<grid, 256, 0, stream>>>(p);
-      else if (p.heads == 32) indexer_logits_tokens_kernel<64, 32, 2><<<grid, 256, 0, stream>>>(p);
-      else indexer_logits_tokens_kernel<64, 16, 2><<<grid, 256, 0, stream>>>(p);
-    }
-    return;
-  }
-  if (dim == 128) {
-    indexer_logits_kernel<128, 8><<<grid, 256, 0, stream>>>(p);  // HI = 128
+  if (p.ends) {
+    launch_portable<true>(p, dim, grid, stream);  // ragged rows over one key array
   } else {
-    indexer_logits_kernel<64, 8><<<grid, 256, 0, stream>>>(p);  // HI = 128
+    launch_portable<false>(p, dim, grid, stream);
   }
 }
 
@@ -864,6 +978,9 @@ void launch_indexer_logits(std::string_view function, const IndexerLaunch& in, v
   p.context_lens = in.context_lens;
   p.next_n = in.next_n > 0 ? in.next_n : 1;
   p.lens_per_row = in.lens_per_row;
+  p.key_scales = in.key_scales;
+  p.starts = in.starts;
+  p.ends = in.ends;
   p.logits = in.logits;
   p.rows = in.rows;
   p.n = in.n;

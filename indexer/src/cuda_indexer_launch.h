@@ -41,6 +41,9 @@ struct IndexerLaunch {
   const std::int32_t* context_lens;     // [S] or [S, next_n] (lens_per_row), or nullptr (positions instead)
   int next_n;                           // query rows per sequence with context_lens (row r: sequence r / next_n)
   bool lens_per_row;
+  const float* key_scales;              // [n] with ragged rows (cache: fp8 values [n, DI]), else nullptr
+  const std::int32_t* starts;           // [R] with ragged rows: row r reads keys [starts[r], ends[r])
+  const std::int32_t* ends;             // [R] with ragged rows, else nullptr
   float* logits;                        // [R, n]
   std::int64_t rows, n, num_blocks;
   int heads, dim, sequences, max_blocks, blocks_per_sequence;

@@ -298,6 +298,72 @@ void paged_mqa_logits_reference(const TensorView& q, const TensorView& weights, 
   }
 }
 
+void ragged_mqa_logits_reference(const TensorView& q, const TensorView& weights, const TensorView& key_values,
+                                 const TensorView& key_scales, const TensorView& starts, const TensorView& ends,
+                                 const TensorView& logits) {
+  constexpr std::string_view function = "ragged_mqa_logits_reference";
+  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, q, "q", {DType::fp8_e4m3});
+  expect_device(function, q, "q", Device::cpu());
+  const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
+  expect_shape(function, weights, "weights", {rows, heads});
+  expect_dtype(function, weights, "weights", {DType::fp32});
+  expect_device(function, weights, "weights", Device::cpu());
+  expect_shape(function, key_values, "key_values", {kAnyExtent, dim});
+  expect_dtype(function, key_values, "key_values", {DType::fp8_e4m3});
+  expect_device(function, key_values, "key_values", Device::cpu());
+  const std::int64_t n = key_values.size(0);
+  expect_shape(function, key_scales, "key_scales", {n});
+  expect_dtype(function, key_scales, "key_scales", {DType::fp32});
+  expect_device(function, key_scales, "key_scales", Device::cpu());
+  expect_shape(function, starts, "starts", {rows});
+  expect_dtype(function, starts, "starts", {DType::int32});
+  expect_device(function, starts, "starts", Device::cpu());
+  expect_shape(function, ends, "ends", {rows});
+  expect_dtype(function, ends, "ends", {DType::int32});
+  expect_device(function, ends, "ends", Device::cpu());
+  expect_shape(function, logits, "logits", {rows, n});
+  expect_dtype(function, logits, "logits", {DType::fp32, DType::fp64});
+  expect_device(function, logits, "logits", Device::cpu());
+  expect_writable(function, logits, "logits");
+  expect_contiguous(function, logits, "logits");
+  std::vector<double> out(static_cast<std::size_t>(checked_mul(rows, n, function, "logits")),
+                          -std::numeric_limits<double>::infinity());
+  // Keys decoded once (exactly: fp8 e4m3 fits a double).
+  std::vector<double> kd(static_cast<std::size_t>(checked_mul(n, dim, function, "key_values")));
+  for (std::int64_t s = 0; s < n; ++s) {
+    for (std::int64_t d = 0; d < dim; ++d) kd[static_cast<std::size_t>(s * dim + d)] = key_values.load({s, d});
+  }
+  std::vector<double> qd(static_cast<std::size_t>(checked_mul(heads, dim, function, "q")));
+  std::vector<double> wd(static_cast<std::size_t>(heads));
+  for (std::int64_t t = 0; t < rows; ++t) {
+    const std::int64_t begin = std::max<std::int64_t>(starts.load({t}), 0);
+    const std::int64_t end = std::min<std::int64_t>(ends.load({t}), n);
+    if (end <= begin) continue;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      wd[static_cast<std::size_t>(h)] = weights.load({t, h});
+      for (std::int64_t d = 0; d < dim; ++d) qd[static_cast<std::size_t>(h * dim + d)] = q.load({t, h, d});
+    }
+    for (std::int64_t s = begin; s < end; ++s) {
+      const double* key = kd.data() + s * dim;
+      double total = 0.0;
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const double* qh = qd.data() + h * dim;
+        double dot = 0.0;
+        for (std::int64_t d = 0; d < dim; ++d) dot += qh[d] * key[d];
+        total += wd[static_cast<std::size_t>(h)] * std::max(dot, 0.0);
+      }
+      out[static_cast<std::size_t>(t * n + s)] = total * key_scales.load({s});
+    }
+  }
+  if (logits.dtype() == DType::fp64) {
+    std::memcpy(logits.mutable_raw_data(), out.data(), out.size() * sizeof(double));
+  } else {
+    auto* dst = logits.mutable_data<float>();
+    for (std::size_t i = 0; i < out.size(); ++i) dst[i] = static_cast<float>(out[i]);
+  }
+}
+
 void paged_mqa_topk_reference(const TensorView& q, const TensorView& weights, const TensorView& cache,
                               const TensorView& block_table, const TensorView& context_lens, std::int64_t n_keys,
                               std::int64_t k, const TensorView& selection) {

@@ -27,7 +27,7 @@ nothing.
     out, lse = keysel.sparse_attention(q, k, k, sel)            # float32 [4, 8, 64], [4, 8]
 
 Functions: select_topk, exact_topk, indexer_scores, IndexerKeyCache, sparse_attention, metrics, make_selector,
-load_dump, run_study; DeepSeek-V3.2's DSA formats: topk_rows, paged_mqa_logits, select_topk_paged,
+load_dump, run_study; DeepSeek-V3.2's DSA formats: topk_rows, paged_mqa_logits, ragged_mqa_logits, select_topk_paged,
 indexer_k_quant_and_cache, sparse_mla, mla_v32_quantize; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
 take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count.
 PyTorch integration lives in keysel.torch (import it explicitly: import keysel.torch).
@@ -59,7 +59,7 @@ __all__ = [
     "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
     "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "indexer_kl_loss_reference", "indexer_topk_workspace_bytes", "topk_rows",
-    "topk_rows_workspace_bytes", "paged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
+    "topk_rows_workspace_bytes", "paged_mqa_logits", "ragged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
     "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_workspace_bytes", "mla_v32_quantize",
 ]
 
@@ -435,6 +435,33 @@ def paged_mqa_logits(q, weights, kv_cache, block_table, context_lens, max_contex
     out_c, _ = _io.arg(result, fn, "out")
     _io.call(fn, {"logits": "out", **_PAGED_RENAMES}, _C.paged_mqa_logits, *args, out_c,
              _io.stream_handle(stream, (q,)))
+    return result
+
+
+def ragged_mqa_logits(q, weights, k_fp8, k_scale, starts, ends, *, out=None, stream=None):
+    """DeepSeek-V3.2's prefill indexer logits over one contiguous fp8 key array (SPEC §7; DeepGEMM's fp8_mqa_logits).
+
+    q:            fp8 e4m3 [M, HI, DI] (torch.float8_e4m3fn, or uint8 bytes); HI 16/32/64/128, DI 64/128 on CUDA
+    weights:      float32 [M, HI], the query scales folded in
+    k_fp8:        fp8 e4m3 [N, DI] (or uint8 bytes); k_scale: float32 [N]
+    starts, ends: int32 [M]: row t reads keys [max(starts[t], 0), min(ends[t], N))
+    Returns float32 [M, N]: I = k_scale[s] * sum_h w[h] ReLU(q[h] . k[s]) inside each row's range, -inf elsewhere.
+    CUDA: keysel's tensor-core indexer on `stream` (compute capability 8.9+); CPU: the double-precision reference,
+    rounded to float32.
+    """
+    fn = "ragged_mqa_logits"
+    q_c, q_dtype = _io.arg(q, fn, "q", _uint8_only(q, "fp8_e4m3"))
+    w_c, _ = _io.arg(weights, fn, "weights")
+    k_c, k_dtype = _io.arg(k_fp8, fn, "k_fp8", _uint8_only(k_fp8, "fp8_e4m3"))
+    s_c, _ = _io.arg(k_scale, fn, "k_scale")
+    b_c, _ = _io.arg(starts, fn, "starts")
+    e_c, _ = _io.arg(ends, fn, "ends")
+    m = _io.shape(q, fn, "q", 3, "[M, HI, DI]")[0]
+    n = _io.shape(k_fp8, fn, "k_fp8", 2, "[N, DI]")[0]
+    result = out if out is not None else _io.empty((m, n), "float32", (q, weights), fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    _io.call(fn, {"logits": "out", "key_values": "k_fp8", "key_scales": "k_scale"}, _C.ragged_mqa_logits, q_c,
+             q_dtype, w_c, k_c, k_dtype, s_c, b_c, e_c, out_c, _io.stream_handle(stream, (q,)))
     return result
 
 

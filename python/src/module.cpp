@@ -294,6 +294,26 @@ void paged_mqa_logits_binding(nb::handle q, std::string_view q_dtype, nb::handle
   }
 }
 
+void ragged_mqa_logits_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle k_values,
+                               std::string_view k_dtype, nb::handle k_scales, nb::handle starts, nb::handle ends,
+                               nb::handle out, std::uintptr_t stream) {
+  TensorArguments args("ragged_mqa_logits");
+  const TensorView q_view = args.input(q, "q", q_dtype);
+  const TensorView weights_view = args.input(weights, "weights");
+  const TensorView values_view = args.input(k_values, "k_fp8", k_dtype);
+  const TensorView scales_view = args.input(k_scales, "k_scale");
+  const TensorView starts_view = args.input(starts, "starts");
+  const TensorView ends_view = args.input(ends, "ends");
+  const TensorView out_view = args.output(out, "logits");
+  nb::gil_scoped_release release;
+  if (on_cuda(q_view)) {
+    ragged_mqa_logits_cuda(q_view, weights_view, values_view, scales_view, starts_view, ends_view, out_view,
+                           stream_pointer(stream));
+  } else {
+    ragged_mqa_logits_reference(q_view, weights_view, values_view, scales_view, starts_view, ends_view, out_view);
+  }
+}
+
 void paged_mqa_topk_binding(nb::handle q, std::string_view q_dtype, nb::handle weights, nb::handle blocks,
                             std::string_view blocks_dtype, nb::handle block_table, nb::handle context_lens,
                             std::int64_t n_keys, std::int64_t k, nb::handle out, std::uintptr_t stream,
@@ -683,6 +703,8 @@ NB_MODULE(_C, m) {
         "Device bytes topk_rows may use on CUDA for R rows of L logits.");
   m.def("paged_mqa_logits", &paged_mqa_logits_binding, "q"_a, "q_dtype"_a, "weights"_a, "kv_cache"_a,
         "kv_cache_dtype"_a, "block_table"_a, "context_lens"_a, "out"_a, "stream"_a);
+  m.def("ragged_mqa_logits", &ragged_mqa_logits_binding, "q"_a, "q_dtype"_a, "weights"_a, "k_fp8"_a,
+        "k_fp8_dtype"_a, "k_scale"_a, "starts"_a, "ends"_a, "out"_a, "stream"_a);
   m.def("paged_mqa_topk", &paged_mqa_topk_binding, "q"_a, "q_dtype"_a, "weights"_a, "kv_cache"_a,
         "kv_cache_dtype"_a, "block_table"_a, "context_lens"_a, "n_keys"_a, "k"_a, "out"_a, "stream"_a,
         "workspace"_a.none());

@@ -1,7 +1,8 @@
 // lightning_indexer_logits_cuda against keysel::lightning_indexer_reference (double precision) fed with the
 // decoded fp8 values (keysel::fp8_e4m3_to_fp32) times the per-token scales: decode over paged and contiguous
 // caches, prefill (many query tokens of one or two sequences), HI of 32/64/128, DI of 64/128; and the decode selection
-// against select_topk on the same logits.
+// against select_topk on the same logits; the ragged prefill (DeepGEMM's fp8_mqa_logits) against
+// ragged_mqa_logits_reference.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -390,6 +391,125 @@ TEST(CudaPagedMqa, LogitsAndTopkMatchReference) {
   check_paged_mqa({2, 4, 128, 128, 900, true}, seed++);
   check_paged_mqa({5, 1, 16, 128, 5000, false}, seed++);
   check_paged_mqa({1, 2, 64, 64, 130, true}, seed++);
+}
+
+struct RaggedCase {
+  std::int64_t M, HI, DI, N;
+  int ranges;  // 0: ragged causal prefill of two sequences laid end to end; 1: random ranges (mid-block starts,
+               // empty rows, starts < 0, ends > N), different within every row group
+};
+
+/// ragged_mqa_logits_cuda against ragged_mqa_logits_reference (double): keys inside each row's range within 1e-3 of
+/// the sum of |terms|, -inf everywhere else (the output starts as NaN bytes, so an unwritten entry fails).
+void check_ragged_mqa(const RaggedCase& c, std::uint64_t seed) {
+  SCOPED_TRACE("M=" + std::to_string(c.M) + " HI=" + std::to_string(c.HI) + " DI=" + std::to_string(c.DI) +
+               " N=" + std::to_string(c.N) + " ranges=" + std::to_string(c.ranges));
+  RandomStream rng(seed);
+  const std::int64_t M = c.M, N = c.N;
+  std::vector<std::uint8_t> q(static_cast<std::size_t>(M * c.HI * c.DI)), keys(static_cast<std::size_t>(N * c.DI));
+  for (auto& x : q) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 2.0)));
+  for (auto& x : keys) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 2.0)));
+  std::vector<float> weights(static_cast<std::size_t>(M * c.HI)), scales(static_cast<std::size_t>(N));
+  for (auto& w : weights) w = static_cast<float>(rng.normal(0.0, 0.2));
+  for (auto& x : scales) x = static_cast<float>(0.01 + 0.05 * rng.uniform());
+  std::vector<std::int32_t> starts(static_cast<std::size_t>(M)), ends(static_cast<std::size_t>(M));
+  for (std::int64_t t = 0; t < M; ++t) {
+    const auto i = static_cast<std::size_t>(t);
+    if (c.ranges == 0) {
+      // Sequence 0 has keys [0, N0) and queries [0, M0); sequence 1 keys [N0, N), queries [M0, M); query t of a
+      // sequence with Q queries and K keys reads its keys up to K - Q + t (causal, the last query reads all).
+      const std::int64_t M0 = M / 3, N0 = N / 3 + 5;
+      const bool first = t < M0;
+      const std::int64_t q_here = first ? M0 : M - M0, k_here = first ? N0 : N - N0, base = first ? 0 : N0;
+      const std::int64_t index = first ? t : t - M0;
+      starts[i] = static_cast<std::int32_t>(base);
+      ends[i] = static_cast<std::int32_t>(base + std::max<std::int64_t>(k_here - q_here + index + 1, 0));
+    } else {
+      const std::int64_t a = static_cast<std::int64_t>(rng.uniform_int(static_cast<std::uint64_t>(N + 20))) - 10;
+      const std::int64_t len = static_cast<std::int64_t>(rng.uniform_int(static_cast<std::uint64_t>(N / 2 + 80)));
+      starts[i] = static_cast<std::int32_t>(a);
+      ends[i] = static_cast<std::int32_t>(t % 7 == 3 ? a - 1 : a + len);  // some rows empty
+    }
+  }
+  const auto reference = [&](const std::vector<std::uint8_t>& qq, const std::vector<float>& ww,
+                             const std::vector<std::uint8_t>& kk, std::vector<double>& out) {
+    out.assign(static_cast<std::size_t>(M * N), 0.0);
+    ragged_mqa_logits_reference(TensorView(qq.data(), DType::fp8_e4m3, {M, c.HI, c.DI}),
+                                TensorView(ww.data(), DType::fp32, {M, c.HI}),
+                                TensorView(kk.data(), DType::fp8_e4m3, {N, c.DI}),
+                                TensorView(scales.data(), DType::fp32, {N}), TensorView(starts.data(), DType::int32, {M}),
+                                TensorView(ends.data(), DType::int32, {M}),
+                                TensorView(out.data(), DType::fp64, {M, N}, Device::cpu()));
+  };
+  std::vector<double> expected, magnitude;
+  reference(q, weights, keys, expected);
+  std::vector<std::uint8_t> q_abs = q, keys_abs = keys;
+  for (auto& x : q_abs) x &= 0x7F;
+  for (auto& x : keys_abs) x &= 0x7F;
+  std::vector<float> weights_abs = weights;
+  for (auto& w : weights_abs) w = std::abs(w);
+  reference(q_abs, weights_abs, keys_abs, magnitude);
+
+  const CudaBuffer d_q = to_device(q), d_w = to_device(weights), d_k = to_device(keys), d_s = to_device(scales),
+                   d_starts = to_device(starts), d_ends = to_device(ends);
+  CudaBuffer d_logits = poisoned<float>(M * N, 0xFF);
+  ragged_mqa_logits_cuda(TensorView(d_q.data(), DType::fp8_e4m3, {M, c.HI, c.DI}, Device::cuda()),
+                         TensorView(d_w.data(), DType::fp32, {M, c.HI}, Device::cuda()),
+                         TensorView(d_k.data(), DType::fp8_e4m3, {N, c.DI}, Device::cuda()),
+                         TensorView(d_s.data(), DType::fp32, {N}, Device::cuda()),
+                         TensorView(d_starts.data(), DType::int32, {M}, Device::cuda()),
+                         TensorView(d_ends.data(), DType::int32, {M}, Device::cuda()),
+                         TensorView(d_logits.data(), DType::fp32, {M, N}, Device::cuda()));
+  cuda_synchronize();
+  const std::vector<float> got = to_host<float>(d_logits);
+  std::int64_t inside = 0;
+  for (std::int64_t i = 0; i < M * N; ++i) {
+    const std::int64_t t = i / N, s = i % N;
+    const bool in_range = s >= starts[static_cast<std::size_t>(t)] && s < ends[static_cast<std::size_t>(t)];
+    const double g = got[static_cast<std::size_t>(i)];
+    if (!in_range) {
+      ASSERT_TRUE(std::isinf(g) && g < 0) << "row " << t << " key " << s << ": " << g;
+    } else {
+      ++inside;
+      ASSERT_NEAR(g, expected[static_cast<std::size_t>(i)], 1e-3 * magnitude[static_cast<std::size_t>(i)] + 1e-6)
+          << "row " << t << " key " << s;
+    }
+  }
+  EXPECT_GT(inside, 0);
+}
+
+TEST(CudaRaggedMqa, LogitsMatchReference) {
+  KEYSEL_REQUIRE_GPU();
+  std::uint64_t seed = 3001;
+  check_ragged_mqa({37, 64, 128, 1000, 0}, seed++);   // causal, N not a multiple of 64
+  check_ragged_mqa({37, 64, 128, 1000, 1}, seed++);   // random ranges, empty rows
+  check_ragged_mqa({50, 32, 64, 130, 1}, seed++);
+  check_ragged_mqa({9, 128, 128, 77, 1}, seed++);     // one group, two blocks, tail of 13 keys
+  check_ragged_mqa({70, 16, 128, 4100, 0}, seed++);
+  check_ragged_mqa({19, 16, 64, 333, 1}, seed++);
+  check_ragged_mqa({200, 64, 128, 150, 0}, seed++);   // more queries than keys in sequence 0: empty causal rows
+}
+
+TEST(CudaRaggedMqa, RejectsBadArguments) {
+  KEYSEL_REQUIRE_GPU();
+  const std::int64_t M = 4, HI = 16, DI = 64, N = 100;
+  const CudaBuffer d_q = poisoned<std::uint8_t>(M * HI * DI, 0), d_w = poisoned<float>(M * HI, 0),
+                   d_k = poisoned<std::uint8_t>(N * DI, 0), d_s = poisoned<float>(N, 0),
+                   d_b = poisoned<std::int32_t>(M, 0), d_l = poisoned<float>(M * N, 0);
+  const TensorView q(d_q.data(), DType::fp8_e4m3, {M, HI, DI}, Device::cuda());
+  const TensorView w(d_w.data(), DType::fp32, {M, HI}, Device::cuda());
+  const TensorView k(d_k.data(), DType::fp8_e4m3, {N, DI}, Device::cuda());
+  const TensorView s(d_s.data(), DType::fp32, {N}, Device::cuda());
+  const TensorView b(d_b.data(), DType::int32, {M}, Device::cuda());
+  const TensorView l(d_l.data(), DType::fp32, {M, N}, Device::cuda());
+  const TensorView wrong_k(d_k.data(), DType::fp8_e4m3, {N / 2, 2 * DI}, Device::cuda());
+  const TensorView short_scales(d_s.data(), DType::fp32, {N - 1}, Device::cuda());
+  const TensorView narrow_logits(d_l.data(), DType::fp32, {M, N - 1}, Device::cuda());
+  EXPECT_THROW(ragged_mqa_logits_cuda(q, w, wrong_k, s, b, b, l), Error);
+  EXPECT_THROW(ragged_mqa_logits_cuda(q, w, k, short_scales, b, b, l), Error);
+  EXPECT_THROW(ragged_mqa_logits_cuda(q, w, k, s, b, b, narrow_logits), Error);
+  EXPECT_THROW(ragged_mqa_logits_cuda(q, w, k, s, TensorView(d_b.data(), DType::int32, {M - 1}, Device::cuda()), b, l),
+               Error);
 }
 
 TEST(CudaTopkRows, RangedRowsMatchCpu) {

@@ -235,5 +235,66 @@ TEST(PagedMqaLogitsReference, MatchesTheKeysBeforePaging) {
                Error);
 }
 
+TEST(RaggedMqaLogitsReference, IsThePagedReferenceInsideEachRange) {
+  // One key array, also laid out as pages in order; row t of the ragged logits reads [starts[t], ends[t]), which is
+  // the paged reference of a sequence of ends[t] keys (same table for every row) with the keys below starts[t] cut.
+  RandomStream rng(23);
+  const std::int64_t M = 6, H = 32, D = 128, N = 150, pages = (N + kPage - 1) / kPage;
+  std::vector<std::uint8_t> values(static_cast<std::size_t>(N * D));
+  for (auto& x : values) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 2.0)));
+  std::vector<float> scales(static_cast<std::size_t>(N));
+  for (auto& x : scales) x = static_cast<float>(rng.uniform(0.01, 0.1));
+  std::vector<std::uint8_t> cache(static_cast<std::size_t>(pages * kPage * (D + 4)), 0);
+  for (std::int64_t s = 0; s < N; ++s) {
+    std::uint8_t* base = cache.data() + (s / kPage) * kPage * (D + 4);
+    std::memcpy(base + (s % kPage) * D, values.data() + s * D, static_cast<std::size_t>(D));
+    std::memcpy(base + kPage * D + 4 * (s % kPage), &scales[static_cast<std::size_t>(s)], 4);
+  }
+  std::vector<std::uint8_t> q(static_cast<std::size_t>(M * H * D));
+  for (auto& x : q) x = fp32_to_fp8_e4m3(static_cast<float>(rng.normal(0.0, 1.0)));
+  std::vector<float> w(static_cast<std::size_t>(M * H));
+  rng.fill_normal(w, 0.0, 0.3);
+  const std::vector<std::int32_t> starts = {0, 70, -5, 64, 100, 3};
+  const std::vector<std::int32_t> ends = {150, 149, 10, 64, 200, 2};  // row 3 and row 5 empty, row 4 past N
+  std::vector<double> ragged(static_cast<std::size_t>(M * N));
+  ragged_mqa_logits_reference(TensorView(q.data(), DType::fp8_e4m3, {M, H, D}), TensorView(w.data(), DType::fp32, {M, H}),
+                              TensorView(values.data(), DType::fp8_e4m3, {N, D}),
+                              TensorView(scales.data(), DType::fp32, {N}), TensorView(starts.data(), DType::int32, {M}),
+                              TensorView(ends.data(), DType::int32, {M}), TensorView(ragged.data(), DType::fp64, {M, N}));
+  std::vector<std::int32_t> table(static_cast<std::size_t>(M * pages));
+  for (std::int64_t t = 0; t < M; ++t) {
+    for (std::int64_t j = 0; j < pages; ++j) table[static_cast<std::size_t>(t * pages + j)] = static_cast<std::int32_t>(j);
+  }
+  std::vector<std::int32_t> lens(ends.begin(), ends.end());
+  for (auto& x : lens) x = std::max<std::int32_t>(0, std::min<std::int32_t>(x, static_cast<std::int32_t>(N)));
+  std::vector<double> paged(static_cast<std::size_t>(M * N));
+  paged_mqa_logits_reference(TensorView(q.data(), DType::fp8_e4m3, {M, 1, H, D}), TensorView(w.data(), DType::fp32, {M, H}),
+                             TensorView(cache.data(), DType::fp8_e4m3, {pages, kPage * (D + 4)}),
+                             TensorView(table.data(), DType::int32, {M, pages}), TensorView(lens.data(), DType::int32, {M}),
+                             TensorView(paged.data(), DType::fp64, {M, N}));
+  std::int64_t finite = 0;
+  for (std::int64_t t = 0; t < M; ++t) {
+    for (std::int64_t s = 0; s < N; ++s) {
+      const double got = ragged[static_cast<std::size_t>(t * N + s)];
+      if (s < starts[static_cast<std::size_t>(t)] || s >= ends[static_cast<std::size_t>(t)]) {
+        ASSERT_TRUE(std::isinf(got) && got < 0) << "row " << t << " key " << s;
+      } else {
+        ++finite;
+        ASSERT_EQ(got, paged[static_cast<std::size_t>(t * N + s)]) << "row " << t << " key " << s;
+      }
+    }
+  }
+  EXPECT_EQ(finite, 150 + 79 + 10 + 50);
+  std::vector<float> narrow(static_cast<std::size_t>(M * (N - 1)));
+  EXPECT_THROW(ragged_mqa_logits_reference(TensorView(q.data(), DType::fp8_e4m3, {M, H, D}),
+                                           TensorView(w.data(), DType::fp32, {M, H}),
+                                           TensorView(values.data(), DType::fp8_e4m3, {N, D}),
+                                           TensorView(scales.data(), DType::fp32, {N}),
+                                           TensorView(starts.data(), DType::int32, {M}),
+                                           TensorView(ends.data(), DType::int32, {M}),
+                                           TensorView(narrow.data(), DType::fp32, {M, N - 1})),
+               Error);
+}
+
 }  // namespace
 }  // namespace keysel

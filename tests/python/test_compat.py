@@ -171,6 +171,66 @@ def test_fp8_mqa_logits_matches_float64(rng, device, h, d):
     assert_logits(logits, expected, magnitude, d + h)
 
 
+def ragged_case(rng, m, n, h, d, kind):
+    """Query rows over one key array: "causal" (two sequences laid end to end, each query reading its sequence's keys
+    up to its own position) or "random" (mid-block starts, empty rows, starts < 0, ends > N, rows of one
+    256 / H group with different ranges). Returns the CPU tensors and the float64 reference."""
+    q, k = fp8(rng, (m, h, d), 4.0), fp8(rng, (n, d), 8.0)
+    scale = torch.from_numpy(rng.uniform(0.001, 0.05, n).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal((m, h)).astype(np.float32))
+    if kind == "causal":
+        m0, n0 = m // 3, n // 3 + 5
+        t = np.arange(m)
+        first = t < m0
+        base = np.where(first, 0, n0)
+        length = np.where(first, n0 - m0 + t + 1, (n - n0) - (m - m0) + (t - m0) + 1).clip(0)
+        ks, ke = base, base + length
+    else:
+        ks = rng.integers(-10, n + 10, m)
+        ke = ks + rng.integers(0, n // 2 + 80, m)
+        ke[3::7] = ks[3::7] - 1  # empty rows
+    expected, magnitude = ref_scores(decoded(q), decoded(k), w.double().numpy(), scale.double().numpy())
+    cols = np.arange(n)
+    expected[(cols[None] < ks[:, None]) | (cols[None] >= ke[:, None])] = NEG_INF
+    return q, k, scale, w, ks.astype(np.int64), ke.astype(np.int64), expected, magnitude
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["causal", "random"])
+@pytest.mark.parametrize("h,d", [(64, 128), (16, 64), (128, 128), (32, 64)])
+def test_fp8_mqa_logits_prefill_ranges(rng, device, kind, h, d):
+    """The prefill shapes keysel's CUDA indexer serves (rows grouped 256 / H per key block, N not a multiple of 64,
+    ranges starting mid-block, empty rows) against float64; on CPU the torch body."""
+    m, n = 70, 333
+    q, k, scale, w, ks, ke, expected, magnitude = ragged_case(rng, m, n, h, d, kind)
+    q_d, k_d, s_d, w_d = to(device, q, k, scale, w)
+    starts = i32(ks.clip(-2**31, 2**31 - 1), device)
+    ends = i32(ke.clip(-2**31, 2**31 - 1), device)
+    logits = deep_gemm.fp8_mqa_logits(q_d, (k_d, s_d), w_d, starts, ends)
+    assert_logits(logits, expected, magnitude, d + h)
+    width = int((ke - ks).clip(0).max()) + 3
+    packed = deep_gemm.fp8_mqa_logits(q_d, (k_d, s_d), w_d, starts, ends, clean_logits=False, max_seqlen_k=width)
+    for t in range(m):
+        lo, hi = max(int(ks[t]), 0), min(int(ke[t]), n)
+        if hi > lo:
+            torch.testing.assert_close(packed[t, lo - int(ks[t]):hi - int(ks[t])], logits[t, lo:hi], rtol=0, atol=0)
+
+
+def test_ragged_mqa_logits_cpu_is_the_torch_body(rng):
+    """keysel.ragged_mqa_logits on CPU tensors (the C++ double reference of the CUDA kernel, rounded to float32)
+    against _ops.ragged_logits_torch: both within float32 rounding of float64."""
+    m, n, h, d = 9, 130, 32, 64
+    q, k, scale, w, ks, ke, expected, magnitude = ragged_case(rng, m, n, h, d, "random")
+    starts, ends = i32(ks), i32(ke)
+    ours = keysel.ragged_mqa_logits(q, w, k, scale, starts, ends)
+    assert ours.shape == (m, n) and ours.dtype == torch.float32
+    assert_logits(ours, expected, magnitude, d + h)
+    body = _ops.ragged_logits_torch(q, k, scale, w, starts, ends, torch.empty(m, n))
+    assert_logits(body, expected, magnitude, d + h)
+    with pytest.raises(keysel.Error, match="'k_scale'"):
+        keysel.ragged_mqa_logits(q, w, k, scale[:-1], starts, ends)
+
+
 def small_integers(rng, shape):
     """fp8 values from {-3, ..., 3}: with power-of-two weights and scales every partial sum is exact in float32."""
     return torch.from_numpy(rng.integers(-3, 4, shape).astype(np.float32)).to(FP8)
@@ -627,3 +687,107 @@ def test_cuda_graph_capture_and_replay(rng):
         torch.testing.assert_close(rout, eager_r, rtol=0, atol=0)
         np.testing.assert_array_equal(rsel.cpu().numpy(), ref_topk(eager_r.cpu().numpy(), rks.cpu().numpy(),
                                                                    rke.cpu().numpy(), k))
+
+
+def _entry_point_calls(rng, device):
+    """Each entry point of the issue's list on fresh CUDA inputs: name -> (call() returning its outputs, the inputs
+    a replay refreshes in place)."""
+    c = paged_case(rng, 3, 2, 64, 128)
+    q, cache, w, ctx, table = to(device, c["q"], c["cache"], c["weights"], c["ctx"], c["table"])
+    m, n = 40, 300
+    rq, rk, rs, rw, rks, rke, _, _ = ragged_case(rng, m, n, 64, 128, "causal")
+    rq, rk, rs, rw = to(device, rq, rk, rs, rw)
+    rks, rke = i32(rks, device), i32(rke, device)
+    rows, width, k = 6, 2100, 2048
+    scores = torch.from_numpy(scores_of(rng, "normal", (rows, width))).to(device)
+    starts = i32(rng.integers(0, 50, rows), device)
+    lengths = i32(rng.integers(1, width - 50, rows), device)
+    ends = (starts + lengths).to(torch.int32)
+    seq_lens = i32(rng.integers(2, width, 3), device)
+    page_table = i32(rng.integers(0, 10**5, (3, width)), device)
+    cu = i32([0, 2, 3, 6], device)
+    row_to_batch = i32([0, 0, 1, 2, 2, 1], device)
+    keys = torch.from_numpy(rng.standard_normal((20, 128)).astype(np.float32)).to(torch.bfloat16).to(device)
+    writer_cache = torch.zeros((4, 64 * 132), dtype=torch.uint8, device=device)
+    slots = torch.from_numpy(rng.permutation(256)[:20].astype(np.int64)).to(device)
+    out_prefill = torch.empty((rows, k), dtype=torch.int32, device=device)
+    out_decode = torch.empty((rows, k), dtype=torch.int32, device=device)
+    workspace = torch.empty(keysel.paged_topk_workspace_bytes(6, c["width"]), dtype=torch.uint8, device=device)
+
+    def topk_prefill():
+        vllm.top_k_per_row_prefill(scores, starts, ends, out_prefill, rows, scores.stride(0), scores.stride(1), k)
+        return [out_prefill]
+
+    def topk_decode():
+        vllm.top_k_per_row_decode(scores, 2, seq_lens, out_decode, rows, width, 1, k)
+        return [out_decode]
+
+    def writer():
+        vllm.indexer_k_quant_and_cache(keys, writer_cache, slots, 128, "ue8m0")
+        return [writer_cache]
+
+    calls = {
+        "fp8_mqa_logits": (lambda: [deep_gemm.fp8_mqa_logits(rq, (rk, rs), rw, rks, rke)], [rq]),
+        "fp8_paged_mqa_logits": (lambda: [deep_gemm.fp8_paged_mqa_logits(
+            q, cache, w, ctx, table, deep_gemm.get_paged_mqa_logits_metadata(ctx, 64, 8), c["width"])], [q]),
+        "top_k_per_row_prefill": (topk_prefill, [scores]),
+        "top_k_per_row_decode": (topk_decode, [scores]),
+        "fast_topk_v2": (lambda: [sglang.fast_topk_v2(scores, lengths, k, starts)], [scores]),
+        "fast_topk_transform_fused": (lambda: [sglang.fast_topk_transform_fused(scores, lengths, page_table, cu, k,
+                                                                                starts)], [scores]),
+        "top_k_page_table_transform": (lambda: [flashinfer.top_k_page_table_transform(
+            scores, page_table, lengths, k, row_to_batch.to(torch.int32))], [scores]),
+        "indexer_k_quant_and_cache": (writer, [keys]),
+        "select_topk_paged": (lambda: [keysel.select_topk_paged(
+            q, cache, w, ctx, table, 64, n_keys=c["width"], out=torch.empty((6, 64), dtype=torch.int32,
+                                                                           device=device), workspace=workspace)], [q]),
+    }
+    return calls
+
+
+ENTRY_POINTS = ["fp8_mqa_logits", "fp8_paged_mqa_logits", "top_k_per_row_prefill", "top_k_per_row_decode",
+                "fast_topk_v2", "fast_topk_transform_fused", "top_k_page_table_transform", "indexer_k_quant_and_cache",
+                "select_topk_paged"]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda) for graph capture")
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_entry_point_is_captured_by_a_cuda_graph(rng, name):
+    """Each entry point captured as the engines capture it (outputs allocated by torch inside the capture), replayed
+    on new inputs written into the captured buffers, and compared exactly with an eager call on the same inputs."""
+    call, inputs = _entry_point_calls(rng, "cuda")[name]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for _ in range(2):
+        for x in inputs:
+            fresh = torch.from_numpy((rng.standard_normal(tuple(x.shape)) * 4).astype(np.float32)).clamp(-448, 448)
+            x.copy_(fresh.to(x.dtype).to(x.device))
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = [t.clone() for t in captured]
+        eager = call()
+        torch.cuda.synchronize()
+        for a, b in zip(replayed, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda)")
+def test_cuda_tests_pass_on_the_portable_kernels():
+    """The CUDA tests of this file and of test_dsa.py again in a fresh process with KEYSEL_CUDA_PORTABLE=1 (read once
+    per process): the indexer's mma.sync kernels, which sm_89 GPUs run, instead of the sm_90a wgmma kernel."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KEYSEL_CUDA_PORTABLE="1")
+    files = [__file__, os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_dsa.py")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files, "-k",
+                             "cuda and not portable"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout, result.stdout[-500:]

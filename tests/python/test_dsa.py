@@ -1,4 +1,5 @@
-"""keysel's own DSA entry points (SPEC §7): topk_rows, paged_mqa_logits, select_topk_paged, indexer_k_quant_and_cache,
+"""keysel's own DSA entry points (SPEC §7): topk_rows, paged_mqa_logits, ragged_mqa_logits, select_topk_paged,
+indexer_k_quant_and_cache,
 against the torch references of keysel.compat._ops and the float64 references of test_compat.
 
 The C++ CPU paths are keysel's references (double-precision logits, keysel's exact top-k); on a GPU the same calls
@@ -17,7 +18,7 @@ if not hasattr(torch, "float8_e4m3fn"):
                 allow_module_level=True)
 
 from keysel.compat import _ops, vllm  # noqa: E402
-from test_compat import assert_logits, i32, paged_case, ref_topk, scores_of, to  # noqa: E402
+from test_compat import assert_logits, i32, paged_case, ragged_case, ref_topk, scores_of, to  # noqa: E402
 
 CUDA = torch.cuda.is_available() and keysel.built_with_cuda()
 FP8_CUDA = CUDA and torch.cuda.get_device_capability() >= (8, 9)
@@ -85,6 +86,19 @@ def test_paged_mqa_logits_matches_float64(rng, device, b, next_n, h, d, two_d):
     logits = keysel.paged_mqa_logits(q, w, cache, table, ctx, c["width"])
     assert logits.device.type == device and tuple(logits.shape) == (b * next_n, c["width"])
     assert_logits(logits, c["expected"], c["magnitude"], terms=d + h)
+
+
+@pytest.mark.parametrize("device", FP8_DEVICES)
+@pytest.mark.parametrize("m, n, h, d, kind", [
+    (130, 400, 64, 128, "causal"), (70, 333, 16, 64, "random"), (33, 200, 128, 64, "causal"),
+    (64, 129, 32, 128, "random")])
+def test_ragged_mqa_logits_matches_float64(rng, device, m, n, h, d, kind):
+    q, k, scale, w, ks, ke, expected, magnitude = ragged_case(rng, m, n, h, d, kind)
+    q, k, scale, w = to(device, q, k, scale, w)
+    out = torch.full((m, n), 7.0, device=device)  # every entry must be written
+    got = keysel.ragged_mqa_logits(q, w, k, scale, i32(ks, device), i32(ke, device), out=out)
+    assert got is out
+    assert_logits(out, expected, magnitude, terms=d + h)
 
 
 @pytest.mark.parametrize("device", FP8_DEVICES)

@@ -9,7 +9,8 @@ calls one of these; keysel CUDA kernels will later replace the bodies, with the 
     quant_and_cache(k, kv_cache, slot_mapping, quant_block_size, scale_fmt)
 
 Where keysel has a kernel for the call, it runs: topk_rows through keysel.topk_rows (keysel's exact top-k, CPU
-and CUDA), paged_logits on CUDA through keysel.paged_mqa_logits (keysel's tensor-core indexer). Otherwise the
+and CUDA), paged_logits on CUDA through keysel.paged_mqa_logits and ragged_logits on CUDA through
+keysel.ragged_mqa_logits (keysel's tensor-core indexer). Otherwise the
 bodies are plain torch: they run on CPU tensors and, unchanged, on CUDA tensors (the reference the tests compare
 against). Neither reads a tensor value on the host (every size comes from shapes and Python ints), so on CUDA
 they queue work without synchronising and can be captured in a CUDA graph. Each validates all of its arguments first and raises keysel.Error (a
@@ -27,6 +28,7 @@ import torch
 from .. import Error
 from .. import built_with_cuda as _built_with_cuda
 from .. import paged_mqa_logits as _keysel_paged_mqa_logits
+from .. import ragged_mqa_logits as _keysel_ragged_mqa_logits
 from .. import topk_rows as _keysel_topk_rows
 
 if not hasattr(torch, "float8_e4m3fn"):
@@ -163,9 +165,12 @@ def ragged_logits(q_fp8, k_fp8, k_scale, weights, starts, ends, clean, out):
     q_fp8:   float8_e4m3fn [M, H, D]
     k_fp8:   float8_e4m3fn [N, D];  k_scale: float32 [N]
     weights: float32 [M, H];  starts, ends: int32 [M] (the range is intersected with [0, N))
-    clean:   bool. This reference always writes -inf outside [starts[t], ends[t]); a kernel may leave those
-             entries unspecified when clean is False, so callers must not rely on them then.
+    clean:   bool. Both the torch body and keysel's CUDA kernel always write -inf outside [starts[t], ends[t]);
+             the engines' kernels may leave those entries unspecified when clean is False, so portable callers
+             must not rely on them then.
     out:     float32 [M, N] (any strides), written in place and returned.
+    CUDA tensors run keysel.ragged_mqa_logits (the tensor-core indexer kernels) where _kernel_takes_ragged says
+    so; every other call runs ragged_logits_torch, the plain torch reference.
     """
     fn = "_ops.ragged_logits"
     tensor(fn, "q_fp8", q_fp8, FP8, 3, "[M, H, D]")
@@ -185,6 +190,29 @@ def ragged_logits(q_fp8, k_fp8, k_scale, weights, starts, ends, clean, out):
     writable_out(fn, out, (m, n), torch.float32, q_fp8.device, "[M, N]")
     same_device(fn, q_fp8, k_fp8=k_fp8, k_scale=k_scale, weights=weights, starts=starts, ends=ends)
 
+    if _kernel_takes_ragged(q_fp8, k_fp8, k_scale, weights, starts, ends, out):
+        _keysel_ragged_mqa_logits(q_fp8, weights, k_fp8, k_scale, starts, ends, out=out)
+        return out
+    return ragged_logits_torch(q_fp8, k_fp8, k_scale, weights, starts, ends, out)
+
+
+def _kernel_takes_ragged(q_fp8, k_fp8, k_scale, weights, starts, ends, out):
+    """Whether keysel's CUDA indexer runs ragged_logits (else the torch body does): CUDA tensors on a GPU of
+    compute capability 8.9+, contiguous operands with q and k 16-byte aligned, HI in {16, 32, 64, 128}, DI in
+    {64, 128} and at most 65535 rows."""
+    if q_fp8.device.type != "cuda" or not _built_with_cuda():
+        return False
+    m, h, d = q_fp8.shape
+    return (h in (16, 32, 64, 128) and d in (64, 128) and 0 < m <= 65535 and 0 < k_fp8.shape[0] < 2**31
+            and torch.cuda.get_device_capability(q_fp8.device) >= (8, 9)
+            and all(x.is_contiguous() for x in (q_fp8, k_fp8, k_scale, weights, starts, ends, out))
+            and q_fp8.data_ptr() % 16 == 0 and k_fp8.data_ptr() % 16 == 0)
+
+
+def ragged_logits_torch(q_fp8, k_fp8, k_scale, weights, starts, ends, out):
+    """ragged_logits in plain torch (arguments already checked): the reference of the keysel kernel."""
+    m, h, d = q_fp8.shape
+    n = k_fp8.shape[0]
     q = q_fp8.to(torch.float32).reshape(m * h, d)
     w = weights.unsqueeze(-1)  # [M, H, 1]
     step = max(1, _CHUNK_ELEMENTS // max(1, m * h))

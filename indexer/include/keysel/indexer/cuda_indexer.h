@@ -69,6 +69,20 @@ void lightning_indexer_topk_cuda(const TensorView& q, const TensorView& weights,
 void paged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, const CudaIndexerKeyCache& cache,
                            const TensorView& context_lens, const TensorView& logits, void* stream = nullptr);
 
+/// DeepSeek-V3.2's prefill logits as DeepGEMM's fp8_mqa_logits defines them (SPEC §7): M query tokens, each over
+/// its own range of one contiguous key array (the keys of a ragged batch of sequences laid end to end).
+///   q:          fp8_e4m3 [M, HI, DI], contiguous, 16-byte aligned; HI 16/32/64/128, DI 64/128
+///   weights:    fp32 [M, HI] (the query scales folded in), contiguous
+///   key_values: fp8_e4m3 [N, DI], contiguous, 16-byte aligned; key_scales: fp32 [N], contiguous
+///   starts, ends: int32 [M]: row t reads keys [max(starts[t], 0), min(ends[t], N)) (empty when end <= start)
+///   logits:     fp32 [M, N], contiguous: I[t, s] = key_scales[s] * sum_j weights[t, j] * ReLU(q[t, j] . k[s])
+///               inside the row's range, -inf everywhere else (every element is written).
+/// Runs the tensor-core indexer kernels (sm_90a wgmma on sm_90 GPUs with 256 / HI rows sharing every key block;
+/// mma.sync elsewhere); needs compute capability 8.9+. starts / ends are not read by the host.
+void ragged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, const TensorView& key_values,
+                            const TensorView& key_scales, const TensorView& starts, const TensorView& ends,
+                            const TensorView& logits, void* stream = nullptr);
+
 /// The decode selection of DeepSeek-V3.2: paged_mqa_logits_cuda's logits (into the workspace or stream-ordered
 /// scratch; at small B they stay in L2), then per row the k keys of largest logit among its own.
 ///   selection: int32 [B * next_n, k] on the same GPU: key positions ascending, then -1 (rows with fewer than k

@@ -1,6 +1,7 @@
 // DeepSeek-V3.2 (DSA) selection in the serving engines' own formats (docs/SPEC.md §7): the paged fp8 indexer
 // cache's writer and reference logits on the CPU, and the engines' top-k over ranged rows on the CPU and on a GPU.
-// The CUDA logits are in keysel/indexer/cuda_indexer.h (paged_mqa_logits_cuda, paged_mqa_topk_cuda).
+// The CUDA logits are in keysel/indexer/cuda_indexer.h (paged_mqa_logits_cuda, paged_mqa_topk_cuda,
+// ragged_mqa_logits_cuda).
 //
 // Declared in every build; the CUDA functions throw keysel::Error("... built without CUDA") without CUDA.
 #pragma once
@@ -54,6 +55,13 @@ void indexer_k_quant_and_cache(const TensorView& k, const TensorView& cache, con
 void paged_mqa_logits_reference(const TensorView& q, const TensorView& weights, const TensorView& cache,
                                 const TensorView& block_table, const TensorView& context_lens,
                                 const TensorView& logits);
+
+/// The ragged prefill logits in double precision (the reference of ragged_mqa_logits_cuda, same arguments): q
+/// fp8_e4m3 [M, HI, DI], weights fp32 [M, HI], key_values fp8_e4m3 [N, DI], key_scales fp32 [N], starts / ends
+/// int32 [M]; logits fp32 or fp64 [M, N], -inf outside [max(starts[t], 0), min(ends[t], N)). CPU tensors.
+void ragged_mqa_logits_reference(const TensorView& q, const TensorView& weights, const TensorView& key_values,
+                                 const TensorView& key_scales, const TensorView& starts, const TensorView& ends,
+                                 const TensorView& logits);
 
 /// The decode selection on the CPU (the reference of paged_mqa_topk_cuda): paged_mqa_logits_reference's logits
 /// over n_keys keys rounded to float32, then topk_rows of each row over its own keys. selection: int32

@@ -876,7 +876,7 @@ bool wgmma_requested(std::string_view function) {
 
 /// Whether the call goes to the wgmma kernel: asked for, the V3.2 cache, h_q a multiple of 64, sm_90a code.
 bool use_wgmma(std::string_view function, bool v32, int heads, int device) {
-  return v32 && heads % 64 == 0 && wgmma_requested(function) && wgmma_kernel_available(device);
+  return wgmma_requested(function) && v32 && heads % 64 == 0 && wgmma_kernel_available(device);
 }
 
 template <int kHeads, bool kV32>
@@ -898,6 +898,8 @@ std::size_t sparse_mla_workspace_bytes(int rows, int heads, int topk, int multip
   if (heads % 64 == 0) bytes = std::max(bytes, make_wgmma_plan(rows, heads, topk, multiprocessors).partial_bytes);
   return bytes;
 }
+
+bool sparse_mla_wgmma_kernel_available(int device) { return wgmma_kernel_available(device); }
 
 void launch_sparse_mla(std::string_view function, const SparseMlaLaunch& launch, void* stream) {
   if (launch.rows == 0 || launch.heads == 0) return;

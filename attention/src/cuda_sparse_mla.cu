@@ -19,6 +19,9 @@
 // Rows with few thread blocks split their slots across blocks; a second kernel
 // merges the splits by log-sum-exp. The sink, max_logits and lse are applied or
 // written by whichever kernel finishes the row.
+//
+// The sm_90a warpgroup-MMA kernel (sparse_mla_wgmma_kernel, below) takes the fp8 V3.2 cache with h_q a multiple
+// of 64 where KEYSEL_MLA_KERNEL=wgmma; it shares the splits, the merge kernel and the workspace.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -469,13 +472,10 @@ constexpr int kWgKBytes = kWgTile * kQk * 2;
 constexpr int kWgPBytes = 64 * kWgTile * 2;
 constexpr int kWgRawBytes = kWgTile * kTokenBytes;
 constexpr int kWgSharedBytes = kWgQBytes + kWgKBytes + kWgPBytes + kWgRawBytes;  // 197,632 dynamic
-// The B operand of P V is K read MN-major: core matrices adjacent along the slots (wgmma's K) are kRowGroupBytes
-// apart, along the channels (N) kCoreBytes apart; without swizzling the descriptor's leading byte offset is the
-// K-direction stride and the stride byte offset the N-direction one, as for the K-major operands.
-#ifndef KEYSEL_MLA_WGMMA_PV_LBO
-#define KEYSEL_MLA_WGMMA_PV_LBO 9216
-#define KEYSEL_MLA_WGMMA_PV_SBO 128
-#endif
+// The B operand of P V is K read MN-major. PTX's canonical MN-major layout without swizzling,
+// ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)), puts core matrices adjacent along N (the channels: 128 bytes apart
+// here) at the stride byte offset and those adjacent along K (the slots: 9216 bytes apart) at the leading byte
+// offset, as for the K-major operands.
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kCoreBytes = 128;                              // a core matrix: 8 rows x 16 bytes
@@ -714,7 +714,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
     for (int k = 0; k < kWgTile / 16; ++k) {
       const std::uint64_t a = matrix_descriptor(p_address + k * 2 * kCoreBytes, kCoreBytes, 8 * kCoreBytes);
       const std::uint64_t b = matrix_descriptor(k_address + wg * 32 * kCoreBytes + k * 2 * kRowGroupBytes,
-                                                KEYSEL_MLA_WGMMA_PV_LBO, KEYSEL_MLA_WGMMA_PV_SBO);
+                                                kRowGroupBytes, kCoreBytes);
       wgmma_bf16_n256_vt(o, a, b, 1);
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");

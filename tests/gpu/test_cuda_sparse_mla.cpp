@@ -6,8 +6,6 @@
 // fp32 outputs, and a caller's workspace; the same for the sm_90a warpgroup-MMA kernel (KEYSEL_MLA_KERNEL=wgmma).
 #include <gtest/gtest.h>
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -18,12 +16,18 @@
 #include <string>
 #include <vector>
 
-#include "cuda_sparse_mla_launch.h"
 #include "gpu_test_support.h"
 #include "keysel/attention/sparse_mla.h"
+#include "keysel/core/build_config.h"
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
 #include "keysel/core/random.h"
+
+#if KEYSEL_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda_sparse_mla_launch.h"
+#endif
 
 namespace keysel {
 namespace {
@@ -262,6 +266,7 @@ class ScopedMlaKernel {
 TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
   KEYSEL_REQUIRE_GPU();
   ScopedMlaKernel kernel("wgmma");
+#if KEYSEL_CUDA
   cudaDeviceProp properties{};
   ASSERT_EQ(cudaGetDeviceProperties(&properties, 0), cudaSuccess);
   const bool available = cuda_kernels::sparse_mla_wgmma_kernel_available(0);
@@ -270,6 +275,7 @@ TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
   if (properties.major == 9) {
     EXPECT_TRUE(available) << "an sm_90 GPU: build with CMAKE_CUDA_ARCHITECTURES including 90a";
   }
+#endif
   std::uint64_t seed = 900;
   const MlaCase cases[] = {
       // T, H, N, topk, v32, lengths, sink, out_bf16, workspace

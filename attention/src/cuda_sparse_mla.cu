@@ -549,22 +549,26 @@ __device__ __forceinline__ void cp_async_16(std::uint32_t destination, const voi
 }
 
 /// Requests the raw tokens of `tile` (656 bytes each, zeros for invalid slots) into `raw`; valid[t] says which.
+/// Four threads a token, each its chunks part, part + 4, ...: one address computation a thread and tile.
 __device__ __forceinline__ void request_raw_tile(const MlaParams& p, int row, int limit, int tile, std::uint32_t raw,
                                                  int* valid) {
-  for (int i = threadIdx.x; i < kWgTile * kTokenChunks; i += kWgThreads) {
-    const int t = i / kTokenChunks, chunk = i - t * kTokenChunks;
-    const int position = tile * kWgTile + t;
-    std::int64_t slot = -1;
-    if (position < limit) slot = __ldg(p.indices + row * p.index_stride + position);
-    const bool ok = slot >= 0 && slot < p.slots;
-    const std::uint8_t* source = p.kv;
-    if (ok) {
-      source = p.kv + (slot / p.page_size) * p.kv_stride + (slot % p.page_size) * static_cast<std::int64_t>(kTokenBytes) +
-               chunk * 16;
-    }
-    cp_async_16(raw + static_cast<std::uint32_t>(i) * 16u, source, ok);
-    if (chunk == 0) valid[t] = ok ? 1 : 0;
+  static_assert(kWgThreads == 4 * kWgTile, "four threads a slot");
+  const int t = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const int position = tile * kWgTile + t;
+  std::int64_t slot = -1;
+  if (position < limit) slot = __ldg(p.indices + row * p.index_stride + position);
+  const bool ok = slot >= 0 && slot < p.slots;
+  const std::uint8_t* token = p.kv;
+  if (ok) {
+    const auto s = static_cast<unsigned>(slot), page_size = static_cast<unsigned>(p.page_size);
+    token = p.kv + static_cast<std::int64_t>(s / page_size) * p.kv_stride +
+            static_cast<std::int64_t>(s % page_size) * kTokenBytes;
   }
+  const std::uint32_t destination = raw + static_cast<std::uint32_t>(t * kTokenBytes);
+  for (int chunk = part; chunk < kTokenChunks; chunk += 4) {
+    cp_async_16(destination + chunk * 16, token + (ok ? chunk * 16 : 0), ok);
+  }
+  if (part == 0) valid[t] = ok ? 1 : 0;
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 

@@ -261,7 +261,7 @@ class ScopedMlaKernel {
 };
 
 // The warpgroup-MMA kernel where it runs (an sm_90a build on an sm_90 GPU; elsewhere these calls take the portable
-// kernel and the test says so): h_q 64 and 128, topk a multiple of its 64-slot tile and not, rows from 1 to 64
+// kernel and the test says so): h_q 64 and 128, topk a multiple of its 64-slot tile and not, rows from 2 to 64
 // (B x s_q), invalid and out-of-range slots, topk_length, attn_sink, split and unsplit rows, empty rows.
 TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
   KEYSEL_REQUIRE_GPU();
@@ -279,7 +279,7 @@ TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
   std::uint64_t seed = 900;
   const MlaCase cases[] = {
       // T, H, N, topk, v32, lengths, sink, out_bf16, workspace
-      {1, 128, 3000, 2048, true, false, true, true, false},   // one row: many splits
+      {2, 128, 3000, 2048, true, false, true, true, false},   // B = 1, s_q = 2 (row 0 has no valid slot): splits
       {3, 128, 2500, 2048, true, true, false, false, true},   // B = 3
       {4, 64, 300, 64, true, true, true, false, false},      // B = 1, s_q = 4: one tile
       {12, 128, 500, 128, true, false, true, true, true},     // B = 3, s_q = 4

@@ -19,16 +19,23 @@
 // Rows with few thread blocks split their slots across blocks; a second kernel
 // merges the splits by log-sum-exp. The sink, max_logits and lse are applied or
 // written by whichever kernel finishes the row.
+//
+// The sm_90a warpgroup-MMA kernel (sparse_mla_wgmma_kernel, below) takes the fp8 V3.2 cache with h_q a multiple
+// of 64 where KEYSEL_MLA_KERNEL=wgmma; it shares the splits, the merge kernel and the workspace.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "cuda_glue.h"
 #include "cuda_sparse_mla_launch.h"
+#include "keysel/core/error.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -436,6 +443,352 @@ __global__ void __launch_bounds__(128) merge_mla_splits_kernel(const MlaParams p
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// sm_90a: warpgroup MMA (wgmma m64nNk16 bf16, HGMMA in SASS) on the fp8 V3.2 cache, h_q a multiple of 64.
+//
+// A thread block takes one query row and 64 heads, two warpgroups (256 threads), and walks the row's selected
+// slots 64 at a time. Shared memory (193 KB of 227): Q [64 heads x 576] bf16 (72 KB, laid out once), the tile's
+// K [64 slots x 576] bf16 (72 KB), P [64 heads x 64 slots] bf16 (8 KB) and the next tile's raw 656-byte tokens
+// (41 KB). All bf16 operands are in the no-swizzle core-matrix layout (8 rows x 16 bytes, 128 contiguous bytes a
+// core matrix) that the wgmma descriptors name: Q and K as [row group][channel group] (72 core matrices, 9216
+// bytes, per 8 rows), P as [head group][slot group]. Per tile:
+//   1. the raw tokens (requested by cp.async one tile ahead, zero-filled for invalid slots) are decoded, fp8 x
+//      the group's scale -> bf16 with the RoPE part copied, into K by all 256 threads;
+//   2. S = Q K^T: warpgroup w takes slots 32w..32w+31 (m64n32k16, 36 k steps, both operands from shared
+//      memory), so the QK^T work is split, not repeated;
+//   3. online softmax: each warpgroup's row maxima meet in shared memory, so both hold the same running maximum
+//      (natural-log state kept in the log2 domain as in the portable kernel); each writes its 32 columns of P
+//      as bf16; each keeps the row sums of its own slots (added up at the end);
+//   4. O += P V: warpgroup w owns channels 256w..256w+255 (m64n256k16, 128 fp32 accumulators a thread, 4 k
+//      steps); V is the same K tile read MN-major (wgmma's transposed B), so no second copy is made.
+// The raw tokens of tile t + 1 are in flight during steps 2-4 of tile t. What bounds it: steps 1 and 2-4 do not
+// overlap (one K buffer: a second 72 KB one does not fit beside Q and the raw tokens), so the decode time adds to
+// the MMA time; the next step is a producer warpgroup decoding into a second, smaller (32-slot) K stage.
+// Splits, the merge kernel and the workspace are the portable kernel's (tiles of 64 instead of 32).
+constexpr int kWgTile = 64;                              // slots per step
+constexpr int kWgThreads = 256;                          // two warpgroups
+constexpr int kWgQBytes = 64 * kQk * 2;
+constexpr int kWgKBytes = kWgTile * kQk * 2;
+constexpr int kWgPBytes = 64 * kWgTile * 2;
+constexpr int kWgRawBytes = kWgTile * kTokenBytes;
+constexpr int kWgSharedBytes = kWgQBytes + kWgKBytes + kWgPBytes + kWgRawBytes;  // 197,632 dynamic
+// The B operand of P V is K read MN-major. PTX's canonical MN-major layout without swizzling,
+// ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)), puts core matrices adjacent along N (the channels: 128 bytes apart
+// here) at the stride byte offset and those adjacent along K (the slots: 9216 bytes apart) at the leading byte
+// offset, as for the K-major operands.
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kCoreBytes = 128;                              // a core matrix: 8 rows x 16 bytes
+constexpr int kChannelGroups = kQk / 8;                      // 72 core matrices along 576 channels
+constexpr int kRowGroupBytes = kChannelGroups * kCoreBytes;  // 9216: 8 heads or slots x 576 channels
+constexpr int kTokenChunks = kTokenBytes / 16;               // 41 chunks of 16 bytes a V3.2 token
+
+__device__ __forceinline__ void wgmma_bf16_n32(float (&d)[16], std::uint64_t desc_a, std::uint64_t desc_b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_bf16_n256_vt(float (&d)[128], std::uint64_t desc_a, std::uint64_t desc_b,
+                                               int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+      "}, %128, %129, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+/// Keeps the compiler from moving accumulator reads or writes across the asynchronous MMA's fence and wait.
+template <int M>
+__device__ __forceinline__ void fence_accumulators(float (&d)[M]) {
+#pragma unroll
+  for (int i = 0; i < M; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+/// A no-swizzle shared-memory matrix descriptor: start address, leading (K-direction) and stride byte offsets.
+__device__ __forceinline__ std::uint64_t matrix_descriptor(std::uint32_t address, std::uint32_t leading,
+                                                           std::uint32_t stride) {
+  return static_cast<std::uint64_t>((address & 0x3FFFFu) >> 4) | (static_cast<std::uint64_t>(leading >> 4) << 16) |
+         (static_cast<std::uint64_t>(stride >> 4) << 32);
+}
+
+__device__ __forceinline__ void cp_async_16(std::uint32_t destination, const void* source, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(destination), "l"(source),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+/// Requests the raw tokens of `tile` (656 bytes each, zeros for invalid slots) into `raw`; valid[t] says which.
+/// Four threads a token, each its chunks part, part + 4, ...: one address computation a thread and tile.
+__device__ __forceinline__ void request_raw_tile(const MlaParams& p, int row, int limit, int tile, std::uint32_t raw,
+                                                 int* valid) {
+  static_assert(kWgThreads == 4 * kWgTile, "four threads a slot");
+  const int t = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const int position = tile * kWgTile + t;
+  std::int64_t slot = -1;
+  if (position < limit) slot = __ldg(p.indices + row * p.index_stride + position);
+  const bool ok = slot >= 0 && slot < p.slots;
+  const std::uint8_t* token = p.kv;
+  if (ok) {
+    const auto s = static_cast<unsigned>(slot), page_size = static_cast<unsigned>(p.page_size);
+    token = p.kv + static_cast<std::int64_t>(s / page_size) * p.kv_stride +
+            static_cast<std::int64_t>(s % page_size) * kTokenBytes;
+  }
+  const std::uint32_t destination = raw + static_cast<std::uint32_t>(t * kTokenBytes);
+  for (int chunk = part; chunk < kTokenChunks; chunk += 4) {
+    cp_async_16(destination + chunk * 16, token + (ok ? chunk * 16 : 0), ok);
+  }
+  if (part == 0) valid[t] = ok ? 1 : 0;
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+/// Decodes the raw tokens into the K tile's core matrices: thread i writes row i % 8 of core matrix i / 8
+/// (8 consecutive threads fill one 128-byte core matrix, free of bank conflicts).
+__device__ __forceinline__ void decode_raw_tile(const unsigned char* raw, unsigned char* k_tile) {
+  for (int i = threadIdx.x; i < kWgTile * kChannelGroups; i += kWgThreads) {
+    const int r = i & 7, group = (i >> 3) % kChannelGroups, slot_group = (i >> 3) / kChannelGroups;
+    const unsigned char* token = raw + (slot_group * 8 + r) * kTokenBytes;
+    uint4 v;
+    if (group < kLatent / 8) {
+      const uint2 bytes = *reinterpret_cast<const uint2*>(token + group * 8);
+      const float s = *reinterpret_cast<const float*>(token + kLatent + (group / 16) * 4);
+      v = make_uint4(fp8x2_to_bf16x2(bytes.x, s), fp8x2_to_bf16x2(bytes.x >> 16, s), fp8x2_to_bf16x2(bytes.y, s),
+                     fp8x2_to_bf16x2(bytes.y >> 16, s));
+    } else {
+      v = *reinterpret_cast<const uint4*>(token + kLatent + 16 + (group - kLatent / 8) * 16);
+    }
+    *reinterpret_cast<uint4*>(k_tile + (slot_group * kChannelGroups + group) * kCoreBytes + r * 16) = v;
+  }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+/// grid (rows, h_q / 64, splits); see the comment above kWgTile. Built only into sm_90a code: elsewhere the body
+/// is empty, uses no static shared memory, and the host takes the portable kernel.
+__global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const MlaParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) unsigned char shared[];
+  __shared__ int s_valid[2][kWgTile];  // by tile parity: tile t's flags while tile t + 1's are written
+  __shared__ float s_rows[2][64];      // per warpgroup: a tile's row maxima; at the end the row sums
+  unsigned char* s_q = shared;
+  unsigned char* s_k = s_q + kWgQBytes;
+  unsigned char* s_p = s_k + kWgKBytes;
+  unsigned char* s_raw = s_p + kWgPBytes;
+  const std::uint32_t q_address = shared_address(s_q), k_address = shared_address(s_k),
+                      p_address = shared_address(s_p), raw_address = shared_address(s_raw);
+
+  const int row = blockIdx.x, head0 = blockIdx.y * 64, split = blockIdx.z;
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const int r0 = warp * 16 + g;  // this thread's rows (heads) r0 and r0 + 8 of the accumulators
+  const int tiles = (p.topk + kWgTile - 1) / kWgTile;
+  const int first_tile = split * p.tiles_per_split;
+  const int end_tile = min(tiles, first_tile + p.tiles_per_split);
+  int limit = p.topk;
+  if (p.topk_length != nullptr) limit = max(0, min(limit, __ldg(p.topk_length + row)));
+
+  if (first_tile < end_tile) request_raw_tile(p, row, limit, first_tile, raw_address, s_valid[0]);
+  // Q: thread i writes row i % 8 (a head) of core matrix i / 8.
+  for (int i = threadIdx.x; i < 64 * kChannelGroups; i += kWgThreads) {
+    const int r = i & 7, group = (i >> 3) % kChannelGroups, head_group = (i >> 3) / kChannelGroups;
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(
+                              p.q + (static_cast<std::int64_t>(row) * p.heads + head0 + head_group * 8 + r) * kQk) +
+                          group);
+    *reinterpret_cast<uint4*>(s_q + (head_group * kChannelGroups + group) * kCoreBytes + r * 16) = v;
+  }
+
+  float o[128];  // O [64 heads x 256 channels of this warpgroup]: o[4j + e] is row r0 (+8 for e >= 2), column
+                 // 8j + 2c + (e & 1)
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 domain, the same in both warpgroups
+  float row_sum[2] = {0.0f, 0.0f};            // this thread's part: its warpgroup's slots, its quad lane's columns
+
+#pragma unroll 1
+  for (int tile = first_tile; tile < end_tile; ++tile) {
+    const int parity = (tile - first_tile) & 1;
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    __syncthreads();  // the raw tile has landed for every thread; the last P V (waited) is done with s_k
+    decode_raw_tile(s_raw, s_k);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // s_k and s_q are read by the tensor cores
+    __syncthreads();
+    if (tile + 1 < end_tile) request_raw_tile(p, row, limit, tile + 1, raw_address, s_valid[parity ^ 1]);
+
+    // S = Q K^T over this warpgroup's 32 slots.
+    float s[16] = {};
+    fence_accumulators(s);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int k = 0; k < kQk / 16; ++k) {
+      const std::uint64_t a = matrix_descriptor(q_address + k * 2 * kCoreBytes, kCoreBytes, kRowGroupBytes);
+      const std::uint64_t b =
+          matrix_descriptor(k_address + wg * 4 * kRowGroupBytes + k * 2 * kCoreBytes, kCoreBytes, kRowGroupBytes);
+      wgmma_bf16_n32(s, a, b, k > 0 ? 1 : 0);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_accumulators(s);
+
+    // Online softmax: scale into the log2 domain, invalid slots -inf, the tile's row maxima shared.
+    const int* valid = s_valid[parity];
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int slot = wg * 32 + 8 * j + 2 * c + (e & 1);
+        s[4 * j + e] = valid[slot] != 0 ? s[4 * j + e] * p.scale_log2 : -INFINITY;
+        tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[4 * j + e]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      if (c == 0) s_rows[wg][r0 + 8 * r] = tile_max[r];
+    }
+    __syncthreads();
+    float base[2], corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m = fmaxf(row_max[r], fmaxf(s_rows[0][r0 + 8 * r], s_rows[1][r0 + 8 * r]));
+      base[r] = m == -INFINITY ? 0.0f : m;
+      corr[r] = exp2f(row_max[r] - base[r]);
+      row_max[r] = m;
+    }
+    float sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[4 * j + e] = exp2f(s[4 * j + e] - base[e >> 1]);
+        sum[e >> 1] += s[4 * j + e];
+      }
+      // P [heads x slots] as bf16: slot group 4wg + j, head groups 2warp (row r0) and 2warp + 1 (row r0 + 8).
+      unsigned char* at = s_p + ((2 * warp) * 8 + 4 * wg + j) * kCoreBytes + g * 16 + c * 4;
+      *reinterpret_cast<std::uint32_t*>(at) = pack_bf16(s[4 * j], s[4 * j + 1]);
+      *reinterpret_cast<std::uint32_t*>(at + 8 * kCoreBytes) = pack_bf16(s[4 * j + 2], s[4 * j + 3]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * corr[r] + sum[r];
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j] *= corr[0];
+      o[4 * j + 1] *= corr[0];
+      o[4 * j + 2] *= corr[1];
+      o[4 * j + 3] *= corr[1];
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // P is read by the tensor cores
+    __syncthreads();  // both halves of P written; s_rows read
+
+    // O += P V over this warpgroup's 256 channels.
+    fence_accumulators(o);
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+    for (int k = 0; k < kWgTile / 16; ++k) {
+      const std::uint64_t a = matrix_descriptor(p_address + k * 2 * kCoreBytes, kCoreBytes, 8 * kCoreBytes);
+      const std::uint64_t b = matrix_descriptor(k_address + wg * 32 * kCoreBytes + k * 2 * kRowGroupBytes,
+                                                kRowGroupBytes, kCoreBytes);
+      wgmma_bf16_n256_vt(o, a, b, 1);
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    fence_accumulators(o);
+  }
+
+  // Row sums: the quad's lanes, then the two warpgroups.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  __syncthreads();
+  if (c == 0) {
+    s_rows[wg][r0] = row_sum[0];
+    s_rows[wg][r0 + 8] = row_sum[1];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 2; ++r) row_sum[r] = s_rows[0][r0 + 8 * r] + s_rows[1][r0 + 8 * r];
+
+  const int d0 = wg * 256 + 2 * c;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int h = head0 + r0 + 8 * r;
+    const bool empty = row_sum[r] == 0.0f;
+    const float lse2 = empty ? -INFINITY : row_max[r] + log2f(row_sum[r]);
+    const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
+    if (p.splits == 1) {
+      float denominator = row_sum[r];
+      if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max[r]);
+      const float factor = empty ? 0.0f : 1.0f / denominator;
+      if (p.out_bf16) {
+        auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + d0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
+              __floats2bfloat162_rn(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
+        }
+      } else {
+        auto* out = static_cast<float*>(p.out) + at * kLatent + d0;
+#pragma unroll
+        for (int j = 0; j < 32; ++j) {
+          *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
+        }
+      }
+      if (wg == 0 && c == 0) {
+        if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
+        if (p.max_logits != nullptr) p.max_logits[at] = row_max[r] * kLn2;
+      }
+    } else {
+      float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
+      const float factor = empty ? 0.0f : 1.0f / row_sum[r];
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        *reinterpret_cast<float2*>(part + d0 + 8 * j) =
+            make_float2(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
+      }
+      if (wg == 0 && c == 0) {
+        part[kLatent] = lse2;
+        part[kLatent + 1] = row_max[r];
+      }
+    }
+  }
+#else
+  (void)p;
+#endif
+}
+
 /// How a call is cut: heads a block, splits of the slots, and the scratch the
 /// splits need.
 struct Plan {
@@ -447,14 +800,9 @@ struct Plan {
   std::size_t shared = 0;
 };
 
-Plan make_plan(int rows, int heads, int topk, int multiprocessors, int device) {
-  int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) optin = 0;
-  Plan plan;
-  plan.heads_per_block = (heads > 32 && static_cast<std::size_t>(optin) >= shared_bytes<64>()) ? 64 : 32;
-  plan.shared = plan.heads_per_block == 64 ? shared_bytes<64>() : shared_bytes<32>();
-  plan.head_blocks = (heads + plan.heads_per_block - 1) / plan.heads_per_block;
-  const int tiles = (topk + kTile - 1) / kTile;
+/// Splits of the slots (tiles of `tile` slots) when the row x head-block grid is below one wave.
+void plan_splits(Plan& plan, int rows, int heads, int topk, int multiprocessors, int tile) {
+  const int tiles = (topk + tile - 1) / tile;
   const std::int64_t blocks = static_cast<std::int64_t>(rows) * plan.head_blocks;
   if (blocks < multiprocessors && tiles >= 2 * kMinTilesPerSplit) {
     const int wanted = static_cast<int>(std::min<std::int64_t>(multiprocessors / blocks, tiles / kMinTilesPerSplit));
@@ -468,7 +816,71 @@ Plan make_plan(int rows, int heads, int topk, int multiprocessors, int device) {
     plan.partial_bytes = static_cast<std::size_t>(plan.splits) * static_cast<std::size_t>(rows) *
                          static_cast<std::size_t>(heads) * kPartialStride * sizeof(float);
   }
+}
+
+Plan make_plan(int rows, int heads, int topk, int multiprocessors, int device) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) optin = 0;
+  Plan plan;
+  plan.heads_per_block = (heads > 32 && static_cast<std::size_t>(optin) >= shared_bytes<64>()) ? 64 : 32;
+  plan.shared = plan.heads_per_block == 64 ? shared_bytes<64>() : shared_bytes<32>();
+  plan.head_blocks = (heads + plan.heads_per_block - 1) / plan.heads_per_block;
+  plan_splits(plan, rows, heads, topk, multiprocessors, kTile);
   return plan;
+}
+
+/// The wgmma kernel's cut: 64 heads a block, tiles of 64 slots.
+Plan make_wgmma_plan(int rows, int heads, int topk, int multiprocessors) {
+  Plan plan;
+  plan.heads_per_block = 64;
+  plan.shared = kWgSharedBytes;
+  plan.head_blocks = heads / 64;
+  plan_splits(plan, rows, heads, topk, multiprocessors, kWgTile);
+  return plan;
+}
+
+/// Whether this binary has sm_90a code of the wgmma kernel for `device` (its static shared memory is empty
+/// elsewhere) and the device grants its shared memory; read once per device and cached (value + 1).
+bool wgmma_kernel_available(int device) {
+  static std::atomic<int> cache[64];
+  const bool cached = device >= 0 && device < 64;
+  if (cached) {
+    const int known = cache[device].load(std::memory_order_acquire);
+    if (known != 0) return known == 2;
+  }
+  const bool available = [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, sparse_mla_wgmma_kernel) != cudaSuccess ||
+        attributes.sharedSizeBytes == 0) {
+      cudaGetLastError();
+      return false;
+    }
+    if (cudaFuncSetAttribute(sparse_mla_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kWgSharedBytes) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return true;
+  }();
+  if (cached) cache[device].store(available ? 2 : 1, std::memory_order_release);
+  return available;
+}
+
+/// KEYSEL_MLA_KERNEL: "wgmma" (the sm_90a kernel where it applies), "portable", or unset (kWgmmaByDefault).
+constexpr bool kWgmmaByDefault = false;
+
+bool wgmma_requested(std::string_view function) {
+  const char* value = std::getenv("KEYSEL_MLA_KERNEL");
+  if (value == nullptr || *value == '\0') return kWgmmaByDefault;
+  const std::string_view name(value);
+  if (name == "wgmma") return true;
+  if (name == "portable") return false;
+  detail::throw_error(function, "KEYSEL_MLA_KERNEL: expected wgmma or portable, got " + std::string(name));
+}
+
+/// Whether the call goes to the wgmma kernel: asked for, the V3.2 cache, h_q a multiple of 64, sm_90a code.
+bool use_wgmma(std::string_view function, bool v32, int heads, int device) {
+  return wgmma_requested(function) && v32 && heads % 64 == 0 && wgmma_kernel_available(device);
 }
 
 template <int kHeads, bool kV32>
@@ -485,12 +897,19 @@ void launch_kernel(std::string_view function, const MlaParams& params, const Pla
 }  // namespace
 
 std::size_t sparse_mla_workspace_bytes(int rows, int heads, int topk, int multiprocessors, int device) {
-  return make_plan(rows, heads, topk, multiprocessors, device).partial_bytes;
+  // Enough for either kernel, so that a workspace sized once serves whichever KEYSEL_MLA_KERNEL picks.
+  std::size_t bytes = make_plan(rows, heads, topk, multiprocessors, device).partial_bytes;
+  if (heads % 64 == 0) bytes = std::max(bytes, make_wgmma_plan(rows, heads, topk, multiprocessors).partial_bytes);
+  return bytes;
 }
+
+bool sparse_mla_wgmma_kernel_available(int device) { return wgmma_kernel_available(device); }
 
 void launch_sparse_mla(std::string_view function, const SparseMlaLaunch& launch, void* stream) {
   if (launch.rows == 0 || launch.heads == 0) return;
-  const Plan plan = make_plan(launch.rows, launch.heads, launch.topk, launch.multiprocessors, launch.device);
+  const bool wgmma = use_wgmma(function, launch.v32, launch.heads, launch.device);
+  const Plan plan = wgmma ? make_wgmma_plan(launch.rows, launch.heads, launch.topk, launch.multiprocessors)
+                          : make_plan(launch.rows, launch.heads, launch.topk, launch.multiprocessors, launch.device);
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   cuda_glue::Scratch scratch(function, plan.partial_bytes, launch.device, stream, launch.workspace);
   MlaParams params{};
@@ -514,7 +933,11 @@ void launch_sparse_mla(std::string_view function, const SparseMlaLaunch& launch,
   params.tiles_per_split = plan.tiles_per_split;
   params.scale_log2 = launch.scale * kLog2e;
   params.out_bf16 = launch.out_bf16;
-  if (plan.heads_per_block == 64) {
+  if (wgmma) {
+    const dim3 grid(static_cast<unsigned>(params.rows), static_cast<unsigned>(plan.head_blocks),
+                    static_cast<unsigned>(plan.splits));
+    sparse_mla_wgmma_kernel<<<grid, kWgThreads, plan.shared, cuda_stream>>>(params);
+  } else if (plan.heads_per_block == 64) {
     if (launch.v32) {
       launch_kernel<64, true>(function, params, plan, cuda_stream);
     } else {

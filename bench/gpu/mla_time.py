@@ -1,10 +1,17 @@
 """keysel.sparse_mla alone on the FlashMLA peer shapes (quick numbers without the peers' build; the side-by-side
-comparison is bench/gpu/dsa_peers.py): CUDA-graph replay time of 20 calls, averaged, per shape.
+comparison is bench/gpu/dsa_peers.py): CUDA-graph replay time of 20 calls, averaged, per shape; decode shapes
+time the portable and the sm_90a wgmma kernel and print how far their outputs differ.
     PYTHONPATH=<build>/python python3 bench/gpu/mla_time.py"""
+
+import os
 
 import torch
 
 import keysel
+
+# Both sparse MLA kernels on the decode shapes (KEYSEL_MLA_KERNEL; off an sm_90a build or GPU, "wgmma" runs the
+# portable kernel too); MLA_KERNELS=portable (or wgmma) times one.
+KERNELS = os.environ.get("MLA_KERNELS", "portable,wgmma").split(",")
 
 
 def graph_us(call, calls=20, samples=5):
@@ -38,13 +45,24 @@ def decode(batch, heads, topk=2048, seq=16384, block=64):
     pos = torch.argsort(torch.rand(batch, seq, device="cuda"), dim=1)[:, :topk].sort(dim=1).values.int()
     idx = (table.gather(1, (pos // block).long()) * block + pos % block).int()
     q = (torch.randn(batch, heads, 576, device="cuda") * 0.5).to(torch.bfloat16)
-    out = torch.empty(batch, heads, 512, dtype=torch.bfloat16, device="cuda")
-    lse, top = torch.empty(batch, heads, device="cuda"), torch.empty(batch, heads, device="cuda")
     ws = torch.empty(max(16, keysel.sparse_mla_workspace_bytes(batch, heads, topk)), dtype=torch.uint8, device="cuda")
-    us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top, workspace=ws))
     flops = 2.0 * batch * heads * topk * (576 + 512)
-    print(f"keysel sparse_mla decode B={batch} h_q={heads} topk={topk} fp8 V3.2: {us:8.1f} us  "
-          f"{flops / us / 1e6:6.0f} TFLOP/s  {batch * topk * 656 / us / 1e3:6.0f} GB/s gathered", flush=True)
+    results = {}
+    for kernel in KERNELS:
+        os.environ["KEYSEL_MLA_KERNEL"] = kernel  # read at each call, so also when the graph is captured
+        out = torch.empty(batch, heads, 512, dtype=torch.bfloat16, device="cuda")
+        lse, top = torch.empty(batch, heads, device="cuda"), torch.empty(batch, heads, device="cuda")
+        us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top, workspace=ws))
+        results[kernel] = (out.float(), lse.clone())
+        print(f"keysel sparse_mla decode B={batch} h_q={heads} topk={topk} fp8 V3.2 {kernel:>8}: {us:8.1f} us  "
+              f"{flops / us / 1e6:6.0f} TFLOP/s  {batch * topk * 656 / us / 1e3:6.0f} GB/s gathered", flush=True)
+    if len(results) == 2:
+        (a, lse_a), (b, lse_b) = results["wgmma"], results["portable"]
+        rel = ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max().item()
+        print(f"    wgmma vs portable: max per-row relative difference {rel:.2e}, "
+              f"max |lse difference| {(lse_a - lse_b).abs().max().item():.2e}, "
+              f"finite {bool(torch.isfinite(a).all())}", flush=True)
+    os.environ.pop("KEYSEL_MLA_KERNEL", None)
 
 
 def prefill(s_q=1024, s_kv=32768, heads=128, topk=2048):

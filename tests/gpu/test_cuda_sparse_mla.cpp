@@ -3,12 +3,14 @@
 // that is not a multiple of the kernel's head block, topk that is not a
 // multiple of its slot tile, -1 and out-of-range slots, topk_length, attn_sink,
 // empty rows, rows split across thread blocks (few rows, many slots), bf16 and
-// fp32 outputs, and a caller's workspace.
+// fp32 outputs, and a caller's workspace; the same for the sm_90a warpgroup-MMA kernel (KEYSEL_MLA_KERNEL=wgmma).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <iostream>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -16,9 +18,16 @@
 
 #include "gpu_test_support.h"
 #include "keysel/attention/sparse_mla.h"
+#include "keysel/core/build_config.h"
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
 #include "keysel/core/random.h"
+
+#if KEYSEL_CUDA
+#include <cuda_runtime.h>
+
+#include "cuda_sparse_mla_launch.h"
+#endif
 
 namespace keysel {
 namespace {
@@ -227,6 +236,72 @@ TEST(CudaSparseMla, MatchesReference) {
                 .workspace = false},
                seed++);  // no slots at all
   }
+}
+
+/// Sets KEYSEL_MLA_KERNEL for a scope and restores what was there.
+class ScopedMlaKernel {
+ public:
+  explicit ScopedMlaKernel(const char* value) {
+    if (const char* old = std::getenv("KEYSEL_MLA_KERNEL")) previous_ = old, had_ = true;
+    ::setenv("KEYSEL_MLA_KERNEL", value, 1);
+  }
+  ~ScopedMlaKernel() {
+    if (had_) {
+      ::setenv("KEYSEL_MLA_KERNEL", previous_.c_str(), 1);
+    } else {
+      ::unsetenv("KEYSEL_MLA_KERNEL");
+    }
+  }
+  ScopedMlaKernel(const ScopedMlaKernel&) = delete;
+  ScopedMlaKernel& operator=(const ScopedMlaKernel&) = delete;
+
+ private:
+  std::string previous_;
+  bool had_ = false;
+};
+
+// The warpgroup-MMA kernel where it runs (an sm_90a build on an sm_90 GPU; elsewhere these calls take the portable
+// kernel and the test says so): h_q 64 and 128, topk a multiple of its 64-slot tile and not, rows from 2 to 64
+// (B x s_q), invalid and out-of-range slots, topk_length, attn_sink, split and unsplit rows, empty rows.
+TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
+  KEYSEL_REQUIRE_GPU();
+  ScopedMlaKernel kernel("wgmma");
+#if KEYSEL_CUDA
+  cudaDeviceProp properties{};
+  ASSERT_EQ(cudaGetDeviceProperties(&properties, 0), cudaSuccess);
+  const bool available = cuda_kernels::sparse_mla_wgmma_kernel_available(0);
+  std::cout << "[ sparse MLA ] " << properties.name << " (sm_" << properties.major << properties.minor << "): "
+            << (available ? "the wgmma kernel runs" : "no wgmma kernel here: the portable kernel runs") << "\n";
+  if (properties.major == 9) {
+    EXPECT_TRUE(available) << "an sm_90 GPU: build with CMAKE_CUDA_ARCHITECTURES including 90a";
+  }
+#endif
+  std::uint64_t seed = 900;
+  const MlaCase cases[] = {
+      // T, H, N, topk, v32, lengths, sink, out_bf16, workspace
+      {2, 128, 3000, 2048, true, false, true, true, false},   // B = 1, s_q = 2 (row 0 has no valid slot): splits
+      {3, 128, 2500, 2048, true, true, false, false, true},   // B = 3
+      {4, 64, 300, 64, true, true, true, false, false},      // B = 1, s_q = 4: one tile
+      {12, 128, 500, 128, true, false, true, true, true},     // B = 3, s_q = 4
+      {5, 64, 700, 100, true, true, true, false, true},       // topk off the tile
+      {64, 64, 900, 192, true, true, false, true, false},     // B = 64
+      {64, 128, 400, 130, true, false, true, false, false},   // B = 64, topk off the tile
+      {3, 64, 64, 96, true, false, true, false, false},       // topk above N: a -1 tail
+      {2, 128, 40, 0, true, false, true, false, false},       // no slots at all
+  };
+  for (const MlaCase& c : cases) check_case(c, seed++);
+}
+
+TEST(CudaSparseMla, RejectsAnUnknownKernelName) {
+  KEYSEL_REQUIRE_GPU();
+  ScopedMlaKernel kernel("fastest");
+  const Device gpu = Device::cuda(0);
+  CudaBuffer q(2 * 64 * kMlaQkDim * 2), kv(64 * kMlaV32TokenBytes), idx(2 * 8 * 4), out(2 * 64 * kMlaLatentDim * 4);
+  EXPECT_THROW(sparse_mla_cuda(TensorView(q.data(), DType::bf16, {2, 64, kMlaQkDim}, gpu),
+                               TensorView(kv.data(), DType::fp8_e4m3, {1, 64, kMlaV32TokenBytes}, gpu),
+                               TensorView(idx.data(), DType::int32, {2, 8}, gpu),
+                               TensorView(out.data(), DType::fp32, {2, 64, kMlaLatentDim}, gpu)),
+               Error);
 }
 
 TEST(CudaSparseMla, RejectsBadArguments) {

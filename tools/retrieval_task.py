@@ -253,14 +253,14 @@ def drill_row(length, rng, min_run=16, max_run=64, cue=ANSWER_LENGTH, alphabet=D
         raise ValueError(f"drill_row: need {cue + ANSWER_LENGTH} <= min_run <= max_run, got {min_run}, {max_run}")
     parts, answers, pos = [], [], 0
     while True:
-        run = "".join(rng.choice(alphabet) for _ in range(rng.randint(min_run, max_run))).encode()
+        run = "".join(rng.choices(alphabet, k=rng.randint(min_run, max_run))).encode()
         seg = run + b"\n" + run[:cue + ANSWER_LENGTH] + b"\n"
         if pos + len(seg) > length:
             break
         parts.append(seg)
         answers.append(pos + len(run) + 1 + cue)
         pos += len(seg)
-    parts.append("".join(rng.choice(alphabet) for _ in range(length - pos)).encode())
+    parts.append("".join(rng.choices(alphabet, k=length - pos)).encode())
     return b"".join(parts), answers
 
 

@@ -344,11 +344,36 @@ def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=T
 
 def retrieval_cap(args, context, frac):
     """The longest retrieval example of the curriculum at training progress `frac` (0..1): from the short window
-    (or the shortest example) up to the full context, geometrically over the first --curriculum of the LM time."""
+    (or the shortest example) up to the full context, geometrically over --curriculum of the LM time that starts
+    where the short-windows-only part (--short-first) ends."""
     first = min(context, max(args.retrieval_min_context, args.short_context or 0))
+    frac = frac - args.short_first
+    if frac <= 0:
+        return first
     if args.curriculum <= 0 or frac >= args.curriculum:
         return context
     return int(first * (context / first) ** (frac / args.curriculum))
+
+
+def drill_share(args, frac):
+    """The share of each LM step's rows that are induction drill rows at training progress `frac` (0..1):
+    --drill-fraction at the start, falling linearly to 0 at --drill-until of the LM time."""
+    if args.drill_fraction <= 0 or frac >= args.drill_until:
+        return 0.0
+    return args.drill_fraction * (1 - frac / args.drill_until)
+
+
+def drill_rows(rows, t, rng, cue):
+    """`rows` induction drill rows of t + 1 bytes (tools/retrieval_task.py's drill_row). Returns (tokens uint8
+    [rows, t + 1], flat indices [answers, ANSWER_LENGTH] of the answer bytes' targets in a [rows, t] target
+    tensor)."""
+    out, answers = np.empty((rows, t + 1), dtype=np.uint8), []
+    for r in range(rows):
+        row, starts = retrieval_task.drill_row(t + 1, rng, cue=cue)
+        out[r] = np.frombuffer(row, dtype=np.uint8)
+        for a in starts:
+            answers.append([r * t + a - 1 + i for i in range(retrieval_task.ANSWER_LENGTH)])
+    return out, np.array(answers, dtype=np.int64).reshape(-1, retrieval_task.ANSWER_LENGTH)
 
 
 def retrieval_rows(corpus, rows, t, cap, args, rng):
@@ -359,7 +384,8 @@ def retrieval_rows(corpus, rows, t, cap, args, rng):
     out, answers = np.empty((rows, t + 1), dtype=np.uint8), []
     for r in range(rows):
         lo = args.retrieval_min_context if r % 2 else min(cap, t + 1)
-        row, starts = retrieval_task.pack_row(corpus, t + 1, rng, lo, min(cap, t + 1), args.retrieval_max_keys)
+        row, starts = retrieval_task.pack_row(corpus, t + 1, rng, lo, min(cap, t + 1), args.retrieval_max_keys,
+                                              args.question)
         out[r] = np.frombuffer(row, dtype=np.uint8)
         for a in starts:  # target position j predicts byte j + 1 of the row
             answers.append([r * t + a - 1 + i for i in range(retrieval_task.ANSWER_LENGTH)])
@@ -370,7 +396,9 @@ def train_lm(model, data, args, device, info, corpus=None):
     """Next-byte cross entropy on windows of the corpus for args.lm_seconds (compilation included). With
     --short-fraction, that share of the steps uses windows of --short-context bytes; with --retrieval-fraction,
     that share of each step's rows holds retrieval examples from the training corpus, whose answer bytes' mean
-    cross entropy is added with weight --answer-weight."""
+    cross entropy is added with weight --answer-weight; with --drill-fraction, a share of the rows (decaying to 0 at
+    --drill-until) are induction drill rows whose answers join the retrieval answers in that term; with --short-first,
+    that share of the LM time uses short windows only."""
     cfg = model.cfg
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "indexer" not in n]
     other = [p for n, p in model.named_parameters() if p.dim() < 2 and "indexer" not in n]
@@ -378,7 +406,8 @@ def train_lm(model, data, args, device, info, corpus=None):
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     n = data.shape[0]
     long_t = cfg.context
-    short_t = args.short_context if args.short_fraction > 0 else long_t
+    short_on = args.short_fraction > 0 or args.short_first > 0
+    short_t = args.short_context if short_on else long_t
 
     def rows_for(t):
         return max(1, args.batch_tokens // t) if args.batch_tokens else args.batch
@@ -409,35 +438,50 @@ def train_lm(model, data, args, device, info, corpus=None):
             model.zero_grad(set_to_none=True)
             step_fn = model
     step, tokens_seen, losses = 0, 0, []
-    retrieval_on = args.retrieval_fraction > 0
-    # answer statistics since the last progress line, per window kind, kept on the device (no sync per step)
-    stats = {kind: torch.zeros(2, dtype=torch.float64, device=device) for kind in ("short", "long")}
-    counts = {kind: [0, 0] for kind in ("short", "long")}  # answer bytes, examples
+    retrieval_on = args.retrieval_fraction > 0 or args.drill_fraction > 0
+    # answer statistics since the last progress line, per row kind, kept on the device (no sync per step)
+    kinds = ("short", "long", "drill")
+    stats = {kind: torch.zeros(2, dtype=torch.float64, device=device) for kind in kinds}
+    counts = {kind: [0, 0] for kind in kinds}  # answer bytes, examples
     retrieval_log = []
     model.train()
     while True:
         elapsed = time.time() - start
-        if elapsed >= args.lm_seconds:
+        if elapsed >= args.lm_seconds or (args.lm_steps and step >= args.lm_steps):
             break
-        frac = elapsed / args.lm_seconds
+        # training progress: by steps when they are fixed (reproducible), else by time
+        frac = step / args.lm_steps if args.lm_steps else elapsed / args.lm_seconds
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
-        short = args.short_fraction > 0 and (args.short_fraction >= 1 or step_rng.random() < args.short_fraction)
+        short = short_on and (args.short_fraction >= 1 or frac < args.short_first or
+                              step_rng.random() < args.short_fraction)
         t = short_t if short else long_t
         rows = rows_for(t)
-        n_ret = 0
-        if retrieval_on:
+        n_ret, n_drill = 0, 0
+        if args.retrieval_fraction > 0:
             want = rows * args.retrieval_fraction
             n_ret = min(rows, int(want) + (1 if step_rng.random() < want - int(want) else 0))
-        offs = torch.randint(0, n - t - 1, (rows - n_ret,), device=device, generator=gen)
+        if args.drill_fraction > 0:  # drill rows take the place of plain corpus rows
+            want = rows * drill_share(args, frac)
+            n_drill = min(rows - n_ret, int(want) + (1 if step_rng.random() < want - int(want) else 0))
+        offs = torch.randint(0, n - t - 1, (rows - n_ret - n_drill,), device=device, generator=gen)
         batch = data[offs[:, None] + arange[None, :t + 1]].long()
-        ans_idx = None
-        if n_ret:
-            cap = retrieval_cap(args, long_t, frac)
-            ret, ans = retrieval_rows(corpus, n_ret, t, cap, args, step_rng)
-            ret_t = torch.from_numpy(ret)
-            ans_t = torch.from_numpy(ans)
+        ans_idx, n_ret_answers = None, 0
+        if n_ret or n_drill:
+            parts, answer_parts = [], []
+            if n_ret:
+                cap = retrieval_cap(args, long_t, frac)
+                ret, ans = retrieval_rows(corpus, n_ret, t, cap, args, step_rng)
+                parts.append(ret)
+                answer_parts.append(ans)
+                n_ret_answers = ans.shape[0]
+            if n_drill:  # after the retrieval rows: their target indices move by n_ret rows
+                ret, ans = drill_rows(n_drill, t, step_rng, args.drill_cue)
+                parts.append(ret)
+                answer_parts.append(ans + n_ret * t)
+            ret_t = torch.from_numpy(np.concatenate(parts))
+            ans_t = torch.from_numpy(np.concatenate(answer_parts))
             if device.type == "cuda":
                 ret_t, ans_t = ret_t.pin_memory(), ans_t.pin_memory()
             batch = torch.cat([ret_t.to(device, non_blocking=True).long(), batch], dim=0)
@@ -456,10 +500,11 @@ def train_lm(model, data, args, device, info, corpus=None):
             with torch.no_grad():
                 hit = flat[ans_idx.reshape(-1)].argmax(-1) == targets[ans_idx.reshape(-1)]
                 hit = hit.reshape(ans_idx.shape)
-                kind = "short" if short else "long"
-                stats[kind] += torch.stack([hit.sum().double(), hit.all(-1).sum().double()])
-                counts[kind][0] += hit.numel()
-                counts[kind][1] += hit.shape[0]
+                for kind, part in (("short" if short else "long", hit[:n_ret_answers]), ("drill", hit[n_ret_answers:])):
+                    if part.shape[0]:
+                        stats[kind] += torch.stack([part.sum().double(), part.all(-1).sum().double()])
+                        counts[kind][0] += part.numel()
+                        counts[kind][1] += part.shape[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -474,7 +519,7 @@ def train_lm(model, data, args, device, info, corpus=None):
                    f"tok/s={tokens_seen / now:.3g}")
             if retrieval_on:
                 entry = {"step": step, "seconds": round(now, 1), "loss": round(loss.item(), 4),
-                         "cap": retrieval_cap(args, long_t, frac)}
+                         "cap": retrieval_cap(args, long_t, frac), "drill_share": round(drill_share(args, frac), 4)}
                 for kind, acc in stats.items():
                     (c, e), (nb, ne) = acc.tolist(), counts[kind]
                     counts[kind] = [0, 0]
@@ -488,10 +533,12 @@ def train_lm(model, data, args, device, info, corpus=None):
             log(msg)
     info["lm"] = {"steps": step, "tokens": tokens_seen, "seconds": round(time.time() - start, 1),
                   "batch": args.batch, "context": long_t, "lr": args.lr, "losses": losses}
-    if args.batch_tokens or args.short_fraction > 0 or retrieval_on:
+    if args.batch_tokens or short_on or retrieval_on:
         info["lm"].update({"batch_tokens": args.batch_tokens, "short_context": short_t,
                            "short_fraction": args.short_fraction, "retrieval_fraction": args.retrieval_fraction,
-                           "answer_weight": args.answer_weight, "retrieval": retrieval_log})
+                           "answer_weight": args.answer_weight, "question": args.question,
+                           "drill_fraction": args.drill_fraction, "drill_until": args.drill_until,
+                           "short_first": args.short_first, "retrieval": retrieval_log})
 
 
 def train_indexers(model, data, args, device, info):
@@ -650,6 +697,9 @@ def make_parser():
     ap.add_argument("--out", required=True)
     ap.add_argument("--lm-seconds", type=float, default=300)
     ap.add_argument("--indexer-seconds", type=float, default=60)
+    ap.add_argument("--lm-steps", type=int, default=0,
+                    help="stop the LM phase after this many steps (the schedules then follow steps, not time: the "
+                         "same run on any machine); 0: time only")
     ap.add_argument("--budget-seconds", type=float, default=None,
                     help="total wall-clock budget from the start of the process (imports and data included); "
                          "replaces --lm-seconds and --indexer-seconds: what is left after loading, less "
@@ -685,6 +735,18 @@ def make_parser():
                          "window to --context")
     ap.add_argument("--answer-weight", type=float, default=1.0,
                     help="weight of the answer bytes' mean cross entropy added to the LM loss")
+    ap.add_argument("--question", choices=sorted(retrieval_task.QUESTIONS), default=retrieval_task.DEFAULT_QUESTION,
+                    help="the retrieval question form, in training and in the evaluation")
+    ap.add_argument("--drill-fraction", type=float, default=0.0,
+                    help="share of each LM step's rows that are induction drill rows at the start (a random hex run, "
+                         "then its first characters again, to be completed), falling linearly to 0 at --drill-until")
+    ap.add_argument("--drill-until", type=float, default=0.5, help="share of the LM time where the drill ends")
+    ap.add_argument("--drill-cue", type=int, default=0,
+                    help="characters of a drill run repeated before the 8 to be completed (0: all 8 right after the "
+                         "newline)")
+    ap.add_argument("--short-first", type=float, default=0.0,
+                    help="share of the LM time, at the start, that uses only --short-context windows; the "
+                         "curriculum starts after it")
     # evaluation of retrieval at the end (held-out package, full attention)
     ap.add_argument("--eval-contexts", default=None,
                     help="comma-separated example lengths (default: context/4, context/2, context)")
@@ -731,12 +793,16 @@ def main():
         ap.error(f"--short-context must be in [1, --context = {args.context}], got {args.short_context}")
     if not 0 <= args.short_fraction <= 1 or not 0 <= args.retrieval_fraction <= 1:
         ap.error("--short-fraction and --retrieval-fraction must be in [0, 1]")
+    if not 0 <= args.drill_fraction <= 1 or not 0 < args.drill_until <= 1 or not 0 <= args.short_first < 1:
+        ap.error("--drill-fraction and --drill-until must be in [0, 1] (--drill-until > 0), --short-first in [0, 1)")
+    if args.short_first > 0 and not args.short_context:
+        ap.error("--short-first needs --short-context")
     if not 0 <= args.indexer_share < 1:
         ap.error(f"--indexer-share must be in [0, 1), got {args.indexer_share}")
     if args.retrieval_fraction > 0 and min(args.context, args.short_context or args.context) + 1 < \
-            retrieval_task.min_context(args.retrieval_max_keys):
+            retrieval_task.min_context(args.retrieval_max_keys, args.question):
         ap.error(f"retrieval examples with {args.retrieval_max_keys} keys need windows of at least "
-                 f"{retrieval_task.min_context(args.retrieval_max_keys) - 1} bytes")
+                 f"{retrieval_task.min_context(args.retrieval_max_keys, args.question) - 1} bytes")
     if args.indexer_context > args.context:
         ap.error(f"--indexer-context must be <= --context = {args.context}, got {args.indexer_context}")
 
@@ -817,8 +883,8 @@ def main():
     # retrieval with full attention on examples from the held-out package (fp16 weights, fp32 math), shipped
     if args.eval_per_cell > 0:
         contexts = numbers(args.eval_contexts, int) if args.eval_contexts else sorted(
-            {max(retrieval_task.min_context(4), cfg.context // 4), max(retrieval_task.min_context(4),
-                                                                          cfg.context // 2), cfg.context})
+            {max(retrieval_task.min_context(4, args.question), cfg.context // 4),
+             max(retrieval_task.min_context(4, args.question), cfg.context // 2), cfg.context})
         keys, depths = numbers(args.eval_keys, int), numbers(args.eval_depths, float)
         examples = []
         rng = random.Random(args.seed + 2)
@@ -826,7 +892,7 @@ def main():
             for k in keys:
                 for depth in depths:
                     for _ in range(args.eval_per_cell):
-                        ex = retrieval_task.make_example(heldout, context, k, depth, rng)
+                        ex = retrieval_task.make_example(heldout, context, k, depth, rng, question=args.question)
                         ex.target_depth = depth
                         examples.append(ex)
         retrieval_task.write_retrieval(args.out, examples)

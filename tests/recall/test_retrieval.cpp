@@ -60,6 +60,9 @@ TEST(Retrieval, AWellFormedSetLoads) {
   const auto bytes = set.bytes(0);
   ASSERT_EQ(bytes.size(), 30u);
   EXPECT_EQ(bytes[0], static_cast<std::uint8_t>('a' + 40 % 26));
+  EXPECT_EQ(set.question, "assert");  // files without the field
+  const std::string with_question = document(example("0", "40")).insert(1, "\"question\": \"definition\", ");
+  EXPECT_EQ(parse_retrieval_set(with_question, data_of(100), "r.json").question, "definition");
   // Touching examples are not an overlap; the data may hold more than the examples.
   EXPECT_NO_THROW(parse_retrieval_set(document(example("0", "10") + ", " + example("10", "10")), data_of(25), "r"));
 }
@@ -78,6 +81,9 @@ TEST(Retrieval, MalformedInputNamesTheFileExampleAndField) {
   expect_error([&] { parse("{\"format\": "); }, {"not valid JSON"});
   expect_error([&] { parse(std::string(1000, '[') + std::string(1000, ']')); }, {"nested deeper"});
   expect_error([&] { parse(document(example("0", "10")).insert(1, "\"extra\": 1, ")); }, {"unknown key 'extra'"});
+  expect_error([&] { parse(document(example("0", "10")).insert(1, "\"question\": \"ask\", ")); },
+               {"question", "\"definition\" or \"assert\"", "ask"});
+  expect_error([&] { parse(document(example("0", "10")).insert(1, "\"question\": 1, ")); }, {"question"});
   expect_error([&] { parse(document(example("0", "10", "8", ", \"note\": 1"))); }, {"examples[0]", "'note'"});
   // Fields: missing, not numbers, not integers, negative, out of their range.
   expect_error([&] { parse(document("{\"offset\": 0}")); }, {"examples[0].length", "missing"});

@@ -28,7 +28,7 @@ def source(seed=0, lines=4000):
 
 def parse(data):
     """(definitions [(offset, id, value)], asked id, answer) of an example, from its bytes alone."""
-    query = re.search(rb'\nassert TOKEN_(\d{4}) == "([0-9a-f]{8})$', data)
+    query = re.search(rb'\n(?:assert )?TOKEN_(\d{4}) ==? "([0-9a-f]{8})$', data)
     assert query, data[-60:]
     defs = [(m.start(), int(m.group(1)), m.group(2).decode()) for m in DEFINITION.finditer(data, 0, query.start() + 1)]
     return defs, int(query.group(1)), query.group(2).decode()
@@ -90,7 +90,7 @@ def test_depth_placement(keys):
             assert offset == 0
         if depth == 1.0:
             assert offset == span
-            assert ex.data[offset + rt.LINE_LENGTH:].startswith(b"assert TOKEN_")
+            assert ex.data[offset + rt.LINE_LENGTH:] == rt.query_line(asked) + ex.value.encode()
 
 
 def test_distractors_spread_at_random_depths():
@@ -124,8 +124,9 @@ def test_files_agree(tmp_path):
     rt.write_retrieval(str(tmp_path), examples)
     assert sorted(os.listdir(tmp_path)) == ["retrieval.bin", "retrieval.json"]  # no temporary files left
     meta = json.loads((tmp_path / "retrieval.json").read_text())
-    assert set(meta) == {"format", "data", "examples"}
+    assert set(meta) == {"format", "data", "question", "examples"}
     assert meta["format"] == "keysel-retrieval/1" and meta["data"] == "retrieval.bin"
+    assert meta["question"] == "definition"
     data = (tmp_path / "retrieval.bin").read_bytes()
     assert len(data) == sum(e.length for e in examples)
     offset = 0
@@ -194,3 +195,60 @@ def test_command_line(tmp_path):
     again = rt.generate_suite(src.read_bytes(), [256, 512], [1, 3], [0.0, 1.0], 2, seed=5)
     assert [d for d, _ in back] == [e.data for e in again]
     assert [r["depth"] for _, r in back[:4]] == [0.0, 0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("question", ["definition", "assert"])
+def test_question_forms(question, tmp_path):
+    """The last line asks in the definition's own form or as an assert; lengths, depths and files follow the form."""
+    text = source(12, lines=8000)
+    rng = random.Random(13)
+    prefix = {"definition": b'TOKEN_%d = "', "assert": b'assert TOKEN_%d == "'}[question]
+    assert rt.query_length(question) == len(prefix % 1000)
+    assert rt.min_context(2, question) == rt.ANSWER_LENGTH + len(prefix % 1000) + 2 * rt.LINE_LENGTH + 1
+    examples = []
+    for depth in (0.0, 0.5, 1.0):
+        ex = rt.make_example(text, 2000, 3, depth, rng, question=question)
+        assert len(ex.data) == 2000 and ex.question == question
+        assert ex.data.endswith(b"\n" + prefix % ex.key_id + ex.value.encode())
+        defs, asked, answer = parse(ex.data)
+        assert asked == ex.key_id and answer == ex.value and len(defs) == 3
+        if depth == 1.0:  # the asked line is right before the query
+            assert ex.data[-rt.overhead(question) - rt.LINE_LENGTH:].startswith(b"TOKEN_%d" % ex.key_id)
+        examples.append(ex)
+    rt.write_retrieval(str(tmp_path), examples)
+    back = rt.read_retrieval(str(tmp_path))
+    assert all(rec["question"] == question for _, rec in back)
+    with pytest.raises(ValueError, match="question must be"):
+        rt.make_example(text, 2000, 1, 0.5, rng, question="ask")
+
+
+def test_files_without_question_are_the_assert_form(tmp_path):
+    rt.write_retrieval(str(tmp_path), rt.generate_suite(source(), [300], [1], [0.5], 2, seed=1, question="assert"))
+    meta = json.loads((tmp_path / "retrieval.json").read_text())
+    del meta["question"]
+    (tmp_path / "retrieval.json").write_text(json.dumps(meta))
+    assert [rec["question"] for _, rec in rt.read_retrieval(str(tmp_path))] == ["assert", "assert"]
+    with pytest.raises(ValueError, match="mix question forms"):
+        rt.write_retrieval(str(tmp_path), rt.generate_suite(source(), [300], [1], [0.5], 1, seed=1) +
+                           rt.generate_suite(source(), [300], [1], [0.5], 1, seed=1, question="assert"))
+
+
+@pytest.mark.parametrize("length", [24, 129, 1000])
+def test_drill_row(length):
+    rng = random.Random(length)
+    row, answers = rt.drill_row(length, rng)
+    assert len(row) == length
+    assert set(row.decode()) <= set(rt.DRILL_ALPHABET + "\n")
+    pos = 0
+    for a in answers:
+        # each segment: run, newline, the run's first 16 characters, newline; the answer is the last 8 of those
+        end = row.index(b"\n", pos)
+        run = row[pos:end]
+        assert 16 <= len(run) <= 64
+        assert row[end + 1:end + 17] == run[:16] and row[end + 17:end + 18] == b"\n"
+        assert a == end + 1 + 8
+        pos = end + 18
+    assert b"\n" not in row[pos:]
+    assert len(answers) == 0 if length < 16 + 18 else len(answers) >= 1
+    with pytest.raises(ValueError, match="min_run"):
+        rt.drill_row(100, rng, min_run=8)

@@ -39,7 +39,8 @@ def package(tmp_path_factory):
            "--kv-heads", "2", "--head-dim", "12", "--ffn-dim", "64", "--index-heads", "2", "--index-dim", "8",
            "--context", "512", "--rope-theta", "500000", "--batch-tokens", "2048", "--short-context", "128",
            "--short-fraction", "0.5", "--retrieval-fraction", "0.5", "--retrieval-max-keys", "4",
-           "--retrieval-min-context", "128", "--answer-weight", "2", "--indexer-context", "128", "--indexer-batch", "2",
+           "--retrieval-min-context", "128", "--answer-weight", "2", "--drill-fraction", "0.5", "--drill-until", "0.6",
+           "--short-first", "0.2", "--indexer-context", "128", "--indexer-batch", "2",
            "--heldout", heldout_package(), "--corpus-bytes", "3000000", "--heldout-eval-bytes", "4096",
            "--eval-bytes", "3000", "--logit-tokens", "40", "--dump-tokens", "32", "--eval-per-cell", "1",
            "--eval-depths", "0,0.5,1", "--log-every", "2", "--no-compile"]
@@ -133,6 +134,13 @@ def test_training_log_reports_retrieval_progress(package):
     assert "answer acc=" in stdout and "retrieval exact match" in stdout
     caps = [e["cap"] for e in entries]
     assert caps == sorted(caps) and caps[0] >= 128 and caps[-1] <= 512
+    # the drill: a share falling from 0.5 to 0 at 60% of the LM time, its answers counted apart
+    shares = [e["drill_share"] for e in entries]
+    assert shares == sorted(shares, reverse=True) and shares[0] == 0.5 and shares[-1] == 0
+    assert "drill" in entries[0] and "drill" not in entries[-1]
+    assert "drill: answer acc=" in stdout
+    assert log["lm"]["question"] == "definition" and log["lm"]["short_first"] == 0.2
+    assert json.loads((out / "retrieval.json").read_text())["question"] == "definition"
 
 
 def test_default_shape_is_the_shipped_model():

@@ -53,8 +53,8 @@ RetrievalSet parse_retrieval_set(std::string_view json_text, std::vector<std::ui
   if (doc.is_discarded()) fail(source, "not valid JSON");
   if (!doc.is_object()) fail(source, "expected a JSON object, got " + doc.dump().substr(0, 80));
   for (const auto& [key, value] : doc.items()) {
-    if (key != "format" && key != "data" && key != "examples") {
-      fail(source, "unknown key '" + key + "' (expected format, data, examples)");
+    if (key != "format" && key != "data" && key != "question" && key != "examples") {
+      fail(source, "unknown key '" + key + "' (expected format, data, question, examples)");
     }
   }
   const auto format = doc.find("format");
@@ -72,6 +72,13 @@ RetrievalSet parse_retrieval_set(std::string_view json_text, std::vector<std::ui
   }
   RetrievalSet set;
   set.source = std::string(source);
+  if (const auto question = doc.find("question"); question != doc.end()) {
+    if (!question->is_string() ||
+        (question->get<std::string>() != "definition" && question->get<std::string>() != "assert")) {
+      fail(source, "question: expected \"definition\" or \"assert\", got " + question->dump().substr(0, 80));
+    }
+    set.question = question->get<std::string>();
+  }
   const auto data_size = static_cast<std::int64_t>(data.size());
   for (std::size_t i = 0; i < examples->size(); ++i) {
     const json& e = (*examples)[i];

@@ -164,7 +164,7 @@ class Block(nn.Module):
         v = self.wv(x).view(b, t, cfg.kv_heads, cfg.head_dim)
         return q, k, v
 
-    def forward(self, h, cos, sin, exact=False, capture=None):
+    def forward(self, h, cos, sin, exact=False, capture=None, attention=None):
         cfg = self.cfg
         b, t, _ = h.shape
         x = rms_norm(h, self.attn_norm, cfg.norm_eps)
@@ -173,7 +173,10 @@ class Block(nn.Module):
             capture.append((x, q, k, v))
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        if exact:
+        if attention is not None:
+            # fine-tuning's attention (TrainingAttention): full or top-k, and the indexer's loss beside it
+            o = attention(self, x, qh, kh, vh, scale)
+        elif exact:
             # plain attention (the reference path): softmax(scale q.k) over s <= t, GQA by repeating key heads
             g = cfg.heads // cfg.kv_heads
             kh = kh.repeat_interleave(g, dim=1)
@@ -218,13 +221,137 @@ class TinyLM(nn.Module):
         ci, si = rope_tables(pos, self.cfg.index_dim, self.cfg.rope_theta, dtype, device)
         return cos, sin, ci, si
 
-    def forward(self, tokens, exact=False, capture=None):
+    def forward(self, tokens, exact=False, capture=None, attention=None):
         b, t = tokens.shape
         h = self.embed(tokens)
         cos, sin, _, _ = self.rope(t, tokens.device, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, exact=exact, capture=capture)
+            h = layer(h, cos, sin, exact=exact, capture=capture, attention=attention)
         return self.lm_head(rms_norm(h, self.final_norm, self.cfg.norm_eps))
+
+
+# ----------------------------------------------------------------------------------------------- top-k fine-tuning
+#
+# Fine-tuning a trained package (--init) with the attention that top-k decoding uses. Selections are per_token
+# (SPEC section 2: one key set per query token shared by all heads of a layer), the granularity of keysel's tiny-lm
+# studies and of DeepSeek's sparse attention. Top-k attention is masked dense attention: the selection is made
+# without gradient, the keys outside it get -inf, and the softmax runs over the selected keys only (exactly
+# keysel.torch.topk_attention's definition; tests/python/test_finetune_attention.py checks outputs and gradients).
+
+
+def causal_mask(t, device):
+    """bool [T, T]: query t reads keys s <= t."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+def head_mean_attention(qh, kh, scale):
+    """pbar [B, T, T] (no gradient): the mean over all query heads of the causal attention probabilities
+    softmax(scale q.k) (the per_token group's target, SPEC section 2), in float32 (float64 for float64 inputs),
+    one sequence at a time. qh [B, Hq, T, D], kh [B, Hkv, T, D]."""
+    b, hq, t, _ = qh.shape
+    g = hq // kh.shape[1]
+    dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
+    causal = causal_mask(t, qh.device)
+    out = torch.empty(b, t, t, dtype=dtype, device=qh.device)
+    with torch.no_grad():
+        for i in range(b):
+            keys = kh[i].to(dtype).repeat_interleave(g, dim=0)
+            logits = torch.matmul(qh[i].to(dtype), keys.transpose(-1, -2)) * scale
+            logits.masked_fill_(~causal, float("-inf"))
+            out[i] = torch.softmax(logits, dim=-1).mean(dim=0)
+    return out
+
+
+def topk_selection_mask(scores, k):
+    """bool [B, 1, T, T] (no gradient): for each query row t the k_eff = min(k, t + 1) allowed keys (s <= t) with
+    the largest scores [B, T, T] (pbar for the exact top-k, the indexer's I for the indexer's top-k); ties go to
+    the lower position, as in keysel's selectors (a stable descending sort)."""
+    b, t, _ = scores.shape
+    causal = causal_mask(t, scores.device)
+    with torch.no_grad():
+        ranked = scores.detach().masked_fill(~causal, float("-inf"))
+        idx = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :min(k, t)]
+        mask = torch.zeros(b, t, t, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True) & causal
+    return mask[:, None]
+
+
+def masked_topk_attention(qh, kh, vh, mask, scale):
+    """Attention over the selected keys: softmax(scale q.k) over the keys where mask [B, 1, T, T] is True (-inf
+    elsewhere), times v. qh [B, Hq, T, D], kh, vh [B, Hkv, T, D] -> [B, Hq, T, D]. The key heads are repeated so
+    that SDPA's memory-efficient kernel takes the boolean mask on a GPU."""
+    g = qh.shape[1] // kh.shape[1]
+    return F.scaled_dot_product_attention(qh, kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1),
+                                          attn_mask=mask, scale=scale)
+
+
+def indexer_kl(scores, pbar, allowed):
+    """SPEC section 9.1's indexer loss, batched: per row, KL(ptilde || softmax of I over the allowed keys), ptilde =
+    pbar renormalised on them; the mean over rows with keys and target mass. scores I [B, T, T] (differentiable),
+    pbar [B, T, T] (a constant), allowed bool [B, 1 or none, T, T]: every causal key (dense warm-up) or the
+    selection (sparse stage)."""
+    allowed = allowed.reshape(scores.shape)
+    p = pbar.to(scores.dtype).masked_fill(~allowed, 0.0)
+    mass = p.sum(-1, keepdim=True)
+    rows = (mass[..., 0] > 0) & allowed.any(-1)
+    ptilde = p / mass.clamp_min(torch.finfo(p.dtype).tiny)
+    logq = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    terms = torch.where(ptilde > 0, ptilde * (torch.log(ptilde.clamp_min(torch.finfo(p.dtype).tiny)) - logq),
+                        torch.zeros_like(ptilde))
+    per_row = terms.sum(-1)
+    return per_row[rows].sum() / rows.sum().clamp_min(1)
+
+
+class TrainingAttention:
+    """The attention of every layer in fine-tuning and in its evaluation (passed to TinyLM.forward).
+
+    mode "full": causal attention over every key; "topk": over the k keys per query token that `selector` picks:
+    "exact" (the largest pbar, the head-mean attention) or "indexer" (the largest score of the layer's Lightning
+    Indexer). With indexer_loss "dense" or "sparse" (and gradients enabled) each layer's indexer is trained beside
+    the model: the KL of section 9.1 over every causal key (dense) or over the selection (sparse, DSA's sparse
+    stage), from the normed attention input detached from the model, so the loss reaches the indexer only; its
+    backward runs at once (the graph is separate from the model's) and the layer's loss goes to self.losses."""
+
+    def __init__(self, cfg, mode="full", k=None, selector="exact", indexer_loss=None):
+        if mode not in ("full", "topk"):
+            raise ValueError(f"attention mode must be 'full' or 'topk', got {mode!r}")
+        if selector not in ("exact", "indexer"):
+            raise ValueError(f"selector must be 'exact' or 'indexer', got {selector!r}")
+        if mode == "topk" and (k is None or k < 1):
+            raise ValueError(f"top-k attention needs k >= 1, got {k}")
+        if indexer_loss not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer_loss must be None, 'dense' or 'sparse', got {indexer_loss!r}")
+        self.cfg, self.mode, self.k, self.selector, self.indexer_loss = cfg, mode, k, selector, indexer_loss
+        self.losses = []
+
+    def describe(self):
+        return "full attention" if self.mode == "full" else f"top-{self.k} ({self.selector} selector)"
+
+    def __call__(self, block, x, qh, kh, vh, scale):
+        t = qh.shape[2]
+        train_indexer = self.indexer_loss is not None and torch.is_grad_enabled()
+        use_indexer = self.mode == "topk" and self.selector == "indexer"
+        pbar = None
+        if train_indexer or (self.mode == "topk" and self.selector == "exact"):
+            pbar = head_mean_attention(qh, kh, scale)
+        scores = None
+        if train_indexer or use_indexer:
+            positions = torch.arange(t, device=x.device)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            ci, si = rope_tables(positions, self.cfg.index_dim, self.cfg.rope_theta, dtype, x.device)
+            with torch.autocast(x.device.type, enabled=False), torch.set_grad_enabled(train_indexer):
+                scores = block.indexer.scores(x.detach().to(dtype), ci, si)
+        if self.mode == "full":
+            mask = None
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = topk_selection_mask(pbar if self.selector == "exact" else scores, self.k)
+            o = masked_topk_attention(qh, kh, vh, mask, scale)
+        if train_indexer:
+            allowed = mask if (self.indexer_loss == "sparse" and mask is not None) else causal_mask(t, x.device)
+            loss = indexer_kl(scores, pbar, allowed.expand(scores.shape[0], 1, t, t))
+            loss.backward()
+            self.losses.append(loss.detach())
+        return o
 
 
 def export_state(model):
@@ -321,7 +448,7 @@ def amp(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=True):
+def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=True, attention=None):
     """Mean -log2 p(next byte) over `data` in non-overlapping windows of `context` bytes (each from an empty
     cache; the first byte of each window is not predicted; a shorter last window is included)."""
     total_bits, total_count = 0.0, 0
@@ -334,7 +461,7 @@ def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=T
             for w in group:  # windows of different lengths: one at a time when lengths differ
                 tokens = torch.tensor(np.frombuffer(w, dtype=np.uint8).astype(np.int64), device=device)[None]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-                    logits = model(tokens, exact=exact)
+                    logits = model(tokens, exact=exact, attention=attention)
                 lp = torch.log_softmax(logits.double(), dim=-1)[0, :-1]
                 nll = -lp.gather(-1, tokens[0, 1:, None]).sum().item()
                 total_bits += nll / math.log(2)

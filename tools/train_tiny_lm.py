@@ -429,6 +429,32 @@ def read_corpus(files, limit, seed):
     return b"".join(parts)[:limit]
 
 
+def load_data(args, info):
+    """The training corpus (site-packages without the held-out package), the held-out sources, eval.txt's text (the
+    middle --eval-bytes of the held-out sources) and the first --heldout-eval-bytes of them; info["data"] says
+    what was read."""
+    t0 = time.time()
+    root = site_packages()
+    heldout_dir = os.path.join(root, args.heldout)
+    if not os.path.isdir(heldout_dir):
+        raise SystemExit(f"held-out package {heldout_dir} not found")
+    all_files = python_files(root)
+    train_files = [f for f in all_files if not f.startswith(heldout_dir + os.sep)]
+    heldout_files = [f for f in all_files if f.startswith(heldout_dir + os.sep)]
+    corpus = read_corpus(train_files, args.corpus_bytes, args.seed)
+    heldout = b"".join(open(f, "rb").read() + b"\n\n" for f in heldout_files)
+    mid = len(heldout) // 2
+    eval_text = heldout[mid:mid + args.eval_bytes]
+    heldout_eval = heldout[:min(len(heldout), args.heldout_eval_bytes)]
+    info["data"] = {"site_packages": root, "train_files": len(train_files), "train_bytes": len(corpus),
+                    "heldout": args.heldout, "heldout_files": len(heldout_files), "heldout_bytes": len(heldout),
+                    "eval_txt": f"bytes [{mid}, {mid + len(eval_text)}) of the held-out sources (sorted paths, "
+                                f"each followed by two newlines)"}
+    log(f"corpus {len(corpus) / 1e6:.1f} MB from {len(train_files)} files; held-out {args.heldout}: "
+        f"{len(heldout) / 1e6:.2f} MB; read in {time.time() - t0:.0f}s")
+    return corpus, heldout, eval_text, heldout_eval
+
+
 # ----------------------------------------------------------------------------------------------- phases
 
 
@@ -765,6 +791,194 @@ def directory_bytes(path):
                if os.path.isfile(os.path.join(path, n)))
 
 
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def load_package(path, device):
+    """(Config, fp32 TinyLM on `device`) from a package directory (or its model.safetensors): the config in the
+    metadata, the weights (fp16 or fp32) converted to fp32."""
+    from safetensors.torch import load_file
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise SystemExit(f"{file}: metadata format must be {FORMAT!r}, got {meta.get('format')!r}")
+    cfg = Config(**json.loads(meta["config"]))
+    model = TinyLM(cfg)
+    load_state(model, {k: v.float() for k, v in load_file(file).items()})
+    return cfg, model.to(device).float()
+
+
+def training_attention(args):
+    """The TrainingAttention of --train-attention, --train-k and --train-selector: the indexer is trained beside
+    the model with the sparse-stage KL when it selects, with the dense KL otherwise (it follows the model)."""
+    if args.train_attention == "full":
+        return TrainingAttention(None, "full", indexer_loss="dense")
+    return TrainingAttention(None, "topk", k=args.train_k, selector=args.train_selector,
+                             indexer_loss="sparse" if args.train_selector == "indexer" else "dense")
+
+
+def finetune(model, data, args, device, info, attention, seconds, max_steps=None):
+    """Next-byte cross entropy with `attention` (a TrainingAttention) in every layer, on windows of --context
+    bytes, --batch rows, for `seconds` of wall time or max_steps steps, whichever ends first. Every weight but the
+    indexers' trains with AdamW at --finetune-lr (linear warm-up over --finetune-warmup steps, cosine to a tenth
+    over the steps, or over the seconds without max_steps); the indexers train on their own KL (attention's
+    indexer_loss) at --finetune-indexer-lr. The batches are the same for every variant (seeded by --seed)."""
+    cfg = model.cfg
+    attention.cfg = cfg
+    named = list(model.named_parameters())
+    for n, p in named:
+        p.requires_grad_("indexer" not in n or attention.indexer_loss is not None)
+    decay = [p for n, p in named if p.dim() == 2 and "indexer" not in n]
+    other = [p for n, p in named if p.dim() < 2 and "indexer" not in n]
+    main_params = decay + other
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=args.finetune_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    index_params = [p for n, p in named if "indexer" in n]
+    index_opt = None
+    if attention.indexer_loss is not None:
+        index_opt = torch.optim.AdamW(index_params, lr=args.finetune_indexer_lr, weight_decay=0.0,
+                                      betas=(0.9, 0.95))
+    t = cfg.context
+    n = data.shape[0]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed + 100)
+    arange = torch.arange(t + 1, device=device)
+    start = time.time()
+    step, tokens_seen, losses = 0, 0, []
+    model.train()
+    while (max_steps is None or step < max_steps) and (step == 0 or time.time() - start < seconds):
+        elapsed = time.time() - start
+        frac = step / max_steps if max_steps else min(1.0, elapsed / max(seconds, 1e-9))
+        lr = args.finetune_lr * min(1.0, (step + 1) / args.finetune_warmup) * \
+            (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        offs = torch.randint(0, n - t - 1, (args.batch,), device=device, generator=gen)
+        batch = data[offs[:, None] + arange[None, :]].long()
+        attention.losses.clear()
+        with amp(device):
+            logits = model(batch[:, :-1], attention=attention)
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+        opt.step()
+        if index_opt is not None:  # the indexers' gradients came from their losses inside the forward pass
+            torch.nn.utils.clip_grad_norm_(index_params, 1.0)
+            index_opt.step()
+            index_opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += args.batch * t
+        if step % args.log_every == 0 or step == 1:
+            now = time.time() - start
+            kl = torch.stack(attention.losses).mean().item() if attention.losses else float("nan")
+            losses.append([step, round(now, 1), loss.item() / math.log(2), kl])
+            log(f"finetune {attention.describe()} step {step} t={now:.0f}s lr={lr:.2e} "
+                f"loss={loss.item() / math.log(2):.4f} bits/byte indexer KL={kl:.4f} nats tok/s={tokens_seen / now:.3g}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    info["finetune"] = {"attention": attention.mode, "k": attention.k, "selector": attention.selector,
+                        "granularity": "per_token", "indexer_loss": attention.indexer_loss, "steps": step,
+                        "tokens": tokens_seen, "seconds": round(time.time() - start, 1), "batch": args.batch,
+                        "context": t, "lr": args.finetune_lr, "indexer_lr": args.finetune_indexer_lr,
+                        "final_train_loss_bits_per_byte": losses[-1][2] if losses else None,
+                        "losses": losses}
+    if losses and losses[-1][0] != step:
+        info["finetune"]["final_train_loss_bits_per_byte"] = loss.item() / math.log(2)
+    return step
+
+
+EVAL_SELECTIONS = (("exact", 64), ("exact", 256), ("indexer", 64), ("indexer", 256))
+
+
+def evaluate_package(model32, eval_text, heldout_eval, device):
+    """The figures of a fine-tuning summary, from fp32 weights (already rounded to what is shipped): bits per
+    byte of eval.txt with full attention (plain attention, fp32) and with top-k attention of each
+    EVAL_SELECTIONS (per_token, every layer sparse: the forward mode of keysel's study), bits per byte of the
+    held-out bytes with full attention (bf16 autocast on a GPU), and the indexers' recall."""
+    cfg = model32.cfg
+    out = {"eval_bpb_full": bits_per_byte(model32, eval_text, cfg.context, device, exact=True, autocast=False)}
+    for selector, k in EVAL_SELECTIONS:
+        attention = TrainingAttention(cfg, "topk", k=k, selector=selector)
+        out[f"eval_bpb_{selector}_{k}"] = bits_per_byte(model32, eval_text, cfg.context, device, autocast=False,
+                                                        attention=attention)
+    out["heldout_bpb_full"] = bits_per_byte(model32, heldout_eval, cfg.context, device)
+    out["heldout_bytes"] = len(heldout_eval)
+    out["indexer_recall"] = indexer_recall(model32, eval_text[:min(2048, cfg.context)], device)
+    return out
+
+
+def rounded_fp16(model):
+    """(fp16 state, fp32 model holding exactly those weights) of `model`, as a package ships them."""
+    state16 = {k: v.half() for k, v in export_state(model).items()}
+    model32 = TinyLM(model.cfg).float()
+    load_state(model32, {k: v.float() for k, v in state16.items()})
+    return state16, model32.eval()
+
+
+def write_package(out, state16, cfg, eval_text, info, logit_tokens):
+    """A package in models/tiny_lm's format, without a dump: model.safetensors (fp16, format, config, training),
+    eval.txt, logits.safetensors (float64 logits of the fp16 weights over eval.txt's first logit_tokens bytes,
+    with its bits per byte) and train_log.json."""
+    os.makedirs(out, exist_ok=True)
+    training = {k: info[k] for k in ("command", "torch", "device", "init") if k in info}
+    training.update({k: info["finetune"][k] for k in ("attention", "k", "selector", "granularity", "steps",
+                                                       "tokens", "seconds")})
+    training.update({k: info["evaluation"][k] for k in ("eval_bpb_full", "heldout_bpb_full")})
+    meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "training": json.dumps(training)}
+    write_safetensors(os.path.join(out, "model.safetensors"),
+                      {k: v.numpy().astype(np.float16) for k, v in state16.items()}, meta)
+    with open(os.path.join(out, "eval.txt"), "wb") as f:
+        f.write(eval_text)
+    model64 = TinyLM(cfg).double()
+    load_state(model64, {k: v.double() for k, v in state16.items()})
+    model64.eval()
+    tokens = np.frombuffer(eval_text[:logit_tokens], dtype=np.uint8)
+    with torch.no_grad():
+        logits64 = model64(torch.tensor(tokens.astype(np.int64))[None], exact=True)[0]
+    write_safetensors(os.path.join(out, "logits.safetensors"),
+                      {"tokens": tokens.astype(np.int32), "logits": logits64.numpy().astype(np.float32)},
+                      {"format": "keysel-tiny-lm-logits/1", "bpb_eval": repr(info["evaluation"]["eval_bpb_full"]),
+                       "note": "logits of model.safetensors (fp16 weights) in float64 for tokens = eval.txt[0:L]"})
+    with open(os.path.join(out, "train_log.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def finetune_main(args):
+    """--init: fine-tune a package with --train-attention for --finetune-seconds (or --finetune-steps) and write
+    the fine-tuned package to --out."""
+    global _LOG_FILE
+    os.makedirs(args.out, exist_ok=True)
+    _LOG_FILE = open(os.path.join(args.out, "train.log"), "w")
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args),
+            "init": args.init}
+    cfg, model = load_package(args.init, device)
+    with open(os.path.join(args.init, "eval.txt"), "rb") as f:
+        eval_text = f.read()
+    corpus, _, _, heldout_eval = load_data(args, info)
+    data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)
+    seconds = args.finetune_seconds
+    if args.budget_seconds is not None:
+        seconds = min(seconds, _T_START + args.budget_seconds - args.reserve_seconds - time.time())
+    finetune(model, data, args, device, info, training_attention(args), seconds, args.finetune_steps)
+    del data
+    torch.backends.cuda.matmul.allow_tf32 = False
+    state16, model32 = rounded_fp16(model)
+    info["evaluation"] = evaluate_package(model32.to(device), eval_text, heldout_eval, device)
+    log(f"evaluation: { {k: v for k, v in info['evaluation'].items() if k != 'indexer_recall'} }")
+    info["total_seconds"] = round(time.time() - _T_START, 1)
+    write_package(args.out, state16, cfg, eval_text, info, args.logit_tokens)
+    log(f"package {args.out}: {directory_bytes(args.out) / 2**20:.2f} MiB; done in {time.time() - _T_START:.0f}s")
+    _LOG_FILE.close()
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -834,6 +1048,21 @@ def make_parser():
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    # fine-tuning a trained package (docs/training.md "Top-k fine-tuning study"); the shape comes from --init
+    ap.add_argument("--init", default=None,
+                    help="a package directory (models/tiny_lm's format): fine-tune its weights instead of training "
+                         "from scratch; the shape options are then ignored")
+    ap.add_argument("--train-attention", choices=("full", "topk"), default="full",
+                    help="with --init: the attention of every layer in fine-tuning")
+    ap.add_argument("--train-k", type=int, default=64, help="with --train-attention topk: keys per query token")
+    ap.add_argument("--train-selector", choices=("exact", "indexer"), default="exact",
+                    help="with --train-attention topk: the exact top-k of the head-mean attention, or the layer's "
+                         "Lightning Indexer's top-k (its KL then restricted to the selection, DSA's sparse stage)")
+    ap.add_argument("--finetune-seconds", type=float, default=60)
+    ap.add_argument("--finetune-steps", type=int, default=None, help="stop after this many steps (or the seconds)")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4)
+    ap.add_argument("--finetune-warmup", type=int, default=20)
+    ap.add_argument("--finetune-indexer-lr", type=float, default=1e-3)
     return ap
 
 
@@ -852,6 +1081,10 @@ def main():
     global _LOG_FILE
     ap = make_parser()
     args = ap.parse_args()
+    if args.init is not None:
+        if args.train_k < 1:
+            ap.error(f"--train-k must be >= 1, got {args.train_k}")
+        return finetune_main(args)
     if args.short_fraction > 0 and not args.short_context:
         ap.error("--short-fraction needs --short-context")
     if args.short_context and not 0 < args.short_context <= args.context:
@@ -875,26 +1108,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args)}
-    t0 = time.time()
 
-    root = site_packages()
-    heldout_dir = os.path.join(root, args.heldout)
-    if not os.path.isdir(heldout_dir):
-        raise SystemExit(f"held-out package {heldout_dir} not found")
-    all_files = python_files(root)
-    train_files = [f for f in all_files if not f.startswith(heldout_dir + os.sep)]
-    heldout_files = [f for f in all_files if f.startswith(heldout_dir + os.sep)]
-    corpus = read_corpus(train_files, args.corpus_bytes, args.seed)
-    heldout = b"".join(open(f, "rb").read() + b"\n\n" for f in heldout_files)
-    mid = len(heldout) // 2
-    eval_text = heldout[mid:mid + args.eval_bytes]
-    heldout_eval = heldout[:min(len(heldout), args.heldout_eval_bytes)]
-    info["data"] = {"site_packages": root, "train_files": len(train_files), "train_bytes": len(corpus),
-                    "heldout": args.heldout, "heldout_files": len(heldout_files), "heldout_bytes": len(heldout),
-                    "eval_txt": f"bytes [{mid}, {mid + len(eval_text)}) of the held-out sources (sorted paths, "
-                                f"each followed by two newlines)"}
-    log(f"corpus {len(corpus) / 1e6:.1f} MB from {len(train_files)} files; held-out {args.heldout}: "
-        f"{len(heldout) / 1e6:.2f} MB; read in {time.time() - t0:.0f}s")
+    corpus, heldout, eval_text, heldout_eval = load_data(args, info)
     data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)
 
     cfg = config_from_args(args)

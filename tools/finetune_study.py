@@ -8,7 +8,8 @@ selections, every layer's indexer trained beside the model):
   exact:K      top-K attention by the exact top-k of the head-mean attention, the indexer on the dense KL
   indexer:K    top-K attention by the layer's Lightning Indexer, the indexer on the KL over its own selection
                (DeepSeek's sparse stage)
-The first variant trains for its share of the budget; the others train for as many steps (or their share of what
+--variants picks them (default exact:64, full, indexer:64, exact:256: the packages examples/studies/finetune_4k.json
+compares). The first variant trains for its share of the budget; the others train for as many steps (or their share of what
 is left, if that ends first: the summary gives every variant's steps and seconds). Each becomes a package in
 models/tiny_lm's format under --out/<name> (fp16 weights, eval.txt, logits.safetensors, train_log.json; no dump),
 next to summary.json: per package (the base included) steps, seconds, final training loss, and bits per byte of
@@ -60,7 +61,7 @@ def make_parser():
     ap.add_argument("--reserve-seconds", type=float, default=15, help="kept for summary and packing at the end")
     ap.add_argument("--export-seconds", type=float, default=15,
                     help="first guess of one package's evaluation and export (then the measured time)")
-    ap.add_argument("--variants", default="exact:64,full,indexer:64,exact:256,indexer:256",
+    ap.add_argument("--variants", default="exact:64,full,indexer:64,exact:256",
                     help="comma-separated, in training order; the first sets the steps of the others")
     ap.add_argument("--batch", type=int, default=8, help="rows of --context bytes per step")
     ap.add_argument("--finetune-lr", type=float, default=3e-4)

@@ -21,6 +21,12 @@ time, their answer bytes' mean cross entropy added with weight --answer-weight; 
 run (imports, data, compilation, both phases, evaluation and export), splitting what is left after loading, less
 --reserve-seconds, between the LM and the indexers (--indexer-share).
 
+Fine-tuning (--init DIR, docs/training.md "Top-k fine-tuning study"): the package's weights and config instead of a
+fresh model, then --finetune-seconds (or --finetune-steps) of next-byte cross entropy with --train-attention full or
+topk (--train-k keys per query token, per_token, chosen by --train-selector exact or indexer), every layer's indexer
+trained beside the model; --out then receives model.safetensors, eval.txt (the package's), logits.safetensors and
+train_log.json (no dump). tools/finetune_study.py runs every variant of the study in one process.
+
 Outputs (in --out):
   model.safetensors   fp16 weights, metadata "format" = "keysel-tiny-lm/1", "config" (JSON), "training" (JSON)
   eval.txt            held-out text (--eval-bytes bytes of the held-out package's sources)

@@ -21,6 +21,12 @@ time, their answer bytes' mean cross entropy added with weight --answer-weight; 
 run (imports, data, compilation, both phases, evaluation and export), splitting what is left after loading, less
 --reserve-seconds, between the LM and the indexers (--indexer-share).
 
+Fine-tuning (--init DIR, docs/training.md "Top-k fine-tuning study"): the package's weights and config instead of a
+fresh model, then --finetune-seconds (or --finetune-steps) of next-byte cross entropy with --train-attention full or
+topk (--train-k keys per query token, per_token, chosen by --train-selector exact or indexer), every layer's indexer
+trained beside the model; --out then receives model.safetensors, eval.txt (the package's), logits.safetensors and
+train_log.json (no dump). tools/finetune_study.py runs every variant of the study in one process.
+
 Outputs (in --out):
   model.safetensors   fp16 weights, metadata "format" = "keysel-tiny-lm/1", "config" (JSON), "training" (JSON)
   eval.txt            held-out text (--eval-bytes bytes of the held-out package's sources)
@@ -164,7 +170,7 @@ class Block(nn.Module):
         v = self.wv(x).view(b, t, cfg.kv_heads, cfg.head_dim)
         return q, k, v
 
-    def forward(self, h, cos, sin, exact=False, capture=None):
+    def forward(self, h, cos, sin, exact=False, capture=None, attention=None):
         cfg = self.cfg
         b, t, _ = h.shape
         x = rms_norm(h, self.attn_norm, cfg.norm_eps)
@@ -173,7 +179,10 @@ class Block(nn.Module):
             capture.append((x, q, k, v))
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         scale = 1.0 / math.sqrt(cfg.head_dim)
-        if exact:
+        if attention is not None:
+            # fine-tuning's attention (TrainingAttention): full or top-k, and the indexer's loss beside it
+            o = attention(self, x, qh, kh, vh, scale)
+        elif exact:
             # plain attention (the reference path): softmax(scale q.k) over s <= t, GQA by repeating key heads
             g = cfg.heads // cfg.kv_heads
             kh = kh.repeat_interleave(g, dim=1)
@@ -218,13 +227,137 @@ class TinyLM(nn.Module):
         ci, si = rope_tables(pos, self.cfg.index_dim, self.cfg.rope_theta, dtype, device)
         return cos, sin, ci, si
 
-    def forward(self, tokens, exact=False, capture=None):
+    def forward(self, tokens, exact=False, capture=None, attention=None):
         b, t = tokens.shape
         h = self.embed(tokens)
         cos, sin, _, _ = self.rope(t, tokens.device, h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, exact=exact, capture=capture)
+            h = layer(h, cos, sin, exact=exact, capture=capture, attention=attention)
         return self.lm_head(rms_norm(h, self.final_norm, self.cfg.norm_eps))
+
+
+# ----------------------------------------------------------------------------------------------- top-k fine-tuning
+#
+# Fine-tuning a trained package (--init) with the attention that top-k decoding uses. Selections are per_token
+# (SPEC section 2: one key set per query token shared by all heads of a layer), the granularity of keysel's tiny-lm
+# studies and of DeepSeek's sparse attention. Top-k attention is masked dense attention: the selection is made
+# without gradient, the keys outside it get -inf, and the softmax runs over the selected keys only (exactly
+# keysel.torch.topk_attention's definition; tests/python/test_finetune_attention.py checks outputs and gradients).
+
+
+def causal_mask(t, device):
+    """bool [T, T]: query t reads keys s <= t."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).tril()
+
+
+def head_mean_attention(qh, kh, scale):
+    """pbar [B, T, T] (no gradient): the mean over all query heads of the causal attention probabilities
+    softmax(scale q.k) (the per_token group's target, SPEC section 2), in float32 (float64 for float64 inputs),
+    one sequence at a time. qh [B, Hq, T, D], kh [B, Hkv, T, D]."""
+    b, hq, t, _ = qh.shape
+    g = hq // kh.shape[1]
+    dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
+    causal = causal_mask(t, qh.device)
+    out = torch.empty(b, t, t, dtype=dtype, device=qh.device)
+    with torch.no_grad():
+        for i in range(b):
+            keys = kh[i].to(dtype).repeat_interleave(g, dim=0)
+            logits = torch.matmul(qh[i].to(dtype), keys.transpose(-1, -2)) * scale
+            logits.masked_fill_(~causal, float("-inf"))
+            out[i] = torch.softmax(logits, dim=-1).mean(dim=0)
+    return out
+
+
+def topk_selection_mask(scores, k):
+    """bool [B, 1, T, T] (no gradient): for each query row t the k_eff = min(k, t + 1) allowed keys (s <= t) with
+    the largest scores [B, T, T] (pbar for the exact top-k, the indexer's I for the indexer's top-k); ties go to
+    the lower position, as in keysel's selectors (a stable descending sort)."""
+    b, t, _ = scores.shape
+    causal = causal_mask(t, scores.device)
+    with torch.no_grad():
+        ranked = scores.detach().masked_fill(~causal, float("-inf"))
+        idx = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[..., :min(k, t)]
+        mask = torch.zeros(b, t, t, dtype=torch.bool, device=scores.device).scatter_(-1, idx, True) & causal
+    return mask[:, None]
+
+
+def masked_topk_attention(qh, kh, vh, mask, scale):
+    """Attention over the selected keys: softmax(scale q.k) over the keys where mask [B, 1, T, T] is True (-inf
+    elsewhere), times v. qh [B, Hq, T, D], kh, vh [B, Hkv, T, D] -> [B, Hq, T, D]. The key heads are repeated so
+    that SDPA's memory-efficient kernel takes the boolean mask on a GPU."""
+    g = qh.shape[1] // kh.shape[1]
+    return F.scaled_dot_product_attention(qh, kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1),
+                                          attn_mask=mask, scale=scale)
+
+
+def indexer_kl(scores, pbar, allowed):
+    """SPEC section 9.1's indexer loss, batched: per row, KL(ptilde || softmax of I over the allowed keys), ptilde =
+    pbar renormalised on them; the mean over rows with keys and target mass. scores I [B, T, T] (differentiable),
+    pbar [B, T, T] (a constant), allowed bool [B, 1 or none, T, T]: every causal key (dense warm-up) or the
+    selection (sparse stage)."""
+    allowed = allowed.reshape(scores.shape)
+    p = pbar.to(scores.dtype).masked_fill(~allowed, 0.0)
+    mass = p.sum(-1, keepdim=True)
+    rows = (mass[..., 0] > 0) & allowed.any(-1)
+    ptilde = p / mass.clamp_min(torch.finfo(p.dtype).tiny)
+    logq = torch.log_softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    terms = torch.where(ptilde > 0, ptilde * (torch.log(ptilde.clamp_min(torch.finfo(p.dtype).tiny)) - logq),
+                        torch.zeros_like(ptilde))
+    per_row = terms.sum(-1)
+    return per_row[rows].sum() / rows.sum().clamp_min(1)
+
+
+class TrainingAttention:
+    """The attention of every layer in fine-tuning and in its evaluation (passed to TinyLM.forward).
+
+    mode "full": causal attention over every key; "topk": over the k keys per query token that `selector` picks:
+    "exact" (the largest pbar, the head-mean attention) or "indexer" (the largest score of the layer's Lightning
+    Indexer). With indexer_loss "dense" or "sparse" (and gradients enabled) each layer's indexer is trained beside
+    the model: the KL of section 9.1 over every causal key (dense) or over the selection (sparse, DSA's sparse
+    stage), from the normed attention input detached from the model, so the loss reaches the indexer only; its
+    backward runs at once (the graph is separate from the model's) and the layer's loss goes to self.losses."""
+
+    def __init__(self, cfg, mode="full", k=None, selector="exact", indexer_loss=None):
+        if mode not in ("full", "topk"):
+            raise ValueError(f"attention mode must be 'full' or 'topk', got {mode!r}")
+        if selector not in ("exact", "indexer"):
+            raise ValueError(f"selector must be 'exact' or 'indexer', got {selector!r}")
+        if mode == "topk" and (k is None or k < 1):
+            raise ValueError(f"top-k attention needs k >= 1, got {k}")
+        if indexer_loss not in (None, "dense", "sparse"):
+            raise ValueError(f"indexer_loss must be None, 'dense' or 'sparse', got {indexer_loss!r}")
+        self.cfg, self.mode, self.k, self.selector, self.indexer_loss = cfg, mode, k, selector, indexer_loss
+        self.losses = []
+
+    def describe(self):
+        return "full attention" if self.mode == "full" else f"top-{self.k} ({self.selector} selector)"
+
+    def __call__(self, block, x, qh, kh, vh, scale):
+        t = qh.shape[2]
+        train_indexer = self.indexer_loss is not None and torch.is_grad_enabled()
+        use_indexer = self.mode == "topk" and self.selector == "indexer"
+        pbar = None
+        if train_indexer or (self.mode == "topk" and self.selector == "exact"):
+            pbar = head_mean_attention(qh, kh, scale)
+        scores = None
+        if train_indexer or use_indexer:
+            positions = torch.arange(t, device=x.device)
+            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+            ci, si = rope_tables(positions, self.cfg.index_dim, self.cfg.rope_theta, dtype, x.device)
+            with torch.autocast(x.device.type, enabled=False), torch.set_grad_enabled(train_indexer):
+                scores = block.indexer.scores(x.detach().to(dtype), ci, si)
+        if self.mode == "full":
+            mask = None
+            o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = topk_selection_mask(pbar if self.selector == "exact" else scores, self.k)
+            o = masked_topk_attention(qh, kh, vh, mask, scale)
+        if train_indexer:
+            allowed = mask if (self.indexer_loss == "sparse" and mask is not None) else causal_mask(t, x.device)
+            loss = indexer_kl(scores, pbar, allowed.expand(scores.shape[0], 1, t, t))
+            loss.backward()
+            self.losses.append(loss.detach())
+        return o
 
 
 def export_state(model):
@@ -302,6 +435,32 @@ def read_corpus(files, limit, seed):
     return b"".join(parts)[:limit]
 
 
+def load_data(args, info):
+    """The training corpus (site-packages without the held-out package), the held-out sources, eval.txt's text (the
+    middle --eval-bytes of the held-out sources) and the first --heldout-eval-bytes of them; info["data"] says
+    what was read."""
+    t0 = time.time()
+    root = site_packages()
+    heldout_dir = os.path.join(root, args.heldout)
+    if not os.path.isdir(heldout_dir):
+        raise SystemExit(f"held-out package {heldout_dir} not found")
+    all_files = python_files(root)
+    train_files = [f for f in all_files if not f.startswith(heldout_dir + os.sep)]
+    heldout_files = [f for f in all_files if f.startswith(heldout_dir + os.sep)]
+    corpus = read_corpus(train_files, args.corpus_bytes, args.seed)
+    heldout = b"".join(open(f, "rb").read() + b"\n\n" for f in heldout_files)
+    mid = len(heldout) // 2
+    eval_text = heldout[mid:mid + args.eval_bytes]
+    heldout_eval = heldout[:min(len(heldout), args.heldout_eval_bytes)]
+    info["data"] = {"site_packages": root, "train_files": len(train_files), "train_bytes": len(corpus),
+                    "heldout": args.heldout, "heldout_files": len(heldout_files), "heldout_bytes": len(heldout),
+                    "eval_txt": f"bytes [{mid}, {mid + len(eval_text)}) of the held-out sources (sorted paths, "
+                                f"each followed by two newlines)"}
+    log(f"corpus {len(corpus) / 1e6:.1f} MB from {len(train_files)} files; held-out {args.heldout}: "
+        f"{len(heldout) / 1e6:.2f} MB; read in {time.time() - t0:.0f}s")
+    return corpus, heldout, eval_text, heldout_eval
+
+
 # ----------------------------------------------------------------------------------------------- phases
 
 
@@ -321,7 +480,7 @@ def amp(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=True):
+def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=True, attention=None):
     """Mean -log2 p(next byte) over `data` in non-overlapping windows of `context` bytes (each from an empty
     cache; the first byte of each window is not predicted; a shorter last window is included)."""
     total_bits, total_count = 0.0, 0
@@ -334,7 +493,7 @@ def bits_per_byte(model, data, context, device, exact=False, batch=8, autocast=T
             for w in group:  # windows of different lengths: one at a time when lengths differ
                 tokens = torch.tensor(np.frombuffer(w, dtype=np.uint8).astype(np.int64), device=device)[None]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-                    logits = model(tokens, exact=exact)
+                    logits = model(tokens, exact=exact, attention=attention)
                 lp = torch.log_softmax(logits.double(), dim=-1)[0, :-1]
                 nll = -lp.gather(-1, tokens[0, 1:, None]).sum().item()
                 total_bits += nll / math.log(2)
@@ -685,6 +844,194 @@ def directory_bytes(path):
                if os.path.isfile(os.path.join(path, n)))
 
 
+# ----------------------------------------------------------------------------------------------- fine-tuning
+
+
+def load_package(path, device):
+    """(Config, fp32 TinyLM on `device`) from a package directory (or its model.safetensors): the config in the
+    metadata, the weights (fp16 or fp32) converted to fp32."""
+    from safetensors.torch import load_file
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    meta = header.get("__metadata__", {})
+    if meta.get("format") != FORMAT:
+        raise SystemExit(f"{file}: metadata format must be {FORMAT!r}, got {meta.get('format')!r}")
+    cfg = Config(**json.loads(meta["config"]))
+    model = TinyLM(cfg)
+    load_state(model, {k: v.float() for k, v in load_file(file).items()})
+    return cfg, model.to(device).float()
+
+
+def training_attention(args):
+    """The TrainingAttention of --train-attention, --train-k and --train-selector: the indexer is trained beside
+    the model with the sparse-stage KL when it selects, with the dense KL otherwise (it follows the model)."""
+    if args.train_attention == "full":
+        return TrainingAttention(None, "full", indexer_loss="dense")
+    return TrainingAttention(None, "topk", k=args.train_k, selector=args.train_selector,
+                             indexer_loss="sparse" if args.train_selector == "indexer" else "dense")
+
+
+def finetune(model, data, args, device, info, attention, seconds, max_steps=None):
+    """Next-byte cross entropy with `attention` (a TrainingAttention) in every layer, on windows of --context
+    bytes, --batch rows, for `seconds` of wall time or max_steps steps, whichever ends first. Every weight but the
+    indexers' trains with AdamW at --finetune-lr (linear warm-up over --finetune-warmup steps, cosine to a tenth
+    over the steps, or over the seconds without max_steps); the indexers train on their own KL (attention's
+    indexer_loss) at --finetune-indexer-lr. The batches are the same for every variant (seeded by --seed)."""
+    cfg = model.cfg
+    attention.cfg = cfg
+    named = list(model.named_parameters())
+    for n, p in named:
+        p.requires_grad_("indexer" not in n or attention.indexer_loss is not None)
+    decay = [p for n, p in named if p.dim() == 2 and "indexer" not in n]
+    other = [p for n, p in named if p.dim() < 2 and "indexer" not in n]
+    main_params = decay + other
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
+                            lr=args.finetune_lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    index_params = [p for n, p in named if "indexer" in n]
+    index_opt = None
+    if attention.indexer_loss is not None:
+        index_opt = torch.optim.AdamW(index_params, lr=args.finetune_indexer_lr, weight_decay=0.0,
+                                      betas=(0.9, 0.95))
+    t = cfg.context
+    n = data.shape[0]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(args.seed + 100)
+    arange = torch.arange(t + 1, device=device)
+    start = time.time()
+    step, tokens_seen, losses = 0, 0, []
+    model.train()
+    while (max_steps is None or step < max_steps) and (step == 0 or time.time() - start < seconds):
+        elapsed = time.time() - start
+        frac = step / max_steps if max_steps else min(1.0, elapsed / max(seconds, 1e-9))
+        lr = args.finetune_lr * min(1.0, (step + 1) / args.finetune_warmup) * \
+            (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        offs = torch.randint(0, n - t - 1, (args.batch,), device=device, generator=gen)
+        batch = data[offs[:, None] + arange[None, :]].long()
+        attention.losses.clear()
+        with amp(device):
+            logits = model(batch[:, :-1], attention=attention)
+        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab), batch[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(main_params, 1.0)
+        opt.step()
+        if index_opt is not None:  # the indexers' gradients came from their losses inside the forward pass
+            torch.nn.utils.clip_grad_norm_(index_params, 1.0)
+            index_opt.step()
+            index_opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += args.batch * t
+        if step % args.log_every == 0 or step == 1:
+            now = time.time() - start
+            kl = torch.stack(attention.losses).mean().item() if attention.losses else float("nan")
+            losses.append([step, round(now, 1), loss.item() / math.log(2), kl])
+            log(f"finetune {attention.describe()} step {step} t={now:.0f}s lr={lr:.2e} "
+                f"loss={loss.item() / math.log(2):.4f} bits/byte indexer KL={kl:.4f} nats tok/s={tokens_seen / now:.3g}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    info["finetune"] = {"attention": attention.mode, "k": attention.k, "selector": attention.selector,
+                        "granularity": "per_token", "indexer_loss": attention.indexer_loss, "steps": step,
+                        "tokens": tokens_seen, "seconds": round(time.time() - start, 1), "batch": args.batch,
+                        "context": t, "lr": args.finetune_lr, "indexer_lr": args.finetune_indexer_lr,
+                        "final_train_loss_bits_per_byte": losses[-1][2] if losses else None,
+                        "losses": losses}
+    if losses and losses[-1][0] != step:
+        info["finetune"]["final_train_loss_bits_per_byte"] = loss.item() / math.log(2)
+    return step
+
+
+EVAL_SELECTIONS = (("exact", 64), ("exact", 256), ("indexer", 64), ("indexer", 256))
+
+
+def evaluate_package(model32, eval_text, heldout_eval, device):
+    """The figures of a fine-tuning summary, from fp32 weights (already rounded to what is shipped): bits per
+    byte of eval.txt with full attention (plain attention, fp32) and with top-k attention of each
+    EVAL_SELECTIONS (per_token, every layer sparse: the forward mode of keysel's study), bits per byte of the
+    held-out bytes with full attention (bf16 autocast on a GPU), and the indexers' recall."""
+    cfg = model32.cfg
+    out = {"eval_bpb_full": bits_per_byte(model32, eval_text, cfg.context, device, exact=True, autocast=False)}
+    for selector, k in EVAL_SELECTIONS:
+        attention = TrainingAttention(cfg, "topk", k=k, selector=selector)
+        out[f"eval_bpb_{selector}_{k}"] = bits_per_byte(model32, eval_text, cfg.context, device, autocast=False,
+                                                        attention=attention)
+    out["heldout_bpb_full"] = bits_per_byte(model32, heldout_eval, cfg.context, device)
+    out["heldout_bytes"] = len(heldout_eval)
+    out["indexer_recall"] = indexer_recall(model32, eval_text[:min(2048, cfg.context)], device)
+    return out
+
+
+def rounded_fp16(model):
+    """(fp16 state, fp32 model holding exactly those weights) of `model`, as a package ships them."""
+    state16 = {k: v.half() for k, v in export_state(model).items()}
+    model32 = TinyLM(model.cfg).float()
+    load_state(model32, {k: v.float() for k, v in state16.items()})
+    return state16, model32.eval()
+
+
+def write_package(out, state16, cfg, eval_text, info, logit_tokens):
+    """A package in models/tiny_lm's format, without a dump: model.safetensors (fp16, format, config, training),
+    eval.txt, logits.safetensors (float64 logits of the fp16 weights over eval.txt's first logit_tokens bytes,
+    with its bits per byte) and train_log.json."""
+    os.makedirs(out, exist_ok=True)
+    training = {k: info[k] for k in ("command", "torch", "device", "init") if k in info}
+    training.update({k: info["finetune"][k] for k in ("attention", "k", "selector", "granularity", "steps",
+                                                       "tokens", "seconds")})
+    training.update({k: info["evaluation"][k] for k in ("eval_bpb_full", "heldout_bpb_full")})
+    meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "training": json.dumps(training)}
+    write_safetensors(os.path.join(out, "model.safetensors"),
+                      {k: v.numpy().astype(np.float16) for k, v in state16.items()}, meta)
+    with open(os.path.join(out, "eval.txt"), "wb") as f:
+        f.write(eval_text)
+    model64 = TinyLM(cfg).double()
+    load_state(model64, {k: v.double() for k, v in state16.items()})
+    model64.eval()
+    tokens = np.frombuffer(eval_text[:logit_tokens], dtype=np.uint8)
+    with torch.no_grad():
+        logits64 = model64(torch.tensor(tokens.astype(np.int64))[None], exact=True)[0]
+    write_safetensors(os.path.join(out, "logits.safetensors"),
+                      {"tokens": tokens.astype(np.int32), "logits": logits64.numpy().astype(np.float32)},
+                      {"format": "keysel-tiny-lm-logits/1", "bpb_eval": repr(info["evaluation"]["eval_bpb_full"]),
+                       "note": "logits of model.safetensors (fp16 weights) in float64 for tokens = eval.txt[0:L]"})
+    with open(os.path.join(out, "train_log.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def finetune_main(args):
+    """--init: fine-tune a package with --train-attention for --finetune-seconds (or --finetune-steps) and write
+    the fine-tuned package to --out."""
+    global _LOG_FILE
+    os.makedirs(args.out, exist_ok=True)
+    _LOG_FILE = open(os.path.join(args.out, "train.log"), "w")
+    torch.manual_seed(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args),
+            "init": args.init}
+    cfg, model = load_package(args.init, device)
+    with open(os.path.join(args.init, "eval.txt"), "rb") as f:
+        eval_text = f.read()
+    corpus, _, _, heldout_eval = load_data(args, info)
+    data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)
+    seconds = args.finetune_seconds
+    if args.budget_seconds is not None:
+        seconds = min(seconds, _T_START + args.budget_seconds - args.reserve_seconds - time.time())
+    finetune(model, data, args, device, info, training_attention(args), seconds, args.finetune_steps)
+    del data
+    torch.backends.cuda.matmul.allow_tf32 = False
+    state16, model32 = rounded_fp16(model)
+    info["evaluation"] = evaluate_package(model32.to(device), eval_text, heldout_eval, device)
+    log(f"evaluation: { {k: v for k, v in info['evaluation'].items() if k != 'indexer_recall'} }")
+    info["total_seconds"] = round(time.time() - _T_START, 1)
+    write_package(args.out, state16, cfg, eval_text, info, args.logit_tokens)
+    log(f"package {args.out}: {directory_bytes(args.out) / 2**20:.2f} MiB; done in {time.time() - _T_START:.0f}s")
+    _LOG_FILE.close()
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -769,6 +1116,21 @@ def make_parser():
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
+    # fine-tuning a trained package (docs/training.md "Top-k fine-tuning study"); the shape comes from --init
+    ap.add_argument("--init", default=None,
+                    help="a package directory (models/tiny_lm's format): fine-tune its weights instead of training "
+                         "from scratch; the shape options are then ignored")
+    ap.add_argument("--train-attention", choices=("full", "topk"), default="full",
+                    help="with --init: the attention of every layer in fine-tuning")
+    ap.add_argument("--train-k", type=int, default=64, help="with --train-attention topk: keys per query token")
+    ap.add_argument("--train-selector", choices=("exact", "indexer"), default="exact",
+                    help="with --train-attention topk: the exact top-k of the head-mean attention, or the layer's "
+                         "Lightning Indexer's top-k (its KL then restricted to the selection, DSA's sparse stage)")
+    ap.add_argument("--finetune-seconds", type=float, default=60)
+    ap.add_argument("--finetune-steps", type=int, default=None, help="stop after this many steps (or the seconds)")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4)
+    ap.add_argument("--finetune-warmup", type=int, default=20)
+    ap.add_argument("--finetune-indexer-lr", type=float, default=1e-3)
     return ap
 
 
@@ -787,6 +1149,10 @@ def main():
     global _LOG_FILE
     ap = make_parser()
     args = ap.parse_args()
+    if args.init is not None:
+        if args.train_k < 1:
+            ap.error(f"--train-k must be >= 1, got {args.train_k}")
+        return finetune_main(args)
     if args.short_fraction > 0 and not args.short_context:
         ap.error("--short-fraction needs --short-context")
     if args.short_context and not 0 < args.short_context <= args.context:
@@ -814,26 +1180,8 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
     info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args)}
-    t0 = time.time()
 
-    root = site_packages()
-    heldout_dir = os.path.join(root, args.heldout)
-    if not os.path.isdir(heldout_dir):
-        raise SystemExit(f"held-out package {heldout_dir} not found")
-    all_files = python_files(root)
-    train_files = [f for f in all_files if not f.startswith(heldout_dir + os.sep)]
-    heldout_files = [f for f in all_files if f.startswith(heldout_dir + os.sep)]
-    corpus = read_corpus(train_files, args.corpus_bytes, args.seed)
-    heldout = b"".join(open(f, "rb").read() + b"\n\n" for f in heldout_files)
-    mid = len(heldout) // 2
-    eval_text = heldout[mid:mid + args.eval_bytes]
-    heldout_eval = heldout[:min(len(heldout), args.heldout_eval_bytes)]
-    info["data"] = {"site_packages": root, "train_files": len(train_files), "train_bytes": len(corpus),
-                    "heldout": args.heldout, "heldout_files": len(heldout_files), "heldout_bytes": len(heldout),
-                    "eval_txt": f"bytes [{mid}, {mid + len(eval_text)}) of the held-out sources (sorted paths, "
-                                f"each followed by two newlines)"}
-    log(f"corpus {len(corpus) / 1e6:.1f} MB from {len(train_files)} files; held-out {args.heldout}: "
-        f"{len(heldout) / 1e6:.2f} MB; read in {time.time() - t0:.0f}s")
+    corpus, heldout, eval_text, heldout_eval = load_data(args, info)
     data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)
 
     cfg = config_from_args(args)

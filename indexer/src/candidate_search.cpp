@@ -16,6 +16,7 @@
 
 #include "keysel/core/build_config.h"
 #include "keysel/core/error.h"
+#include "keysel/indexer/query_aware_search.h"
 
 #if KEYSEL_FAISS
 #include "keysel/indexer/faiss_search.h"
@@ -201,6 +202,8 @@ std::unique_ptr<CandidateSearch> make_candidate_search(std::string_view spec, st
   require(options.ef_construction >= 1, function, "options.ef_construction", ">= 1", options.ef_construction);
   // The exact search needs no transform: its inner products are exact either way.
   if (spec == "brute_force" || spec == "exact") return std::make_unique<BruteForceSearch>(dim);
+  QueryAwareOptions query_aware;
+  if (parse_query_aware_spec(spec, query_aware)) return std::make_unique<QueryAwareSearch>(dim, query_aware);
 #if KEYSEL_FAISS
   return make_faiss_search(spec, dim, options);
 #else

@@ -24,6 +24,7 @@
 #include "keysel/core/error.h"
 #include "keysel/core/tensor.h"
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/query_aware_search.h"
 #include "selectors_support.h"
 
 #if KEYSEL_FAISS
@@ -46,6 +47,7 @@ struct CandidateSelector::Cache {
   std::int64_t overflows_at_training = 0;
   double last_build_seconds = 0;
   std::vector<std::vector<float>> keys;  // [Hkv][size * dim]
+  std::vector<std::vector<float>> training_queries;  // [Hkv][m * dim]: what query-aware searches train on
   std::vector<std::unique_ptr<CandidateSearch>> indexes;
   // The view the keys came from, so that select() can tell a grown cache from a different one.
   const void* source = nullptr;
@@ -84,6 +86,14 @@ void append_key_rows(const TensorView& keys, std::int64_t first, std::int64_t co
       }
     }
   }
+}
+
+/// Trains `index` on n keys x, with the key head's training queries when the search learns from queries.
+void train_index(CandidateSearch& index, const std::vector<float>& queries, std::int64_t n, const float* x) {
+  if (index.uses_queries()) {
+    index.set_training_queries(static_cast<std::int64_t>(queries.size()) / index.dim(), queries.data());
+  }
+  index.train(n, x);
 }
 
 void check_keys(std::string_view function, const TensorView& keys, std::int64_t kv_heads, std::int64_t dim) {
@@ -321,10 +331,68 @@ void CandidateSelector::build(const TensorView& keys) {
   expect_shape("CandidateSelector::build", keys, "keys", {kAnyExtent, kAnyExtent, kAnyExtent});
   check_keys("CandidateSelector::build", keys, keys.size(1), keys.size(2));
   std::lock_guard<std::mutex> lock(mutex_);
-  build_locked(keys);
+  build_locked(keys, nullptr);
 }
 
-void CandidateSelector::build_locked(const TensorView& keys) {
+void CandidateSelector::set_training_queries(const TensorView& queries) {
+  constexpr std::string_view function = "CandidateSelector::set_training_queries";
+  expect_shape(function, queries, "queries", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, queries, "queries", {DType::fp32, DType::fp16, DType::bf16});
+  expect_device(function, queries, "queries", Device::cpu());
+  const std::vector<double> q = to_double_vector(queries);
+  std::lock_guard<std::mutex> lock(mutex_);
+  training_queries_.assign(q.begin(), q.end());
+  training_query_heads_ = queries.size(1);
+  training_query_dim_ = queries.size(2);
+}
+
+std::vector<std::vector<float>> CandidateSelector::training_queries_locked(std::int64_t kv_heads, std::int64_t d,
+                                                                           std::int64_t train_n,
+                                                                           const AttentionInputs* inputs) const {
+  constexpr std::string_view function = "CandidateSelector::build";
+  std::vector<std::vector<float>> out(static_cast<std::size_t>(kv_heads));
+  std::vector<float> q;
+  std::int64_t heads = 0;
+  std::vector<std::int64_t> tokens;
+  if (!training_queries_.empty()) {
+    KEYSEL_CHECK_ARG_IN(function, training_query_dim_ == d && training_query_heads_ % kv_heads == 0,
+                        "training queries", "[T, Hq, " + std::to_string(d) + "] with Hq a multiple of the " +
+                            std::to_string(kv_heads) + " key heads",
+                        "[.., " + std::to_string(training_query_heads_) + ", " + std::to_string(training_query_dim_) +
+                            "]");
+    q = training_queries_;
+    heads = training_query_heads_;
+    for (std::int64_t t = 0; t < static_cast<std::int64_t>(q.size()) / (heads * d); ++t) tokens.push_back(t);
+  } else if (inputs != nullptr) {
+    // The prefill's queries: tokens whose position lies among the training keys; all when none does.
+    const std::vector<double> all = to_double_vector(inputs->q);
+    q.assign(all.begin(), all.end());
+    heads = inputs->q.size(1);
+    const std::int64_t t_count = inputs->q.size(0);
+    const std::vector<std::int64_t> allowed = support::allowed_per_token(*inputs, inputs->shape());
+    for (std::int64_t t = 0; t < t_count; ++t) {
+      if (allowed[static_cast<std::size_t>(t)] <= train_n) tokens.push_back(t);
+    }
+    if (tokens.empty()) {
+      for (std::int64_t t = 0; t < t_count; ++t) tokens.push_back(t);
+    }
+  } else {
+    return out;
+  }
+  const std::int64_t group = heads / kv_heads;
+  for (std::int64_t h = 0; h < kv_heads; ++h) {
+    std::vector<float>& dst = out[static_cast<std::size_t>(h)];
+    for (const std::int64_t t : tokens) {
+      for (std::int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
+        const float* row = q.data() + (t * heads + qh) * d;
+        dst.insert(dst.end(), row, row + d);
+      }
+    }
+  }
+  return out;
+}
+
+void CandidateSelector::build_locked(const TensorView& keys, const AttentionInputs* inputs) {
   const auto start = Clock::now();
   const std::int64_t n = keys.size(0);
   const std::int64_t heads = keys.size(1);
@@ -336,12 +404,13 @@ void CandidateSelector::build_locked(const TensorView& keys) {
   cache->keys.resize(static_cast<std::size_t>(heads));
   append_key_rows(keys, 0, n, cache->keys);
   const std::int64_t train_n = options_.train_keys > 0 ? std::min(options_.train_keys, n) : n;
+  cache->training_queries = training_queries_locked(heads, d, train_n, inputs);
   for (std::int64_t h = 0; h < heads; ++h) {
     std::unique_ptr<CandidateSearch> index = factory_(d);
     KEYSEL_CHECK(index != nullptr && index->dim() == d,
                  "the search factory must return a search of dim " << d);
     const float* data = cache->keys[static_cast<std::size_t>(h)].data();
-    index->train(train_n, data);
+    train_index(*index, cache->training_queries[static_cast<std::size_t>(h)], train_n, data);
     index->add(n, data);
     cache->overflows_at_training += index->norm_overflows();
     cache->indexes.push_back(std::move(index));
@@ -406,7 +475,7 @@ void CandidateSelector::retrain_locked() {
   for (std::int64_t h = 0; h < cache.kv_heads; ++h) {
     std::unique_ptr<CandidateSearch> index = factory_(cache.dim);
     const float* data = cache.keys[static_cast<std::size_t>(h)].data();
-    index->train(cache.size, data);
+    train_index(*index, cache.training_queries[static_cast<std::size_t>(h)], cache.size, data);
     index->add(cache.size, data);
     cache.overflows_at_training += index->norm_overflows();
     cache.indexes[static_cast<std::size_t>(h)] = std::move(index);
@@ -486,7 +555,7 @@ void CandidateSelector::sync_indexes_locked(const SelectionRequest& request) {
       break;
   }
   if (!keep) {
-    build_locked(k);
+    build_locked(k, &request.attention);
   } else if (cache_->size < shape.keys) {
     append_locked(k, cache_->size);
   }
@@ -595,14 +664,19 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
                       "\"brute_force\", \"exact\" or a FAISS factory string", spec);
   std::string name = spec_text;
   const bool exact = spec == "brute_force" || spec == "exact";
+  QueryAwareOptions query_aware;
+  const bool keysel_index = exact || parse_query_aware_spec(spec, query_aware);  // checks a QueryIVF spec now
 #if KEYSEL_FAISS
   // The grammar is checked now, so that a study file with a bad factory string fails when it is loaded; what
   // depends on D or the key count (PQ m dividing D, nlist <= keys) is checked when the index is built.
-  if (!exact) check_faiss_factory(spec);
+  if (!keysel_index) check_faiss_factory(spec);
 #endif
-  if (search_options.mips_to_l2 && !exact) name += "+mips";
-  if (search_options.balance_channels && !exact) name += "+balance";
-  if (spec.find("IVF") != std::string_view::npos) {
+  if (search_options.mips_to_l2 && !keysel_index) name += "+mips";
+  if (search_options.balance_channels && !keysel_index) name += "+balance";
+  if (keysel_index && !exact) {
+    // Safe probing: 0 lists means "until no list can beat the k-th score".
+    name += " nprobe=" + (options.search.nprobe > 0 ? std::to_string(options.search.nprobe) : std::string("safe"));
+  } else if (spec.find("IVF") != std::string_view::npos) {
     name += " nprobe=" + std::to_string(options.search.nprobe > 0 ? options.search.nprobe : search_options.nprobe);
   }
   if (spec.find("HNSW") != std::string_view::npos) {

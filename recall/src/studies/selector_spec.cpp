@@ -285,7 +285,7 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
       }
       options.rerank = make_indexer_candidate_score(indexer->queries, indexer->weights, indexer->keys);
     }
-    if (!built_with_faiss() && factory != "brute_force") {
+    if (!built_with_faiss() && factory != "brute_force" && factory.rfind("QueryIVF", 0) != 0) {
       fail(where, "type \"faiss\" needs keysel built with FAISS (KEYSEL_FAISS=ON); this build has none "
                   "(only \"factory\": \"brute_force\" works without it)");
     }

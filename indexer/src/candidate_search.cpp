@@ -161,6 +161,17 @@ std::int64_t BruteForceSearch::bytes() const {
   return static_cast<std::int64_t>(vectors_.size() * sizeof(float));
 }
 
+void CandidateSearch::reconstruct(std::int64_t id, float* out) const {
+  (void)id, (void)out;
+  detail::throw_argument_error("CandidateSearch::reconstruct", "this",
+                               "a search that stores its vectors (brute force, QueryIVF)", name());
+}
+
+void BruteForceSearch::reconstruct(std::int64_t id, float* out) const {
+  require(id >= 0 && id < size(), "BruteForceSearch::reconstruct", "id", "in [0, size())", id);
+  std::copy(vectors_.begin() + id * dim(), vectors_.begin() + (id + 1) * dim(), out);
+}
+
 void BruteForceSearch::do_add(std::int64_t n, const float* x) { vectors_.insert(vectors_.end(), x, x + n * dim()); }
 
 SearchCost BruteForceSearch::do_search(std::int64_t n, const float* x, std::int64_t k, float* scores,

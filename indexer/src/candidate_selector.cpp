@@ -163,6 +163,7 @@ struct RowScratch {
   std::vector<std::int32_t> candidates;  // the row's candidate free keys U, ascending
   std::vector<std::int32_t> kept;
   std::vector<double> candidate_scores;
+  std::vector<float> decoded;
 };
 
 /// Searches each key head the group of token t reads, with all of the group's queries on it in one batch, for
@@ -261,9 +262,16 @@ std::vector<std::int32_t> rerank_exact(const RowInputs& rows, std::int64_t t, st
   scratch.candidate_scores.assign(candidates.size(), 0.0);
   const std::int64_t d = rows.shape.head_dim;
   const std::vector<std::vector<float>>& keys = *rows.keys;
+  const bool stored = rows.options->rerank_stored;
+  std::vector<float>& decoded = scratch.decoded;
+  decoded.resize(static_cast<std::size_t>(d));
   const double macs = support::renormalised_pbar(
       g, rows.scale, candidates, kept, scratch.candidate_scores, [&](std::int32_t s, std::int64_t kv, double* out) {
         const float* key = keys[static_cast<std::size_t>(kv)].data() + static_cast<std::int64_t>(s) * d;
+        if (stored) {
+          (*rows.indexes)[static_cast<std::size_t>(kv)]->reconstruct(s, decoded.data());
+          key = decoded.data();
+        }
         for (std::int64_t c = 0; c < d; ++c) out[c] = key[c];
       });
   const double keys_read = static_cast<double>(candidates.size() + kept.size());
@@ -271,7 +279,9 @@ std::vector<std::int32_t> rerank_exact(const RowInputs& rows, std::int64_t t, st
   const std::int64_t kv_heads_read = (g.first_head + g.count - 1) / group_size - g.first_head / group_size + 1;
   row_cost.keys_scored += keys_read;
   row_cost.macs += macs;
-  row_cost.key_bytes_read += keys_read * static_cast<double>(d * kv_heads_read) * sizeof(float);
+  const double key_bytes = stored ? static_cast<double>((*rows.indexes)[0]->stored_vector_bytes())
+                                  : static_cast<double>(d) * sizeof(float);
+  row_cost.key_bytes_read += keys_read * static_cast<double>(kv_heads_read) * key_bytes;
   return support::best_by_score(candidates, scratch.candidate_scores, plan.fill);
 }
 
@@ -572,6 +582,10 @@ SelectionCost CandidateSelector::do_select(const SelectionRequest& request, cons
 
   std::lock_guard<std::mutex> lock(mutex_);
   sync_indexes_locked(request);
+  KEYSEL_CHECK_ARG_IN("CandidateSelector::select",
+                      !options_.rerank_stored || options_.rerank || cache_->indexes.front()->can_reconstruct(),
+                      "options.rerank_stored", "searches that store their vectors (brute force, QueryIVF)",
+                      cache_->indexes.front()->name());
   const RowInputs rows = prepare_rows(request.attention, policy, options_, cache_->indexes, cache_->keys);
   const std::int64_t row_count = rows.shape.tokens * rows.groups;
   std::vector<SelectionCost> row_costs(static_cast<std::size_t>(row_count));
@@ -685,6 +699,7 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
   if (options.candidates > 0) name += " k'=" + std::to_string(options.candidates);
   if (options.queries == CandidateQueries::group_mean) name += " mean-query";
   if (options.rerank) name += " indexer-rerank";
+  if (options.rerank_stored && !options.rerank) name += " rerank-stored";
   auto factory = [spec_text, search_options](std::int64_t dim) {
     return make_candidate_search(spec_text, dim, search_options);
   };

@@ -1147,6 +1147,19 @@ TEST(CandidateSelector, QueryAwareWithFullOverFetchEqualsExactTopK) {
   validate_selection("test", TensorView(got.data(), DType::int32, {a.tokens, a.kv_heads, policy.k}), "got",
                      a.inputs().positions, a.keys, a.kv_heads);
   EXPECT_GT(cost.key_bytes_read, 0);
+  // The re-rank over the stored vectors: exact with fp32 lists, and it reads codes, not fp32 keys.
+  options.candidates = a.keys;
+  options.search.nprobe = 0;
+  options.rerank_stored = true;
+  auto stored = make_candidate_selector("QueryIVF4x2,Flat", options);
+  EXPECT_EQ(run_select(*stored, a.inputs(), policy), exact_selection(a.inputs(), policy));
+  SelectionCost fp32_cost, code_cost;
+  auto plain_options = options;
+  plain_options.rerank_stored = false;
+  run_select(*make_candidate_selector("QueryIVF4,SQ4", plain_options), a.inputs(), policy, &fp32_cost);
+  run_select(*make_candidate_selector("QueryIVF4,SQ4", options), a.inputs(), policy, &code_cost);
+  EXPECT_LT(code_cost.key_bytes_read, fp32_cost.key_bytes_read);
+  EXPECT_EQ(code_cost.keys_scored, fp32_cost.keys_scored);
 }
 
 }  // namespace

@@ -99,6 +99,13 @@ class CandidateSearch {
   /// Queries (size n * dim, finite) that the next train() learns the index's structure from, such as the
   /// prefill's queries of the heads that search this index. Searches that do not use queries ignore them.
   virtual void set_training_queries(std::int64_t n, const float* queries) { (void)n, (void)queries; }
+  /// Whether reconstruct() gives the stored vectors (brute force, QueryAwareSearch; not the FAISS searches).
+  virtual bool can_reconstruct() const { return false; }
+  /// The vector of `id` as the index stores it (decoded codes), what its scores are computed from.  out: size dim
+  /// Throws keysel::Error where can_reconstruct() is false.
+  virtual void reconstruct(std::int64_t id, float* out) const;
+  /// Bytes one stored vector occupies (its code), what reading it for a re-rank costs.
+  virtual std::int64_t stored_vector_bytes() const { return dim_ * 4; }
 
   /// Trains on n vectors x (size n * dim). Indexes that need no training accept it and do nothing but record
   /// the norm bound of the MIPS transform. Throws when n is below what the index needs (IVF: nlist).
@@ -135,6 +142,8 @@ class BruteForceSearch final : public CandidateSearch {
   std::int64_t size() const override;
   bool is_trained() const override { return true; }
   std::int64_t bytes() const override;
+  bool can_reconstruct() const override { return true; }
+  void reconstruct(std::int64_t id, float* out) const override;
   void reset() override { vectors_.clear(); }
 
  protected:
@@ -181,6 +190,11 @@ struct CandidateSelectorOptions {
   /// It is called once per row with the row's candidate free keys, from one thread at a time. Empty: the exact
   /// re-rank described at CandidateSelector.
   CandidateScore rerank;
+  /// Re-rank (the exact formula above) over the vectors the indexes store, their codes decoded
+  /// (CandidateSearch::reconstruct), instead of the fp32 keys: reads each candidate's code (e.g. 64 bytes at
+  /// 4 bits for D = 128) instead of 4 D bytes, and ranks by the same approximate keys the search scored. Needs
+  /// searches that can reconstruct (brute force, QueryIVF); ignored when `rerank` is set.
+  bool rerank_stored = false;
 };
 
 /// One CandidateSearch per key head over the cache of keys [N, Hkv, D], turned into a Selector.

@@ -74,6 +74,9 @@ class QueryAwareSearch final : public CandidateSearch {
   std::int64_t clamped_values() const { return clamped_; }
   /// The stored (decoded) value of key `id`: what scores are computed from.   out: size dim
   void decoded(std::int64_t id, float* out) const;
+  bool can_reconstruct() const override { return true; }
+  void reconstruct(std::int64_t id, float* out) const override { decoded(id, out); }
+  std::int64_t stored_vector_bytes() const override { return code_bytes(); }
 
  protected:
   void do_train(std::int64_t n, const float* x) override;

@@ -43,6 +43,16 @@ double dot_double(const float* a, const float* b, std::int64_t d) {
   return s;
 }
 
+/// Inner product in fp32 over 8 partial sums (the compiler vectorises the independent lanes).
+float dot_float(const float* a, const float* b, std::int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  std::int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int u = 0; u < 8; ++u) acc[u] += a[c + u] * b[c + u];
+  for (; c < d; ++c) acc[0] += a[c] * b[c];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
 struct Scored {
   float score;
   std::int64_t id;
@@ -215,20 +225,20 @@ void QueryAwareSearch::do_train(std::int64_t n, const float* x) {
     }
   }
 
-  // How each cluster's mean query ranks the training keys: z_j(k) = (c_j . k - mean_j) / spread_j.
-  std::vector<double> mean(static_cast<std::size_t>(lists), 0.0), spread(static_cast<std::size_t>(lists), 0.0);
+  // How each training query ranks the training keys: z_i(k) = (q_i . k - mean_i) / spread_i.
+  std::vector<double> mean(static_cast<std::size_t>(m), 0.0), spread(static_cast<std::size_t>(m), 0.0);
 #pragma omp parallel for schedule(static) if (!omp_in_parallel())
-  for (std::int64_t j = 0; j < lists; ++j) {
+  for (std::int64_t i = 0; i < m; ++i) {
     double s = 0, s2 = 0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      const double v = dot_double(centroids.data() + j * d, x + i * d, d);
+    for (std::int64_t r = 0; r < n; ++r) {
+      const double v = dot_float(training_queries_.data() + i * d, x + r * d, d);
       s += v;
       s2 += v * v;
     }
     const double mu = s / static_cast<double>(n);
-    mean[static_cast<std::size_t>(j)] = mu;
+    mean[static_cast<std::size_t>(i)] = mu;
     const double var = std::max(s2 / static_cast<double>(n) - mu * mu, 0.0);
-    spread[static_cast<std::size_t>(j)] = var > 0 ? std::sqrt(var) : 1.0;
+    spread[static_cast<std::size_t>(i)] = var > 0 ? std::sqrt(var) : 1.0;
   }
 
   // The scalar quantizer: each channel's range over the training keys in 255 (15) steps.
@@ -241,7 +251,16 @@ void QueryAwareSearch::do_train(std::int64_t n, const float* x) {
     step[static_cast<std::size_t>(c)] = hi > lo ? static_cast<float>((static_cast<double>(hi) - lo) / levels) : 1.0f;
   }
 
+  // Unit centroids order the lists for a query (the query's nearest query clusters first).
+  for (std::int64_t j = 0; j < lists; ++j) {
+    const double norm = std::sqrt(dot_double(centroids.data() + j * d, centroids.data() + j * d, d));
+    for (std::int64_t c = 0; c < d; ++c) {
+      float& v = centroids[static_cast<std::size_t>(j * d + c)];
+      v = norm > 0 ? static_cast<float>(v / norm) : 0.0f;
+    }
+  }
   centroids_ = std::move(centroids);
+  owner_ = std::move(owner);
   mean_ = std::move(mean);
   spread_ = std::move(spread);
   low_ = std::move(low);
@@ -289,18 +308,33 @@ void QueryAwareSearch::do_add(std::int64_t n, const float* x) {
   const std::int64_t d = dim(), lists = options_.lists, a = options_.assignments, cb = code_bytes();
   std::vector<std::uint8_t> code(static_cast<std::size_t>(cb));
   std::vector<float> value(static_cast<std::size_t>(d));
-  std::vector<std::pair<double, std::int64_t>> z(static_cast<std::size_t>(lists));
+  // The lists of each key: the `a` query clusters whose members rank it highest, z_j(k) = max over the
+  // cluster's training queries i of z_i(k) (computed in parallel; appended in id order below).
+  const std::int64_t m = static_cast<std::int64_t>(owner_.size());
+  std::vector<std::int64_t> chosen(static_cast<std::size_t>(n * a));
+#pragma omp parallel if (n > 16 && !omp_in_parallel())
+  {
+    std::vector<std::pair<double, std::int64_t>> z(static_cast<std::size_t>(lists));
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float* key = x + i * d;
+      for (std::int64_t j = 0; j < lists; ++j) z[static_cast<std::size_t>(j)] = {std::numeric_limits<double>::infinity(), j};
+      for (std::int64_t r = 0; r < m; ++r) {
+        const double v = (dot_float(training_queries_.data() + r * d, key, d) - mean_[static_cast<std::size_t>(r)]) /
+                         spread_[static_cast<std::size_t>(r)];
+        double& best = z[static_cast<std::size_t>(owner_[static_cast<std::size_t>(r)])].first;
+        best = std::min(best, -v);
+      }
+      std::partial_sort(z.begin(), z.begin() + a, z.end());  // largest z first, lower list on ties
+      for (std::int64_t r = 0; r < a; ++r) chosen[static_cast<std::size_t>(i * a + r)] = z[static_cast<std::size_t>(r)].second;
+    }
+  }
   for (std::int64_t i = 0; i < n; ++i) {
     const float* key = x + i * d;
     const std::int64_t id = count_ + i;
     encode(key, code.data(), value.data());
-    for (std::int64_t j = 0; j < lists; ++j) {
-      const double s = dot_double(centroids_.data() + j * d, key, d);
-      z[static_cast<std::size_t>(j)] = {-(s - mean_[static_cast<std::size_t>(j)]) / spread_[static_cast<std::size_t>(j)], j};
-    }
-    std::partial_sort(z.begin(), z.begin() + a, z.end());  // largest z first, lower list on ties
     for (std::int64_t r = 0; r < a; ++r) {
-      List& l = lists_[static_cast<std::size_t>(z[static_cast<std::size_t>(r)].second)];
+      List& l = lists_[static_cast<std::size_t>(chosen[static_cast<std::size_t>(i * a + r)])];
       const bool first = l.ids.empty();
       l.ids.push_back(static_cast<std::int32_t>(id));
       if (options_.codes == ListCodes::fp32) {
@@ -336,9 +370,12 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
 #pragma omp parallel if (n > 1 && !omp_in_parallel())
   {
     std::vector<std::pair<double, std::int64_t>> bounds(static_cast<std::size_t>(lists));
+    std::vector<std::pair<double, std::int64_t>> order(static_cast<std::size_t>(lists));
+    std::vector<double> list_bound(static_cast<std::size_t>(lists));
     std::vector<Scored> heap;  // min-heap by `better`: heap.front() is the current k-th best
     std::vector<std::uint8_t> seen;
     std::vector<float> weight(static_cast<std::size_t>(d));
+    std::vector<std::uint8_t> visited_lists;
 #pragma omp for schedule(dynamic, 1)
     for (std::int64_t i = 0; i < n; ++i) {
       const float* q = x + i * d;
@@ -356,9 +393,12 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
           }
         }
         bounds[static_cast<std::size_t>(j)] = {-b, j};
+        list_bound[static_cast<std::size_t>(j)] = b;
+        order[static_cast<std::size_t>(j)] = {l.ids.empty() ? std::numeric_limits<double>::infinity()
+                                                             : -dot_double(centroids_.data() + j * d, q, d), j};
       }
       const double slack = 1e-5 * magnitude * static_cast<double>(d) + 1e-30;
-      std::sort(bounds.begin(), bounds.end());
+      std::sort(order.begin(), order.end());  // the query's nearest query clusters first
       // Scores of codes: q . (low + code * step) = q . low + (q * step) . code.
       double offset = 0;
       if (options_.codes != ListCodes::fp32) {
@@ -372,11 +412,27 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
       const auto cmp = [](const Scored& a, const Scored& b) { return better(a, b); };
       double scanned = 0;
       std::int64_t probed = 0;
+      // Safe probing: the largest bound of the lists not yet visited (bounds sorted descending, visited marked).
+      std::sort(bounds.begin(), bounds.end());
+      std::vector<std::uint8_t>& visited = visited_lists;
+      visited.assign(static_cast<std::size_t>(lists), 0);
+      std::size_t top_unvisited = 0;
       for (std::int64_t r = 0; r < lists && probed < max_probe; ++r) {
-        const double bound = -bounds[static_cast<std::size_t>(r)].first;
-        if (!std::isfinite(bound)) break;  // empty lists come last
-        if (static_cast<std::int64_t>(heap.size()) == k && bound + slack < heap.front().score) break;  // safe stop
-        const List& l = lists_[static_cast<std::size_t>(bounds[static_cast<std::size_t>(r)].second)];
+        const std::int64_t j = order[static_cast<std::size_t>(r)].second;
+        if (!std::isfinite(order[static_cast<std::size_t>(r)].first) &&
+            order[static_cast<std::size_t>(r)].first > 0) break;  // empty lists come last
+        visited[static_cast<std::size_t>(j)] = 1;
+        if (static_cast<std::int64_t>(heap.size()) == k) {
+          const float kth = heap.front().score;
+          while (top_unvisited < bounds.size() && visited[static_cast<std::size_t>(bounds[top_unvisited].second)] &&
+                 bounds[top_unvisited].second != j) {
+            ++top_unvisited;
+          }
+          // No list left (this one included) can beat the k-th score: done; this one alone cannot: skip it.
+          if (top_unvisited >= bounds.size() || -bounds[top_unvisited].first + slack < kth) break;
+          if (list_bound[static_cast<std::size_t>(j)] + slack < kth) continue;
+        }
+        const List& l = lists_[static_cast<std::size_t>(j)];
         ++probed;
         const auto first = std::lower_bound(l.ids.begin(), l.ids.end(), params.id_begin);
         const auto last = std::lower_bound(first, l.ids.end(), params.id_end);

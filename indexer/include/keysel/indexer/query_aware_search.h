@@ -98,7 +98,8 @@ class QueryAwareSearch final : public CandidateSearch {
   std::vector<float> training_queries_;  // [m, dim], unit-normalised
   bool trained_ = false;
   std::vector<float> centroids_;         // [lists, dim]
-  std::vector<double> mean_, spread_;    // [lists]: c_j . k over the training keys
+  std::vector<std::int64_t> owner_;      // [m]: the query cluster of each training query
+  std::vector<double> mean_, spread_;    // [m]: q_i . k over the training keys
   std::vector<float> low_, step_;        // [dim]: quantizer value = low + code * step
   std::vector<List> lists_;
   std::vector<std::uint8_t> key_codes_;  // [count, code_bytes] (sq*), for decoded()

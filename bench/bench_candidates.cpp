@@ -22,6 +22,13 @@
 // dump with indexer tensors (index_q, index_k, index_w), three rows re-rank by the Lightning Indexer instead of
 // exactly (CandidateSelectorOptions::rerank); the brute-force one with k' = N is the indexer's own top-k.
 //
+// QueryIVF rows (query-aware lists, QueryAwareSearch) train on earlier queries: on the synthetic workload the
+// generator makes --prefill-queries=P (default 512) more tokens before the T measured ones and keeps their queries
+// for training only; on a dump, the queries of its first half of tokens. The fp8 Lightning Indexer (64 heads,
+// DI = 128) + top-k over random indexer tensors of the same N is timed before the table (best of 3); every row
+// reports x_fp8_bytes (bytes read per row over the indexer's 132 B per allowed key) and x_fp8_time (ms per row
+// over the indexer's).
+//
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
 // Workload realism (recall/include/keysel/recall/synthetic.h; all off by default, i.e. the default workload):
 // --rope-base=B --key-rank=R --focus=F --temperature=X --key-shift=S --outliers=C --outlier-scale=A, or --realistic
@@ -670,15 +677,16 @@ int main(int argc, char** argv) {
   // Query-aware lists (QueryIVF): 4-bit codes re-ranked over the stored codes, nprobe cut short or safe (0).
   if (g_training_tokens * (shape.query_heads / shape.kv_heads) >= 64) {
     const std::int64_t train = g_training_tokens * (shape.query_heads / shape.kv_heads);
-    const auto lists = [train](std::int64_t wanted) {
+    const std::int64_t keys = shape.keys;
+    const auto lists = [train, keys](std::int64_t wanted) {  // at most the training queries and N / 16
       std::int64_t l = wanted;
-      while (l > 1 && l > train) l /= 2;
+      while (l > 1 && (l > train || l * 16 > keys)) l /= 2;
       return l;
     };
     const auto each = keysel::CandidateQueries::each_head;
     const auto mean_query = keysel::CandidateQueries::group_mean;
     const std::string qa = "QueryIVF" + std::to_string(lists(256));
-    const std::string qa_big = "QueryIVF" + std::to_string(lists(1024));
+    const std::string qa_big = "QueryIVF" + std::to_string(lists(1024)) + (lists(1024) == lists(256) ? "x2" : "");
     for (const std::int64_t nprobe : {4, 8, 16, 32, 0}) {
       register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true});
     }

@@ -3,17 +3,18 @@
 //
 // Key-only partitions (IVF's k-means over keys) cannot order their lists by the attention a query pays: queries
 // and keys have different distributions. QueryAwareSearch partitions the keys by the queries instead:
-//   1. train: k-means over the prefill's (unit-normalised) queries gives `lists` query centroids c_j; for every
-//      list, the mean mu_j and spread sd_j of c_j . k over the training keys;
-//   2. add: key k joins the `assignments` lists with the largest z_j(k) = (c_j . k - mu_j) / sd_j: the query
-//      clusters for which it ranks highest among the keys (a function of the key and the training alone, so
-//      appending keys gives the same index as adding them at once);
+//   1. train: k-means over the prefill's (unit-normalised) training queries q_i gives `lists` query clusters with
+//      unit centroids c_j; for every training query, the mean mu_i and spread sd_i of q_i . k over the training keys;
+//   2. add: key k joins the `assignments` lists j with the largest z_j(k) = max over the cluster's queries i of
+//      (q_i . k - mu_i) / sd_i: the query clusters whose queries rank it highest among the keys (a function of the
+//      key and the training alone, so appending keys gives the same index as adding them at once);
 //   3. lists store the keys as fp32, 8-bit or 4-bit codes of one per-channel scalar quantizer (trained on the
 //      training keys' channel ranges) and, per list, each channel's smallest and largest stored value;
-//   4. search: every list's upper bound of q . k, sum_c max(q_c lo_jc, q_c hi_jc) (Quest's per-block bound), orders
-//      the lists; lists are scanned in that order until no unprobed list can beat the current k-th score (safe
-//      probing: the exact top-k of the stored values) or SearchParameters::nprobe lists were scanned (a cut-short
-//      search: the recall/cost curve).
+//   4. search: lists are visited in the order of the query's nearest query clusters (largest q . c_j); every
+//      list's upper bound of q . k, sum_c max(q_c lo_jc, q_c hi_jc) (Quest's per-block bound), skips a list that
+//      cannot beat the current k-th score and stops the search when no unscanned list can (safe probing: run to
+//      the end, the exact top-k of the stored values); SearchParameters::nprobe > 0 stops after that many lists
+//      were scanned (a cut-short search: the recall/cost curve).
 // A key held by several lists has the same code in each (one quantizer), so duplicates carry equal scores and
 // are dropped at the second sighting.
 #pragma once

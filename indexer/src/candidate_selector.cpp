@@ -414,11 +414,14 @@ void CandidateSelector::build_locked(const TensorView& keys, const AttentionInpu
   cache->keys.resize(static_cast<std::size_t>(heads));
   append_key_rows(keys, 0, n, cache->keys);
   const std::int64_t train_n = options_.train_keys > 0 ? std::min(options_.train_keys, n) : n;
-  cache->training_queries = training_queries_locked(heads, d, train_n, inputs);
   for (std::int64_t h = 0; h < heads; ++h) {
     std::unique_ptr<CandidateSearch> index = factory_(d);
     KEYSEL_CHECK(index != nullptr && index->dim() == d,
                  "the search factory must return a search of dim " << d);
+    if (h == 0) {  // only searches that learn from queries get them (the others would only copy them)
+      cache->training_queries = index->uses_queries() ? training_queries_locked(heads, d, train_n, inputs)
+                                                      : std::vector<std::vector<float>>(static_cast<std::size_t>(heads));
+    }
     const float* data = cache->keys[static_cast<std::size_t>(h)].data();
     train_index(*index, cache->training_queries[static_cast<std::size_t>(h)], train_n, data);
     index->add(n, data);

@@ -1121,6 +1121,36 @@ TEST(QueryAwareSearch, BadInputGivesAClearError) {
   EXPECT_EQ(make_candidate_search("QueryIVF8x2,SQ4", kDim)->name(), "QueryIVF8x2,SQ4");
 }
 
+TEST(CandidateSelector, QueryAwareAppendThenSelectEqualsBuildThenSelect) {
+  const TestAttention full = make_attention(93, 300);
+  TestAttention prefill = full;  // the first 200 keys, as the cache held them before decoding
+  prefill.keys = 200;
+  prefill.positions = {3, 40, 100, 198, 199};
+  const TensorView training(full.q.data(), DType::fp32, {full.tokens, full.query_heads, full.dim});
+  SelectionPolicy policy;
+  policy.k = 20;
+  policy.n_sink = 2;
+  policy.n_local = 2;
+  CandidateSelectorOptions options;
+  options.train_keys = 200;
+  options.search.nprobe = 2;
+  options.rerank_stored = true;
+  auto grown = make_candidate_selector("QueryIVF4x2,SQ4", options);
+  grown->set_training_queries(training);
+  run_select(*grown, prefill.inputs(), policy);  // builds over 200 keys
+  const auto appended = run_select(*grown, full.inputs(), policy);  // same memory, longer view: appends 100
+  EXPECT_EQ(grown->size(), 300);
+  EXPECT_EQ(grown->retrain_count(), 0);
+  auto fresh = make_candidate_selector("QueryIVF4x2,SQ4", options);
+  fresh->set_training_queries(training);
+  EXPECT_EQ(run_select(*fresh, full.inputs(), policy), appended);
+  // Retraining keeps the training queries (a retrain without them would throw).
+  grown->retrain();
+  EXPECT_EQ(grown->retrain_count(), 1);
+  EXPECT_EQ(grown->trained_size(), 300);
+  EXPECT_NO_THROW(run_select(*grown, full.inputs(), policy));
+}
+
 TEST(CandidateSelector, QueryAwareWithFullOverFetchEqualsExactTopK) {
   const TestAttention a = make_attention(91);
   SelectionPolicy policy;

@@ -27,7 +27,8 @@
 // for training only; on a dump, the queries of its first half of tokens. The fp8 Lightning Indexer (64 heads,
 // DI = 128) + top-k over random indexer tensors of the same N is timed before the table (best of 3); every row
 // reports x_fp8_bytes (bytes read per row over the indexer's 132 B per allowed key) and x_fp8_time (ms per row
-// over the indexer's).
+// over the indexer's). With one key head, two rows build the same lists from 4 P evenly spaced keys instead of the
+// queries ("key-trained"), which isolates what the queries add.
 //
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
 // Workload realism (recall/include/keysel/recall/synthetic.h; all off by default, i.e. the default workload):
@@ -166,9 +167,9 @@ struct SharedSelector {
   double build_seconds = 0;
 };
 
-SharedSelector& shared(const std::string& spec, bool mips, bool balance) {
+SharedSelector& shared(const std::string& spec, bool mips, bool balance, bool key_trained) {
   static std::vector<std::pair<std::string, SharedSelector>> cache;
-  const std::string key = spec + (mips ? "+mips" : "") + (balance ? "+balance" : "");
+  const std::string key = spec + (mips ? "+mips" : "") + (balance ? "+balance" : "") + (key_trained ? "+keys" : "");
   for (auto& [name, s] : cache) {
     if (name == key) return s;
   }
@@ -178,7 +179,18 @@ SharedSelector& shared(const std::string& spec, bool mips, bool balance) {
   search_options.balance_channels = balance;
   SharedSelector s;
   s.selector = keysel::make_candidate_selector(spec, {}, search_options);
-  if (g_training_tokens > 0) {
+  if (key_trained) {
+    // The same lists built from keys instead of queries (one key head): 4 x P keys spread evenly over the cache
+    // stand in for the P tokens' queries, which isolates what the queries add.
+    const std::int64_t d = g_workload->shape.head_dim, hq = g_workload->shape.query_heads;
+    const std::int64_t count = std::max<std::int64_t>(1, g_training_tokens) * hq;
+    std::vector<float> keys(static_cast<std::size_t>(count * d));
+    for (std::int64_t i = 0; i < count; ++i) {
+      const std::int64_t row = i * g_workload->shape.keys / count;
+      std::copy(g_workload->k.begin() + row * d, g_workload->k.begin() + (row + 1) * d, keys.begin() + i * d);
+    }
+    s.selector->set_training_queries(keysel::TensorView(keys.data(), keysel::DType::fp32, {count / hq, hq, d}));
+  } else if (g_training_tokens > 0) {
     s.selector->set_training_queries(keysel::TensorView(
         g_training_queries.data(), keysel::DType::fp32,
         {g_training_tokens, g_workload->shape.query_heads, g_workload->shape.head_dim}));
@@ -204,6 +216,7 @@ struct Config {
   bool indexer_rerank = false;  // re-rank by the dump's Lightning Indexer instead of exactly
   bool balance = false;         // channel balancing (CandidateSearchOptions::balance_channels)
   bool rerank_stored = false;   // re-rank over the index's stored codes (CandidateSelectorOptions::rerank_stored)
+  bool key_trained = false;     // QueryIVF lists built from keys instead of queries (one key head only)
 };
 
 keysel::CandidateScore g_indexer_score;  // the dump layer's indexer (empty when it has none)
@@ -216,13 +229,14 @@ std::string label(const Config& c) {
   if (c.queries == keysel::CandidateQueries::group_mean) s += "/mean-query";
   if (c.indexer_rerank) s += "/indexer-rerank";
   if (c.rerank_stored) s += "/rerank-stored";
+  if (c.key_trained) s += "/key-trained";
   return s;
 }
 
 void register_config(const Config& c) {
   benchmark::RegisterBenchmark(("candidates/" + label(c)).c_str(), [c](benchmark::State& state) {
     try {
-      SharedSelector& s = shared(c.spec, c.mips, c.balance);
+      SharedSelector& s = shared(c.spec, c.mips, c.balance, c.key_trained);
       keysel::CandidateSelectorOptions options;
       options.candidates = c.candidates;
       options.search.nprobe = c.nprobe;
@@ -698,6 +712,11 @@ int main(int argc, char** argv) {
       register_config({qa_big + ",SQ4", false, nprobe, 0, 0, each, false, false, true});
     }
     register_config({qa + ",SQ8", false, 16, 0, 0, each, false, false, true});
+    if (shape.kv_heads == 1) {  // the same lists trained on keys: what the queries add
+      for (const std::int64_t nprobe : {4, 16}) {
+        register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true, true});
+      }
+    }
     register_config({qa + ",Flat", false, 16, 0, 0, each, false, false, false});
     register_config({qa + ",Flat", false, 0, 0, 0, each, false, false, false});
   }

@@ -22,6 +22,14 @@
 // dump with indexer tensors (index_q, index_k, index_w), three rows re-rank by the Lightning Indexer instead of
 // exactly (CandidateSelectorOptions::rerank); the brute-force one with k' = N is the indexer's own top-k.
 //
+// QueryIVF rows (query-aware lists, QueryAwareSearch) train on earlier queries: on the synthetic workload the
+// generator makes --prefill-queries=P (default 512) more tokens before the T measured ones and keeps their queries
+// for training only; on a dump, the queries of its first half of tokens. The fp8 Lightning Indexer (64 heads,
+// DI = 128) + top-k over random indexer tensors of the same N is timed before the table (best of 3); every row
+// reports x_fp8_bytes (bytes read per row over the indexer's 132 B per allowed key) and x_fp8_time (ms per row
+// over the indexer's). With one key head, two rows build the same lists from 4 P evenly spaced keys instead of the
+// queries ("key-trained"), which isolates what the queries add.
+//
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
 // Workload realism (recall/include/keysel/recall/synthetic.h; all off by default, i.e. the default workload):
 // --rope-base=B --key-rank=R --focus=F --temperature=X --key-shift=S --outliers=C --outlier-scale=A, or --realistic
@@ -56,6 +64,7 @@
 #endif
 #include "keysel/core/error.h"
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/selector.h"
 #include "keysel/recall/dump.h"
 #include "keysel/recall/metrics.h"
@@ -74,6 +83,7 @@ struct Setup {
   std::int64_t layer = -1;   // --layer=L: the model's layer number (-1: the dump's first layer)
   bool synthetic_shape_given = false;
   bool partition_bound = false;      // --partition-bound: print IVF's partition bound before the table
+  std::int64_t prefill_queries = 512;  // --prefill-queries=P: earlier tokens whose queries train QueryIVF
   keysel::SyntheticOptions realism;  // only the realism knobs and focus are read from it
 };
 
@@ -89,6 +99,10 @@ void apply_realistic_preset(keysel::SyntheticOptions& o) {
 
 Setup g_setup;
 keysel::Workload* g_workload = nullptr;
+std::vector<float> g_training_queries;  // [P, Hq, D]: the queries QueryIVF indexes train on
+std::int64_t g_training_tokens = 0;
+double g_fp8_ms_per_row = 0;             // the fp8 Lightning Indexer + top-k of this run (64 heads, DI = 128)
+constexpr double kFp8BytesPerKey = 132;  // one fp8 key of 128 channels and its fp32 scale
 keysel::ExactReference* g_reference = nullptr;
 
 keysel::SelectionPolicy policy() {
@@ -141,6 +155,10 @@ void run_selector(benchmark::State& state, keysel::Selector& selector, double bu
   state.counters["ms_per_row"] = 1e3 * cost.seconds / static_cast<double>(cost.rows);
   state.counters["MB_per_row"] = cost.key_bytes_read / static_cast<double>(cost.rows) / 1e6;
   state.counters["build_s"] = build_seconds;
+  // Against the fp8 Lightning Indexer, which reads every allowed key at 132 bytes per row.
+  const double fp8_bytes = allowed / static_cast<double>(g_workload->shape.tokens) * kFp8BytesPerKey;
+  state.counters["x_fp8_bytes"] = cost.key_bytes_read / static_cast<double>(cost.rows) / fp8_bytes;
+  if (g_fp8_ms_per_row > 0) state.counters["x_fp8_time"] = 1e3 * cost.seconds / static_cast<double>(cost.rows) / g_fp8_ms_per_row;
 }
 
 /// A candidate selector built once and shared by the benchmarks that only change search-time knobs.
@@ -149,9 +167,9 @@ struct SharedSelector {
   double build_seconds = 0;
 };
 
-SharedSelector& shared(const std::string& spec, bool mips, bool balance) {
+SharedSelector& shared(const std::string& spec, bool mips, bool balance, bool key_trained) {
   static std::vector<std::pair<std::string, SharedSelector>> cache;
-  const std::string key = spec + (mips ? "+mips" : "") + (balance ? "+balance" : "");
+  const std::string key = spec + (mips ? "+mips" : "") + (balance ? "+balance" : "") + (key_trained ? "+keys" : "");
   for (auto& [name, s] : cache) {
     if (name == key) return s;
   }
@@ -161,6 +179,22 @@ SharedSelector& shared(const std::string& spec, bool mips, bool balance) {
   search_options.balance_channels = balance;
   SharedSelector s;
   s.selector = keysel::make_candidate_selector(spec, {}, search_options);
+  if (key_trained) {
+    // The same lists built from keys instead of queries (one key head): 4 x P keys spread evenly over the cache
+    // stand in for the P tokens' queries, which isolates what the queries add.
+    const std::int64_t d = g_workload->shape.head_dim, hq = g_workload->shape.query_heads;
+    const std::int64_t count = std::max<std::int64_t>(1, g_training_tokens) * hq;
+    std::vector<float> keys(static_cast<std::size_t>(count * d));
+    for (std::int64_t i = 0; i < count; ++i) {
+      const std::int64_t row = i * g_workload->shape.keys / count;
+      std::copy(g_workload->k.begin() + row * d, g_workload->k.begin() + (row + 1) * d, keys.begin() + i * d);
+    }
+    s.selector->set_training_queries(keysel::TensorView(keys.data(), keysel::DType::fp32, {count / hq, hq, d}));
+  } else if (g_training_tokens > 0) {
+    s.selector->set_training_queries(keysel::TensorView(
+        g_training_queries.data(), keysel::DType::fp32,
+        {g_training_tokens, g_workload->shape.query_heads, g_workload->shape.head_dim}));
+  }
   const keysel::AttentionInputs inputs = g_workload->inputs();
   const keysel::SelectionPolicy p = policy();
   std::vector<std::int32_t> out(static_cast<std::size_t>(g_workload->shape.tokens * g_workload->shape.kv_heads * p.width()));
@@ -181,6 +215,8 @@ struct Config {
   keysel::CandidateQueries queries = keysel::CandidateQueries::each_head;
   bool indexer_rerank = false;  // re-rank by the dump's Lightning Indexer instead of exactly
   bool balance = false;         // channel balancing (CandidateSearchOptions::balance_channels)
+  bool rerank_stored = false;   // re-rank over the index's stored codes (CandidateSelectorOptions::rerank_stored)
+  bool key_trained = false;     // QueryIVF lists built from keys instead of queries (one key head only)
 };
 
 keysel::CandidateScore g_indexer_score;  // the dump layer's indexer (empty when it has none)
@@ -192,19 +228,22 @@ std::string label(const Config& c) {
   if (c.candidates > 0) s += "/k'=" + std::to_string(c.candidates);
   if (c.queries == keysel::CandidateQueries::group_mean) s += "/mean-query";
   if (c.indexer_rerank) s += "/indexer-rerank";
+  if (c.rerank_stored) s += "/rerank-stored";
+  if (c.key_trained) s += "/key-trained";
   return s;
 }
 
 void register_config(const Config& c) {
   benchmark::RegisterBenchmark(("candidates/" + label(c)).c_str(), [c](benchmark::State& state) {
     try {
-      SharedSelector& s = shared(c.spec, c.mips, c.balance);
+      SharedSelector& s = shared(c.spec, c.mips, c.balance, c.key_trained);
       keysel::CandidateSelectorOptions options;
       options.candidates = c.candidates;
       options.search.nprobe = c.nprobe;
       options.search.ef_search = c.ef_search;
       options.queries = c.queries;
       if (c.indexer_rerank) options.rerank = g_indexer_score;
+      options.rerank_stored = c.rerank_stored;
       s.selector->set_options(options);
       run_selector(state, *s.selector, s.build_seconds);
     } catch (const keysel::Error& e) {  // e.g. an index the workload is too small to train: report it, go on
@@ -234,6 +273,12 @@ bool parse_flag(const char* arg, const char* name, std::string& value) {
   return true;
 }
 
+/// A dump's training queries for QueryIVF: those of the first half of its tokens (the rows still cover all).
+void take_dump_training_queries(const keysel::Workload& w) {
+  g_training_tokens = std::max<std::int64_t>(1, w.shape.tokens / 2);
+  g_training_queries.assign(w.q.begin(), w.q.begin() + g_training_tokens * w.shape.query_heads * w.shape.head_dim);
+}
+
 /// The workload: one layer of --dump, or the synthetic one. Throws keysel::Error for a bad file or layer.
 keysel::Workload make_workload() {
   if (!g_setup.dump.empty()) {
@@ -245,18 +290,63 @@ keysel::Workload make_workload() {
       g_indexer_score =
           keysel::make_indexer_candidate_score(layer.index_q->view(), layer.index_w->view(), layer.index_k->view());
     }
-    return dump.workload(static_cast<std::size_t>(&layer - dump.layers.data()));
+    keysel::Workload w = dump.workload(static_cast<std::size_t>(&layer - dump.layers.data()));
+    take_dump_training_queries(w);
+    return w;
   }
   if (g_setup.layer >= 0) throw keysel::Error("--layer needs --dump=PATH");
   keysel::SyntheticOptions options = g_setup.realism;
   options.keys = g_setup.keys;
-  options.tokens = g_setup.tokens;
+  options.tokens = g_setup.tokens + g_setup.prefill_queries;
   options.query_heads = g_setup.query_heads;
   options.kv_heads = 1;
   options.head_dim = 128;
   options.value_dim = 128;
   options.seed = g_setup.seed;
-  return keysel::make_synthetic_workload(options);
+  keysel::Workload w = keysel::make_synthetic_workload(options);
+  // The first P tokens are the earlier queries that QueryIVF trains on; the last T are the measured rows.
+  const std::int64_t p = g_setup.prefill_queries, row = w.shape.query_heads * w.shape.head_dim;
+  g_training_queries.assign(w.q.begin(), w.q.begin() + p * row);
+  g_training_tokens = p;
+  w.q.erase(w.q.begin(), w.q.begin() + p * row);
+  w.positions.erase(w.positions.begin(), w.positions.begin() + p);
+  w.shape.tokens = g_setup.tokens;
+  return w;
+}
+
+/// Times the fp8 Lightning Indexer (64 heads, DI = 128, SPEC §3) + its fused top-k over N random keys for the
+/// workload's T tokens and positions: the peer every candidate search must beat in time and bytes.
+void measure_fp8_indexer(const keysel::Workload& w, const keysel::SelectionPolicy& p) {
+  constexpr std::int64_t heads = 64, dim = 128;
+  keysel::QuantizationConfig config;
+  config.format = keysel::DType::fp8_e4m3;
+  keysel::LightningIndexer indexer(heads, dim, config);
+  const std::int64_t n = w.shape.keys, t = w.shape.tokens;
+  std::vector<float> keys(static_cast<std::size_t>(n * dim)), queries(static_cast<std::size_t>(t * heads * dim));
+  std::vector<float> weights(static_cast<std::size_t>(t * heads), 1.0f / heads);
+  std::uint64_t state = 12345;
+  const auto uniform = [&state] {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<float>(static_cast<double>(state >> 11) / 9007199254740992.0 - 0.5);
+  };
+  for (float& v : keys) v = uniform();
+  for (float& v : queries) v = uniform();
+  indexer.append_keys(n, keys.data());
+  std::vector<std::int32_t> out(static_cast<std::size_t>(t * p.width()));
+  std::vector<std::int32_t> positions(w.positions.begin(), w.positions.end());
+  const keysel::TensorView qv(queries.data(), keysel::DType::fp32, {t, heads, dim});
+  const keysel::TensorView wv(weights.data(), keysel::DType::fp32, {t, heads});
+  const keysel::TensorView pv(positions.data(), keysel::DType::int32, {t});
+  const keysel::TensorView sv(out.data(), keysel::DType::int32, {t, 1, p.width()});
+  double best = 1e30, bytes = 0;
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    const keysel::SelectionCost cost = indexer.select(qv, wv, pv, p, sv);
+    best = std::min(best, cost.seconds);
+    bytes = cost.key_bytes_read / static_cast<double>(t);
+  }
+  g_fp8_ms_per_row = 1e3 * best / static_cast<double>(t);
+  std::cerr << "fp8 Lightning Indexer (64 heads, DI 128) + top-k: " << g_fp8_ms_per_row << " ms/row (best of 3), "
+            << bytes / 1e6 << " MB/row read (" << bytes / static_cast<double>(n) << " B/key)\n";
 }
 
 /// IVF lists for N keys: the sweep's 1024 (256 with --quick), capped at the largest power of two <= N / 39.
@@ -495,6 +585,7 @@ int main(int argc, char** argv) {
     else if (parse_flag(argv[i], "--k", v)) g_setup.k = v;
     else if (parse_flag(argv[i], "--seed", v)) g_setup.seed = static_cast<std::uint64_t>(v);
     else if (std::strcmp(argv[i], "--quick") == 0) g_setup.quick = true;
+    else if (parse_flag(argv[i], "--prefill-queries", v)) g_setup.prefill_queries = std::max<std::int64_t>(v, 0);
     else if (!parse_realism_flag(argv[i]))
       rest.push_back(argv[i]);
   }
@@ -533,6 +624,7 @@ int main(int argc, char** argv) {
 #endif
   }
 
+  measure_fp8_indexer(workload, policy());
   // The peers: the exact path, brute force and FAISS IndexFlatIP.
   benchmark::RegisterBenchmark("exact/double-reference", [](benchmark::State& state) {
     auto exact = keysel::make_exact_selector();
@@ -595,6 +687,38 @@ int main(int argc, char** argv) {
       register_config({ivf + ",Flat", true, probes(8), 0, wide, each, true});
       register_config({"HNSW32", false, 0, 2048, wide, each, true});
     }
+  }
+  // Query-aware lists (QueryIVF): 4-bit codes re-ranked over the stored codes, nprobe cut short or safe (0).
+  if (g_training_tokens * (shape.query_heads / shape.kv_heads) >= 64) {
+    const std::int64_t train = g_training_tokens * (shape.query_heads / shape.kv_heads);
+    const std::int64_t keys = shape.keys;
+    const auto lists = [train, keys](std::int64_t wanted) {  // at most the training queries and N / 16
+      std::int64_t l = wanted;
+      while (l > 1 && (l > train || l * 16 > keys)) l /= 2;
+      return l;
+    };
+    const auto each = keysel::CandidateQueries::each_head;
+    const auto mean_query = keysel::CandidateQueries::group_mean;
+    const std::string qa = "QueryIVF" + std::to_string(lists(256));
+    const std::string qa_big = "QueryIVF" + std::to_string(lists(1024)) + (lists(1024) == lists(256) ? "x2" : "");
+    for (const std::int64_t nprobe : {4, 8, 16, 32, 0}) {
+      register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true});
+    }
+    for (const std::int64_t nprobe : {8, 16, 32}) {
+      register_config({qa + ",SQ4", false, nprobe, 0, 0, mean_query, false, false, true});
+      register_config({qa + "x2,SQ4", false, nprobe, 0, 0, each, false, false, true});
+    }
+    for (const std::int64_t nprobe : {16, 32, 64, 128}) {
+      register_config({qa_big + ",SQ4", false, nprobe, 0, 0, each, false, false, true});
+    }
+    register_config({qa + ",SQ8", false, 16, 0, 0, each, false, false, true});
+    if (shape.kv_heads == 1) {  // the same lists trained on keys: what the queries add
+      for (const std::int64_t nprobe : {4, 16}) {
+        register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true, true});
+      }
+    }
+    register_config({qa + ",Flat", false, 16, 0, 0, each, false, false, false});
+    register_config({qa + ",Flat", false, 0, 0, 0, each, false, false, false});
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -38,6 +38,7 @@
 #include "keysel/indexer/lightning_indexer.h"
 #include "keysel/indexer/proxy_scorer.h"
 #include "keysel/indexer/quantization.h"
+#include "keysel/indexer/query_aware_search.h"
 #include "keysel/indexer/selector.h"
 #include "keysel/indexer/selectors.h"
 #include "keysel/indexer/simd.h"

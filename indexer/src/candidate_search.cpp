@@ -16,6 +16,7 @@
 
 #include "keysel/core/build_config.h"
 #include "keysel/core/error.h"
+#include "keysel/indexer/query_aware_search.h"
 
 #if KEYSEL_FAISS
 #include "keysel/indexer/faiss_search.h"
@@ -160,6 +161,17 @@ std::int64_t BruteForceSearch::bytes() const {
   return static_cast<std::int64_t>(vectors_.size() * sizeof(float));
 }
 
+void CandidateSearch::reconstruct(std::int64_t id, float* out) const {
+  (void)id, (void)out;
+  detail::throw_argument_error("CandidateSearch::reconstruct", "this",
+                               "a search that stores its vectors (brute force, QueryIVF)", name());
+}
+
+void BruteForceSearch::reconstruct(std::int64_t id, float* out) const {
+  require(id >= 0 && id < size(), "BruteForceSearch::reconstruct", "id", "in [0, size())", id);
+  std::copy(vectors_.begin() + id * dim(), vectors_.begin() + (id + 1) * dim(), out);
+}
+
 void BruteForceSearch::do_add(std::int64_t n, const float* x) { vectors_.insert(vectors_.end(), x, x + n * dim()); }
 
 SearchCost BruteForceSearch::do_search(std::int64_t n, const float* x, std::int64_t k, float* scores,
@@ -201,6 +213,8 @@ std::unique_ptr<CandidateSearch> make_candidate_search(std::string_view spec, st
   require(options.ef_construction >= 1, function, "options.ef_construction", ">= 1", options.ef_construction);
   // The exact search needs no transform: its inner products are exact either way.
   if (spec == "brute_force" || spec == "exact") return std::make_unique<BruteForceSearch>(dim);
+  QueryAwareOptions query_aware;
+  if (parse_query_aware_spec(spec, query_aware)) return std::make_unique<QueryAwareSearch>(dim, query_aware);
 #if KEYSEL_FAISS
   return make_faiss_search(spec, dim, options);
 #else

@@ -24,6 +24,7 @@
 #include "keysel/core/error.h"
 #include "keysel/core/tensor.h"
 #include "keysel/indexer/candidate_search.h"
+#include "keysel/indexer/query_aware_search.h"
 #include "selectors_support.h"
 
 #if KEYSEL_FAISS
@@ -46,6 +47,7 @@ struct CandidateSelector::Cache {
   std::int64_t overflows_at_training = 0;
   double last_build_seconds = 0;
   std::vector<std::vector<float>> keys;  // [Hkv][size * dim]
+  std::vector<std::vector<float>> training_queries;  // [Hkv][m * dim]: what query-aware searches train on
   std::vector<std::unique_ptr<CandidateSearch>> indexes;
   // The view the keys came from, so that select() can tell a grown cache from a different one.
   const void* source = nullptr;
@@ -84,6 +86,14 @@ void append_key_rows(const TensorView& keys, std::int64_t first, std::int64_t co
       }
     }
   }
+}
+
+/// Trains `index` on n keys x, with the key head's training queries when the search learns from queries.
+void train_index(CandidateSearch& index, const std::vector<float>& queries, std::int64_t n, const float* x) {
+  if (index.uses_queries()) {
+    index.set_training_queries(static_cast<std::int64_t>(queries.size()) / index.dim(), queries.data());
+  }
+  index.train(n, x);
 }
 
 void check_keys(std::string_view function, const TensorView& keys, std::int64_t kv_heads, std::int64_t dim) {
@@ -153,6 +163,7 @@ struct RowScratch {
   std::vector<std::int32_t> candidates;  // the row's candidate free keys U, ascending
   std::vector<std::int32_t> kept;
   std::vector<double> candidate_scores;
+  std::vector<float> decoded;
 };
 
 /// Searches each key head the group of token t reads, with all of the group's queries on it in one batch, for
@@ -251,9 +262,16 @@ std::vector<std::int32_t> rerank_exact(const RowInputs& rows, std::int64_t t, st
   scratch.candidate_scores.assign(candidates.size(), 0.0);
   const std::int64_t d = rows.shape.head_dim;
   const std::vector<std::vector<float>>& keys = *rows.keys;
+  const bool stored = rows.options->rerank_stored;
+  std::vector<float>& decoded = scratch.decoded;
+  decoded.resize(static_cast<std::size_t>(d));
   const double macs = support::renormalised_pbar(
       g, rows.scale, candidates, kept, scratch.candidate_scores, [&](std::int32_t s, std::int64_t kv, double* out) {
         const float* key = keys[static_cast<std::size_t>(kv)].data() + static_cast<std::int64_t>(s) * d;
+        if (stored) {
+          (*rows.indexes)[static_cast<std::size_t>(kv)]->reconstruct(s, decoded.data());
+          key = decoded.data();
+        }
         for (std::int64_t c = 0; c < d; ++c) out[c] = key[c];
       });
   const double keys_read = static_cast<double>(candidates.size() + kept.size());
@@ -261,7 +279,9 @@ std::vector<std::int32_t> rerank_exact(const RowInputs& rows, std::int64_t t, st
   const std::int64_t kv_heads_read = (g.first_head + g.count - 1) / group_size - g.first_head / group_size + 1;
   row_cost.keys_scored += keys_read;
   row_cost.macs += macs;
-  row_cost.key_bytes_read += keys_read * static_cast<double>(d * kv_heads_read) * sizeof(float);
+  const double key_bytes = stored ? static_cast<double>((*rows.indexes)[0]->stored_vector_bytes())
+                                  : static_cast<double>(d) * sizeof(float);
+  row_cost.key_bytes_read += keys_read * static_cast<double>(kv_heads_read) * key_bytes;
   return support::best_by_score(candidates, scratch.candidate_scores, plan.fill);
 }
 
@@ -321,10 +341,68 @@ void CandidateSelector::build(const TensorView& keys) {
   expect_shape("CandidateSelector::build", keys, "keys", {kAnyExtent, kAnyExtent, kAnyExtent});
   check_keys("CandidateSelector::build", keys, keys.size(1), keys.size(2));
   std::lock_guard<std::mutex> lock(mutex_);
-  build_locked(keys);
+  build_locked(keys, nullptr);
 }
 
-void CandidateSelector::build_locked(const TensorView& keys) {
+void CandidateSelector::set_training_queries(const TensorView& queries) {
+  constexpr std::string_view function = "CandidateSelector::set_training_queries";
+  expect_shape(function, queries, "queries", {kAnyExtent, kAnyExtent, kAnyExtent});
+  expect_dtype(function, queries, "queries", {DType::fp32, DType::fp16, DType::bf16});
+  expect_device(function, queries, "queries", Device::cpu());
+  const std::vector<double> q = to_double_vector(queries);
+  std::lock_guard<std::mutex> lock(mutex_);
+  training_queries_.assign(q.begin(), q.end());
+  training_query_heads_ = queries.size(1);
+  training_query_dim_ = queries.size(2);
+}
+
+std::vector<std::vector<float>> CandidateSelector::training_queries_locked(std::int64_t kv_heads, std::int64_t d,
+                                                                           std::int64_t train_n,
+                                                                           const AttentionInputs* inputs) const {
+  constexpr std::string_view function = "CandidateSelector::build";
+  std::vector<std::vector<float>> out(static_cast<std::size_t>(kv_heads));
+  std::vector<float> q;
+  std::int64_t heads = 0;
+  std::vector<std::int64_t> tokens;
+  if (!training_queries_.empty()) {
+    KEYSEL_CHECK_ARG_IN(function, training_query_dim_ == d && training_query_heads_ % kv_heads == 0,
+                        "training queries", "[T, Hq, " + std::to_string(d) + "] with Hq a multiple of the " +
+                            std::to_string(kv_heads) + " key heads",
+                        "[.., " + std::to_string(training_query_heads_) + ", " + std::to_string(training_query_dim_) +
+                            "]");
+    q = training_queries_;
+    heads = training_query_heads_;
+    for (std::int64_t t = 0; t < static_cast<std::int64_t>(q.size()) / (heads * d); ++t) tokens.push_back(t);
+  } else if (inputs != nullptr) {
+    // The prefill's queries: tokens whose position lies among the training keys; all when none does.
+    const std::vector<double> all = to_double_vector(inputs->q);
+    q.assign(all.begin(), all.end());
+    heads = inputs->q.size(1);
+    const std::int64_t t_count = inputs->q.size(0);
+    const std::vector<std::int64_t> allowed = support::allowed_per_token(*inputs, inputs->shape());
+    for (std::int64_t t = 0; t < t_count; ++t) {
+      if (allowed[static_cast<std::size_t>(t)] <= train_n) tokens.push_back(t);
+    }
+    if (tokens.empty()) {
+      for (std::int64_t t = 0; t < t_count; ++t) tokens.push_back(t);
+    }
+  } else {
+    return out;
+  }
+  const std::int64_t group = heads / kv_heads;
+  for (std::int64_t h = 0; h < kv_heads; ++h) {
+    std::vector<float>& dst = out[static_cast<std::size_t>(h)];
+    for (const std::int64_t t : tokens) {
+      for (std::int64_t qh = h * group; qh < (h + 1) * group; ++qh) {
+        const float* row = q.data() + (t * heads + qh) * d;
+        dst.insert(dst.end(), row, row + d);
+      }
+    }
+  }
+  return out;
+}
+
+void CandidateSelector::build_locked(const TensorView& keys, const AttentionInputs* inputs) {
   const auto start = Clock::now();
   const std::int64_t n = keys.size(0);
   const std::int64_t heads = keys.size(1);
@@ -340,8 +418,12 @@ void CandidateSelector::build_locked(const TensorView& keys) {
     std::unique_ptr<CandidateSearch> index = factory_(d);
     KEYSEL_CHECK(index != nullptr && index->dim() == d,
                  "the search factory must return a search of dim " << d);
+    if (h == 0) {  // only searches that learn from queries get them (the others would only copy them)
+      cache->training_queries = index->uses_queries() ? training_queries_locked(heads, d, train_n, inputs)
+                                                      : std::vector<std::vector<float>>(static_cast<std::size_t>(heads));
+    }
     const float* data = cache->keys[static_cast<std::size_t>(h)].data();
-    index->train(train_n, data);
+    train_index(*index, cache->training_queries[static_cast<std::size_t>(h)], train_n, data);
     index->add(n, data);
     cache->overflows_at_training += index->norm_overflows();
     cache->indexes.push_back(std::move(index));
@@ -406,7 +488,7 @@ void CandidateSelector::retrain_locked() {
   for (std::int64_t h = 0; h < cache.kv_heads; ++h) {
     std::unique_ptr<CandidateSearch> index = factory_(cache.dim);
     const float* data = cache.keys[static_cast<std::size_t>(h)].data();
-    index->train(cache.size, data);
+    train_index(*index, cache.training_queries[static_cast<std::size_t>(h)], cache.size, data);
     index->add(cache.size, data);
     cache.overflows_at_training += index->norm_overflows();
     cache.indexes[static_cast<std::size_t>(h)] = std::move(index);
@@ -486,7 +568,7 @@ void CandidateSelector::sync_indexes_locked(const SelectionRequest& request) {
       break;
   }
   if (!keep) {
-    build_locked(k);
+    build_locked(k, &request.attention);
   } else if (cache_->size < shape.keys) {
     append_locked(k, cache_->size);
   }
@@ -503,6 +585,10 @@ SelectionCost CandidateSelector::do_select(const SelectionRequest& request, cons
 
   std::lock_guard<std::mutex> lock(mutex_);
   sync_indexes_locked(request);
+  KEYSEL_CHECK_ARG_IN("CandidateSelector::select",
+                      !options_.rerank_stored || options_.rerank || cache_->indexes.front()->can_reconstruct(),
+                      "options.rerank_stored", "searches that store their vectors (brute force, QueryIVF)",
+                      cache_->indexes.front()->name());
   const RowInputs rows = prepare_rows(request.attention, policy, options_, cache_->indexes, cache_->keys);
   const std::int64_t row_count = rows.shape.tokens * rows.groups;
   std::vector<SelectionCost> row_costs(static_cast<std::size_t>(row_count));
@@ -595,14 +681,19 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
                       "\"brute_force\", \"exact\" or a FAISS factory string", spec);
   std::string name = spec_text;
   const bool exact = spec == "brute_force" || spec == "exact";
+  QueryAwareOptions query_aware;
+  const bool keysel_index = exact || parse_query_aware_spec(spec, query_aware);  // checks a QueryIVF spec now
 #if KEYSEL_FAISS
   // The grammar is checked now, so that a study file with a bad factory string fails when it is loaded; what
   // depends on D or the key count (PQ m dividing D, nlist <= keys) is checked when the index is built.
-  if (!exact) check_faiss_factory(spec);
+  if (!keysel_index) check_faiss_factory(spec);
 #endif
-  if (search_options.mips_to_l2 && !exact) name += "+mips";
-  if (search_options.balance_channels && !exact) name += "+balance";
-  if (spec.find("IVF") != std::string_view::npos) {
+  if (search_options.mips_to_l2 && !keysel_index) name += "+mips";
+  if (search_options.balance_channels && !keysel_index) name += "+balance";
+  if (keysel_index && !exact) {
+    // Safe probing: 0 lists means "until no list can beat the k-th score".
+    name += " nprobe=" + (options.search.nprobe > 0 ? std::to_string(options.search.nprobe) : std::string("safe"));
+  } else if (spec.find("IVF") != std::string_view::npos) {
     name += " nprobe=" + std::to_string(options.search.nprobe > 0 ? options.search.nprobe : search_options.nprobe);
   }
   if (spec.find("HNSW") != std::string_view::npos) {
@@ -611,6 +702,7 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
   if (options.candidates > 0) name += " k'=" + std::to_string(options.candidates);
   if (options.queries == CandidateQueries::group_mean) name += " mean-query";
   if (options.rerank) name += " indexer-rerank";
+  if (options.rerank_stored && !options.rerank) name += " rerank-stored";
   auto factory = [spec_text, search_options](std::int64_t dim) {
     return make_candidate_search(spec_text, dim, search_options);
   };

@@ -17,6 +17,7 @@
 #include "keysel/core/random.h"
 #include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/lightning_indexer.h"
+#include "keysel/indexer/query_aware_search.h"
 #include "keysel/indexer/topk.h"
 
 #if KEYSEL_FAISS
@@ -930,6 +931,266 @@ TEST(FaissFactory, ValidStringsBuildAndSearch) {
 }
 
 #endif  // KEYSEL_FAISS
+
+// ---- query-aware lists (always built) ---------------------------------------------------------------------
+
+/// Keys in 8 tight clusters along scaled basis directions and queries near the same directions: the case where
+/// query clusters and per-list bounds can skip most lists.
+void clustered(std::int64_t n, std::int64_t d, std::uint64_t seed, double scale, double noise, std::vector<float>& x) {
+  RandomStream random(seed);
+  x.resize(static_cast<std::size_t>(n * d));
+  random.fill_normal(x, 0.0, noise);
+  for (std::int64_t i = 0; i < n; ++i) x[static_cast<std::size_t>(i * d + (i * 7 + 3) % 8)] += static_cast<float>(scale);
+}
+
+std::unique_ptr<QueryAwareSearch> query_aware(const std::vector<float>& base, const std::vector<float>& train_queries,
+                                              std::int64_t d, const QueryAwareOptions& options) {
+  auto search = std::make_unique<QueryAwareSearch>(d, options);
+  search->set_training_queries(static_cast<std::int64_t>(train_queries.size()) / d, train_queries.data());
+  const std::int64_t n = static_cast<std::int64_t>(base.size()) / d;
+  search->train(n, base.data());
+  search->add(n, base.data());
+  return search;
+}
+
+/// What the search stores: every key decoded.
+std::vector<float> stored_keys(const QueryAwareSearch& search) {
+  std::vector<float> out(static_cast<std::size_t>(search.size() * search.dim()));
+  for (std::int64_t id = 0; id < search.size(); ++id) search.decoded(id, out.data() + id * search.dim());
+  return out;
+}
+
+TEST(QueryAwareSearch, ProbedToTheEndEqualsTheExactTopKOfTheStoredKeys) {
+  const auto base = gaussian_vectors(kBase, kDim, 31);
+  const auto train_queries = gaussian_vectors(120, kDim, 32);
+  const auto queries = gaussian_vectors(9, kDim, 33);
+  for (const ListCodes codes : {ListCodes::fp32, ListCodes::sq8, ListCodes::sq4}) {
+    for (const std::int64_t assignments : {1, 3}) {
+      QueryAwareOptions options;
+      options.lists = 16;
+      options.assignments = assignments;
+      options.codes = codes;
+      const auto search = query_aware(base, train_queries, kDim, options);
+      const std::vector<float> stored = stored_keys(*search);
+      if (codes == ListCodes::fp32) EXPECT_EQ(stored, base);
+      std::int64_t held = 0;
+      for (std::int64_t j = 0; j < options.lists; ++j) held += search->list_size(j);
+      EXPECT_EQ(held, kBase * assignments) << search->name();
+      for (const auto& [begin, end] : {std::pair<std::int64_t, std::int64_t>{0, kBase}, {100, 350}}) {
+        SearchParameters params;  // nprobe 0: safe probing to the end
+        params.id_begin = begin;
+        params.id_end = end;
+        const Results r = run_search(*search, queries, 25, params);
+        EXPECT_EQ(r.ids, reference_top(stored, queries, kDim, 25, begin, end)) << search->name() << " " << begin;
+        for (std::size_t i = 0; i < r.scores.size(); ++i) {
+          if (i % 25 != 0) EXPECT_GE(r.scores[i - 1], r.scores[i]);
+        }
+        // Cost: a bound per list, then entries of the scanned lists (never more than all copies in the range).
+        EXPECT_EQ(r.cost.centroids_scored, 9.0 * 16.0);
+        EXPECT_GT(r.cost.vectors_scored, 9.0 * 25.0);
+        EXPECT_LE(r.cost.vectors_scored, 9.0 * static_cast<double>((end - begin) * assignments));
+        EXPECT_DOUBLE_EQ(r.cost.bytes_read,
+                         r.cost.vectors_scored * static_cast<double>(search->entry_bytes()) +
+                             9.0 * 16.0 * 2.0 * static_cast<double>(search->entry_bytes() - 4));
+      }
+    }
+  }
+}
+
+TEST(QueryAwareSearch, SafeProbingStopsEarlyWhereTheBoundsAllow) {
+  std::vector<float> base, train_queries, queries;
+  clustered(800, kDim, 41, 6.0, 0.2, base);
+  clustered(160, kDim, 42, 1.0, 0.05, train_queries);
+  clustered(8, kDim, 43, 1.0, 0.05, queries);
+  QueryAwareOptions options;
+  options.lists = 8;
+  options.codes = ListCodes::sq8;
+  const auto search = query_aware(base, train_queries, kDim, options);
+  const Results r = run_search(*search, queries, 10);
+  EXPECT_EQ(r.ids, reference_top(stored_keys(*search), queries, kDim, 10, 0, 800));
+  // Each query's top 10 sit in its own direction's list: the safe stop scans about one list of eight.
+  EXPECT_LT(r.cost.vectors_scored, 8.0 * 800.0 / 4.0);
+}
+
+TEST(QueryAwareSearch, CutShortSearchesTradeRecallForCost) {
+  const auto base = gaussian_vectors(kBase, kDim, 51);
+  const auto train_queries = gaussian_vectors(100, kDim, 52);
+  const auto queries = gaussian_vectors(6, kDim, 53);
+  QueryAwareOptions options;
+  options.lists = 12;
+  options.assignments = 2;
+  const auto search = query_aware(base, train_queries, kDim, options);
+  const auto reference = run_search(*search, queries, 20).ids;
+  double last_cost = 0;
+  for (const std::int64_t nprobe : {1, 3, 6, 12}) {
+    SearchParameters params;
+    params.nprobe = nprobe;
+    const Results r = run_search(*search, queries, 20, params);
+    EXPECT_GE(r.cost.vectors_scored, last_cost) << nprobe;
+    last_cost = r.cost.vectors_scored;
+    if (nprobe == 1) EXPECT_LT(recall(r.ids, reference, 20), 1.0);
+    if (nprobe == 12) EXPECT_EQ(r.ids, reference);
+  }
+}
+
+TEST(QueryAwareSearch, AppendThenSearchEqualsBuildThenSearch) {
+  const auto base = gaussian_vectors(kBase, kDim, 61);
+  const auto train_queries = gaussian_vectors(80, kDim, 62);
+  const auto queries = gaussian_vectors(5, kDim, 63);
+  QueryAwareOptions options;
+  options.lists = 10;
+  options.assignments = 2;
+  options.codes = ListCodes::sq4;
+  const auto once = query_aware(base, train_queries, kDim, options);
+  QueryAwareSearch grown(kDim, options);
+  grown.set_training_queries(80, train_queries.data());
+  grown.train(250, base.data());  // the prefill
+  grown.add(250, base.data());
+  grown.add(kBase - 250, base.data() + 250 * kDim);  // decoded tokens
+  QueryAwareSearch prefill_trained(kDim, options);
+  prefill_trained.set_training_queries(80, train_queries.data());
+  prefill_trained.train(250, base.data());
+  prefill_trained.add(kBase, base.data());
+  EXPECT_EQ(grown.size(), kBase);
+  for (std::int64_t j = 0; j < options.lists; ++j) EXPECT_EQ(grown.list_size(j), prefill_trained.list_size(j));
+  EXPECT_EQ(grown.clamped_values(), prefill_trained.clamped_values());
+  EXPECT_GT(grown.clamped_values(), 0);  // keys after the prefill leave its channel ranges
+  for (const std::int64_t nprobe : {0, 3}) {
+    SearchParameters params;
+    params.nprobe = nprobe;
+    const Results a = run_search(grown, queries, 15, params), b = run_search(prefill_trained, queries, 15, params);
+    EXPECT_EQ(a.ids, b.ids);
+    EXPECT_EQ(a.scores, b.scores);
+    EXPECT_EQ(a.cost.bytes_read, b.cost.bytes_read);
+  }
+  // Trained on every key, the same queries find the exact top-k of what it stores.
+  EXPECT_EQ(run_search(*once, queries, 15).ids, reference_top(stored_keys(*once), queries, kDim, 15, 0, kBase));
+}
+
+TEST(QueryAwareSearch, ConcurrentSearchesAgreeWithSerialOnes) {
+  const auto base = gaussian_vectors(kBase, kDim, 71);
+  const auto train_queries = gaussian_vectors(64, kDim, 72);
+  const auto queries = gaussian_vectors(16, kDim, 73);
+  QueryAwareOptions options;
+  options.lists = 8;
+  options.assignments = 2;
+  const auto search = query_aware(base, train_queries, kDim, options);
+  SearchParameters params;
+  params.nprobe = 3;
+  params.id_begin = 40;
+  const Results serial = run_search(*search, queries, 12, params);
+  std::atomic<int> mismatches{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int repeat = 0; repeat < 5; ++repeat) {
+        const Results r = run_search(*search, queries, 12, params);  // 16 queries: parallel inside as well
+        if (r.ids != serial.ids || r.scores != serial.scores) ++mismatches;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(mismatches.load(), 0);
+}
+
+TEST(QueryAwareSearch, BadInputGivesAClearError) {
+  const auto base = gaussian_vectors(100, kDim, 81);
+  const auto expect_error = [](auto&& call, const std::string& needle) {
+    try {
+      call();
+      ADD_FAILURE() << "expected keysel::Error containing " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  QueryAwareOptions options;
+  options.lists = 8;
+  expect_error([&] { QueryAwareSearch(kDim, options).train(100, base.data()); }, "training queries");
+  expect_error([&] {
+    QueryAwareSearch s(kDim, options);
+    s.set_training_queries(4, base.data());  // 4 queries for 8 lists
+    s.train(100, base.data());
+  }, "training queries");
+  expect_error([&] { make_candidate_search("QueryIVF0,SQ8", kDim); }, "lists");
+  expect_error([&] { make_candidate_search("QueryIVF8x9,SQ8", kDim); }, "assignments");
+  expect_error([&] { make_candidate_search("QueryIVF8,PQ8", kDim); }, "SQ4");
+  expect_error([&] { make_candidate_search("QueryIVF8,SQ4", 7); }, "even dim");
+  std::vector<float> bad(kDim, 1.0f);
+  bad[3] = std::numeric_limits<float>::quiet_NaN();
+  expect_error([&] { QueryAwareSearch(kDim, options).set_training_queries(1, bad.data()); }, "queries[0, 3]");
+  EXPECT_EQ(make_candidate_search("QueryIVF8x2,SQ4", kDim)->name(), "QueryIVF8x2,SQ4");
+}
+
+TEST(CandidateSelector, QueryAwareAppendThenSelectEqualsBuildThenSelect) {
+  const TestAttention full = make_attention(93, 300);
+  TestAttention prefill = full;  // the first 200 keys, as the cache held them before decoding
+  prefill.keys = 200;
+  prefill.positions = {3, 40, 100, 198, 199};
+  const TensorView training(full.q.data(), DType::fp32, {full.tokens, full.query_heads, full.dim});
+  SelectionPolicy policy;
+  policy.k = 20;
+  policy.n_sink = 2;
+  policy.n_local = 2;
+  CandidateSelectorOptions options;
+  options.train_keys = 200;
+  options.search.nprobe = 2;
+  options.rerank_stored = true;
+  auto grown = make_candidate_selector("QueryIVF4x2,SQ4", options);
+  grown->set_training_queries(training);
+  run_select(*grown, prefill.inputs(), policy);  // builds over 200 keys
+  const auto appended = run_select(*grown, full.inputs(), policy);  // same memory, longer view: appends 100
+  EXPECT_EQ(grown->size(), 300);
+  EXPECT_EQ(grown->retrain_count(), 0);
+  auto fresh = make_candidate_selector("QueryIVF4x2,SQ4", options);
+  fresh->set_training_queries(training);
+  EXPECT_EQ(run_select(*fresh, full.inputs(), policy), appended);
+  // Retraining keeps the training queries (a retrain without them would throw).
+  grown->retrain();
+  EXPECT_EQ(grown->retrain_count(), 1);
+  EXPECT_EQ(grown->trained_size(), 300);
+  EXPECT_NO_THROW(run_select(*grown, full.inputs(), policy));
+}
+
+TEST(CandidateSelector, QueryAwareWithFullOverFetchEqualsExactTopK) {
+  const TestAttention a = make_attention(91);
+  SelectionPolicy policy;
+  policy.k = 24;
+  policy.n_sink = 2;
+  policy.n_local = 3;
+  CandidateSelectorOptions options;
+  options.candidates = a.keys;
+  // Trained on the request's queries (5 tokens x 2 heads per key head: 10 per index).
+  auto selector = make_candidate_selector("QueryIVF4x2,Flat", options);
+  EXPECT_EQ(run_select(*selector, a.inputs(), policy), exact_selection(a.inputs(), policy));
+  EXPECT_TRUE(selector->index(0).uses_queries());
+  // Trained on given queries instead; 4-bit codes re-ranked exactly over every free key: still exact.
+  const TestAttention other = make_attention(92);
+  auto coded = make_candidate_selector("QueryIVF4,SQ4", options);
+  coded->set_training_queries(TensorView(other.q.data(), DType::fp32, {other.tokens, other.query_heads, other.dim}));
+  EXPECT_EQ(run_select(*coded, a.inputs(), policy), exact_selection(a.inputs(), policy));
+  // Cut short at one list with k' = free slots: a valid, cheaper selection.
+  options.candidates = 0;
+  options.search.nprobe = 1;
+  auto cheap = make_candidate_selector("QueryIVF4,SQ8", options);
+  SelectionCost cost;
+  const auto got = run_select(*cheap, a.inputs(), policy, &cost);
+  validate_selection("test", TensorView(got.data(), DType::int32, {a.tokens, a.kv_heads, policy.k}), "got",
+                     a.inputs().positions, a.keys, a.kv_heads);
+  EXPECT_GT(cost.key_bytes_read, 0);
+  // The re-rank over the stored vectors: exact with fp32 lists, and it reads codes, not fp32 keys.
+  options.candidates = a.keys;
+  options.search.nprobe = 0;
+  options.rerank_stored = true;
+  auto stored = make_candidate_selector("QueryIVF4x2,Flat", options);
+  EXPECT_EQ(run_select(*stored, a.inputs(), policy), exact_selection(a.inputs(), policy));
+  SelectionCost fp32_cost, code_cost;
+  auto plain_options = options;
+  plain_options.rerank_stored = false;
+  run_select(*make_candidate_selector("QueryIVF4,SQ4", plain_options), a.inputs(), policy, &fp32_cost);
+  run_select(*make_candidate_selector("QueryIVF4,SQ4", options), a.inputs(), policy, &code_cost);
+  EXPECT_LT(code_cost.key_bytes_read, fp32_cost.key_bytes_read);
+  EXPECT_EQ(code_cost.keys_scored, fp32_cost.keys_scored);
+}
 
 }  // namespace
 }  // namespace keysel

@@ -296,6 +296,13 @@ TEST(SelectorSpec, BuildsEveryTypeAndRejectsBadSpecs) {
   } else {
     EXPECT_NE(make_selector_from_spec(R"({"type": "faiss", "factory": "IVF16,Flat", "nprobe": 4})"), nullptr);
   }
+  // The query-aware lists need no FAISS; a bad QueryIVF string fails when the spec is read.
+  EXPECT_EQ(make_selector_from_spec(
+                R"({"type": "faiss", "factory": "QueryIVF16x2,SQ4", "nprobe": 4, "rerank_stored": true})")
+                ->name(),
+            "QueryIVF16x2,SQ4 nprobe=4 rerank-stored");
+  EXPECT_THROW(make_selector_from_spec(R"({"type": "faiss", "factory": "QueryIVF0,SQ4"})"), Error);
+  EXPECT_THROW(make_selector_from_spec(R"({"type": "faiss", "factory": "QueryIVF8", "rerank_stored": 1})"), Error);
 }
 
 TEST(SelectorSpec, LoadedSpecSelectsLikeTheSpecText) {

@@ -271,6 +271,7 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
     }
     search_options.mips_to_l2 = reader.boolean("mips_to_l2", false);
     search_options.balance_channels = reader.boolean("balance_channels", false);
+    options.rerank_stored = reader.boolean("rerank_stored", false);
     if (options.search.nprobe > 0) search_options.nprobe = options.search.nprobe;
     if (options.search.ef_search > 0) search_options.ef_search = options.search.ef_search;
     const std::string rerank = reader.string("rerank", "exact");
@@ -285,7 +286,7 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
       }
       options.rerank = make_indexer_candidate_score(indexer->queries, indexer->weights, indexer->keys);
     }
-    if (!built_with_faiss() && factory != "brute_force") {
+    if (!built_with_faiss() && factory != "brute_force" && factory.rfind("QueryIVF", 0) != 0) {
       fail(where, "type \"faiss\" needs keysel built with FAISS (KEYSEL_FAISS=ON); this build has none "
                   "(only \"factory\": \"brute_force\" works without it)");
     }

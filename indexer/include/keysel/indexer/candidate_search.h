@@ -94,6 +94,18 @@ class CandidateSearch {
   virtual std::int64_t bytes() const = 0;
   /// Vectors added with a norm above the MIPS bound (0 without the transform).
   virtual std::int64_t norm_overflows() const { return 0; }
+  /// Whether train() learns from queries given by set_training_queries (QueryAwareSearch); false for the rest.
+  virtual bool uses_queries() const { return false; }
+  /// Queries (size n * dim, finite) that the next train() learns the index's structure from, such as the
+  /// prefill's queries of the heads that search this index. Searches that do not use queries ignore them.
+  virtual void set_training_queries(std::int64_t n, const float* queries) { (void)n, (void)queries; }
+  /// Whether reconstruct() gives the stored vectors (brute force, QueryAwareSearch; not the FAISS searches).
+  virtual bool can_reconstruct() const { return false; }
+  /// The vector of `id` as the index stores it (decoded codes), what its scores are computed from.  out: size dim
+  /// Throws keysel::Error where can_reconstruct() is false.
+  virtual void reconstruct(std::int64_t id, float* out) const;
+  /// Bytes one stored vector occupies (its code), what reading it for a re-rank costs.
+  virtual std::int64_t stored_vector_bytes() const { return dim_ * 4; }
 
   /// Trains on n vectors x (size n * dim). Indexes that need no training accept it and do nothing but record
   /// the norm bound of the MIPS transform. Throws when n is below what the index needs (IVF: nlist).
@@ -130,6 +142,8 @@ class BruteForceSearch final : public CandidateSearch {
   std::int64_t size() const override;
   bool is_trained() const override { return true; }
   std::int64_t bytes() const override;
+  bool can_reconstruct() const override { return true; }
+  void reconstruct(std::int64_t id, float* out) const override;
   void reset() override { vectors_.clear(); }
 
  protected:
@@ -146,7 +160,9 @@ class BruteForceSearch final : public CandidateSearch {
 ///   "brute_force" (or "exact")  BruteForceSearch, always available;
 ///   anything else               a FAISS factory string ("Flat", "IVF1024,Flat", "IVF1024,PQ32", "IVF1024,SQ8",
 ///                               "HNSW32", ...) over inner products; throws keysel::Error when keysel was built
-///                               without FAISS or FAISS rejects the string.
+///                               without FAISS or FAISS rejects the string;
+///   "QueryIVF{lists}[x{a}],{Flat|SQ8|SQ4}"  QueryAwareSearch (keysel/indexer/query_aware_search.h), always
+///                               available; the MIPS and balancing options do not apply to it.
 std::unique_ptr<CandidateSearch> make_candidate_search(std::string_view spec, std::int64_t dim,
                                                        const CandidateSearchOptions& options = {});
 
@@ -174,6 +190,11 @@ struct CandidateSelectorOptions {
   /// It is called once per row with the row's candidate free keys, from one thread at a time. Empty: the exact
   /// re-rank described at CandidateSelector.
   CandidateScore rerank;
+  /// Re-rank (the exact formula above) over the vectors the indexes store, their codes decoded
+  /// (CandidateSearch::reconstruct), instead of the fp32 keys: reads each candidate's code (e.g. 64 bytes at
+  /// 4 bits for D = 128) instead of 4 D bytes, and ranks by the same approximate keys the search scored. Needs
+  /// searches that can reconstruct (brute force, QueryIVF); ignored when `rerank` is set.
+  bool rerank_stored = false;
 };
 
 /// One CandidateSearch per key head over the cache of keys [N, Hkv, D], turned into a Selector.
@@ -218,6 +239,12 @@ class CandidateSelector final : public Selector {
   /// train_keys keys (all when 0) and adds all N. Forgets the view: a following select() rebuilds unless its
   /// k is this same view (same pointer and strides) or a longer one over the same memory.
   void build(const TensorView& keys);
+  /// Queries [Tq, Hq, D] (fp32, fp16 or bf16; Hq a multiple of the key heads) that searches learning from
+  /// queries (QueryAwareSearch) train on at every later build and retrain: each key head gets the queries of the
+  /// heads that read it. Without them, a build inside select() takes the request's queries of the tokens whose
+  /// allowed keys lie among the training keys (the prefill), or all of the request's queries when none does; an
+  /// explicit build() without them leaves such searches untrained, which throws.
+  void set_training_queries(const TensorView& queries);
   /// Appends keys [n, Hkv, D] (the tokens decoded since) to every index without retraining, then applies the
   /// retrain policy. Returns true when it retrained.
   bool append(const TensorView& keys);
@@ -244,7 +271,9 @@ class CandidateSelector final : public Selector {
   struct Cache;
   bool verified_same_cache(const TensorView& k, const AttentionShape& shape) const;
   void sync_indexes_locked(const SelectionRequest& request);
-  void build_locked(const TensorView& keys);
+  void build_locked(const TensorView& keys, const AttentionInputs* inputs);
+  std::vector<std::vector<float>> training_queries_locked(std::int64_t kv_heads, std::int64_t d, std::int64_t train_n,
+                                                          const AttentionInputs* inputs) const;
   bool append_locked(const TensorView& keys, std::int64_t first_row);
   void retrain_locked();
 
@@ -253,6 +282,8 @@ class CandidateSelector final : public Selector {
   CandidateSelectorOptions options_;
   mutable std::mutex mutex_;
   std::shared_ptr<Cache> cache_;
+  std::vector<float> training_queries_;  // [Tq, Hq, D] given by set_training_queries (empty: none)
+  std::int64_t training_query_heads_ = 0, training_query_dim_ = 0;
 };
 
 /// A CandidateScore that re-ranks by the Lightning Indexer (SPEC §3) in double over given indexer tensors, the

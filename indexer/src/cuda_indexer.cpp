@@ -44,13 +44,9 @@ struct RowsSpec {
   std::int64_t next_n = 1;
 };
 
-/// Checks everything but the output and fills the launch parameters (logits left null). q is [R, HI, DI].
-cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView& q, const TensorView& weights,
-                                    const CudaIndexerKeyCache& cache, const RowsSpec& spec, std::int64_t n_keys,
-                                    const TensorView& output, const char* output_name) {
-  const TensorView& positions = spec.positions;
-  const TensorView& sequence_of_row = spec.sequence_of_row;
-  const TensorView& context_lens = spec.context_lens;
+/// q [R, HI, DI]: fp8_e4m3 on a CUDA device, contiguous and 16-byte aligned, HI and DI sizes the kernels have;
+/// weights fp32 [R, HI] on the same device, contiguous. Returns q's device.
+Device expect_indexer_queries(std::string_view function, const TensorView& q, const TensorView& weights) {
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_dtype(function, q, "q", {DType::fp8_e4m3});
   const Device device = q.device();
@@ -65,6 +61,38 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   expect_dtype(function, weights, "weights", {DType::fp32});
   expect_device(function, weights, "weights", device);
   expect_contiguous(function, weights, "weights");
+  return device;
+}
+
+/// One int32 value per query row (positions, sequence_of_row, starts, ends): [rows] on `device`, contiguous.
+void expect_row_values(std::string_view function, const TensorView& view, std::string_view name, std::int64_t rows,
+                       const Device& device) {
+  expect_shape(function, view, name, {rows});
+  expect_dtype(function, view, name, {DType::int32});
+  expect_device(function, view, name, device);
+  expect_contiguous(function, view, name);
+}
+
+/// The facts of `device` after making it current, which must run fp8 MMA (compute capability 8.9 or newer).
+cuda_glue::DeviceFacts fp8_mma_device(std::string_view function, const Device& device) {
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
+  if (facts.capability < 89) {
+    detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
+                                      std::to_string(device.index) + " is " + std::to_string(facts.capability / 10) +
+                                      "." + std::to_string(facts.capability % 10));
+  }
+  return facts;
+}
+
+/// Checks everything but the output and fills the launch parameters (logits left null). q is [R, HI, DI].
+cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView& q, const TensorView& weights,
+                                    const CudaIndexerKeyCache& cache, const RowsSpec& spec, std::int64_t n_keys,
+                                    const TensorView& output, const char* output_name) {
+  const TensorView& positions = spec.positions;
+  const TensorView& sequence_of_row = spec.sequence_of_row;
+  const TensorView& context_lens = spec.context_lens;
+  const Device device = expect_indexer_queries(function, q, weights);
+  const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
   // The engines' page, viewed as [num_blocks, 64 * (DI + 4)], [num_blocks, 64, DI + 4] or [num_blocks, 64, 1, DI + 4].
   const std::int64_t page_bytes = kIndexerCacheBlock * (dim + 4);
   const int cache_rank = cache.blocks.rank();
@@ -84,10 +112,7 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
   KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(cache.blocks.raw_data()) % 16 == 0, "cache.blocks",
                    "a 16-byte aligned buffer", "a misaligned pointer");
   if (context_lens.empty()) {
-    expect_shape(function, positions, "positions", {rows});
-    expect_dtype(function, positions, "positions", {DType::int32});
-    expect_device(function, positions, "positions", device);
-    expect_contiguous(function, positions, "positions");
+    expect_row_values(function, positions, "positions", rows, device);
   } else {
     KEYSEL_CHECK_ARG(spec.next_n >= 1 && spec.next_n <= 4, "next_n", "1 to 4 query tokens per sequence", spec.next_n);
     KEYSEL_CHECK_ARG(!cache.block_table.empty(), "cache.block_table", "a block table [B, max_blocks]", "none");
@@ -129,17 +154,9 @@ cuda_kernels::IndexerLaunch prepare(std::string_view function, const TensorView&
                      cache.blocks.str());
   }
   if (!sequence_of_row.empty()) {
-    expect_shape(function, sequence_of_row, "sequence_of_row", {rows});
-    expect_dtype(function, sequence_of_row, "sequence_of_row", {DType::int32});
-    expect_device(function, sequence_of_row, "sequence_of_row", device);
-    expect_contiguous(function, sequence_of_row, "sequence_of_row");
+    expect_row_values(function, sequence_of_row, "sequence_of_row", rows, device);
   }
-  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
-  if (facts.capability < 89) {
-    detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
-                                      std::to_string(device.index) + " is " + std::to_string(facts.capability / 10) +
-                                      "." + std::to_string(facts.capability % 10));
-  }
+  const cuda_glue::DeviceFacts facts = fp8_mma_device(function, device);
   // One pointer query per distinct buffer, the output's included.
   cuda_glue::expect_device_pointers(function,
                                     {{q.raw_data(), "q"},
@@ -295,21 +312,9 @@ void ragged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, cons
                             const TensorView& key_scales, const TensorView& starts, const TensorView& ends,
                             const TensorView& logits, void* stream) {
   constexpr std::string_view function = "ragged_mqa_logits_cuda";
-  expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
-  expect_dtype(function, q, "q", {DType::fp8_e4m3});
-  const Device device = q.device();
-  KEYSEL_CHECK_ARG(device.kind == DeviceKind::cuda, "q", "a tensor on a CUDA device", q.str());
-  expect_contiguous(function, q, "q");
-  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(q.raw_data()) % 16 == 0, "q", "a 16-byte aligned buffer",
-                   "a misaligned pointer");
+  const Device device = expect_indexer_queries(function, q, weights);
   const std::int64_t rows = q.size(0), heads = q.size(1), dim = q.size(2);
-  KEYSEL_CHECK_ARG(heads == 16 || heads == 32 || heads == 64 || heads == 128, "q", "HI of 16, 32, 64 or 128", heads);
-  KEYSEL_CHECK_ARG(dim == 64 || dim == 128, "q", "DI of 64 or 128", dim);
   KEYSEL_CHECK_ARG(rows <= 65535, "q", "at most 65535 rows per call", rows);
-  expect_shape(function, weights, "weights", {rows, heads});
-  expect_dtype(function, weights, "weights", {DType::fp32});
-  expect_device(function, weights, "weights", device);
-  expect_contiguous(function, weights, "weights");
   expect_shape(function, key_values, "key_values", {kAnyExtent, dim});
   expect_dtype(function, key_values, "key_values", {DType::fp8_e4m3});
   expect_device(function, key_values, "key_values", device);
@@ -322,25 +327,14 @@ void ragged_mqa_logits_cuda(const TensorView& q, const TensorView& weights, cons
   expect_dtype(function, key_scales, "key_scales", {DType::fp32});
   expect_device(function, key_scales, "key_scales", device);
   expect_contiguous(function, key_scales, "key_scales");
-  const auto check_bounds = [&](const TensorView& view, const char* name) {
-    expect_shape(function, view, name, {rows});
-    expect_dtype(function, view, name, {DType::int32});
-    expect_device(function, view, name, device);
-    expect_contiguous(function, view, name);
-  };
-  check_bounds(starts, "starts");
-  check_bounds(ends, "ends");
+  expect_row_values(function, starts, "starts", rows, device);
+  expect_row_values(function, ends, "ends", rows, device);
   expect_shape(function, logits, "logits", {rows, n});
   expect_dtype(function, logits, "logits", {DType::fp32});
   expect_device(function, logits, "logits", device);
   expect_writable(function, logits, "logits");
   expect_contiguous(function, logits, "logits");
-  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
-  if (facts.capability < 89) {
-    detail::throw_error(function, "fp8 MMA needs a GPU of compute capability 8.9 or newer; cuda:" +
-                                      std::to_string(device.index) + " is " + std::to_string(facts.capability / 10) +
-                                      "." + std::to_string(facts.capability % 10));
-  }
+  const cuda_glue::DeviceFacts facts = fp8_mma_device(function, device);
   cuda_glue::expect_device_pointers(function,
                                     {{q.raw_data(), "q"},
                                      {weights.raw_data(), "weights"},

@@ -82,7 +82,7 @@ def sparse_attention(q: object, k_cache: object, v_cache: object, selection: obj
 
 def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object, stream: int = 0) -> None:
     """
-    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU, deterministic.
+    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse and grad_out; CPU or CUDA, deterministic.
     """
 
 def indexer_kl_loss_reference(target: object, queries: object, weights: object, keys: object, positions: object, selection: object | None, reduction: str, grad_queries: object, grad_weights: object, grad_keys: object) -> float:

@@ -196,16 +196,11 @@ def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
 
 
 def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
-    """(dq, dk, dv) of sparse_attention's out (SPEC §9) in the dtypes of q, k_cache, v_cache: keysel's CPU kernel
-    where the compiled core takes the tensors, the gather-based pure-torch backward otherwise (CUDA tensors,
-    float64, backend "torch")."""
-    if _cuda_kernels_take(q, k_cache, v_cache, out, grad_out):
-        dq, dk, dv = _core().sparse_attention_backward(
-            q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
-            out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,
-            scale=scale)
-        return dq.to(q.dtype), dk.to(k_cache.dtype), dv.to(v_cache.dtype)
-    if _use_core(q, k_cache, v_cache) and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    """(dq, dk, dv) of sparse_attention's out (SPEC §9) in the dtypes of q, k_cache, v_cache: keysel's CUDA kernel
+    for CUDA tensors it takes (_cuda_kernels_take), keysel's CPU kernel where the compiled core takes the CPU
+    tensors, the gather-based pure-torch backward otherwise (other CUDA tensors, float64, backend "torch")."""
+    if _cuda_kernels_take(q, k_cache, v_cache, out, grad_out) or (
+            _use_core(q, k_cache, v_cache) and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         dq, dk, dv = _core().sparse_attention_backward(
             q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
             out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,

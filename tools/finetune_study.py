@@ -26,7 +26,6 @@ _T_START = time.time()  # the budget counts from here
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import io  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import tarfile  # noqa: E402
@@ -104,8 +103,7 @@ def pack(out, pack_dir, part_bytes):
     parts = []
     for i in range(0, len(data), part_bytes):
         path = os.path.join(pack_dir, f"finetune_packages.tar.part{i // part_bytes:03d}")
-        with open(path, "wb") as f:
-            f.write(data[i:i + part_bytes])
+        tl.write_bytes(path, data[i:i + part_bytes])
         parts.append(os.path.basename(path))
     return parts, len(data)
 
@@ -192,14 +190,12 @@ def main():
             summary["packages"][name]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
             torch.cuda.empty_cache()
     summary["total_seconds"] = round(time.time() - _T_START, 1)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    tl.write_json(os.path.join(args.out, "summary.json"), summary)
     tl.log(f"summary {os.path.join(args.out, 'summary.json')}; {summary['total_seconds']:.0f}s so far")
     tl._LOG_FILE.close()
     if args.pack:
         parts, size = pack(args.out, args.pack, args.part_mib * 2**20)
-        with open(os.path.join(args.pack, "summary.json"), "w") as f:
-            json.dump(dict(summary, parts=parts, tar_bytes=size), f, indent=1)
+        tl.write_json(os.path.join(args.pack, "summary.json"), dict(summary, parts=parts, tar_bytes=size))
         print(f"packed {size / 2**20:.1f} MiB into {len(parts)} parts in {args.pack} "
               f"({time.time() - _T_START:.0f}s in all)", flush=True)
 

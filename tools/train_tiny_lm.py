@@ -52,6 +52,7 @@ import time
 _T_START = time.time()  # the wall-clock budget (--budget-seconds) counts from here, imports included
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -392,13 +393,43 @@ def load_state(model, state):
 # ----------------------------------------------------------------------------------------------- safetensors
 
 
+@contextlib.contextmanager
+def replaced_file(path):
+    """Yields a temporary name beside `path` to write; once the block completes, the file is renamed to `path`
+    (a reader sees the old file or the whole new one, never a part). On an error the temporary file is removed."""
+    temporary = f"{path}.tmp"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def write_bytes(path, data):
+    with replaced_file(path) as temporary, open(temporary, "wb") as f:
+        f.write(data)
+
+
+def write_json(path, value):
+    with replaced_file(path) as temporary, open(temporary, "w") as f:
+        json.dump(value, f, indent=1)
+
+
 def write_safetensors(path, tensors, metadata):
     """tensors: name -> numpy array; metadata: str -> str (the safetensors package's writer)."""
     from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
+    with replaced_file(path) as temporary:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, temporary, metadata=metadata)
 
 
 # ----------------------------------------------------------------------------------------------- data
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def site_packages():
@@ -448,7 +479,7 @@ def load_data(args, info):
     train_files = [f for f in all_files if not f.startswith(heldout_dir + os.sep)]
     heldout_files = [f for f in all_files if f.startswith(heldout_dir + os.sep)]
     corpus = read_corpus(train_files, args.corpus_bytes, args.seed)
-    heldout = b"".join(open(f, "rb").read() + b"\n\n" for f in heldout_files)
+    heldout = b"".join(read_bytes(f) + b"\n\n" for f in heldout_files)
     mid = len(heldout) // 2
     eval_text = heldout[mid:mid + args.eval_bytes]
     heldout_eval = heldout[:min(len(heldout), args.heldout_eval_bytes)]
@@ -972,6 +1003,24 @@ def rounded_fp16(model):
     return state16, model32.eval()
 
 
+def write_eval_and_logits(out, state16, cfg, eval_text, logit_tokens, bpb_eval):
+    """A package's eval.txt and logits.safetensors: the float64 logits of the fp16 weights `state16` (on the CPU)
+    over eval.txt's first logit_tokens bytes, with bpb_eval, eval.txt's bits per byte. Returns (tokens uint8 [L],
+    logits float64 [L, 256])."""
+    write_bytes(os.path.join(out, "eval.txt"), eval_text)
+    model64 = TinyLM(cfg).double()
+    load_state(model64, {k: v.double() for k, v in state16.items()})
+    model64.eval()
+    tokens = np.frombuffer(eval_text[:logit_tokens], dtype=np.uint8)
+    with torch.no_grad():
+        logits64 = model64(torch.tensor(tokens.astype(np.int64))[None], exact=True)[0]
+    write_safetensors(os.path.join(out, "logits.safetensors"),
+                      {"tokens": tokens.astype(np.int32), "logits": logits64.numpy().astype(np.float32)},
+                      {"format": "keysel-tiny-lm-logits/1", "bpb_eval": repr(bpb_eval),
+                       "note": "logits of model.safetensors (fp16 weights) in float64 for tokens = eval.txt[0:L]"})
+    return tokens, logits64
+
+
 def write_package(out, state16, cfg, eval_text, info, logit_tokens):
     """A package in models/tiny_lm's format, without a dump: model.safetensors (fp16, format, config, training),
     eval.txt, logits.safetensors (float64 logits of the fp16 weights over eval.txt's first logit_tokens bytes,
@@ -984,20 +1033,8 @@ def write_package(out, state16, cfg, eval_text, info, logit_tokens):
     meta = {"format": FORMAT, "config": json.dumps(cfg.to_dict()), "training": json.dumps(training)}
     write_safetensors(os.path.join(out, "model.safetensors"),
                       {k: v.numpy().astype(np.float16) for k, v in state16.items()}, meta)
-    with open(os.path.join(out, "eval.txt"), "wb") as f:
-        f.write(eval_text)
-    model64 = TinyLM(cfg).double()
-    load_state(model64, {k: v.double() for k, v in state16.items()})
-    model64.eval()
-    tokens = np.frombuffer(eval_text[:logit_tokens], dtype=np.uint8)
-    with torch.no_grad():
-        logits64 = model64(torch.tensor(tokens.astype(np.int64))[None], exact=True)[0]
-    write_safetensors(os.path.join(out, "logits.safetensors"),
-                      {"tokens": tokens.astype(np.int32), "logits": logits64.numpy().astype(np.float32)},
-                      {"format": "keysel-tiny-lm-logits/1", "bpb_eval": repr(info["evaluation"]["eval_bpb_full"]),
-                       "note": "logits of model.safetensors (fp16 weights) in float64 for tokens = eval.txt[0:L]"})
-    with open(os.path.join(out, "train_log.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    write_eval_and_logits(out, state16, cfg, eval_text, logit_tokens, info["evaluation"]["eval_bpb_full"])
+    write_json(os.path.join(out, "train_log.json"), info)
 
 
 def finetune_main(args):
@@ -1160,7 +1197,8 @@ def main():
     if not 0 <= args.short_fraction <= 1 or not 0 <= args.retrieval_fraction <= 1:
         ap.error("--short-fraction and --retrieval-fraction must be in [0, 1]")
     if not 0 <= args.drill_fraction <= 1 or not 0 < args.drill_until <= 1 or not 0 <= args.short_first < 1:
-        ap.error("--drill-fraction and --drill-until must be in [0, 1] (--drill-until > 0), --short-first in [0, 1)")
+        ap.error("--drill-fraction and --drill-until must be in [0, 1] (--drill-until > 0), --short-first in [0, 1); "
+                 f"got {args.drill_fraction}, {args.drill_until}, {args.short_first}")
     if args.short_first > 0 and not args.short_context:
         ap.error("--short-first needs --short-context")
     if not 0 <= args.indexer_share < 1:
@@ -1270,24 +1308,14 @@ def main():
            "indexer_steps": info["indexer"]["steps"], "heldout": args.heldout})}
     write_safetensors(os.path.join(args.out, "model.safetensors"),
                       {k: v.numpy().astype(np.float16) for k, v in state16.items()}, meta)
-    with open(os.path.join(args.out, "eval.txt"), "wb") as f:
-        f.write(eval_text)
 
     # reference logits in float64 from the fp16 weights, on the CPU
-    model64 = TinyLM(cfg).double()
-    load_state(model64, {k: v.double() for k, v in state16.items()})
-    model64.eval()
-    ref_tokens = np.frombuffer(eval_text[:args.logit_tokens], dtype=np.uint8)
+    ref_tokens, logits64 = write_eval_and_logits(args.out, state16, cfg, eval_text, args.logit_tokens, bpb_eval)
     with torch.no_grad():
-        logits64 = model64(torch.tensor(ref_tokens.astype(np.int64))[None], exact=True)[0]
         logits32 = model32(torch.tensor(ref_tokens.astype(np.int64), device=device)[None], exact=True)[0]
     diff = (logits32.double().cpu() - logits64).abs().max().item() / logits64.abs().max().item()
     info["logits_fp32_vs_fp64_rel"] = diff
     log(f"reference logits: fp32 GPU vs fp64 CPU max rel diff {diff:.2e}")
-    write_safetensors(os.path.join(args.out, "logits.safetensors"),
-                      {"tokens": ref_tokens.astype(np.int32), "logits": logits64.numpy().astype(np.float32)},
-                      {"format": "keysel-tiny-lm-logits/1", "bpb_eval": repr(bpb_eval),
-                       "note": "logits of model.safetensors (fp16 weights) in float64 for tokens = eval.txt[0:L]"})
 
     # dump of the first dump_tokens bytes of eval.txt (full attention, fp32 math)
     t = min(args.dump_tokens, len(eval_text))
@@ -1314,9 +1342,7 @@ def main():
     info["package_bytes"] = directory_bytes(args.out)
     log(f"package {args.out}: {info['package_bytes'] / 2**20:.2f} MiB (model.safetensors "
         f"{os.path.getsize(os.path.join(args.out, 'model.safetensors')) / 2**20:.2f} MiB)")
-    with open(os.path.join(args.out, "train_log.json.tmp"), "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(os.path.join(args.out, "train_log.json.tmp"), os.path.join(args.out, "train_log.json"))
+    write_json(os.path.join(args.out, "train_log.json"), info)
     log(f"done in {time.time() - _T_START:.0f}s")
     _LOG_FILE.close()
 

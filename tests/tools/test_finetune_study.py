@@ -28,14 +28,6 @@ PACKAGE_FILES = ["eval.txt", "logits.safetensors", "model.safetensors", "train_l
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="")
 
 
-def heldout_package():
-    root = tl.site_packages()
-    for name in ("networkx", "pytest", "numpy", "_pytest"):
-        if os.path.isdir(os.path.join(root, name)):
-            return name
-    pytest.fail(f"no package to hold out under {root}")
-
-
 def header(path):
     with open(path, "rb") as f:
         return json.loads(f.read(int.from_bytes(f.read(8), "little")))
@@ -57,13 +49,13 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def study(base):
+def study(base, heldout_package):
     out, pack = base.parent / "study", base.parent / "pack"
     budget = 30
     cmd = [sys.executable, os.path.join(TOOLS, "finetune_study.py"), "--init", str(base), "--out", str(out),
            "--pack", str(pack), "--part-mib", "1", "--budget-seconds", str(budget), "--reserve-seconds", "3",
            "--export-seconds", "2", "--variants", VARIANTS, "--batch", "2", "--corpus-bytes", "2000000",
-           "--heldout", heldout_package(), "--heldout-eval-bytes", "2048", "--logit-tokens", "24", "--log-every", "2"]
+           "--heldout", heldout_package, "--heldout-eval-bytes", "2048", "--logit-tokens", "24", "--log-every", "2"]
     start = time.time()
     run = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -131,13 +123,13 @@ def test_tar_parts_hold_the_packages(study):
             assert tar.extractfile(member).read() == (out / name).read_bytes()
 
 
-def test_single_finetune_command(base, tmp_path):
+def test_single_finetune_command(base, tmp_path, heldout_package):
     """train_tiny_lm.py --init: one variant, stopped by --finetune-steps."""
     out = tmp_path / "ft"
     cmd = [sys.executable, os.path.join(TOOLS, "train_tiny_lm.py"), "--init", str(base), "--out", str(out),
            "--train-attention", "topk", "--train-k", "16", "--train-selector", "indexer", "--finetune-steps", "3",
            "--finetune-seconds", "60", "--batch", "2", "--corpus-bytes", "1000000", "--heldout",
-           heldout_package(), "--heldout-eval-bytes", "1024", "--logit-tokens", "16", "--log-every", "1"]
+           heldout_package, "--heldout-eval-bytes", "1024", "--logit-tokens", "16", "--log-every", "1"]
     run = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert sorted(os.listdir(out)) == sorted(PACKAGE_FILES + ["train.log"])

@@ -21,17 +21,8 @@ CPP_CONFIG_FIELDS = {"vocab", "d_model", "layers", "heads", "kv_heads", "head_di
                      "norm_eps", "index_heads", "index_dim"}
 
 
-def heldout_package():
-    """A package of the interpreter's site-packages to hold out (the training script reads the same place)."""
-    root = tl.site_packages()
-    for name in ("networkx", "pytest", "numpy", "_pytest"):
-        if os.path.isdir(os.path.join(root, name)):
-            return name
-    pytest.fail(f"no package to hold out under {root}")
-
-
 @pytest.fixture(scope="module")
-def package(tmp_path_factory):
+def package(tmp_path_factory, heldout_package):
     out = tmp_path_factory.mktemp("tiny_lm_long") / "pkg"
     budget = 32
     cmd = [sys.executable, os.path.join(TOOLS, "train_tiny_lm.py"), "--out", str(out), "--budget-seconds", str(budget),
@@ -41,7 +32,7 @@ def package(tmp_path_factory):
            "--short-fraction", "0.5", "--retrieval-fraction", "0.5", "--retrieval-max-keys", "4",
            "--retrieval-min-context", "128", "--answer-weight", "2", "--drill-fraction", "0.5", "--drill-until", "0.6",
            "--short-first", "0.2", "--indexer-context", "128", "--indexer-batch", "2",
-           "--heldout", heldout_package(), "--corpus-bytes", "3000000", "--heldout-eval-bytes", "4096",
+           "--heldout", heldout_package, "--corpus-bytes", "3000000", "--heldout-eval-bytes", "4096",
            "--eval-bytes", "3000", "--logit-tokens", "40", "--dump-tokens", "32", "--eval-per-cell", "1",
            "--eval-depths", "0,0.5,1", "--log-every", "2", "--no-compile"]
     start = time.time()
@@ -150,3 +141,22 @@ def test_default_shape_is_the_shipped_model():
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     parser_defaults = tl.default_config().to_dict()
     assert parser_defaults == json.loads(header["__metadata__"]["config"])
+
+
+def test_files_are_replaced_whole(tmp_path):
+    """write_bytes / write_json / write_safetensors go through a temporary name: a failed write leaves the old file
+    as it was and no temporary file behind; a finished one replaces it."""
+    path = str(tmp_path / "train_log.json")
+    tl.write_json(path, {"steps": 1})
+    with pytest.raises(ValueError):
+        with tl.replaced_file(path) as temporary, open(temporary, "w") as f:
+            f.write('{"steps": ')
+            raise ValueError("interrupted")
+    assert json.loads((tmp_path / "train_log.json").read_text()) == {"steps": 1}
+    assert sorted(os.listdir(tmp_path)) == ["train_log.json"]
+    tl.write_json(path, {"steps": 2})
+    assert json.loads((tmp_path / "train_log.json").read_text()) == {"steps": 2}
+    tensors = str(tmp_path / "t.safetensors")
+    tl.write_safetensors(tensors, {"x": torch.arange(5, dtype=torch.int32).numpy()}, {"format": "test"})
+    assert safetensors_torch.load_file(tensors)["x"].tolist() == [0, 1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["t.safetensors", "train_log.json"]

@@ -345,8 +345,10 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
     """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq]).
 
     Differentiable in q, k_cache and v_cache (SPEC §9; the selection is a constant, lse carries no gradient):
-    the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16), and a
-    gather-based pure-torch backward elsewhere (CUDA tensors, float64, backend "torch")."""
+    the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16), its CUDA kernel
+    on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256 (the forward's CUDA kernel takes bfloat16 with
+    D == Dv in {64, 128, 256}), and a gather-based pure-torch backward elsewhere (other CUDA tensors, float64,
+    backend "torch")."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _ops_registered:
         return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)

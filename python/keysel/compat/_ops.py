@@ -200,13 +200,20 @@ def _kernel_takes_ragged(q_fp8, k_fp8, k_scale, weights, starts, ends, out):
     """Whether keysel's CUDA indexer runs ragged_logits (else the torch body does): CUDA tensors on a GPU of
     compute capability 8.9+, contiguous operands with q and k 16-byte aligned, HI in {16, 32, 64, 128}, DI in
     {64, 128} and at most 65535 rows."""
+    m, h, d = q_fp8.shape
+    return 0 < k_fp8.shape[0] < 2**31 and _indexer_kernel_takes(
+        q_fp8, m, h, d, (q_fp8, k_fp8, k_scale, weights, starts, ends, out), (q_fp8, k_fp8))
+
+
+def _indexer_kernel_takes(q_fp8, rows, heads, dim, operands, aligned):
+    """What every keysel CUDA indexer entry point needs: a CUDA build and q_fp8 on a GPU of compute capability
+    8.9+, HI (heads) in {16, 32, 64, 128}, DI (dim) in {64, 128}, 1 to 65535 query rows, every operand contiguous
+    and the fp8 arrays in `aligned` 16-byte aligned."""
     if q_fp8.device.type != "cuda" or not _built_with_cuda():
         return False
-    m, h, d = q_fp8.shape
-    return (h in (16, 32, 64, 128) and d in (64, 128) and 0 < m <= 65535 and 0 < k_fp8.shape[0] < 2**31
+    return (heads in (16, 32, 64, 128) and dim in (64, 128) and 0 < rows <= 65535
             and torch.cuda.get_device_capability(q_fp8.device) >= (8, 9)
-            and all(x.is_contiguous() for x in (q_fp8, k_fp8, k_scale, weights, starts, ends, out))
-            and q_fp8.data_ptr() % 16 == 0 and k_fp8.data_ptr() % 16 == 0)
+            and all(x.is_contiguous() for x in operands) and all(x.data_ptr() % 16 == 0 for x in aligned))
 
 
 def ragged_logits_torch(q_fp8, k_fp8, k_scale, weights, starts, ends, out):
@@ -308,14 +315,10 @@ def _kernel_takes_paged(q_fp8, pages, weights, context_lens, block_table, out):
     """Whether keysel's CUDA indexer runs this call (else the torch body does): CUDA tensors on a GPU of compute
     capability 8.9+, contiguous 16-byte aligned operands, HI in {16, 32, 64, 128}, DI in {64, 128}, next_n <= 4,
     and a block table wide enough for the logits' width."""
-    if q_fp8.device.type != "cuda" or not _built_with_cuda():
-        return False
     b, next_n, h, d = q_fp8.shape
-    return (h in (16, 32, 64, 128) and d in (64, 128) and 1 <= next_n <= 4 and 0 < b * next_n <= 65535
-            and torch.cuda.get_device_capability(q_fp8.device) >= (8, 9)
-            and all(x.is_contiguous() for x in (q_fp8, pages, weights, context_lens, block_table, out))
-            and q_fp8.data_ptr() % 16 == 0 and pages.data_ptr() % 16 == 0 and pages.shape[0] > 0
-            and block_table.shape[1] * PAGE_TOKENS >= out.shape[1])
+    return (1 <= next_n <= 4 and pages.shape[0] > 0 and block_table.shape[1] * PAGE_TOKENS >= out.shape[1]
+            and _indexer_kernel_takes(q_fp8, b * next_n, h, d, (q_fp8, pages, weights, context_lens, block_table, out),
+                                      (q_fp8, pages)))
 
 
 # ---- exact per-row top-k -------------------------------------------------------------------------------------

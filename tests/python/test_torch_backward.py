@@ -42,9 +42,8 @@ def random_selection(generator, t, n, groups, width, positions):
     return sel
 
 
-def masked_reference(q, k, v, selection, granularity, scale):
-    """out [T, Hq, Dv] in float64 from dense scores [T, Hq, N] masked to -inf outside the selection; a row with
-    no key gives zeros. Differentiable by torch's autograd."""
+def masked_lse_scores(q, k, selection, granularity, scale):
+    """scale * q.k [T, Hq, N] in float64 with -inf outside the selection (rows with no key stay all -inf)."""
     t, hq, _ = q.shape
     n, hkv, _ = k.shape
     g = hq // hkv
@@ -55,11 +54,17 @@ def masked_reference(q, k, v, selection, granularity, scale):
             for s in selection[i, groups[h]].tolist():
                 if s >= 0:
                     mask[i, h, s] = True
-    k_heads = k.double()[:, [h // g for h in range(hq)], :]           # [N, Hq, D]
-    v_heads = v.double()[:, [h // g for h in range(hq)], :]
-    scores = torch.einsum("thd,nhd->thn", q.double(), k_heads) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    empty = ~mask.any(-1, keepdim=True)
+    scores = torch.einsum("thd,nhd->thn", q.double(), k.double()[:, [h // g for h in range(hq)], :]) * scale
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+def masked_reference(q, k, v, selection, granularity, scale):
+    """out [T, Hq, Dv] in float64 from dense scores [T, Hq, N] masked to -inf outside the selection; a row with
+    no key gives zeros. Differentiable by torch's autograd."""
+    hq, hkv = q.shape[1], k.shape[1]
+    v_heads = v.double()[:, [h // (hq // hkv) for h in range(hq)], :]  # [N, Hq, Dv]
+    scores = masked_lse_scores(q, k, selection, granularity, scale)
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
     p = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return torch.einsum("thn,nhd->thd", p, v_heads)
 
@@ -256,22 +261,6 @@ def test_cuda_backward_kernel_matches_the_masked_softmax_reference(granularity, 
     relative = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 out and grad_out enter Delta rounded
     for got, expected in zip((dq, dk, dv), want):
         assert_close(got.cpu(), expected, relative)
-
-
-def masked_lse_scores(q, k, selection, granularity, scale):
-    """scale * q.k [T, Hq, N] in float64 with -inf outside the selection (rows with no key stay all -inf)."""
-    t, hq, _ = q.shape
-    n, hkv, _ = k.shape
-    g = hq // hkv
-    groups = group_of_heads(granularity, hq, hkv)
-    mask = torch.zeros(t, hq, n, dtype=torch.bool)
-    for i in range(t):
-        for h in range(hq):
-            for s in selection[i, groups[h]].tolist():
-                if s >= 0:
-                    mask[i, h, s] = True
-    scores = torch.einsum("thd,nhd->thn", q.double(), k.double()[:, [h // g for h in range(hq)], :]) * scale
-    return scores.masked_fill(~mask, float("-inf"))
 
 
 @needs_cuda

@@ -1,7 +1,7 @@
 """The four heavy operations behind keysel.compat (docs/SPEC.md §7, docs/compat.md).
 
 Every peer-shaped function in keysel.compat.deep_gemm / vllm / sglang / flashinfer translates its arguments and
-calls one of these; keysel CUDA kernels will later replace the bodies, with the signatures kept:
+calls one of these, so that a keysel kernel replaces a body without changing a signature:
 
     ragged_logits(q_fp8, k_fp8, k_scale, weights, starts, ends, clean, out)
     paged_logits(q_fp8, kv_cache, weights, context_lens, block_table, next_n, clean, out)
@@ -10,11 +10,12 @@ calls one of these; keysel CUDA kernels will later replace the bodies, with the 
 
 Where keysel has a kernel for the call, it runs: topk_rows through keysel.topk_rows (keysel's exact top-k, CPU
 and CUDA), paged_logits on CUDA through keysel.paged_mqa_logits and ragged_logits on CUDA through
-keysel.ragged_mqa_logits (keysel's tensor-core indexer). Otherwise the
+keysel.ragged_mqa_logits (keysel's tensor-core indexer, where _indexer_kernel_takes the call). Otherwise the
 bodies are plain torch: they run on CPU tensors and, unchanged, on CUDA tensors (the reference the tests compare
 against). Neither reads a tensor value on the host (every size comes from shapes and Python ints), so on CUDA
-they queue work without synchronising and can be captured in a CUDA graph. Each validates all of its arguments first and raises keysel.Error (a
-ValueError) naming the argument, the expectation and what came; nothing is written on failure.
+they queue work without synchronising and can be captured in a CUDA graph. Each validates all of its arguments
+first and raises keysel.Error (a ValueError) naming the argument, the expectation and what came; nothing is
+written on failure.
 
 Numerics: fp8 e4m3 values are decoded exactly to float32 and every dot product and head sum accumulates in
 float32. q.k of two fp8 values is exact in TF32 too (4 significant bits each), so torch's allow_tf32 setting

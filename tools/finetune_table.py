@@ -64,8 +64,13 @@ def main():
     ap.add_argument("--summary", default=None)
     args = ap.parse_args()
     models, rows = read_results(args.study)
+    if not models:
+        sys.exit(f"finetune_table: --study {args.study}: expected results.json with at least one workload, got none")
     base = models[0]
     selections = sorted({(s, k) for (_, s, k) in rows if s != "full"}, key=lambda sk: (sk[0], sk[1]))
+    if not any(s == "exact" for s, _ in selections):
+        sys.exit(f"finetune_table: --study {args.study}: expected rows of the exact selector (the entropy table "
+                 f"reads them), got selectors {sorted({s for s, _ in selections})}")
     out = []
     if args.summary:
         with open(args.summary) as f:
@@ -104,8 +109,8 @@ def main():
     indexer = [(s, k) for s, k in selections if s != "exact"]
     if indexer:
         out += ["## Indexer recall and mass (SPEC section 4, against the exact top-k of each model)", ""]
-        lines = [[name] + [f"{fmt(rows[(name, s, k)].get('recall'))} / {fmt(rows[(name, s, k)].get('mass'))}"
-                           for s, k in indexer] for name in models]
+        lines = [[name] + [f"{fmt(rows.get((name, s, k), {}).get('recall'))} / "
+                           f"{fmt(rows.get((name, s, k), {}).get('mass'))}" for s, k in indexer] for name in models]
         out += [table(["model"] + [f"{s} k={k}: recall / mass" for s, k in indexer], lines), ""]
 
     exact_k = max(k for s, k in selections if s == "exact")
@@ -124,6 +129,8 @@ def main():
     if args.heads:
         head_models, head_rows = read_results(args.heads)
         ks = sorted({k for (_, s, k) in head_rows if s == "exact"})
+        if not ks:
+            sys.exit(f"finetune_table: --heads {args.heads}: expected rows of the exact selector, got none")
         heads = entropy_by_layer_group(args.heads, "exact", ks[0])
         groups = sorted({(layer, group) for (_, layer, group) in heads})
         out += [f"## Attention entropy per layer and head (nats, per_head, exact k={ks[0]} rows); "

@@ -149,3 +149,51 @@ def test_example_study_compares_the_study_packages():
         assert names[0] == "base" and sorted(names[1:]) == sorted(defaults)
         assert all(w["model"] == f"models/tiny_lm_finetune/{w['name']}" for w in config["workloads"][1:])
         assert all(w["text"] == "models/tiny_lm/eval.txt" and w["tokens"] == 4096 for w in config["workloads"])
+
+
+def write_study_output(directory, bpb, entropy, selectors):
+    """A `keysel study` output with what tools/finetune_table.py reads: results.json (per model, full attention
+    and one row per (selector, k)) and by_row.csv (entropy per model, layer and row)."""
+    directory.mkdir()
+    studies = []
+    for model, full in bpb.items():
+        rows = [{"selector": s, "k": k, "metrics": {"bpb": {"mean": full + 0.01 * k / 64},
+                                                   "recall": {"mean": 0.5 + 0.1 * (model != "base")},
+                                                   "mass": {"mean": 0.75}}}
+                for s, k in selectors]
+        studies.append({"workload": model, "full_attention": {"bpb": {"mean": full}}, "rows": rows})
+    (directory / "results.json").write_text(json.dumps({"studies": studies}))
+    lines = ["workload,selector,k,group,entropy"]
+    for (model, layer), values in entropy.items():
+        lines += [f"{model} layer {layer},{s},{k},0,{v}" for s, k in selectors for v in values]
+    (directory / "by_row.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_table_reports_each_model_against_the_base(tmp_path):
+    """tools/finetune_table.py: bits per byte, change against the base, indexer recall / mass and entropy per layer,
+    each computed from the study files (entropy: the mean over a layer's rows, then over layers)."""
+    bpb = {"base": 1.25, "exact-k64": 1.5}
+    entropy = {("base", 0): [1.0, 2.0], ("base", 1): [3.0], ("exact-k64", 0): [2.5], ("exact-k64", 1): [4.5, 5.5]}
+    write_study_output(tmp_path / "study", bpb, entropy, [("exact", 64), ("indexer", 64)])
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "finetune_table.py"), "--study", str(tmp_path / "study")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = run.stdout.split("## ")
+    bpb_table = next(t for t in table if t.startswith("Bits per byte"))
+    assert "| exact-k64 | 1.5000 | 1.5100 (" in bpb_table
+    change = next(t for t in table if t.startswith("Change against the base"))
+    assert "| exact-k64 | 0.2500 | 0.2500 / " in change
+    recall = next(t for t in table if t.startswith("Indexer recall"))
+    assert "| base | 0.5000 / 0.7500 |" in recall and "| exact-k64 | 0.6000 / 0.7500 |" in recall
+    ent = next(t for t in table if t.startswith("Attention entropy per layer"))
+    # base: layers 1.5 and 3.0 (mean 2.25); exact-k64: 2.5 and 5.0 (mean 3.75, +1.5 against the base)
+    assert "| base | 1.500 | 3.000 | 2.250 | 0.000 |" in ent
+    assert "| exact-k64 | 2.500 | 5.000 | 3.750 | 1.500 |" in ent
+
+
+def test_table_without_exact_rows_names_what_it_needs(tmp_path):
+    write_study_output(tmp_path / "study", {"base": 1.0}, {("base", 0): [1.0]}, [("indexer", 64)])
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "finetune_table.py"), "--study", str(tmp_path / "study")],
+                         capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "expected rows of the exact selector" in run.stderr and "['indexer']" in run.stderr

@@ -19,6 +19,7 @@ two warm-ups:
 import argparse
 import json
 import math
+import os
 import statistics
 
 import torch
@@ -164,9 +165,10 @@ def main():
         del q, k, v, grad, qf, kf, vf, gf
         torch.cuda.empty_cache()
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json + ".tmp", "w") as f:  # renamed once whole: a reader never sees part of the rows
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

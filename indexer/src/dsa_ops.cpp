@@ -102,6 +102,16 @@ float token_scale(float amax, bool power_of_two) {
   return scale;
 }
 
+/// The references' double logits into `logits` (contiguous, fp64 as they are or fp32 rounded), out.size() values.
+void store_logits(const std::vector<double>& out, const TensorView& logits) {
+  if (logits.dtype() == DType::fp64) {
+    std::memcpy(logits.mutable_raw_data(), out.data(), out.size() * sizeof(double));
+  } else {
+    auto* dst = logits.mutable_data<float>();
+    for (std::size_t i = 0; i < out.size(); ++i) dst[i] = static_cast<float>(out[i]);
+  }
+}
+
 }  // namespace
 
 void topk_rows(const TensorView& logits, const TopkRowBounds& bounds, std::int64_t k, const TensorView& selection) {
@@ -290,12 +300,7 @@ void paged_mqa_logits_reference(const TensorView& q, const TensorView& weights, 
       }
     }
   }
-  if (logits.dtype() == DType::fp64) {
-    std::memcpy(logits.mutable_raw_data(), out.data(), out.size() * sizeof(double));
-  } else {
-    auto* dst = logits.mutable_data<float>();
-    for (std::size_t i = 0; i < out.size(); ++i) dst[i] = static_cast<float>(out[i]);
-  }
+  store_logits(out, logits);
 }
 
 void ragged_mqa_logits_reference(const TensorView& q, const TensorView& weights, const TensorView& key_values,
@@ -356,12 +361,7 @@ void ragged_mqa_logits_reference(const TensorView& q, const TensorView& weights,
       out[static_cast<std::size_t>(t * n + s)] = total * key_scales.load({s});
     }
   }
-  if (logits.dtype() == DType::fp64) {
-    std::memcpy(logits.mutable_raw_data(), out.data(), out.size() * sizeof(double));
-  } else {
-    auto* dst = logits.mutable_data<float>();
-    for (std::size_t i = 0; i < out.size(); ++i) dst[i] = static_cast<float>(out[i]);
-  }
+  store_logits(out, logits);
 }
 
 void paged_mqa_topk_reference(const TensorView& q, const TensorView& weights, const TensorView& cache,

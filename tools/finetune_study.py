@@ -122,14 +122,9 @@ def main():
     if args.part_mib < 1:
         ap.error(f"--part-mib must be >= 1, got {args.part_mib}")
     budget_end = _T_START + args.budget_seconds
-    os.makedirs(args.out, exist_ok=True)
-    tl._LOG_FILE = open(os.path.join(args.out, "study.log"), "w")
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    device, common = tl.start_run(args.out, args.seed, "study.log")
+    common["init"] = args.init
     targs = training_args(args)
-    common = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "init": args.init}
     cfg, base = tl.load_package(args.init, device)
     with open(os.path.join(args.init, "eval.txt"), "rb") as f:
         eval_text = f.read()

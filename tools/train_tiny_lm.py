@@ -495,7 +495,7 @@ def load_data(args, info):
 # ----------------------------------------------------------------------------------------------- phases
 
 
-_LOG_FILE = None  # --out/train.log once main() opens it
+_LOG_FILE = None  # the run's log file (--out/train.log) once start_run opens it
 
 
 def log(msg):
@@ -1037,18 +1037,26 @@ def write_package(out, state16, cfg, eval_text, info, logit_tokens):
     write_json(os.path.join(out, "train_log.json"), info)
 
 
+def start_run(out, seed, log_name):
+    """The start of a run that writes into `out`: the directory, its log file `log_name` (log() writes there too),
+    torch's seed, the device (the GPU where there is one) with TF32 matmuls. Returns (device, the run's record:
+    command, torch version, device name)."""
+    global _LOG_FILE
+    os.makedirs(out, exist_ok=True)
+    _LOG_FILE = open(os.path.join(out, log_name), "w")
+    torch.manual_seed(seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    record = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"}
+    return device, record
+
+
 def finetune_main(args):
     """--init: fine-tune a package with --train-attention for --finetune-seconds (or --finetune-steps) and write
     the fine-tuned package to --out."""
-    global _LOG_FILE
-    os.makedirs(args.out, exist_ok=True)
-    _LOG_FILE = open(os.path.join(args.out, "train.log"), "w")
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args),
-            "init": args.init}
+    device, info = start_run(args.out, args.seed, "train.log")
+    info.update(args=vars(args), init=args.init)
     cfg, model = load_package(args.init, device)
     with open(os.path.join(args.init, "eval.txt"), "rb") as f:
         eval_text = f.read()
@@ -1183,7 +1191,6 @@ def default_config():
 
 
 def main():
-    global _LOG_FILE
     ap = make_parser()
     args = ap.parse_args()
     if args.init is not None:
@@ -1210,14 +1217,9 @@ def main():
     if args.indexer_context > args.context:
         ap.error(f"--indexer-context must be <= --context = {args.context}, got {args.indexer_context}")
 
-    os.makedirs(args.out, exist_ok=True)
-    _LOG_FILE = open(os.path.join(args.out, "train.log"), "w")
-    torch.manual_seed(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = True
+    device, info = start_run(args.out, args.seed, "train.log")
     torch.backends.cudnn.allow_tf32 = True
-    info = {"command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", "args": vars(args)}
+    info["args"] = vars(args)
 
     corpus, heldout, eval_text, heldout_eval = load_data(args, info)
     data = torch.tensor(np.frombuffer(corpus, dtype=np.uint8), device=device)

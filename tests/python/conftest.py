@@ -1,5 +1,8 @@
 """Shared helpers of keysel's Python tests: seeded inputs of awkward sizes, in NumPy or torch."""
 
+import importlib.util
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -71,3 +74,12 @@ def attention_inputs(rng, t=5, hq=6, hkv=3, n=53, d=24, dv=20, spread=2.0):
     positions = np.sort(rng.integers(0, n + 5, size=t)).astype(np.int32)
     positions[0] = 0
     return q, k, v, positions
+
+
+def load_training_module():
+    """tools/train_tiny_lm.py as a module (it needs torch; tools/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[2] / "tools" / "train_tiny_lm.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_lm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

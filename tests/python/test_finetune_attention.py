@@ -1,28 +1,17 @@
 """The attention of top-k fine-tuning in tools/train_tiny_lm.py (masked dense attention: the selection without
 gradient, -inf outside it) against keysel.torch.topk_attention, and its batched indexer loss against
 keysel.torch.indexer_kl_loss: outputs and gradients on small random inputs of awkward sizes, in float64."""
-import importlib.util
 import math
-import pathlib
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 import keysel.torch as kt  # noqa: E402
-from conftest import SDPA_TAKES_GQA  # noqa: E402
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from conftest import SDPA_TAKES_GQA, load_training_module  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not SDPA_TAKES_GQA, reason="tools/train_tiny_lm.py needs torch >= 2.5 "
                                 "(scaled_dot_product_attention with enable_gqa)")
-
-
-def load_training_module():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm", ROOT / "tools" / "train_tiny_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TRAIN = load_training_module() if SDPA_TAKES_GQA else None

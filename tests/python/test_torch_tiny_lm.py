@@ -4,7 +4,6 @@ model's trained Lightning Indexers included), k and granularity the bits per byt
 tiny-lm study computes (keysel.run_study, the C++ TinyLm forward pass with each layer restricted to the
 selector's keys).
 """
-import importlib.util
 import json
 import math
 import pathlib
@@ -15,7 +14,7 @@ import torch
 
 import keysel
 import keysel.torch as kt
-from conftest import SDPA_TAKES_GQA
+from conftest import SDPA_TAKES_GQA, load_training_module
 
 try:
     from safetensors.torch import load_file
@@ -40,13 +39,6 @@ except ImportError:  # Debian's python3-torch (ctest's python.pytest_oldest_torc
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "models" / "tiny_lm"
 TOKENS = 256
-
-
-def load_training_module():
-    spec = importlib.util.spec_from_file_location("train_tiny_lm", ROOT / "tools" / "train_tiny_lm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 TRAIN = load_training_module()

@@ -18,7 +18,7 @@
 namespace keysel {
 namespace {
 
-constexpr std::string_view kGrammar = "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}";
+constexpr std::string_view kGrammar = "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}[,Radius]";
 
 template <typename T>
 void require(bool ok, std::string_view function, std::string_view argument, std::string_view expected,
@@ -80,7 +80,10 @@ bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options) {
     if (assignments < 1 || assignments > std::min<std::int64_t>(lists, 16)) fail("1 <= assignments <= min(lists, 16)");
   }
   if (pos >= spec.size() || spec[pos] != ',') fail("',' and the list codes after the numbers");
-  const std::string_view codes = spec.substr(pos + 1);
+  std::string_view codes = spec.substr(pos + 1);
+  constexpr std::string_view radius = ",Radius";
+  const bool radius_bound = codes.size() > radius.size() && codes.substr(codes.size() - radius.size()) == radius;
+  if (radius_bound) codes.remove_suffix(radius.size());
   if (codes == "Flat") {
     options.codes = ListCodes::fp32;
   } else if (codes == "SQ8") {
@@ -88,8 +91,9 @@ bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options) {
   } else if (codes == "SQ4") {
     options.codes = ListCodes::sq4;
   } else {
-    fail("list codes Flat, SQ8 or SQ4");
+    fail("list codes Flat, SQ8 or SQ4 (then optionally ,Radius)");
   }
+  options.radius_bound = radius_bound;
   options.lists = lists;
   options.assignments = assignments;
   return true;
@@ -109,12 +113,13 @@ QueryAwareSearch::QueryAwareSearch(std::int64_t dim, const QueryAwareOptions& op
 std::string QueryAwareSearch::name() const {
   std::string s = "QueryIVF" + std::to_string(options_.lists);
   if (options_.assignments > 1) s += "x" + std::to_string(options_.assignments);
+  const std::string radius = options_.radius_bound ? ",Radius" : "";
   switch (options_.codes) {
-    case ListCodes::fp32: return s + ",Flat";
-    case ListCodes::sq8: return s + ",SQ8";
-    case ListCodes::sq4: return s + ",SQ4";
+    case ListCodes::fp32: return s + ",Flat" + radius;
+    case ListCodes::sq8: return s + ",SQ8" + radius;
+    case ListCodes::sq4: return s + ",SQ4" + radius;
   }
-  return s;
+  return s + radius;
 }
 
 std::int64_t QueryAwareSearch::code_bytes() const {

@@ -966,33 +966,37 @@ TEST(QueryAwareSearch, ProbedToTheEndEqualsTheExactTopKOfTheStoredKeys) {
   const auto queries = gaussian_vectors(9, kDim, 33);
   for (const ListCodes codes : {ListCodes::fp32, ListCodes::sq8, ListCodes::sq4}) {
     for (const std::int64_t assignments : {1, 3}) {
-      QueryAwareOptions options;
-      options.lists = 16;
-      options.assignments = assignments;
-      options.codes = codes;
-      const auto search = query_aware(base, train_queries, kDim, options);
-      const std::vector<float> stored = stored_keys(*search);
-      if (codes == ListCodes::fp32) EXPECT_EQ(stored, base);
-      std::int64_t held = 0;
-      for (std::int64_t j = 0; j < options.lists; ++j) held += search->list_size(j);
-      EXPECT_EQ(held, kBase * assignments) << search->name();
-      for (const auto& [begin, end] : {std::pair<std::int64_t, std::int64_t>{0, kBase}, {100, 350}}) {
-        SearchParameters params;  // nprobe 0: safe probing to the end
-        params.id_begin = begin;
-        params.id_end = end;
-        const Results r = run_search(*search, queries, 25, params);
-        EXPECT_EQ(r.ids, reference_top(stored, queries, kDim, 25, begin, end)) << search->name() << " " << begin;
-        for (std::size_t i = 0; i < r.scores.size(); ++i) {
-          if (i % 25 != 0) EXPECT_GE(r.scores[i - 1], r.scores[i]);
+      for (const bool radius : {false, true}) {
+        QueryAwareOptions options;
+        options.lists = 16;
+        options.assignments = assignments;
+        options.codes = codes;
+        options.radius_bound = radius;
+        const auto search = query_aware(base, train_queries, kDim, options);
+        const std::vector<float> stored = stored_keys(*search);
+        if (codes == ListCodes::fp32) EXPECT_EQ(stored, base);
+        std::int64_t held = 0;
+        for (std::int64_t j = 0; j < options.lists; ++j) held += search->list_size(j);
+        EXPECT_EQ(held, kBase * assignments) << search->name();
+        for (const auto& [begin, end] : {std::pair<std::int64_t, std::int64_t>{0, kBase}, {100, 350}}) {
+          SearchParameters params;  // nprobe 0: safe probing to the end
+          params.id_begin = begin;
+          params.id_end = end;
+          const Results r = run_search(*search, queries, 25, params);
+          EXPECT_EQ(r.ids, reference_top(stored, queries, kDim, 25, begin, end)) << search->name() << " " << begin;
+          for (std::size_t i = 0; i < r.scores.size(); ++i) {
+            if (i % 25 != 0) EXPECT_GE(r.scores[i - 1], r.scores[i]);
+          }
+          // Cost: a bound per list, then entries of the scanned lists (never more than all copies in the range).
+          EXPECT_EQ(r.cost.centroids_scored, 9.0 * 16.0);
+          EXPECT_GT(r.cost.vectors_scored, 9.0 * 25.0);
+          EXPECT_LE(r.cost.vectors_scored, 9.0 * static_cast<double>((end - begin) * assignments));
+          // low and high codes, with the radius bound the center's code and the radius
+          EXPECT_EQ(search->bound_bytes(), (radius ? 3 * (search->entry_bytes() - 4) + 4 : 2 * (search->entry_bytes() - 4)));
+          EXPECT_DOUBLE_EQ(r.cost.bytes_read,
+                           r.cost.vectors_scored * static_cast<double>(search->entry_bytes()) +
+                               9.0 * 16.0 * static_cast<double>(search->bound_bytes()));
         }
-        // Cost: a bound per list, then entries of the scanned lists (never more than all copies in the range).
-        EXPECT_EQ(r.cost.centroids_scored, 9.0 * 16.0);
-        EXPECT_GT(r.cost.vectors_scored, 9.0 * 25.0);
-        EXPECT_LE(r.cost.vectors_scored, 9.0 * static_cast<double>((end - begin) * assignments));
-        EXPECT_EQ(search->bound_bytes(), 3 * (search->entry_bytes() - 4) + 4);  // low, high, center, radius
-        EXPECT_DOUBLE_EQ(r.cost.bytes_read,
-                         r.cost.vectors_scored * static_cast<double>(search->entry_bytes()) +
-                             9.0 * 16.0 * static_cast<double>(search->bound_bytes()));
       }
     }
   }
@@ -1138,6 +1142,7 @@ TEST(QueryAwareSearch, AppendThenSearchEqualsBuildThenSearch) {
   options.lists = 10;
   options.assignments = 2;
   options.codes = ListCodes::sq4;
+  options.radius_bound = true;  // the centers and radii follow the appended keys
   const auto once = query_aware(base, train_queries, kDim, options);
   QueryAwareSearch grown(kDim, options);
   grown.set_training_queries(80, train_queries.data());
@@ -1216,6 +1221,8 @@ TEST(QueryAwareSearch, BadInputGivesAClearError) {
   bad[3] = std::numeric_limits<float>::quiet_NaN();
   expect_error([&] { QueryAwareSearch(kDim, options).set_training_queries(1, bad.data()); }, "queries[0, 3]");
   EXPECT_EQ(make_candidate_search("QueryIVF8x2,SQ4", kDim)->name(), "QueryIVF8x2,SQ4");
+  EXPECT_EQ(make_candidate_search("QueryIVF8,SQ8,Radius", kDim)->name(), "QueryIVF8,SQ8,Radius");
+  expect_error([&] { make_candidate_search("QueryIVF8,SQ8,Box", kDim); }, "Radius");
 }
 
 TEST(CandidateSelector, QueryAwareAppendThenSelectEqualsBuildThenSelect) {

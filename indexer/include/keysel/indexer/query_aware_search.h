@@ -41,13 +41,13 @@ struct QueryAwareOptions {
   std::int64_t lists = 256;        // query clusters (inverted lists); train() needs at least this many queries
   std::int64_t assignments = 1;    // lists each key joins (1 .. lists); every copy is read when its list is
   ListCodes codes = ListCodes::sq8;
-  bool radius_bound = true;        // bound each list by its center and radius too (the tighter bound is used)
+  bool radius_bound = false;       // also bound each list by its center and radius (the tighter bound is used)
   std::int64_t kmeans_iterations = 12;
   std::uint64_t seed = 1;
 };
 
-/// Parses "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}" (e.g. "QueryIVF256x2,SQ4"); false when `spec` does not
-/// start with "QueryIVF". Throws keysel::Error naming the argument "spec" when it does but breaks the grammar
+/// Parses "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}[,Radius]" (e.g. "QueryIVF256x2,SQ4"; ",Radius" sets
+/// radius_bound); false when `spec` does not start with "QueryIVF". Throws keysel::Error naming the argument "spec" when it does but breaks the grammar
 /// (1 <= lists <= 65536, 1 <= assignments <= min(lists, 16)).
 bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options);
 

@@ -243,9 +243,45 @@ std::vector<float> g_index_query;        // [T, DI]: sum_j w[t, j] qI[t, j], the
 /// selection is given to every key head and scored against the attention's exact top-k. Its bytes add the
 /// re-rank's reads of the candidates' fp8 indexer keys. Trains on the first
 /// g_training_tokens tokens' weighted queries (a dump's first half, as the QueryIVF rows over the keys).
-void register_index_key_config(const std::string& spec, std::int64_t nprobe) {
-  const std::string name = "index-keys/" + spec + (nprobe > 0 ? "/nprobe=" + std::to_string(nprobe) : "") + "/indexer-rerank";
-  benchmark::RegisterBenchmark(name.c_str(), [spec, nprobe](benchmark::State& state) {
+/// The exact re-rank of a selection shared by all heads: each candidate's mean over every query head of its
+/// probability renormalised over the candidates and the row's kept keys (in double).
+keysel::CandidateScore exact_shared_score() {
+  return [](std::int64_t t, std::int64_t, std::span<const std::int32_t> keys, std::span<double> scores) {
+    const keysel::AttentionShape& shape = g_workload->shape;
+    const std::int64_t d = shape.head_dim, hq = shape.query_heads, group = shape.query_heads / shape.kv_heads;
+    const keysel::SelectionPolicy p = policy();
+    const double scale = g_workload->inputs().effective_scale();
+    const std::int64_t allowed = g_reference->allowed(t);
+    std::vector<std::int32_t> all(keys.begin(), keys.end());
+    const std::int64_t sink_end = std::min(p.n_sink, allowed);
+    for (std::int64_t s = 0; s < sink_end; ++s) all.push_back(static_cast<std::int32_t>(s));
+    for (std::int64_t s = std::max(allowed - p.n_local, sink_end); s < allowed; ++s) all.push_back(static_cast<std::int32_t>(s));
+    std::fill(scores.begin(), scores.end(), 0.0);
+    std::vector<double> logit(all.size());
+    for (std::int64_t h = 0; h < hq; ++h) {
+      const float* q = g_workload->q.data() + (t * hq + h) * d;
+      double top = -1e300;
+      for (std::size_t i = 0; i < all.size(); ++i) {
+        const float* k = g_workload->k.data() + (static_cast<std::int64_t>(all[i]) * shape.kv_heads + h / group) * d;
+        double l = 0;
+        for (std::int64_t c = 0; c < d; ++c) l += static_cast<double>(q[c]) * k[c];
+        logit[i] = scale * l;
+        top = std::max(top, logit[i]);
+      }
+      double sum = 0;
+      for (const double l : logit) sum += std::exp(l - top);
+      for (std::size_t i = 0; i < keys.size(); ++i) scores[i] += std::exp(logit[i] - top) / sum / static_cast<double>(hq);
+    }
+  };
+}
+
+/// `overfetch` > 1 fetches k' = overfetch (k - kept) candidates so that the re-rank chooses among them; with
+/// overfetch 1 (k' = k - kept) every candidate is selected whatever the re-rank, so none is counted.
+void register_index_key_config(const std::string& spec, std::int64_t nprobe, std::int64_t overfetch, bool exact = false) {
+  const std::string name = "index-keys/" + spec + (nprobe > 0 ? "/nprobe=" + std::to_string(nprobe) : "") +
+                           (overfetch == 1 ? std::string("/no-rerank")
+                                           : "/k'=" + std::to_string(overfetch) + "x" + (exact ? "/exact-rerank" : "/indexer-rerank"));
+  benchmark::RegisterBenchmark(name.c_str(), [spec, nprobe, overfetch, exact](benchmark::State& state) {
     try {
       const std::int64_t di = static_cast<std::int64_t>(g_index_query.size()) / g_workload->shape.tokens;
       const std::int64_t n = g_workload->shape.keys, t = g_workload->shape.tokens, hkv = g_workload->shape.kv_heads;
@@ -274,18 +310,25 @@ void register_index_key_config(const std::string& spec, std::int64_t nprobe) {
       }
       keysel::CandidateSelectorOptions options;
       options.search.nprobe = nprobe;
-      options.rerank = g_indexer_score;
+      options.rerank = exact ? exact_shared_score() : g_indexer_score;
+      const keysel::SelectionPolicy fill_policy = policy();
+      options.candidates = overfetch * (fill_policy.k - fill_policy.n_sink - fill_policy.n_local);
       s->selector->set_options(options);
       keysel::SelectionCost cost;
       for (auto _ : state) {
         cost = s->selector->select(proxy, p, one_view);
         benchmark::DoNotOptimize(one.data());
       }
-      // The indexer's re-rank reads each candidate's fp8 indexer key (the selector leaves the score's reads to it):
-      // up to min(k - kept, free keys) candidates per row, at the peer's 132 bytes.
-      for (std::int64_t r = 0; r < t; ++r) {
-        const std::int64_t free_keys = std::max<std::int64_t>(0, g_reference->allowed(r) - p.n_sink - p.n_local);
-        cost.key_bytes_read += static_cast<double>(std::min(p.k - p.n_sink - p.n_local, free_keys)) * kFp8BytesPerKey;
+      // The re-rank's reads (the selector leaves a score's reads to it), for up to min(k - kept, free keys)
+      // candidates per row: the indexer reads each one's fp8 indexer key at the peer's 132 bytes; the exact re-rank
+      // reads each candidate's and kept key's fp16 key (2 D bytes) in every key head.
+      const double exact_bytes = 2.0 * static_cast<double>(g_workload->shape.head_dim * hkv);
+      for (std::int64_t r = 0; r < t && overfetch > 1; ++r) {
+        const std::int64_t allowed = g_reference->allowed(r);
+        const std::int64_t free_keys = std::max<std::int64_t>(0, allowed - p.n_sink - p.n_local);
+        const double candidates = static_cast<double>(std::min(overfetch * (p.k - p.n_sink - p.n_local), free_keys));
+        cost.key_bytes_read += exact ? (candidates + static_cast<double>(std::min(allowed, p.n_sink + p.n_local))) * exact_bytes
+                                     : candidates * kFp8BytesPerKey;
       }
       std::vector<std::int32_t> out(static_cast<std::size_t>(t * hkv * p.width()));
       for (std::int64_t r = 0; r < t; ++r) {
@@ -805,7 +848,7 @@ int main(int argc, char** argv) {
       register_config({qa_big + ",SQ4", false, nprobe, 0, 0, each, false, false, true});
     }
     // The group's query heads share one pass over the lists: each head's own search, list reads counted once.
-    for (const std::int64_t nprobe : {4, 8, 16, 32}) {
+    for (const std::int64_t nprobe : {2, 4, 8, 16, 32}) {
       register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true, false, true});
     }
     for (const std::int64_t nprobe : {16, 64, 128}) {
@@ -824,8 +867,11 @@ int main(int argc, char** argv) {
     register_config({qa + ",Flat", false, 16, 0, 0, each, false, false, false});
     register_config({qa + ",Flat", false, 0, 0, 0, each, false, false, false});
     if (!g_index_keys.empty() && g_training_tokens >= lists(256)) {
-      for (const std::int64_t nprobe : {2, 4, 8, 16, 0}) register_index_key_config(qa + ",SQ4", nprobe);
-      register_index_key_config("brute_force", 0);
+      for (const std::int64_t nprobe : {2, 4, 8, 16, 32, 0}) register_index_key_config(qa + ",SQ4", nprobe, 1);
+      for (const bool exact : {false, true}) {
+        for (const std::int64_t nprobe : {4, 16, 0}) register_index_key_config(qa + ",SQ4", nprobe, 4, exact);
+        register_index_key_config("brute_force", 0, 4, exact);
+      }
     }
   }
   benchmark::RunSpecifiedBenchmarks();

@@ -29,7 +29,10 @@
 // reports x_fp8_bytes (bytes read per row over the indexer's 132 B per allowed key) and x_fp8_time (ms per row
 // over the indexer's). With one key head, two rows build the same lists from 4 P evenly spaced keys instead of the
 // queries ("key-trained"), which isolates what the queries add. The "shared-scan" rows search each query head alone
-// but count a key head's list reads once per row (SearchParameters::shared_scan: the group shares one pass).
+// but count a key head's list reads once per row (SearchParameters::shared_scan: the group shares one pass); the
+// ",Radius" rows add the center-and-radius bound. On a dump with indexer tensors the "index-keys" rows search
+// QueryIVF over the indexer keys kI with each token's weighted indexer query (one selection for all heads), without
+// a re-rank or over-fetching 4x and re-ranking by the indexer or exactly (the re-rank's reads counted).
 //
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
 // Workload realism (recall/include/keysel/recall/synthetic.h; all off by default, i.e. the default workload):

@@ -41,7 +41,8 @@ struct QueryAwareOptions {
   std::int64_t lists = 256;        // query clusters (inverted lists); train() needs at least this many queries
   std::int64_t assignments = 1;    // lists each key joins (1 .. lists); every copy is read when its list is
   ListCodes codes = ListCodes::sq8;
-  bool radius_bound = false;       // also bound each list by its center and radius (the tighter bound is used)
+  bool radius_bound = false;       // also bound each list by its center and radius (the tighter bound is used);
+                                   // add() then re-reads every list it changed to recompute its radius
   std::int64_t kmeans_iterations = 12;
   std::uint64_t seed = 1;
 };

@@ -28,7 +28,11 @@
 // DI = 128) + top-k over random indexer tensors of the same N is timed before the table (best of 3); every row
 // reports x_fp8_bytes (bytes read per row over the indexer's 132 B per allowed key) and x_fp8_time (ms per row
 // over the indexer's). With one key head, two rows build the same lists from 4 P evenly spaced keys instead of the
-// queries ("key-trained"), which isolates what the queries add.
+// queries ("key-trained"), which isolates what the queries add. The "shared-scan" rows search each query head alone
+// but count a key head's list reads once per row (SearchParameters::shared_scan: the group shares one pass); the
+// ",Radius" rows add the center-and-radius bound. On a dump with indexer tensors the "index-keys" rows search
+// QueryIVF over the indexer keys kI with each token's weighted indexer query (one selection for all heads), without
+// a re-rank or over-fetching 4x and re-ranking by the indexer or exactly (the re-rank's reads counted).
 //
 // Flags before Google Benchmark's own: --keys=N --tokens=T --query-heads=H --k=K --seed=S --quick (a small sweep).
 // Workload realism (recall/include/keysel/recall/synthetic.h; all off by default, i.e. the default workload):
@@ -114,6 +118,9 @@ keysel::SelectionPolicy policy() {
   return p;
 }
 
+void report_selection(benchmark::State& state, const std::vector<std::int32_t>& out, const keysel::SelectionCost& cost,
+                      double build_seconds);
+
 /// Runs a selector over the workload: one untimed call (builds the index), then the timed loop.
 void run_selector(benchmark::State& state, keysel::Selector& selector, double build_seconds) {
   const keysel::AttentionInputs inputs = g_workload->inputs();
@@ -126,6 +133,16 @@ void run_selector(benchmark::State& state, keysel::Selector& selector, double bu
     cost = selector.select(inputs, p, view);
     benchmark::DoNotOptimize(out.data());
   }
+  report_selection(state, out, cost, build_seconds);
+}
+
+/// The counters of a selection out [T, groups, width] (groups: the workload's key heads) and its cost.
+void report_selection(benchmark::State& state, const std::vector<std::int32_t>& out, const keysel::SelectionCost& cost,
+                      double build_seconds) {
+  const keysel::SelectionPolicy p = policy();
+  const std::int64_t groups = keysel::group_count(p.granularity, g_workload->shape.query_heads, g_workload->shape.kv_heads);
+  const keysel::TensorView view(out.data(), keysel::DType::int32,
+                                {g_workload->shape.tokens, groups, p.width()});
   const auto metrics = g_reference->evaluate(view, p.k);
   double recall = 0, mass = 0, mass_ratio = 0, allowed = 0;
   for (const auto& m : metrics) {
@@ -217,9 +234,117 @@ struct Config {
   bool balance = false;         // channel balancing (CandidateSearchOptions::balance_channels)
   bool rerank_stored = false;   // re-rank over the index's stored codes (CandidateSelectorOptions::rerank_stored)
   bool key_trained = false;     // QueryIVF lists built from keys instead of queries (one key head only)
+  bool shared_scan = false;     // QueryIVF: a key head's query heads share one pass over the lists (bytes once)
 };
 
 keysel::CandidateScore g_indexer_score;  // the dump layer's indexer (empty when it has none)
+std::vector<float> g_index_keys;         // [N, DI]: the dump layer's indexer keys kI (empty when it has none)
+std::vector<float> g_index_query;        // [T, DI]: sum_j w[t, j] qI[t, j], the indexer score without its ReLU
+
+/// QueryIVF over the indexer keys kI, searched with each token's weighted indexer query sum_j w_j qI_j (one search
+/// per row: DSA shares one selection among the heads) and re-ranked by the Lightning Indexer's own score; the
+/// selection is given to every key head and scored against the attention's exact top-k. Its bytes add the
+/// re-rank's reads of the candidates' fp8 indexer keys. Trains on the first
+/// g_training_tokens tokens' weighted queries (a dump's first half, as the QueryIVF rows over the keys).
+/// The exact re-rank of a selection shared by all heads: each candidate's mean over every query head of its
+/// probability renormalised over the candidates and the row's kept keys (in double).
+keysel::CandidateScore exact_shared_score() {
+  return [](std::int64_t t, std::int64_t, std::span<const std::int32_t> keys, std::span<double> scores) {
+    const keysel::AttentionShape& shape = g_workload->shape;
+    const std::int64_t d = shape.head_dim, hq = shape.query_heads, group = shape.query_heads / shape.kv_heads;
+    const keysel::SelectionPolicy p = policy();
+    const double scale = g_workload->inputs().effective_scale();
+    const std::int64_t allowed = g_reference->allowed(t);
+    std::vector<std::int32_t> all(keys.begin(), keys.end());
+    const std::int64_t sink_end = std::min(p.n_sink, allowed);
+    for (std::int64_t s = 0; s < sink_end; ++s) all.push_back(static_cast<std::int32_t>(s));
+    for (std::int64_t s = std::max(allowed - p.n_local, sink_end); s < allowed; ++s) all.push_back(static_cast<std::int32_t>(s));
+    std::fill(scores.begin(), scores.end(), 0.0);
+    std::vector<double> logit(all.size());
+    for (std::int64_t h = 0; h < hq; ++h) {
+      const float* q = g_workload->q.data() + (t * hq + h) * d;
+      double top = -1e300;
+      for (std::size_t i = 0; i < all.size(); ++i) {
+        const float* k = g_workload->k.data() + (static_cast<std::int64_t>(all[i]) * shape.kv_heads + h / group) * d;
+        double l = 0;
+        for (std::int64_t c = 0; c < d; ++c) l += static_cast<double>(q[c]) * k[c];
+        logit[i] = scale * l;
+        top = std::max(top, logit[i]);
+      }
+      double sum = 0;
+      for (const double l : logit) sum += std::exp(l - top);
+      for (std::size_t i = 0; i < keys.size(); ++i) scores[i] += std::exp(logit[i] - top) / sum / static_cast<double>(hq);
+    }
+  };
+}
+
+/// `overfetch` > 1 fetches k' = overfetch (k - kept) candidates so that the re-rank chooses among them; with
+/// overfetch 1 (k' = k - kept) every candidate is selected whatever the re-rank, so none is counted.
+void register_index_key_config(const std::string& spec, std::int64_t nprobe, std::int64_t overfetch, bool exact = false) {
+  const std::string name = "index-keys/" + spec + (nprobe > 0 ? "/nprobe=" + std::to_string(nprobe) : "") +
+                           (overfetch == 1 ? std::string("/no-rerank")
+                                           : "/k'=" + std::to_string(overfetch) + "x" + (exact ? "/exact-rerank" : "/indexer-rerank"));
+  benchmark::RegisterBenchmark(name.c_str(), [spec, nprobe, overfetch, exact](benchmark::State& state) {
+    try {
+      const std::int64_t di = static_cast<std::int64_t>(g_index_query.size()) / g_workload->shape.tokens;
+      const std::int64_t n = g_workload->shape.keys, t = g_workload->shape.tokens, hkv = g_workload->shape.kv_heads;
+      static std::vector<std::pair<std::string, SharedSelector>> cache;
+      SharedSelector* s = nullptr;
+      for (auto& [key, entry] : cache) {
+        if (key == spec) s = &entry;
+      }
+      keysel::AttentionInputs proxy = g_workload->inputs();
+      proxy.q = keysel::TensorView(g_index_query.data(), keysel::DType::fp32, {t, 1, di});
+      proxy.k = keysel::TensorView(g_index_keys.data(), keysel::DType::fp32, {n, 1, di});
+      proxy.v = keysel::TensorView();
+      proxy.scale = 0.0;
+      const keysel::SelectionPolicy p = policy();
+      std::vector<std::int32_t> one(static_cast<std::size_t>(t * p.width()));
+      const keysel::TensorView one_view(one.data(), keysel::DType::int32, {t, 1, p.width()});
+      if (s == nullptr) {
+        SharedSelector fresh;
+        fresh.selector = keysel::make_candidate_selector(spec);
+        fresh.selector->set_training_queries(
+            keysel::TensorView(g_index_query.data(), keysel::DType::fp32, {g_training_tokens, 1, di}));
+        fresh.selector->select(proxy, p, one_view);
+        fresh.build_seconds = fresh.selector->last_build_seconds();
+        cache.emplace_back(spec, std::move(fresh));
+        s = &cache.back().second;
+      }
+      keysel::CandidateSelectorOptions options;
+      options.search.nprobe = nprobe;
+      options.rerank = exact ? exact_shared_score() : g_indexer_score;
+      const keysel::SelectionPolicy fill_policy = policy();
+      options.candidates = overfetch * (fill_policy.k - fill_policy.n_sink - fill_policy.n_local);
+      s->selector->set_options(options);
+      keysel::SelectionCost cost;
+      for (auto _ : state) {
+        cost = s->selector->select(proxy, p, one_view);
+        benchmark::DoNotOptimize(one.data());
+      }
+      // The re-rank's reads (the selector leaves a score's reads to it), for up to min(k - kept, free keys)
+      // candidates per row: the indexer reads each one's fp8 indexer key at the peer's 132 bytes; the exact re-rank
+      // reads each candidate's and kept key's fp16 key (2 D bytes) in every key head.
+      const double exact_bytes = 2.0 * static_cast<double>(g_workload->shape.head_dim * hkv);
+      for (std::int64_t r = 0; r < t && overfetch > 1; ++r) {
+        const std::int64_t allowed = g_reference->allowed(r);
+        const std::int64_t free_keys = std::max<std::int64_t>(0, allowed - p.n_sink - p.n_local);
+        const double candidates = static_cast<double>(std::min(overfetch * (p.k - p.n_sink - p.n_local), free_keys));
+        cost.key_bytes_read += exact ? (candidates + static_cast<double>(std::min(allowed, p.n_sink + p.n_local))) * exact_bytes
+                                     : candidates * kFp8BytesPerKey;
+      }
+      std::vector<std::int32_t> out(static_cast<std::size_t>(t * hkv * p.width()));
+      for (std::int64_t r = 0; r < t; ++r) {
+        for (std::int64_t g = 0; g < hkv; ++g) {
+          std::copy(one.begin() + r * p.width(), one.begin() + (r + 1) * p.width(), out.begin() + (r * hkv + g) * p.width());
+        }
+      }
+      report_selection(state, out, cost, s->build_seconds);
+    } catch (const keysel::Error& e) {
+      state.SkipWithError(e.what());
+    }
+  })->Unit(benchmark::kMillisecond)->Iterations(2);
+}
 
 std::string label(const Config& c) {
   std::string s = c.spec + (c.mips ? "+mips" : "") + (c.balance ? "+balance" : "");
@@ -230,6 +355,7 @@ std::string label(const Config& c) {
   if (c.indexer_rerank) s += "/indexer-rerank";
   if (c.rerank_stored) s += "/rerank-stored";
   if (c.key_trained) s += "/key-trained";
+  if (c.shared_scan) s += "/shared-scan";
   return s;
 }
 
@@ -241,6 +367,7 @@ void register_config(const Config& c) {
       options.candidates = c.candidates;
       options.search.nprobe = c.nprobe;
       options.search.ef_search = c.ef_search;
+      options.search.shared_scan = c.shared_scan;
       options.queries = c.queries;
       if (c.indexer_rerank) options.rerank = g_indexer_score;
       options.rerank_stored = c.rerank_stored;
@@ -289,6 +416,18 @@ keysel::Workload make_workload() {
     if (layer.index_q && layer.index_k && layer.index_w) {
       g_indexer_score =
           keysel::make_indexer_candidate_score(layer.index_q->view(), layer.index_w->view(), layer.index_k->view());
+      g_index_keys = layer.index_k->to_float();
+      const std::vector<float> q = layer.index_q->to_float(), w = layer.index_w->to_float();
+      const std::int64_t tokens = layer.index_q->shape[0], heads = layer.index_q->shape[1], di = layer.index_q->shape[2];
+      g_index_query.assign(static_cast<std::size_t>(tokens * di), 0.0f);
+      for (std::int64_t r = 0; r < tokens; ++r) {
+        for (std::int64_t j = 0; j < heads; ++j) {
+          const float weight = w[static_cast<std::size_t>(r * heads + j)];
+          for (std::int64_t c = 0; c < di; ++c) {
+            g_index_query[static_cast<std::size_t>(r * di + c)] += weight * q[static_cast<std::size_t>((r * heads + j) * di + c)];
+          }
+        }
+      }
     }
     keysel::Workload w = dump.workload(static_cast<std::size_t>(&layer - dump.layers.data()));
     take_dump_training_queries(w);
@@ -711,7 +850,18 @@ int main(int argc, char** argv) {
     for (const std::int64_t nprobe : {16, 32, 64, 128}) {
       register_config({qa_big + ",SQ4", false, nprobe, 0, 0, each, false, false, true});
     }
+    // The group's query heads share one pass over the lists: each head's own search, list reads counted once.
+    for (const std::int64_t nprobe : {2, 4, 8, 16, 32}) {
+      register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true, false, true});
+    }
+    for (const std::int64_t nprobe : {16, 64, 128}) {
+      register_config({qa_big + ",SQ4", false, nprobe, 0, 0, each, false, false, true, false, true});
+    }
     register_config({qa + ",SQ8", false, 16, 0, 0, each, false, false, true});
+    // The center-and-radius bound beside the channel boxes: what safe probing scans, and its bytes when cut short.
+    for (const std::int64_t nprobe : {4, 0}) {
+      register_config({qa + ",SQ4,Radius", false, nprobe, 0, 0, each, false, false, true});
+    }
     if (shape.kv_heads == 1) {  // the same lists trained on keys: what the queries add
       for (const std::int64_t nprobe : {4, 16}) {
         register_config({qa + ",SQ4", false, nprobe, 0, 0, each, false, false, true, true});
@@ -719,6 +869,13 @@ int main(int argc, char** argv) {
     }
     register_config({qa + ",Flat", false, 16, 0, 0, each, false, false, false});
     register_config({qa + ",Flat", false, 0, 0, 0, each, false, false, false});
+    if (!g_index_keys.empty() && g_training_tokens >= lists(256)) {
+      for (const std::int64_t nprobe : {2, 4, 8, 16, 32, 0}) register_index_key_config(qa + ",SQ4", nprobe, 1);
+      for (const bool exact : {false, true}) {
+        for (const std::int64_t nprobe : {4, 16, 0}) register_index_key_config(qa + ",SQ4", nprobe, 4, exact);
+        register_index_key_config("brute_force", 0, 4, exact);
+      }
+    }
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

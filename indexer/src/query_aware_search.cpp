@@ -18,7 +18,7 @@
 namespace keysel {
 namespace {
 
-constexpr std::string_view kGrammar = "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}";
+constexpr std::string_view kGrammar = "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}[,Radius]";
 
 template <typename T>
 void require(bool ok, std::string_view function, std::string_view argument, std::string_view expected,
@@ -80,7 +80,10 @@ bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options) {
     if (assignments < 1 || assignments > std::min<std::int64_t>(lists, 16)) fail("1 <= assignments <= min(lists, 16)");
   }
   if (pos >= spec.size() || spec[pos] != ',') fail("',' and the list codes after the numbers");
-  const std::string_view codes = spec.substr(pos + 1);
+  std::string_view codes = spec.substr(pos + 1);
+  constexpr std::string_view radius = ",Radius";
+  const bool radius_bound = codes.size() > radius.size() && codes.substr(codes.size() - radius.size()) == radius;
+  if (radius_bound) codes.remove_suffix(radius.size());
   if (codes == "Flat") {
     options.codes = ListCodes::fp32;
   } else if (codes == "SQ8") {
@@ -88,8 +91,9 @@ bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options) {
   } else if (codes == "SQ4") {
     options.codes = ListCodes::sq4;
   } else {
-    fail("list codes Flat, SQ8 or SQ4");
+    fail("list codes Flat, SQ8 or SQ4 (then optionally ,Radius)");
   }
+  options.radius_bound = radius_bound;
   options.lists = lists;
   options.assignments = assignments;
   return true;
@@ -109,12 +113,13 @@ QueryAwareSearch::QueryAwareSearch(std::int64_t dim, const QueryAwareOptions& op
 std::string QueryAwareSearch::name() const {
   std::string s = "QueryIVF" + std::to_string(options_.lists);
   if (options_.assignments > 1) s += "x" + std::to_string(options_.assignments);
+  const std::string radius = options_.radius_bound ? ",Radius" : "";
   switch (options_.codes) {
-    case ListCodes::fp32: return s + ",Flat";
-    case ListCodes::sq8: return s + ",SQ8";
-    case ListCodes::sq4: return s + ",SQ4";
+    case ListCodes::fp32: return s + ",Flat" + radius;
+    case ListCodes::sq8: return s + ",SQ8" + radius;
+    case ListCodes::sq4: return s + ",SQ4" + radius;
   }
-  return s;
+  return s + radius;
 }
 
 std::int64_t QueryAwareSearch::code_bytes() const {
@@ -128,6 +133,10 @@ std::int64_t QueryAwareSearch::code_bytes() const {
 
 std::int64_t QueryAwareSearch::entry_bytes() const { return code_bytes() + 4; }
 
+std::int64_t QueryAwareSearch::bound_bytes() const {
+  return 2 * code_bytes() + (options_.radius_bound ? code_bytes() + 4 : 0);
+}
+
 std::int64_t QueryAwareSearch::list_size(std::int64_t list) const {
   require(list >= 0 && list < options_.lists, "QueryAwareSearch::list_size", "list",
           "in [0, " + std::to_string(options_.lists) + ")", list);
@@ -136,7 +145,7 @@ std::int64_t QueryAwareSearch::list_size(std::int64_t list) const {
 
 std::int64_t QueryAwareSearch::bytes() const {
   std::int64_t total = 0;
-  for (const List& l : lists_) total += static_cast<std::int64_t>(l.ids.size()) * entry_bytes() + 2 * code_bytes();
+  for (const List& l : lists_) total += static_cast<std::int64_t>(l.ids.size()) * entry_bytes() + bound_bytes();
   return total + static_cast<std::int64_t>(centroids_.size() * sizeof(float));
 }
 
@@ -269,7 +278,7 @@ void QueryAwareSearch::do_train(std::int64_t n, const float* x) {
   reset();
 }
 
-void QueryAwareSearch::encode(const float* x, std::uint8_t* code, float* value) {
+void QueryAwareSearch::encode(const float* x, std::uint8_t* code, float* value, bool count_clamped) {
   const std::int64_t d = dim();
   if (options_.codes == ListCodes::fp32) {
     std::memcpy(value, x, static_cast<std::size_t>(d) * sizeof(float));
@@ -279,7 +288,7 @@ void QueryAwareSearch::encode(const float* x, std::uint8_t* code, float* value) 
   if (options_.codes == ListCodes::sq4) std::memset(code, 0, static_cast<std::size_t>(d / 2));
   for (std::int64_t c = 0; c < d; ++c) {
     const double level = std::nearbyint((static_cast<double>(x[c]) - low_[c]) / step_[c]);
-    if (level < 0 || level > top) ++clamped_;
+    if (count_clamped && (level < 0 || level > top)) ++clamped_;
     const int q = static_cast<int>(std::clamp(level, 0.0, static_cast<double>(top)));
     if (options_.codes == ListCodes::sq8) {
       code[c] = static_cast<std::uint8_t>(q);
@@ -302,6 +311,44 @@ void QueryAwareSearch::decoded(std::int64_t id, float* out) const {
     const int q = options_.codes == ListCodes::sq8 ? code[c] : (code[c / 2] >> (4 * (c % 2))) & 15;
     out[c] = low_[c] + static_cast<float>(q) * step_[c];
   }
+}
+
+void QueryAwareSearch::entry_value(const List& list, std::size_t e, float* out) const {
+  const std::int64_t d = dim();
+  if (options_.codes == ListCodes::fp32) {
+    std::memcpy(out, list.values.data() + e * static_cast<std::size_t>(d), static_cast<std::size_t>(d) * sizeof(float));
+    return;
+  }
+  const std::uint8_t* code = list.codes.data() + e * static_cast<std::size_t>(code_bytes());
+  for (std::int64_t c = 0; c < d; ++c) {
+    const int q = options_.codes == ListCodes::sq8 ? code[c] : (code[c / 2] >> (4 * (c % 2))) & 15;
+    out[c] = low_[c] + static_cast<float>(q) * step_[c];
+  }
+}
+
+void QueryAwareSearch::update_center(List& l) {
+  const std::int64_t d = dim();
+  if (l.ids.empty()) return;
+  // The mean of the stored values, put on the code grid (it is stored as a code); the radius is measured from that
+  // point, so the bound holds whatever rounding moved it.
+  std::vector<float> mean(static_cast<std::size_t>(d)), value(static_cast<std::size_t>(d));
+  std::vector<std::uint8_t> code(static_cast<std::size_t>(code_bytes()));
+  for (std::int64_t c = 0; c < d; ++c) {
+    mean[static_cast<std::size_t>(c)] = static_cast<float>(l.sum[static_cast<std::size_t>(c)] / static_cast<double>(l.ids.size()));
+  }
+  l.center.resize(static_cast<std::size_t>(d));
+  encode(mean.data(), code.data(), l.center.data(), false);
+  double radius2 = 0;
+  for (std::size_t e = 0; e < l.ids.size(); ++e) {
+    entry_value(l, e, value.data());
+    double r2 = 0;
+    for (std::int64_t c = 0; c < d; ++c) {
+      const double diff = static_cast<double>(value[static_cast<std::size_t>(c)]) - l.center[static_cast<std::size_t>(c)];
+      r2 += diff * diff;
+    }
+    radius2 = std::max(radius2, r2);
+  }
+  l.radius = std::sqrt(radius2) * (1.0 + 1e-12);
 }
 
 void QueryAwareSearch::do_add(std::int64_t n, const float* x) {
@@ -329,12 +376,15 @@ void QueryAwareSearch::do_add(std::int64_t n, const float* x) {
       for (std::int64_t r = 0; r < a; ++r) chosen[static_cast<std::size_t>(i * a + r)] = z[static_cast<std::size_t>(r)].second;
     }
   }
+  std::vector<std::uint8_t> changed(static_cast<std::size_t>(lists), 0);
   for (std::int64_t i = 0; i < n; ++i) {
     const float* key = x + i * d;
     const std::int64_t id = count_ + i;
     encode(key, code.data(), value.data());
     for (std::int64_t r = 0; r < a; ++r) {
-      List& l = lists_[static_cast<std::size_t>(chosen[static_cast<std::size_t>(i * a + r)])];
+      const std::int64_t j = chosen[static_cast<std::size_t>(i * a + r)];
+      List& l = lists_[static_cast<std::size_t>(j)];
+      changed[static_cast<std::size_t>(j)] = 1;
       const bool first = l.ids.empty();
       l.ids.push_back(static_cast<std::int32_t>(id));
       if (options_.codes == ListCodes::fp32) {
@@ -342,6 +392,8 @@ void QueryAwareSearch::do_add(std::int64_t n, const float* x) {
       } else {
         l.codes.insert(l.codes.end(), code.begin(), code.end());
       }
+      if (first) l.sum.assign(static_cast<std::size_t>(d), 0.0);
+      for (std::int64_t c = 0; c < d; ++c) l.sum[static_cast<std::size_t>(c)] += value[static_cast<std::size_t>(c)];
       if (first) {
         l.low = value;
         l.high = value;
@@ -359,6 +411,12 @@ void QueryAwareSearch::do_add(std::int64_t n, const float* x) {
     }
   }
   count_ += n;
+  if (options_.radius_bound) {
+#pragma omp parallel for schedule(dynamic, 1) if (n > 16 && !omp_in_parallel())
+    for (std::int64_t j = 0; j < lists; ++j) {
+      if (changed[static_cast<std::size_t>(j)]) update_center(lists_[static_cast<std::size_t>(j)]);
+    }
+  }
 }
 
 SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int64_t k, float* scores,
@@ -367,6 +425,8 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
   const std::int64_t max_probe = params.nprobe > 0 ? std::min(params.nprobe, lists) : lists;
   std::vector<double> scanned_per_query(static_cast<std::size_t>(n), 0.0);
   std::vector<double> probed_per_query(static_cast<std::size_t>(n), 0.0);
+  // The lists each query scanned (for the shared scan's count of list reads).
+  std::vector<std::uint8_t> scanned_lists(static_cast<std::size_t>(params.shared_scan ? n * lists : 0), 0);
 #pragma omp parallel if (n > 1 && !omp_in_parallel())
   {
     std::vector<std::pair<double, std::int64_t>> bounds(static_cast<std::size_t>(lists));
@@ -381,6 +441,7 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
       const float* q = x + i * d;
       // The per-list upper bounds (in double, with a relative slack that covers the fp32 score's rounding).
       double magnitude = 0;
+      const double q_norm = std::sqrt(dot_double(q, q, d));
       for (std::int64_t j = 0; j < lists; ++j) {
         const List& l = lists_[static_cast<std::size_t>(j)];
         double b = -std::numeric_limits<double>::infinity();
@@ -391,6 +452,7 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
             b += std::max(lo, hi);
             magnitude = std::max(magnitude, std::max(std::fabs(lo), std::fabs(hi)));
           }
+          if (options_.radius_bound) b = std::min(b, dot_double(q, l.center.data(), d) + q_norm * l.radius);
         }
         bounds[static_cast<std::size_t>(j)] = {-b, j};
         list_bound[static_cast<std::size_t>(j)] = b;
@@ -434,6 +496,7 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
         }
         const List& l = lists_[static_cast<std::size_t>(j)];
         ++probed;
+        if (params.shared_scan) scanned_lists[static_cast<std::size_t>(i * lists + j)] = 1;
         const auto first = std::lower_bound(l.ids.begin(), l.ids.end(), params.id_begin);
         const auto last = std::lower_bound(first, l.ids.end(), params.id_end);
         for (auto it = first; it != last; ++it) {
@@ -488,11 +551,25 @@ SearchCost QueryAwareSearch::do_search(std::int64_t n, const float* x, std::int6
   }
   SearchCost cost;
   const double scanned = std::accumulate(scanned_per_query.begin(), scanned_per_query.end(), 0.0);
-  const double bound_bytes = static_cast<double>(options_.codes == ListCodes::fp32 ? 2 * d * 4 : 2 * cb);
+  const double bound_bytes = static_cast<double>(this->bound_bytes());
   cost.vectors_scored = scanned;
   cost.centroids_scored = static_cast<double>(n * lists);
   cost.macs = (scanned + static_cast<double>(n * lists) * 2) * static_cast<double>(d);
   cost.bytes_read = scanned * static_cast<double>(entry_bytes()) + static_cast<double>(n * lists) * bound_bytes;
+  if (params.shared_scan && n > 0) {
+    // One pass per call: the bounds once, and each list any query scanned once (its entries in the id range).
+    const std::int64_t id_end = params.id_end < 0 ? count_ : params.id_end;
+    double entries = 0;
+    for (std::int64_t j = 0; j < lists; ++j) {
+      bool any = false;
+      for (std::int64_t i = 0; i < n && !any; ++i) any = scanned_lists[static_cast<std::size_t>(i * lists + j)] != 0;
+      if (!any) continue;
+      const List& l = lists_[static_cast<std::size_t>(j)];
+      const auto first = std::lower_bound(l.ids.begin(), l.ids.end(), params.id_begin);
+      entries += static_cast<double>(std::lower_bound(first, l.ids.end(), id_end) - first);
+    }
+    cost.bytes_read = entries * static_cast<double>(entry_bytes()) + static_cast<double>(lists) * bound_bytes;
+  }
   return cost;
 }
 

@@ -966,32 +966,37 @@ TEST(QueryAwareSearch, ProbedToTheEndEqualsTheExactTopKOfTheStoredKeys) {
   const auto queries = gaussian_vectors(9, kDim, 33);
   for (const ListCodes codes : {ListCodes::fp32, ListCodes::sq8, ListCodes::sq4}) {
     for (const std::int64_t assignments : {1, 3}) {
-      QueryAwareOptions options;
-      options.lists = 16;
-      options.assignments = assignments;
-      options.codes = codes;
-      const auto search = query_aware(base, train_queries, kDim, options);
-      const std::vector<float> stored = stored_keys(*search);
-      if (codes == ListCodes::fp32) EXPECT_EQ(stored, base);
-      std::int64_t held = 0;
-      for (std::int64_t j = 0; j < options.lists; ++j) held += search->list_size(j);
-      EXPECT_EQ(held, kBase * assignments) << search->name();
-      for (const auto& [begin, end] : {std::pair<std::int64_t, std::int64_t>{0, kBase}, {100, 350}}) {
-        SearchParameters params;  // nprobe 0: safe probing to the end
-        params.id_begin = begin;
-        params.id_end = end;
-        const Results r = run_search(*search, queries, 25, params);
-        EXPECT_EQ(r.ids, reference_top(stored, queries, kDim, 25, begin, end)) << search->name() << " " << begin;
-        for (std::size_t i = 0; i < r.scores.size(); ++i) {
-          if (i % 25 != 0) EXPECT_GE(r.scores[i - 1], r.scores[i]);
+      for (const bool radius : {false, true}) {
+        QueryAwareOptions options;
+        options.lists = 16;
+        options.assignments = assignments;
+        options.codes = codes;
+        options.radius_bound = radius;
+        const auto search = query_aware(base, train_queries, kDim, options);
+        const std::vector<float> stored = stored_keys(*search);
+        if (codes == ListCodes::fp32) EXPECT_EQ(stored, base);
+        std::int64_t held = 0;
+        for (std::int64_t j = 0; j < options.lists; ++j) held += search->list_size(j);
+        EXPECT_EQ(held, kBase * assignments) << search->name();
+        for (const auto& [begin, end] : {std::pair<std::int64_t, std::int64_t>{0, kBase}, {100, 350}}) {
+          SearchParameters params;  // nprobe 0: safe probing to the end
+          params.id_begin = begin;
+          params.id_end = end;
+          const Results r = run_search(*search, queries, 25, params);
+          EXPECT_EQ(r.ids, reference_top(stored, queries, kDim, 25, begin, end)) << search->name() << " " << begin;
+          for (std::size_t i = 0; i < r.scores.size(); ++i) {
+            if (i % 25 != 0) EXPECT_GE(r.scores[i - 1], r.scores[i]);
+          }
+          // Cost: a bound per list, then entries of the scanned lists (never more than all copies in the range).
+          EXPECT_EQ(r.cost.centroids_scored, 9.0 * 16.0);
+          EXPECT_GT(r.cost.vectors_scored, 9.0 * 25.0);
+          EXPECT_LE(r.cost.vectors_scored, 9.0 * static_cast<double>((end - begin) * assignments));
+          // low and high codes, with the radius bound the center's code and the radius
+          EXPECT_EQ(search->bound_bytes(), (radius ? 3 * (search->entry_bytes() - 4) + 4 : 2 * (search->entry_bytes() - 4)));
+          EXPECT_DOUBLE_EQ(r.cost.bytes_read,
+                           r.cost.vectors_scored * static_cast<double>(search->entry_bytes()) +
+                               9.0 * 16.0 * static_cast<double>(search->bound_bytes()));
         }
-        // Cost: a bound per list, then entries of the scanned lists (never more than all copies in the range).
-        EXPECT_EQ(r.cost.centroids_scored, 9.0 * 16.0);
-        EXPECT_GT(r.cost.vectors_scored, 9.0 * 25.0);
-        EXPECT_LE(r.cost.vectors_scored, 9.0 * static_cast<double>((end - begin) * assignments));
-        EXPECT_DOUBLE_EQ(r.cost.bytes_read,
-                         r.cost.vectors_scored * static_cast<double>(search->entry_bytes()) +
-                             9.0 * 16.0 * 2.0 * static_cast<double>(search->entry_bytes() - 4));
       }
     }
   }
@@ -1010,6 +1015,102 @@ TEST(QueryAwareSearch, SafeProbingStopsEarlyWhereTheBoundsAllow) {
   EXPECT_EQ(r.ids, reference_top(stored_keys(*search), queries, kDim, 10, 0, 800));
   // Each query's top 10 sit in its own direction's list: the safe stop scans about one list of eight.
   EXPECT_LT(r.cost.vectors_scored, 8.0 * 800.0 / 4.0);
+}
+
+/// `per_cluster` keys around each of `clusters` random unit directions times `scale`, with isotropic noise 1 in
+/// every channel (directions [clusters, d] out), and `queries_per_cluster` queries near each direction.
+void dense_clusters(std::int64_t clusters, std::int64_t per_cluster, std::int64_t queries_per_cluster, std::int64_t d,
+                    double scale, std::uint64_t seed, std::vector<float>& keys, std::vector<float>& queries) {
+  RandomStream random(seed);
+  std::vector<float> directions(static_cast<std::size_t>(clusters * d));
+  random.fill_normal(directions);
+  for (std::int64_t j = 0; j < clusters; ++j) {
+    double norm = 0;
+    for (std::int64_t c = 0; c < d; ++c) norm += std::pow(directions[static_cast<std::size_t>(j * d + c)], 2);
+    for (std::int64_t c = 0; c < d; ++c) directions[static_cast<std::size_t>(j * d + c)] /= static_cast<float>(std::sqrt(norm));
+  }
+  keys.resize(static_cast<std::size_t>(clusters * per_cluster * d));
+  random.fill_normal(keys);
+  for (std::int64_t i = 0; i < clusters * per_cluster; ++i) {
+    for (std::int64_t c = 0; c < d; ++c) {
+      keys[static_cast<std::size_t>(i * d + c)] += static_cast<float>(scale) * directions[static_cast<std::size_t>((i % clusters) * d + c)];
+    }
+  }
+  queries.resize(static_cast<std::size_t>(clusters * queries_per_cluster * d));
+  random.fill_normal(queries, 0.0, 0.01);
+  for (std::int64_t i = 0; i < clusters * queries_per_cluster; ++i) {
+    for (std::int64_t c = 0; c < d; ++c) {
+      queries[static_cast<std::size_t>(i * d + c)] += directions[static_cast<std::size_t>((i % clusters) * d + c)];
+    }
+  }
+}
+
+TEST(QueryAwareSearch, CenterRadiusBoundStopsWhereChannelBoxesCannot) {
+  // Dense directions in 128 channels: a list's channel box adds about 3 |q|_1 (27 |q|) of noise to its bound, its
+  // radius about 13 |q|, while the top-10 scores sit at about 16 + 1.6 and other clusters' centers at |q.c| < 5.
+  constexpr std::int64_t d = 128, clusters = 8, per_cluster = 400;
+  std::vector<float> keys, train_queries, queries;
+  // One training query per direction, so that the query clusters are the directions whatever k-means' start.
+  dense_clusters(clusters, per_cluster, 1, d, 16.0, 71, keys, train_queries);
+  std::vector<float> unused;
+  dense_clusters(clusters, 1, 3, d, 16.0, 71, unused, queries);  // three queries per direction (same directions)
+  constexpr std::int64_t n = clusters * per_cluster, k = 10;
+  for (const ListCodes codes : {ListCodes::fp32, ListCodes::sq8, ListCodes::sq4}) {
+    for (const bool radius : {false, true}) {
+      QueryAwareOptions options;
+      options.lists = clusters;
+      options.codes = codes;
+      options.radius_bound = radius;
+      const auto search = query_aware(keys, train_queries, d, options);
+      for (std::int64_t j = 0; j < clusters; ++j) EXPECT_EQ(search->list_size(j), per_cluster) << search->name();
+      const Results r = run_search(*search, queries, k);
+      // Safe probing stays exact whichever bound stops it.
+      EXPECT_EQ(r.ids, reference_top(stored_keys(*search), queries, d, k, 0, n)) << search->name() << " " << radius;
+      const double scanned_lists = r.cost.vectors_scored / (static_cast<double>(clusters) * per_cluster);
+      if (radius) {
+        EXPECT_LE(scanned_lists, 3 * 1.5) << search->name();  // about each query's own list
+      } else {
+        EXPECT_GE(scanned_lists, 3 * 6.0) << search->name();  // the boxes skip almost nothing
+      }
+    }
+  }
+}
+
+TEST(QueryAwareSearch, SharedScanEqualsSearchingEachQueryAloneAndReadsEachListOnce) {
+  const auto base = gaussian_vectors(kBase, kDim, 81);
+  const auto train_queries = gaussian_vectors(90, kDim, 82);
+  const auto group = gaussian_vectors(4, kDim, 83);  // a GQA group's four query heads
+  QueryAwareOptions options;
+  options.lists = 12;
+  options.codes = ListCodes::sq4;
+  const auto search = query_aware(base, train_queries, kDim, options);
+  for (const std::int64_t nprobe : {0, 2, 5}) {
+    SearchParameters alone;
+    alone.nprobe = nprobe;
+    alone.id_begin = 20;
+    alone.id_end = 500;
+    SearchParameters shared = alone;
+    shared.shared_scan = true;
+    const Results a = run_search(*search, group, 7, alone), b = run_search(*search, group, 7, shared);
+    EXPECT_EQ(a.ids, b.ids) << nprobe;
+    EXPECT_EQ(a.scores, b.scores) << nprobe;
+    EXPECT_EQ(a.cost.vectors_scored, b.cost.vectors_scored) << nprobe;
+    EXPECT_LT(b.cost.bytes_read, a.cost.bytes_read) << nprobe;
+    // At least what any one query reads alone, at most the sum of a single pass over each list.
+    double most = 0;
+    for (std::int64_t i = 0; i < 4; ++i) {
+      const std::vector<float> one(group.begin() + i * kDim, group.begin() + (i + 1) * kDim);
+      most = std::max(most, run_search(*search, one, 7, alone).cost.bytes_read);
+    }
+    EXPECT_GE(b.cost.bytes_read, most) << nprobe;
+    EXPECT_LE(b.cost.bytes_read, static_cast<double>(480 * search->entry_bytes() + 12 * search->bound_bytes()));
+    // Four copies of one query read what one reads.
+    std::vector<float> copies;
+    for (int i = 0; i < 4; ++i) copies.insert(copies.end(), group.begin(), group.begin() + kDim);
+    const std::vector<float> first(group.begin(), group.begin() + kDim);
+    EXPECT_DOUBLE_EQ(run_search(*search, copies, 7, shared).cost.bytes_read,
+                     run_search(*search, first, 7, alone).cost.bytes_read) << nprobe;
+  }
 }
 
 TEST(QueryAwareSearch, CutShortSearchesTradeRecallForCost) {
@@ -1041,6 +1142,7 @@ TEST(QueryAwareSearch, AppendThenSearchEqualsBuildThenSearch) {
   options.lists = 10;
   options.assignments = 2;
   options.codes = ListCodes::sq4;
+  options.radius_bound = true;  // the centers and radii follow the appended keys
   const auto once = query_aware(base, train_queries, kDim, options);
   QueryAwareSearch grown(kDim, options);
   grown.set_training_queries(80, train_queries.data());
@@ -1119,6 +1221,8 @@ TEST(QueryAwareSearch, BadInputGivesAClearError) {
   bad[3] = std::numeric_limits<float>::quiet_NaN();
   expect_error([&] { QueryAwareSearch(kDim, options).set_training_queries(1, bad.data()); }, "queries[0, 3]");
   EXPECT_EQ(make_candidate_search("QueryIVF8x2,SQ4", kDim)->name(), "QueryIVF8x2,SQ4");
+  EXPECT_EQ(make_candidate_search("QueryIVF8,SQ8,Radius", kDim)->name(), "QueryIVF8,SQ8,Radius");
+  expect_error([&] { make_candidate_search("QueryIVF8,SQ8,Box", kDim); }, "Radius");
 }
 
 TEST(CandidateSelector, QueryAwareAppendThenSelectEqualsBuildThenSelect) {

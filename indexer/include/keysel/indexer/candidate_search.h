@@ -37,6 +37,10 @@ struct SearchParameters {
   std::int64_t ef_search = 0;  // HNSW: size of the candidate list; 0 uses the index's default (at least k)
   std::int64_t id_begin = 0;   // only ids in [id_begin, id_end) are returned (causal rule, kept keys)
   std::int64_t id_end = -1;    // -1 means size()
+  /// QueryIVF: the queries of one search() call share one pass over the lists (a GQA group's query heads): each
+  /// list entry and bound is counted once per call in bytes_read, however many of the queries scan it. Results are
+  /// those of searching each query alone; other indexes ignore it.
+  bool shared_scan = false;
 };
 
 /// What searches cost, summed over their queries (SPEC §5).

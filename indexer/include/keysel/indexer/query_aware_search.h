@@ -11,10 +11,12 @@
 //   3. lists store the keys as fp32, 8-bit or 4-bit codes of one per-channel scalar quantizer (trained on the
 //      training keys' channel ranges) and, per list, each channel's smallest and largest stored value;
 //   4. search: lists are visited in the order of the query's nearest query clusters (largest q . c_j); every
-//      list's upper bound of q . k, sum_c max(q_c lo_jc, q_c hi_jc) (Quest's per-block bound), skips a list that
-//      cannot beat the current k-th score and stops the search when no unscanned list can (safe probing: run to
-//      the end, the exact top-k of the stored values); SearchParameters::nprobe > 0 stops after that many lists
-//      were scanned (a cut-short search: the recall/cost curve).
+//      list's upper bound of q . k, the tighter of sum_c max(q_c lo_jc, q_c hi_jc) (Quest's per-block bound) and
+//      q . m_j + |q| r_j (the list's center m_j, on the code grid, and radius r_j = max |k - m_j| over its stored
+//      keys; Cauchy-Schwarz), skips a list that cannot beat the current k-th score and stops the search when no
+//      unscanned list can (safe probing: run to the end, the exact top-k of the stored values);
+//      SearchParameters::nprobe > 0 stops after that many lists were scanned (a cut-short search: the recall/cost
+//      curve).
 // A key held by several lists has the same code in each (one quantizer), so duplicates carry equal scores and
 // are dropped at the second sighting.
 #pragma once
@@ -39,12 +41,14 @@ struct QueryAwareOptions {
   std::int64_t lists = 256;        // query clusters (inverted lists); train() needs at least this many queries
   std::int64_t assignments = 1;    // lists each key joins (1 .. lists); every copy is read when its list is
   ListCodes codes = ListCodes::sq8;
+  bool radius_bound = false;       // also bound each list by its center and radius (the tighter bound is used);
+                                   // add() then re-reads every list it changed to recompute its radius
   std::int64_t kmeans_iterations = 12;
   std::uint64_t seed = 1;
 };
 
-/// Parses "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}" (e.g. "QueryIVF256x2,SQ4"); false when `spec` does not
-/// start with "QueryIVF". Throws keysel::Error naming the argument "spec" when it does but breaks the grammar
+/// Parses "QueryIVF{lists}[x{assignments}],{Flat|SQ8|SQ4}[,Radius]" (e.g. "QueryIVF256x2,SQ4"; ",Radius" sets
+/// radius_bound); false when `spec` does not start with "QueryIVF". Throws keysel::Error naming the argument "spec" when it does but breaks the grammar
 /// (1 <= lists <= 65536, 1 <= assignments <= min(lists, 16)).
 bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options);
 
@@ -53,7 +57,9 @@ bool parse_query_aware_spec(std::string_view spec, QueryAwareOptions& options);
 /// are not.
 ///
 /// Costs per search query: centroids_scored = lists (one bound each), vectors_scored = list entries scanned in the
-/// id range, bytes_read = the bounds (two codes per channel per list) + each entry's code and 4-byte id.
+/// id range, bytes_read = the bounds (per list: the low and high codes, and with radius_bound the center's code
+/// and a 4-byte radius) + each scanned entry's code and 4-byte id. With SearchParameters::shared_scan the bounds
+/// and each list scanned by any of the call's queries count once per call.
 class QueryAwareSearch final : public CandidateSearch {
  public:
   QueryAwareSearch(std::int64_t dim, const QueryAwareOptions& options = {});
@@ -69,6 +75,8 @@ class QueryAwareSearch final : public CandidateSearch {
   const QueryAwareOptions& options() const { return options_; }
   /// Bytes one list entry occupies (code + 4-byte id).
   std::int64_t entry_bytes() const;
+  /// Bytes of one list's bounds that a search reads: low and high codes (+ center code and radius).
+  std::int64_t bound_bytes() const;
   /// Keys held by list j (copies included), for balance reports.
   std::int64_t list_size(std::int64_t list) const;
   /// Added key channels outside the trained quantizer range (stored clamped); 0 for fp32 lists.
@@ -91,9 +99,16 @@ class QueryAwareSearch final : public CandidateSearch {
     std::vector<std::uint8_t> codes;   // [ids.size(), code_bytes] for sq8/sq4
     std::vector<float> values;         // [ids.size(), dim] for fp32
     std::vector<float> low, high;      // [dim] smallest / largest stored value per channel (empty list: none)
+    std::vector<double> sum;           // [dim] sum of the stored values (add order)
+    std::vector<float> center;         // [dim] the stored values' mean, rounded to the code grid
+    double radius = 0;                 // largest |stored value - center| (rounded up)
   };
+  /// Recomputes list j's center and radius from its stored entries.
+  void update_center(List& list);
   std::int64_t code_bytes() const;
-  void encode(const float* x, std::uint8_t* code, float* value);
+  void encode(const float* x, std::uint8_t* code, float* value, bool count_clamped = true);
+  /// Entry e of `list`, decoded.   out: size dim
+  void entry_value(const List& list, std::size_t e, float* out) const;
 
   QueryAwareOptions options_;
   std::vector<float> training_queries_;  // [m, dim], unit-normalised

@@ -80,6 +80,9 @@ if has test; then
     >"$OUT/test-portable.log" 2>&1
   summary+=("tests, portable indexer kernels: rc=$?, $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$OUT/test-portable.log" | tr '\n' ' ')")
   grep -E "Failure|FAILED" "$OUT/test-portable.log" | head -10
+  # The portable sparse MLA kernel (what sm_80/sm_89 run) on this GPU too: the sm_90a wgmma kernel is the default.
+  KEYSEL_MLA_KERNEL=portable "$BUILD/tests/test_gpu" --gtest_filter='CudaSparseMla.*' >"$OUT/test-mla-portable.log" 2>&1
+  summary+=("tests, portable sparse MLA kernel: rc=$?, $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$OUT/test-mla-portable.log" | tr '\n' ' ')")
 fi
 
 if has python; then

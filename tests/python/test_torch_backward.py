@@ -254,7 +254,7 @@ def test_cuda_backward_kernel_matches_the_masked_softmax_reference(granularity, 
     lse = torch.logsumexp(masked_lse_scores(q, k, sel, granularity, 0.3), dim=-1).float()
     cuda = torch.device("cuda")
     dq, dk, dv = keysel.sparse_attention_backward(
-        q.to(cuda), k.to(cuda), v.to(cuda), sel.to(cuda), out.to(dtype).to(cuda), lse.to(cuda),
+        q.to(cuda), k.to(cuda), v.to(cuda), sel.to(cuda), out.to(dtype).to(cuda).contiguous(), lse.to(cuda),
         grad_out.to(dtype).to(cuda), granularity=granularity, scale=0.3)
     assert dq.device.type == "cuda" and dq.dtype == torch.float32
     want = reference_gradients(q, k, v, sel, grad_out.to(dtype), granularity, 0.3)

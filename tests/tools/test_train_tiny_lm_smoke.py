@@ -127,7 +127,8 @@ def test_training_log_reports_retrieval_progress(package):
     assert caps == sorted(caps) and caps[0] >= 128 and caps[-1] <= 512
     # the drill: a share falling from 0.5 to 0 at 60% of the LM time, its answers counted apart
     shares = [e["drill_share"] for e in entries]
-    assert shares == sorted(shares, reverse=True) and shares[0] == 0.5 and shares[-1] == 0
+    # (the share follows elapsed time: the first logged step is a moment after the start, hence not exactly 0.5)
+    assert shares == sorted(shares, reverse=True) and 0.45 <= shares[0] <= 0.5 and shares[-1] == 0
     assert "drill" in entries[0] and "drill" not in entries[-1]
     assert "drill: answer acc=" in stdout
     assert log["lm"]["question"] == "definition" and log["lm"]["short_first"] == 0.2

@@ -88,15 +88,16 @@ def _core():
 
 
 def _core_takes(device, dtype=torch.float32):
-    """Whether the compiled core runs these ops on tensors of `device`: on the CPU. (keysel's exact top-k runs on
-    the CPU only, and its CUDA sparse attention takes a per-row or paged bfloat16 cache rather than a
-    [N, Hkv, D] one, so CUDA tensors go to the pure-torch implementations, which stay on the GPU.)"""
+    """Whether the compiled core runs the selection ops (and the attention of non-CUDA tensors) on tensors of
+    `device`: on the CPU. keysel's exact top-k runs on the CPU only, so CUDA tensors take the pure-torch selection,
+    which stays on the GPU; attention over CUDA tensors is decided by _cuda_kernels_take instead."""
     return (device.type == "cpu" and dtype in (torch.float32, torch.float16, torch.bfloat16)
             and _settings["backend"] != "torch" and _core() is not None)
 
 
 def backend(device="cpu"):
-    """"keysel" when the compiled core runs tensors on `device`, "torch" when the pure-torch stand-ins do."""
+    """"keysel" when the compiled core runs the selection ops on `device`, "torch" when the pure-torch stand-ins
+    do (sparse_attention on bfloat16/float32 CUDA tensors runs keysel's CUDA kernels either way)."""
     return "keysel" if _core_takes(torch.device(device)) else "torch"
 
 

@@ -146,6 +146,20 @@ def paged_case(rng, b, next_n, h, d, two_d=False):
                 width=width, expected=expected, magnitude=magnitude, lens=lens)
 
 
+def capture_in_a_cuda_graph(fn):
+    """(graph, what fn returned inside the capture): fn runs once on a side stream (warm-up outside capture, as the
+    engines do), then is captured on the current device."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def to(device, *xs):
     return [x.to(device) for x in xs]
 
@@ -665,14 +679,7 @@ def test_cuda_graph_capture_and_replay(rng):
         _ops.ragged_logits(rq, rk, rs, rw, rks, rke, True, rout)
         _ops.topk_rows(rout, rks, rke, k, rsel)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        work()  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        work()
+    graph, _ = capture_in_a_cuda_graph(work)
     for _ in range(2):  # new inputs into the captured buffers, then replay
         q.copy_(fp8(rng, tuple(q.shape), 4.0).to(device))
         rq.copy_(fp8(rng, tuple(rq.shape)).to(device))
@@ -756,14 +763,7 @@ def test_entry_point_is_captured_by_a_cuda_graph(rng, name):
     """Each entry point captured as the engines capture it (outputs allocated by torch inside the capture), replayed
     on new inputs written into the captured buffers, and compared exactly with an eager call on the same inputs."""
     call, inputs = _entry_point_calls(rng, "cuda")[name]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()  # warm-up outside capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = call()
+    graph, captured = capture_in_a_cuda_graph(call)
     for _ in range(2):
         for x in inputs:
             fresh = torch.from_numpy((rng.standard_normal(tuple(x.shape)) * 4).astype(np.float32)).clamp(-448, 448)

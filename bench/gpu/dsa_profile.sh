@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Nsight Compute on keysel's DSA kernels for the rows of docs/performance.md's "DSA-native selection" table whose
-# goal is not met: paged logits B=1, topk_rows B=1, select_topk_paged B=1, indexer prefill 1024 x 8192 (both
-# keysel paths, one row each: keysel.compat.deep_gemm.fp8_mqa_logits, the ragged path, and indexer_logits_cuda
-# over pages). One ncu run per row
-# over bench/gpu/dsa_peers.py --profile (keysel's calls only, three each, untimed; no peers needed), then a compact
+# Nsight Compute on keysel's DSA and sparse MLA kernels for the rows of docs/performance.md's "DSA-native selection"
+# table whose goal is not met: paged logits B=1 and B=64, topk_rows B=1 and B=64, select_topk_paged B=1, indexer
+# prefill 1024 x 8192 (both keysel paths, one row each: keysel.compat.deep_gemm.fp8_mqa_logits, the ragged path,
+# and indexer_logits_cuda over pages), sparse MLA decode B=64 (h_q 128 and 64) and prefill. One ncu run per row
+# over bench/gpu/dsa_peers.py --profile (keysel's calls only, three each, untimed; no peers needed) or
+# bench/gpu/mla_profile.py (two keysel.sparse_mla calls), then a compact
 # summary per kernel: duration, achieved occupancy, DRAM / L2 / SM throughput (% of peak), tensor pipes, the top
 # stall reasons.
 #
 #   bash bench/gpu/run.sh build python     # keysel's module into build-gpu/python (same machine)
 #   bash bench/gpu/dsa_profile.sh          # -> $OUT/dsa-profile.txt (+ $OUT/dsa-profile-<row>.csv raw metrics)
+#   ONLY="paged_logits_B64 topk_rows_B64" bash bench/gpu/dsa_profile.sh   # a subset of the rows below
 #
-# SET=full chooses ncu's --set instead of the sections below (more replay passes). Sized to finish in under three
-# minutes (five ncu runs of at most 12 short kernels; each run is cut at 100 s).
+# SET=full chooses ncu's --set instead of the sections below (more replay passes). Sized to finish in about five
+# minutes (ten ncu runs of at most 12 short kernels; each run is cut at 100 s).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -25,25 +27,37 @@ else
         --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis)
 fi
 KERNELS='regex:indexer_logits|topk_rows|segment_'
-# row: dsa_peers.py arguments
+MLA_KERNELS='regex:sparse_mla'
+# row: the script and its arguments (dsa_peers.py --profile runs keysel's calls only; mla_profile.py one
+# keysel.sparse_mla call on the FlashMLA peer shapes, the default kernel for the GPU unless KEYSEL_MLA_KERNEL says)
 declare -A ROWS=(
-  [paged_logits_B1]="--only decode --batches 1 --profile paged"
-  [select_topk_paged_B1]="--only decode --batches 1 --profile fused"
-  [topk_rows_B1]="--only topk --batches 1 --profile topk"
-  [indexer_prefill_ragged_1024x8192]="--only prefill --profile prefill"
-  [indexer_prefill_pages_1024x8192]="--only prefill --profile prefill_pages"
+  [paged_logits_B1]="bench/gpu/dsa_peers.py --only decode --batches 1 --profile paged"
+  [paged_logits_B64]="bench/gpu/dsa_peers.py --only decode --batches 64 --profile paged"
+  [select_topk_paged_B1]="bench/gpu/dsa_peers.py --only decode --batches 1 --profile fused"
+  [topk_rows_B1]="bench/gpu/dsa_peers.py --only topk --batches 1 --profile topk"
+  [topk_rows_B64]="bench/gpu/dsa_peers.py --only topk --batches 64 --profile topk"
+  [indexer_prefill_ragged_1024x8192]="bench/gpu/dsa_peers.py --only prefill --profile prefill"
+  [indexer_prefill_pages_1024x8192]="bench/gpu/dsa_peers.py --only prefill --profile prefill_pages"
+  [mla_decode_B64_h128]="bench/gpu/mla_profile.py --batch 64 --heads 128"
+  [mla_decode_B64_h64]="bench/gpu/mla_profile.py --batch 64 --heads 64"
+  [mla_prefill_1024x32768_h128]="bench/gpu/mla_profile.py --prefill"
 )
+ALL="paged_logits_B1 paged_logits_B64 select_topk_paged_B1 topk_rows_B1 topk_rows_B64 indexer_prefill_ragged_1024x8192 indexer_prefill_pages_1024x8192 mla_decode_B64_h128 mla_decode_B64_h64 mla_prefill_1024x32768_h128"
+# ONLY="row row ..." profiles a subset (default: every row).
 : >"$OUT/dsa-profile.log"
-for row in paged_logits_B1 select_topk_paged_B1 topk_rows_B1 indexer_prefill_ragged_1024x8192 indexer_prefill_pages_1024x8192; do
+for row in ${ONLY:-$ALL}; do
+  [ -n "${ROWS[$row]:-}" ] || { echo "dsa_profile.sh: unknown row $row (rows: $ALL)" >&2; exit 2; }
   start=$SECONDS
+  kernels=$KERNELS
+  case $row in mla_*) kernels=$MLA_KERNELS ;; esac
   # --cache-control none: each kernel sees the L2 its predecessor left (a fused chain reads its logits from L2,
   # as outside the profiler); --clock-control none: the clocks the benchmarks run at.
   # shellcheck disable=SC2086
-  timeout 100 ncu --clock-control none --cache-control none -k "$KERNELS" -c 12 "${WHAT[@]}" --csv --page raw \
-    python3 bench/gpu/dsa_peers.py ${ROWS[$row]} >"$OUT/dsa-profile-$row.csv" 2>>"$OUT/dsa-profile.log"
+  timeout 100 ncu --clock-control none --cache-control none -k "$kernels" -c 12 "${WHAT[@]}" --csv --page raw \
+    python3 ${ROWS[$row]} >"$OUT/dsa-profile-$row.csv" 2>>"$OUT/dsa-profile.log"
   echo "$row: ncu rc=$? ($((SECONDS - start)) s)" | tee -a "$OUT/dsa-profile.log"
 done
-python3 - "$OUT" <<'EOF' | tee "$OUT/dsa-profile.txt"
+python3 - "$OUT" ${ONLY:-$ALL} <<'EOF' | tee "$OUT/dsa-profile.txt"
 """Compact per-kernel summary of the raw ncu CSVs (the last of each row's launches of a kernel: warm caches)."""
 import csv
 import io
@@ -51,8 +65,7 @@ import re
 import sys
 
 out = sys.argv[1]
-ROWS = ["paged_logits_B1", "select_topk_paged_B1", "topk_rows_B1", "indexer_prefill_ragged_1024x8192",
-        "indexer_prefill_pages_1024x8192"]
+ROWS = sys.argv[2:]
 PICK = [  # (label, candidate metric names, first present wins)
     ("duration us", ["gpu__time_duration.sum"]),
     ("achieved occupancy %", ["sm__warps_active.avg.pct_of_peak_sustained_active"]),

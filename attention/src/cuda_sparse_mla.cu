@@ -184,6 +184,54 @@ __device__ __forceinline__ void store_tile(const TileLoad& load, __nv_bfloat16* 
   }
 }
 
+/// Writes one head's result once its slots are done. One split: out = o / (sum + the sink's term), with lse and
+/// max_logits in natural log; several: the partial row o / sum with lse2 and max2 (log2 domain) for the merge
+/// kernel. `pair(n)` gives the unnormalised outputs of channels column + 8n and column + 8n + 1 (n < kPairs), the
+/// accumulator layout both kernels' MMAs leave; `writes_stats`: this thread writes the row's lse and max.
+template <int kPairs, typename Pair>
+__device__ __forceinline__ void finish_head(const MlaParams& p, int row, int h, int split, int column, float row_max,
+                                            float row_sum, bool writes_stats, const Pair& pair) {
+  const bool empty = row_sum == 0.0f;
+  const float lse2 = empty ? -INFINITY : row_max + log2f(row_sum);
+  const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
+  if (p.splits == 1) {
+    float denominator = row_sum;
+    if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max);
+    const float factor = empty ? 0.0f : 1.0f / denominator;
+    if (p.out_bf16) {
+      auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + column;
+#pragma unroll
+      for (int n = 0; n < kPairs; ++n) {
+        const float2 v = pair(n);
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) = __floats2bfloat162_rn(v.x * factor, v.y * factor);
+      }
+    } else {
+      auto* out = static_cast<float*>(p.out) + at * kLatent + column;
+#pragma unroll
+      for (int n = 0; n < kPairs; ++n) {
+        const float2 v = pair(n);
+        *reinterpret_cast<float2*>(out + 8 * n) = make_float2(v.x * factor, v.y * factor);
+      }
+    }
+    if (writes_stats) {
+      if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
+      if (p.max_logits != nullptr) p.max_logits[at] = row_max * kLn2;
+    }
+  } else {
+    float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
+    const float factor = empty ? 0.0f : 1.0f / row_sum;
+#pragma unroll
+    for (int n = 0; n < kPairs; ++n) {
+      const float2 v = pair(n);
+      *reinterpret_cast<float2*>(part + column + 8 * n) = make_float2(v.x * factor, v.y * factor);
+    }
+    if (writes_stats) {
+      part[kLatent] = lse2;
+      part[kLatent + 1] = row_max;
+    }
+  }
+}
+
 /// grid (rows, head blocks, splits); see the file comment.
 template <int kHeads, bool kV32>
 __global__ void __launch_bounds__(kThreads, 1) sparse_mla_kernel(const MlaParams p) {
@@ -357,44 +405,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_kernel(const MlaParams
   for (int r = 0; r < 2; ++r) {
     const int h = head0 + slab * 16 + g + 8 * r;
     if (h >= p.heads) continue;
-    const bool empty = row_sum[r] == 0.0f;
-    const float lse2 = empty ? -INFINITY : row_max[r] + log2f(row_sum[r]);
-    const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
-    if (p.splits == 1) {
-      float denominator = row_sum[r];
-      if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max[r]);
-      const float factor = empty ? 0.0f : 1.0f / denominator;
-      if (p.out_bf16) {
-        auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + d0 + 2 * c;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n) {
-          *reinterpret_cast<__nv_bfloat162*>(out + n * 8) =
-              __floats2bfloat162_rn(acc[n][2 * r] * factor, acc[n][2 * r + 1] * factor);
-        }
-      } else {
-        auto* out = static_cast<float*>(p.out) + at * kLatent + d0 + 2 * c;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n) {
-          *reinterpret_cast<float2*>(out + n * 8) = make_float2(acc[n][2 * r] * factor, acc[n][2 * r + 1] * factor);
-        }
-      }
-      if (token_group == 0 && c == 0) {
-        if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
-        if (p.max_logits != nullptr) p.max_logits[at] = row_max[r] * kLn2;
-      }
-    } else {
-      float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
-      const float factor = empty ? 0.0f : 1.0f / row_sum[r];
-#pragma unroll
-      for (int n = 0; n < kDimTiles; ++n) {
-        *reinterpret_cast<float2*>(part + d0 + 2 * c + n * 8) =
-            make_float2(acc[n][2 * r] * factor, acc[n][2 * r + 1] * factor);
-      }
-      if (token_group == 0 && c == 0) {
-        part[kLatent] = lse2;
-        part[kLatent + 1] = row_max[r];
-      }
-    }
+    finish_head<kDimTiles>(p, row, h, split, d0 + 2 * c, row_max[r], row_sum[r], token_group == 0 && c == 0,
+                           [&](int n) { return make_float2(acc[n][2 * r], acc[n][2 * r + 1]); });
   }
 }
 
@@ -741,48 +753,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
 #pragma unroll
   for (int r = 0; r < 2; ++r) row_sum[r] = s_rows[0][r0 + 8 * r] + s_rows[1][r0 + 8 * r];
 
-  const int d0 = wg * 256 + 2 * c;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int h = head0 + r0 + 8 * r;
-    const bool empty = row_sum[r] == 0.0f;
-    const float lse2 = empty ? -INFINITY : row_max[r] + log2f(row_sum[r]);
-    const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
-    if (p.splits == 1) {
-      float denominator = row_sum[r];
-      if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max[r]);
-      const float factor = empty ? 0.0f : 1.0f / denominator;
-      if (p.out_bf16) {
-        auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + d0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
-              __floats2bfloat162_rn(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
-        }
-      } else {
-        auto* out = static_cast<float*>(p.out) + at * kLatent + d0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
-        }
-      }
-      if (wg == 0 && c == 0) {
-        if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
-        if (p.max_logits != nullptr) p.max_logits[at] = row_max[r] * kLn2;
-      }
-    } else {
-      float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
-      const float factor = empty ? 0.0f : 1.0f / row_sum[r];
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        *reinterpret_cast<float2*>(part + d0 + 8 * j) =
-            make_float2(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
-      }
-      if (wg == 0 && c == 0) {
-        part[kLatent] = lse2;
-        part[kLatent + 1] = row_max[r];
-      }
-    }
+    finish_head<32>(p, row, head0 + r0 + 8 * r, split, wg * 256 + 2 * c, row_max[r], row_sum[r], wg == 0 && c == 0,
+                    [&](int j) { return make_float2(o[4 * j + 2 * r], o[4 * j + 2 * r + 1]); });
   }
 #else
   (void)p;

@@ -462,9 +462,9 @@ __global__ void __launch_bounds__(128) merge_mla_splits_kernel(const MlaParams p
 // A thread block takes one query row and 64 heads, two warpgroups (256 threads), and walks the row's selected
 // slots 64 at a time. Shared memory (V3.2: 193 KB of 227): Q [64 heads x 576] bf16 (72 KB, laid out once), the
 // tile's K [64 slots x 576] bf16 (72 KB), P [64 heads x 64 slots] bf16 (8 KB) and the next tile's raw 656-byte
-// tokens (41 KB); bf16 cache (224 KB): Q, two K buffers, P. All bf16 operands are in the no-swizzle core-matrix layout (8 rows x 16 bytes, 128 contiguous bytes a
-// core matrix) that the wgmma descriptors name: Q and K as [row group][channel group] (72 core matrices, 9216
-// bytes, per 8 rows), P as [head group][slot group]. Per tile:
+// tokens (41 KB); bf16 cache (224 KB): Q, two K buffers, P. All bf16 operands are in the no-swizzle core-matrix
+// layout (8 rows x 16 bytes, 128 contiguous bytes a core matrix) that the wgmma descriptors name: Q and K as
+// [row group][channel group] (72 core matrices, 9216 bytes, per 8 rows), P as [head group][slot group]. Per tile:
 //   1. the raw tokens (requested by cp.async one tile ahead, zero-filled for invalid slots) are decoded, fp8 x
 //      the group's scale -> bf16 with the RoPE part copied, into K by all 256 threads;
 //   2. S = Q K^T: warpgroup w takes slots 32w..32w+31 (m64n32k16, 36 k steps, both operands from shared

@@ -2,7 +2,8 @@
 # The sparse MLA kernels on an sm_90 GPU in one call: builds test_gpu and the Python module for sm_90a
 # (bench/gpu/run.sh's build and python stages: its pytest run narrowed to the sparse MLA files, then
 # bench/gpu/mla_time.py, both kernels on the decode and prefill shapes), then runs CudaSparseMla.* through the
-# wgmma kernel and through the portable one. Results under $OUT; the summary is printed at the end.
+# wgmma kernel and through the portable one. Results under $OUT (mla_time.py's in mla-time.txt, printed with
+# run.sh's summary first).
 #
 #   bash bench/gpu/mla_check.sh
 set -uo pipefail
@@ -23,9 +24,9 @@ echo "==== sparse MLA tests"
 for kernel in wgmma portable; do
   KEYSEL_MLA_KERNEL=$kernel timeout 150 "$BUILD/tests/test_gpu" --gtest_filter='CudaSparseMla.*' \
     >"$OUT/test-mla-$kernel.log" 2>&1
-  echo "CudaSparseMla.* with KEYSEL_MLA_KERNEL=$kernel: rc=$? $(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$OUT/test-mla-$kernel.log" | tr '\n' ' ')"
+  rc=$?
+  result=$(grep -E '^\[  PASSED  \]|^\[  FAILED  \]' "$OUT/test-mla-$kernel.log" | tr '\n' ' ')
+  echo "CudaSparseMla.* with KEYSEL_MLA_KERNEL=$kernel: rc=$rc $result"
   grep -E "\[ sparse MLA \]|Failure|FAILED|T=" "$OUT/test-mla-$kernel.log" | head -12
 done
-echo "==== mla_time.py (also in $OUT/mla-time.txt)"
-cat "$OUT/mla-time.txt" 2>/dev/null
 echo "total $((SECONDS - start)) s"

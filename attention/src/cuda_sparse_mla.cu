@@ -20,8 +20,8 @@
 // merges the splits by log-sum-exp. The sink, max_logits and lse are applied or
 // written by whichever kernel finishes the row.
 //
-// The sm_90a warpgroup-MMA kernel (sparse_mla_wgmma_kernel, below) takes the fp8 V3.2 cache with h_q a multiple
-// of 64 where KEYSEL_MLA_KERNEL=wgmma; it shares the splits, the merge kernel and the workspace.
+// The sm_90a warpgroup-MMA kernel (sparse_mla_wgmma_kernel, below) takes either cache with h_q a multiple of 64
+// unless KEYSEL_MLA_KERNEL=portable; it shares the splits, the merge kernel, the workspace and finish_head.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -180,6 +180,54 @@ __device__ __forceinline__ void store_tile(const TileLoad& load, __nv_bfloat16* 
 #pragma unroll
     for (int i = 0; i < 9; ++i) {
       *reinterpret_cast<uint4*>(row + (part + 8 * i) * 8) = load.valid ? load.data[i] : zero;
+    }
+  }
+}
+
+/// Writes one head's result once its slots are done. One split: out = o / (sum + the sink's term), with lse and
+/// max_logits in natural log; several: the partial row o / sum with lse2 and max2 (log2 domain) for the merge
+/// kernel. `pair(n)` gives the unnormalised outputs of channels column + 8n and column + 8n + 1 (n < kPairs), the
+/// accumulator layout both kernels' MMAs leave; `writes_stats`: this thread writes the row's lse and max.
+template <int kPairs, typename Pair>
+__device__ __forceinline__ void finish_head(const MlaParams& p, int row, int h, int split, int column, float row_max,
+                                            float row_sum, bool writes_stats, const Pair& pair) {
+  const bool empty = row_sum == 0.0f;
+  const float lse2 = empty ? -INFINITY : row_max + log2f(row_sum);
+  const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
+  if (p.splits == 1) {
+    float denominator = row_sum;
+    if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max);
+    const float factor = empty ? 0.0f : 1.0f / denominator;
+    if (p.out_bf16) {
+      auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + column;
+#pragma unroll
+      for (int n = 0; n < kPairs; ++n) {
+        const float2 v = pair(n);
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) = __floats2bfloat162_rn(v.x * factor, v.y * factor);
+      }
+    } else {
+      auto* out = static_cast<float*>(p.out) + at * kLatent + column;
+#pragma unroll
+      for (int n = 0; n < kPairs; ++n) {
+        const float2 v = pair(n);
+        *reinterpret_cast<float2*>(out + 8 * n) = make_float2(v.x * factor, v.y * factor);
+      }
+    }
+    if (writes_stats) {
+      if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
+      if (p.max_logits != nullptr) p.max_logits[at] = row_max * kLn2;
+    }
+  } else {
+    float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
+    const float factor = empty ? 0.0f : 1.0f / row_sum;
+#pragma unroll
+    for (int n = 0; n < kPairs; ++n) {
+      const float2 v = pair(n);
+      *reinterpret_cast<float2*>(part + column + 8 * n) = make_float2(v.x * factor, v.y * factor);
+    }
+    if (writes_stats) {
+      part[kLatent] = lse2;
+      part[kLatent + 1] = row_max;
     }
   }
 }
@@ -357,44 +405,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_mla_kernel(const MlaParams
   for (int r = 0; r < 2; ++r) {
     const int h = head0 + slab * 16 + g + 8 * r;
     if (h >= p.heads) continue;
-    const bool empty = row_sum[r] == 0.0f;
-    const float lse2 = empty ? -INFINITY : row_max[r] + log2f(row_sum[r]);
-    const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
-    if (p.splits == 1) {
-      float denominator = row_sum[r];
-      if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max[r]);
-      const float factor = empty ? 0.0f : 1.0f / denominator;
-      if (p.out_bf16) {
-        auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + d0 + 2 * c;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n) {
-          *reinterpret_cast<__nv_bfloat162*>(out + n * 8) =
-              __floats2bfloat162_rn(acc[n][2 * r] * factor, acc[n][2 * r + 1] * factor);
-        }
-      } else {
-        auto* out = static_cast<float*>(p.out) + at * kLatent + d0 + 2 * c;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n) {
-          *reinterpret_cast<float2*>(out + n * 8) = make_float2(acc[n][2 * r] * factor, acc[n][2 * r + 1] * factor);
-        }
-      }
-      if (token_group == 0 && c == 0) {
-        if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
-        if (p.max_logits != nullptr) p.max_logits[at] = row_max[r] * kLn2;
-      }
-    } else {
-      float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
-      const float factor = empty ? 0.0f : 1.0f / row_sum[r];
-#pragma unroll
-      for (int n = 0; n < kDimTiles; ++n) {
-        *reinterpret_cast<float2*>(part + d0 + 2 * c + n * 8) =
-            make_float2(acc[n][2 * r] * factor, acc[n][2 * r + 1] * factor);
-      }
-      if (token_group == 0 && c == 0) {
-        part[kLatent] = lse2;
-        part[kLatent + 1] = row_max[r];
-      }
-    }
+    finish_head<kDimTiles>(p, row, h, split, d0 + 2 * c, row_max[r], row_sum[r], token_group == 0 && c == 0,
+                           [&](int n) { return make_float2(acc[n][2 * r], acc[n][2 * r + 1]); });
   }
 }
 
@@ -444,14 +456,15 @@ __global__ void __launch_bounds__(128) merge_mla_splits_kernel(const MlaParams p
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// sm_90a: warpgroup MMA (wgmma m64nNk16 bf16, HGMMA in SASS) on the fp8 V3.2 cache, h_q a multiple of 64.
+// sm_90a: warpgroup MMA (wgmma m64nNk16 bf16, HGMMA in SASS) on the fp8 V3.2 cache or the bf16 latent cache (the
+// kV32 template flag), h_q a multiple of 64.
 //
 // A thread block takes one query row and 64 heads, two warpgroups (256 threads), and walks the row's selected
-// slots 64 at a time. Shared memory (193 KB of 227): Q [64 heads x 576] bf16 (72 KB, laid out once), the tile's
-// K [64 slots x 576] bf16 (72 KB), P [64 heads x 64 slots] bf16 (8 KB) and the next tile's raw 656-byte tokens
-// (41 KB). All bf16 operands are in the no-swizzle core-matrix layout (8 rows x 16 bytes, 128 contiguous bytes a
-// core matrix) that the wgmma descriptors name: Q and K as [row group][channel group] (72 core matrices, 9216
-// bytes, per 8 rows), P as [head group][slot group]. Per tile:
+// slots 64 at a time. Shared memory (V3.2: 193 KB of 227): Q [64 heads x 576] bf16 (72 KB, laid out once), the
+// tile's K [64 slots x 576] bf16 (72 KB), P [64 heads x 64 slots] bf16 (8 KB) and the next tile's raw 656-byte
+// tokens (41 KB); bf16 cache (224 KB): Q, two K buffers, P. All bf16 operands are in the no-swizzle core-matrix
+// layout (8 rows x 16 bytes, 128 contiguous bytes a core matrix) that the wgmma descriptors name: Q and K as
+// [row group][channel group] (72 core matrices, 9216 bytes, per 8 rows), P as [head group][slot group]. Per tile:
 //   1. the raw tokens (requested by cp.async one tile ahead, zero-filled for invalid slots) are decoded, fp8 x
 //      the group's scale -> bf16 with the RoPE part copied, into K by all 256 threads;
 //   2. S = Q K^T: warpgroup w takes slots 32w..32w+31 (m64n32k16, 36 k steps, both operands from shared
@@ -464,6 +477,9 @@ __global__ void __launch_bounds__(128) merge_mla_splits_kernel(const MlaParams p
 // The raw tokens of tile t + 1 are in flight during steps 2-4 of tile t. What bounds it: steps 1 and 2-4 do not
 // overlap (one K buffer: a second 72 KB one does not fit beside Q and the raw tokens), so the decode time adds to
 // the MMA time; the next step is a producer warpgroup decoding into a second, smaller (32-slot) K stage.
+// The bf16 cache has no step 1: cp.async copies each row's 72 chunks of 16 bytes straight into the K buffer's
+// core matrices (zero-filled for invalid slots), one tile ahead into the other K buffer, so tile t + 1's gather
+// overlaps steps 2-4 of tile t and a tile costs Q K^T + P V plus one barrier.
 // Splits, the merge kernel and the workspace are the portable kernel's (tiles of 64 instead of 32).
 constexpr int kWgTile = 64;                              // slots per step
 constexpr int kWgThreads = 256;                          // two warpgroups
@@ -471,7 +487,11 @@ constexpr int kWgQBytes = 64 * kQk * 2;
 constexpr int kWgKBytes = kWgTile * kQk * 2;
 constexpr int kWgPBytes = 64 * kWgTile * 2;
 constexpr int kWgRawBytes = kWgTile * kTokenBytes;
-constexpr int kWgSharedBytes = kWgQBytes + kWgKBytes + kWgPBytes + kWgRawBytes;  // 197,632 dynamic
+/// Dynamic shared memory: the V3.2 cache's Q, K, P and raw tokens (197,632 bytes), or the bf16 cache's Q, two K
+/// buffers and P (229,376 bytes; with the 1 KB of static flags 230,400 of the 232,448 an sm_90 block may have).
+constexpr int wgmma_shared_bytes(bool v32) {
+  return v32 ? kWgQBytes + kWgKBytes + kWgPBytes + kWgRawBytes : kWgQBytes + 2 * kWgKBytes + kWgPBytes;
+}
 // The B operand of P V is K read MN-major. PTX's canonical MN-major layout without swizzling,
 // ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO)), puts core matrices adjacent along N (the channels: 128 bytes apart
 // here) at the stride byte offset and those adjacent along K (the slots: 9216 bytes apart) at the leading byte
@@ -572,6 +592,28 @@ __device__ __forceinline__ void request_raw_tile(const MlaParams& p, int row, in
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
 
+/// Requests the bf16 rows of `tile` straight into the K buffer at `k_tile`, in its core-matrix layout (zeros for
+/// invalid slots); valid[t] says which. Four threads a slot, each its chunks part, part + 4, ... (72 of 16 bytes a
+/// row): a warp's 32 copies fill 4 whole core matrices (8 slots x 16 bytes, 512 contiguous shared bytes, free of
+/// bank conflicts) and read 64 contiguous bytes of each of 8 rows.
+__device__ __forceinline__ void request_bf16_tile(const MlaParams& p, int row, int limit, int tile,
+                                                  std::uint32_t k_tile, int* valid) {
+  static_assert(kWgThreads == 4 * kWgTile, "four threads a slot");
+  const int t = threadIdx.x >> 2, part = threadIdx.x & 3;
+  const int position = tile * kWgTile + t;
+  std::int64_t slot = -1;
+  if (position < limit) slot = __ldg(p.indices + row * p.index_stride + position);
+  const bool ok = slot >= 0 && slot < p.slots;
+  const std::uint8_t* latent = ok ? p.kv + slot * p.kv_stride : p.kv;
+  const std::uint32_t destination = k_tile + static_cast<std::uint32_t>((t >> 3) * kRowGroupBytes + (t & 7) * 16);
+#pragma unroll 6
+  for (int chunk = part; chunk < kChannelGroups; chunk += 4) {
+    cp_async_16(destination + chunk * kCoreBytes, latent + (ok ? chunk * 16 : 0), ok);
+  }
+  if (part == 0) valid[t] = ok ? 1 : 0;
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
 /// Decodes the raw tokens into the K tile's core matrices: thread i writes row i % 8 of core matrix i / 8
 /// (8 consecutive threads fill one 128-byte core matrix, free of bank conflicts).
 __device__ __forceinline__ void decode_raw_tile(const unsigned char* raw, unsigned char* k_tile) {
@@ -595,6 +637,7 @@ __device__ __forceinline__ void decode_raw_tile(const unsigned char* raw, unsign
 
 /// grid (rows, h_q / 64, splits); see the comment above kWgTile. Built only into sm_90a code: elsewhere the body
 /// is empty, uses no static shared memory, and the host takes the portable kernel.
+template <bool kV32>
 __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const MlaParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(16) unsigned char shared[];
@@ -602,8 +645,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
   __shared__ float s_rows[2][64];      // per warpgroup: a tile's row maxima; at the end the row sums
   unsigned char* s_q = shared;
   unsigned char* s_k = s_q + kWgQBytes;
-  unsigned char* s_p = s_k + kWgKBytes;
-  unsigned char* s_raw = s_p + kWgPBytes;
+  unsigned char* s_p = s_k + (kV32 ? 1 : 2) * kWgKBytes;  // bf16 cache: K buffers by tile parity
+  unsigned char* s_raw = s_p + kWgPBytes;                  // V3.2 cache only
   const std::uint32_t q_address = shared_address(s_q), k_address = shared_address(s_k),
                       p_address = shared_address(s_p), raw_address = shared_address(s_raw);
 
@@ -617,7 +660,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
   int limit = p.topk;
   if (p.topk_length != nullptr) limit = max(0, min(limit, __ldg(p.topk_length + row)));
 
-  if (first_tile < end_tile) request_raw_tile(p, row, limit, first_tile, raw_address, s_valid[0]);
+  if (first_tile < end_tile) {
+    if constexpr (kV32) {
+      request_raw_tile(p, row, limit, first_tile, raw_address, s_valid[0]);
+    } else {
+      request_bf16_tile(p, row, limit, first_tile, k_address, s_valid[0]);
+    }
+  }
   // Q: thread i writes row i % 8 (a head) of core matrix i / 8.
   for (int i = threadIdx.x; i < 64 * kChannelGroups; i += kWgThreads) {
     const int r = i & 7, group = (i >> 3) % kChannelGroups, head_group = (i >> 3) / kChannelGroups;
@@ -638,11 +687,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
   for (int tile = first_tile; tile < end_tile; ++tile) {
     const int parity = (tile - first_tile) & 1;
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-    __syncthreads();  // the raw tile has landed for every thread; the last P V (waited) is done with s_k
-    decode_raw_tile(s_raw, s_k);
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // s_k and s_q are read by the tensor cores
-    __syncthreads();
-    if (tile + 1 < end_tile) request_raw_tile(p, row, limit, tile + 1, raw_address, s_valid[parity ^ 1]);
+    if constexpr (kV32) {
+      __syncthreads();  // the raw tile has landed for every thread; the last P V (waited) is done with s_k
+      decode_raw_tile(s_raw, s_k);
+    }
+    // s_k (written by decode_raw_tile or cp.async) and s_q are read by the tensor cores.
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    __syncthreads();  // bf16 cache: this tile's K buffer has landed; the last P V (waited) is done with the other
+    const std::uint32_t k_tile = k_address + (kV32 ? 0 : parity * kWgKBytes);
+    if (tile + 1 < end_tile) {
+      if constexpr (kV32) {
+        request_raw_tile(p, row, limit, tile + 1, raw_address, s_valid[parity ^ 1]);
+      } else {
+        request_bf16_tile(p, row, limit, tile + 1, k_address + (parity ^ 1) * kWgKBytes, s_valid[parity ^ 1]);
+      }
+    }
 
     // S = Q K^T over this warpgroup's 32 slots.
     float s[16] = {};
@@ -652,7 +711,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
     for (int k = 0; k < kQk / 16; ++k) {
       const std::uint64_t a = matrix_descriptor(q_address + k * 2 * kCoreBytes, kCoreBytes, kRowGroupBytes);
       const std::uint64_t b =
-          matrix_descriptor(k_address + wg * 4 * kRowGroupBytes + k * 2 * kCoreBytes, kCoreBytes, kRowGroupBytes);
+          matrix_descriptor(k_tile + wg * 4 * kRowGroupBytes + k * 2 * kCoreBytes, kCoreBytes, kRowGroupBytes);
       wgmma_bf16_n32(s, a, b, k > 0 ? 1 : 0);
     }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
@@ -717,7 +776,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
 #pragma unroll
     for (int k = 0; k < kWgTile / 16; ++k) {
       const std::uint64_t a = matrix_descriptor(p_address + k * 2 * kCoreBytes, kCoreBytes, 8 * kCoreBytes);
-      const std::uint64_t b = matrix_descriptor(k_address + wg * 32 * kCoreBytes + k * 2 * kRowGroupBytes,
+      const std::uint64_t b = matrix_descriptor(k_tile + wg * 32 * kCoreBytes + k * 2 * kRowGroupBytes,
                                                 kRowGroupBytes, kCoreBytes);
       wgmma_bf16_n256_vt(o, a, b, 1);
     }
@@ -741,48 +800,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) sparse_mla_wgmma_kernel(const M
 #pragma unroll
   for (int r = 0; r < 2; ++r) row_sum[r] = s_rows[0][r0 + 8 * r] + s_rows[1][r0 + 8 * r];
 
-  const int d0 = wg * 256 + 2 * c;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int h = head0 + r0 + 8 * r;
-    const bool empty = row_sum[r] == 0.0f;
-    const float lse2 = empty ? -INFINITY : row_max[r] + log2f(row_sum[r]);
-    const std::int64_t at = static_cast<std::int64_t>(row) * p.heads + h;
-    if (p.splits == 1) {
-      float denominator = row_sum[r];
-      if (p.attn_sink != nullptr && !empty) denominator += exp2f(__ldg(p.attn_sink + h) * kLog2e - row_max[r]);
-      const float factor = empty ? 0.0f : 1.0f / denominator;
-      if (p.out_bf16) {
-        auto* out = static_cast<__nv_bfloat16*>(p.out) + at * kLatent + d0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<__nv_bfloat162*>(out + 8 * j) =
-              __floats2bfloat162_rn(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
-        }
-      } else {
-        auto* out = static_cast<float*>(p.out) + at * kLatent + d0;
-#pragma unroll
-        for (int j = 0; j < 32; ++j) {
-          *reinterpret_cast<float2*>(out + 8 * j) = make_float2(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
-        }
-      }
-      if (wg == 0 && c == 0) {
-        if (p.lse != nullptr) p.lse[at] = lse2 * kLn2;
-        if (p.max_logits != nullptr) p.max_logits[at] = row_max[r] * kLn2;
-      }
-    } else {
-      float* part = p.partial + (static_cast<std::int64_t>(split) * p.rows * p.heads + at) * kPartialStride;
-      const float factor = empty ? 0.0f : 1.0f / row_sum[r];
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        *reinterpret_cast<float2*>(part + d0 + 8 * j) =
-            make_float2(o[4 * j + 2 * r] * factor, o[4 * j + 2 * r + 1] * factor);
-      }
-      if (wg == 0 && c == 0) {
-        part[kLatent] = lse2;
-        part[kLatent + 1] = row_max[r];
-      }
-    }
+    finish_head<32>(p, row, head0 + r0 + 8 * r, split, wg * 256 + 2 * c, row_max[r], row_sum[r], wg == 0 && c == 0,
+                    [&](int j) { return make_float2(o[4 * j + 2 * r], o[4 * j + 2 * r + 1]); });
   }
 #else
   (void)p;
@@ -830,39 +851,40 @@ Plan make_plan(int rows, int heads, int topk, int multiprocessors, int device) {
 }
 
 /// The wgmma kernel's cut: 64 heads a block, tiles of 64 slots.
-Plan make_wgmma_plan(int rows, int heads, int topk, int multiprocessors) {
+Plan make_wgmma_plan(int rows, int heads, int topk, int multiprocessors, bool v32) {
   Plan plan;
   plan.heads_per_block = 64;
-  plan.shared = kWgSharedBytes;
+  plan.shared = wgmma_shared_bytes(v32);
   plan.head_blocks = heads / 64;
   plan_splits(plan, rows, heads, topk, multiprocessors, kWgTile);
   return plan;
 }
 
 /// Whether this binary has sm_90a code of the wgmma kernel for `device` (its static shared memory is empty
-/// elsewhere) and the device grants its shared memory; read once per device and cached (value + 1).
-bool wgmma_kernel_available(int device) {
-  static std::atomic<int> cache[64];
+/// elsewhere) and the device grants its shared memory, for the V3.2 (`v32`) or the bf16 cache; read once per device
+/// and cache and cached (value + 1).
+bool wgmma_kernel_available(int device, bool v32) {
+  static std::atomic<int> cache[2][64];
   const bool cached = device >= 0 && device < 64;
   if (cached) {
-    const int known = cache[device].load(std::memory_order_acquire);
+    const int known = cache[v32 ? 1 : 0][device].load(std::memory_order_acquire);
     if (known != 0) return known == 2;
   }
-  const bool available = [] {
+  const bool available = [v32] {
+    const auto kernel = v32 ? sparse_mla_wgmma_kernel<true> : sparse_mla_wgmma_kernel<false>;
     cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, sparse_mla_wgmma_kernel) != cudaSuccess ||
-        attributes.sharedSizeBytes == 0) {
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.sharedSizeBytes == 0) {
       cudaGetLastError();
       return false;
     }
-    if (cudaFuncSetAttribute(sparse_mla_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kWgSharedBytes) != cudaSuccess) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, wgmma_shared_bytes(v32)) !=
+        cudaSuccess) {
       cudaGetLastError();
       return false;
     }
     return true;
   }();
-  if (cached) cache[device].store(available ? 2 : 1, std::memory_order_release);
+  if (cached) cache[v32 ? 1 : 0][device].store(available ? 2 : 1, std::memory_order_release);
   return available;
 }
 
@@ -879,9 +901,9 @@ bool wgmma_requested(std::string_view function) {
   detail::throw_error(function, "KEYSEL_MLA_KERNEL: expected wgmma or portable, got " + std::string(name));
 }
 
-/// Whether the call goes to the wgmma kernel: asked for, the V3.2 cache, h_q a multiple of 64, sm_90a code.
+/// Whether the call goes to the wgmma kernel: asked for, h_q a multiple of 64, sm_90a code (either cache).
 bool use_wgmma(std::string_view function, bool v32, int heads, int device) {
-  return wgmma_requested(function) && v32 && heads % 64 == 0 && wgmma_kernel_available(device);
+  return wgmma_requested(function) && heads % 64 == 0 && wgmma_kernel_available(device, v32);
 }
 
 template <int kHeads, bool kV32>
@@ -900,16 +922,18 @@ void launch_kernel(std::string_view function, const MlaParams& params, const Pla
 std::size_t sparse_mla_workspace_bytes(int rows, int heads, int topk, int multiprocessors, int device) {
   // Enough for either kernel, so that a workspace sized once serves whichever KEYSEL_MLA_KERNEL picks.
   std::size_t bytes = make_plan(rows, heads, topk, multiprocessors, device).partial_bytes;
-  if (heads % 64 == 0) bytes = std::max(bytes, make_wgmma_plan(rows, heads, topk, multiprocessors).partial_bytes);
+  if (heads % 64 == 0) {
+    bytes = std::max(bytes, make_wgmma_plan(rows, heads, topk, multiprocessors, true).partial_bytes);
+  }
   return bytes;
 }
 
-bool sparse_mla_wgmma_kernel_available(int device) { return wgmma_kernel_available(device); }
+bool sparse_mla_wgmma_kernel_available(int device, bool v32) { return wgmma_kernel_available(device, v32); }
 
 void launch_sparse_mla(std::string_view function, const SparseMlaLaunch& launch, void* stream) {
   if (launch.rows == 0 || launch.heads == 0) return;
   const bool wgmma = use_wgmma(function, launch.v32, launch.heads, launch.device);
-  const Plan plan = wgmma ? make_wgmma_plan(launch.rows, launch.heads, launch.topk, launch.multiprocessors)
+  const Plan plan = wgmma ? make_wgmma_plan(launch.rows, launch.heads, launch.topk, launch.multiprocessors, launch.v32)
                           : make_plan(launch.rows, launch.heads, launch.topk, launch.multiprocessors, launch.device);
   auto* cuda_stream = static_cast<cudaStream_t>(stream);
   cuda_glue::Scratch scratch(function, plan.partial_bytes, launch.device, stream, launch.workspace);
@@ -937,7 +961,11 @@ void launch_sparse_mla(std::string_view function, const SparseMlaLaunch& launch,
   if (wgmma) {
     const dim3 grid(static_cast<unsigned>(params.rows), static_cast<unsigned>(plan.head_blocks),
                     static_cast<unsigned>(plan.splits));
-    sparse_mla_wgmma_kernel<<<grid, kWgThreads, plan.shared, cuda_stream>>>(params);
+    if (launch.v32) {
+      sparse_mla_wgmma_kernel<true><<<grid, kWgThreads, plan.shared, cuda_stream>>>(params);
+    } else {
+      sparse_mla_wgmma_kernel<false><<<grid, kWgThreads, plan.shared, cuda_stream>>>(params);
+    }
   } else if (plan.heads_per_block == 64) {
     if (launch.v32) {
       launch_kernel<64, true>(function, params, plan, cuda_stream);

@@ -34,9 +34,10 @@ struct SparseMlaLaunch {
 /// Bytes of scratch the launch needs for these sizes on a GPU with `multiprocessors` SMs (0: none).
 std::size_t sparse_mla_workspace_bytes(int rows, int heads, int topk, int multiprocessors, int device);
 
-/// Whether calls on `device` can take the sm_90a warpgroup-MMA kernel (KEYSEL_MLA_KERNEL=wgmma, the fp8 V3.2
-/// cache, h_q a multiple of 64): this binary has its sm_90a code and the device grants its shared memory.
-bool sparse_mla_wgmma_kernel_available(int device);
+/// Whether calls on `device` with the fp8 V3.2 cache (`v32`) or the bf16 latent cache can take the sm_90a
+/// warpgroup-MMA kernel (KEYSEL_MLA_KERNEL=wgmma or unset, h_q a multiple of 64): this binary has its sm_90a code
+/// and the device grants its shared memory (194 KiB with the V3.2 cache, 224 KiB with the bf16 one).
+bool sparse_mla_wgmma_kernel_available(int device, bool v32 = true);
 
 /// Launches on `stream` (a cudaStream_t); throws keysel::Error of `function` when CUDA refuses.
 void launch_sparse_mla(std::string_view function, const SparseMlaLaunch& launch, void* stream);

@@ -1,6 +1,6 @@
 """keysel.sparse_mla alone on the FlashMLA peer shapes (quick numbers without the peers' build; the side-by-side
-comparison is bench/gpu/dsa_peers.py): CUDA-graph replay time of 20 calls, averaged, per shape; decode shapes
-time the portable and the sm_90a wgmma kernel and print how far their outputs differ.
+comparison is bench/gpu/dsa_peers.py): CUDA-graph replay time of 20 calls (prefill: 3), averaged, per shape; each
+shape times the portable and the sm_90a wgmma kernel and prints how far their outputs differ.
     PYTHONPATH=<build>/python python3 bench/gpu/mla_time.py"""
 
 import os
@@ -9,8 +9,8 @@ import torch
 
 import keysel
 
-# Both sparse MLA kernels on the decode shapes (KEYSEL_MLA_KERNEL; off an sm_90a build or GPU, "wgmma" runs the
-# portable kernel too); MLA_KERNELS=portable (or wgmma) times one.
+# Both sparse MLA kernels on every shape (KEYSEL_MLA_KERNEL; off an sm_90a build or GPU, "wgmma" runs the portable
+# kernel too); MLA_KERNELS=portable (or wgmma) times one.
 KERNELS = os.environ.get("MLA_KERNELS", "portable,wgmma").split(",")
 
 
@@ -56,6 +56,11 @@ def decode(batch, heads, topk=2048, seq=16384, block=64):
         results[kernel] = (out.float(), lse.clone())
         print(f"keysel sparse_mla decode B={batch} h_q={heads} topk={topk} fp8 V3.2 {kernel:>8}: {us:8.1f} us  "
               f"{flops / us / 1e6:6.0f} TFLOP/s  {batch * topk * 656 / us / 1e3:6.0f} GB/s gathered", flush=True)
+    compare(results)
+
+
+def compare(results):
+    """How far the two kernels' outputs (out, lse) differ, where both ran."""
     if len(results) == 2:
         (a, lse_a), (b, lse_b) = results["wgmma"], results["portable"]
         rel = ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max().item()
@@ -69,12 +74,17 @@ def prefill(s_q=1024, s_kv=32768, heads=128, topk=2048):
     q = (torch.randn(s_q, heads, 576, device="cuda") * 0.5).to(torch.bfloat16)
     kv = (torch.randn(s_kv, 576, device="cuda") * 0.5).to(torch.bfloat16)
     idx = torch.argsort(torch.rand(s_q, s_kv, device="cuda"), dim=1)[:, :topk].int()
-    out = torch.empty(s_q, heads, 512, dtype=torch.bfloat16, device="cuda")
-    lse, top = torch.empty(s_q, heads, device="cuda"), torch.empty(s_q, heads, device="cuda")
-    us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top), calls=3, samples=3)
     flops = 2.0 * s_q * heads * topk * (576 + 512)
-    print(f"keysel sparse_mla prefill s_q={s_q} s_kv={s_kv} h_q={heads} topk={topk} bf16: {us:8.1f} us  "
-          f"{flops / us / 1e6:6.0f} TFLOP/s", flush=True)
+    results = {}
+    for kernel in KERNELS:
+        os.environ["KEYSEL_MLA_KERNEL"] = kernel
+        out = torch.empty(s_q, heads, 512, dtype=torch.bfloat16, device="cuda")
+        lse, top = torch.empty(s_q, heads, device="cuda"), torch.empty(s_q, heads, device="cuda")
+        us = graph_us(lambda: keysel.sparse_mla(q, kv, idx, out=out, lse=lse, max_logits=top), calls=3, samples=3)
+        results[kernel] = (out.float(), lse.clone())
+        print(f"keysel sparse_mla prefill s_q={s_q} s_kv={s_kv} h_q={heads} topk={topk} bf16 {kernel:>8}: "
+              f"{us:8.1f} us  {flops / us / 1e6:6.0f} TFLOP/s", flush=True)
+    compare(results)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #
 #   bench/gpu/run.sh [stages]     stages: any of build test python sanitize bench ncu mla (default: all of them)
 #
+# BUILD_TARGETS names the C++ targets of the build stage (default: test_gpu bench_gpu).
 # The python stage builds keysel._C into the same build tree (python3 of the machine, with its torch, nanobind
 # and pytest; wheels carried in .whl/ are installed first where present) and runs tests/python on the GPU
 # (PYTEST_TARGETS names other files).
@@ -54,7 +55,7 @@ if has build; then
   if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKEYSEL_CUDA=ON -DKEYSEL_FAISS=OFF \
        -DKEYSEL_BUILD_TOOLS=OFF -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCHS:-90a}" "${PREFIX_ARGS[@]}" \
        -DKEYSEL_PYTHON="$PYTHON_OPT" -DPython_EXECUTABLE="$(command -v python3)" >"$OUT/build.log" 2>&1 &&
-     cmake --build "$BUILD" --target test_gpu bench_gpu "${PY_TARGET[@]}" -j"$JOBS" >>"$OUT/build.log" 2>&1; then
+     cmake --build "$BUILD" --target ${BUILD_TARGETS:-test_gpu bench_gpu} "${PY_TARGET[@]}" -j"$JOBS" >>"$OUT/build.log" 2>&1; then
     summary+=("build: ok ($((SECONDS - start)) s)")
   else
     tail -40 "$OUT/build.log"

@@ -261,19 +261,24 @@ class ScopedMlaKernel {
 };
 
 // The warpgroup-MMA kernel where it runs (an sm_90a build on an sm_90 GPU; elsewhere these calls take the portable
-// kernel and the test says so): h_q 64 and 128, topk a multiple of its 64-slot tile and not, rows from 2 to 64
-// (B x s_q), invalid and out-of-range slots, topk_length, attn_sink, split and unsplit rows, empty rows.
+// kernel and the test says so), on the fp8 V3.2 cache and the bf16 latent cache (padded rows): h_q 64 and 128,
+// topk a multiple of its 64-slot tile and not, rows from 2 to 136 (B x s_q, or prefill rows), invalid and
+// out-of-range slots, topk_length, attn_sink, split and unsplit rows (unsplit rows of up to 8 tiles: the bf16
+// cache's two K buffers alternate), empty rows.
 TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
   KEYSEL_REQUIRE_GPU();
   ScopedMlaKernel kernel("wgmma");
 #if KEYSEL_CUDA
   cudaDeviceProp properties{};
   ASSERT_EQ(cudaGetDeviceProperties(&properties, 0), cudaSuccess);
-  const bool available = cuda_kernels::sparse_mla_wgmma_kernel_available(0);
-  std::cout << "[ sparse MLA ] " << properties.name << " (sm_" << properties.major << properties.minor << "): "
-            << (available ? "the wgmma kernel runs" : "no wgmma kernel here: the portable kernel runs") << "\n";
-  if (properties.major == 9) {
-    EXPECT_TRUE(available) << "an sm_90 GPU: build with CMAKE_CUDA_ARCHITECTURES including 90a";
+  for (const bool v32 : {true, false}) {
+    const bool available = cuda_kernels::sparse_mla_wgmma_kernel_available(0, v32);
+    std::cout << "[ sparse MLA ] " << properties.name << " (sm_" << properties.major << properties.minor << "), "
+              << (v32 ? "fp8 V3.2 cache: " : "bf16 cache: ")
+              << (available ? "the wgmma kernel runs" : "no wgmma kernel here: the portable kernel runs") << "\n";
+    if (properties.major == 9) {
+      EXPECT_TRUE(available) << "an sm_90 GPU: build with CMAKE_CUDA_ARCHITECTURES including 90a";
+    }
   }
 #endif
   std::uint64_t seed = 900;
@@ -288,6 +293,14 @@ TEST(CudaSparseMla, WgmmaKernelMatchesReference) {
       {64, 128, 400, 130, true, false, true, false, false},   // B = 64, topk off the tile
       {3, 64, 64, 96, true, false, true, false, false},       // topk above N: a -1 tail
       {2, 128, 40, 0, true, false, true, false, false},       // no slots at all
+      // The bf16 latent cache (prefill's).
+      {3, 128, 3000, 2048, false, true, true, true, false},   // splits
+      {5, 64, 700, 100, false, true, true, false, true},      // topk off the tile
+      {64, 128, 400, 130, false, false, true, false, false},  // topk off the tile
+      {136, 64, 2000, 450, false, true, true, true, true},    // more rows than SMs: unsplit, 8 tiles a row
+      {136, 128, 600, 320, false, false, false, false, false},
+      {3, 64, 64, 96, false, false, true, false, false},      // topk above N: a -1 tail
+      {2, 128, 40, 0, false, false, true, false, false},      // no slots at all
   };
   for (const MlaCase& c : cases) check_case(c, seed++);
 }

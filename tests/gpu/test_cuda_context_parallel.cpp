@@ -6,10 +6,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <exception>
 #include <limits>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -116,6 +118,8 @@ void check_selection(int ranks, const SelectCase& c, std::uint64_t seed, bool in
   const ContextShards shards{ranks, c.layout, c.page};
   Communicators comms(ranks);
   std::vector<std::vector<std::int32_t>> got(static_cast<std::size_t>(ranks));
+  std::barrier sync(ranks);
+  std::mutex capture_lock;
   on_every_rank(ranks, [&](int r) {
     const std::vector<std::int32_t> mine = shards.positions(r, c.N);
     const auto n_local = static_cast<std::int64_t>(mine.size());
@@ -147,7 +151,15 @@ void check_selection(int ranks, const SelectCase& c, std::uint64_t seed, bool in
       call();  // NCCL's first collective on a communicator sets up its connections outside the capture
       stream.synchronize();
       d_selection.fill_bytes(0xA5);
-      const CudaGraph graph = CudaGraph::capture(stream, call);
+      // A capture in global mode forbids other threads' synchronous CUDA calls: every rank is done with them
+      // before the first capture, and the ranks capture one at a time (recording needs no peer).
+      sync.arrive_and_wait();
+      CudaGraph graph;
+      {
+        const std::lock_guard<std::mutex> lock(capture_lock);
+        graph = CudaGraph::capture(stream, call);
+      }
+      sync.arrive_and_wait();
       graph.launch(stream);
     } else {
       call();

@@ -125,7 +125,7 @@ void check_nccl(ncclResult_t status, std::string_view function, std::string_view
 /// This rank of `comm` and the shard map of `shards` over n_keys; checks that the communicator has shards.ranks
 /// ranks and that this GPU is its device.
 cuda_kernels::ShardMap shard_map(std::string_view function, ncclComm_t comm, const ContextShards& shards,
-                                 std::int64_t n_keys, Device device) {
+                                 std::int64_t n_keys, Device device, const char* argument) {
   KEYSEL_CHECK_ARG_IN(function, comm != nullptr, "comm", "a NCCL communicator", "nullptr");
   shards.validate(function);
   int count = 0, rank = 0, comm_device = 0;
@@ -134,7 +134,7 @@ cuda_kernels::ShardMap shard_map(std::string_view function, ncclComm_t comm, con
   check_nccl(ncclCommCuDevice(comm, &comm_device), function, "ncclCommCuDevice");
   KEYSEL_CHECK_ARG_IN(function, shards.ranks == count, "shards.ranks", "the communicator's " + std::to_string(count) + " ranks",
                    shards.ranks);
-  KEYSEL_CHECK_ARG_IN(function, device.index == comm_device, "local_scores",
+  KEYSEL_CHECK_ARG_IN(function, device.index == comm_device, argument,
                    "a tensor on the communicator's GPU cuda:" + std::to_string(comm_device), device.str());
   KEYSEL_CHECK_ARG_IN(function, n_keys >= 0 && n_keys <= kMaxKeyPositions, "n_keys", "0 to 2^31 - 1 keys", n_keys);
   return {shards.layout == ContextShards::Layout::round_robin, count, rank, shards.page,
@@ -165,7 +165,7 @@ void select_topk_context_parallel_cuda(ncclComm_t comm, const ContextShards& sha
   const Device device = local_scores.device();
   KEYSEL_CHECK_ARG(device.kind == DeviceKind::cuda, "local_scores", "a tensor on a CUDA device", local_scores.str());
   expect_contiguous(function, local_scores, "local_scores");
-  const cuda_kernels::ShardMap map = shard_map(function, comm, shards, n_keys, device);
+  const cuda_kernels::ShardMap map = shard_map(function, comm, shards, n_keys, device, "local_scores");
   const std::int64_t tokens = local_scores.size(0), groups = local_scores.size(1), n_local = local_scores.size(2);
   const std::int64_t expected = context_shard_size(shards, map.rank, n_keys);
   KEYSEL_CHECK_ARG(n_local == expected, "local_scores",
@@ -253,11 +253,26 @@ void sparse_attention_context_parallel_cuda(ncclComm_t comm, const ContextShards
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   const Device device = q.device();
   KEYSEL_CHECK_ARG(device.kind == DeviceKind::cuda, "q", "a tensor on a CUDA device", q.str());
-  const cuda_kernels::ShardMap map = shard_map(function, comm, shards, n_keys, device);
+  expect_dtype(function, q, "q", {DType::bf16});
+  const cuda_kernels::ShardMap map = shard_map(function, comm, shards, n_keys, device, "q");
   const std::int64_t batch = q.size(0), query_heads = q.size(1);
+  // The rest of q and the cache is sparse_attention_decode_cuda's to check; what this call relies on first:
+  expect_shape(function, local_cache.k, "local_cache.k", {kAnyExtent, kAnyExtent, kAnyExtent, q.size(2)});
   expect_shape(function, local_cache.v, "local_cache.v", {kAnyExtent, kAnyExtent, kAnyExtent, kAnyExtent});
-  const std::int64_t value_dim = local_cache.v.size(3);
-  expect_shape(function, selection, "selection", {batch, kAnyExtent, kAnyExtent});
+  expect_device(function, local_cache.k, "local_cache.k", device);
+  expect_device(function, local_cache.v, "local_cache.v", device);
+  const std::int64_t kv_heads = local_cache.k.size(2), value_dim = local_cache.v.size(3);
+  KEYSEL_CHECK_ARG(kv_heads >= 1 && query_heads % kv_heads == 0, "local_cache.k",
+                   "Hkv dividing the " + std::to_string(query_heads) + " query heads", local_cache.k.str());
+  if (local_cache.block_table.empty()) {
+    const std::int64_t n_local = context_shard_size(shards, map.rank, n_keys);
+    KEYSEL_CHECK_ARG(local_cache.k.size(0) == batch && local_cache.k.size(1) >= n_local, "local_cache.k",
+                     "[B = " + std::to_string(batch) + ", at least rank " + std::to_string(map.rank) + "'s " +
+                         std::to_string(n_local) + " rows, Hkv, D]",
+                     local_cache.k.str());
+  }
+  expect_shape(function, selection, "selection",
+               {batch, group_count(granularity, query_heads, kv_heads), kAnyExtent});
   expect_dtype(function, selection, "selection", {DType::int32});
   expect_device(function, selection, "selection", device);
   expect_contiguous(function, selection, "selection");

@@ -60,7 +60,7 @@ std::int64_t select_topk_context_parallel_cuda_workspace_bytes(std::int64_t toke
 ///                [T, max_blocks] repeats the sequence's blocks on every row
 ///   selection:   int32 [B, G, W] of global positions (select_topk_context_parallel_cuda's output)
 ///   out:         fp32 [B, Hq, Dv];  lse: fp32 [B, Hq] or empty
-/// Throws keysel::Error (launching nothing) on bad arguments.
+/// Throws keysel::Error on bad arguments, before any NCCL call.
 void sparse_attention_context_parallel_cuda(ncclComm_t comm, const ContextShards& shards, std::int64_t n_keys,
                                             const TensorView& q, const CudaKvCache& local_cache,
                                             const TensorView& selection, Granularity granularity, double scale,

@@ -49,9 +49,10 @@ struct Options {
   ContextShards::Layout layout = ContextShards::Layout::contiguous;
 };
 
-/// Device bytes per token of one GPU's shard: indexer cache, K and V, logits and their masked copy per batch row.
+/// Device bytes per token of one GPU's shard: indexer cache, K and V, the logits, their masked copy and the top-k's
+/// 32-bit key per score, per batch row.
 std::int64_t bytes_per_token(const Options& o) {
-  return o.batch * ((o.index_dim + 4) + 2 * o.kv_heads * o.head_dim * 2 + 8);
+  return o.batch * ((o.index_dim + 4) + 2 * o.kv_heads * o.head_dim * 2 + 12);
 }
 
 void* device_alloc(std::int64_t bytes) {

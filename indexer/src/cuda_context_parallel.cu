@@ -9,7 +9,6 @@
 
 #include "../../attention/src/cuda_glue.h"
 #include "cuda_context_parallel_launch.h"
-#include "keysel/core/row_plan.h"
 
 namespace keysel::cuda_kernels {
 namespace {
@@ -57,21 +56,6 @@ __global__ void pack_kernel(ContextSelectLaunch p) {
   }
 }
 
-/// Entries of a rank's candidate list (ascending positions, then -1 padding) below position s.
-__device__ std::int64_t count_below(const CandidateEntry* list, std::int64_t k, std::int32_t s) {
-  std::int64_t lo = 0, hi = k;
-  while (lo < hi) {
-    const std::int64_t mid = (lo + hi) / 2;
-    const std::int32_t q = list[mid].position;
-    if (q >= 0 && q < s) {
-      lo = mid + 1;
-    } else {
-      hi = mid;
-    }
-  }
-  return lo;
-}
-
 /// One block per row: k - fill leading +inf (always selected first: they win every tie by their lower column),
 /// then every rank's candidates at their rank in position order (each rank's list is ascending and the ranks'
 /// positions are disjoint), NaN padding.
@@ -92,10 +76,7 @@ __global__ void merge_kernel(ContextSelectLaunch p) {
     const std::int64_t r = e / p.k, i = e % p.k;
     const CandidateEntry c = p.received[(r * rows + row) * p.k + i];
     if (c.position < 0) continue;
-    std::int64_t slot = i;
-    for (std::int64_t other = 0; other < ranks; ++other) {
-      if (other != r) slot += count_below(p.received + (other * rows + row) * p.k, p.k, c.position);
-    }
+    const std::int64_t slot = merged_slot(p.received, ranks, rows, row, p.k, r, i, c.position);
     scores[p.k + slot] = c.score;
     positions[slot] = c.position;
   }
@@ -107,30 +88,8 @@ __global__ void assemble_kernel(ContextSelectLaunch p) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const std::int64_t row = i / p.width, e = i % p.width;
-    const Plan plan = plan_of(p, row);
-    const std::int32_t* chosen = p.merged_selection + row * p.k;
-    std::int64_t lo = 0, hi = p.k;  // chosen: ascending columns, then -1
-    while (lo < hi) {
-      const std::int64_t mid = (lo + hi) / 2;
-      if (chosen[mid] >= 0) {
-        lo = mid + 1;
-      } else {
-        hi = mid;
-      }
-    }
-    const std::int64_t leading = p.k - plan.fill;
-    const std::int64_t real = lo - leading;
-    const std::int64_t window = plan.allowed - plan.local_begin;
-    std::int64_t value = -1;
-    if (e < plan.sink_end) {
-      value = e;
-    } else if (e < plan.sink_end + real) {
-      const std::int64_t column = chosen[leading + (e - plan.sink_end)] - p.k;
-      value = p.merged_positions[row * p.map.ranks * p.k + column];
-    } else if (e < plan.sink_end + real + window) {
-      value = plan.local_begin + (e - plan.sink_end - real);
-    }
-    p.selection[i] = static_cast<std::int32_t>(value);
+    p.selection[i] = assembled_entry(plan_of(p, row), e, p.merged_selection + row * p.k, p.k,
+                                     p.merged_positions + row * p.map.ranks * p.k);
   }
 }
 

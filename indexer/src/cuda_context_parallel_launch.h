@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <string_view>
 
+#include "keysel/core/row_plan.h"
+
 namespace keysel::cuda_kernels {
 
 /// Where a rank's local row j lives in the sequence (ContextShards), for host and device code.
@@ -12,18 +14,12 @@ struct ShardMap {
   bool round_robin;
   std::int64_t ranks, rank, page, span;  // span: ceil(n_keys / ranks), the contiguous layout's range
 
-#if defined(__CUDACC__)
-  __host__ __device__
-#endif
-  std::int64_t global(std::int64_t j) const {
+  KEYSEL_HOST_DEVICE std::int64_t global(std::int64_t j) const {
     if (!round_robin) return rank * span + j;
     return ((j / page) * ranks + rank) * page + j % page;
   }
   /// The local row of global position s, or -1 when another rank holds it.
-#if defined(__CUDACC__)
-  __host__ __device__
-#endif
-  std::int64_t local(std::int64_t s) const {
+  KEYSEL_HOST_DEVICE std::int64_t local(std::int64_t s) const {
     if (s < 0) return -1;
     if (!round_robin) return s / span == rank ? s - rank * span : -1;  // s < n_keys <= ranks * span
     const std::int64_t p = s / page;
@@ -36,6 +32,61 @@ struct CandidateEntry {
   float score;
   std::int32_t position;
 };
+
+// The per-element rules of the kernels, shared with the CPU test that runs them around select_topk
+// (tests/indexer/test_context_parallel.cpp).
+
+/// Entries of a rank's candidate list (ascending positions, then -1 padding) below position s.
+KEYSEL_HOST_DEVICE inline std::int64_t count_below(const CandidateEntry* list, std::int64_t k, std::int32_t s) {
+  std::int64_t lo = 0, hi = k;
+  while (lo < hi) {
+    const std::int64_t mid = (lo + hi) / 2;
+    const std::int32_t q = list[mid].position;
+    if (q >= 0 && q < s) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+/// The slot of candidate i of rank r (at global position s) among every rank's candidates of row `row` in position
+/// order: the ranks' positions are disjoint and each list ascending, so the slot counts the candidates below s.
+///   received: [ranks, rows, k] as ncclAllGather delivers them
+KEYSEL_HOST_DEVICE inline std::int64_t merged_slot(const CandidateEntry* received, std::int64_t ranks, std::int64_t rows,
+                                                   std::int64_t row, std::int64_t k, std::int64_t r, std::int64_t i,
+                                                   std::int32_t s) {
+  std::int64_t slot = i;
+  for (std::int64_t other = 0; other < ranks; ++other) {
+    if (other != r) slot += count_below(received + (other * rows + row) * k, k, s);
+  }
+  return slot;
+}
+
+/// Entry e of a selection row: the sinks, the chosen candidates in position order, the kept window, -1 padding.
+///   chosen:    [k] select_topk's columns of the merged row (k - fill leading +inf first), ascending, -1 padding
+///   positions: [ranks * k] the merged candidates' global positions (column c >= k is candidate c - k)
+KEYSEL_HOST_DEVICE inline std::int32_t assembled_entry(const BasicRowPlan<std::int64_t>& plan, std::int64_t e,
+                                                       const std::int32_t* chosen, std::int64_t k,
+                                                       const std::int32_t* positions) {
+  std::int64_t lo = 0, hi = k;  // the chosen columns: a prefix, then -1
+  while (lo < hi) {
+    const std::int64_t mid = (lo + hi) / 2;
+    if (chosen[mid] >= 0) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  const std::int64_t leading = k - plan.fill;
+  const std::int64_t real = lo - leading;
+  const std::int64_t window = plan.allowed - plan.local_begin;
+  if (e < plan.sink_end) return static_cast<std::int32_t>(e);
+  if (e < plan.sink_end + real) return positions[chosen[leading + (e - plan.sink_end)] - k];
+  if (e < plan.sink_end + real + window) return static_cast<std::int32_t>(plan.local_begin + (e - plan.sink_end - real));
+  return -1;
+}
 
 struct ContextSelectLaunch {
   const float* local_scores;         // [rows, n_local]

@@ -27,6 +27,7 @@
 
 #include "keysel/indexer/candidate_search.h"
 #include "keysel/indexer/context_parallel.h"
+#include "keysel/indexer/cuda_context_parallel.h"
 #include "keysel/indexer/cuda_indexer.h"
 #include "keysel/indexer/cuda_topk.h"
 #include "keysel/indexer/dsa.h"

@@ -520,6 +520,36 @@ nb::dict select_topk_context_parallel_binding(int size, int rank, nb::callable a
   return d;
 }
 
+// This rank's part of context-parallel attention: its partial (o, lse) over the selected keys it holds, merged
+// with every rank's by log-sum-exp through the Python all_gather.
+nb::dict sparse_attention_context_parallel_binding(int size, int rank, nb::callable all_gather, nb::handle q,
+                                                   nb::handle k_cache, nb::handle v_cache, nb::handle local_positions,
+                                                   nb::handle positions, std::int64_t n_keys, nb::handle selection,
+                                                   std::string_view granularity, double scale, nb::handle out,
+                                                   nb::handle lse) {
+  TensorArguments args("sparse_attention_context_parallel");
+  const Granularity parsed = parse_granularity(granularity);
+  AttentionInputs inputs{args.input(q, "q"), args.input(k_cache, "k"), args.input(v_cache, "v"),
+                         args.input(positions, "positions"), scale};
+  const TensorView mine = args.input(local_positions, "local_positions");
+  const TensorView selection_view = args.input(selection, "selection");
+  const TensorView out_view = args.output(out, "out");
+  const TensorView lse_view = lse.is_none() ? TensorView() : args.output(lse, "lse");
+  KEYSEL_CHECK_ARG_IN("sparse_attention_context_parallel", size >= 1, "group", "a group of at least one rank", size);
+  PythonRankGroup group(size, std::move(all_gather));
+  ExchangeCost cost;
+  {
+    nb::gil_scoped_release release;
+    sparse_attention_context_parallel(group, rank, inputs, mine, n_keys, selection_view, parsed, out_view, lse_view,
+                                      &cost);
+  }
+  nb::dict d;
+  d["collectives"] = cost.collectives;
+  d["bytes_sent"] = cost.bytes_sent;
+  d["bytes_received"] = cost.bytes_received;
+  return d;
+}
+
 // Per-row SPEC §4 metrics: {name: [T * G values]}.
 std::map<std::string, std::vector<double>> metrics_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache,
                                                            nb::handle positions, nb::handle selection, std::int64_t k,
@@ -731,6 +761,9 @@ NB_MODULE(_C, m) {
   m.def("select_topk_context_parallel", &select_topk_context_parallel_binding, "size"_a, "rank"_a, "all_gather"_a,
         "local_scores"_a, "local_positions"_a, "positions"_a, "n_keys"_a, "k"_a, "n_sink"_a, "n_local"_a,
         "kept_on_top"_a, "exchange"_a, "out"_a);
+  m.def("sparse_attention_context_parallel", &sparse_attention_context_parallel_binding, "size"_a, "rank"_a,
+        "all_gather"_a, "q"_a, "k_cache"_a, "v_cache"_a, "local_positions"_a, "positions"_a, "n_keys"_a,
+        "selection"_a, "granularity"_a, "scale"_a, "out"_a, "lse"_a.none());
   m.def("metrics", &metrics_binding, "q"_a, "k_cache"_a, "v_cache"_a.none(), "positions"_a, "selection"_a, "k"_a,
         "granularity"_a, "scale"_a);
 

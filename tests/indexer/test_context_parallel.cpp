@@ -1,7 +1,8 @@
 // Context parallelism over simulated ranks: the selection equals select_topk on the whole row bit for bit (ties,
 // NaN, -inf, kept keys, kept_on_top, short rows, uneven and empty shards; both layouts, both exchanges, 1 to 9
-// ranks), the threshold exchange receives less than the all-gather, and the attention merged by log-sum-exp
-// equals sparse_attention on the whole cache.
+// ranks), the threshold exchange receives less than the all-gather, the GPU plan (its shard map, merge and assembly
+// rules around select_topk) gives the same selection, and the attention merged by log-sum-exp equals
+// sparse_attention on the whole cache.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,7 +16,10 @@
 #include "keysel/core/error.h"
 #include "keysel/core/random.h"
 #include "keysel/indexer/context_parallel.h"
+#include "keysel/indexer/cuda_context_parallel.h"
 #include "keysel/indexer/topk.h"
+
+#include "cuda_context_parallel_launch.h"  // the GPU plan's per-element rules (indexer/src)
 
 namespace keysel {
 namespace {
@@ -84,6 +88,113 @@ TEST(ContextParallel, SelectionEqualsSelectTopkBitForBit) {
                 << "N=" << N << " k=" << policy.k << " R=" << R << " round_robin="
                 << (layout == ContextShards::Layout::round_robin) << " " << topk_exchange_name(exchange);
           }
+        }
+      }
+    }
+  }
+}
+
+// The GPU plan (cuda_context_parallel.cu) run on the CPU: its shard map, its per-element merge and assembly rules
+// (the same functions the kernels call) around the CPU select_topk, which select_topk_cuda equals bit for bit.
+// Each rank keeps the best k of its scores with the non-free keys set to NaN; the merged row is k - fill leading
+// +inf, then every rank's candidates in position order; its top-k gives the best fill, ties to the lower position.
+std::vector<std::int32_t> gpu_plan(const Rows& r, const SelectionPolicy& policy, const ContextShards& shards) {
+  using cuda_kernels::CandidateEntry;
+  const std::int64_t R = shards.ranks, rows = r.T * r.G, k = policy.k, width = policy.width();
+  const std::int64_t span = std::max<std::int64_t>(1, (r.N + R - 1) / R);
+  SelectionPolicy candidates;
+  candidates.k = k;
+  std::vector<CandidateEntry> received(static_cast<std::size_t>(R * rows * k), CandidateEntry{0.0f, -1});
+  for (std::int64_t rank = 0; rank < R; ++rank) {
+    const cuda_kernels::ShardMap map{shards.layout == ContextShards::Layout::round_robin, R, rank, shards.page, span};
+    const std::vector<std::int32_t> mine = shards.positions(rank, r.N);
+    const auto n_local = static_cast<std::int64_t>(mine.size());
+    EXPECT_EQ(context_shard_size(shards, rank, r.N), n_local);
+    for (std::int64_t j = 0; j < n_local; ++j) {
+      EXPECT_EQ(map.global(j), mine[static_cast<std::size_t>(j)]);
+      EXPECT_EQ(map.local(mine[static_cast<std::size_t>(j)]), j);
+    }
+    for (std::int64_t s = 0; s < r.N; ++s) {
+      if (!std::binary_search(mine.begin(), mine.end(), static_cast<std::int32_t>(s))) {
+        EXPECT_EQ(map.local(s), -1) << "position " << s << " is not rank " << rank << "'s";
+      }
+    }
+    if (n_local == 0) continue;
+    std::vector<float> masked(static_cast<std::size_t>(rows * n_local));
+    for (std::int64_t row = 0; row < rows; ++row) {
+      const SelectionRowPlan plan = SelectionRowPlan::make(policy, r.positions[static_cast<std::size_t>(row / r.G)], r.N);
+      for (std::int64_t j = 0; j < n_local; ++j) {
+        const std::int64_t s = map.global(j);
+        masked[static_cast<std::size_t>(row * n_local + j)] =
+            s >= plan.sink_end && s < plan.local_begin ? r.scores[static_cast<std::size_t>(row * r.N + s)]
+                                                       : std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+    std::vector<std::int32_t> last(static_cast<std::size_t>(r.T), static_cast<std::int32_t>(n_local - 1));
+    std::vector<std::int32_t> chosen(static_cast<std::size_t>(rows * k));
+    select_topk(TensorView(masked.data(), DType::fp32, {r.T, r.G, n_local}), TensorView(last.data(), DType::int32, {r.T}),
+                candidates, TensorView(chosen.data(), DType::int32, {r.T, r.G, k}));
+    for (std::int64_t i = 0; i < rows * k; ++i) {
+      const std::int32_t column = chosen[static_cast<std::size_t>(i)];
+      if (column < 0) continue;
+      received[static_cast<std::size_t>(rank * rows * k + i)] = {
+          masked[static_cast<std::size_t>((i / k) * n_local + column)], static_cast<std::int32_t>(map.global(column))};
+    }
+  }
+  const std::int64_t columns = (R + 1) * k;
+  std::vector<float> merged(static_cast<std::size_t>(rows * columns), std::numeric_limits<float>::quiet_NaN());
+  std::vector<std::int32_t> merged_positions(static_cast<std::size_t>(rows * R * k), -1);
+  std::vector<SelectionRowPlan> plans;
+  for (std::int64_t row = 0; row < rows; ++row) {
+    plans.push_back(SelectionRowPlan::make(policy, r.positions[static_cast<std::size_t>(row / r.G)], r.N));
+    for (std::int64_t j = 0; j < k - plans.back().fill; ++j) {
+      merged[static_cast<std::size_t>(row * columns + j)] = std::numeric_limits<float>::infinity();
+    }
+    for (std::int64_t rank = 0; rank < R; ++rank) {
+      for (std::int64_t i = 0; i < k; ++i) {
+        const CandidateEntry c = received[static_cast<std::size_t>((rank * rows + row) * k + i)];
+        if (c.position < 0) continue;
+        const std::int64_t slot = cuda_kernels::merged_slot(received.data(), R, rows, row, k, rank, i, c.position);
+        EXPECT_TRUE(slot >= 0 && slot < R * k && merged_positions[static_cast<std::size_t>(row * R * k + slot)] == -1)
+            << "slot " << slot << " of candidate " << i << " of rank " << rank;
+        merged[static_cast<std::size_t>(row * columns + k + slot)] = c.score;
+        merged_positions[static_cast<std::size_t>(row * R * k + slot)] = c.position;
+      }
+    }
+  }
+  std::vector<std::int32_t> last(static_cast<std::size_t>(r.T), static_cast<std::int32_t>(columns - 1));
+  std::vector<std::int32_t> chosen(static_cast<std::size_t>(rows * k));
+  select_topk(TensorView(merged.data(), DType::fp32, {r.T, r.G, columns}), TensorView(last.data(), DType::int32, {r.T}),
+              candidates, TensorView(chosen.data(), DType::int32, {r.T, r.G, k}));
+  std::vector<std::int32_t> out(static_cast<std::size_t>(rows * width));
+  for (std::int64_t row = 0; row < rows; ++row) {
+    for (std::int64_t e = 0; e < width; ++e) {
+      out[static_cast<std::size_t>(row * width + e)] = cuda_kernels::assembled_entry(
+          plans[static_cast<std::size_t>(row)], e, chosen.data() + row * k, k, merged_positions.data() + row * R * k);
+    }
+  }
+  return out;
+}
+
+TEST(ContextParallel, GpuPlanEqualsSelectTopkBitForBit) {
+  std::uint64_t seed = 100;
+  const SelectionPolicy policies[] = {
+      {.k = 16},
+      {.k = 40, .n_sink = 3, .n_local = 5},
+      {.k = 7, .n_sink = 2, .n_local = 4, .kept_on_top = true},
+      {.k = 500},
+  };
+  for (const std::int64_t N : {1, 37, 300}) {
+    Rows rows = make_rows(7, 2, N, seed++);
+    for (std::size_t i = 0; i < rows.scores.size(); i += 11) rows.scores[i] = std::numeric_limits<float>::infinity();
+    for (const SelectionPolicy& policy : policies) {
+      const std::vector<std::int32_t> want = single(rows, policy);
+      for (const std::int64_t R : {1, 2, 3, 8}) {
+        for (const auto layout : {ContextShards::Layout::contiguous, ContextShards::Layout::round_robin}) {
+          const ContextShards shards{R, layout, 8};
+          SCOPED_TRACE("N=" + std::to_string(N) + " k=" + std::to_string(policy.k) + " R=" + std::to_string(R) +
+                       " round_robin=" + std::to_string(layout == ContextShards::Layout::round_robin));
+          EXPECT_EQ(gpu_plan(rows, policy, shards), want);
         }
       }
     }

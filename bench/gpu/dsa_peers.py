@@ -424,7 +424,7 @@ def main():
     BATCHES = tuple(int(b) for b in args.batches.split(","))
     bp.JSON_FILE = args.json
     bp.GPU = torch.cuda.get_device_name()
-    stages = {"copy": bp.bench_copy, "decode": indexer_decode, "topk": topk_decode, "prefill_topk": topk_prefill,
+    stages = {"copy": getattr(bp, "bench_copy", None), "decode": indexer_decode, "topk": topk_decode, "prefill_topk": topk_prefill,
               "prefill": indexer_prefill, "mla_decode": mla_decode, "mla_prefill": mla_prefill}
     for name in args.only.split(","):
         try:

@@ -171,12 +171,9 @@ void check_selection(int ranks, const SelectCase& c, std::uint64_t seed, bool in
   for (int r = 0; r < ranks; ++r) EXPECT_EQ(got[static_cast<std::size_t>(r)], want) << "rank " << r;
 }
 
-TEST(CudaContextParallel, SelectionEqualsSelectTopkBitForBit) {
-  std::string reason;
-  const int gpus = gpus_or_skip_reason(reason);
-  if (!reason.empty()) GTEST_SKIP() << reason;
+std::vector<SelectCase> selection_cases() {
   using L = ContextShards::Layout;
-  const SelectCase cases[] = {
+  return {
       {5, 2, 1000, {.k = 64}, L::contiguous, 64},
       {5, 2, 1000, {.k = 64}, L::round_robin, 16},
       {4, 3, 777, {.k = 50, .n_sink = 3, .n_local = 9}, L::round_robin, 7},
@@ -185,6 +182,13 @@ TEST(CudaContextParallel, SelectionEqualsSelectTopkBitForBit) {
       {3, 2, 70, {.k = 100}, L::round_robin, 64},  // one page: every other rank's shard is empty
       {2, 1, 40000, {.k = 2048, .n_sink = 4, .n_local = 64}, L::round_robin, 64},
   };
+}
+
+TEST(CudaContextParallel, SelectionEqualsSelectTopkBitForBit) {
+  std::string reason;
+  const int gpus = gpus_or_skip_reason(reason);
+  if (!reason.empty()) GTEST_SKIP() << reason;
+  const std::vector<SelectCase> cases = selection_cases();
   std::uint64_t seed = 11;
   for (const int ranks : {2, gpus}) {
     for (const SelectCase& c : cases) check_selection(ranks, c, seed++, false);
@@ -193,10 +197,9 @@ TEST(CudaContextParallel, SelectionEqualsSelectTopkBitForBit) {
   check_selection(gpus, cases[2], seed++, true);
 }
 
-TEST(CudaContextParallel, AttentionEqualsOneGpu) {
-  std::string reason;
-  const int gpus = gpus_or_skip_reason(reason);
-  if (!reason.empty()) GTEST_SKIP() << reason;
+/// Context-parallel decode attention over `gpus` ranks (devices 0..gpus-1) against sparse_attention_decode_cuda on
+/// the whole cache on device 0.
+void check_attention(int gpus) {
   const std::int64_t B = 3, Hq = 8, Hkv = 2, D = 128, N = 1500, W = 96;
   const Granularity granularity = Granularity::per_kv_head;
   const std::int64_t G = group_count(granularity, Hq, Hkv);
@@ -287,6 +290,25 @@ TEST(CudaContextParallel, AttentionEqualsOneGpu) {
       }
     }
   }
+}
+
+TEST(CudaContextParallel, AttentionEqualsOneGpu) {
+  std::string reason;
+  const int gpus = gpus_or_skip_reason(reason);
+  if (!reason.empty()) GTEST_SKIP() << reason;
+  check_attention(gpus);
+}
+
+// One rank on one GPU: the whole NCCL path (masked local top-k, a one-rank all-gather, the merged row's top-k; the
+// shard's attention and the (o, lse) merge), also from a CUDA graph, on any machine with a GPU. The multi-rank
+// tests above need 2 GPUs.
+TEST(CudaContextParallel, OneRankEqualsSelectTopkAndOneGpu) {
+  if (cuda_device_count() < 1) GTEST_SKIP() << "no CUDA GPU on this machine";
+  const std::vector<SelectCase> cases = selection_cases();
+  std::uint64_t seed = 101;
+  for (const SelectCase& c : cases) check_selection(1, c, seed++, false);
+  check_selection(1, cases[2], seed++, true);
+  check_attention(1);
 }
 
 #else  // !KEYSEL_NCCL

@@ -361,14 +361,26 @@ class TrainingAttention:
         return o
 
 
+def topk_lowest_on_ties(scores, k):
+    """int64 [R, k]: the positions of the k largest of each row of scores [R, N] (k <= N), the lower position first
+    among equal values (what a stable descending sort takes), in increasing position order. torch.topk finds the
+    k-th largest value; the keys above it are all taken and the tied ones fill the rest from the lowest position."""
+    kth = torch.topk(scores, k, dim=-1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    need = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= need))
+    return chosen.nonzero()[:, 1].view(scores.shape[0], k)
+
+
 class ChunkedTopkAttention:
     """Top-k attention for evaluation at long contexts (no gradient): the selections and outputs of
     TrainingAttention(cfg, "topk", k, selector) without its dense [B, T, T] tensors. One sequence at a time, the
     query rows in chunks whose [heads, rows, keys] scores hold at most max_elements values (the keys of a chunk end
     at its last row); per chunk the exact selector's head-mean attention pbar (or the layer's indexer score), its
-    top-k per row (torch.topk: ties between equal scores may go to either key, where TrainingAttention takes the
-    lower position), then attention over the gathered keys and values of the selection (per_token: one key set
-    per query row for every head of the layer). Memory: about max_elements * 4 bytes * 3 for the scores, plus
+    top-k per row (ties to the lower position, as TrainingAttention and keysel's selectors), then attention over
+    the gathered keys and values of the selection (per_token: one key set per query row for every head of the
+    layer). Memory: about max_elements * 4 bytes * 3 for the scores, plus
     k_eff * rows * head_dim * 4 bytes * 2 per key head for the gathered keys and values."""
 
     def __init__(self, cfg, k, selector="exact", max_elements=1 << 27):
@@ -416,7 +428,7 @@ class ChunkedTopkAttention:
                         scores = torch.einsum("hcs,ch->cs", F.relu(logits), iw[i, r0:r1])   # I [C, r1]
                         del logits
                     scores.masked_fill_(future, float("-inf"))
-                    sel = torch.topk(scores, min(self.k, r1), dim=-1).indices               # [C, k_eff]
+                    sel = topk_lowest_on_ties(scores, min(self.k, r1))                      # [C, k_eff]
                     del scores
                     valid = sel <= pos[:, None]
                     ks = keys[:, sel]                                                       # [Hkv, C, k_eff, D]
@@ -1172,7 +1184,7 @@ def evaluate_package(model32, eval_text, heldout_eval, device, context=None):
     recall_text = eval_text[:min(4096, t)]
     out["indexer_recall"] = indexer_recall(model32, recall_text, device,
                                            ks=tuple(k for k in (64, 128, 256) if k < len(recall_text)) or (1,))
-    out["attention"] = attention_statistics(model32, eval_text, min(t, 4096), device)
+    out["attention_statistics"] = attention_statistics(model32, eval_text, min(t, 4096), device)
     return out
 
 

@@ -363,3 +363,35 @@ def test_table_without_exact_rows_names_what_it_needs(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode != 0
     assert "expected rows of the exact selector" in run.stderr and "['indexer']" in run.stderr
+
+
+def test_table_from_the_summary_alone(study):
+    """tools/finetune_table.py --summary: the study's own evaluation, each figure read from summary.json (bits per
+    byte, the change against the base, retrieval exact match, entropy per layer and head and its change)."""
+    out, _, _, _ = study
+    summary = json.loads((out / "summary.json").read_text())
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "finetune_table.py"), "--summary",
+                          str(out / "summary.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    sections = run.stdout.split("### ")
+    p, b = summary["packages"]["exact-k24"], summary["packages"]["base"]
+    bpb = next(t for t in sections if t.startswith("Bits per byte"))
+    assert (f"| exact-k24 | {p['eval_bpb_full']:.4f} | {p['eval_bpb_exact_64']:.4f} "
+            f"({p['eval_bpb_exact_64'] - p['eval_bpb_full']:.4f}) |") in bpb
+    assert f"| exact-k24 | {p['eval_bpb_full'] - b['eval_bpb_full']:.4f} |" in bpb
+    retrieval = next(t for t in sections if t.startswith("Retrieval exact match"))
+    em = p["retrieval"]["exact_match"]["indexer_64"]
+    assert f"| exact-k24 | indexer_64 | {em['by_context']['160']:.3f} | {em['all']:.3f} |" in retrieval
+    heads = next(t for t in sections if t.startswith("Entropy per layer and head"))
+    change = p["attention_statistics"]["entropy_heads"][1][2] - b["attention_statistics"]["entropy_heads"][1][2]
+    line = next(row for row in heads.splitlines() if row.startswith("| exact-k24 |"))
+    assert line.split(" | ")[1 + 1 * TINY["heads"] + 2] == f"{change:.3f}"  # L1H2
+    assert "Pearson r over the 4 models" in run.stdout
+
+
+def test_pearson():
+    import finetune_table as ft
+    assert ft.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert ft.pearson([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
+    assert ft.pearson([1, 2, None, 4], [1, 2, 3, None]) is None  # fewer than 3 pairs
+    assert ft.pearson([1, 1, 1], [1, 2, 3]) is None  # no spread

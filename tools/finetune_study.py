@@ -326,6 +326,10 @@ def main():
         result["retrieval"]["seconds"] = round(time.time() - r0, 1)
         result["retrieval"]["skipped_for_time"] += len(examples) - min(len(examples), retrieval_limit[0])
         retrieval_limit[0] = result["retrieval"]["examples"]
+        if result["retrieval"]["skipped_for_time"]:
+            result["retrieval"]["note"] = (f"{result['retrieval']['skipped_for_time']} of {len(examples)} examples not "
+                                           f"evaluated: the package's evaluation share ({eval_seconds:.0f}s) was "
+                                           f"spent, or the base's evaluation stopped there")
         if device.type == "cuda":
             result["eval_peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -333,13 +337,13 @@ def main():
         return result
 
     def show(name, entry):
-        brief = {k: v for k, v in entry.items() if k not in ("indexer_recall", "attention", "retrieval")}
+        brief = {k: v for k, v in entry.items() if k not in ("indexer_recall", "attention_statistics", "retrieval")}
         ret = entry.get("retrieval", {})
         tl.log(f"{name}: {brief}")
         tl.log(f"{name}: retrieval exact match over {ret.get('examples')} examples "
                f"({ret.get('skipped_for_time')} skipped for time, {ret.get('seconds')}s): "
                f"{ {m: v['all'] for m, v in ret.get('exact_match', {}).items()} }; "
-               f"mean head entropy {np.mean(entry['attention']['entropy_heads']):.4f} nats")
+               f"mean head entropy {np.mean(entry['attention_statistics']['entropy_heads']):.4f} nats")
 
     start = time.time()
     summary["packages"]["base"] = dict(summary_entry({"evaluation": evaluate(base)}), steps=0)

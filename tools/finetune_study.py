@@ -178,15 +178,17 @@ def retrieval_examples(args, targs, cfg, heldout):
     return examples, source
 
 
-def evaluate_retrieval(model32, examples, device, deadline, max_elements):
+def evaluate_retrieval(model32, examples, device, deadline, max_elements, estimate=None):
     """Exact match of each example with full attention and with each top-k attention of tl.EVAL_SELECTIONS
     (ChunkedTopkAttention, per_token, every layer), example after example, all modes of an example or none: the
     first example whose context's measured time (or, before one, the longest measured context's scaled by the
-    squared length ratio) would pass `deadline` ends the evaluation."""
+    squared length ratio) would pass `deadline` ends the evaluation. `estimate` ({context: seconds of one example,
+    every mode}) carries the measured times from one package to the next and is updated here."""
     cfg = model32.cfg
     per_mode = {mode_name(s, k): [] for s, k in RETRIEVAL_MODES}
     seconds = {name: {} for name in per_mode}
-    done, estimate = [], {}
+    done = []
+    estimate = {} if estimate is None else estimate
     for ex in examples:
         guess = estimate.get(ex.length)
         if guess is None and estimate:
@@ -307,6 +309,7 @@ def main():
            f"(answer weight {targs.answer_weight:g}); evaluation up to {eval_seconds:.0f}s per package, "
            f"{len(examples)} retrieval examples ({source})")
     retrieval_limit = [len(examples)]  # the base's count, then every variant's cap
+    retrieval_seconds = {}  # the longest time of one example (all modes) per context, over every package so far
 
     def evaluate(model):
         """bpb, entropy and recall of the shipped (fp16-rounded) weights, then retrieval until the package's
@@ -322,7 +325,7 @@ def main():
         deadline = min(start + eval_seconds, budget_end - args.reserve_seconds)
         r0 = time.time()
         result["retrieval"] = evaluate_retrieval(model32, examples[:retrieval_limit[0]], device, deadline,
-                                                 args.row_chunk_elements)
+                                                 args.row_chunk_elements, retrieval_seconds)
         result["retrieval"]["seconds"] = round(time.time() - r0, 1)
         result["retrieval"]["skipped_for_time"] += len(examples) - min(len(examples), retrieval_limit[0])
         retrieval_limit[0] = result["retrieval"]["examples"]

@@ -324,8 +324,15 @@ def main():
         result["bpb_seconds"] = round(time.time() - start, 1)
         deadline = min(start + eval_seconds, budget_end - args.reserve_seconds)
         r0 = time.time()
-        result["retrieval"] = evaluate_retrieval(model32, examples[:retrieval_limit[0]], device, deadline,
-                                                 args.row_chunk_elements, retrieval_seconds)
+        try:
+            result["retrieval"] = evaluate_retrieval(model32, examples[:retrieval_limit[0]], device, deadline,
+                                                     args.row_chunk_elements, retrieval_seconds)
+        except (RuntimeError, ValueError) as e:  # CUDA out of memory included: the packages and the rest still ship
+            tl.log(f"retrieval evaluation failed: {type(e).__name__}: {e}")
+            result["retrieval"] = {"error": f"{type(e).__name__}: {e}"[:2000], "examples": 0,
+                                   "skipped_for_time": 0}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         result["retrieval"]["seconds"] = round(time.time() - r0, 1)
         result["retrieval"]["skipped_for_time"] += len(examples) - min(len(examples), retrieval_limit[0])
         retrieval_limit[0] = result["retrieval"]["examples"]

@@ -131,17 +131,19 @@ def summary_report(summary):
     if contexts:
         out += ["### Retrieval exact match (teacher-forced argmax of the 8 answer bytes; examples per context in "
                 "the header)", ""]
-        header = ["model", "mode"] + [f"{c} ({base['retrieval']['examples_by_context'].get(str(c), 0)})"
-                                      for c in contexts] + ["all"]
+        counts = base.get("retrieval", {}).get("examples_by_context", {})
+        header = ["model", "mode"] + [f"{c} ({counts.get(str(c), 0)})" for c in contexts] + ["all"]
         lines = []
         for n in names:
             ret = packages[n].get("retrieval", {})
+            if "error" in ret:
+                out.append(f"{n}: retrieval evaluation failed ({ret['error'][:200]})")
             for m in modes:
                 em = ret.get("exact_match", {}).get(m, {})
                 lines.append([n, m] + [fmt(em.get("by_context", {}).get(str(c)), 3) for c in contexts] +
                              [fmt(em.get("all"), 3)])
         out += [table(header, lines), ""]
-        timing = base["retrieval"].get("seconds_per_example", {})
+        timing = base.get("retrieval", {}).get("seconds_per_example", {})
         out += ["Seconds per example (base): " + "; ".join(
             f"{m} " + ", ".join(f"{c}: {v}" for c, v in timing.get(m, {}).items()) for m in modes), ""]
 

@@ -24,8 +24,9 @@ run (imports, data, compilation, both phases, evaluation and export), splitting 
 Fine-tuning (--init DIR, docs/training.md "Top-k fine-tuning study"): the package's weights and config instead of a
 fresh model, then --finetune-seconds (or --finetune-steps) of next-byte cross entropy with --train-attention full or
 topk (--train-k keys per query token, per_token, chosen by --train-selector exact or indexer), every layer's indexer
-trained beside the model; --out then receives model.safetensors, eval.txt (the package's), logits.safetensors and
-train_log.json (no dump). tools/finetune_study.py runs every variant of the study in one process.
+trained beside the model, --retrieval-fraction of each step's rows retrieval examples as in training; --out then
+receives model.safetensors, eval.txt (the package's), logits.safetensors and train_log.json (no dump).
+tools/finetune_study.py runs every variant of the study in one process.
 
 Outputs (in --out):
   model.safetensors   fp16 weights, metadata "format" = "keysel-tiny-lm/1", "config" (JSON), "training" (JSON)
@@ -1312,7 +1313,8 @@ def make_parser():
     ap.add_argument("--short-fraction", type=float, default=0.0, help="share of the LM steps on short windows")
     # retrieval examples in training (tools/retrieval_task.py, from the training corpus)
     ap.add_argument("--retrieval-fraction", type=float, default=0.0,
-                    help="share of each LM step's rows made of retrieval examples")
+                    help="share of each LM step's rows made of retrieval examples (with --init: of each "
+                         "fine-tuning step's, windows of the model's context)")
     ap.add_argument("--retrieval-max-keys", type=int, default=4, help="planted keys per training example: 1..this")
     ap.add_argument("--retrieval-min-context", type=int, default=256, help="shortest training retrieval example")
     ap.add_argument("--curriculum", type=float, default=0.3,

@@ -24,8 +24,9 @@ run (imports, data, compilation, both phases, evaluation and export), splitting 
 Fine-tuning (--init DIR, docs/training.md "Top-k fine-tuning study"): the package's weights and config instead of a
 fresh model, then --finetune-seconds (or --finetune-steps) of next-byte cross entropy with --train-attention full or
 topk (--train-k keys per query token, per_token, chosen by --train-selector exact or indexer), every layer's indexer
-trained beside the model; --out then receives model.safetensors, eval.txt (the package's), logits.safetensors and
-train_log.json (no dump). tools/finetune_study.py runs every variant of the study in one process.
+trained beside the model, --retrieval-fraction of each step's rows retrieval examples as in training; --out then
+receives model.safetensors, eval.txt (the package's), logits.safetensors and train_log.json (no dump).
+tools/finetune_study.py runs every variant of the study in one process.
 
 Outputs (in --out):
   model.safetensors   fp16 weights, metadata "format" = "keysel-tiny-lm/1", "config" (JSON), "training" (JSON)
@@ -359,6 +360,85 @@ class TrainingAttention:
             loss.backward()
             self.losses.append(loss.detach())
         return o
+
+
+def topk_lowest_on_ties(scores, k):
+    """int64 [R, k]: the positions of the k largest of each row of scores [R, N] (k <= N), the lower position first
+    among equal values (what a stable descending sort takes), in increasing position order. torch.topk finds the
+    k-th largest value; the keys above it are all taken and the tied ones fill the rest from the lowest position."""
+    kth = torch.topk(scores, k, dim=-1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    need = k - above.sum(-1, keepdim=True)
+    chosen = above | (tied & (torch.cumsum(tied, dim=-1) <= need))
+    return chosen.nonzero()[:, 1].view(scores.shape[0], k)
+
+
+class ChunkedTopkAttention:
+    """Top-k attention for evaluation at long contexts (no gradient): the selections and outputs of
+    TrainingAttention(cfg, "topk", k, selector) without its dense [B, T, T] tensors. One sequence at a time, the
+    query rows in chunks whose [heads, rows, keys] scores hold at most max_elements values (the keys of a chunk end
+    at its last row); per chunk the exact selector's head-mean attention pbar (or the layer's indexer score), its
+    top-k per row (ties to the lower position, as TrainingAttention and keysel's selectors), then attention over
+    the gathered keys and values of the selection (per_token: one key set per query row for every head of the
+    layer). Memory: about max_elements * 4 bytes * 3 for the scores, plus
+    k_eff * rows * head_dim * 4 bytes * 2 per key head for the gathered keys and values."""
+
+    def __init__(self, cfg, k, selector="exact", max_elements=1 << 27):
+        if selector not in ("exact", "indexer"):
+            raise ValueError(f"selector must be 'exact' or 'indexer', got {selector!r}")
+        if k is None or k < 1:
+            raise ValueError(f"top-k attention needs k >= 1, got {k}")
+        if max_elements < 1:
+            raise ValueError(f"max_elements must be >= 1, got {max_elements}")
+        self.cfg, self.k, self.selector, self.max_elements = cfg, k, selector, max_elements
+        self.mode = "topk"
+
+    def describe(self):
+        return f"top-{self.k} ({self.selector} selector, rows in chunks)"
+
+    def __call__(self, block, x, qh, kh, vh, scale):
+        b, hq, t, d = qh.shape
+        hkv = kh.shape[1]
+        g = hq // hkv
+        dtype = torch.float64 if qh.dtype == torch.float64 else torch.float32
+        if self.selector == "indexer":
+            positions = torch.arange(t, device=x.device)
+            ci, si = rope_tables(positions, self.cfg.index_dim, self.cfg.rope_theta, dtype, x.device)
+            with torch.autocast(x.device.type, enabled=False):
+                iq, ik, iw = block.indexer.tensors(x.detach().to(dtype), ci, si)
+        heads = hq if self.selector == "exact" else self.cfg.index_heads
+        rows = max(1, min(t, self.max_elements // (heads * t)))
+        out = torch.empty_like(qh)
+        with torch.no_grad():
+            for i in range(b):
+                keys = kh[i].to(dtype)
+                values = vh[i].to(dtype)
+                for r0 in range(0, t, rows):
+                    r1 = min(t, r0 + rows)
+                    pos = torch.arange(r0, r1, device=qh.device)
+                    future = torch.arange(r1, device=qh.device)[None, :] > pos[:, None]   # [C, r1]
+                    q = qh[i, :, r0:r1].to(dtype)                                           # [Hq, C, D]
+                    if self.selector == "exact":
+                        logits = torch.matmul(q, keys[:, :r1].repeat_interleave(g, dim=0).transpose(-1, -2))
+                        logits.mul_(scale).masked_fill_(future, float("-inf"))
+                        scores = torch.softmax(logits, dim=-1).mean(dim=0)                # pbar [C, r1]
+                        del logits
+                    else:
+                        logits = torch.einsum("chd,sd->hcs", iq[i, r0:r1], ik[i, :r1])
+                        scores = torch.einsum("hcs,ch->cs", F.relu(logits), iw[i, r0:r1])   # I [C, r1]
+                        del logits
+                    scores.masked_fill_(future, float("-inf"))
+                    sel = topk_lowest_on_ties(scores, min(self.k, r1))                      # [C, k_eff]
+                    del scores
+                    valid = sel <= pos[:, None]
+                    ks = keys[:, sel]                                                       # [Hkv, C, k_eff, D]
+                    vs = values[:, sel]
+                    lg = torch.einsum("hgcd,hckd->hgck", q.view(hkv, g, r1 - r0, d), ks) * scale
+                    lg.masked_fill_(~valid[None, None], float("-inf"))
+                    o = torch.einsum("hgck,hckd->hgcd", torch.softmax(lg, dim=-1), vs)
+                    out[i, :, r0:r1] = o.reshape(hq, r1 - r0, d).to(out.dtype)
+        return out
 
 
 def export_state(model):
@@ -831,10 +911,69 @@ def indexer_recall(model, data, device, ks=(32, 128, 512)):
     return out
 
 
-def retrieval_eval(model, examples, device, deadline, autocast=False):
+def attention_statistics(model, text, context, device, ks=(64, 256)):
+    """The full-attention distributions of `model` over `text` in non-overlapping windows of `context` bytes (fp32
+    or the model's float64): per layer and query head the mean over every query row of the entropy
+    -sum_s p[s] ln p[s] (nats) of its distribution over the keys s <= t; per layer the same of pbar, the mean over
+    the layer's query heads (the per_token group's distribution, SPEC section 2); and for each k in ks the exact
+    top-k mass, the mean over rows at positions t >= k of the k largest probabilities' sum, of pbar (per layer) and
+    of each head's own distribution (per layer and head). Windows shorter than 2 bytes are left out."""
+    cfg = model.cfg
+    g = cfg.heads // cfg.kv_heads
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+    head_entropy, group_entropy, rows = zeros(cfg.layers, cfg.heads), zeros(cfg.layers), 0
+    group_mass = {k: zeros(cfg.layers) for k in ks}
+    head_mass = {k: zeros(cfg.layers, cfg.heads) for k in ks}
+    mass_rows = {k: 0 for k in ks}
+    model.eval()
+    with torch.no_grad():
+        for w0 in range(0, len(text), context):
+            window = text[w0:w0 + context]
+            t = len(window)
+            if t < 2:
+                continue
+            tokens = torch.tensor(np.frombuffer(window, dtype=np.uint8).astype(np.int64), device=device)[None]
+            capture = []
+            model(tokens, exact=True, capture=capture)
+            causal = causal_mask(t, device)
+            for li, (_, q, k, _) in enumerate(capture):
+                qh = q[0].to(dtype).transpose(0, 1)                                  # [Hq, T, D]
+                kh = k[0].to(dtype).transpose(0, 1).repeat_interleave(g, dim=0)
+                logits = (torch.matmul(qh, kh.transpose(-1, -2)) * scale).masked_fill_(~causal, float("-inf"))
+                p = torch.softmax(logits, dim=-1)
+                del logits
+                head_entropy[li] += torch.special.entr(p).sum(-1).sum(-1).double()
+                pbar = p.mean(dim=0)
+                group_entropy[li] += torch.special.entr(pbar).sum().double()
+                for kk in ks:
+                    if t > kk:
+                        group_mass[kk][li] += pbar[kk:].topk(kk, dim=-1).values.sum().double()
+                        head_mass[kk][li] += p[:, kk:].topk(kk, dim=-1).values.sum(-1).sum(-1).double()
+                del p, pbar
+            rows += t
+            for kk in ks:
+                mass_rows[kk] += max(0, t - kk)
+
+    def rounded(x, n):
+        return [[round(v, 5) for v in r] if isinstance(r, list) else round(r, 5) for r in (x / n).tolist()]
+
+    out = {"context": context, "bytes": len(text), "rows": rows,
+           "entropy_heads": rounded(head_entropy, max(rows, 1)), "entropy_pbar": rounded(group_entropy, max(rows, 1)),
+           "exact_mass": {}}
+    for kk in ks:
+        n = mass_rows[kk]
+        out["exact_mass"][str(kk)] = {"rows": n, "pbar": rounded(group_mass[kk], n) if n else None,
+                                      "heads": rounded(head_mass[kk], n) if n else None}
+    return out
+
+
+def retrieval_eval(model, examples, device, deadline, autocast=False, attention=None):
     """Exact match (tools/retrieval_task.py) of each example: the argmax next-byte prediction at every answer
-    position, teacher-forced, full attention. Returns one dict per example ("exact", "answer_bytes_correct"), or
-    None for the examples left when time.time() passed `deadline`."""
+    position, teacher-forced, full attention (or `attention`, e.g. a ChunkedTopkAttention, in every layer).
+    Returns one dict per example ("exact", "answer_bytes_correct"), or None for the examples left when
+    time.time() passed `deadline`."""
     out = []
     model.eval()
     with torch.no_grad():
@@ -845,7 +984,7 @@ def retrieval_eval(model, examples, device, deadline, autocast=False):
             data = np.frombuffer(ex.data, dtype=np.uint8).astype(np.int64)
             tokens = torch.tensor(data[:-1], device=device)[None]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-                logits = model(tokens)
+                logits = model(tokens, attention=attention)
             pred = logits[0, -retrieval_task.ANSWER_LENGTH:].argmax(-1).cpu().numpy()
             correct = pred == data[-retrieval_task.ANSWER_LENGTH:]
             out.append({"exact": bool(correct.all()), "answer_bytes_correct": int(correct.sum())})
@@ -903,12 +1042,17 @@ def training_attention(args):
                              indexer_loss="sparse" if args.train_selector == "indexer" else "dense")
 
 
-def finetune(model, data, args, device, info, attention, seconds, max_steps=None):
-    """Next-byte cross entropy with `attention` (a TrainingAttention) in every layer, on windows of --context
-    bytes, --batch rows, for `seconds` of wall time or max_steps steps, whichever ends first. Every weight but the
-    indexers' trains with AdamW at --finetune-lr (linear warm-up over --finetune-warmup steps, cosine to a tenth
-    over the steps, or over the seconds without max_steps); the indexers train on their own KL (attention's
-    indexer_loss) at --finetune-indexer-lr. The batches are the same for every variant (seeded by --seed)."""
+def finetune(model, data, args, device, info, attention, seconds, max_steps=None, context=None, corpus=None):
+    """Next-byte cross entropy with `attention` (a TrainingAttention) in every layer, on windows of `context` bytes
+    (default the model's context), --batch rows, for `seconds` of wall time or max_steps steps, whichever ends
+    first. Every weight but the indexers' trains with AdamW at --finetune-lr (linear warm-up over
+    --finetune-warmup steps, cosine to a tenth over the steps, or over the seconds without max_steps); the indexers
+    train on their own KL (attention's indexer_loss) at --finetune-indexer-lr. With --retrieval-fraction, that share
+    of each step's rows (rounded at random) holds retrieval examples made from `corpus` (retrieval_rows: half of
+    them single examples of the whole window, half packed examples of log-uniform lengths from
+    --retrieval-min-context, 1..--retrieval-max-keys keys, --question), whose answer bytes' mean cross entropy is
+    added with weight --answer-weight, as in the training of the long-context model. The batches, retrieval rows
+    included, are the same for every variant (seeded by --seed)."""
     cfg = model.cfg
     attention.cfg = cfg
     named = list(model.named_parameters())
@@ -924,13 +1068,20 @@ def finetune(model, data, args, device, info, attention, seconds, max_steps=None
     if attention.indexer_loss is not None:
         index_opt = torch.optim.AdamW(index_params, lr=args.finetune_indexer_lr, weight_decay=0.0,
                                       betas=(0.9, 0.95))
-    t = cfg.context
+    t = context or cfg.context
     n = data.shape[0]
     gen = torch.Generator(device=device)
     gen.manual_seed(args.seed + 100)
+    step_rng = random.Random(args.seed + 101)
+    retrieval_fraction = getattr(args, "retrieval_fraction", 0.0)
+    if retrieval_fraction > 0 and corpus is None:
+        raise ValueError("finetune: --retrieval-fraction > 0 needs the training corpus (corpus=None)")
     arange = torch.arange(t + 1, device=device)
     start = time.time()
     step, tokens_seen, losses = 0, 0, []
+    answers = torch.zeros(2, dtype=torch.float64, device=device)  # answer bytes right, examples right
+    answer_counts = [0, 0]
+    retrieval_log = []
     model.train()
     while (max_steps is None or step < max_steps) and (step == 0 or time.time() - start < seconds):
         elapsed = time.time() - start
@@ -939,12 +1090,32 @@ def finetune(model, data, args, device, info, attention, seconds, max_steps=None
             (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for group in opt.param_groups:
             group["lr"] = lr
-        offs = torch.randint(0, n - t - 1, (args.batch,), device=device, generator=gen)
+        n_ret = 0
+        if retrieval_fraction > 0:
+            want = args.batch * retrieval_fraction
+            n_ret = min(args.batch, int(want) + (1 if step_rng.random() < want - int(want) else 0))
+        offs = torch.randint(0, n - t - 1, (args.batch - n_ret,), device=device, generator=gen)
         batch = data[offs[:, None] + arange[None, :]].long()
+        ans_idx = None
+        if n_ret:
+            ret, ans = retrieval_rows(corpus, n_ret, t, t, args, step_rng)
+            batch = torch.cat([torch.from_numpy(ret).to(device).long(), batch], dim=0)
+            ans_idx = torch.from_numpy(ans).to(device)
         attention.losses.clear()
         with amp(device):
             logits = model(batch[:, :-1], attention=attention)
-        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab), batch[:, 1:].reshape(-1))
+        flat, targets = logits.float().reshape(-1, cfg.vocab), batch[:, 1:].reshape(-1)
+        if ans_idx is None or ans_idx.shape[0] == 0:
+            loss = lm_loss = F.cross_entropy(flat, targets)
+        else:
+            ce = F.cross_entropy(flat, targets, reduction="none")
+            lm_loss = ce.mean()
+            loss = lm_loss + args.answer_weight * ce[ans_idx].mean()
+            with torch.no_grad():
+                hit = (flat[ans_idx.reshape(-1)].argmax(-1) == targets[ans_idx.reshape(-1)]).reshape(ans_idx.shape)
+                answers += torch.stack([hit.sum().double(), hit.all(-1).sum().double()])
+                answer_counts[0] += hit.numel()
+                answer_counts[1] += hit.shape[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(main_params, 1.0)
@@ -958,9 +1129,18 @@ def finetune(model, data, args, device, info, attention, seconds, max_steps=None
         if step % args.log_every == 0 or step == 1:
             now = time.time() - start
             kl = torch.stack(attention.losses).mean().item() if attention.losses else float("nan")
-            losses.append([step, round(now, 1), loss.item() / math.log(2), kl])
+            losses.append([step, round(now, 1), lm_loss.item() / math.log(2), kl])
+            msg = ""
+            if answer_counts[1]:
+                (c, e), (nb, ne) = answers.tolist(), answer_counts
+                retrieval_log.append({"step": step, "answer_byte_accuracy": round(c / nb, 4),
+                                      "exact_match": round(e / ne, 4), "examples": ne})
+                msg = f" retrieval answers: acc={c / nb:.3f} exact={e / ne:.3f} ({ne} ex)"
+                answers.zero_()
+                answer_counts[:] = [0, 0]
             log(f"finetune {attention.describe()} step {step} t={now:.0f}s lr={lr:.2e} "
-                f"loss={loss.item() / math.log(2):.4f} bits/byte indexer KL={kl:.4f} nats tok/s={tokens_seen / now:.3g}")
+                f"loss={lm_loss.item() / math.log(2):.4f} bits/byte indexer KL={kl:.4f} nats"
+                f" tok/s={tokens_seen / now:.3g}{msg}")
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -970,28 +1150,42 @@ def finetune(model, data, args, device, info, attention, seconds, max_steps=None
                         "context": t, "lr": args.finetune_lr, "indexer_lr": args.finetune_indexer_lr,
                         "final_train_loss_bits_per_byte": losses[-1][2] if losses else None,
                         "losses": losses}
+    if retrieval_fraction > 0:
+        info["finetune"].update({"retrieval_fraction": retrieval_fraction, "answer_weight": args.answer_weight,
+                                 "retrieval_max_keys": args.retrieval_max_keys,
+                                 "retrieval_min_context": args.retrieval_min_context, "question": args.question,
+                                 "retrieval": retrieval_log})
     if losses and losses[-1][0] != step:
-        info["finetune"]["final_train_loss_bits_per_byte"] = loss.item() / math.log(2)
+        info["finetune"]["final_train_loss_bits_per_byte"] = lm_loss.item() / math.log(2)
     return step
 
 
 EVAL_SELECTIONS = (("exact", 64), ("exact", 256), ("indexer", 64), ("indexer", 256))
 
 
-def evaluate_package(model32, eval_text, heldout_eval, device):
-    """The figures of a fine-tuning summary, from fp32 weights (already rounded to what is shipped): bits per
-    byte of eval.txt with full attention (plain attention, fp32) and with top-k attention of each
-    EVAL_SELECTIONS (per_token, every layer sparse: the forward mode of keysel's study), bits per byte of the
-    held-out bytes with full attention (bf16 autocast on a GPU), and the indexers' recall."""
+def evaluate_package(model32, eval_text, heldout_eval, device, context=None):
+    """The figures of a fine-tuning summary, from fp32 weights (already rounded to what is shipped), in windows of
+    `context` bytes (default the model's context): bits per byte of eval.txt with full attention (plain attention,
+    fp32) and with top-k attention of each EVAL_SELECTIONS (per_token, every layer sparse: the forward mode of
+    keysel's study), bits per byte of the held-out bytes with full attention (bf16 autocast on a GPU), the
+    indexers' recall (first min(context, 4096) bytes of eval.txt; k = 64, 128, 256 where shorter) and
+    attention_statistics over eval.txt (entropy per layer and head, exact top-k mass at k = 64 and 256)."""
     cfg = model32.cfg
-    out = {"eval_bpb_full": bits_per_byte(model32, eval_text, cfg.context, device, exact=True, autocast=False)}
+    t = context or cfg.context
+    exact = t <= 4096  # plain attention while its [heads, T, T] fits; SDPA in fp32 beyond
+    out = {"context": t,
+           "eval_bpb_full": bits_per_byte(model32, eval_text, t, device, exact=exact, autocast=False)}
     for selector, k in EVAL_SELECTIONS:
-        attention = TrainingAttention(cfg, "topk", k=k, selector=selector)
-        out[f"eval_bpb_{selector}_{k}"] = bits_per_byte(model32, eval_text, cfg.context, device, autocast=False,
+        attention = TrainingAttention(cfg, "topk", k=k, selector=selector) if t <= 4096 else \
+            ChunkedTopkAttention(cfg, k, selector)
+        out[f"eval_bpb_{selector}_{k}"] = bits_per_byte(model32, eval_text, t, device, autocast=False,
                                                         attention=attention)
-    out["heldout_bpb_full"] = bits_per_byte(model32, heldout_eval, cfg.context, device)
+    out["heldout_bpb_full"] = bits_per_byte(model32, heldout_eval, t, device)
     out["heldout_bytes"] = len(heldout_eval)
-    out["indexer_recall"] = indexer_recall(model32, eval_text[:min(2048, cfg.context)], device)
+    recall_text = eval_text[:min(4096, t)]
+    out["indexer_recall"] = indexer_recall(model32, recall_text, device,
+                                           ks=tuple(k for k in (64, 128, 256) if k < len(recall_text)) or (1,))
+    out["attention_statistics"] = attention_statistics(model32, eval_text, min(t, 4096), device)
     return out
 
 
@@ -1065,7 +1259,7 @@ def finetune_main(args):
     seconds = args.finetune_seconds
     if args.budget_seconds is not None:
         seconds = min(seconds, _T_START + args.budget_seconds - args.reserve_seconds - time.time())
-    finetune(model, data, args, device, info, training_attention(args), seconds, args.finetune_steps)
+    finetune(model, data, args, device, info, training_attention(args), seconds, args.finetune_steps, corpus=corpus)
     del data
     torch.backends.cuda.matmul.allow_tf32 = False
     state16, model32 = rounded_fp16(model)
@@ -1119,7 +1313,8 @@ def make_parser():
     ap.add_argument("--short-fraction", type=float, default=0.0, help="share of the LM steps on short windows")
     # retrieval examples in training (tools/retrieval_task.py, from the training corpus)
     ap.add_argument("--retrieval-fraction", type=float, default=0.0,
-                    help="share of each LM step's rows made of retrieval examples")
+                    help="share of each LM step's rows made of retrieval examples (with --init: of each "
+                         "fine-tuning step's, windows of the model's context)")
     ap.add_argument("--retrieval-max-keys", type=int, default=4, help="planted keys per training example: 1..this")
     ap.add_argument("--retrieval-min-context", type=int, default=256, help="shortest training retrieval example")
     ap.add_argument("--curriculum", type=float, default=0.3,

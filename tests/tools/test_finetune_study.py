@@ -1,8 +1,12 @@
 """The top-k fine-tuning study's training on the CPU with a tiny random base package and a few seconds of budget:
 tools/train_tiny_lm.py --init and tools/finetune_study.py write packages in models/tiny_lm's format that load, with
-the summary, and the tar parts hold exactly those files."""
+the summary (shorter training windows than the model's context, the retrieval task in the batches, retrieval exact
+match with full and top-k attention, attention entropy), and the tar parts hold exactly those files; the chunked
+top-k attention of the long-context evaluation against the dense one, and the attention statistics against a plain
+computation."""
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +22,7 @@ TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "to
 ROOT = os.path.join(TOOLS, "..")
 sys.path.insert(0, TOOLS)
 import finetune_study as fs  # noqa: E402
+import retrieval_task as rt  # noqa: E402
 import train_tiny_lm as tl  # noqa: E402
 
 TINY = dict(d_model=40, layers=2, heads=4, kv_heads=2, head_dim=10, ffn_dim=48, context=160, index_heads=2,
@@ -26,6 +31,10 @@ VARIANTS = "exact:24,full,indexer:24"
 NAMES = ["exact-k24", "control-full", "indexer-k24"]
 PACKAGE_FILES = ["eval.txt", "logits.safetensors", "model.safetensors", "train_log.json"]
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+CONTEXT = 128  # the study's windows, shorter than the model's 160
+BASE_TRAINING = {"retrieval_fraction": 0.3, "answer_weight": 5.0, "question": "definition", "retrieval_max_keys": 4,
+                 "retrieval_min_context": 128}
+MODES = ["full", "exact_64", "exact_256", "indexer_64", "indexer_256"]
 
 
 def header(path):
@@ -45,17 +54,24 @@ def base(tmp_path_factory):
                          {k: v.half().numpy() for k, v in tl.export_state(model).items()},
                          {"format": tl.FORMAT, "config": json.dumps(cfg.to_dict()), "training": "{}"})
     (out / "eval.txt").write_bytes(open(os.path.join(TOOLS, "train_tiny_lm.py"), "rb").read()[:700])
+    # the retrieval task as a long-context package ships it: its examples (two contexts, one beyond the study's
+    # --retrieval-max-context) and its training's retrieval options
+    source = open(os.path.join(TOOLS, "retrieval_task.py"), "rb").read()
+    rt.write_retrieval(str(out), rt.generate_suite(source, [160, 320], [1, 4], [0, 1], 2, 5))
+    (out / "train_log.json").write_text(json.dumps({"args": BASE_TRAINING}))
     return out
 
 
 @pytest.fixture(scope="module")
 def study(base, heldout_package):
     out, pack = base.parent / "study", base.parent / "pack"
-    budget = 30
+    budget = 54
     cmd = [sys.executable, os.path.join(TOOLS, "finetune_study.py"), "--init", str(base), "--out", str(out),
            "--pack", str(pack), "--part-mib", "1", "--budget-seconds", str(budget), "--reserve-seconds", "3",
            "--export-seconds", "2", "--variants", VARIANTS, "--batch", "2", "--corpus-bytes", "2000000",
-           "--heldout", heldout_package, "--heldout-eval-bytes", "2048", "--logit-tokens", "24", "--log-every", "2"]
+           "--heldout", heldout_package, "--heldout-eval-bytes", "2048", "--logit-tokens", "24", "--log-every", "2",
+           "--context", str(CONTEXT), "--retrieval-max-context", "200", "--row-chunk-elements", "20000",
+           "--eval-share", "0.4"]
     start = time.time()
     run = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -102,10 +118,58 @@ def test_summary(study):
         # k = 256 >= the 160-byte context reads every key: top-k equals full attention
         assert abs(p["eval_bpb_exact_256"] - p["eval_bpb_full"]) < 1e-6
         assert set(p["indexer_recall"]) == {"0", "1"}
+        assert p["context"] == CONTEXT
         log = json.loads((out / name / "train_log.json").read_text()) if name != "base" else None
         if log is not None:
             assert log["evaluation"]["eval_bpb_full"] == p["eval_bpb_full"]
             assert log["finetune"]["steps"] == p["steps"]
+            assert log["finetune"]["context"] == CONTEXT and log["finetune"]["answer_weight"] == 5.0
+            assert p["retrieval_fraction"] == 0.3 and 0 <= p["final_train_answer_exact_match"] <= 1
+    # the retrieval rows are the same for every variant: as many answers at every logged step
+    logs = [json.loads((out / n / "train_log.json").read_text())["finetune"]["retrieval"] for n in NAMES]
+    assert all(logs) and sum(e["examples"] for e in logs[0]) >= 1
+    for other in logs[1:]:
+        steps = min(len(other), len(logs[0]))
+        assert [(e["step"], e["examples"]) for e in other[:steps]] == [(e["step"], e["examples"]) for e in logs[0][:steps]]
+
+
+def test_summary_evaluation(study):
+    """Entropy and top-k mass per layer and head, and retrieval exact match of every package on the base's examples
+    up to --retrieval-max-context (200: the 8 examples of 160 bytes), with full and top-k attention."""
+    out, _, _, _ = study
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["context"], summary["model_context"]) == (CONTEXT, TINY["context"])
+    assert (summary["retrieval_fraction"], summary["answer_weight"]) == (0.3, 5.0)
+    assert summary["evaluation"]["retrieval_examples_available"] == 8
+    assert "retrieval.json" in summary["evaluation"]["retrieval_source"]
+    packages = summary["packages"]
+    base_examples = packages["base"]["retrieval"]["examples"]
+    assert base_examples >= 1
+    for name in ["base"] + NAMES:
+        att = packages[name]["attention_statistics"]
+        assert att["context"] == CONTEXT and att["rows"] == 700
+        heads = att["entropy_heads"]
+        assert len(heads) == TINY["layers"] and all(len(h) == TINY["heads"] for h in heads)
+        # a row at position t has at most t + 1 keys: entropy in (0, ln CONTEXT)
+        assert all(0 < e < math.log(CONTEXT) for h in heads for e in h)
+        assert all(0 < e < math.log(CONTEXT) for e in att["entropy_pbar"])
+        mass = att["exact_mass"]
+        assert mass["64"]["rows"] == 5 * (CONTEXT - 64)  # five windows of 128 bytes, then one of 60
+        assert all(64 / CONTEXT < m <= 1 + 1e-9 for m in mass["64"]["pbar"])
+        assert mass["256"] == {"rows": 0, "pbar": None, "heads": None}  # no row at position >= 256
+        ret = packages[name]["retrieval"]
+        assert ret["examples"] + ret["skipped_for_time"] == 8
+        assert ret["examples"] <= base_examples and ret["examples_by_context"] == {"160": ret["examples"]}
+        correct = ret["per_example"]["answer_bytes_correct"]
+        assert sorted(correct) == sorted(MODES) and all(len(c) == ret["examples"] for c in correct.values())
+        assert all(0 <= c <= rt.ANSWER_LENGTH for c in sum(correct.values(), []))
+        # k = 256 >= 160 bytes reads every key: the same predictions as full attention
+        assert correct["exact_256"] == correct["full"] and correct["indexer_256"] == correct["full"]
+        if ret["examples"]:
+            em = ret["exact_match"]["full"]
+            assert em["all"] == sum(c == rt.ANSWER_LENGTH for c in correct["full"]) / ret["examples"]
+            assert set(em["by_context_keys"]) <= {"160/1", "160/4"}
+            assert all(v > 0 for v in ret["seconds_per_example"]["exact_64"].values())
 
 
 def test_tar_parts_hold_the_packages(study):
@@ -121,6 +185,108 @@ def test_tar_parts_hold_the_packages(study):
         assert set(members) == {f"{n}/{f}" for n in NAMES for f in PACKAGE_FILES} | {"study.log", "summary.json"}
         for name, member in members.items():
             assert tar.extractfile(member).read() == (out / name).read_bytes()
+
+
+def tiny_float64_model(seed=5):
+    """A random tiny model in float64 with weights large enough for peaked attention (no ties in its scores)."""
+    cfg = tl.Config(**dict(TINY, context=64))
+    torch.manual_seed(seed)
+    model = tl.TinyLM(cfg).double()
+    with torch.no_grad():
+        for layer in model.layers:
+            for w in (layer.wq, layer.wk, layer.indexer.index_wq, layer.indexer.index_wk, layer.indexer.index_ww):
+                w.weight.mul_(15.0)
+    return cfg, model.eval()
+
+
+def test_topk_lowest_on_ties_takes_what_a_stable_sort_takes():
+    """Rows of few distinct values (many ties, -inf included): the same key sets as the first k of a stable
+    descending sort, for every k."""
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 4, (50, 23), generator=gen).double()
+    scores[scores == 3] = float("-inf")
+    for k in range(1, 24):
+        ref = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+        assert torch.equal(tl.topk_lowest_on_ties(scores, k), ref), k
+
+
+@pytest.mark.parametrize("selector", ["exact", "indexer"])
+def test_chunked_topk_attention_matches_the_dense_one(selector):
+    """ChunkedTopkAttention (query rows in chunks, the selected keys gathered) gives the logits of TrainingAttention
+    (dense [B, T, T] masks) in float64: chunks of one row, of several rows that do not divide T, and one chunk; k
+    below, near and above the row counts; two sequences."""
+    cfg, model = tiny_float64_model()
+    tokens = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(2))
+    for k in (1, 5, 16, 40):
+        with torch.no_grad():
+            ref = model(tokens, attention=tl.TrainingAttention(cfg, "topk", k=k, selector=selector))
+        for max_elements in (1, 7 * TINY["heads"] * 37, 1 << 20):
+            with torch.no_grad():
+                got = model(tokens, attention=tl.ChunkedTopkAttention(cfg, k, selector, max_elements))
+            err = ((got - ref).abs().max() / ref.abs().max()).item()
+            assert err < 1e-12, (k, max_elements, err)
+    with torch.no_grad():
+        full = model(tokens, exact=True)
+        sparse = model(tokens, attention=tl.ChunkedTopkAttention(cfg, 4, selector))
+    assert (full - sparse).abs().max() > 1e-3  # 4 of 37 keys is not full attention
+    with pytest.raises(ValueError, match="selector"):
+        tl.ChunkedTopkAttention(cfg, 4, "proxy")
+    with pytest.raises(ValueError, match="k >= 1"):
+        tl.ChunkedTopkAttention(cfg, 0, selector)
+
+
+def test_attention_statistics_against_a_plain_computation():
+    """Entropy per layer and head (and of the head mean) and the exact top-k mass, against per-row sums in plain
+    Python over each window's attention probabilities: windows of 20 bytes over 50 (the last of 10), k = 4 and 16."""
+    cfg, model = tiny_float64_model(seed=7)
+    text = bytes(range(60, 110))
+    stats = tl.attention_statistics(model, text, 20, "cpu", ks=(4, 16))
+    g = cfg.heads // cfg.kv_heads
+    ent = [[0.0] * cfg.heads for _ in range(cfg.layers)]
+    ent_bar = [0.0] * cfg.layers
+    mass = {k: [0.0] * cfg.layers for k in (4, 16)}
+    head_mass = {k: [[0.0] * cfg.heads for _ in range(cfg.layers)] for k in (4, 16)}
+    rows, mass_rows = 0, {4: 0, 16: 0}
+    for w0 in range(0, len(text), 20):
+        window = text[w0:w0 + 20]
+        capture = []
+        with torch.no_grad():
+            model(torch.tensor(list(window))[None], exact=True, capture=capture)
+        for li, (_, q, k, _) in enumerate(capture):
+            for t in range(len(window)):
+                probs = []
+                for h in range(cfg.heads):
+                    logits = [float(q[0, t, h] @ k[0, s, h // g]) / math.sqrt(cfg.head_dim) for s in range(t + 1)]
+                    top = max(logits)
+                    e = [math.exp(x - top) for x in logits]
+                    p = [x / sum(e) for x in e]
+                    probs.append(p)
+                    ent[li][h] += -sum(x * math.log(x) for x in p if x > 0)
+                    for kk in (4, 16):
+                        if t >= kk:
+                            head_mass[kk][li][h] += sum(sorted(p, reverse=True)[:kk])
+                pbar = [sum(p[s] for p in probs) / cfg.heads for s in range(t + 1)]
+                ent_bar[li] += -sum(x * math.log(x) for x in pbar if x > 0)
+                for kk in (4, 16):
+                    if t >= kk:
+                        mass[kk][li] += sum(sorted(pbar, reverse=True)[:kk])
+        rows += len(window)
+        for kk in (4, 16):
+            mass_rows[kk] += max(0, len(window) - kk)
+    assert stats["rows"] == rows == 50 and mass_rows == {4: 16 + 16 + 6, 16: 4 + 4}
+    for li in range(cfg.layers):
+        assert stats["entropy_pbar"][li] == pytest.approx(ent_bar[li] / rows, abs=1e-5)
+        for h in range(cfg.heads):
+            assert stats["entropy_heads"][li][h] == pytest.approx(ent[li][h] / rows, abs=1e-5)
+        for kk in (4, 16):
+            assert stats["exact_mass"][str(kk)]["rows"] == mass_rows[kk]
+            assert stats["exact_mass"][str(kk)]["pbar"][li] == pytest.approx(mass[kk][li] / mass_rows[kk], abs=1e-5)
+            for h in range(cfg.heads):
+                assert stats["exact_mass"][str(kk)]["heads"][li][h] == pytest.approx(
+                    head_mass[kk][li][h] / mass_rows[kk], abs=1e-5)
+    # the weights make attention peaked: below the uniform distribution's mean entropy
+    uniform = sum(math.log(t + 1) for t in range(20)) * 2 / 50 + sum(math.log(t + 1) for t in range(10)) / 50
+    assert min(min(h) for h in stats["entropy_heads"]) < uniform - 0.1
 
 
 def test_single_finetune_command(base, tmp_path, heldout_package):
@@ -197,3 +363,35 @@ def test_table_without_exact_rows_names_what_it_needs(tmp_path):
                          capture_output=True, text=True)
     assert run.returncode != 0
     assert "expected rows of the exact selector" in run.stderr and "['indexer']" in run.stderr
+
+
+def test_table_from_the_summary_alone(study):
+    """tools/finetune_table.py --summary: the study's own evaluation, each figure read from summary.json (bits per
+    byte, the change against the base, retrieval exact match, entropy per layer and head and its change)."""
+    out, _, _, _ = study
+    summary = json.loads((out / "summary.json").read_text())
+    run = subprocess.run([sys.executable, os.path.join(TOOLS, "finetune_table.py"), "--summary",
+                          str(out / "summary.json")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    sections = run.stdout.split("### ")
+    p, b = summary["packages"]["exact-k24"], summary["packages"]["base"]
+    bpb = next(t for t in sections if t.startswith("Bits per byte"))
+    assert (f"| exact-k24 | {p['eval_bpb_full']:.4f} | {p['eval_bpb_exact_64']:.4f} "
+            f"({p['eval_bpb_exact_64'] - p['eval_bpb_full']:.4f}) |") in bpb
+    assert f"| exact-k24 | {p['eval_bpb_full'] - b['eval_bpb_full']:.4f} |" in bpb
+    retrieval = next(t for t in sections if t.startswith("Retrieval exact match"))
+    em = p["retrieval"]["exact_match"]["indexer_64"]
+    assert f"| exact-k24 | indexer_64 | {em['by_context']['160']:.3f} | {em['all']:.3f} |" in retrieval
+    heads = next(t for t in sections if t.startswith("Entropy per layer and head"))
+    change = p["attention_statistics"]["entropy_heads"][1][2] - b["attention_statistics"]["entropy_heads"][1][2]
+    line = next(row for row in heads.splitlines() if row.startswith("| exact-k24 |"))
+    assert line.split(" | ")[1 + 1 * TINY["heads"] + 2] == f"{change:.3f}"  # L1H2
+    assert "Pearson r over the 4 models" in run.stdout
+
+
+def test_pearson():
+    import finetune_table as ft
+    assert ft.pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert ft.pearson([1, 2, 3], [3, 1, 2]) == pytest.approx(-0.5)
+    assert ft.pearson([1, 2, None, 4], [1, 2, 3, None]) is None  # fewer than 3 pairs
+    assert ft.pearson([1, 1, 1], [1, 2, 3]) is None  # no spread

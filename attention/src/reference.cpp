@@ -98,12 +98,30 @@ Softmax softmax_weights(const DecodedInputs& in, std::int64_t t, std::int64_t h,
   const double* qv = in.query(t, h);
   weights.resize(keys.size());
   Softmax result;
-  for (std::size_t i = 0; i < keys.size(); ++i) {
+  // Eight keys at a time with eight independent sums: each key's dot product still adds its D products in
+  // order d = 0, 1, ... (the same double as one key at a time), but the chains overlap instead of waiting on
+  // one another's additions.
+  constexpr std::size_t kBlock = 8;
+  const std::size_t count = keys.size();
+  std::size_t i = 0;
+  for (; i + kBlock <= count; i += kBlock) {
+    const double* kvec[kBlock];
+    for (std::size_t j = 0; j < kBlock; ++j) kvec[j] = in.key(keys[i + j], kv);
+    double dot[kBlock] = {};
+    for (std::int64_t d = 0; d < dim; ++d) {
+      const double qd = qv[d];
+      for (std::size_t j = 0; j < kBlock; ++j) dot[j] += qd * kvec[j][d];
+    }
+    for (std::size_t j = 0; j < kBlock; ++j) weights[i + j] = in.scale * dot[j];
+  }
+  for (; i < count; ++i) {
     const double* kvec = in.key(keys[i], kv);
     double dot = 0.0;
     for (std::int64_t d = 0; d < dim; ++d) dot += qv[d] * kvec[d];
     weights[i] = in.scale * dot;
-    if (weights[i] > result.max_logit) result.max_logit = weights[i];
+  }
+  for (const double w : weights) {
+    if (w > result.max_logit) result.max_logit = w;
   }
   for (double& w : weights) {
     w = std::exp(w - result.max_logit);
@@ -191,6 +209,55 @@ void group_probabilities(const AttentionInputs& inputs, Granularity granularity,
         }
         for (std::int64_t s = 0; s < allowed; ++s) out.store(t, g, s, mean[static_cast<std::size_t>(s)]);
         for (std::int64_t s = allowed; s < shape.keys; ++s) out.store(t, g, s, 0.0);
+      }
+    }
+  }
+}
+
+void exact_attention(const AttentionInputs& inputs, Granularity granularity, const TensorView& probabilities,
+                     const TensorView& pbar, const TensorView& out) {
+  constexpr std::string_view function = "exact_attention";
+  const AttentionShape shape = inputs.validate(function, !out.empty());
+  const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
+  check_output(function, probabilities, "probabilities", {shape.tokens, shape.query_heads, shape.keys},
+               {DType::fp64});
+  check_output(function, pbar, "pbar", {shape.tokens, groups, shape.keys}, {DType::fp64});
+  if (!out.empty()) {
+    check_output(function, out, "out", {shape.tokens, shape.query_heads, shape.value_dim},
+                 {DType::fp32, DType::fp64});
+  }
+
+  const DecodedInputs in = decode(inputs, shape);
+  const OutputWriter p_writer(probabilities);
+  const OutputWriter pbar_writer(pbar);
+  const OutputWriter out_writer = out.empty() ? p_writer : OutputWriter(out);
+  const std::int64_t heads_per_group = shape.query_heads / groups;
+  // The loops of attention_probabilities, group_probabilities and full_attention, sharing each (t, h)'s
+  // softmax_weights: every stored value is computed by the same operations in the same order.
+#pragma omp parallel
+  {
+    std::vector<std::int64_t> keys;
+    std::vector<double> weights;
+    std::vector<double> mean;
+    std::vector<double> accumulator;
+#pragma omp for collapse(2) schedule(dynamic)
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      for (std::int64_t g = 0; g < groups; ++g) {
+        const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+        fill_prefix(keys, allowed);
+        mean.assign(static_cast<std::size_t>(allowed), 0.0);
+        for (std::int64_t h = g * heads_per_group; h < (g + 1) * heads_per_group; ++h) {
+          const Softmax softmax = softmax_weights(in, t, h, keys, weights);
+          for (std::int64_t s = 0; s < allowed; ++s) {
+            p_writer.store(t, h, s, weights[static_cast<std::size_t>(s)] / softmax.sum);
+          }
+          for (std::int64_t s = allowed; s < shape.keys; ++s) p_writer.store(t, h, s, 0.0);
+          const double factor = 1.0 / (softmax.sum * static_cast<double>(heads_per_group));
+          for (std::size_t s = 0; s < mean.size(); ++s) mean[s] += weights[s] * factor;
+          if (!out.empty()) write_attention_row(in, t, h, keys, weights, softmax, accumulator, out_writer, nullptr);
+        }
+        for (std::int64_t s = 0; s < allowed; ++s) pbar_writer.store(t, g, s, mean[static_cast<std::size_t>(s)]);
+        for (std::int64_t s = allowed; s < shape.keys; ++s) pbar_writer.store(t, g, s, 0.0);
       }
     }
   }

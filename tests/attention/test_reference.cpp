@@ -228,6 +228,49 @@ TEST(AttentionProbabilities, SumToOneOverAllowedKeysAndZeroElsewhere) {
   }
 }
 
+TEST(AttentionProbabilities, LogitsAddEachKeysProductsInOrder) {
+  // The reference scores several keys side by side; each key's dot product must still be the sequential double
+  // sum over d, so the log-sum-exp equals the textbook loop's exactly (37 keys: whole groups of 8 and a rest).
+  const Problem p = awkward_problem(12);
+  Buffer out({p.T, p.Hq, p.Dv});
+  Buffer lse({p.T, p.Hq});
+  full_attention(p.inputs(), out.view, lse.view);
+  for (std::int64_t t = 0; t < p.T; ++t) {
+    for (std::int64_t h = 0; h < p.Hq; ++h) {
+      EXPECT_EQ(lse.at(static_cast<std::size_t>(t * p.Hq + h)), naive_full_lse(p, t, h)) << "t=" << t << " h=" << h;
+    }
+  }
+}
+
+TEST(ExactAttention, EqualsTheThreeSeparateReferencesBitForBit) {
+  for (const Granularity granularity : kGranularities) {
+    for (const bool with_v : {true, false}) {
+      Problem p = awkward_problem(13);
+      if (!with_v) p.Dv = 0;
+      const std::int64_t groups = group_count(granularity, p.Hq, p.Hkv);
+      Buffer probs({p.T, p.Hq, p.N}), pbar({p.T, groups, p.N}), out({p.T, p.Hq, std::max<std::int64_t>(p.Dv, 1)});
+      exact_attention(p.inputs(), granularity, probs.view, pbar.view, with_v ? out.view : TensorView());
+      Buffer want_probs({p.T, p.Hq, p.N}), want_pbar({p.T, groups, p.N}), want_out({p.T, p.Hq, std::max<std::int64_t>(p.Dv, 1)});
+      attention_probabilities(p.inputs(), want_probs.view);
+      group_probabilities(p.inputs(), granularity, want_pbar.view);
+      if (with_v) full_attention(p.inputs(), want_out.view);
+      const std::string what = std::string(granularity_name(granularity)) + (with_v ? " with v" : " without v");
+      for (std::size_t i = 0; i < want_probs.f64.size(); ++i) ASSERT_EQ(probs.at(i), want_probs.at(i)) << what << " p " << i;
+      for (std::size_t i = 0; i < want_pbar.f64.size(); ++i) ASSERT_EQ(pbar.at(i), want_pbar.at(i)) << what << " pbar " << i;
+      // Without v, out is left alone.
+      for (std::size_t i = 0; i < want_out.f64.size(); ++i) ASSERT_EQ(out.at(i), want_out.at(i)) << what << " out " << i;
+    }
+  }
+  const Problem p = awkward_problem(14);
+  Buffer probs({p.T, p.Hq, p.N}), pbar({p.T, p.Hkv, p.N}), wrong({p.T, p.Hq, p.N});
+  try {
+    exact_attention(p.inputs(), Granularity::per_kv_head, probs.view, wrong.view, TensorView());
+    FAIL() << "no error for a pbar of the wrong shape";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pbar"), std::string::npos) << e.what();
+  }
+}
+
 TEST(AttentionProbabilities, StableForHugeLogits) {
   Problem p = make_problem(2, 2, 9, 2, 1, 4, 3, {8, 5});
   for (float& x : p.q) x *= 1000.0f;  // logits in the thousands: a naive exp overflows

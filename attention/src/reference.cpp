@@ -153,6 +153,177 @@ void write_attention_row(const DecodedInputs& in, std::int64_t t, std::int64_t h
   if (lse != nullptr) lse->store(t, h, softmax.log_sum_exp());
 }
 
+// ---- exact_attention over the causal prefix, tiled ----------------------------------------------------------
+// The same double operations as softmax_weights and write_attention_row, per query in the same order, but
+// arranged so that each block of keys and values is read once for a tile of queries (several tokens and the
+// heads of one key head) and the inner loops run along contiguous memory, where the compiler vectorises them
+// (one lane per key or per channel: each lane's chain of additions is unchanged). Built for AVX-512 and for
+// the baseline (target_clones); -ffp-contract=off (attention/CMakeLists.txt) keeps every product and sum rounded
+// on its own, as in the plain loops.
+
+/// Tokens per tile of exact_attention (times the heads of one key head), and keys per block of its scores.
+constexpr std::int64_t kExactTileTokens = 8;
+constexpr std::int64_t kExactKeyBlock = 128;
+constexpr std::int64_t kExactMaxQueries = 64;  // tiles of more queries (group sizes above 8) use the plain loops
+
+/// acc[j][0 .. n) += q[j][d] * row[0 .. n) for d = 0 .. dim - 1 in order, rows kt + d * stride.
+[[gnu::target_clones("avx512f", "default")]]
+void block_dots(const double* const* q, std::int64_t queries, const double* kt, std::int64_t stride,
+                std::int64_t dim, std::int64_t n, double* acc) {
+  for (std::int64_t d = 0; d < dim; ++d) {
+    const double* row = kt + d * stride;
+    for (std::int64_t j = 0; j < queries; ++j) {
+      const double qd = q[j][d];
+      double* a = acc + j * kExactKeyBlock;
+      for (std::int64_t s = 0; s < n; ++s) a[s] += qd * row[s];
+    }
+  }
+}
+
+/// acc[j][0 .. dv) += w[j][s] * v[s][0 .. dv) for s = begin .. end - 1 in order (only queries with s < allowed[j]).
+[[gnu::target_clones("avx512f", "default")]]
+void accumulate_values(const double* const* w, const std::int64_t* allowed, std::int64_t queries,
+                       const double* v, std::int64_t v_stride, std::int64_t dv, std::int64_t end, double* acc) {
+  for (std::int64_t s = 0; s < end; ++s) {
+    const double* vv = v + s * v_stride;
+    for (std::int64_t j = 0; j < queries; ++j) {
+      if (s >= allowed[j]) continue;
+      const double weight = w[j][s];
+      double* a = acc + j * dv;
+      for (std::int64_t d = 0; d < dv; ++d) a[d] += weight * vv[d];
+    }
+  }
+}
+
+/// exact_attention into contiguous fp64 outputs: probabilities [T, Hq, N] (holding the logits, then the
+/// unnormalised weights, then p), pbar [T, G, N], out [T, Hq, Dv] or null.
+void exact_attention_tiled(const DecodedInputs& in, Granularity granularity, double* probabilities, double* pbar,
+                           double* out) {
+  const AttentionShape& shape = in.shape;
+  const std::int64_t T = shape.tokens, N = shape.keys, Hq = shape.query_heads, Hkv = shape.kv_heads;
+  const std::int64_t D = shape.head_dim, Dv = shape.value_dim, g = shape.group_size();
+  const std::int64_t groups = group_count(granularity, Hq, Hkv);
+  const std::int64_t heads_per_group = Hq / groups;
+  // K transposed per key head: kt[kv][d][s].
+  std::vector<double> kt(static_cast<std::size_t>(Hkv * D * N));
+#pragma omp parallel for collapse(2) schedule(static)
+  for (std::int64_t kv = 0; kv < Hkv; ++kv) {
+    for (std::int64_t d = 0; d < D; ++d) {
+      double* row = kt.data() + (kv * D + d) * N;
+      for (std::int64_t s = 0; s < N; ++s) row[s] = in.key(s, kv)[d];
+    }
+  }
+  const std::int64_t token_tiles = (T + kExactTileTokens - 1) / kExactTileTokens;
+  std::vector<double> max_logit(static_cast<std::size_t>(T * Hq)), sums(static_cast<std::size_t>(T * Hq));
+  const auto row_of = [&](std::int64_t t, std::int64_t h) { return probabilities + (t * Hq + h) * N; };
+
+  // Logits (scale * q.k) of allowed keys into the probability rows; softmax weights in place.
+#pragma omp parallel
+  {
+    std::vector<double> acc(static_cast<std::size_t>(kExactMaxQueries * kExactKeyBlock));
+    std::vector<const double*> q(static_cast<std::size_t>(kExactMaxQueries));
+#pragma omp for collapse(2) schedule(dynamic)
+    for (std::int64_t tile = 0; tile < token_tiles; ++tile) {
+      for (std::int64_t kv = 0; kv < Hkv; ++kv) {
+        const std::int64_t t0 = tile * kExactTileTokens, t1 = std::min(T, t0 + kExactTileTokens);
+        std::int64_t queries = 0, longest = 0;
+        for (std::int64_t t = t0; t < t1; ++t) {
+          longest = std::max(longest, in.allowed[static_cast<std::size_t>(t)]);
+          for (std::int64_t h = kv * g; h < (kv + 1) * g; ++h) q[static_cast<std::size_t>(queries++)] = in.query(t, h);
+        }
+        for (std::int64_t s0 = 0; s0 < longest; s0 += kExactKeyBlock) {
+          const std::int64_t n = std::min(kExactKeyBlock, longest - s0);
+          std::fill(acc.begin(), acc.begin() + queries * kExactKeyBlock, 0.0);
+          block_dots(q.data(), queries, kt.data() + kv * D * N + s0, N, D, n, acc.data());
+          std::int64_t j = 0;
+          for (std::int64_t t = t0; t < t1; ++t) {
+            const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+            for (std::int64_t h = kv * g; h < (kv + 1) * g; ++h, ++j) {
+              double* row = row_of(t, h);
+              const double* a = acc.data() + j * kExactKeyBlock;
+              for (std::int64_t s = s0; s < std::min(s0 + n, allowed); ++s) row[s] = in.scale * a[s - s0];
+            }
+          }
+        }
+      }
+    }
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        double* row = row_of(t, h);
+        const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+        Softmax softmax;
+        for (std::int64_t s = 0; s < allowed; ++s) {
+          if (row[s] > softmax.max_logit) softmax.max_logit = row[s];
+        }
+        for (std::int64_t s = 0; s < allowed; ++s) {
+          row[s] = std::exp(row[s] - softmax.max_logit);
+          softmax.sum += row[s];
+        }
+        max_logit[static_cast<std::size_t>(t * Hq + h)] = softmax.max_logit;
+        sums[static_cast<std::size_t>(t * Hq + h)] = softmax.sum;
+      }
+    }
+    // pbar from the weights, heads in ascending order (group_probabilities' sum).
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t group = 0; group < groups; ++group) {
+        const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+        double* mean = pbar + (t * groups + group) * N;
+        for (std::int64_t s = 0; s < allowed; ++s) mean[s] = 0.0;
+        for (std::int64_t h = group * heads_per_group; h < (group + 1) * heads_per_group; ++h) {
+          const double factor = 1.0 / (sums[static_cast<std::size_t>(t * Hq + h)] * static_cast<double>(heads_per_group));
+          const double* w = row_of(t, h);
+          for (std::int64_t s = 0; s < allowed; ++s) mean[s] += w[s] * factor;
+        }
+        for (std::int64_t s = allowed; s < N; ++s) mean[s] = 0.0;
+      }
+    }
+    // Outputs: sum_s w[s] v[s] in key order, then / sum (write_attention_row).
+    if (out != nullptr) {
+      std::vector<double> out_acc(static_cast<std::size_t>(kExactMaxQueries * Dv));
+      std::vector<const double*> w(static_cast<std::size_t>(kExactMaxQueries));
+      std::vector<std::int64_t> allowed(static_cast<std::size_t>(kExactMaxQueries));
+#pragma omp for collapse(2) schedule(dynamic)
+      for (std::int64_t tile = 0; tile < token_tiles; ++tile) {
+        for (std::int64_t kv = 0; kv < Hkv; ++kv) {
+          const std::int64_t t0 = tile * kExactTileTokens, t1 = std::min(T, t0 + kExactTileTokens);
+          std::int64_t queries = 0, longest = 0;
+          for (std::int64_t t = t0; t < t1; ++t) {
+            longest = std::max(longest, in.allowed[static_cast<std::size_t>(t)]);
+            for (std::int64_t h = kv * g; h < (kv + 1) * g; ++h) {
+              w[static_cast<std::size_t>(queries)] = row_of(t, h);
+              allowed[static_cast<std::size_t>(queries++)] = in.allowed[static_cast<std::size_t>(t)];
+            }
+          }
+          std::fill(out_acc.begin(), out_acc.begin() + queries * Dv, 0.0);
+          accumulate_values(w.data(), allowed.data(), queries, in.v.data() + kv * Dv, Hkv * Dv, Dv, longest,
+                            out_acc.data());
+          std::int64_t j = 0;
+          for (std::int64_t t = t0; t < t1; ++t) {
+            for (std::int64_t h = kv * g; h < (kv + 1) * g; ++h, ++j) {
+              const double sum = sums[static_cast<std::size_t>(t * Hq + h)];
+              const double inverse = sum > 0.0 ? 1.0 / sum : 0.0;
+              for (std::int64_t d = 0; d < Dv; ++d) out[(t * Hq + h) * Dv + d] = out_acc[static_cast<std::size_t>(j * Dv + d)] * inverse;
+            }
+          }
+        }
+      }
+    }
+    // p = weight / sum; disallowed keys 0.
+#pragma omp for collapse(2) schedule(static)
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        double* row = row_of(t, h);
+        const std::int64_t allowed = in.allowed[static_cast<std::size_t>(t)];
+        const double sum = sums[static_cast<std::size_t>(t * Hq + h)];
+        for (std::int64_t s = 0; s < allowed; ++s) row[s] = row[s] / sum;
+        for (std::int64_t s = allowed; s < N; ++s) row[s] = 0.0;
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void attention_probabilities(const AttentionInputs& inputs, const TensorView& probabilities) {
@@ -228,6 +399,15 @@ void exact_attention(const AttentionInputs& inputs, Granularity granularity, con
   }
 
   const DecodedInputs in = decode(inputs, shape);
+  const auto contiguous_fp64 = [](const TensorView& view) {
+    return view.dtype() == DType::fp64 && view.is_contiguous();
+  };
+  if (contiguous_fp64(probabilities) && contiguous_fp64(pbar) && (out.empty() || contiguous_fp64(out)) &&
+      shape.tokens > 0 && kExactTileTokens * shape.group_size() <= kExactMaxQueries) {
+    exact_attention_tiled(in, granularity, probabilities.mutable_data<double>(), pbar.mutable_data<double>(),
+                          out.empty() ? nullptr : out.mutable_data<double>());
+    return;
+  }
   const OutputWriter p_writer(probabilities);
   const OutputWriter pbar_writer(pbar);
   const OutputWriter out_writer = out.empty() ? p_writer : OutputWriter(out);

@@ -243,9 +243,15 @@ TEST(AttentionProbabilities, LogitsAddEachKeysProductsInOrder) {
 }
 
 TEST(ExactAttention, EqualsTheThreeSeparateReferencesBitForBit) {
+  // The awkward problem (5 tokens, 37 keys), and one of several token tiles (19 tokens) and key blocks (300 keys)
+  // with positions inside and beyond the keys.
+  std::vector<std::int32_t> spread(19);
+  for (std::size_t t = 0; t < spread.size(); ++t) spread[t] = static_cast<std::int32_t>((t * 37) % 331);
+  const Problem problems[] = {awkward_problem(13), make_problem(15, 19, 300, 6, 2, 13, 7, spread)};
   for (const Granularity granularity : kGranularities) {
     for (const bool with_v : {true, false}) {
-      Problem p = awkward_problem(13);
+     for (const Problem& original : problems) {
+      Problem p = original;
       if (!with_v) p.Dv = 0;
       const std::int64_t groups = group_count(granularity, p.Hq, p.Hkv);
       Buffer probs({p.T, p.Hq, p.N}), pbar({p.T, groups, p.N}), out({p.T, p.Hq, std::max<std::int64_t>(p.Dv, 1)});
@@ -259,6 +265,7 @@ TEST(ExactAttention, EqualsTheThreeSeparateReferencesBitForBit) {
       for (std::size_t i = 0; i < want_pbar.f64.size(); ++i) ASSERT_EQ(pbar.at(i), want_pbar.at(i)) << what << " pbar " << i;
       // Without v, out is left alone.
       for (std::size_t i = 0; i < want_out.f64.size(); ++i) ASSERT_EQ(out.at(i), want_out.at(i)) << what << " out " << i;
+     }
     }
   }
   const Problem p = awkward_problem(14);

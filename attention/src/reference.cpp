@@ -165,6 +165,8 @@ void write_attention_row(const DecodedInputs& in, std::int64_t t, std::int64_t h
 constexpr std::int64_t kExactTileTokens = 8;
 constexpr std::int64_t kExactKeyBlock = 128;
 constexpr std::int64_t kExactMaxQueries = 64;  // tiles of more queries (group sizes above 8) use the plain loops
+/// Largest p [T, Hq, N] that group_probabilities allocates to use the tiled kernel.
+constexpr double kExactScratchBytes = 1024.0 * 1024.0 * 1024.0;
 
 /// acc[j][0 .. n) += q[j][d] * row[0 .. n) for d = 0 .. dim - 1 in order, rows kt + d * stride.
 [[gnu::target_clones("avx512f", "default")]]
@@ -360,6 +362,15 @@ void group_probabilities(const AttentionInputs& inputs, Granularity granularity,
   check_output(function, pbar, "pbar", {shape.tokens, groups, shape.keys}, {DType::fp64});
 
   const DecodedInputs in = decode(inputs, shape);
+  // The tiled kernel needs p [T, Hq, N] as scratch: taken when that stays small (the same values either way).
+  const double scratch = static_cast<double>(shape.tokens) * static_cast<double>(shape.query_heads) *
+                         static_cast<double>(shape.keys) * sizeof(double);
+  if (pbar.dtype() == DType::fp64 && pbar.is_contiguous() && shape.tokens > 0 && scratch <= kExactScratchBytes &&
+      kExactTileTokens * shape.group_size() <= kExactMaxQueries) {
+    std::vector<double> probabilities(static_cast<std::size_t>(shape.tokens * shape.query_heads * shape.keys));
+    exact_attention_tiled(in, granularity, probabilities.data(), pbar.mutable_data<double>(), nullptr);
+    return;
+  }
   const OutputWriter out(pbar);
   const std::int64_t heads_per_group = shape.query_heads / groups;
 #pragma omp parallel

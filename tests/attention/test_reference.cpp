@@ -260,7 +260,42 @@ TEST(ExactAttention, EqualsTheThreeSeparateReferencesBitForBit) {
       attention_probabilities(p.inputs(), want_probs.view);
       group_probabilities(p.inputs(), granularity, want_pbar.view);
       if (with_v) full_attention(p.inputs(), want_out.view);
-      const std::string what = std::string(granularity_name(granularity)) + (with_v ? " with v" : " without v");
+      const std::string what = std::string(granularity_name(granularity)) + (with_v ? " with v" : " without v") +
+                               " T=" + std::to_string(p.T);
+      // Outputs with gaps between rows take the plain loops (exact_attention and group_probabilities tile only
+      // contiguous fp64 outputs): the same values again.
+      const std::int64_t Dv1 = std::max<std::int64_t>(p.Dv, 1);
+      std::vector<double> wide_p(static_cast<std::size_t>(p.T * p.Hq * (p.N + 1)), kSentinel);
+      std::vector<double> wide_pbar(static_cast<std::size_t>(p.T * groups * (p.N + 1)), kSentinel);
+      std::vector<double> wide_out(static_cast<std::size_t>(p.T * p.Hq * (Dv1 + 1)), kSentinel);
+      const std::int64_t p_shape[3] = {p.T, p.Hq, p.N}, p_strides[3] = {p.Hq * (p.N + 1), p.N + 1, 1};
+      const std::int64_t g_shape[3] = {p.T, groups, p.N}, g_strides[3] = {groups * (p.N + 1), p.N + 1, 1};
+      const std::int64_t o_shape[3] = {p.T, p.Hq, Dv1}, o_strides[3] = {p.Hq * (Dv1 + 1), Dv1 + 1, 1};
+      exact_attention(p.inputs(), granularity, TensorView(wide_p.data(), DType::fp64, p_shape, p_strides, Device::cpu(), false),
+                      TensorView(wide_pbar.data(), DType::fp64, g_shape, g_strides, Device::cpu(), false),
+                      with_v ? TensorView(wide_out.data(), DType::fp64, o_shape, o_strides, Device::cpu(), false)
+                             : TensorView());
+      std::vector<double> plain_pbar(static_cast<std::size_t>(p.T * groups * (p.N + 1)), kSentinel);
+      group_probabilities(p.inputs(), granularity,
+                          TensorView(plain_pbar.data(), DType::fp64, g_shape, g_strides, Device::cpu(), false));
+      for (std::int64_t r = 0; r < p.T * p.Hq; ++r) {
+        for (std::int64_t s = 0; s < p.N; ++s) {
+          ASSERT_EQ(probs.at(static_cast<std::size_t>(r * p.N + s)), wide_p[static_cast<std::size_t>(r * (p.N + 1) + s)])
+              << what << " plain p " << r << " " << s;
+        }
+        for (std::int64_t d = 0; with_v && d < p.Dv; ++d) {
+          ASSERT_EQ(out.at(static_cast<std::size_t>(r * p.Dv + d)), wide_out[static_cast<std::size_t>(r * (Dv1 + 1) + d)])
+              << what << " plain out " << r << " " << d;
+        }
+      }
+      for (std::int64_t r = 0; r < p.T * groups; ++r) {
+        for (std::int64_t s = 0; s < p.N; ++s) {
+          ASSERT_EQ(pbar.at(static_cast<std::size_t>(r * p.N + s)), wide_pbar[static_cast<std::size_t>(r * (p.N + 1) + s)])
+              << what << " plain pbar " << r << " " << s;
+          ASSERT_EQ(pbar.at(static_cast<std::size_t>(r * p.N + s)), plain_pbar[static_cast<std::size_t>(r * (p.N + 1) + s)])
+              << what << " plain group_probabilities " << r << " " << s;
+        }
+      }
       for (std::size_t i = 0; i < want_probs.f64.size(); ++i) ASSERT_EQ(probs.at(i), want_probs.at(i)) << what << " p " << i;
       for (std::size_t i = 0; i < want_pbar.f64.size(); ++i) ASSERT_EQ(pbar.at(i), want_pbar.at(i)) << what << " pbar " << i;
       // Without v, out is left alone.

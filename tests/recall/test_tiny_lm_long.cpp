@@ -327,6 +327,7 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
     }
   };
   parse_error(R"({"type": "tiny-lm", "task": {"contexts": [30]}})", "\"mode\": \"decode\"");
+  parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {"contexts": [30], "pick": "last"}})", "'pick'");
   parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {}})", "contexts");
   parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {"contexts": []}})", "contexts");
   parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {"contexts": [30], "depth": 1}})", "'depth'");
@@ -339,6 +340,45 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
                                                    R"(, "mode": "decode", "task": {"contexts": [50]}}],
                                                    "selectors": [{"type": "exact"}], "k": 2})")),
                Error);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(TinyLmLongStudy, PickSpreadTakesExamplesEvenlyOverTheSet) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "keysel_test_tiny_lm_long_pick";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const SafetensorsFile file = random_model_file(small_config(), 14);
+  write_safetensors(dir / "model.safetensors", file.tensors, file.metadata);
+  const TinyLm model = TinyLm::from_safetensors(file);
+  TaskFixture f = make_task(model);
+  // Four examples of context 44: answered by full attention, not, answered, not (copies of the first two).
+  for (int copy = 0; copy < 2; ++copy) {
+    RetrievalExample x = f.examples[static_cast<std::size_t>(copy)];
+    const std::vector<std::uint8_t> bytes(f.data.begin() + x.offset, f.data.begin() + x.offset + x.length);
+    x.offset = static_cast<std::int64_t>(f.data.size());
+    f.examples.push_back(x);
+    f.data.insert(f.data.end(), bytes.begin(), bytes.end());
+  }
+  nlohmann::json doc = {{"format", "keysel-retrieval/1"}, {"data", "retrieval.bin"}, {"examples", nlohmann::json::array()}};
+  for (const RetrievalExample& x : f.examples) {
+    doc["examples"].push_back({{"offset", x.offset}, {"length", x.length}, {"answer_length", x.answer_length},
+                               {"keys", x.keys}, {"depth", x.depth}, {"context", x.context}});
+  }
+  std::ofstream(dir / "retrieval.json") << doc.dump();
+  std::ofstream(dir / "retrieval.bin", std::ios::binary)
+      .write(reinterpret_cast<const char*>(f.data.data()), static_cast<std::streamsize>(f.data.size()));
+  const auto full_exact_match = [&](const std::string& pick) {
+    const StudyConfig config = parse_study_config(R"({"workloads": [{"type": "tiny-lm", "model": )" +
+        json_string(dir.string()) + R"(, "mode": "decode", "query_sample": 2,
+        "task": {"contexts": [44], "examples_per_context": 2)" + pick + R"(}}],
+        "selectors": [{"type": "exact"}], "k": 2, "granularity": "per_token"})");
+    const StudySuiteResult result = run_study_config(config);
+    EXPECT_EQ(result.studies.at(0).full_exact_match.count, 2);
+    return result.studies.at(0).full_exact_match.mean;
+  };
+  EXPECT_EQ(full_exact_match(""), 0.5);                      // the first two: answered, not
+  EXPECT_EQ(full_exact_match(R"(, "pick": "first")"), 0.5);
+  EXPECT_EQ(full_exact_match(R"(, "pick": "spread")"), 1.0);  // indices 0 and 2: both answered
   std::filesystem::remove_all(dir);
 }
 

@@ -378,7 +378,7 @@ TEST(TinyLmLongStudy, PickSpreadTakesExamplesEvenlyOverTheSet) {
   };
   EXPECT_EQ(full_exact_match(""), 0.5);                      // the first two: answered, not
   EXPECT_EQ(full_exact_match(R"(, "pick": "first")"), 0.5);
-  EXPECT_EQ(full_exact_match(R"(, "pick": "spread")"), 1.0);  // indices 0 and 2: both answered
+  EXPECT_EQ(full_exact_match(R"(, "pick": "spread")"), 0.0);  // indices 1 and 3 (the middles of 0-1 and 2-3): not
   std::filesystem::remove_all(dir);
 }
 
@@ -391,6 +391,9 @@ TEST(TinyLmLongStudy, LongContextExampleStudyParses) {
   EXPECT_TRUE(tiny.task);
   EXPECT_EQ(tiny.study.mode, TinyLmStudyMode::decode);
   EXPECT_EQ(tiny.contexts, (std::vector<std::int64_t>{8192, 16384, 32768}));
+  EXPECT_EQ(tiny.examples_per_context, 2);
+  EXPECT_TRUE(tiny.spread_examples);
+  EXPECT_EQ(tiny.study.query_sample, 32);
   EXPECT_EQ(config.options.k_values, (std::vector<std::int64_t>{64, 256, 1024, 2048}));
   EXPECT_EQ(config.options.granularity, Granularity::per_token);
   EXPECT_EQ(config.selectors.size(), 13u);

@@ -513,8 +513,9 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
         const std::int64_t n = tiny.examples_per_context > 0 ? std::min(tiny.examples_per_context, M) : M;
         std::vector<TinyLmTaskExample> examples;
         for (std::int64_t i = 0; i < n; ++i) {
-          // "spread": the i-th of n at floor(i * M / n), so the examples cover the file's order of keys and depths.
-          const std::size_t e = matching[static_cast<std::size_t>(tiny.spread_examples ? i * M / n : i)];
+          // "spread": the i-th of n at floor((2i + 1) M / 2n), the middle of the i-th of n equal runs of the
+          // matching examples, so the examples cover the file's order of keys and depths.
+          const std::size_t e = matching[static_cast<std::size_t>(tiny.spread_examples ? (2 * i + 1) * M / (2 * n) : i)];
           examples.push_back({set.bytes(e), set.examples[e].answer_length});
         }
         if (examples.empty()) {

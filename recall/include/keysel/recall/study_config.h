@@ -39,7 +39,8 @@ struct TinyLmWorkloadOptions {
   std::vector<std::int64_t> contexts;     // the examples' "context" values studied, in this order (required)
   std::int64_t examples_per_context = 0;  // n matching examples of each context; 0: all of them
   bool spread_examples = false;           // "pick": "first" (false: the first n) or "spread" (true: n spread evenly
-                                          // over the matching examples, the i-th of n at index floor(i * M / n))
+                                          // over the matching examples, the i-th of n at index
+                                          // floor((2i + 1) M / 2n): the middle of the i-th of n equal runs)
   std::vector<std::int64_t> keys;         // only examples planting one of these numbers of keys; empty: any
 };
 

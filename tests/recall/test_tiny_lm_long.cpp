@@ -314,6 +314,30 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
   EXPECT_NE(csv.find("tiny-lm(retrieval) context 44,exact,8,exact_match,2,"), std::string::npos);
   const std::string html = read_text(dir / "out" / "report.html");
   EXPECT_EQ(test::xml_problem(html), "");
+  // Charts against k are ticked at the k studied (2 and 8) and nowhere else; every title fits its chart (titles
+  // are 14 px bold, at most 0.6 em a character, from x = 12).
+  for (const char* title : {"bits per byte vs k", "exact match vs k", "recall vs k"}) {
+    const std::size_t at = html.find(std::string("<title>") + title + "</title>");
+    ASSERT_NE(at, std::string::npos) << title;
+    const std::string svg = html.substr(at, html.find("</svg>", at) - at);
+    std::vector<std::string> ticks;
+    const std::string mark = "text-anchor=\"middle\" class=\"a\">";
+    for (std::size_t t = svg.find(mark); t != std::string::npos; t = svg.find(mark, t + 1)) {
+      const std::size_t from = t + mark.size();
+      const std::string label = svg.substr(from, svg.find('<', from) - from);
+      if (label.find(' ') == std::string::npos) ticks.push_back(label);  // the axis caption has spaces
+    }
+    EXPECT_EQ(ticks, (std::vector<std::string>{"2", "8"})) << title;
+  }
+  for (std::size_t at = html.find("<svg"); at != std::string::npos; at = html.find("<svg", at + 1)) {
+    const std::size_t w = html.find("width=\"", at) + 7;
+    const double width = std::stod(html.substr(w, html.find('"', w) - w));
+    const std::size_t t = html.find("class=\"t\">", at);
+    ASSERT_NE(t, std::string::npos);
+    const std::size_t from = t + 11;
+    const std::string title = html.substr(from, html.find('<', from) - from);
+    EXPECT_LE(12.0 + 0.6 * 14.0 * static_cast<double>(title.size()), width) << title;
+  }
   const nlohmann::json out = nlohmann::json::parse(read_text(dir / "out" / "results.json"));
   EXPECT_EQ(out["studies"][1]["full_attention"]["exact_match"]["count"], 2);
 
@@ -394,6 +418,11 @@ TEST(TinyLmLongStudy, LongContextExampleStudyParses) {
   EXPECT_EQ(tiny.examples_per_context, 2);
   EXPECT_TRUE(tiny.spread_examples);
   EXPECT_EQ(tiny.study.query_sample, 32);
+  // Its per-head companion: the same model and contexts, entropy and indexer recall per layer and head.
+  const StudyConfig heads = parse_study_config(read_text(example.parent_path() / "tiny_lm_32k_heads.json"));
+  EXPECT_EQ(heads.options.granularity, Granularity::per_head);
+  EXPECT_EQ(heads.workloads.at(0).tiny_lm.contexts, tiny.contexts);
+  EXPECT_EQ(heads.options.k_values, config.options.k_values);
   EXPECT_EQ(config.options.k_values, (std::vector<std::int64_t>{64, 256, 1024, 2048}));
   EXPECT_EQ(config.options.granularity, Granularity::per_token);
   EXPECT_EQ(config.selectors.size(), 13u);

@@ -70,6 +70,23 @@ AttentionKernel resolve_kernel(std::string_view function, AttentionKernel reques
 
 using KernelFunction = void (*)(const kernels::Problem&, const std::int32_t*, std::int64_t, const kernels::State&);
 
+using SharedKernelFunction = void (*)(const kernels::Problem*, std::int64_t, const std::int32_t*, const std::int64_t*,
+                                      const kernels::State*);
+
+SharedKernelFunction shared_kernel_function(AttentionKernel kernel) {
+  switch (kernel) {
+#if defined(__x86_64__)
+    case AttentionKernel::avx512: return kernels::attend_shared_avx512;
+    case AttentionKernel::avx2: return kernels::attend_shared_avx2;
+#endif
+    default: return kernels::attend_shared_scalar;
+  }
+}
+
+/// Query tokens attended together over the causal prefix (full attention): each block of K/V rows is read from
+/// memory once for this many tokens of one key head.
+constexpr std::int64_t kPrefixTile = 16;
+
 KernelFunction kernel_function(AttentionKernel kernel) {
   switch (kernel) {
 #if defined(__x86_64__)
@@ -311,6 +328,64 @@ void run_attention(const AttentionInputs& inputs, const AttentionShape& shape,
     for (std::int64_t d = 0; d < shape.value_dim; ++d) o[d * os[2]] = acc[d] * inverse;
     if (lse_data != nullptr) lse_data[t * ls[0] + h * ls[1]] = sum > 0.0f ? max + std::log(sum) : minus_inf;
   };
+
+  // Full attention (every unit's keys are a prefix of 0, 1, ...): tiles of kPrefixTile consecutive tokens of one
+  // key head share each block of K/V rows (attend_shared: the same result per unit as attend).
+  if (source.selection == nullptr && splits == 1) {
+    const SharedKernelFunction attend_shared = shared_kernel_function(kernel);
+    const std::int64_t token_tiles = (shape.tokens + kPrefixTile - 1) / kPrefixTile;
+    const std::int64_t tiles = token_tiles * units_per_token;
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> state_max(static_cast<std::size_t>(kPrefixTile * heads_per_unit));
+      std::vector<float> state_sum(static_cast<std::size_t>(kPrefixTile * heads_per_unit));
+      std::vector<float> state_acc(static_cast<std::size_t>(kPrefixTile * heads_per_unit * dvp));
+      std::vector<float> logits(static_cast<std::size_t>(kPrefixTile * heads_per_unit * kernels::kBlock));
+      kernels::Problem problems[kPrefixTile];
+      kernels::State states[kPrefixTile];
+      std::int64_t counts[kPrefixTile];
+#pragma omp for schedule(dynamic, 1)
+      for (std::int64_t tile = 0; tile < tiles; ++tile) {
+        // The longest tiles (the last tokens) first, so that the short ones fill in at the end.
+        const std::int64_t token_tile = token_tiles - 1 - tile / units_per_token;
+        const std::int64_t u = tile % units_per_token;
+        const std::int64_t first_head = per_head ? u : u * g;
+        const std::int64_t kv = first_head / g;
+        const std::int64_t t0 = token_tile * kPrefixTile;
+        const std::int64_t m = std::min(kPrefixTile, shape.tokens - t0);
+        for (std::int64_t i = 0; i < m; ++i) {
+          const std::int64_t t = t0 + i;
+          kernels::Problem& problem = problems[i];
+          problem.q = queries.data() + (t * shape.query_heads + first_head) * dp;
+          problem.heads = heads_per_unit;
+          problem.dim = shape.head_dim;
+          problem.dim_padded = dp;
+          problem.value_dim = shape.value_dim;
+          problem.value_dim_padded = dvp;
+          problem.k_dtype = inputs.k.dtype();
+          problem.v_dtype = inputs.v.dtype();
+          problem.k = k_rows.base + kv * k_rows.head_bytes;
+          problem.k_row_bytes = k_rows.token_bytes;
+          problem.v = v_rows.base + kv * v_rows.head_bytes;
+          problem.v_row_bytes = v_rows.token_bytes;
+          counts[i] = allowed[static_cast<std::size_t>(t)];
+          states[i] = kernels::State{state_max.data() + i * heads_per_unit, state_sum.data() + i * heads_per_unit,
+                                     state_acc.data() + i * heads_per_unit * dvp,
+                                     logits.data() + i * heads_per_unit * kernels::kBlock};
+        }
+        std::fill(state_max.begin(), state_max.end(), minus_inf);
+        std::fill(state_sum.begin(), state_sum.end(), 0.0f);
+        std::fill(state_acc.begin(), state_acc.end(), 0.0f);
+        attend_shared(problems, m, source.prefix, counts, states);
+        for (std::int64_t i = 0; i < m; ++i) {
+          for (std::int64_t j = 0; j < heads_per_unit; ++j) {
+            finish_head(t0 + i, first_head + j, states[i].max[j], states[i].sum[j], states[i].acc + j * dvp);
+          }
+        }
+      }
+    }
+    return;
+  }
 
 #pragma omp parallel num_threads(threads)
   {

@@ -89,6 +89,11 @@ void attend_avx2(const Problem& problem, const std::int32_t* keys, std::int64_t 
   attend_simd<Avx2>(problem, keys, count, state);
 }
 
+void attend_shared_avx2(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                        const std::int64_t* counts, const State* states) {
+  attend_shared_simd<Avx2>(problems, units, keys, counts, states);
+}
+
 BackwardOps backward_ops_avx2() { return backward_ops<Avx2>(); }
 
 }  // namespace keysel::attention_kernels

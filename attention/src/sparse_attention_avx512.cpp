@@ -82,6 +82,11 @@ void attend_avx512(const Problem& problem, const std::int32_t* keys, std::int64_
   attend_simd<Avx512>(problem, keys, count, state);
 }
 
+void attend_shared_avx512(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                        const std::int64_t* counts, const State* states) {
+  attend_shared_simd<Avx512>(problems, units, keys, counts, states);
+}
+
 BackwardOps backward_ops_avx512() { return backward_ops<Avx512>(); }
 
 }  // namespace keysel::attention_kernels

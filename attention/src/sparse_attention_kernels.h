@@ -50,6 +50,17 @@ void attend_scalar(const Problem& problem, const std::int32_t* keys, std::int64_
 void attend_avx2(const Problem& problem, const std::int32_t* keys, std::int64_t count, const State& state);
 void attend_avx512(const Problem& problem, const std::int32_t* keys, std::int64_t count, const State& state);
 
+/// Attends several units over one key list: unit i (problems[i], states[i]) over keys[0 .. counts[i]), every
+/// unit reading the same K and V rows (one key head; full attention's causal prefix). Each state equals what
+/// attend_<isa>(problems[i], keys, counts[i], states[i]) makes, bit for bit; the SIMD kernels interleave the
+/// units block by block so that each block of K/V rows comes from memory once for all of them.
+void attend_shared_scalar(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                          const std::int64_t* counts, const State* states);
+void attend_shared_avx2(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                        const std::int64_t* counts, const State* states);
+void attend_shared_avx512(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                          const std::int64_t* counts, const State* states);
+
 /// Row primitives of the backward pass (sparse_attention_backward). Every fp32 row they touch is zero padded to
 /// a multiple of kPad floats, so no call handles a tail except `convert`, which reads n elements and zero fills
 /// dst up to n_padded.

@@ -89,4 +89,9 @@ void axpy_scalar(float* acc, float alpha, const float* x, std::int64_t n_padded)
 
 BackwardOps backward_ops_scalar() { return BackwardOps{&convert_scalar, &dot_scalar, &axpy_scalar}; }
 
+void attend_shared_scalar(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                          const std::int64_t* counts, const State* states) {
+  for (std::int64_t i = 0; i < units; ++i) attend_scalar(problems[i], keys, counts[i], states[i]);
+}
+
 }  // namespace keysel::attention_kernels

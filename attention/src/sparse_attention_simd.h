@@ -195,6 +195,34 @@ void attend_typed(const Problem& p, const std::int32_t* keys, std::int64_t count
   }
 }
 
+/// Units that share one key list (and their K/V rows): unit i attends keys[0 .. counts[i]). Block by block, each
+/// unit in turn runs the steps attend_typed runs on that block (same block boundaries, same operations), so its
+/// state equals attend_typed's bit for bit, while the block's K and V rows, read from memory for the first unit,
+/// are still in cache for the others.
+template <class Isa, DType KT, DType VT>
+void attend_shared_typed(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                         const std::int64_t* counts, const State* states) {
+  const std::byte* krows[kBlock];
+  const std::byte* vrows[kBlock];
+  std::int64_t longest = 0;
+  for (std::int64_t i = 0; i < units; ++i) longest = std::max(longest, counts[i]);
+  for (std::int64_t begin = 0; begin < longest; begin += kBlock) {
+    for (std::int64_t i = 0; i < units; ++i) {
+      if (counts[i] <= begin) continue;
+      const Problem& p = problems[i];
+      const std::int64_t n = std::min(kBlock, counts[i] - begin);
+      for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t s = keys[begin + j];
+        krows[j] = p.k + s * p.k_row_bytes;
+        vrows[j] = p.v + s * p.v_row_bytes;
+      }
+      for (std::int64_t j = 0; j < n; ++j) score_block<Isa, KT>(p, krows + j, 1, states[i].logits + j);
+      softmax_block<Isa>(p, n, states[i]);
+      accumulate_block<Isa, VT>(p, states[i].logits, vrows, n, states[i].acc);
+    }
+  }
+}
+
 template <class Isa, DType KT>
 void attend_k(const Problem& p, const std::int32_t* keys, std::int64_t count, const State& state) {
   switch (p.v_dtype) {
@@ -210,6 +238,27 @@ void attend_simd(const Problem& p, const std::int32_t* keys, std::int64_t count,
     case DType::fp32: return attend_k<Isa, DType::fp32>(p, keys, count, state);
     case DType::bf16: return attend_k<Isa, DType::bf16>(p, keys, count, state);
     default: return attend_k<Isa, DType::fp16>(p, keys, count, state);
+  }
+}
+
+template <class Isa, DType KT>
+void attend_shared_k(const Problem* problems, std::int64_t units, const std::int32_t* keys, const std::int64_t* counts,
+                     const State* states) {
+  switch (problems[0].v_dtype) {
+    case DType::fp32: return attend_shared_typed<Isa, KT, DType::fp32>(problems, units, keys, counts, states);
+    case DType::bf16: return attend_shared_typed<Isa, KT, DType::bf16>(problems, units, keys, counts, states);
+    default: return attend_shared_typed<Isa, KT, DType::fp16>(problems, units, keys, counts, states);
+  }
+}
+
+template <class Isa>
+void attend_shared_simd(const Problem* problems, std::int64_t units, const std::int32_t* keys,
+                        const std::int64_t* counts, const State* states) {
+  if (units <= 0) return;
+  switch (problems[0].k_dtype) {
+    case DType::fp32: return attend_shared_k<Isa, DType::fp32>(problems, units, keys, counts, states);
+    case DType::bf16: return attend_shared_k<Isa, DType::bf16>(problems, units, keys, counts, states);
+    default: return attend_shared_k<Isa, DType::fp16>(problems, units, keys, counts, states);
   }
 }
 

@@ -131,6 +131,12 @@ std::vector<double> to_double_vector(const TensorView& view) {
   const std::int64_t count = view.numel();
   std::vector<double> out(static_cast<std::size_t>(count));
   if (count == 0) return out;
+  if (view.dtype() == DType::fp32 && view.is_contiguous()) {
+    // The common case (studies convert whole K/V caches per call): no index arithmetic per element.
+    const float* data = static_cast<const float*>(view.raw_data());
+    for (std::int64_t i = 0; i < count; ++i) out[static_cast<std::size_t>(i)] = static_cast<double>(data[i]);
+    return out;
+  }
   const int rank = view.rank();
   std::array<std::int64_t, TensorView::kMaxRank> index{};
   for (std::int64_t i = 0; i < count; ++i) {

@@ -228,6 +228,91 @@ TEST(AttentionProbabilities, SumToOneOverAllowedKeysAndZeroElsewhere) {
   }
 }
 
+TEST(AttentionProbabilities, LogitsAddEachKeysProductsInOrder) {
+  // The reference scores several keys side by side; each key's dot product must still be the sequential double
+  // sum over d, so the log-sum-exp equals the textbook loop's exactly (37 keys: whole groups of 8 and a rest).
+  const Problem p = awkward_problem(12);
+  Buffer out({p.T, p.Hq, p.Dv});
+  Buffer lse({p.T, p.Hq});
+  full_attention(p.inputs(), out.view, lse.view);
+  for (std::int64_t t = 0; t < p.T; ++t) {
+    for (std::int64_t h = 0; h < p.Hq; ++h) {
+      EXPECT_EQ(lse.at(static_cast<std::size_t>(t * p.Hq + h)), naive_full_lse(p, t, h)) << "t=" << t << " h=" << h;
+    }
+  }
+}
+
+TEST(ExactAttention, EqualsTheThreeSeparateReferencesBitForBit) {
+  // The awkward problem (5 tokens, 37 keys), and one of several token tiles (19 tokens) and key blocks (300 keys)
+  // with positions inside and beyond the keys.
+  std::vector<std::int32_t> spread(19);
+  for (std::size_t t = 0; t < spread.size(); ++t) spread[t] = static_cast<std::int32_t>((t * 37) % 331);
+  const Problem problems[] = {awkward_problem(13), make_problem(15, 19, 300, 6, 2, 13, 7, spread)};
+  for (const Granularity granularity : kGranularities) {
+    for (const bool with_v : {true, false}) {
+     for (const Problem& original : problems) {
+      Problem p = original;
+      if (!with_v) p.Dv = 0;
+      const std::int64_t groups = group_count(granularity, p.Hq, p.Hkv);
+      Buffer probs({p.T, p.Hq, p.N}), pbar({p.T, groups, p.N}), out({p.T, p.Hq, std::max<std::int64_t>(p.Dv, 1)});
+      exact_attention(p.inputs(), granularity, probs.view, pbar.view, with_v ? out.view : TensorView());
+      Buffer want_probs({p.T, p.Hq, p.N}), want_pbar({p.T, groups, p.N}), want_out({p.T, p.Hq, std::max<std::int64_t>(p.Dv, 1)});
+      attention_probabilities(p.inputs(), want_probs.view);
+      group_probabilities(p.inputs(), granularity, want_pbar.view);
+      if (with_v) full_attention(p.inputs(), want_out.view);
+      const std::string what = std::string(granularity_name(granularity)) + (with_v ? " with v" : " without v") +
+                               " T=" + std::to_string(p.T);
+      // Outputs with gaps between rows take the plain loops (exact_attention and group_probabilities tile only
+      // contiguous fp64 outputs): the same values again.
+      const std::int64_t Dv1 = std::max<std::int64_t>(p.Dv, 1);
+      std::vector<double> wide_p(static_cast<std::size_t>(p.T * p.Hq * (p.N + 1)), kSentinel);
+      std::vector<double> wide_pbar(static_cast<std::size_t>(p.T * groups * (p.N + 1)), kSentinel);
+      std::vector<double> wide_out(static_cast<std::size_t>(p.T * p.Hq * (Dv1 + 1)), kSentinel);
+      const std::int64_t p_shape[3] = {p.T, p.Hq, p.N}, p_strides[3] = {p.Hq * (p.N + 1), p.N + 1, 1};
+      const std::int64_t g_shape[3] = {p.T, groups, p.N}, g_strides[3] = {groups * (p.N + 1), p.N + 1, 1};
+      const std::int64_t o_shape[3] = {p.T, p.Hq, Dv1}, o_strides[3] = {p.Hq * (Dv1 + 1), Dv1 + 1, 1};
+      exact_attention(p.inputs(), granularity, TensorView(wide_p.data(), DType::fp64, p_shape, p_strides, Device::cpu(), false),
+                      TensorView(wide_pbar.data(), DType::fp64, g_shape, g_strides, Device::cpu(), false),
+                      with_v ? TensorView(wide_out.data(), DType::fp64, o_shape, o_strides, Device::cpu(), false)
+                             : TensorView());
+      std::vector<double> plain_pbar(static_cast<std::size_t>(p.T * groups * (p.N + 1)), kSentinel);
+      group_probabilities(p.inputs(), granularity,
+                          TensorView(plain_pbar.data(), DType::fp64, g_shape, g_strides, Device::cpu(), false));
+      for (std::int64_t r = 0; r < p.T * p.Hq; ++r) {
+        for (std::int64_t s = 0; s < p.N; ++s) {
+          ASSERT_EQ(probs.at(static_cast<std::size_t>(r * p.N + s)), wide_p[static_cast<std::size_t>(r * (p.N + 1) + s)])
+              << what << " plain p " << r << " " << s;
+        }
+        for (std::int64_t d = 0; with_v && d < p.Dv; ++d) {
+          ASSERT_EQ(out.at(static_cast<std::size_t>(r * p.Dv + d)), wide_out[static_cast<std::size_t>(r * (Dv1 + 1) + d)])
+              << what << " plain out " << r << " " << d;
+        }
+      }
+      for (std::int64_t r = 0; r < p.T * groups; ++r) {
+        for (std::int64_t s = 0; s < p.N; ++s) {
+          ASSERT_EQ(pbar.at(static_cast<std::size_t>(r * p.N + s)), wide_pbar[static_cast<std::size_t>(r * (p.N + 1) + s)])
+              << what << " plain pbar " << r << " " << s;
+          ASSERT_EQ(pbar.at(static_cast<std::size_t>(r * p.N + s)), plain_pbar[static_cast<std::size_t>(r * (p.N + 1) + s)])
+              << what << " plain group_probabilities " << r << " " << s;
+        }
+      }
+      for (std::size_t i = 0; i < want_probs.f64.size(); ++i) ASSERT_EQ(probs.at(i), want_probs.at(i)) << what << " p " << i;
+      for (std::size_t i = 0; i < want_pbar.f64.size(); ++i) ASSERT_EQ(pbar.at(i), want_pbar.at(i)) << what << " pbar " << i;
+      // Without v, out is left alone.
+      for (std::size_t i = 0; i < want_out.f64.size(); ++i) ASSERT_EQ(out.at(i), want_out.at(i)) << what << " out " << i;
+     }
+    }
+  }
+  const Problem p = awkward_problem(14);
+  Buffer probs({p.T, p.Hq, p.N}), pbar({p.T, p.Hkv, p.N}), wrong({p.T, p.Hq, p.N});
+  try {
+    exact_attention(p.inputs(), Granularity::per_kv_head, probs.view, wrong.view, TensorView());
+    FAIL() << "no error for a pbar of the wrong shape";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pbar"), std::string::npos) << e.what();
+  }
+}
+
 TEST(AttentionProbabilities, StableForHugeLogits) {
   Problem p = make_problem(2, 2, 9, 2, 1, 4, 3, {8, 5});
   for (float& x : p.q) x *= 1000.0f;  // logits in the thousands: a naive exp overflows

@@ -371,6 +371,42 @@ TEST(FullAttentionFast, MatchesFullAttentionReference) {
   }
 }
 
+TEST(FullAttentionFast, TokenTilesEqualOneTokenAtATime) {
+  // full_attention_fast attends tiles of consecutive tokens over the shared causal prefix; sparse_attention over
+  // rows listing that prefix attends one token at a time. Same blocks, same operations: equal bit for bit.
+  // 37 tokens (two whole tiles of 16 and a part), 300 keys (four whole blocks of 64 and a part), odd D, GQA,
+  // positions both inside and beyond the keys.
+  const Shape shape{37, 300, 6, 2, 13, 20};
+  std::vector<std::int32_t> positions(static_cast<std::size_t>(shape.T));
+  for (std::int64_t t = 0; t < shape.T; ++t) positions[static_cast<std::size_t>(t)] = static_cast<std::int32_t>(t * 9);
+  for (const DType kv : {DType::fp32, DType::bf16}) {
+    const Case c = make_case(53, shape, DType::fp32, kv, kv, positions);
+    const std::int64_t width = shape.N;
+    std::vector<std::int32_t> prefix_rows(static_cast<std::size_t>(shape.T * shape.Hkv * width), -1);
+    for (std::int64_t t = 0; t < shape.T; ++t) {
+      for (std::int64_t g = 0; g < shape.Hkv; ++g) {
+        for (std::int64_t s = 0; s < c.allowed(t); ++s) {
+          prefix_rows[static_cast<std::size_t>((t * shape.Hkv + g) * width + s)] = static_cast<std::int32_t>(s);
+        }
+      }
+    }
+    for (const AttentionKernel kernel : available_attention_kernels()) {
+      for (const int threads : {1, 3}) {
+        const Result want = run_sparse(c, prefix_rows, shape.Hkv, width, Granularity::per_kv_head, kernel, threads);
+        Result got;
+        got.out.assign(want.out.size(), kSentinel);
+        got.lse.assign(want.lse.size(), kSentinel);
+        full_attention_fast(c.inputs(), TensorView(got.out.data(), DType::fp32, {shape.T, shape.Hq, shape.Dv}),
+                            TensorView(got.lse.data(), DType::fp32, {shape.T, shape.Hq}), {kernel, threads});
+        const std::string what = std::string(attention_kernel_name(kernel)) + " " + std::string(dtype_name(kv)) +
+                                 " threads " + std::to_string(threads);
+        for (std::size_t i = 0; i < want.out.size(); ++i) ASSERT_EQ(got.out[i], want.out[i]) << what << " out " << i;
+        for (std::size_t i = 0; i < want.lse.size(); ++i) ASSERT_EQ(got.lse[i], want.lse[i]) << what << " lse " << i;
+      }
+    }
+  }
+}
+
 // ---- bad input -----------------------------------------------------------------------------------------------
 
 /// Runs sparse_attention expecting keysel::Error whose message contains every fragment, and checks that out

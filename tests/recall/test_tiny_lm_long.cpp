@@ -314,6 +314,30 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
   EXPECT_NE(csv.find("tiny-lm(retrieval) context 44,exact,8,exact_match,2,"), std::string::npos);
   const std::string html = read_text(dir / "out" / "report.html");
   EXPECT_EQ(test::xml_problem(html), "");
+  // Charts against k are ticked at the k studied (2 and 8) and nowhere else; every title fits its chart (titles
+  // are 14 px bold, at most 0.6 em a character, from x = 12).
+  for (const char* title : {"bits per byte vs k", "exact match vs k", "recall vs k"}) {
+    const std::size_t at = html.find(std::string("<title>") + title + "</title>");
+    ASSERT_NE(at, std::string::npos) << title;
+    const std::string svg = html.substr(at, html.find("</svg>", at) - at);
+    std::vector<std::string> ticks;
+    const std::string mark = "text-anchor=\"middle\" class=\"a\">";
+    for (std::size_t t = svg.find(mark); t != std::string::npos; t = svg.find(mark, t + 1)) {
+      const std::size_t from = t + mark.size();
+      const std::string label = svg.substr(from, svg.find('<', from) - from);
+      if (label.find(' ') == std::string::npos) ticks.push_back(label);  // the axis caption has spaces
+    }
+    EXPECT_EQ(ticks, (std::vector<std::string>{"2", "8"})) << title;
+  }
+  for (std::size_t at = html.find("<svg"); at != std::string::npos; at = html.find("<svg", at + 1)) {
+    const std::size_t w = html.find("width=\"", at) + 7;
+    const double width = std::stod(html.substr(w, html.find('"', w) - w));
+    const std::size_t t = html.find("class=\"t\">", at);
+    ASSERT_NE(t, std::string::npos);
+    const std::size_t from = t + 11;
+    const std::string title = html.substr(from, html.find('<', from) - from);
+    EXPECT_LE(12.0 + 0.6 * 14.0 * static_cast<double>(title.size()), width) << title;
+  }
   const nlohmann::json out = nlohmann::json::parse(read_text(dir / "out" / "results.json"));
   EXPECT_EQ(out["studies"][1]["full_attention"]["exact_match"]["count"], 2);
 
@@ -327,6 +351,7 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
     }
   };
   parse_error(R"({"type": "tiny-lm", "task": {"contexts": [30]}})", "\"mode\": \"decode\"");
+  parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {"contexts": [30], "pick": "last"}})", "'pick'");
   parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {}})", "contexts");
   parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {"contexts": []}})", "contexts");
   parse_error(R"({"type": "tiny-lm", "mode": "decode", "task": {"contexts": [30], "depth": 1}})", "'depth'");
@@ -342,6 +367,45 @@ TEST(TinyLmLongStudy, StudyFileWithATaskWritesAccuracyPerContext) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(TinyLmLongStudy, PickSpreadTakesExamplesEvenlyOverTheSet) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "keysel_test_tiny_lm_long_pick";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const SafetensorsFile file = random_model_file(small_config(), 14);
+  write_safetensors(dir / "model.safetensors", file.tensors, file.metadata);
+  const TinyLm model = TinyLm::from_safetensors(file);
+  TaskFixture f = make_task(model);
+  // Four examples of context 44: answered by full attention, not, answered, not (copies of the first two).
+  for (int copy = 0; copy < 2; ++copy) {
+    RetrievalExample x = f.examples[static_cast<std::size_t>(copy)];
+    const std::vector<std::uint8_t> bytes(f.data.begin() + x.offset, f.data.begin() + x.offset + x.length);
+    x.offset = static_cast<std::int64_t>(f.data.size());
+    f.examples.push_back(x);
+    f.data.insert(f.data.end(), bytes.begin(), bytes.end());
+  }
+  nlohmann::json doc = {{"format", "keysel-retrieval/1"}, {"data", "retrieval.bin"}, {"examples", nlohmann::json::array()}};
+  for (const RetrievalExample& x : f.examples) {
+    doc["examples"].push_back({{"offset", x.offset}, {"length", x.length}, {"answer_length", x.answer_length},
+                               {"keys", x.keys}, {"depth", x.depth}, {"context", x.context}});
+  }
+  std::ofstream(dir / "retrieval.json") << doc.dump();
+  std::ofstream(dir / "retrieval.bin", std::ios::binary)
+      .write(reinterpret_cast<const char*>(f.data.data()), static_cast<std::streamsize>(f.data.size()));
+  const auto full_exact_match = [&](const std::string& pick) {
+    const StudyConfig config = parse_study_config(R"({"workloads": [{"type": "tiny-lm", "model": )" +
+        json_string(dir.string()) + R"(, "mode": "decode", "query_sample": 2,
+        "task": {"contexts": [44], "examples_per_context": 2)" + pick + R"(}}],
+        "selectors": [{"type": "exact"}], "k": 2, "granularity": "per_token"})");
+    const StudySuiteResult result = run_study_config(config);
+    EXPECT_EQ(result.studies.at(0).full_exact_match.count, 2);
+    return result.studies.at(0).full_exact_match.mean;
+  };
+  EXPECT_EQ(full_exact_match(""), 0.5);                      // the first two: answered, not
+  EXPECT_EQ(full_exact_match(R"(, "pick": "first")"), 0.5);
+  EXPECT_EQ(full_exact_match(R"(, "pick": "spread")"), 0.0);  // indices 1 and 3 (the middles of 0-1 and 2-3): not
+  std::filesystem::remove_all(dir);
+}
+
 TEST(TinyLmLongStudy, LongContextExampleStudyParses) {
   const std::filesystem::path example =
       std::filesystem::path(__FILE__).parent_path() / "../../examples/studies/tiny_lm_32k.json";
@@ -351,6 +415,14 @@ TEST(TinyLmLongStudy, LongContextExampleStudyParses) {
   EXPECT_TRUE(tiny.task);
   EXPECT_EQ(tiny.study.mode, TinyLmStudyMode::decode);
   EXPECT_EQ(tiny.contexts, (std::vector<std::int64_t>{8192, 16384, 32768}));
+  EXPECT_EQ(tiny.examples_per_context, 2);
+  EXPECT_TRUE(tiny.spread_examples);
+  EXPECT_EQ(tiny.study.query_sample, 32);
+  // Its per-head companion: the same model and contexts, entropy and indexer recall per layer and head.
+  const StudyConfig heads = parse_study_config(read_text(example.parent_path() / "tiny_lm_32k_heads.json"));
+  EXPECT_EQ(heads.options.granularity, Granularity::per_head);
+  EXPECT_EQ(heads.workloads.at(0).tiny_lm.contexts, tiny.contexts);
+  EXPECT_EQ(heads.options.k_values, config.options.k_values);
   EXPECT_EQ(config.options.k_values, (std::vector<std::int64_t>{64, 256, 1024, 2048}));
   EXPECT_EQ(config.options.granularity, Granularity::per_token);
   EXPECT_EQ(config.selectors.size(), 13u);

@@ -206,15 +206,17 @@ ExactReference::ExactReference(const AttentionInputs& inputs, Granularity granul
   }
 
   probabilities_.assign(static_cast<std::size_t>(tokens * shape_.query_heads * keys), 0.0);
-  attention_probabilities(inputs, TensorView(probabilities_.data(), DType::fp64, {tokens, shape_.query_heads, keys}));
   pbar_.assign(static_cast<std::size_t>(tokens * groups_ * keys), 0.0);
-  group_probabilities(inputs, granularity_, TensorView(pbar_.data(), DType::fp64, {tokens, groups_, keys}));
-
+  // p, pbar and o from one pass over the logits (exact_attention: the same values as attention_probabilities,
+  // group_probabilities and full_attention called one by one).
+  TensorView outputs;
   if (!inputs.v.empty()) {
     outputs_.assign(static_cast<std::size_t>(tokens * shape_.query_heads * shape_.value_dim), 0.0);
-    full_attention(inputs, TensorView(outputs_.data(), DType::fp64, {tokens, shape_.query_heads, shape_.value_dim}));
-    values_ = to_double_vector(inputs.v);
+    outputs = TensorView(outputs_.data(), DType::fp64, {tokens, shape_.query_heads, shape_.value_dim});
   }
+  exact_attention(inputs, granularity_, TensorView(probabilities_.data(), DType::fp64, {tokens, shape_.query_heads, keys}),
+                  TensorView(pbar_.data(), DType::fp64, {tokens, groups_, keys}), outputs);
+  if (!inputs.v.empty()) values_ = to_double_vector(inputs.v);
 }
 
 std::int64_t ExactReference::allowed(std::int64_t t) const {

@@ -26,6 +26,14 @@ std::string num(double v, const char* format = "%.4g") {
   return buffer;
 }
 std::string px(double v) { return num(v, "%.1f"); }
+/// An axis tick's label: 3 significant digits, thousands as "k" and millions as "M" (100k, 2M rather than
+/// 1e+05, 2e+06).
+std::string tick_label(double v) {
+  const double a = std::abs(v);
+  if (std::isfinite(v) && a >= 1e6) return num(v / 1e6, "%.3g") + "M";
+  if (std::isfinite(v) && a >= 1e4) return num(v / 1e3, "%.3g") + "k";
+  return num(v, "%.3g");
+}
 
 struct Point {
   double x = 0, y = 0;
@@ -143,7 +151,7 @@ std::string chart(const std::string& title, const std::string& x_label, const st
          "\" height=\"" + px(kHeight - kTop - kBottom) + "\" fill=\"none\" stroke=\"#999\"/>\n";
   for (const double yv : axis_ticks(ay.lo, ay.hi, log_y)) {
     svg += "<text x=\"" + px(kLeft - 6) + "\" y=\"" + px(ay.map(yv) + 4) + "\" text-anchor=\"end\" class=\"a\">" +
-           num(yv, "%.3g") + "</text>\n";
+           tick_label(yv) + "</text>\n";
   }
   std::vector<double> x_ticks;
   for (const double v : style.x_ticks) {
@@ -154,7 +162,7 @@ std::string chart(const std::string& title, const std::string& x_label, const st
     svg += "<line x1=\"" + px(ax.map(xv)) + "\" y1=\"" + px(kHeight - kBottom) + "\" x2=\"" + px(ax.map(xv)) +
            "\" y2=\"" + px(kHeight - kBottom + 4) + "\" stroke=\"#999\"/>\n";
     svg += "<text x=\"" + px(ax.map(xv)) + "\" y=\"" + px(kHeight - kBottom + 16) +
-           "\" text-anchor=\"middle\" class=\"a\">" + num(xv, style.x_ticks.empty() ? "%.3g" : "%.6g") + "</text>\n";
+           "\" text-anchor=\"middle\" class=\"a\">" + (style.x_ticks.empty() ? tick_label(xv) : num(xv, "%.6g")) + "</text>\n";
   }
   svg += "<text x=\"" + px((kLeft + kWidth - kRight) / 2) + "\" y=\"" + px(kHeight - 10) +
          "\" text-anchor=\"middle\" class=\"a\">" + escape_html(x_label) + "</text>\n";

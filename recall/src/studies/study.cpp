@@ -342,6 +342,10 @@ StudyResult run_decode_study(std::string_view function, const TinyLm& model,
       }
     }
     if (task) full_match.push_back(full_correct ? 1.0 : 0.0);
+    // Layer 0's attention inputs do not depend on the selections (the scored rows' queries and K/V at layer 0 come
+    // from their bytes alone, as the prefill's do), so its exact reference is computed once per sequence and shared
+    // by every selector and k. (ExactReference keeps copies of what evaluate() reads.)
+    std::unique_ptr<const ExactReference> first_layer;
 
     for (std::size_t i = 0; i < selectors.size(); ++i) {
       for (std::size_t j = 0; j < options.k_values.size(); ++j) {
@@ -362,7 +366,13 @@ StudyResult run_decode_study(std::string_view function, const TinyLm& model,
           validate_selection(function, selection,
                              "selection of selector \"" + a.row.selector + "\" in layer " + std::to_string(layer.layer),
                              layer.attention.positions, static_cast<std::int64_t>(bytes.size()), groups);
-          const ExactReference reference(layer.attention, options.granularity);
+          std::unique_ptr<const ExactReference> own;
+          if (layer.layer == 0 && first_layer == nullptr) {
+            first_layer = std::make_unique<const ExactReference>(layer.attention, options.granularity);
+          } else if (layer.layer != 0) {
+            own = std::make_unique<const ExactReference>(layer.attention, options.granularity);
+          }
+          const ExactReference& reference = layer.layer == 0 ? *first_layer : *own;
           const std::vector<SelectionMetrics> metrics = reference.evaluate(selection, k);
           auto& out = a.by_layer[static_cast<std::size_t>(layer.layer)];
           out.insert(out.end(), metrics.begin(), metrics.end());

@@ -113,7 +113,7 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     o.study.sample_seed = static_cast<std::uint64_t>(get_int(w, "sample_seed", 1, 0, where));
     if (const auto task = w.find("task"); task != w.end()) {
       const std::string at = where + ".task";
-      check_keys(*task, at, {"retrieval", "contexts", "examples_per_context", "keys"});
+      check_keys(*task, at, {"retrieval", "contexts", "examples_per_context", "pick", "keys"});
       for (const char* key : {"tokens", "offset", "text"}) {
         if (w.contains(key)) fail(where + ": key '" + key + "': a task reads its examples, not a text");
       }
@@ -142,6 +142,13 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
       if (!integers("contexts", 2, o.contexts)) fail(at + ": missing key 'contexts' (the context lengths studied)");
       integers("keys", 1, o.keys);
       o.examples_per_context = get_int(*task, "examples_per_context", 0, 1, at);
+      if (const auto it = task->find("pick"); it != task->end()) {
+        if (*it != "first" && *it != "spread") {
+          fail(at + ": key 'pick': expected \"first\" or \"spread\" (examples_per_context spread evenly over the "
+                    "matching examples), got " + it->dump());
+        }
+        o.spread_examples = *it == "spread";
+      }
     }
     o.tokens = get_int(w, "tokens", o.tokens, 2, where);
     o.offset = get_int(w, "offset", o.offset, 0, where);
@@ -495,16 +502,21 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
       const double load_seconds = seconds();
       for (std::size_t c = 0; c < tiny.contexts.size(); ++c) {
         const std::int64_t context = tiny.contexts[c];
-        std::vector<TinyLmTaskExample> examples;
+        std::vector<std::size_t> matching;
         for (std::size_t e = 0; e < set.examples.size(); ++e) {
           const RetrievalExample& x = set.examples[e];
           if (x.context != context) continue;
           if (!tiny.keys.empty() && std::find(tiny.keys.begin(), tiny.keys.end(), x.keys) == tiny.keys.end()) continue;
-          if (tiny.examples_per_context > 0 &&
-              static_cast<std::int64_t>(examples.size()) >= tiny.examples_per_context) {
-            break;
-          }
-          examples.push_back({set.bytes(e), x.answer_length});
+          matching.push_back(e);
+        }
+        const auto M = static_cast<std::int64_t>(matching.size());
+        const std::int64_t n = tiny.examples_per_context > 0 ? std::min(tiny.examples_per_context, M) : M;
+        std::vector<TinyLmTaskExample> examples;
+        for (std::int64_t i = 0; i < n; ++i) {
+          // "spread": the i-th of n at floor((2i + 1) M / 2n), the middle of the i-th of n equal runs of the
+          // matching examples, so the examples cover the file's order of keys and depths.
+          const std::size_t e = matching[static_cast<std::size_t>(tiny.spread_examples ? (2 * i + 1) * M / (2 * n) : i)];
+          examples.push_back({set.bytes(e), set.examples[e].answer_length});
         }
         if (examples.empty()) {
           throw Error("keysel::run_study_config: " + specs[w].name + ": " + set.source +

@@ -17,6 +17,12 @@ void attention_probabilities(const AttentionInputs& inputs, const TensorView& pr
 ///   pbar: fp64 [T, G, N] with G = group_count(granularity, Hq, Hkv); disallowed keys get 0.
 void group_probabilities(const AttentionInputs& inputs, Granularity granularity, const TensorView& pbar);
 
+/// attention_probabilities, group_probabilities and (when `out` is not empty) full_attention of the same
+/// inputs in one pass, each query's logits computed once: every value equals the separate functions' bit for bit.
+///   probabilities: fp64 [T, Hq, N]; pbar: fp64 [T, G, N]; out: fp32 or fp64 [T, Hq, Dv] (needs v) or empty.
+void exact_attention(const AttentionInputs& inputs, Granularity granularity, const TensorView& probabilities,
+                     const TensorView& pbar, const TensorView& out);
+
 /// Full causal attention o[t,h] = sum_s p[t,h,s] v[s,kv(h)] and its log-sum-exp.
 ///   out: fp32 or fp64 [T, Hq, Dv]
 ///   lse: fp32 or fp64 [T, Hq], log sum_s exp(scale * q.k) over allowed s; may be an empty view.

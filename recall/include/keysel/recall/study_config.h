@@ -37,7 +37,10 @@ struct TinyLmWorkloadOptions {
   bool task = false;
   std::string retrieval;                  // the directory of retrieval.json; empty: the model's directory
   std::vector<std::int64_t> contexts;     // the examples' "context" values studied, in this order (required)
-  std::int64_t examples_per_context = 0;  // the first n matching examples of each context; 0: all of them
+  std::int64_t examples_per_context = 0;  // n matching examples of each context; 0: all of them
+  bool spread_examples = false;           // "pick": "first" (false: the first n) or "spread" (true: n spread evenly
+                                          // over the matching examples, the i-th of n at index
+                                          // floor((2i + 1) M / 2n): the middle of the i-th of n equal runs)
   std::vector<std::int64_t> keys;         // only examples planting one of these numbers of keys; empty: any
 };
 

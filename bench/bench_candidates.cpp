@@ -463,7 +463,14 @@ keysel::Workload make_workload() {
     g_training_queries.assign(w.q.begin(), w.q.begin() + g_training_tokens * w.shape.query_heads * w.shape.head_dim);
     const bool indexer = w.index_heads > 0;
     if (indexer) g_index_training_query = weighted_index_queries(w, 0, g_training_tokens);
-    if (g_setup.rows > 0) keep_rows(w, sampled_rows(w.shape.tokens, g_setup.rows));
+    if (g_setup.rows > 0) {
+      const std::int64_t tokens = w.shape.tokens;
+      const std::vector<std::int64_t> rows = sampled_rows(tokens, g_setup.rows);
+      keep_rows(w, rows);
+      std::cerr << "measured rows: " << rows.size() << " of " << tokens << " tokens, positions " << w.positions.front()
+                << ".." << w.positions.back() << " (evenly spaced over the second half); QueryIVF trains on tokens 0.."
+                << g_training_tokens - 1 << "\n";
+    }
     if (indexer) {
       const std::int64_t t = w.shape.tokens, hi = w.index_heads, di = w.index_dim;
       g_indexer_score = keysel::make_indexer_candidate_score(

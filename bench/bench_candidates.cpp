@@ -617,6 +617,48 @@ void print_key_spectrum(const keysel::Workload& w, std::ostream& out) {
   }
 }
 
+/// "kept keys hold X of the attention; the exact top-64/256/k keys outside them hold Y": how much of each row's
+/// attention (pbar, means over the rows) a candidate search can affect at all.
+void print_kept_mass(const keysel::ExactReference& reference, const keysel::SelectionPolicy& p, std::ostream& out) {
+  const std::vector<std::int64_t> ks{64, 256, p.k};
+  double kept_sum = 0;
+  std::vector<double> free_sum(ks.size(), 0.0);
+  std::int64_t rows = 0;
+  for (std::int64_t t = 0; t < reference.shape().tokens; ++t) {
+    const std::int64_t allowed = reference.allowed(t);
+    const std::int64_t sink_end = std::min(p.n_sink, allowed), local_start = std::max(allowed - p.n_local, sink_end);
+    const auto kept = [&](std::int64_t s) { return s < sink_end || s >= local_start; };
+    for (std::int64_t g = 0; g < reference.groups(); ++g) {
+      const std::span<const double> pbar = reference.pbar(t, g);
+      std::vector<std::int64_t> order(static_cast<std::size_t>(allowed));
+      for (std::int64_t s = 0; s < allowed; ++s) {
+        order[static_cast<std::size_t>(s)] = s;
+        if (kept(s)) kept_sum += pbar[static_cast<std::size_t>(s)];
+      }
+      std::sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+        return pbar[static_cast<std::size_t>(a)] != pbar[static_cast<std::size_t>(b)]
+                   ? pbar[static_cast<std::size_t>(a)] > pbar[static_cast<std::size_t>(b)]
+                   : a < b;
+      });
+      for (std::size_t i = 0; i < ks.size(); ++i) {
+        for (std::int64_t r = 0; r < std::min(ks[i], allowed); ++r) {
+          const std::int64_t s = order[static_cast<std::size_t>(r)];
+          if (!kept(s)) free_sum[i] += pbar[static_cast<std::size_t>(s)];
+        }
+      }
+      ++rows;
+    }
+  }
+  out << "kept keys (" << p.n_sink << " sinks, " << p.n_local << " local) hold " << kept_sum / static_cast<double>(rows)
+      << " of the attention; the exact top-64/256/" << p.k << " keys outside them hold";
+  const char* sep = " ";
+  for (const double m : free_sum) {
+    out << sep << m / static_cast<double>(rows);
+    sep = "/";
+  }
+  out << "\n";
+}
+
 #if KEYSEL_FAISS
 /// The partition bound of IVF (--partition-bound): k-means into nlist lists over the keys as the "+mips+balance"
 /// index stores them, then for every row the share of the keys that the lists must hold to cover 90% of the
@@ -811,6 +853,7 @@ int main(int argc, char** argv) {
         keysel::measure_workload(workload, keysel::Granularity::per_kv_head, {64, 256, g_setup.k}), std::cerr);
     std::cerr << "\n";
     print_key_spectrum(workload, std::cerr);
+    print_kept_mass(reference, policy(), std::cerr);
 #if KEYSEL_FAISS
     if (g_setup.partition_bound) {
       for (const std::int64_t nlist : {ivf_lists(shape.keys), ivf_lists_large(shape.keys)}) {

@@ -39,7 +39,8 @@
 // --rope-base=B --key-rank=R --focus=F --temperature=X --key-shift=S --outliers=C --outlier-scale=A, or --realistic
 // for the preset of docs/candidate-search.md (rope_base 10000, key_rank 32, 4 outlier channels x 8,
 // temperature 0.85); flags after --realistic override its values. The workload's measured properties (entropy,
-// top-k mass, key norms) and its keys' principal-component spectrum are printed before the table.
+// top-k mass, key norms), its keys' principal-component spectrum and the attention that the kept keys hold (and the
+// exact top-k's mass outside them: all that a candidate search can change) are printed before the table.
 // --partition-bound also prints IVF's partition bound for nlist 1024 and 4096 (print_partition_bound below).
 // --dump=PATH [--layer=L] runs the same sweep on one layer of a model dump (docs/dumps.md) instead of the synthetic
 // workload: L is the model's layer number as in the tensor names "layer{L}.*" (default: the dump's first layer);

@@ -39,15 +39,18 @@
 // --rope-base=B --key-rank=R --focus=F --temperature=X --key-shift=S --outliers=C --outlier-scale=A, or --realistic
 // for the preset of docs/candidate-search.md (rope_base 10000, key_rank 32, 4 outlier channels x 8,
 // temperature 0.85); flags after --realistic override its values. The workload's measured properties (entropy,
-// top-k mass, key norms) and its keys' principal-component spectrum are printed before the table.
+// top-k mass, key norms), its keys' principal-component spectrum and the attention that the kept keys hold (and the
+// exact top-k's mass outside them: all that a candidate search can change) are printed before the table.
 // --partition-bound also prints IVF's partition bound for nlist 1024 and 4096 (print_partition_bound below).
 // --dump=PATH [--layer=L] runs the same sweep on one layer of a model dump (docs/dumps.md) instead of the synthetic
 // workload: L is the model's layer number as in the tensor names "layer{L}.*" (default: the dump's first layer);
-// --keys/--tokens/--query-heads (synthetic shape) are then ignored. A file that does not load or a layer the dump
-// lacks prints the keysel::Error and exits with status 1. So that a small dump runs (at a small --k): IVF lists
-// are capped at the largest power of two <= N / 39 (FAISS wants 39 training keys per list), nprobe is at least 1,
-// k' of the wide-candidate rows is min(4096, N), PQ needs N >= 256, and the kept keys are min(4, k/4) sinks and
-// min(64, k/4) local keys. On the default synthetic workload none of these caps changes anything.
+// --keys/--tokens/--query-heads (synthetic shape) are then ignored. --rows=R measures only R query tokens of the
+// dump, evenly spaced over its second half and ending with its last token (the QueryIVF rows still train on the
+// first half): a long dump's exact reference and searches then take minutes instead of hours. A file that does
+// not load or a layer the dump lacks prints the keysel::Error and exits with status 1. So that a small dump runs
+// (at a small --k): IVF lists are capped at the largest power of two <= N / 39 (FAISS wants 39 training keys per
+// list), nprobe is at least 1, k' of the wide-candidate rows is min(4096, N), PQ needs N >= 256, and the kept keys
+// are min(4, k/4) sinks and min(64, k/4) local keys. On the default synthetic workload none of these caps changes anything.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -88,6 +91,7 @@ struct Setup {
   bool synthetic_shape_given = false;
   bool partition_bound = false;      // --partition-bound: print IVF's partition bound before the table
   std::int64_t prefill_queries = 512;  // --prefill-queries=P: earlier tokens whose queries train QueryIVF
+  std::int64_t rows = 0;     // --rows=R: measure R query tokens of the dump's second half (0: every token)
   keysel::SyntheticOptions realism;  // only the realism knobs and focus are read from it
 };
 
@@ -240,6 +244,7 @@ struct Config {
 keysel::CandidateScore g_indexer_score;  // the dump layer's indexer (empty when it has none)
 std::vector<float> g_index_keys;         // [N, DI]: the dump layer's indexer keys kI (empty when it has none)
 std::vector<float> g_index_query;        // [T, DI]: sum_j w[t, j] qI[t, j], the indexer score without its ReLU
+std::vector<float> g_index_training_query;  // [g_training_tokens, DI]: the same for the training tokens
 
 /// QueryIVF over the indexer keys kI, searched with each token's weighted indexer query sum_j w_j qI_j (one search
 /// per row: DSA shares one selection among the heads) and re-ranked by the Lightning Indexer's own score; the
@@ -305,7 +310,7 @@ void register_index_key_config(const std::string& spec, std::int64_t nprobe, std
         SharedSelector fresh;
         fresh.selector = keysel::make_candidate_selector(spec);
         fresh.selector->set_training_queries(
-            keysel::TensorView(g_index_query.data(), keysel::DType::fp32, {g_training_tokens, 1, di}));
+            keysel::TensorView(g_index_training_query.data(), keysel::DType::fp32, {g_training_tokens, 1, di}));
         fresh.selector->select(proxy, p, one_view);
         fresh.build_seconds = fresh.selector->last_build_seconds();
         cache.emplace_back(spec, std::move(fresh));
@@ -400,40 +405,86 @@ bool parse_flag(const char* arg, const char* name, std::string& value) {
   return true;
 }
 
-/// A dump's training queries for QueryIVF: those of the first half of its tokens (the rows still cover all).
-void take_dump_training_queries(const keysel::Workload& w) {
-  g_training_tokens = std::max<std::int64_t>(1, w.shape.tokens / 2);
-  g_training_queries.assign(w.q.begin(), w.q.begin() + g_training_tokens * w.shape.query_heads * w.shape.head_dim);
+/// sum_j w[t, j] qI[t, j] for the tokens [begin, end) of a workload with indexer tensors: [end - begin, DI].
+std::vector<float> weighted_index_queries(const keysel::Workload& w, std::int64_t begin, std::int64_t end) {
+  const std::int64_t heads = w.index_heads, di = w.index_dim;
+  std::vector<float> out(static_cast<std::size_t>((end - begin) * di), 0.0f);
+  for (std::int64_t r = begin; r < end; ++r) {
+    for (std::int64_t j = 0; j < heads; ++j) {
+      const float weight = w.index_w[static_cast<std::size_t>(r * heads + j)];
+      for (std::int64_t c = 0; c < di; ++c) {
+        out[static_cast<std::size_t>((r - begin) * di + c)] += weight * w.index_q[static_cast<std::size_t>((r * heads + j) * di + c)];
+      }
+    }
+  }
+  return out;
+}
+
+/// The rows that --rows=R keeps of a dump of T tokens: R tokens evenly spaced over its second half [T/2, T), the
+/// last token always among them (all of the second half when R >= its size).
+std::vector<std::int64_t> sampled_rows(std::int64_t tokens, std::int64_t rows) {
+  const std::int64_t begin = tokens / 2, size = tokens - begin;
+  const std::int64_t r = std::min(rows, size);
+  std::vector<std::int64_t> out(static_cast<std::size_t>(r));
+  for (std::int64_t i = 0; i < r; ++i) out[static_cast<std::size_t>(i)] = begin + (i + 1) * size / r - 1;
+  return out;
+}
+
+/// Keeps only the query tokens `rows` of a workload (q, positions and the indexer's queries and weights; the keys,
+/// values and indexer keys stay whole).
+void keep_rows(keysel::Workload& w, const std::vector<std::int64_t>& rows) {
+  const auto gather = [&rows](std::vector<float>& values, std::int64_t width) {
+    if (values.empty()) return;
+    std::vector<float> kept(rows.size() * static_cast<std::size_t>(width));
+    for (std::size_t i = 0; i < rows.size(); ++i) {
+      std::copy_n(values.begin() + rows[i] * width, width, kept.begin() + static_cast<std::int64_t>(i) * width);
+    }
+    values = std::move(kept);
+  };
+  gather(w.q, w.shape.query_heads * w.shape.head_dim);
+  gather(w.index_q, w.index_heads * w.index_dim);
+  gather(w.index_w, w.index_heads);
+  std::vector<std::int32_t> positions(rows.size());
+  for (std::size_t i = 0; i < rows.size(); ++i) positions[i] = w.positions[static_cast<std::size_t>(rows[i])];
+  w.positions = std::move(positions);
+  w.shape.tokens = static_cast<std::int64_t>(rows.size());
 }
 
 /// The workload: one layer of --dump, or the synthetic one. Throws keysel::Error for a bad file or layer.
+/// On a dump, QueryIVF trains on the queries of its first half of tokens; the measured rows are all its tokens, or
+/// with --rows=R, R of its second half (sampled_rows).
 keysel::Workload make_workload() {
   if (!g_setup.dump.empty()) {
     const keysel::Dump dump = keysel::load_dump(g_setup.dump);
     if (dump.layers.empty()) throw keysel::Error("dump '" + g_setup.dump + "' holds no layers");
     const std::int64_t wanted = g_setup.layer >= 0 ? g_setup.layer : dump.layers.front().index;
     const keysel::DumpLayer& layer = dump.layer(wanted);  // throws keysel::Error naming the layers present
-    if (layer.index_q && layer.index_k && layer.index_w) {
-      g_indexer_score =
-          keysel::make_indexer_candidate_score(layer.index_q->view(), layer.index_w->view(), layer.index_k->view());
-      g_index_keys = layer.index_k->to_float();
-      const std::vector<float> q = layer.index_q->to_float(), w = layer.index_w->to_float();
-      const std::int64_t tokens = layer.index_q->shape[0], heads = layer.index_q->shape[1], di = layer.index_q->shape[2];
-      g_index_query.assign(static_cast<std::size_t>(tokens * di), 0.0f);
-      for (std::int64_t r = 0; r < tokens; ++r) {
-        for (std::int64_t j = 0; j < heads; ++j) {
-          const float weight = w[static_cast<std::size_t>(r * heads + j)];
-          for (std::int64_t c = 0; c < di; ++c) {
-            g_index_query[static_cast<std::size_t>(r * di + c)] += weight * q[static_cast<std::size_t>((r * heads + j) * di + c)];
-          }
-        }
-      }
-    }
     keysel::Workload w = dump.workload(static_cast<std::size_t>(&layer - dump.layers.data()));
-    take_dump_training_queries(w);
+    g_training_tokens = std::max<std::int64_t>(1, w.shape.tokens / 2);
+    g_training_queries.assign(w.q.begin(), w.q.begin() + g_training_tokens * w.shape.query_heads * w.shape.head_dim);
+    const bool indexer = w.index_heads > 0;
+    if (indexer) g_index_training_query = weighted_index_queries(w, 0, g_training_tokens);
+    if (g_setup.rows > 0) {
+      const std::int64_t tokens = w.shape.tokens;
+      const std::vector<std::int64_t> rows = sampled_rows(tokens, g_setup.rows);
+      keep_rows(w, rows);
+      std::cerr << "measured rows: " << rows.size() << " of " << tokens << " tokens, positions " << w.positions.front()
+                << ".." << w.positions.back() << " (evenly spaced over the second half); QueryIVF trains on tokens 0.."
+                << g_training_tokens - 1 << "\n";
+    }
+    if (indexer) {
+      const std::int64_t t = w.shape.tokens, hi = w.index_heads, di = w.index_dim;
+      g_indexer_score = keysel::make_indexer_candidate_score(
+          keysel::TensorView(w.index_q.data(), keysel::DType::fp32, {t, hi, di}),
+          keysel::TensorView(w.index_w.data(), keysel::DType::fp32, {t, hi}),
+          keysel::TensorView(w.index_k.data(), keysel::DType::fp32, {w.shape.keys, di}));
+      g_index_keys = w.index_k;
+      g_index_query = weighted_index_queries(w, 0, t);
+    }
     return w;
   }
   if (g_setup.layer >= 0) throw keysel::Error("--layer needs --dump=PATH");
+  if (g_setup.rows > 0) throw keysel::Error("--rows needs --dump=PATH (the synthetic workload's rows are --tokens)");
   keysel::SyntheticOptions options = g_setup.realism;
   options.keys = g_setup.keys;
   options.tokens = g_setup.tokens + g_setup.prefill_queries;
@@ -565,6 +616,48 @@ void print_key_spectrum(const keysel::Workload& w, std::ostream& out) {
     }
     out << " of " << d << " principal components\n";
   }
+}
+
+/// "kept keys hold X of the attention; the exact top-64/256/k keys outside them hold Y": how much of each row's
+/// attention (pbar, means over the rows) a candidate search can affect at all.
+void print_kept_mass(const keysel::ExactReference& reference, const keysel::SelectionPolicy& p, std::ostream& out) {
+  const std::vector<std::int64_t> ks{64, 256, p.k};
+  double kept_sum = 0;
+  std::vector<double> free_sum(ks.size(), 0.0);
+  std::int64_t rows = 0;
+  for (std::int64_t t = 0; t < reference.shape().tokens; ++t) {
+    const std::int64_t allowed = reference.allowed(t);
+    const std::int64_t sink_end = std::min(p.n_sink, allowed), local_start = std::max(allowed - p.n_local, sink_end);
+    const auto kept = [&](std::int64_t s) { return s < sink_end || s >= local_start; };
+    for (std::int64_t g = 0; g < reference.groups(); ++g) {
+      const std::span<const double> pbar = reference.pbar(t, g);
+      std::vector<std::int64_t> order(static_cast<std::size_t>(allowed));
+      for (std::int64_t s = 0; s < allowed; ++s) {
+        order[static_cast<std::size_t>(s)] = s;
+        if (kept(s)) kept_sum += pbar[static_cast<std::size_t>(s)];
+      }
+      std::sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t b) {
+        return pbar[static_cast<std::size_t>(a)] != pbar[static_cast<std::size_t>(b)]
+                   ? pbar[static_cast<std::size_t>(a)] > pbar[static_cast<std::size_t>(b)]
+                   : a < b;
+      });
+      for (std::size_t i = 0; i < ks.size(); ++i) {
+        for (std::int64_t r = 0; r < std::min(ks[i], allowed); ++r) {
+          const std::int64_t s = order[static_cast<std::size_t>(r)];
+          if (!kept(s)) free_sum[i] += pbar[static_cast<std::size_t>(s)];
+        }
+      }
+      ++rows;
+    }
+  }
+  out << "kept keys (" << p.n_sink << " sinks, " << p.n_local << " local) hold " << kept_sum / static_cast<double>(rows)
+      << " of the attention; the exact top-64/256/" << p.k << " keys outside them hold";
+  const char* sep = " ";
+  for (const double m : free_sum) {
+    out << sep << m / static_cast<double>(rows);
+    sep = "/";
+  }
+  out << "\n";
 }
 
 #if KEYSEL_FAISS
@@ -725,6 +818,13 @@ int main(int argc, char** argv) {
     else if (parse_flag(argv[i], "--seed", v)) g_setup.seed = static_cast<std::uint64_t>(v);
     else if (std::strcmp(argv[i], "--quick") == 0) g_setup.quick = true;
     else if (parse_flag(argv[i], "--prefill-queries", v)) g_setup.prefill_queries = std::max<std::int64_t>(v, 0);
+    else if (parse_flag(argv[i], "--rows", v)) {
+      if (v < 1) {
+        std::cerr << "bench_candidates: --rows must be >= 1, found '" << argv[i] << "'\n";
+        return 1;
+      }
+      g_setup.rows = v;
+    }
     else if (!parse_realism_flag(argv[i]))
       rest.push_back(argv[i]);
   }
@@ -754,6 +854,7 @@ int main(int argc, char** argv) {
         keysel::measure_workload(workload, keysel::Granularity::per_kv_head, {64, 256, g_setup.k}), std::cerr);
     std::cerr << "\n";
     print_key_spectrum(workload, std::cerr);
+    print_kept_mass(reference, policy(), std::cerr);
 #if KEYSEL_FAISS
     if (g_setup.partition_bound) {
       for (const std::int64_t nlist : {ivf_lists(shape.keys), ivf_lists_large(shape.keys)}) {

@@ -1197,6 +1197,58 @@ def rounded_fp16(model):
     return state16, model32.eval()
 
 
+def write_model_dump(path, model, cfg, text, layers, device, exact=True):
+    """A keysel dump (docs/dumps.md) of the fp32 `model` over the bytes `text` with full attention: for each layer
+    in `layers`, q, k (after RoPE), v, positions 0..T-1 and the indexer's index_q, index_k (after RoPE), index_w,
+    in F16. exact=False runs the attention through SDPA (for long texts: exact=True holds [heads, T, T] logits)."""
+    t = len(text)
+    layers = sorted(set(int(i) for i in layers))
+    tokens = torch.tensor(np.frombuffer(text, dtype=np.uint8).astype(np.int64), device=device)[None]
+    capture = []
+    with torch.no_grad():
+        model(tokens, exact=exact, capture=capture)
+        _, _, ci, si = model.rope(t, device, torch.float32)
+        tensors = {}
+        for li in layers:
+            x, q, k, v = capture[li]
+            iq, ik, iw = model.layers[li].indexer.tensors(x, ci, si)
+            for name, value in (("q", q), ("k", k), ("v", v), ("index_q", iq), ("index_k", ik), ("index_w", iw)):
+                tensors[f"layer{li}.{name}"] = value[0].float().cpu().numpy().astype(np.float16)
+            tensors[f"layer{li}.positions"] = np.arange(t, dtype=np.int32)
+    name = "keysel tiny-lm (models/tiny_lm/model.safetensors)" if cfg.context == 4096 else \
+        f"keysel tiny-lm, context {cfg.context} (model.safetensors beside this dump)"
+    write_safetensors(path, tensors,
+                      {"format": "keysel-dump/1", "model": name,
+                       "scale": "0", "layers": ",".join(str(i) for i in layers),
+                       "prefill_tokens": str(t), "decode_tokens": "0", "queries": "all"})
+
+
+def dump_main(args):
+    """--dump-from PACKAGE: only the dump of the package's model over its eval.txt (or --dump-text), written to
+    --out/dump.safetensors; no training. Runs on the CPU when there is no GPU (32768 bytes: minutes)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, model = load_package(args.dump_from, device)
+    model.eval()
+    text_file = args.dump_text or os.path.join(args.dump_from if os.path.isdir(args.dump_from)
+                                               else os.path.dirname(args.dump_from), "eval.txt")
+    text = read_bytes(text_file)
+    t = min(args.dump_tokens, len(text), cfg.context)
+    if t < 1:
+        raise SystemExit(f"--dump-tokens must be >= 1 and {text_file} non-empty, got {args.dump_tokens} and "
+                         f"{len(text)} bytes")
+    layers = numbers(args.dump_layers, int) if args.dump_layers else list(range(cfg.layers))
+    bad = [i for i in layers if not 0 <= i < cfg.layers]
+    if bad or not layers:
+        raise SystemExit(f"--dump-layers: the model has layers 0..{cfg.layers - 1}, got {args.dump_layers!r}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "dump.safetensors")
+    start = time.time()
+    # the reference attention (exact=True) holds [heads, T, T] logits: only for short texts
+    write_model_dump(path, model, cfg, text[:t], layers, device, exact=t <= 4096)
+    print(f"{path}: layers {','.join(map(str, layers))} of {args.dump_from}, {t} bytes of {text_file}, "
+          f"{os.path.getsize(path) / 2**20:.1f} MiB in {time.time() - start:.0f}s on {device}")
+
+
 def write_eval_and_logits(out, state16, cfg, eval_text, logit_tokens, bpb_eval):
     """A package's eval.txt and logits.safetensors: the float64 logits of the fp16 weights `state16` (on the CPU)
     over eval.txt's first logit_tokens bytes, with bpb_eval, eval.txt's bits per byte. Returns (tokens uint8 [L],
@@ -1353,6 +1405,12 @@ def make_parser():
     ap.add_argument("--eval-bytes", type=int, default=32768)
     ap.add_argument("--logit-tokens", type=int, default=512)
     ap.add_argument("--dump-tokens", type=int, default=1024, help="0: no dump.safetensors")
+    ap.add_argument("--dump-from", default=None,
+                    help="a package directory (or its model.safetensors): write only --out/dump.safetensors of its "
+                         "model over the first --dump-tokens bytes (at most its context) of its eval.txt (or "
+                         "--dump-text); no training")
+    ap.add_argument("--dump-text", default=None, help="with --dump-from: the text file instead of eval.txt")
+    ap.add_argument("--dump-layers", default=None, help="with --dump-from: comma-separated layers (default all)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
@@ -1388,6 +1446,8 @@ def default_config():
 def main():
     ap = make_parser()
     args = ap.parse_args()
+    if args.dump_from is not None:
+        return dump_main(args)
     if args.init is not None:
         if args.train_k < 1:
             ap.error(f"--train-k must be >= 1, got {args.train_k}")
@@ -1517,23 +1577,8 @@ def main():
     # dump of the first dump_tokens bytes of eval.txt (full attention, fp32 math)
     t = min(args.dump_tokens, len(eval_text))
     if t > 0:
-        tokens = torch.tensor(np.frombuffer(eval_text[:t], dtype=np.uint8).astype(np.int64), device=device)[None]
-        capture = []
-        with torch.no_grad():
-            model32(tokens, exact=True, capture=capture)
-            _, _, ci, si = model32.rope(t, device, torch.float32)
-            tensors = {}
-            for li, (x, q, k, v) in enumerate(capture):
-                iq, ik, iw = model32.layers[li].indexer.tensors(x, ci, si)
-                for name, value in (("q", q), ("k", k), ("v", v), ("index_q", iq), ("index_k", ik), ("index_w", iw)):
-                    tensors[f"layer{li}.{name}"] = value[0].float().cpu().numpy().astype(np.float16)
-                tensors[f"layer{li}.positions"] = np.arange(t, dtype=np.int32)
-        name = "keysel tiny-lm (models/tiny_lm/model.safetensors)" if cfg.context == 4096 else \
-            f"keysel tiny-lm, context {cfg.context} (model.safetensors beside this dump)"
-        write_safetensors(os.path.join(args.out, "dump.safetensors"), tensors,
-                          {"format": "keysel-dump/1", "model": name,
-                           "scale": "0", "layers": ",".join(str(i) for i in range(cfg.layers)),
-                           "prefill_tokens": str(t), "decode_tokens": "0", "queries": "all"})
+        write_model_dump(os.path.join(args.out, "dump.safetensors"), model32, cfg, eval_text[:t], range(cfg.layers),
+                         device)
 
     info["total_seconds"] = round(time.time() - _T_START, 1)
     info["package_bytes"] = directory_bytes(args.out)

@@ -167,3 +167,32 @@ def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatc
         # in different orders: 7e-6 relative apart on an AVX-512 Xeon; the selections themselves agree to 1e-6.
         tolerance = dict(rel=5e-5, abs=1e-6) if name == "out_err" else dict(abs=1e-6)
         assert ours["mean"] == pytest.approx(metrics[name]["mean"], **tolerance), name
+
+
+def test_write_model_dump_matches_the_shipped_dump(model, tmp_path):
+    """tools/train_tiny_lm.py's write_model_dump (also behind --dump-from) over the first TOKENS bytes of eval.txt
+    gives the shipped dump's first TOKENS rows (causal: a prefix's tensors do not depend on later bytes), within
+    fp16 rounding (the shipped one was computed on a GPU), for the requested layers only; its SDPA path (the one
+    that long texts take) gives the same tensors."""
+    text = (MODEL_DIR / "eval.txt").read_bytes()[:TOKENS]
+    shipped = load_file(str(MODEL_DIR / "dump.safetensors"))
+    names = ("q", "k", "v", "index_q", "index_k", "index_w", "positions")
+    path = tmp_path / "dump.safetensors"
+    TRAIN.write_model_dump(str(path), model, model.cfg, text, [4, 1], "cpu")
+    written = load_file(str(path))
+    assert set(written) == {f"layer{layer}.{name}" for layer in (1, 4) for name in names}
+    for name, tensor in written.items():
+        reference = shipped[name][:TOKENS]
+        assert tensor.shape == reference.shape, name
+        if name.endswith("positions"):
+            assert torch.equal(tensor, torch.arange(TOKENS, dtype=torch.int32)), name
+            continue
+        assert tensor.dtype == torch.float16, name
+        scale = reference.double().abs().max().item()
+        assert (tensor.double() - reference.double()).abs().max().item() <= 2e-3 * scale, name
+    if SDPA_TAKES_GQA:
+        sdpa_path = tmp_path / "dump_sdpa.safetensors"
+        TRAIN.write_model_dump(str(sdpa_path), model, model.cfg, text, [1, 4], "cpu", exact=False)
+        for name, tensor in load_file(str(sdpa_path)).items():
+            scale = written[name].double().abs().max().item()
+            assert (tensor.double() - written[name].double()).abs().max().item() <= 2e-3 * max(scale, 1.0), name

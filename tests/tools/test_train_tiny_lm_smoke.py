@@ -161,3 +161,27 @@ def test_files_are_replaced_whole(tmp_path):
     tl.write_safetensors(tensors, {"x": torch.arange(5, dtype=torch.int32).numpy()}, {"format": "test"})
     assert safetensors_torch.load_file(tensors)["x"].tolist() == [0, 1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path)) == ["t.safetensors", "train_log.json"]
+
+
+def test_dump_from_writes_the_package_models_dump(package, tmp_path):
+    """--dump-from: the package's model over its eval.txt, at most its context (512 of the 3000 bytes asked for),
+    only the layers asked for; its first 32 rows are the training run's own dump within fp16 rounding. A layer the
+    model lacks is refused with a message."""
+    out = package[0]
+    base = [sys.executable, os.path.join(TOOLS, "train_tiny_lm.py"), "--dump-from", str(out)]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(base + ["--dump-tokens", "3000", "--dump-layers", "1", "--out", str(tmp_path)],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    written = safetensors_torch.load_file(str(tmp_path / "dump.safetensors"))
+    assert set(written) == {f"layer1.{n}" for n in ("q", "k", "v", "index_q", "index_k", "index_w", "positions")}
+    assert written["layer1.q"].shape == (512, 4, 12) and written["layer1.index_k"].shape == (512, 8)
+    assert torch.equal(written["layer1.positions"], torch.arange(512, dtype=torch.int32))
+    shipped = safetensors_torch.load_file(str(out / "dump.safetensors"))
+    for name in ("q", "k", "v", "index_q", "index_k", "index_w"):
+        reference = shipped[f"layer1.{name}"].double()
+        got = written[f"layer1.{name}"][:32].double()
+        assert (got - reference).abs().max().item() <= 2e-3 * max(reference.abs().max().item(), 1.0), name
+    bad = subprocess.run(base + ["--dump-layers", "2", "--out", str(tmp_path / "bad")], capture_output=True, text=True,
+                         env=env)
+    assert bad.returncode != 0 and "--dump-layers: the model has layers 0..1" in bad.stderr

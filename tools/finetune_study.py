@@ -90,6 +90,9 @@ def make_parser():
                     help="the longest retrieval example evaluated")
     ap.add_argument("--retrieval-per-context", type=int, default=0,
                     help="at most this many retrieval examples per context (0: all)")
+    ap.add_argument("--retrieval-min-examples", type=int, default=0,
+                    help="evaluate at least this many retrieval examples per package whatever the time left "
+                         "(default 0: the evaluation share alone decides)")
     ap.add_argument("--retrieval-contexts", default=None,
                     help="without retrieval.json in --init: comma-separated lengths of the examples generated from "
                          "the held-out sources (default context/4, context/2, context)")
@@ -178,7 +181,7 @@ def retrieval_examples(args, targs, cfg, heldout):
     return examples, source
 
 
-def evaluate_retrieval(model32, examples, device, deadline, max_elements, estimate=None):
+def evaluate_retrieval(model32, examples, device, deadline, max_elements, estimate=None, minimum=0):
     """Exact match of each example with full attention and with each top-k attention of tl.EVAL_SELECTIONS
     (ChunkedTopkAttention, per_token, every layer), example after example, all modes of an example or none: the
     first example whose context's measured time (or, before one, the longest measured context's scaled by the
@@ -194,7 +197,7 @@ def evaluate_retrieval(model32, examples, device, deadline, max_elements, estima
         if guess is None and estimate:
             last = max(estimate)
             guess = estimate[last] * (ex.length / last) ** 2
-        if time.time() + (guess or 0) > deadline:
+        if len(done) >= minimum and time.time() + (guess or 0) > deadline:
             break
         t0 = time.time()
         for selector, k in RETRIEVAL_MODES:
@@ -272,9 +275,9 @@ def main():
         ap.error(f"--retrieval-fraction must be in [0, 1], got {args.retrieval_fraction}")
     if not 0 < args.eval_share < 1:
         ap.error(f"--eval-share must be in (0, 1), got {args.eval_share}")
-    if args.row_chunk_elements < 1 or args.retrieval_per_context < 0:
-        ap.error(f"--row-chunk-elements must be >= 1 and --retrieval-per-context >= 0, got "
-                 f"{args.row_chunk_elements} and {args.retrieval_per_context}")
+    if args.row_chunk_elements < 1 or args.retrieval_per_context < 0 or args.retrieval_min_examples < 0:
+        ap.error(f"--row-chunk-elements must be >= 1, --retrieval-per-context and --retrieval-min-examples >= 0, got "
+                 f"{args.row_chunk_elements}, {args.retrieval_per_context} and {args.retrieval_min_examples}")
     budget_end = _T_START + args.budget_seconds
     device, common = tl.start_run(args.out, args.seed, "study.log")
     common["init"] = args.init
@@ -326,7 +329,8 @@ def main():
         r0 = time.time()
         try:
             result["retrieval"] = evaluate_retrieval(model32, examples[:retrieval_limit[0]], device, deadline,
-                                                     args.row_chunk_elements, retrieval_seconds)
+                                                     args.row_chunk_elements, retrieval_seconds,
+                                                     min(args.retrieval_min_examples, retrieval_limit[0]))
         except (RuntimeError, ValueError) as e:  # CUDA out of memory included: the packages and the rest still ship
             tl.log(f"retrieval evaluation failed: {type(e).__name__}: {e}")
             result["retrieval"] = {"error": f"{type(e).__name__}: {e}"[:2000], "examples": 0,

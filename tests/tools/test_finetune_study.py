@@ -71,7 +71,7 @@ def study(base, heldout_package):
            "--export-seconds", "2", "--variants", VARIANTS, "--batch", "2", "--corpus-bytes", "2000000",
            "--heldout", heldout_package, "--heldout-eval-bytes", "2048", "--logit-tokens", "24", "--log-every", "2",
            "--context", str(CONTEXT), "--retrieval-max-context", "200", "--row-chunk-elements", "20000",
-           "--eval-share", "0.4"]
+           "--eval-share", "0.4", "--retrieval-min-examples", "2"]
     start = time.time()
     run = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

@@ -161,6 +161,19 @@ void write_attention_row(const DecodedInputs& in, std::int64_t t, std::int64_t h
 // the baseline (target_clones); -ffp-contract=off (attention/CMakeLists.txt) keeps every product and sum rounded
 // on its own, as in the plain loops.
 
+// ThreadSanitizer instruments the ifunc resolver that target_clones emits, and the dynamic loader runs it
+// before the sanitizer's runtime is up (the program dies before main), so TSan builds take the baseline only.
+#if defined(__SANITIZE_THREAD__)
+#define KEYSEL_EXACT_CLONES
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KEYSEL_EXACT_CLONES
+#endif
+#endif
+#ifndef KEYSEL_EXACT_CLONES
+#define KEYSEL_EXACT_CLONES [[gnu::target_clones("avx512f", "default")]]
+#endif
+
 /// Tokens per tile of exact_attention (times the heads of one key head), and keys per block of its scores.
 constexpr std::int64_t kExactTileTokens = 8;
 constexpr std::int64_t kExactKeyBlock = 128;
@@ -169,7 +182,7 @@ constexpr std::int64_t kExactMaxQueries = 64;  // tiles of more queries (group s
 constexpr double kExactScratchBytes = 1024.0 * 1024.0 * 1024.0;
 
 /// acc[j][0 .. n) += q[j][d] * row[0 .. n) for d = 0 .. dim - 1 in order, rows kt + d * stride.
-[[gnu::target_clones("avx512f", "default")]]
+KEYSEL_EXACT_CLONES
 void block_dots(const double* const* q, std::int64_t queries, const double* kt, std::int64_t stride,
                 std::int64_t dim, std::int64_t n, double* acc) {
   for (std::int64_t d = 0; d < dim; ++d) {
@@ -183,7 +196,7 @@ void block_dots(const double* const* q, std::int64_t queries, const double* kt, 
 }
 
 /// acc[j][0 .. dv) += w[j][s] * v[s][0 .. dv) for s = begin .. end - 1 in order (only queries with s < allowed[j]).
-[[gnu::target_clones("avx512f", "default")]]
+KEYSEL_EXACT_CLONES
 void accumulate_values(const double* const* w, const std::int64_t* allowed, std::int64_t queries,
                        const double* v, std::int64_t v_stride, std::int64_t dv, std::int64_t end, double* acc) {
   for (std::int64_t s = 0; s < end; ++s) {

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Profiles the CUDA sparse attention backward (SPEC §9) with Nsight Systems and Nsight Compute on one GPU, built
+# with nvcc and g++ alone (no CMake, no packages: seconds on a bare machine). Results go to $OUT.
+#
+#   bash bench/gpu/backward_profile.sh        SHAPES="T:K ..." (default "8192:2048 8192:256 32768:256"),
+#                                             Hq = 32, Hkv = 8, D = Dv = 128, bf16, per_kv_head
+# backward_profile.txt: the median time per shape; nsys_<T>_<K>.txt: time per kernel (cuda_gpu_kern_sum);
+# ncu_<kernel>.txt: Nsight Compute's SpeedOfLight, memory and occupancy sections of each kernel at the first shape.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+B=${BUILD_DIR:-/tmp/keysel-backward-profile}
+ARCH=${CUDA_ARCH:-90a}
+mkdir -p "$OUT" "$B/generated/keysel/core"
+sed -e 's/@PROJECT_VERSION@/profile/' -e 's/#cmakedefine01 KEYSEL_CUDA/#define KEYSEL_CUDA 0/' \
+    -e 's/#cmakedefine01 \(KEYSEL_[A-Z]*\)/#define \1 0/' core/build_config.h.in >"$B/generated/keysel/core/build_config.h"
+INC=(-Icore/include -Iattention/include -I"$B/generated" -Iattention/src)
+start=$SECONDS
+for f in core/src/error.cpp core/src/device.cpp; do
+  g++ -std=c++20 -O2 "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
+done
+for f in bench/gpu/backward_profile.cu attention/src/cuda_sparse_attention_backward.cu attention/src/cuda_glue.cu; do
+  nvcc -std=c++20 -O3 -lineinfo -arch=sm_$ARCH "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
+done
+wait
+nvcc -arch=sm_$ARCH -o "$B/backward_profile" "$B"/*.o || { echo "build failed"; exit 1; }
+echo "build: $((SECONDS - start)) s" | tee "$OUT/backward_profile.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >>"$OUT/backward_profile.txt"
+SHAPES=${SHAPES:-"8192:2048 8192:256 32768:256"}
+for s in $SHAPES; do
+  T=${s%%:*}; K=${s##*:}
+  "$B/backward_profile" "$T" 32 8 128 "$K" 3 >>"$OUT/backward_profile.txt" 2>&1
+  if command -v nsys >/dev/null; then
+    nsys profile -o "$B/nsys_${T}_${K}" --force-overwrite true "$B/backward_profile" "$T" 32 8 128 "$K" 1 >/dev/null 2>&1 &&
+      nsys stats -q --report cuda_gpu_kern_sum --format csv "$B/nsys_${T}_${K}.nsys-rep" >"$OUT/nsys_${T}_${K}.txt" 2>&1
+  fi
+done
+first=${SHAPES%% *}; T=${first%%:*}; K=${first##*:}
+if command -v ncu >/dev/null; then
+  for kern in backward_query_kernel backward_key_kernel; do
+    timeout 150 ncu --kernel-name regex:"$kern" --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats --section WarpStateStats "$B/backward_profile" "$T" 32 8 128 "$K" 0 \
+      >"$OUT/ncu_$kern.txt" 2>&1
+  done
+fi
+cat "$OUT/backward_profile.txt"

@@ -3,6 +3,8 @@
 // package, so a bare GPU machine can run it in seconds).
 //
 //   backward_profile T HQ HKV D K [REPEATS]
+//   backward_profile check      the kernels against a double-precision transcription of SPEC §9 on small awkward
+//                               shapes, every granularity (exit status 1 on a mismatch)
 //
 // bf16 q, K, V, O, dO filled with values in [-1, 1); lse = 0 (only the time is measured, not the values);
 // per_kv_head selections: row (t, g) lists min(K, t + 1) distinct keys of [0, t], key j = (a j + b) mod (t + 1)
@@ -12,7 +14,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <random>
+#include <string>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -51,9 +56,165 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
+float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+template <typename X>
+X* to_device(const std::vector<X>& host) {
+  X* d = nullptr;
+  check(cudaMalloc(&d, host.size() * sizeof(X) + 1), "cudaMalloc");
+  check(cudaMemcpy(d, host.data(), host.size() * sizeof(X), cudaMemcpyHostToDevice), "cudaMemcpy");
+  return d;
+}
+
+/// One small case: bf16 inputs, O and lse from a double forward (O rounded to bf16 as a forward would store it),
+/// the kernels' fp32 gradients against the double backward. Returns the worst error over the bound.
+double check_case(keysel::Granularity granularity, long long tokens, int hq, int hkv, int dim, int vdim, int width,
+                  unsigned seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
+  const int groups = granularity == keysel::Granularity::per_head ? hq
+                     : granularity == keysel::Granularity::per_kv_head ? hkv : 1;
+  const int gsize = hq / hkv;
+  const long long keys = tokens;
+  std::vector<float> q(tokens * hq * dim), k(keys * hkv * dim), v(keys * hkv * vdim), dout(tokens * hq * vdim);
+  for (auto* x : {&q, &k, &v, &dout})
+    for (float& e : *x) e = bf16_round(uni(rng));
+  for (float& e : q) e = bf16_round(e * 3.0f);  // sharper softmaxes
+  // selection: distinct allowed keys (s <= t) in shuffled order, then -1 padding; some rows empty
+  std::vector<std::int32_t> sel(tokens * groups * width, -1);
+  for (long long t = 0; t < tokens; ++t) {
+    for (int g = 0; g < groups; ++g) {
+      std::vector<std::int32_t> all(t + 1);
+      for (long long s = 0; s <= t; ++s) all[s] = static_cast<std::int32_t>(s);
+      std::shuffle(all.begin(), all.end(), rng);
+      const int n = (t % 11 == 5) ? 0 : std::min<int>(width - static_cast<int>(t % 3), static_cast<int>(all.size()));
+      for (int j = 0; j < n; ++j) sel[(t * groups + g) * width + j] = all[j];
+    }
+  }
+  const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
+  auto group_of = [&](int h) { return groups == hq ? h : (groups == hkv ? h / gsize : 0); };
+  std::vector<float> out(tokens * hq * vdim, 0.0f), lse(tokens * hq);
+  std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
+  for (long long t = 0; t < tokens; ++t) {
+    for (int h = 0; h < hq; ++h) {
+      const int kv = h / gsize;
+      const std::int32_t* row = &sel[(t * groups + group_of(h)) * width];
+      const float* qr = &q[(t * hq + h) * dim];
+      std::vector<double> logit(width, 0.0);
+      double mx = -INFINITY;
+      for (int j = 0; j < width; ++j) {
+        if (row[j] < 0) continue;
+        double acc = 0;
+        for (int d = 0; d < dim; ++d) acc += static_cast<double>(qr[d]) * k[(row[j] * hkv + kv) * dim + d];
+        logit[j] = acc * scale;
+        mx = std::max(mx, logit[j]);
+      }
+      double sum = 0;
+      for (int j = 0; j < width; ++j)
+        if (row[j] >= 0) sum += std::exp(logit[j] - mx);
+      const double l = sum > 0 ? mx + std::log(sum) : -INFINITY;
+      lse[t * hq + h] = static_cast<float>(l);
+      std::vector<double> o(vdim, 0.0);
+      for (int j = 0; j < width; ++j) {
+        if (row[j] < 0) continue;
+        const double pj = std::exp(logit[j] - l);
+        for (int d = 0; d < vdim; ++d) o[d] += pj * v[(row[j] * hkv + kv) * vdim + d];
+      }
+      for (int d = 0; d < vdim; ++d) out[(t * hq + h) * vdim + d] = bf16_round(static_cast<float>(o[d]));
+      // backward from the stored (rounded) O and float lse
+      const float* go = &dout[(t * hq + h) * vdim];
+      double delta = 0;
+      for (int d = 0; d < vdim; ++d) delta += static_cast<double>(go[d]) * out[(t * hq + h) * vdim + d];
+      for (int j = 0; j < width; ++j) {
+        const std::int32_t s = row[j];
+        if (s < 0 || std::isinf(lse[t * hq + h])) continue;
+        const double pj = std::exp(logit[j] - static_cast<double>(lse[t * hq + h]));
+        double dp = 0;
+        for (int d = 0; d < vdim; ++d) dp += static_cast<double>(go[d]) * v[(s * hkv + kv) * vdim + d];
+        const double ds = pj * (dp - delta);
+        for (int d = 0; d < dim; ++d) {
+          dq[(t * hq + h) * dim + d] += scale * ds * k[(s * hkv + kv) * dim + d];
+          dk[(s * hkv + kv) * dim + d] += scale * ds * qr[d];
+        }
+        for (int d = 0; d < vdim; ++d) dv[(s * hkv + kv) * vdim + d] += pj * go[d];
+      }
+    }
+  }
+  auto bf16_vec = [](const std::vector<float>& x) {
+    std::vector<__nv_bfloat16> y(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) y[i] = __float2bfloat16(x[i]);
+    return y;
+  };
+  auto* dq_dev = to_device(std::vector<float>(dq.size(), NAN));
+  auto* dk_dev = to_device(std::vector<float>(dk.size(), NAN));
+  auto* dv_dev = to_device(std::vector<float>(dv.size(), NAN));
+  keysel::cuda_kernels::SparseBackwardLaunch launch{};
+  launch.q = to_device(bf16_vec(q));
+  launch.k = to_device(bf16_vec(k));
+  launch.v = to_device(bf16_vec(v));
+  launch.out = to_device(bf16_vec(out));
+  launch.grad_out = to_device(bf16_vec(dout));
+  launch.lse = to_device(lse);
+  launch.selection = to_device(sel);
+  launch.grad_q = dq_dev;
+  launch.grad_k = dk_dev;
+  launch.grad_v = dv_dev;
+  launch.tokens = tokens;
+  launch.keys = keys;
+  launch.query_heads = hq;
+  launch.kv_heads = hkv;
+  launch.head_dim = dim;
+  launch.value_dim = vdim;
+  launch.groups = groups;
+  launch.width = width;
+  launch.granularity = granularity;
+  launch.bf16 = true;
+  launch.scale = static_cast<float>(scale);
+  launch.device = 0;
+  keysel::cuda_kernels::launch_sparse_attention_backward("backward_profile", launch, nullptr);
+  check(cudaDeviceSynchronize(), "backward");
+  double worst = 0;
+  auto compare = [&](const std::vector<double>& ref, float* dev) {
+    std::vector<float> got(ref.size());
+    check(cudaMemcpy(got.data(), dev, got.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    double amax = 0;
+    for (double r : ref) amax = std::max(amax, std::fabs(r));
+    for (std::size_t i = 0; i < ref.size(); ++i) {
+      const double bound = 2e-4 * (1.0 + amax);
+      const double err = std::fabs(got[i] - ref[i]);
+      worst = std::max(worst, std::isnan(got[i]) ? INFINITY : err / bound);
+    }
+  };
+  compare(dq, dq_dev);
+  compare(dk, dk_dev);
+  compare(dv, dv_dev);
+  return worst;
+}
+
+int run_checks() {
+  int failures = 0;
+  const struct {
+    keysel::Granularity granularity;
+    const char* name;
+  } cases[] = {{keysel::Granularity::per_head, "per_head"},
+               {keysel::Granularity::per_kv_head, "per_kv_head"},
+               {keysel::Granularity::per_token, "per_token"}};
+  for (const auto& c : cases) {
+    for (const int hq : {6, 10}) {  // 3 and 5 heads per key head: one pass and a pass of 4 plus 1
+      const double worst = check_case(c.granularity, 70, hq, 2, 72, 40, 19, 7u + hq);
+      const bool ok = worst <= 1.0;
+      failures += ok ? 0 : 1;
+      std::printf("check %-11s Hq=%-2d Hkv=2 D=72 Dv=40 T=N=70 k=19: worst error / bound %.3g %s\n", c.name, hq, worst,
+                  ok ? "ok" : "FAILED");
+    }
+  }
+  return failures == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "check") return run_checks();
   if (argc < 6) {
     std::fprintf(stderr, "usage: %s T HQ HKV D K [REPEATS]\n", argv[0]);
     return 2;

@@ -26,6 +26,7 @@ wait
 nvcc -arch=sm_$ARCH -o "$B/backward_profile" "$B"/*.o || { echo "build failed"; exit 1; }
 echo "build: $((SECONDS - start)) s" | tee "$OUT/backward_profile.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >>"$OUT/backward_profile.txt"
+"$B/backward_profile" check >>"$OUT/backward_profile.txt" 2>&1 || echo "check FAILED" >>"$OUT/backward_profile.txt"
 SHAPES=${SHAPES:-"8192:2048 8192:256 32768:256"}
 for s in $SHAPES; do
   T=${s%%:*}; K=${s##*:}

@@ -540,7 +540,7 @@ void sparse_attention_reference(const AttentionInputs& inputs, const TensorView&
 void sparse_attention_backward_reference(const AttentionInputs& inputs, const TensorView& selection,
                                          Granularity granularity, const TensorView& grad_out,
                                          const TensorView& grad_q, const TensorView& grad_k,
-                                         const TensorView& grad_v) {
+                                         const TensorView& grad_v, const TensorView& grad_lse) {
   constexpr std::string_view function = "sparse_attention_backward_reference";
   const AttentionShape shape = inputs.validate(function, true);
   const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
@@ -552,10 +552,18 @@ void sparse_attention_backward_reference(const AttentionInputs& inputs, const Te
   check_output(function, grad_k, "grad_k", {shape.keys, shape.kv_heads, shape.head_dim}, {DType::fp32, DType::fp64});
   check_output(function, grad_v, "grad_v", {shape.keys, shape.kv_heads, shape.value_dim},
                {DType::fp32, DType::fp64});
+  if (!grad_lse.empty()) {
+    expect_shape(function, grad_lse, "grad_lse", {shape.tokens, shape.query_heads});
+    expect_dtype(function, grad_lse, "grad_lse", {DType::fp32, DType::fp64});
+    expect_device(function, grad_lse, "grad_lse", Device::cpu());
+  }
   validate_selection(function, selection, "selection", inputs.positions, shape.keys, groups);
 
   const DecodedInputs in = decode(inputs, shape);
   const std::vector<double> d_out = to_double_vector(grad_out);  // [T, Hq, Dv]
+  const std::vector<double> d_lse =
+      grad_lse.empty() ? std::vector<double>(static_cast<std::size_t>(shape.tokens * shape.query_heads), 0.0)
+                       : to_double_vector(grad_lse);  // [T, Hq]
   const std::vector<double> selected = to_double_vector(selection);
   const std::int64_t width = selection.size(2);
   const std::int64_t dim = shape.head_dim, dv = shape.value_dim;
@@ -593,7 +601,8 @@ void sparse_attention_backward_reference(const AttentionInputs& inputs, const Te
         const double* kvec = in.key(s, kv);
         double dp = 0.0;
         for (std::int64_t d = 0; d < dv; ++d) dp += go[d] * vv[d];
-        const double ds = weights[i] * (dp - delta);
+        // d lse / d logit = P: the lse term adds P * dLse.
+        const double ds = weights[i] * (dp - delta + d_lse[static_cast<std::size_t>(t * shape.query_heads + h)]);
         double* dkv = dk.data() + (s * shape.kv_heads + kv) * dim;
         double* dvv_row = dvv.data() + (s * shape.kv_heads + kv) * dv;
         for (std::int64_t d = 0; d < dim; ++d) {

@@ -14,6 +14,7 @@
 #include "keysel/core/checked.h"
 #include "keysel/core/cpu_features.h"
 #include "keysel/core/threads.h"
+#include "sparse_attention_backward.h"
 #include "sparse_attention_kernels.h"
 
 namespace keysel {
@@ -530,7 +531,7 @@ struct UnitLayout {
 void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, const TensorView& selection,
                   Granularity granularity, const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                   const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v, int threads,
-                  AttentionKernel kernel) {
+                  AttentionKernel kernel, const detail::BackwardTerms& terms) {
   const kernels::BackwardOps ops = backward_ops(kernel);
   const UnitLayout layout(shape, granularity);
   const std::int64_t tokens = shape.tokens, heads = shape.query_heads, kv_heads = shape.kv_heads;
@@ -545,6 +546,11 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
   const std::vector<float> d_out = prepare_queries(grad_out, 1.0, dvp);
   std::vector<float> lse_values(static_cast<std::size_t>(tokens * heads));
   std::vector<float> delta(static_cast<std::size_t>(tokens * heads));
+  // The optional terms (sparse_attention_backward.h): dlse per row, and the factor c that scales P.
+  std::vector<float> grad_lse_values;
+  const float* factor = terms.out_factor;
+  if (!terms.grad_lse.empty()) grad_lse_values.resize(static_cast<std::size_t>(tokens * heads));
+  const float* dlse = grad_lse_values.empty() ? nullptr : grad_lse_values.data();
   {
     const float* lse_data = lse.data<float>();
     const auto* out_base = static_cast<const std::byte*>(out.raw_data());
@@ -559,9 +565,14 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
           sum += go[d] * load_as_float(out, out_base, t * out.stride(0) + h * out.stride(1) + d * out.stride(2));
         }
         delta[static_cast<std::size_t>(t * heads + h)] = sum;
+        if (!grad_lse_values.empty()) {
+          grad_lse_values[static_cast<std::size_t>(t * heads + h)] =
+              terms.grad_lse.data<float>()[t * terms.grad_lse.stride(0) + h * terms.grad_lse.stride(1)];
+        }
       }
     }
   }
+  if (terms.delta != nullptr) std::copy(delta.begin(), delta.end(), terms.delta);
   std::vector<std::byte> k_storage, v_storage;
   const RowSource k_rows = row_source(inputs.k, k_storage);
   const RowSource v_rows = row_source(inputs.v, v_storage);
@@ -602,10 +613,12 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
                     value_dim, dvp);
         for (std::int64_t j = 0; j < layout.heads_per_unit; ++j) {
           const std::int64_t row = t * heads + first_head + j;
-          const float p = std::exp(ops.dot(queries.data() + row * dp, k_row.data(), dp) -
-                                   lse_values[static_cast<std::size_t>(row)]);
+          const float p_keys = std::exp(ops.dot(queries.data() + row * dp, k_row.data(), dp) -
+                                        lse_values[static_cast<std::size_t>(row)]);
+          const float p = factor != nullptr ? factor[row] * p_keys : p_keys;
           const float dp_value = ops.dot(d_out.data() + row * dvp, v_row.data(), dvp);
-          const float ds = p * (dp_value - delta[static_cast<std::size_t>(row)]);
+          float ds = p * (dp_value - delta[static_cast<std::size_t>(row)]);
+          if (dlse != nullptr) ds += p_keys * dlse[row];
           ops.axpy(dq.data() + j * dp, scale * ds, k_row.data(), dp);
         }
       }
@@ -646,9 +659,10 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
 
   // Pass 2, key-major: each (key, key head) sums dK and dV over its units in order, on one thread.
   float* gk = grad_k.mutable_data<float>();
-  float* gv = grad_v.mutable_data<float>();
+  float* gv = terms.values_in_keys ? nullptr : grad_v.mutable_data<float>();
   const std::int64_t gks[3] = {grad_k.stride(0), grad_k.stride(1), grad_k.stride(2)};
-  const std::int64_t gvs[3] = {grad_v.stride(0), grad_v.stride(1), grad_v.stride(2)};
+  const std::int64_t gvs[3] = {terms.values_in_keys ? 0 : grad_v.stride(0), terms.values_in_keys ? 0 : grad_v.stride(1),
+                               terms.values_in_keys ? 0 : grad_v.stride(2)};
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> k_row(static_cast<std::size_t>(dp)), v_row(static_cast<std::size_t>(dvp));
@@ -675,14 +689,23 @@ void run_backward(const AttentionInputs& inputs, const AttentionShape& shape, co
           const std::int64_t row = t * heads + first_head + j;
           const float* q_row = queries.data() + row * dp;
           const float* go = d_out.data() + row * dvp;
-          const float p = std::exp(ops.dot(q_row, k_row.data(), dp) - lse_values[static_cast<std::size_t>(row)]);
+          const float p_keys = std::exp(ops.dot(q_row, k_row.data(), dp) - lse_values[static_cast<std::size_t>(row)]);
+          const float p = factor != nullptr ? factor[row] * p_keys : p_keys;
           const float dp_value = ops.dot(go, v_row.data(), dvp);
-          const float ds = p * (dp_value - delta[static_cast<std::size_t>(row)]);
+          float ds = p * (dp_value - delta[static_cast<std::size_t>(row)]);
+          if (dlse != nullptr) ds += p_keys * dlse[row];
           ops.axpy(dk.data(), ds, q_row, dp);  // q_row holds scale * q
           ops.axpy(dv.data(), p, go, dvp);
         }
       }
       float* k_target = gk + s * gks[0] + kv * gks[1];
+      if (terms.values_in_keys) {  // one latent: dK + dV on the value channels
+        for (std::int64_t d = 0; d < dim; ++d) {
+          const float value_part = d < value_dim ? dv[static_cast<std::size_t>(d)] : 0.0f;
+          k_target[d * gks[2]] = dk[static_cast<std::size_t>(d)] + value_part;
+        }
+        continue;
+      }
       for (std::int64_t d = 0; d < dim; ++d) k_target[d * gks[2]] = dk[static_cast<std::size_t>(d)];
       float* v_target = gv + s * gvs[0] + kv * gvs[1];
       for (std::int64_t d = 0; d < value_dim; ++d) v_target[d * gvs[2]] = dv[static_cast<std::size_t>(d)];
@@ -767,8 +790,21 @@ void full_attention_fast(const AttentionInputs& inputs, const TensorView& out, c
 void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& selection, Granularity granularity,
                                const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                                const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
-                               const SparseAttentionOptions& options) {
-  constexpr std::string_view function = "sparse_attention_backward";
+                               const SparseAttentionOptions& options, const TensorView& grad_lse) {
+  detail::BackwardTerms terms;
+  terms.grad_lse = grad_lse;
+  detail::sparse_attention_backward_with_terms("sparse_attention_backward", inputs, selection, granularity, out, lse,
+                                               grad_out, grad_q, grad_k, grad_v, options, terms);
+}
+
+namespace detail {
+
+void sparse_attention_backward_with_terms(std::string_view function, const AttentionInputs& inputs,
+                                          const TensorView& selection, Granularity granularity,
+                                          const TensorView& out, const TensorView& lse, const TensorView& grad_out,
+                                          const TensorView& grad_q, const TensorView& grad_k,
+                                          const TensorView& grad_v, const SparseAttentionOptions& options,
+                                          const BackwardTerms& terms) {
   const AttentionShape shape = inputs.validate(function, true);
   const std::int64_t groups = group_count(granularity, shape.query_heads, shape.kv_heads);
   check_input(function, out, "out", {shape.tokens, shape.query_heads, shape.value_dim},
@@ -776,9 +812,16 @@ void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& 
   check_input(function, lse, "lse", {shape.tokens, shape.query_heads}, {DType::fp32});
   check_input(function, grad_out, "grad_out", {shape.tokens, shape.query_heads, shape.value_dim},
               {DType::fp32, DType::bf16, DType::fp16});
+  if (!terms.grad_lse.empty()) {
+    check_input(function, terms.grad_lse, "grad_lse", {shape.tokens, shape.query_heads}, {DType::fp32});
+  }
   check_output(function, grad_q, "grad_q", {shape.tokens, shape.query_heads, shape.head_dim});
   check_output(function, grad_k, "grad_k", {shape.keys, shape.kv_heads, shape.head_dim});
-  check_output(function, grad_v, "grad_v", {shape.keys, shape.kv_heads, shape.value_dim});
+  if (terms.values_in_keys) {
+    KEYSEL_ASSERT(grad_v.empty() && shape.value_dim <= shape.head_dim);
+  } else {
+    check_output(function, grad_v, "grad_v", {shape.keys, shape.kv_heads, shape.value_dim});
+  }
   KEYSEL_CHECK_ARG_IN(function, options.threads >= 0, "options.threads", ">= 0 (0: keysel::num_threads())",
                       options.threads);
   const AttentionKernel kernel = resolve_kernel(function, options.kernel);
@@ -794,7 +837,10 @@ void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& 
                       "T * (Hq for per_head, else Hkv) <= 2^31 - 1 work units", units);
   checked_mul(shape.kv_heads, shape.keys, function, "k");
   const int threads = options.threads > 0 ? options.threads : num_threads();
-  run_backward(inputs, shape, selection, granularity, out, lse, grad_out, grad_q, grad_k, grad_v, threads, kernel);
+  run_backward(inputs, shape, selection, granularity, out, lse, grad_out, grad_q, grad_k, grad_v, threads, kernel,
+               terms);
 }
+
+}  // namespace detail
 
 }  // namespace keysel

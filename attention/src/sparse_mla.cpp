@@ -16,6 +16,7 @@
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
 #include "keysel/core/selection.h"
+#include "sparse_attention_backward.h"
 
 namespace keysel {
 namespace {
@@ -48,10 +49,9 @@ MlaShape check_cache(std::string_view function, const TensorView& kv) {
   return shape;
 }
 
-/// Checks every argument (index values included) before anything is written.
-MlaShape check(std::string_view function, const TensorView& q, const TensorView& kv, const TensorView& indices,
-               const TensorView& out, const TensorView& lse, const TensorView& max_logits,
-               const SparseMlaOptions& options, std::initializer_list<DType> out_types) {
+/// Checks q, the cache, the indices (their values included) and the options.
+MlaShape check_operands(std::string_view function, const TensorView& q, const TensorView& kv,
+                        const TensorView& indices, const SparseMlaOptions& options) {
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kMlaQkDim});
   expect_dtype(function, q, "q", {DType::fp32, DType::bf16, DType::fp16});
   expect_device(function, q, "q", Device::cpu());
@@ -63,22 +63,6 @@ MlaShape check(std::string_view function, const TensorView& q, const TensorView&
   expect_dtype(function, indices, "indices", {DType::int32});
   expect_device(function, indices, "indices", Device::cpu());
   shape.topk = indices.size(1);
-  expect_shape(function, out, "out", {shape.tokens, shape.heads, kMlaLatentDim});
-  expect_dtype(function, out, "out", out_types);
-  expect_device(function, out, "out", Device::cpu());
-  expect_writable(function, out, "out");
-  if (!lse.empty()) {
-    expect_shape(function, lse, "lse", {shape.tokens, shape.heads});
-    expect_dtype(function, lse, "lse", out_types);
-    expect_device(function, lse, "lse", Device::cpu());
-    expect_writable(function, lse, "lse");
-  }
-  if (!max_logits.empty()) {
-    expect_shape(function, max_logits, "max_logits", {shape.tokens, shape.heads});
-    expect_dtype(function, max_logits, "max_logits", out_types);
-    expect_device(function, max_logits, "max_logits", Device::cpu());
-    expect_writable(function, max_logits, "max_logits");
-  }
   KEYSEL_CHECK_ARG_IN(function, options.scale == 0.0 || (std::isfinite(options.scale) && options.scale > 0.0), "scale",
                    "a finite scale > 0 (0: 1/sqrt(576))", options.scale);
   if (!options.attn_sink.empty()) {
@@ -114,6 +98,53 @@ MlaShape check(std::string_view function, const TensorView& q, const TensorView&
   }
   return shape;
 }
+
+void expect_tensor(std::string_view function, const TensorView& view, std::string_view argument,
+                   std::initializer_list<std::int64_t> dims, std::initializer_list<DType> dtypes, bool writable) {
+  expect_shape(function, view, argument, dims);
+  expect_dtype(function, view, argument, dtypes);
+  expect_device(function, view, argument, Device::cpu());
+  if (writable) expect_writable(function, view, argument);
+}
+
+/// Checks every argument of the forward (index values included) before anything is written.
+MlaShape check(std::string_view function, const TensorView& q, const TensorView& kv, const TensorView& indices,
+               const TensorView& out, const TensorView& lse, const TensorView& max_logits,
+               const SparseMlaOptions& options, std::initializer_list<DType> out_types) {
+  const MlaShape shape = check_operands(function, q, kv, indices, options);
+  expect_tensor(function, out, "out", {shape.tokens, shape.heads, kMlaLatentDim}, out_types, true);
+  if (!lse.empty()) expect_tensor(function, lse, "lse", {shape.tokens, shape.heads}, out_types, true);
+  if (!max_logits.empty()) {
+    expect_tensor(function, max_logits, "max_logits", {shape.tokens, shape.heads}, out_types, true);
+  }
+  return shape;
+}
+
+/// Checks every argument of a backward (index values included) before anything is written.
+MlaShape check_backward(std::string_view function, const TensorView& q, const TensorView& kv,
+                        const TensorView& indices, const TensorView& grad_out, const TensorView& grad_lse,
+                        const SparseMlaGradients& gradients, const SparseMlaOptions& options,
+                        std::initializer_list<DType> input_types, std::initializer_list<DType> lse_types,
+                        std::initializer_list<DType> gradient_types) {
+  KEYSEL_CHECK_ARG_IN(function, kv.rank() != 3, "kv", "a latent cache [N, 576] (the fp8 V3.2 pages are not differentiated)",
+                      kv.str());
+  const MlaShape shape = check_operands(function, q, kv, indices, options);
+  expect_tensor(function, grad_out, "grad_out", {shape.tokens, shape.heads, kMlaLatentDim}, input_types, false);
+  if (!grad_lse.empty()) expect_tensor(function, grad_lse, "grad_lse", {shape.tokens, shape.heads}, lse_types, false);
+  expect_tensor(function, gradients.q, "gradients.q", {shape.tokens, shape.heads, kMlaQkDim}, gradient_types, true);
+  expect_tensor(function, gradients.kv, "gradients.kv", {shape.slots, kMlaQkDim}, gradient_types, true);
+  if (!gradients.attn_sink.empty()) {
+    KEYSEL_CHECK_ARG_IN(function, !options.attn_sink.empty(), "gradients.attn_sink",
+                        "empty without options.attn_sink", gradients.attn_sink.str());
+    expect_tensor(function, gradients.attn_sink, "gradients.attn_sink", {shape.heads}, gradient_types, true);
+  }
+  return shape;
+}
+
+/// The weights of a row with the sink: c = exp(lse) / (exp(lse) + exp(sink)) scales the keys' probabilities,
+/// 1 - c = exp(sink) / (exp(lse) + exp(sink)) is the sink's; both stay finite for an infinite sink.
+double keys_share(double lse, double sink) { return 1.0 / (1.0 + std::exp(sink - lse)); }
+double sink_share(double lse, double sink) { return 1.0 / (1.0 + std::exp(lse - sink)); }
 
 double effective_scale(const SparseMlaOptions& options) {
   return options.scale > 0.0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(kMlaQkDim));
@@ -366,6 +397,154 @@ void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& ind
         value = static_cast<float>(value * factor);
       }
     }
+  }
+}
+
+void sparse_mla_backward_reference(const TensorView& q, const TensorView& kv, const TensorView& indices,
+                                   const TensorView& grad_out, const TensorView& grad_lse,
+                                   const SparseMlaGradients& gradients, const SparseMlaOptions& options) {
+  constexpr std::string_view function = "sparse_mla_backward_reference";
+  const MlaShape shape = check_backward(function, q, kv, indices, grad_out, grad_lse, gradients, options,
+                                        {DType::fp32, DType::bf16, DType::fp16, DType::fp64},
+                                        {DType::fp32, DType::fp64}, {DType::fp32, DType::fp64});
+  const double scale = effective_scale(options);
+  const auto size = [](std::int64_t n) { return static_cast<std::size_t>(n); };
+  std::vector<double> dq(size(shape.tokens * shape.heads * kMlaQkDim), 0.0);
+  std::vector<double> dkv(size(shape.slots * kMlaQkDim), 0.0);
+  std::vector<double> dsink(size(shape.heads), 0.0);
+  // Plain sequential loops (dkv gathers from every row): the obvious transcription of SPEC §9.2.
+  std::vector<double> latents, qd(size(kMlaQkDim)), go(size(kMlaLatentDim)), o(size(kMlaLatentDim));
+  std::vector<double> logits, p_keys;
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    const std::vector<std::int32_t> slots = row_slots(indices, options, t, shape.topk);
+    if (slots.empty()) continue;  // no valid slot: out = 0 and lse = -inf whatever the inputs
+    latents.resize(slots.size() * size(kMlaQkDim));
+    for (std::size_t i = 0; i < slots.size(); ++i) load_latent(kv, shape, slots[i], latents.data() + i * kMlaQkDim);
+    logits.resize(slots.size());
+    p_keys.resize(slots.size());
+    for (std::int64_t h = 0; h < shape.heads; ++h) {
+      for (std::int64_t d = 0; d < kMlaQkDim; ++d) qd[size(d)] = q.load({t, h, d});
+      for (std::int64_t d = 0; d < kMlaLatentDim; ++d) go[size(d)] = grad_out.load({t, h, d});
+      double top = kNegInf;
+      for (std::size_t i = 0; i < slots.size(); ++i) {
+        double dot = 0.0;
+        for (std::int64_t d = 0; d < kMlaQkDim; ++d) dot += qd[size(d)] * latents[i * kMlaQkDim + d];
+        logits[i] = scale * dot;
+        top = std::max(top, logits[i]);
+      }
+      double sum = 0.0;
+      for (std::size_t i = 0; i < slots.size(); ++i) sum += std::exp(logits[i] - top);
+      const double lse = top + std::log(sum);
+      const double sink = options.attn_sink.empty() ? kNegInf : static_cast<double>(options.attn_sink.load({h}));
+      const double c = keys_share(lse, sink);
+      std::fill(o.begin(), o.end(), 0.0);
+      for (std::size_t i = 0; i < slots.size(); ++i) {
+        p_keys[i] = std::exp(logits[i] - lse);  // P' (the lse's softmax); the output's weights are c P'
+        for (std::int64_t d = 0; d < kMlaLatentDim; ++d) o[size(d)] += c * p_keys[i] * latents[i * kMlaQkDim + d];
+      }
+      double delta = 0.0;
+      for (std::int64_t d = 0; d < kMlaLatentDim; ++d) delta += go[size(d)] * o[size(d)];
+      const double d_lse = grad_lse.empty() ? 0.0 : grad_lse.load({t, h});
+      double* dq_row = dq.data() + (t * shape.heads + h) * kMlaQkDim;
+      for (std::size_t i = 0; i < slots.size(); ++i) {
+        const double* x = latents.data() + i * kMlaQkDim;
+        double dp = 0.0;
+        for (std::int64_t d = 0; d < kMlaLatentDim; ++d) dp += go[size(d)] * x[d];
+        const double p = c * p_keys[i];
+        const double ds = p * (dp - delta) + p_keys[i] * d_lse;
+        double* dkv_row = dkv.data() + static_cast<std::int64_t>(slots[i]) * kMlaQkDim;
+        for (std::int64_t d = 0; d < kMlaQkDim; ++d) {
+          dq_row[d] += scale * ds * x[d];
+          dkv_row[d] += scale * ds * qd[size(d)];
+        }
+        for (std::int64_t d = 0; d < kMlaLatentDim; ++d) dkv_row[d] += p * go[size(d)];
+      }
+      dsink[size(h)] -= sink_share(lse, sink) * delta;
+    }
+  }
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    for (std::int64_t h = 0; h < shape.heads; ++h) {
+      for (std::int64_t d = 0; d < kMlaQkDim; ++d) store(gradients.q, {t, h, d}, dq[size((t * shape.heads + h) * kMlaQkDim + d)]);
+    }
+  }
+  for (std::int64_t s = 0; s < shape.slots; ++s) {
+    for (std::int64_t d = 0; d < kMlaQkDim; ++d) store(gradients.kv, {s, d}, dkv[size(s * kMlaQkDim + d)]);
+  }
+  if (!gradients.attn_sink.empty()) {
+    for (std::int64_t h = 0; h < shape.heads; ++h) store(gradients.attn_sink, {h}, dsink[size(h)]);
+  }
+}
+
+void sparse_mla_backward(const TensorView& q, const TensorView& kv, const TensorView& indices, const TensorView& out,
+                         const TensorView& lse, const TensorView& grad_out, const TensorView& grad_lse,
+                         const SparseMlaGradients& gradients, const SparseMlaOptions& options,
+                         const SparseAttentionOptions& attention) {
+  constexpr std::string_view function = "sparse_mla_backward";
+  const MlaShape shape = check_backward(function, q, kv, indices, grad_out, grad_lse, gradients, options,
+                                        {DType::fp32, DType::bf16, DType::fp16}, {DType::fp32}, {DType::fp32});
+  expect_tensor(function, out, "out", {shape.tokens, shape.heads, kMlaLatentDim},
+                {DType::fp32, DType::bf16, DType::fp16}, false);
+  expect_tensor(function, lse, "lse", {shape.tokens, shape.heads}, {DType::fp32}, false);
+  // The valid slots of each row, compacted into a selection [T, 1, width] of one key head that every query may
+  // read (as sparse_mla hands them to sparse_attention).
+  std::int64_t width = 1;
+  std::vector<std::vector<std::int32_t>> rows(static_cast<std::size_t>(shape.tokens));
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    rows[static_cast<std::size_t>(t)] = row_slots(indices, options, t, shape.topk);
+    width = std::max<std::int64_t>(width, static_cast<std::int64_t>(rows[static_cast<std::size_t>(t)].size()));
+  }
+  std::vector<std::int32_t> selection(static_cast<std::size_t>(checked_mul(shape.tokens, width, function, "indices")),
+                                      -1);
+  for (std::int64_t t = 0; t < shape.tokens; ++t) {
+    std::copy(rows[static_cast<std::size_t>(t)].begin(), rows[static_cast<std::size_t>(t)].end(),
+              selection.begin() + t * width);
+  }
+  const std::int64_t n = shape.slots;
+  std::vector<std::int32_t> positions(static_cast<std::size_t>(shape.tokens), static_cast<std::int32_t>(n - 1));
+  const std::int64_t k_shape[] = {n, 1, kMlaQkDim}, v_shape[] = {n, 1, kMlaLatentDim};
+  const std::int64_t strides[] = {kv.stride(0), kMlaQkDim, kv.stride(1)};
+  AttentionInputs inputs;
+  inputs.q = q;
+  inputs.k = TensorView(kv.raw_data(), kv.dtype(), k_shape, strides);
+  inputs.v = TensorView(kv.raw_data(), kv.dtype(), v_shape, strides);
+  inputs.positions = TensorView(positions.data(), DType::int32, {shape.tokens});
+  inputs.scale = effective_scale(options);
+  const std::int64_t grad_strides[] = {gradients.kv.stride(0), kMlaQkDim, gradients.kv.stride(1)};
+  const TensorView grad_k(gradients.kv.mutable_raw_data(), DType::fp32, k_shape, grad_strides, Device::cpu(),
+                          false);
+
+  // The sink scales the output's weights by c = exp(lse) / (exp(lse) + exp(sink)) per row.
+  const std::size_t row_count = static_cast<std::size_t>(shape.tokens * shape.heads);
+  std::vector<float> factor, delta(row_count);
+  if (!options.attn_sink.empty()) {
+    factor.resize(row_count);
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      for (std::int64_t h = 0; h < shape.heads; ++h) {
+        factor[static_cast<std::size_t>(t * shape.heads + h)] = static_cast<float>(
+            keys_share(lse.load({t, h}), static_cast<double>(options.attn_sink.load({h}))));
+      }
+    }
+  }
+  detail::BackwardTerms terms;
+  terms.grad_lse = grad_lse;
+  terms.out_factor = factor.empty() ? nullptr : factor.data();
+  terms.values_in_keys = true;
+  terms.delta = delta.data();
+  detail::sparse_attention_backward_with_terms(
+      function, inputs, TensorView(selection.data(), DType::int32, {shape.tokens, 1, width}),
+      Granularity::per_kv_head, out, lse, grad_out, gradients.q, grad_k, TensorView(), attention, terms);
+
+  if (gradients.attn_sink.empty()) return;
+  // d sink[h] = -sum_t (1 - c[t,h]) Delta[t,h], tokens ascending; rows with no valid slot add nothing.
+  for (std::int64_t h = 0; h < shape.heads; ++h) {
+    const double sink = options.attn_sink.load({h});
+    double sum = 0.0;
+    for (std::int64_t t = 0; t < shape.tokens; ++t) {
+      if (rows[static_cast<std::size_t>(t)].empty()) continue;
+      sum += sink_share(lse.load({t, h}), sink) * static_cast<double>(delta[static_cast<std::size_t>(t * shape.heads + h)]);
+    }
+    const std::int64_t index[] = {h};
+    gradients.attn_sink.mutable_data<float>()[gradients.attn_sink.offset(index)] = static_cast<float>(-sum);
   }
 }
 

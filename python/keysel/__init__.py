@@ -28,7 +28,7 @@ nothing.
 
 Functions: select_topk, exact_topk, indexer_scores, IndexerKeyCache, sparse_attention, metrics, make_selector,
 load_dump, run_study; DeepSeek-V3.2's DSA formats: topk_rows, paged_mqa_logits, ragged_mqa_logits, select_topk_paged,
-indexer_k_quant_and_cache, sparse_mla, mla_v32_quantize; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
+indexer_k_quant_and_cache, sparse_mla (and sparse_mla_backward), mla_v32_quantize; on a GPU also indexer_logits_cuda and indexer_topk_cuda (select_topk and sparse_attention
 take CUDA tensors too); set_num_threads, num_threads, simd_level, built_with_cuda, cuda_device_count.
 PyTorch integration lives in keysel.torch (import it explicitly: import keysel.torch).
 """
@@ -60,7 +60,7 @@ __all__ = [
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
     "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "indexer_kl_loss_reference", "indexer_topk_workspace_bytes", "topk_rows",
     "topk_rows_workspace_bytes", "paged_mqa_logits", "ragged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
-    "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_workspace_bytes", "mla_v32_quantize",
+    "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_backward", "sparse_mla_workspace_bytes", "mla_v32_quantize",
 ]
 
 
@@ -552,12 +552,13 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
 
 
 def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out, *, granularity="per_kv_head",
-                              scale=None, grad_q=None, grad_k=None, grad_v=None, stream=None):
-    """Gradients of sparse_attention's out with the selection held fixed (SPEC §9), on the CPU or on a GPU.
+                              scale=None, grad_lse=None, grad_q=None, grad_k=None, grad_v=None, stream=None):
+    """Gradients of sparse_attention's out (and lse) with the selection held fixed (SPEC §9), on the CPU or a GPU.
 
     With P = exp(scale q.k - lse) over the selected keys, dP = grad_out . v, Delta = rowsum(grad_out * out),
-    dS = P (dP - Delta): grad_q = scale dS K, grad_k = scale dS^T Q, grad_v = P^T grad_out, the heads of a key
-    head (GQA) and every query token that selects a key summed into that key's rows.
+    dS = P (dP - Delta) (+ P grad_lse with grad_lse, float32 [T, Hq]: d lse / d logit = P): grad_q = scale dS K,
+    grad_k = scale dS^T Q, grad_v = P^T grad_out, the heads of a key head (GQA) and every query token that
+    selects a key summed into that key's rows. grad_lse is taken on the CPU only (None for CUDA tensors).
 
     q [T, Hq, D], k_cache [N, Hkv, D], v_cache [N, Hkv, Dv], out and grad_out [T, Hq, Dv] (float32, float16 or
     bfloat16, any strides), lse float32 [T, Hq] (out and lse as sparse_attention returned them), selection int32
@@ -582,8 +583,9 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
         result = given if given is not None else _io.empty(shape, "float32", tensors, fn)
         results.append(result)
         converted.append(_io.arg(result, fn, name)[0])
+    glse_c = None if grad_lse is None else _io.arg(grad_lse, fn, "grad_lse")[0]
     _io.call(fn, _io.ATTENTION, _C.sparse_attention_backward, *converted[:4], granularity, _scale(scale, fn),
-             *converted[4:], _io.stream_handle(stream, (q,)))
+             *converted[4:], _io.stream_handle(stream, (q,)), glse_c)
     return tuple(results)
 
 
@@ -648,6 +650,44 @@ def sparse_mla(q, kv, indices, *, scale=None, attn_sink=None, topk_length=None, 
              0.0 if scale is None else _scale(scale, fn), sink_c, len_c, _io.stream_handle(stream, (q,)),
              _io.workspace(workspace, fn))
     return result, result_lse, result_max
+
+
+def sparse_mla_backward(q, kv, indices, out, lse, grad_out, *, grad_lse=None, scale=None, attn_sink=None,
+                        topk_length=None, grad_q=None, grad_kv=None, grad_attn_sink=None):
+    """Gradients of sparse_mla (SPEC §9.2) on the CPU, the indices and topk_length held fixed.
+
+    q [T, h_q, 576], kv a latent cache [N, 576] (float32/float16/bfloat16; the fp8 V3.2 pages are not
+    differentiated), indices, scale, attn_sink and topk_length as for sparse_mla; out [T, h_q, 512] and lse float32
+    [T, h_q] as sparse_mla returned them; grad_out [T, h_q, 512] (float32/float16/bfloat16) and optionally
+    grad_lse float32 [T, h_q] the gradients of the loss with respect to out and lse. With P' = exp(s - lse) over
+    a row's valid slots, c = exp(lse) / (exp(lse) + exp(sink)), P = c P', dP = grad_out . kv[:512], Delta =
+    rowsum(grad_out * out) and dS = P (dP - Delta) + P' grad_lse:
+      grad_q = scale dS kv;  grad_kv = scale dS^T q + P^T grad_out (on channels 0..511);
+      grad_attn_sink[h] = -sum_t (1 - c) Delta.
+    Returns (grad_q float32 [T, h_q, 576], grad_kv float32 [N, 576], grad_attn_sink float32 [h_q] or None without
+    attn_sink); slots no row reads get zeros. Arithmetic in float32, deterministic (the same bits for any thread
+    count). grad_q=, grad_kv=, grad_attn_sink= are written in place when given.
+    """
+    fn = "sparse_mla_backward"
+    names = ("q", "kv", "indices", "out", "lse", "grad_out")
+    tensors = (q, kv, indices, out, lse, grad_out)
+    converted = [_io.arg(x, fn, name)[0] for x, name in zip(tensors, names)]
+    t, h = _io.shape(q, fn, "q", 3, "[T, h_q, 576]")[:2]
+    n = _io.shape(kv, fn, "kv", 2, "[N, 576]")[0]
+    d = 576
+    result_q = grad_q if grad_q is not None else _io.empty((t, h, d), "float32", tensors, fn)
+    result_kv = grad_kv if grad_kv is not None else _io.empty((n, d), "float32", tensors, fn)
+    result_sink = grad_attn_sink
+    if result_sink is None and attn_sink is not None:
+        result_sink = _io.empty((h,), "float32", tensors, fn)
+    optional = [None if x is None else _io.arg(x, fn, name)[0]
+                for x, name in ((grad_lse, "grad_lse"), (attn_sink, "attn_sink"), (topk_length, "topk_length"))]
+    renames = {"gradients.q": "grad_q", "gradients.kv": "grad_kv", "gradients.attn_sink": "grad_attn_sink"}
+    _io.call(fn, renames, _C.sparse_mla_backward, *converted, optional[0],
+             0.0 if scale is None else _scale(scale, fn), optional[1], optional[2],
+             _io.arg(result_q, fn, "grad_q")[0], _io.arg(result_kv, fn, "grad_kv")[0],
+             None if result_sink is None else _io.arg(result_sink, fn, "grad_attn_sink")[0])
+    return result_q, result_kv, result_sink
 
 
 def sparse_mla_workspace_bytes(rows, heads, topk, device=0):

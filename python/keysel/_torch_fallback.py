@@ -124,10 +124,11 @@ def sparse_attention(q, k_cache, v_cache, selection, granularity, scale):
 
 
 
-def sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale):
-    """Gradients of sparse_attention's out (SPEC §9) by gathering the selected rows: (dq, dk, dv) in the dtypes of
-    q, k_cache, v_cache. Recomputes P in float32 (float64 for float64 inputs); dk and dv are summed with
-    index_add_ (on CUDA in an unspecified order: not bitwise reproducible)."""
+def sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale, grad_lse=None):
+    """Gradients of sparse_attention's out (SPEC §9), and of its lse when grad_lse [T, Hq] is given, by gathering
+    the selected rows: (dq, dk, dv) in the dtypes of q, k_cache, v_cache. Recomputes P in float32 (float64 for
+    float64 inputs); dk and dv are summed with index_add_ (on CUDA in an unspecified order: not bitwise
+    reproducible)."""
     t, hq, d = q.shape
     n, hkv, _ = k_cache.shape
     dv_dim = v_cache.shape[2]
@@ -150,6 +151,8 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granular
     out = torch.einsum("thw,thwd->thd", p, values)
     dp = torch.einsum("thd,thwd->thw", go, values)
     delta = (go * out).sum(-1, keepdim=True)
+    if grad_lse is not None:                                           # d lse / d logit = P
+        dp = dp + grad_lse.to(compute)[..., None]
     ds = p * (dp - delta)                                              # 0 on padding slots
     dq = torch.einsum("thw,thwd->thd", ds, keys) * scale
     flat = (idx * hkv + heads).reshape(-1)                             # row of [N * Hkv]
@@ -158,3 +161,67 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granular
     dv = torch.zeros(n * hkv, dv_dim, dtype=compute, device=q.device)
     dv.index_add_(0, flat, (p[..., None] * go[:, :, None, :]).reshape(-1, dv_dim))
     return (dq.to(q.dtype), dk.reshape(n, hkv, d).to(k_cache.dtype), dv.reshape(n, hkv, dv_dim).to(v_cache.dtype))
+
+
+# ---- sparse MLA (SPEC §8, §9.2): one latent [N, 576] per token, values its first 512 channels ------------------
+
+MLA_D_V = 512
+
+
+def _mla_rows(q, kv, indices, topk_length, attn_sink, scale):
+    """The pieces both directions share: gathered latents [T, k, 576], the valid mask [T, k], logits [T, H, k],
+    lse [T, H] (-inf for a row with no valid slot), P' = exp(logit - lse) and the sink's share c of the keys."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    n = kv.shape[0]
+    idx = indices.to(torch.int64)
+    valid = (idx >= 0) & (idx < n)
+    if topk_length is not None:
+        columns = torch.arange(idx.shape[1], device=q.device)
+        valid = valid & (columns[None, :] < topk_length.to(torch.int64)[:, None])
+    safe = torch.where(valid, idx, torch.zeros_like(idx))
+    latents = kv.to(compute)[safe]                                     # [T, k, 576]
+    latents = torch.where(valid[..., None], latents, torch.zeros_like(latents))
+    logits = torch.einsum("thd,tkd->thk", q.to(compute), latents) * scale
+    logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)                              # -inf for an empty row
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    p_keys = torch.where(valid[:, None, :], torch.exp(logits - finite[..., None]), torch.zeros_like(logits))
+    if attn_sink is None:
+        share = torch.ones_like(lse)
+    else:
+        share = torch.sigmoid(finite - attn_sink.to(compute)[None, :])  # exp(lse) / (exp(lse) + exp(sink))
+    return compute, safe, valid, latents, lse, p_keys, share
+
+
+def sparse_mla(q, kv, indices, topk_length, attn_sink, scale):
+    """q [T, H, 576], kv [N, 576], indices int [T, k] -> (out [T, H, 512] float32 (float64 for float64 q), lse
+    float32/float64 [T, H]); a slot is valid when 0 <= index < N and it lies among the first topk_length[t]."""
+    _, _, _, latents, lse, p_keys, share = _mla_rows(q, kv, indices, topk_length, attn_sink, scale)
+    out = torch.einsum("thk,tkd->thd", p_keys * share[..., None], latents[..., :MLA_D_V])
+    return out, lse
+
+
+def sparse_mla_backward(q, kv, indices, topk_length, attn_sink, scale, grad_out, grad_lse):
+    """(dq, dkv, dsink or None) of sparse_mla (SPEC §9.2) by gathering the valid slots; dkv summed with
+    index_add_."""
+    compute, safe, valid, latents, lse, p_keys, share = _mla_rows(q, kv, indices, topk_length, attn_sink, scale)
+    go = grad_out.to(compute)
+    p = p_keys * share[..., None]
+    out = torch.einsum("thk,tkd->thd", p, latents[..., :MLA_D_V])
+    delta = (go * out).sum(-1)                                         # [T, H]
+    dp = torch.einsum("thd,tkd->thk", go, latents[..., :MLA_D_V])
+    ds = p * (dp - delta[..., None])
+    if grad_lse is not None:
+        ds = ds + p_keys * grad_lse.to(compute)[..., None]
+    dq = torch.einsum("thk,tkd->thd", ds, latents) * scale
+    rows = torch.einsum("thk,thd->tkd", ds, q.to(compute)) * scale     # [T, k, 576]
+    rows[..., :MLA_D_V] += torch.einsum("thk,thd->tkd", p, go)
+    rows = torch.where(valid[..., None], rows, torch.zeros_like(rows))
+    dkv = torch.zeros(kv.shape, dtype=compute, device=q.device)
+    dkv.index_add_(0, safe.reshape(-1), rows.reshape(-1, kv.shape[1]))
+    dsink = None
+    if attn_sink is not None:
+        live = torch.isfinite(lse)
+        dsink = -torch.where(live, (1.0 - share) * delta, torch.zeros_like(delta)).sum(0)
+        dsink = dsink.to(attn_sink.dtype)
+    return dq.to(q.dtype), dkv.to(kv.dtype), dsink

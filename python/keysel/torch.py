@@ -31,6 +31,7 @@ import contextlib
 import json
 import math
 import threading
+from typing import Optional
 
 import torch
 
@@ -50,6 +51,7 @@ __all__ = [
     "exact_topk_from",
     "topk_select",
     "sparse_attention",
+    "sparse_mla",
     "indexer_kl_loss",
 ]
 
@@ -196,18 +198,22 @@ def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
     return _fallback.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
 
 
-def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
-    """(dq, dk, dv) of sparse_attention's out (SPEC §9) in the dtypes of q, k_cache, v_cache: keysel's CUDA kernel
-    for CUDA tensors it takes (_cuda_kernels_take), keysel's CPU kernel where the compiled core takes the CPU
-    tensors, the gather-based pure-torch backward otherwise (other CUDA tensors, float64, backend "torch")."""
-    if _cuda_kernels_take(q, k_cache, v_cache, out, grad_out) or (
-            _use_core(q, k_cache, v_cache) and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale,
+                                    grad_lse=None):
+    """(dq, dk, dv) of sparse_attention's out, and of its lse when grad_lse is given (SPEC §9), in the dtypes of q,
+    k_cache, v_cache: keysel's CUDA kernel for CUDA tensors it takes (_cuda_kernels_take) when there is no lse
+    gradient (the CUDA kernel has no lse term), keysel's CPU kernel where the compiled core takes the CPU tensors,
+    the gather-based pure-torch backward otherwise (other CUDA tensors, float64, backend "torch")."""
+    cuda = grad_lse is None and _cuda_kernels_take(q, k_cache, v_cache, out, grad_out)
+    if cuda or (q.device.type == "cpu" and _use_core(q, k_cache, v_cache)
+                and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         dq, dk, dv = _core().sparse_attention_backward(
             q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
             out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,
-            scale=scale)
+            scale=scale, grad_lse=None if grad_lse is None else grad_lse.to(torch.float32).contiguous())
         return dq.to(q.dtype), dk.to(k_cache.dtype), dv.to(v_cache.dtype)
-    return _fallback.sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale)
+    return _fallback.sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale,
+                                               grad_lse)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -216,15 +222,83 @@ def _attention_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k_cache, v_cache, selection, out, lse)
     ctx.granularity = granularity
     ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
+    # An output the loss does not use arrives as None (not zeros): an unused lse adds no term and keeps CUDA
+    # tensors on keysel's CUDA backward.
+    ctx.set_materialize_grads(False)
 
 
-def _attention_backward(ctx, grad_out, _grad_lse, backward):
+def _attention_backward(ctx, grad_out, grad_lse, backward):
     q, k_cache, v_cache, selection, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = backward(q, k_cache, v_cache, selection, out, lse, grad_out, ctx.granularity, ctx.scale)
+    dq, dk, dv = backward(q, k_cache, v_cache, selection, out, lse, grad_out, ctx.granularity, ctx.scale, grad_lse)
     return dq, dk, dv, None, None, None
+
+
+# Sparse MLA (SPEC §8, §9.2): q [T, H, 576], one latent cache kv [N, 576] (values: its first 512 channels),
+# indices int32 [T, k] (-1 or out of range: invalid), topk_length int32 [T] or None, attn_sink [H] or None.
+
+
+def _sparse_mla_impl(q, kv, indices, topk_length, attn_sink, scale):
+    if _use_core(q, kv) and q.device.type == "cpu":
+        sink = None if attn_sink is None else attn_sink.to(torch.float32).contiguous()
+        length = None if topk_length is None else topk_length.to(torch.int32).contiguous()
+        out, lse, _ = _core().sparse_mla(q.contiguous(), kv.contiguous(), indices.to(torch.int32).contiguous(),
+                                         scale=scale, attn_sink=sink, topk_length=length)
+        return out.to(q.dtype), lse
+    out, lse = _fallback.sparse_mla(q, kv, indices, topk_length, attn_sink, scale)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def _sparse_mla_backward_impl(q, kv, indices, topk_length, attn_sink, out, lse, grad_out, grad_lse, scale):
+    """(dq, dkv, dsink) of sparse_mla (SPEC §9.2): keysel's deterministic CPU kernel where the compiled core takes
+    the CPU tensors, the gather-based pure-torch backward otherwise. dsink is zeros [H] without a sink."""
+    if (_use_core(q, kv) and q.device.type == "cpu"
+            and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        sink = None if attn_sink is None else attn_sink.to(torch.float32).contiguous()
+        length = None if topk_length is None else topk_length.to(torch.int32).contiguous()
+        dq, dkv, dsink = _core().sparse_mla_backward(
+            q.contiguous(), kv.contiguous(), indices.to(torch.int32).contiguous(), out.contiguous(),
+            lse.to(torch.float32).contiguous(), grad_out.contiguous(),
+            grad_lse=None if grad_lse is None else grad_lse.to(torch.float32).contiguous(), scale=scale,
+            attn_sink=sink, topk_length=length)
+    else:
+        dq, dkv, dsink = _fallback.sparse_mla_backward(q, kv, indices, topk_length, attn_sink, scale, grad_out,
+                                                       grad_lse)
+    if dsink is None:
+        dsink = q.new_zeros((q.shape[1],), dtype=torch.float32)
+    sink_dtype = torch.float32 if attn_sink is None else attn_sink.dtype
+    return dq.to(q.dtype), dkv.to(kv.dtype), dsink.to(sink_dtype)
+
+
+def _mla_setup_context(ctx, inputs, output):
+    q, kv, indices, topk_length, attn_sink, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, kv, indices, topk_length, attn_sink, out, lse)
+    ctx.scale = scale
+    ctx.set_materialize_grads(False)
+
+
+def _mla_backward(ctx, grad_out, grad_lse, backward):
+    q, kv, indices, topk_length, attn_sink, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dkv, dsink = backward(q, kv, indices, topk_length, attn_sink, out, lse, grad_out, grad_lse, ctx.scale)
+    return dq, dkv, None, None, (None if attn_sink is None else dsink), None
+
+
+class _SparseMlaFunction(torch.autograd.Function):
+    """sparse_mla with keysel's backward, for a torch without torch.library.custom_op (torch < 2.4)."""
+
+    @staticmethod
+    def forward(ctx, q, kv, indices, topk_length, attn_sink, scale):
+        output = _sparse_mla_impl(q, kv, indices, topk_length, attn_sink, scale)
+        _mla_setup_context(ctx, (q, kv, indices, topk_length, attn_sink, scale), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        return _mla_backward(ctx, grad_out, grad_lse, _sparse_mla_backward_impl)
 
 
 class _SparseAttentionFunction(torch.autograd.Function):
@@ -291,14 +365,45 @@ if _TORCH_VERSION >= (2, 4):
         @torch.library.custom_op("keysel::sparse_attention_backward", mutates_args=())
         def _sparse_attention_backward_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                           selection: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                                          grad_out: torch.Tensor, granularity: str,
-                                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                          grad_out: torch.Tensor, granularity: str, scale: float,
+                                          grad_lse: Optional[torch.Tensor]
+                                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity,
-                                                   scale)
+                                                   scale, grad_lse)
 
         @_sparse_attention_backward_op.register_fake
-        def _(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale):
+        def _(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale, grad_lse):
             return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+        @torch.library.custom_op("keysel::sparse_mla", mutates_args=())
+        def _sparse_mla_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                           topk_length: Optional[torch.Tensor], attn_sink: Optional[torch.Tensor],
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+            return _sparse_mla_impl(q, kv, indices, topk_length, attn_sink, scale)
+
+        @_sparse_mla_op.register_fake
+        def _(q, kv, indices, topk_length, attn_sink, scale):
+            lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            return q.new_empty((q.shape[0], q.shape[1], 512)), q.new_empty(q.shape[:2], dtype=lse_dtype)
+
+        @torch.library.custom_op("keysel::sparse_mla_backward", mutates_args=())
+        def _sparse_mla_backward_op(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor,
+                                    topk_length: Optional[torch.Tensor], attn_sink: Optional[torch.Tensor],
+                                    out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor,
+                                    grad_lse: Optional[torch.Tensor],
+                                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            return _sparse_mla_backward_impl(q, kv, indices, topk_length, attn_sink, out, lse, grad_out, grad_lse,
+                                             scale)
+
+        @_sparse_mla_backward_op.register_fake
+        def _(q, kv, indices, topk_length, attn_sink, out, lse, grad_out, grad_lse, scale):
+            sink_dtype = torch.float32 if attn_sink is None else attn_sink.dtype
+            return torch.empty_like(q), torch.empty_like(kv), q.new_empty((q.shape[1],), dtype=sink_dtype)
+
+        _sparse_mla_op.register_autograd(
+            lambda ctx, grad_out, grad_lse: _mla_backward(ctx, grad_out, grad_lse,
+                                                          torch.ops.keysel.sparse_mla_backward),
+            setup_context=_mla_setup_context)
 
         _sparse_attention_op.register_autograd(
             lambda ctx, grad_out, grad_lse: _attention_backward(ctx, grad_out, grad_lse,
@@ -345,17 +450,37 @@ def exact_topk_from(q, k_cache, positions, key_start, k, *, granularity="per_kv_
 def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None):
     """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq]).
 
-    Differentiable in q, k_cache and v_cache (SPEC §9; the selection is a constant, lse carries no gradient):
-    the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16), its CUDA kernel
-    on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256 (the forward's CUDA kernel takes bfloat16 with
-    D == Dv in {64, 128, 256}), and a gather-based pure-torch backward elsewhere (other CUDA tensors, float64,
-    backend "torch")."""
+    Differentiable in q, k_cache and v_cache through out and lse (SPEC §9; the selection is a constant; d lse /
+    d logit = P): the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16),
+    its CUDA kernel on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256 when the loss does not use
+    lse (the forward's CUDA kernel takes bfloat16 with D == Dv in {64, 128, 256}), and a gather-based pure-torch
+    backward elsewhere (other CUDA tensors, CUDA tensors with an lse gradient, float64, backend "torch")."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _ops_registered:
         return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
         return _SparseAttentionFunction.apply(q, k_cache, v_cache, selection, granularity, scale)
     return _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
+
+
+def sparse_mla(q, kv, indices, *, topk_length=None, attn_sink=None, scale=None):
+    """DeepSeek-V3.2's sparse MLA (SPEC §8) over a latent cache, differentiable (SPEC §9.2) -> (out [T, H, 512] in
+    q's dtype, lse [T, H] float32, float64 for float64 q).
+
+    q [T, H, 576]; kv [N, 576] (the value of a slot is its first 512 channels); indices int [T, k]: slots, -1
+    (or any value outside [0, N)) invalid; topk_length int [T] or None: only the first topk_length[t] entries of
+    row t count; attn_sink [H] or None: an extra logit per head in the denominator only; scale default
+    1/sqrt(576). A row with no valid slot gets out = 0 and lse = -inf. Gradients flow into q, kv and attn_sink
+    through out and lse (indices and topk_length are constants). CPU tensors of float32/float16/bfloat16 run
+    keysel's kernels (the forward's sparse_mla and the deterministic sparse_mla_backward, which reject an index
+    >= N or a slot repeated in a row with keysel.Error); other tensors (float64, CUDA, backend "torch") run a
+    gather-based pure-torch version of the same definition."""
+    scale = 1.0 / math.sqrt(576) if scale is None else float(scale)
+    if _ops_registered:
+        return torch.ops.keysel.sparse_mla(q, kv, indices, topk_length, attn_sink, scale)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, kv, attn_sink)):
+        return _SparseMlaFunction.apply(q, kv, indices, topk_length, attn_sink, scale)
+    return _sparse_mla_impl(q, kv, indices, topk_length, attn_sink, scale)
 
 
 # ----------------------------------------------------------------------------------------------- indexer training

@@ -62,6 +62,7 @@ struct Case {
   Stored q, k, v;
   std::vector<std::int32_t> positions;
   std::vector<double> grad_out;  // [T, Hq, Dv]
+  std::vector<double> grad_lse;  // [T, Hq], or empty: no lse term
   double scale = 0.0;
 
   AttentionInputs inputs() const {
@@ -132,31 +133,42 @@ Gradients reference_gradients(const Case& c, const std::vector<std::int32_t>& se
                                       granularity, TensorView(c.grad_out.data(), DType::fp64, {s.T, s.Hq, s.Dv}),
                                       TensorView(g.q.data(), DType::fp64, {s.T, s.Hq, s.D}),
                                       TensorView(g.k.data(), DType::fp64, {s.N, s.Hkv, s.D}),
-                                      TensorView(g.v.data(), DType::fp64, {s.N, s.Hkv, s.Dv}));
+                                      TensorView(g.v.data(), DType::fp64, {s.N, s.Hkv, s.Dv}),
+                                      c.grad_lse.empty() ? TensorView()
+                                                         : TensorView(c.grad_lse.data(), DType::fp64, {s.T, s.Hq}));
   return g;
 }
 
-/// sum(out * grad_out) of the reference forward.
+/// sum(out * grad_out) (+ sum(lse * grad_lse) over rows with a selected key) of the reference forward.
 double reference_loss(const Case& c, const std::vector<std::int32_t>& sel, std::int64_t groups, std::int64_t width,
                       Granularity granularity) {
   const Shape& s = c.shape;
-  std::vector<double> out(static_cast<std::size_t>(s.T * s.Hq * s.Dv));
+  std::vector<double> out(static_cast<std::size_t>(s.T * s.Hq * s.Dv)), lse(static_cast<std::size_t>(s.T * s.Hq));
   sparse_attention_reference(c.inputs(), TensorView(sel.data(), DType::int32, {s.T, groups, width}), granularity,
-                             TensorView(out.data(), DType::fp64, {s.T, s.Hq, s.Dv}));
+                             TensorView(out.data(), DType::fp64, {s.T, s.Hq, s.Dv}),
+                             TensorView(lse.data(), DType::fp64, {s.T, s.Hq}));
   double loss = 0.0;
   for (std::size_t i = 0; i < out.size(); ++i) loss += out[i] * c.grad_out[i];
+  for (std::size_t i = 0; i < c.grad_lse.size(); ++i) {
+    if (std::isfinite(lse[i])) loss += lse[i] * c.grad_lse[i];
+  }
   return loss;
 }
 
 constexpr Granularity kGranularities[] = {Granularity::per_head, Granularity::per_kv_head, Granularity::per_token};
 
-TEST(SparseAttentionBackwardReference, MatchesCentralFiniteDifferencesOfTheForward) {
+void expect_finite_differences(bool with_lse) {
   // Odd D and Dv, g = 3, positions past N and below, rows of every length including empty ones.
   const Shape shape{5, 23, 6, 2, 7, 5};
   const std::int64_t width = 9;
   for (const Granularity granularity : kGranularities) {
-    SCOPED_TRACE(std::string(granularity_name(granularity)));
+    SCOPED_TRACE(std::string(granularity_name(granularity)) + (with_lse ? " with grad_lse" : ""));
     Case c = make_case(11, shape, DType::fp32, DType::fp32, DType::fp32, {20, 40, 3, 0, 22});
+    if (with_lse) {
+      RandomStream rng(12);
+      c.grad_lse.resize(static_cast<std::size_t>(shape.T * shape.Hq));
+      for (double& x : c.grad_lse) x = static_cast<float>(rng.normal());
+    }
     const std::int64_t groups = group_count(granularity, shape.Hq, shape.Hkv);
     const std::vector<std::int32_t> sel = random_selection(c, groups, width, 5);
     const Gradients g = reference_gradients(c, sel, groups, width, granularity);
@@ -191,6 +203,13 @@ TEST(SparseAttentionBackwardReference, MatchesCentralFiniteDifferencesOfTheForwa
   }
 }
 
+TEST(SparseAttentionBackwardReference, MatchesCentralFiniteDifferencesOfTheForward) { expect_finite_differences(false); }
+
+TEST(SparseAttentionBackwardReference, LseGradientMatchesCentralFiniteDifferences) {
+  // loss = sum(out * dOut) + sum(lse * dLse): d lse / d logit = P adds P * dLse to dS.
+  expect_finite_differences(true);
+}
+
 struct KernelGradients {
   std::vector<float> q, k, v;
 };
@@ -220,6 +239,7 @@ KernelGradients kernel_gradients(const Case& c, const std::vector<std::int32_t>&
   };
   store(out_stored, out);
   store(grad_stored, c.grad_out);
+  const std::vector<float> grad_lse(c.grad_lse.begin(), c.grad_lse.end());
   KernelGradients g;
   g.q.assign(static_cast<std::size_t>(s.T * s.Hq * s.D), kSentinel);
   g.k.assign(static_cast<std::size_t>(s.N * s.Hkv * s.D), kSentinel);
@@ -230,7 +250,8 @@ KernelGradients kernel_gradients(const Case& c, const std::vector<std::int32_t>&
                             TensorView(grad_stored.bytes.data(), grad_dtype, {s.T, s.Hq, s.Dv}),
                             TensorView(g.q.data(), DType::fp32, {s.T, s.Hq, s.D}),
                             TensorView(g.k.data(), DType::fp32, {s.N, s.Hkv, s.D}),
-                            TensorView(g.v.data(), DType::fp32, {s.N, s.Hkv, s.Dv}), {kernel, threads});
+                            TensorView(g.v.data(), DType::fp32, {s.N, s.Hkv, s.Dv}), {kernel, threads},
+                            grad_lse.empty() ? TensorView() : TensorView(grad_lse.data(), DType::fp32, {s.T, s.Hq}));
   return g;
 }
 
@@ -267,6 +288,40 @@ TEST(SparseAttentionBackward, MatchesTheReferenceOnEveryKernelAndDtype) {
         expect_close(got.k, want.k, tolerance, "grad_k");
         expect_close(got.v, want.v, tolerance, "grad_v");
       }
+    }
+  }
+}
+
+TEST(SparseAttentionBackward, LseGradientMatchesTheReferenceOnEveryKernelAndThreadCount) {
+  const Shape shape{8, 47, 6, 2, 17, 9};
+  const std::int64_t width = 12;
+  std::uint64_t seed = 300;
+  for (const AttentionKernel kernel : available_attention_kernels()) {
+    for (const Granularity granularity : kGranularities) {
+      SCOPED_TRACE(std::string(attention_kernel_name(kernel)) + " " + std::string(granularity_name(granularity)));
+      Case c = make_case(++seed, shape, DType::bf16, DType::fp32, DType::bf16, {46, 3, 20, 0, 46, 33, 46, 12});
+      RandomStream rng(seed, 3);
+      c.grad_lse.resize(static_cast<std::size_t>(shape.T * shape.Hq));
+      for (double& x : c.grad_lse) x = static_cast<float>(rng.normal());
+      const std::int64_t groups = group_count(granularity, shape.Hq, shape.Hkv);
+      const std::vector<std::int32_t> sel = random_selection(c, groups, width, seed);
+      const Gradients want = reference_gradients(c, sel, groups, width, granularity);
+      const KernelGradients got = kernel_gradients(c, sel, groups, width, granularity, kernel, 0);
+      const double tolerance = 64.0 * static_cast<double>(shape.D + shape.Dv + width) * kUnitRoundoff;
+      expect_close(got.q, want.q, tolerance, "grad_q");
+      expect_close(got.k, want.k, tolerance, "grad_k");
+      expect_close(got.v, want.v, tolerance, "grad_v");
+      // The lse term changes dQ and dK (not dV), and the result stays independent of the thread count.
+      Case plain = c;
+      plain.grad_lse.clear();
+      const KernelGradients without = kernel_gradients(plain, sel, groups, width, granularity, kernel, 0);
+      EXPECT_NE(without.q, got.q);
+      EXPECT_EQ(without.v, got.v);
+      const KernelGradients one = kernel_gradients(c, sel, groups, width, granularity, kernel, 1);
+      const KernelGradients three = kernel_gradients(c, sel, groups, width, granularity, kernel, 3);
+      EXPECT_EQ(0, std::memcmp(one.q.data(), three.q.data(), one.q.size() * 4));
+      EXPECT_EQ(0, std::memcmp(one.k.data(), three.k.data(), one.k.size() * 4));
+      EXPECT_EQ(0, std::memcmp(got.k.data(), three.k.data(), one.k.size() * 4));
     }
   }
 }
@@ -340,6 +395,19 @@ TEST(SparseAttentionBackward, RejectsBadInputNamingTheArgumentAndWritesNothing) 
   };
   expect_error([&] { call(sel, 3, DType::fp32); }, "grad_q");
   expect_error([&] { call(sel, s.Hq, DType::fp16); }, "lse");
+  std::vector<float> glse(12, 1.0f);
+  expect_error(
+      [&] {
+        sparse_attention_backward(c.inputs(), TensorView(sel.data(), DType::int32, {s.T, 2, 3}),
+                                  Granularity::per_kv_head, TensorView(out.data(), DType::fp32, {s.T, s.Hq, s.Dv}),
+                                  TensorView(lse.data(), DType::fp32, {s.T, s.Hq}),
+                                  TensorView(go.data(), DType::fp32, {s.T, s.Hq, s.Dv}),
+                                  TensorView(gq.data(), DType::fp32, {s.T, s.Hq, s.D}),
+                                  TensorView(gk.data(), DType::fp32, {s.N, s.Hkv, s.D}),
+                                  TensorView(gv.data(), DType::fp32, {s.N, s.Hkv, s.Dv}), {},
+                                  TensorView(glse.data(), DType::fp32, {s.Hq, s.T}));
+      },
+      "grad_lse");
   std::vector<std::int32_t> bad = sel;
   bad[9] = 5;  // token 1 (position 4) may read keys 0..4 only
   expect_error([&] { call(bad, s.Hq, DType::fp32); }, "selection");

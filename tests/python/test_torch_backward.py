@@ -1,5 +1,6 @@
-"""Gradients of attention over a selection (docs/SPEC.md §9): keysel.sparse_attention_backward (the CPU kernel),
-keysel.torch.sparse_attention and keysel.torch.topk_attention under autograd, against a plain float64
+"""Gradients of attention over a selection (docs/SPEC.md §9): keysel.sparse_attention_backward (the CPU kernel, with
+and without the lse term), keysel.torch.sparse_attention (through out and lse) and keysel.torch.topk_attention
+under autograd, against a plain float64
 masked-softmax reference written below (dense scores with -inf outside the selection, differentiated by torch's
 autograd), and torch.autograd.gradcheck in float64.
 
@@ -82,10 +83,15 @@ def make_problem(seed, t=5, n=19, hq=6, hkv=2, d=7, dv=5, width=8, granularity="
     return q, k, v, selection, grad_out
 
 
-def reference_gradients(q, k, v, selection, grad_out, granularity, scale):
+def reference_gradients(q, k, v, selection, grad_out, granularity, scale, grad_lse=None):
+    """Gradients of sum(out * grad_out) (+ sum(lse * grad_lse) over rows with a selected key) in float64."""
     leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v)]
     out = masked_reference(*leaves, selection, granularity, scale)
-    return torch.autograd.grad(out, leaves, grad_out.double())
+    loss = (out * grad_out.double()).sum()
+    if grad_lse is not None:
+        lse = torch.logsumexp(masked_lse_scores(leaves[0], leaves[1], selection, granularity, scale), dim=-1)
+        loss = loss + torch.where(torch.isfinite(lse), lse * grad_lse.double(), torch.zeros_like(lse)).sum()
+    return torch.autograd.grad(loss, leaves)
 
 
 def assert_close(got, want, relative=1e-4):
@@ -107,6 +113,23 @@ def test_core_backward_matches_the_masked_softmax_reference(granularity):
         assert float(expected.abs().max()) > 0.1  # not a comparison of zeros
         assert_close(got, expected)
     assert torch.all(dq[0, [h for h, g in enumerate(group_of_heads(granularity, 6, 2)) if g == 0]] == 0)
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_core_backward_with_an_lse_gradient(granularity):
+    q, k, v, sel, grad_out = make_problem(11, granularity=granularity)
+    grad_lse = torch.randn(5, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    out, lse = keysel.sparse_attention(q, k, v, sel, granularity=granularity, scale=0.37)
+    got = keysel.sparse_attention_backward(q, k, v, sel, out, lse, grad_out.float(), granularity=granularity,
+                                           scale=0.37, grad_lse=grad_lse.float())
+    want = reference_gradients(q, k, v, sel, grad_out, granularity, 0.37, grad_lse)
+    without = reference_gradients(q, k, v, sel, grad_out, granularity, 0.37)
+    for g, expected, plain in zip(got, want, without):
+        assert_close(g, expected)
+    assert float((want[0] - without[0]).abs().max()) > 0.1  # the lse term matters
+    with pytest.raises(keysel.Error, match="grad_lse"):
+        keysel.sparse_attention_backward(q, k, v, sel, out, lse, grad_out.float(), granularity=granularity,
+                                         grad_lse=grad_lse.float()[:, :2])
 
 
 def test_core_backward_takes_numpy_and_writes_in_place():
@@ -147,17 +170,44 @@ def test_gradcheck_float64(granularity):
     assert torch.autograd.gradcheck(attention, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_lse_gradient_in_float64(granularity):
+    """lse is float32 whatever the inputs (so gradcheck of it would measure float32 rounding); the float64 backward
+    of the lse term is checked against the float64 reference instead, to 1e-6 (its incoming gradient, like lse,
+    is float32: 6e-8 relative)."""
+    q, k, v, sel, grad_out = make_problem(14, granularity=granularity, dtype=torch.float64)
+    grad_lse = torch.randn(5, 6, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out, lse = kt.sparse_attention(*leaves, sel, granularity=granularity, scale=0.6)
+    loss = (out * grad_out).sum() + torch.where(torch.isfinite(lse), lse * grad_lse, torch.zeros_like(lse)).sum()
+    loss.backward()
+    want = reference_gradients(q, k, v, sel, grad_out, granularity, 0.6, grad_lse)
+    for leaf, expected in zip(leaves, want):
+        assert_close(leaf.grad, expected, 1e-6)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_torch_sparse_attention_gradients(granularity, backend):
     """backend auto: keysel's CPU kernel; backend torch: the gather-based pure-torch backward (what CUDA runs)."""
     q, k, v, sel, grad_out = make_problem(5, t=6, n=23, hq=6, hkv=3, d=9, dv=11, width=7, granularity=granularity)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    grad_lse = torch.randn(6, 6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     with kt.options(backend=backend):
         out, lse = kt.sparse_attention(*leaves, sel, granularity=granularity, scale=0.45)
-        assert not lse.requires_grad
+        assert lse.requires_grad
         out.backward(grad_out.float())
     want = reference_gradients(q, k, v, sel, grad_out, granularity, 0.45)
+    for leaf, expected in zip(leaves, want):
+        assert_close(leaf.grad, expected)
+    # Through lse as well (the lse of a row with no key, -inf, is left out of the loss).
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    with kt.options(backend=backend):
+        out, lse = kt.sparse_attention(*leaves, sel, granularity=granularity, scale=0.45)
+        loss = (out * grad_out.float()).sum() + torch.where(torch.isfinite(lse), lse * grad_lse.float(),
+                                                            torch.zeros_like(lse)).sum()
+        loss.backward()
+    want = reference_gradients(q, k, v, sel, grad_out, granularity, 0.45, grad_lse)
     for leaf, expected in zip(leaves, want):
         assert_close(leaf.grad, expected)
 
@@ -234,7 +284,9 @@ def test_opcheck_of_the_differentiable_op_and_its_backward():
     torch.library.opcheck(torch.ops.keysel.sparse_attention.default, (*leaves, sel, "per_head", 0.5))
     out, lse = kt.sparse_attention(q, k, v, sel, granularity="per_head", scale=0.5)
     torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
-                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5))
+                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5, None))
+    torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
+                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5, torch.ones(5, 6)))
 
 
 CUDA_KERNELS = torch.cuda.is_available() and keysel.built_with_cuda()

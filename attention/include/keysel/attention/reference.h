@@ -36,16 +36,18 @@ void full_attention(const AttentionInputs& inputs, const TensorView& out, const 
 void sparse_attention_reference(const AttentionInputs& inputs, const TensorView& selection,
                                 Granularity granularity, const TensorView& out, const TensorView& lse = {});
 
-/// Gradients of sparse_attention_reference's `out` (SPEC §9) in double precision: given dOut = d loss / d out,
-/// dQ, dK and dV of loss = sum(out * dOut), the selection held fixed. Recomputes the forward's out and lse.
+/// Gradients of sparse_attention_reference's `out` and `lse` (SPEC §9) in double precision: given dOut = d loss /
+/// d out and optionally dLse = d loss / d lse, dQ, dK and dV of loss = sum(out * dOut) + sum(lse * dLse), the
+/// selection held fixed. Recomputes the forward's out and lse.
 ///   inputs, selection, granularity: as sparse_attention_reference (v required)
 ///   grad_out: fp32, bf16, fp16 or fp64 [T, Hq, Dv]
 ///   grad_q:   fp32 or fp64 [T, Hq, D]; a query with no selected key gets zeros
 ///   grad_k:   fp32 or fp64 [N, Hkv, D]; a key no row selects gets zeros
 ///   grad_v:   fp32 or fp64 [N, Hkv, Dv]
+///   grad_lse: fp32 or fp64 [T, Hq], or empty (no lse term); ignored on rows with no selected key
 void sparse_attention_backward_reference(const AttentionInputs& inputs, const TensorView& selection,
                                          Granularity granularity, const TensorView& grad_out,
                                          const TensorView& grad_q, const TensorView& grad_k,
-                                         const TensorView& grad_v);
+                                         const TensorView& grad_v, const TensorView& grad_lse = {});
 
 }  // namespace keysel

@@ -67,7 +67,8 @@ void sparse_attention(const AttentionInputs& inputs, const TensorView& selection
 void full_attention_fast(const AttentionInputs& inputs, const TensorView& out, const TensorView& lse = {},
                          const SparseAttentionOptions& options = {});
 
-/// Gradients of sparse_attention (SPEC §9): dQ, dK, dV of loss = sum(out * grad_out), the selection held fixed.
+/// Gradients of sparse_attention (SPEC §9): dQ, dK, dV of loss = sum(out * grad_out) + sum(lse * grad_lse), the
+/// selection held fixed.
 ///   inputs, selection, granularity: the forward's (v required)
 ///   out:      the forward's output, fp32, bf16 or fp16 [T, Hq, Dv] (any strides)
 ///   lse:      the forward's log-sum-exp, fp32 [T, Hq] (any strides)
@@ -75,6 +76,8 @@ void full_attention_fast(const AttentionInputs& inputs, const TensorView& out, c
 ///   grad_q:   fp32 [T, Hq, D], writable; a query with no selected key gets zeros
 ///   grad_k:   fp32 [N, Hkv, D], writable; a key no row selects gets zeros
 ///   grad_v:   fp32 [N, Hkv, Dv], writable
+///   grad_lse: d loss / d lse, fp32 [T, Hq] (any strides), or empty (no lse term): adds P * grad_lse to dS
+///             (d lse / d logit = P); ignored on rows with no selected key
 /// fp32 arithmetic. Deterministic: dQ[t,h] sums its row's keys in row order, and each dK[s,kv], dV[s,kv] is
 /// summed by one thread over the query tokens that select s in ascending order (then heads ascending), so the
 /// result does not depend on options.threads (it does depend on options.kernel). Memory: besides fp32 copies of
@@ -83,6 +86,6 @@ void full_attention_fast(const AttentionInputs& inputs, const TensorView& out, c
 void sparse_attention_backward(const AttentionInputs& inputs, const TensorView& selection, Granularity granularity,
                                const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                                const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
-                               const SparseAttentionOptions& options = {});
+                               const SparseAttentionOptions& options = {}, const TensorView& grad_lse = {});
 
 }  // namespace keysel

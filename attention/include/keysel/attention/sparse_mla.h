@@ -61,6 +61,43 @@ void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& ind
                 const TensorView& lse = {}, const SparseMlaOptions& options = {},
                 const SparseAttentionOptions& attention = {}, const TensorView& max_logits = {});
 
+/// The gradients sparse_mla_backward writes (SPEC §9.2).
+struct SparseMlaGradients {
+  TensorView q;          // [T, h_q, 576]: d loss / d q
+  TensorView kv;         // [N, 576]: d loss / d kv (the key gradient plus, on channels 0..511, the value gradient)
+  TensorView attn_sink;  // [h_q] or empty: d loss / d attn_sink (needs options.attn_sink)
+};
+
+/// Gradients of sparse MLA (SPEC §9.2) in double precision (the reference): given grad_out = d loss / d out and
+/// optionally grad_lse = d loss / d lse, the gradients of loss = sum(out * grad_out) + sum(lse * grad_lse) with
+/// respect to q, the latent cache and the attention sink, the indices and topk_length held fixed. Recomputes the
+/// forward from the inputs.
+///   q, indices, options: as sparse_mla_reference
+///   kv:         a latent cache fp32 / bf16 / fp16 [N, 576] (the fp8 V3.2 pages are not differentiated)
+///   grad_out:   fp32, bf16, fp16 or fp64 [T, h_q, 512]; grad_lse: fp32 or fp64 [T, h_q], or empty
+///   gradients:  q fp32 or fp64 [T, h_q, 576]; kv fp32 or fp64 [N, 576] (zeros on slots no row reads); attn_sink
+///               fp32 or fp64 [h_q] or empty
+/// Rows with no valid slot contribute nothing (their grad_q is 0). Throws keysel::Error, writing nothing, on bad
+/// input (as sparse_mla_reference, and a gradient view of the wrong shape, dtype or device).
+void sparse_mla_backward_reference(const TensorView& q, const TensorView& kv, const TensorView& indices,
+                                   const TensorView& grad_out, const TensorView& grad_lse,
+                                   const SparseMlaGradients& gradients, const SparseMlaOptions& options = {});
+
+/// Gradients of sparse MLA on the CPU in fp32 through sparse_attention_backward's kernel (SIMD, OpenMP): the
+/// contract of sparse_mla_backward_reference, given also the forward's results.
+///   out:        sparse_mla's output, fp32, bf16 or fp16 [T, h_q, 512] (any strides)
+///   lse:        sparse_mla's lse, fp32 [T, h_q] (any strides)
+///   grad_out:   fp32, bf16 or fp16 [T, h_q, 512]; grad_lse: fp32 [T, h_q] or empty
+///   gradients:  q fp32 [T, h_q, 576], kv fp32 [N, 576], attn_sink fp32 [h_q] or empty; writable, any strides
+/// Deterministic: grad_q[t, h] sums its row's valid slots in row order; each grad_kv row is summed by one thread
+/// over the rows that read it, tokens ascending then heads ascending; grad_attn_sink[h] sums the tokens in
+/// ascending order (in double). The bits do not depend on attention.threads. Throws keysel::Error, writing
+/// nothing, on bad input.
+void sparse_mla_backward(const TensorView& q, const TensorView& kv, const TensorView& indices, const TensorView& out,
+                         const TensorView& lse, const TensorView& grad_out, const TensorView& grad_lse,
+                         const SparseMlaGradients& gradients, const SparseMlaOptions& options = {},
+                         const SparseAttentionOptions& attention = {});
+
 /// Sparse MLA on a GPU (bf16 tensor cores, sm_80 and later; declared in every build, without CUDA it throws):
 /// the contract of sparse_mla_reference, with
 ///   q:          bf16 [T, h_q, 576] on Device::cuda(i), contiguous (1 <= h_q <= 65535)

@@ -4,8 +4,7 @@
 // One warp per work item; each lane holds channels lane, lane + 32, ... (up to 256 channels: 8 per lane), and
 // dot products are butterfly shuffle reductions (a fixed order, so results do not depend on scheduling).
 //   1. query kernel, one warp per unit (a query token and the heads that share a key head and a selection row):
-//      Delta = rowsum(dO * O) per head, then over the row's keys (each key's rows read once per 4 heads)
-//      P = exp(scale q.k - lse), dP = dO.v,
+//      Delta = rowsum(dO * O) per head, then over the row's keys P = exp(scale q.k - lse), dP = dO.v,
 //      dS = P (dP - Delta), dQ += scale dS k; it also writes one 64-bit sort key per selection entry,
 //      (key head * N + key) * units + unit (all ones for a skipped entry);
 //   2. a radix sort of those keys (CUB): each (key head, key) then lists the units that select it, ascending;
@@ -27,7 +26,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPerLane = 8;  // channels per lane: D, Dv <= 256
-constexpr int kHeadsPerPass = 4;  // query heads that share one gather of a selected key's rows
 constexpr std::uint64_t kSkipped = ~std::uint64_t{0};
 
 template <typename T>
@@ -110,55 +108,32 @@ __global__ void __launch_bounds__(kThreads) backward_query_kernel(BackwardParams
   if (unit >= p.units) return;
   const Unit<T> u = unit_of(p, unit);
   const std::int32_t* row = p.selection + (u.t * p.groups + u.group) * p.width;
-  // The unit's heads in passes of kHeadsPerPass: each pass gathers a selected key's K and V rows once for all of
-  // its heads (independent dot products in flight), and each head still sums its row's keys in row order.
-  for (int first = 0; first < p.heads_per_unit; first += kHeadsPerPass) {
-    const int heads = min(kHeadsPerPass, p.heads_per_unit - first);
-    float q[kHeadsPerPass][kPerLane], go[kHeadsPerPass][kPerLane], dq[kHeadsPerPass][kPerLane];
-    float lse[kHeadsPerPass], delta[kHeadsPerPass];
+  for (int j = 0; j < p.heads_per_unit; ++j) {
+    const long long r = u.t * p.query_heads + u.first_head + j;
+    float q[kPerLane], go[kPerLane], o[kPerLane], dq[kPerLane];
+    load_channels(p.q + r * p.head_dim, p.head_dim, lane, q);
+    load_channels(p.grad_out + r * p.value_dim, p.value_dim, lane, go);
+    load_channels(p.out + r * p.value_dim, p.value_dim, lane, o);
+    const float delta = warp_dot(go, o);
+    if (lane == 0) p.delta[r] = delta;
+    const float lse = p.lse[r];
 #pragma unroll
-    for (int j = 0; j < kHeadsPerPass; ++j) {
-      lse[j] = -INFINITY;
-      delta[j] = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) q[j][i] = go[j][i] = dq[j][i] = 0.0f;
-      if (j < heads) {
-        const long long r = u.t * p.query_heads + u.first_head + first + j;
-        float o[kPerLane];
-        load_channels(p.q + r * p.head_dim, p.head_dim, lane, q[j]);
-        load_channels(p.grad_out + r * p.value_dim, p.value_dim, lane, go[j]);
-        load_channels(p.out + r * p.value_dim, p.value_dim, lane, o);
-        delta[j] = warp_dot(go[j], o);
-        if (lane == 0) p.delta[r] = delta[j];
-        lse[j] = p.lse[r];
-      }
-    }
+    for (int i = 0; i < kPerLane; ++i) dq[i] = 0.0f;
     for (int i = 0; i < p.width; ++i) {
       const std::int32_t s = row[i];
       if (s < 0 || s >= p.keys) continue;
       float kr[kPerLane], vr[kPerLane];
       load_channels(p.k + (static_cast<long long>(s) * p.kv_heads + u.kv) * p.head_dim, p.head_dim, lane, kr);
       load_channels(p.v + (static_cast<long long>(s) * p.kv_heads + u.kv) * p.value_dim, p.value_dim, lane, vr);
+      float prob, ds;
+      probability(p, q, go, kr, vr, lse, delta, prob, ds);
 #pragma unroll
-      for (int j = 0; j < kHeadsPerPass; ++j) {
-        if (j < heads) {
-          float prob, ds;
-          probability(p, q[j], go[j], kr, vr, lse[j], delta[j], prob, ds);
-#pragma unroll
-          for (int c = 0; c < kPerLane; ++c) dq[j][c] = fmaf(p.scale * ds, kr[c], dq[j][c]);
-        }
-      }
+      for (int c = 0; c < kPerLane; ++c) dq[c] = fmaf(p.scale * ds, kr[c], dq[c]);
     }
 #pragma unroll
-    for (int j = 0; j < kHeadsPerPass; ++j) {
-      if (j < heads) {
-        const long long r = u.t * p.query_heads + u.first_head + first + j;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
-          const int d = lane + 32 * i;
-          if (d < p.head_dim) p.grad_q[r * p.head_dim + d] = dq[j][i];
-        }
-      }
+    for (int i = 0; i < kPerLane; ++i) {
+      const int d = lane + 32 * i;
+      if (d < p.head_dim) p.grad_q[r * p.head_dim + d] = dq[i];
     }
   }
   for (int i = lane; i < p.width; i += 32) {

@@ -703,6 +703,7 @@ std::unique_ptr<CandidateSelector> make_candidate_selector(std::string_view spec
   if (options.queries == CandidateQueries::group_mean) name += " mean-query";
   if (options.rerank) name += " indexer-rerank";
   if (options.rerank_stored && !options.rerank) name += " rerank-stored";
+  if (options.search.shared_scan) name += " shared-scan";
   auto factory = [spec_text, search_options](std::int64_t dim) {
     return make_candidate_search(spec_text, dim, search_options);
   };

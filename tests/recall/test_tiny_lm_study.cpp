@@ -471,6 +471,204 @@ TEST(TinyLmStudy, StudyFileWritesBitsPerByteAndRecallVsAccuracyCharts) {
   std::filesystem::remove_all(dir);
 }
 
+/// A study file over a random model in `dir` and a text file of `text`: one tiny-lm workload (`extra` keys
+/// added to it) and the given selectors, run.
+StudySuiteResult run_small_study(const std::filesystem::path& dir, const std::string& text, const std::string& extra,
+                                 const std::string& selectors, const std::string& options) {
+  std::ofstream(dir / "text.txt", std::ios::binary) << text;
+  const std::string workload = R"({"type": "tiny-lm", "model": )" + json_string((dir / "model").string()) +
+                               R"(, "text": )" + json_string((dir / "text.txt").string()) + ", " + extra + "}";
+  return run_study_config(
+      parse_study_config(R"({"workloads": [)" + workload + R"(], "selectors": )" + selectors + ", " + options + "}"));
+}
+
+TEST(TinyLmStudy, CandidateSearchesTrainOnThePrefillOnly) {
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "keysel_test_tiny_lm_prefill";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "model");
+  const SafetensorsFile file = random_model_file(small_config(), 7);
+  write_safetensors(dir / "model" / "model.safetensors", file.tensors, file.metadata);
+  constexpr int kTokens = 90, kPrefill = 40, kChanged = 64;
+  const std::string text(kText, kTokens);
+  const std::string selectors = R"([{"type": "exact"},
+      {"type": "faiss", "factory": "QueryIVF8,Flat", "nprobe": 0, "candidates": 96},
+      {"type": "faiss", "factory": "QueryIVF8,SQ4", "nprobe": 1, "rerank_stored": true, "shared_scan": true},
+      {"type": "faiss", "factory": "IVF4,Flat", "nprobe": 1}])";
+  const std::string options = R"("k": [6, 12], "granularity": "per_kv_head", "n_sink": 1, "n_local": 2)";
+  const std::string prefill = R"("tokens": 90, "prefill": 40)";
+  const StudySuiteResult result = run_small_study(dir, text, prefill, selectors, options);
+  ASSERT_EQ(result.studies.size(), 1u);
+  const StudyResult& study = result.studies[0];
+  ASSERT_EQ(study.rows.size(), 8u);
+  // Only the rows after the prefill are scored: bits per byte, full attention's bits and every metric.
+  ASSERT_EQ(study.row_positions.size(), static_cast<std::size_t>(kTokens - 1 - kPrefill));
+  EXPECT_EQ(study.row_positions.front(), kPrefill);
+  EXPECT_EQ(study.row_positions.back(), kTokens - 2);
+  EXPECT_EQ(study.full_bpb.count, kTokens - 1 - kPrefill);
+  const TinyLm model = TinyLm::from_safetensors(file);
+  const std::vector<std::uint8_t> tokens(text.begin(), text.end());
+  const std::vector<double> full_bits = bits_per_token(model.logits(tokens), tokens, 256);
+  double sum = 0;
+  for (int r = kPrefill; r < kTokens - 1; ++r) sum += full_bits[static_cast<std::size_t>(r)];
+  EXPECT_NEAR(study.full_bpb.mean, sum / (kTokens - 1 - kPrefill), 1e-12);
+  for (std::size_t i = 0; i < 2; ++i) {
+    // Query-aware lists probed safely to the end over every free key (k' = the context): the exact top-k in
+    // every layer, so exactly the exact selector's bits per byte and recall (below 1 for both: the kept sink
+    // and local keys take slots of k whatever their rank).
+    const StudyRow& exact = study.rows[i];
+    const StudyRow& safe = study.rows[2 + i];
+    SCOPED_TRACE("k=" + std::to_string(exact.k));
+    EXPECT_EQ(safe.k, exact.k);
+    EXPECT_NE(safe.selector.find("QueryIVF8,Flat nprobe=safe"), std::string::npos) << safe.selector;
+    EXPECT_EQ(mean_of(safe, "recall"), mean_of(exact, "recall"));
+    EXPECT_EQ(safe.metrics.at("recall").min, exact.metrics.at("recall").min);
+    EXPECT_EQ(mean_of(safe, "bpb"), mean_of(exact, "bpb"));
+    EXPECT_EQ(safe.metrics.at("bpb").count, kTokens - 1 - kPrefill);
+    // One list of eight: fewer keys found, a different forward pass.
+    const StudyRow& cut = study.rows[4 + i];
+    EXPECT_NE(cut.selector.find("shared-scan"), std::string::npos) << cut.selector;
+    EXPECT_LT(mean_of(cut, "recall"), mean_of(exact, "recall"));
+    EXPECT_NE(mean_of(cut, "bpb"), mean_of(exact, "bpb"));
+    EXPECT_GT(cut.cost.key_bytes_read, 0.0);
+  }
+
+  // No scored row's selection depends on a later byte: changing the bytes from position 64 on leaves every
+  // metric of every row before it unchanged, in every layer, for the searches trained on the prefill.
+  std::string changed = text;
+  for (int i = kChanged; i < kTokens; ++i) changed[static_cast<std::size_t>(i)] = changed[static_cast<std::size_t>(i)] == 'x' ? 'y' : 'x';
+  const StudySuiteResult other = run_small_study(dir, changed, prefill, selectors, options);
+  const auto same_before_change = [&](const StudyRow& a, const StudyRow& b) {
+    // row_metrics: per layer, per scored row (positions kPrefill .. kTokens - 2), per group.
+    const std::size_t rows = static_cast<std::size_t>(kTokens - 1 - kPrefill), groups = 2;
+    EXPECT_EQ(a.row_metrics.size(), 2 * rows * groups);
+    EXPECT_EQ(b.row_metrics.size(), a.row_metrics.size());
+    int compared = 0, differing_after = 0;
+    for (std::size_t layer = 0; layer < 2; ++layer) {
+      for (std::size_t r = 0; r < rows; ++r) {
+        for (std::size_t g = 0; g < groups; ++g) {
+          const std::size_t i = (layer * rows + r) * groups + g;
+          const bool before = static_cast<int>(r) + kPrefill < kChanged;
+          for (const char* metric : {"recall", "mass", "out_err"}) {
+            const bool equal = metric_value(a.row_metrics[i], metric) == metric_value(b.row_metrics[i], metric);
+            if (before) {
+              EXPECT_TRUE(equal) << a.selector << " layer " << layer << " row " << r + kPrefill << " " << metric;
+              ++compared;
+            } else if (!equal) {
+              ++differing_after;
+            }
+          }
+        }
+      }
+    }
+    EXPECT_GT(compared, 0);
+    EXPECT_GT(differing_after, 0) << a.selector;  // the change does reach the later rows
+  };
+  for (std::size_t i = 0; i < study.rows.size(); ++i) same_before_change(study.rows[i], other.studies[0].rows[i]);
+
+  // The same lists trained on every query of the window (what the study did before it had a prefill) do let
+  // the later bytes move earlier rows' selections: the check above can fail.
+  TinyLmStudyOptions tiny;
+  tiny.prefill = kPrefill;
+  StudyOptions study_options;
+  study_options.k_values = {6};
+  study_options.granularity = Granularity::per_kv_head;
+  study_options.n_sink = 1;
+  study_options.n_local = 2;
+  study_options.keep_row_metrics = true;
+  const auto leaky = factories({R"({"type": "faiss", "factory": "QueryIVF8,SQ4", "nprobe": 1, "rerank_stored": true})"});
+  const std::vector<std::uint8_t> changed_tokens(changed.begin(), changed.end());
+  const StudyResult a = run_tiny_lm_study(model, tokens, leaky, study_options, tiny, "a");
+  const StudyResult b = run_tiny_lm_study(model, changed_tokens, leaky, study_options, tiny, "b");
+  int moved = 0;
+  const std::size_t rows = static_cast<std::size_t>(kTokens - 1 - kPrefill);
+  for (std::size_t layer = 0; layer < 2; ++layer) {
+    for (std::size_t r = 0; r + kPrefill < kChanged; ++r) {
+      for (std::size_t g = 0; g < 2; ++g) {
+        const std::size_t i = (layer * rows + r) * 2 + g;
+        moved += metric_value(a.rows[0].row_metrics[i], "recall") != metric_value(b.rows[0].row_metrics[i], "recall");
+      }
+    }
+  }
+  EXPECT_GT(moved, 0);
+
+  // A search that trains needs a prefill, forward mode, and train_keys within the prefill; the prefill must
+  // leave a row to score. Each is refused before anything runs, naming the key.
+  const auto expect_refused = [&](const std::string& extra, const std::string& spec, const std::string& needle) {
+    try {
+      run_small_study(dir, text, extra, "[" + spec + "]", options);
+      ADD_FAILURE() << "accepted " << extra << " " << spec;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const std::string query_ivf = R"({"type": "faiss", "factory": "QueryIVF8,SQ4", "nprobe": 1})";
+  expect_refused(R"("tokens": 90)", query_ivf, "prefill");
+  expect_refused(R"("tokens": 90)", R"({"type": "faiss", "factory": "IVF4,Flat", "nprobe": 1})", "prefill");
+  expect_refused(R"("tokens": 90)", R"({"type": "hybrid", "candidate_k": 8, "candidates": )" + query_ivf + "}",
+                 "prefill");
+  expect_refused(R"("tokens": 90, "prefill": 40, "mode": "decode")", query_ivf, "forward");
+  expect_refused(prefill, R"({"type": "faiss", "factory": "QueryIVF8,SQ4", "train_keys": 41})", "train_keys");
+  expect_refused(R"("tokens": 90, "prefill": 89)", R"({"type": "exact"})", "prefill");
+  // Brute force learns nothing: no prefill needed. train_keys below the prefill is kept.
+  EXPECT_NO_THROW(run_small_study(dir, text, R"("tokens": 20)",
+                                  R"([{"type": "faiss", "factory": "brute_force", "candidates": 16}])", options));
+  EXPECT_NO_THROW(run_small_study(dir, text, R"("tokens": 60, "prefill": 40)",
+                                  R"([{"type": "faiss", "factory": "QueryIVF4,SQ4", "train_keys": 30}])", options));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(TinyLmStudy, CandidatesExampleFileRunsReduced) {
+  // examples/studies/candidates_tiny_lm.json on the shipped model, cut to 512 bytes (a prefill of 256, 64
+  // scored rows) and k = 64: every selector runs, and the query-aware lists probed to the end over every
+  // free key give exactly the exact top-k's bits per byte.
+  const std::filesystem::path example =
+      std::filesystem::path(__FILE__).parent_path() / "../../examples/studies/candidates_tiny_lm.json";
+  nlohmann::json doc = nlohmann::json::parse(read_text(example));
+  ASSERT_EQ(doc["workloads"].size(), 1u);
+  EXPECT_EQ(doc["workloads"][0]["tokens"], 4096);
+  EXPECT_EQ(doc["workloads"][0]["prefill"], 2048);
+  doc["workloads"][0]["tokens"] = 512;
+  doc["workloads"][0]["prefill"] = 256;
+  doc["workloads"][0]["query_sample"] = 64;
+  doc["k"] = nlohmann::json::array({64});
+  for (nlohmann::json& s : doc["selectors"]) {
+    if (s.contains("candidates")) s["candidates"] = 512;
+  }
+  const StudyConfig config = parse_study_config(doc.dump());
+  const StudySuiteResult result = run_study_config(config);
+  ASSERT_EQ(result.studies.size(), 1u);
+  const StudyResult& study = result.studies[0];
+  ASSERT_EQ(study.rows.size(), config.selectors.size());
+  EXPECT_EQ(study.row_positions.size(), 64u);
+  EXPECT_GE(study.row_positions.front(), 256);
+  const StudyRow* exact = nullptr;
+  const StudyRow* safe = nullptr;
+  const StudyRow* indexer = nullptr;
+  std::vector<const StudyRow*> coded;  // QueryIVF64,SQ4 in grid order: nprobe 2, 4, 8, 16, safe
+  for (const StudyRow& row : study.rows) {
+    SCOPED_TRACE(row.selector);
+    EXPECT_TRUE(std::isfinite(mean_of(row, "bpb")));
+    EXPECT_EQ(row.metrics.at("bpb").count, 64);
+    if (row.selector == "exact") exact = &row;
+    if (row.selector.find("QueryIVF64,Flat nprobe=safe") != std::string::npos) safe = &row;
+    if (row.selector.find("indexer(") == 0) indexer = &row;
+    if (row.selector.find("QueryIVF64,SQ4") != std::string::npos) coded.push_back(&row);
+  }
+  ASSERT_NE(exact, nullptr);
+  ASSERT_NE(safe, nullptr);
+  ASSERT_NE(indexer, nullptr);
+  ASSERT_EQ(coded.size(), 5u);
+  EXPECT_EQ(mean_of(*safe, "bpb"), mean_of(*exact, "bpb"));
+  EXPECT_EQ(mean_of(*safe, "recall"), mean_of(*exact, "recall"));
+  EXPECT_LT(mean_of(*indexer, "recall"), mean_of(*exact, "recall"));
+  // More lists probed read more bytes and find more of the top-k.
+  for (std::size_t i = 1; i < 4; ++i) {
+    EXPECT_GT(coded[i]->cost.key_bytes_read, coded[i - 1]->cost.key_bytes_read) << coded[i]->selector;
+  }
+  EXPECT_GT(mean_of(*coded[3], "recall"), mean_of(*coded[0], "recall"));
+  EXPECT_GT(mean_of(*coded[4], "recall"), mean_of(*coded[0], "recall"));
+}
+
 TEST(TinyLmStudy, ShippedModelsTrainedIndexerBeatsRandomInRecallAndAccuracy) {
   // 256 bytes of the shipped held-out text at per-token granularity (what the indexers were trained for).
   const std::string directory = tiny_lm_directory();

@@ -272,6 +272,7 @@ std::unique_ptr<Selector> build(const json& spec, const std::string& where, bool
     search_options.mips_to_l2 = reader.boolean("mips_to_l2", false);
     search_options.balance_channels = reader.boolean("balance_channels", false);
     options.rerank_stored = reader.boolean("rerank_stored", false);
+    options.search.shared_scan = reader.boolean("shared_scan", false);
     if (options.search.nprobe > 0) search_options.nprobe = options.search.nprobe;
     if (options.search.ef_search > 0) search_options.ef_search = options.search.ef_search;
     const std::string rerank = reader.string("rerank", "exact");

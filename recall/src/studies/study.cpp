@@ -182,11 +182,13 @@ std::vector<double> bits_per_token(std::span<const float> logits, std::span<cons
 
 namespace {
 
-/// n distinct rows of [0, count), uniformly at random from (seed, stream), ascending; every row when n is 0 or
-/// at least count.
-std::vector<std::int64_t> sample_rows(std::int64_t count, std::int64_t n, std::uint64_t seed, std::uint64_t stream) {
-  std::vector<std::int64_t> rows(static_cast<std::size_t>(std::max<std::int64_t>(count, 0)));
-  std::iota(rows.begin(), rows.end(), std::int64_t{0});
+/// n distinct rows of [first, end), uniformly at random from (seed, stream), ascending; every row when n is 0 or
+/// at least end - first. (With first = 0 the sample of earlier versions, which had no first.)
+std::vector<std::int64_t> sample_rows(std::int64_t first, std::int64_t end, std::int64_t n, std::uint64_t seed,
+                                      std::uint64_t stream) {
+  const std::int64_t count = std::max<std::int64_t>(end - first, 0);
+  std::vector<std::int64_t> rows(static_cast<std::size_t>(count));
+  std::iota(rows.begin(), rows.end(), first);
   if (n <= 0 || n >= count) return rows;
   RandomStream random(seed, stream);
   for (std::int64_t i = 0; i < n; ++i) {
@@ -264,6 +266,8 @@ void add_bits_metrics(const RowBits& b, const TinyLmStudyOptions& tiny, bool tas
 void check_tiny_options(std::string_view function, const TinyLmStudyOptions& tiny) {
   KEYSEL_CHECK_ARG_IN(function, tiny.query_sample >= 0, "tiny.query_sample", ">= 0 (0: every row)",
                       tiny.query_sample);
+  KEYSEL_CHECK_ARG_IN(function, tiny.prefill >= 0, "tiny.prefill", ">= 0 (0: no prefill, every row scored)",
+                      tiny.prefill);
 }
 
 /// Decode-mode study over sequences (a text: one sequence without an answer; a retrieval task: its examples).
@@ -291,7 +295,11 @@ StudyResult run_decode_study(std::string_view function, const TinyLm& model,
                         task ? "answer_length in [1, length - 1)" : "no answer", 
                         "sequence " + std::to_string(e) + " with answer_length " + std::to_string(A));
     prompt_rows[e] = L - 1 - A;
-    scored[e] = sample_rows(prompt_rows[e], tiny.query_sample, tiny.sample_seed, e);
+    KEYSEL_CHECK_ARG_IN(function, tiny.prefill < prompt_rows[e], "tiny.prefill",
+                        "fewer positions than the prompt rows (" + std::to_string(prompt_rows[e]) + " in sequence " +
+                            std::to_string(e) + "), so that a row is scored",
+                        tiny.prefill);
+    scored[e] = sample_rows(tiny.prefill, prompt_rows[e], tiny.query_sample, tiny.sample_seed, e);
     for (std::int64_t r = L - 1 - A; r < L - 1; ++r) scored[e].push_back(r);
     shortest = std::min(shortest, L);
     longest = std::max(longest, L);
@@ -451,10 +459,14 @@ StudyResult run_tiny_lm_study(const TinyLm& model, std::span<const std::uint8_t>
                             std::move(workload), false);
   }
   const std::int64_t groups = group_count(options.granularity, config.heads, config.kv_heads);
-  // Sampled rows (none: every row, and bits over every predicted byte).
-  const bool sampled = tiny.query_sample > 0;
-  const std::vector<std::int64_t> rows = sampled ? sample_rows(tokens_count - 1, tiny.query_sample, tiny.sample_seed, 0)
-                                                 : std::vector<std::int64_t>{};
+  KEYSEL_CHECK_ARG(tiny.prefill < tokens_count - 1, "tiny.prefill",
+                   "fewer than T - 1 = " + std::to_string(tokens_count - 1) + " positions, so that a row is scored",
+                   tiny.prefill);
+  // Sampled rows, or the rows after the prefill (neither: every row, and bits over every predicted byte).
+  const bool sampled = tiny.query_sample > 0 || tiny.prefill > 0;
+  const std::vector<std::int64_t> rows =
+      sampled ? sample_rows(tiny.prefill, tokens_count - 1, tiny.query_sample, tiny.sample_seed, 0)
+              : std::vector<std::int64_t>{};
   const std::int64_t scored = sampled ? static_cast<std::int64_t>(rows.size()) : tokens_count;
 
   const AttentionShape shape{scored, tokens_count, config.heads, config.kv_heads, config.head_dim, config.head_dim};

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstddef>
+#include <memory>
 #include <cmath>
 #include <optional>
 #include <cstdio>
@@ -13,6 +15,7 @@
 #include <set>
 #include <sstream>
 
+#include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
 #include "keysel/core/files.h"
 #include "keysel/recall/dump.h"
@@ -92,7 +95,7 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     spec.name = "";  // the dump names its layers: "dump(<model>, layer <index>)"
   } else if (spec.type == "tiny-lm") {
     check_keys(w, where, {"type", "name", "tokens", "offset", "model", "text", "mode", "query_sample", "sample_seed",
-                          "bpb_from", "task"});
+                          "bpb_from", "task", "prefill"});
     TinyLmWorkloadOptions& o = spec.tiny_lm;
     if (const auto it = w.find("mode"); it != w.end()) {
       if (*it == "forward") {
@@ -111,6 +114,7 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
     }
     o.study.query_sample = get_int(w, "query_sample", 0, 0, where);
     o.study.sample_seed = static_cast<std::uint64_t>(get_int(w, "sample_seed", 1, 0, where));
+    o.study.prefill = get_int(w, "prefill", 0, 0, where);
     if (const auto task = w.find("task"); task != w.end()) {
       const std::string at = where + ".task";
       check_keys(*task, at, {"retrieval", "contexts", "examples_per_context", "pick", "keys"});
@@ -120,6 +124,7 @@ StudyWorkloadSpec parse_workload(const json& w, const std::string& where, std::u
       if (o.study.mode != TinyLmStudyMode::decode) {
         fail(where + ": key 'task': needs \"mode\": \"decode\" (answers are decoded over a full-attention prefill)");
       }
+      if (o.study.prefill != 0) fail(where + ": key 'prefill': a task's prefill is each example's prompt");
       o.task = true;
       if (const auto it = task->find("retrieval"); it != task->end()) {
         if (!it->is_string() || it->get<std::string>().empty()) {
@@ -251,12 +256,128 @@ std::pair<std::filesystem::path, std::filesystem::path> tiny_lm_model_paths(cons
   return {path / "model.safetensors", path};
 }
 
-/// Selector factories of a study's selectors (one fresh selector per call).
-std::vector<SelectorFactory> selector_factories(const std::vector<StudySelectorSpec>& selectors) {
+/// Runs a selector in a decoder's order over a forward pass's layer (queries at positions 0..T-1 over their own T
+/// keys): first the prefill's P rows over the prefill's P keys (a search that learns builds and trains there),
+/// then each later row t alone over keys [0, t], declared appended, so the search holds exactly the keys a
+/// decoder's would at that step (appended one by one, without retraining unless its own policy retrains on the
+/// keys so far). Without this a search built once over the layer's T keys would let later keys steer an earlier
+/// row's search (an IVF list's bounds, an HNSW graph's links), though it only ever returns allowed keys.
+class DecoderOrderSelector final : public Selector {
+ public:
+  DecoderOrderSelector(std::unique_ptr<Selector> inner, std::int64_t prefill)
+      : inner_(std::move(inner)), prefill_(prefill) {}
+  std::string name() const override { return inner_->name(); }
+
+ protected:
+  SelectionCost do_select(const SelectionRequest& request, const SelectionPolicy& policy,
+                          const TensorView& selection) override {
+    constexpr std::string_view function = "run_study_config (decoder order)";
+    const AttentionInputs& a = request.attention;
+    const AttentionShape shape = a.shape();
+    const std::int64_t T = shape.tokens;
+    KEYSEL_CHECK_ARG_IN(function, shape.keys == T && a.positions.dtype() == DType::int32, "request",
+                        "a forward pass's layer: T query rows over their own T keys", a.q.str() + " over " + a.k.str());
+    const std::int32_t* positions = a.positions.data<std::int32_t>();
+    for (std::int64_t t = 0; t < T; ++t) {
+      KEYSEL_CHECK_ARG_IN(function, positions[t] == t, "request.attention.positions", "0 .. T-1",
+                          "position " + std::to_string(positions[t]) + " at row " + std::to_string(t));
+    }
+    const auto rows_of = [](const TensorView& view, std::int64_t first, std::int64_t count) {
+      std::vector<std::int64_t> dims(view.shape().begin(), view.shape().end());
+      dims[0] = count;
+      const auto* base = static_cast<const std::byte*>(view.raw_data()) + dtype_bytes(view.dtype(), first * view.stride(0));
+      return TensorView(static_cast<const void*>(base), view.dtype(), std::span<const std::int64_t>(dims), view.strides());
+    };
+    const std::int64_t groups = selection.size(1), width = selection.size(2);
+    std::int32_t* out = selection.mutable_data<std::int32_t>();
+    SelectionCost cost;
+    const auto run = [&](std::int64_t first, std::int64_t count, bool fresh) {
+      SelectionRequest sub;
+      sub.attention.q = rows_of(a.q, first, count);
+      sub.attention.k = rows_of(a.k, 0, first + count);
+      if (!a.v.empty()) sub.attention.v = rows_of(a.v, 0, first + count);
+      sub.attention.positions = rows_of(a.positions, first, count);
+      sub.attention.scale = a.scale;
+      sub.cache = fresh ? CacheReuse::fresh : CacheReuse::appended;
+      sub.unchanged_keys = fresh ? 0 : first;
+      const TensorView part(out + first * groups * width, DType::int32, {count, groups, width});
+      cost += inner_->select(sub, policy, part);
+    };
+    const std::int64_t head = std::min(prefill_, T);
+    if (head > 0) run(0, head, true);
+    for (std::int64_t t = head; t < T; ++t) run(t, 1, t == 0);
+    return cost;
+  }
+
+ private:
+  std::unique_ptr<Selector> inner_;
+  std::int64_t prefill_;
+};
+
+/// Whether a spec holds a candidate search that learns from the cache (train_on_prefill).
+bool learns_from_cache(const json& spec) {
+  if (!spec.is_object()) return false;
+  const std::string type = spec.value("type", std::string());
+  if (type == "hybrid") return spec.contains("candidates") && learns_from_cache(spec["candidates"]);
+  const std::string factory = spec.value("factory", std::string());
+  return type == "faiss" && factory != "brute_force" && factory != "exact";
+}
+
+/// A selector spec as a tiny-lm study over a text runs it: every candidate search that learns from the cache
+/// ("faiss" with a factory other than brute_force, also inside "hybrid") trains on the workload's prefill only
+/// ("train_keys" = the prefill: its keys, and for query-aware lists the queries of its tokens), never on the
+/// scored rows' own or later queries and keys. Throws keysel::Error naming the key when that cannot hold: no
+/// prefill, decode mode (whose requests hold only the scored rows' queries), or "train_keys" beyond the prefill.
+json train_on_prefill(json spec, const TinyLmStudyOptions& tiny, const std::string& workload,
+                      const std::string& selector) {
+  if (!spec.is_object()) return spec;
+  const std::string type = spec.value("type", std::string());
+  if (type == "hybrid" && spec.contains("candidates")) {
+    spec["candidates"] = train_on_prefill(spec["candidates"], tiny, workload, selector);
+    return spec;
+  }
+  if (type != "faiss") return spec;
+  const std::string factory = spec.value("factory", std::string());
+  if (factory == "brute_force" || factory == "exact") return spec;
+  const std::string where = "keysel::run_study_config: " + workload + ", selector \"" + selector + "\" (factory \"" +
+                            factory + "\"): ";
+  if (tiny.mode == TinyLmStudyMode::decode) {
+    throw Error(where + "a candidate search that trains needs \"mode\": \"forward\" (a decode pass hands the "
+                        "selector only the scored rows' queries, not the prefill's)");
+  }
+  if (tiny.prefill <= 0) {
+    throw Error(where + "a candidate search that trains needs the workload's key 'prefill' (>= 1): it trains on the "
+                        "prefill's keys and queries, what a decoder has; without one it would train on the queries "
+                        "and keys of the rows it is scored on and of later rows");
+  }
+  const auto it = spec.find("train_keys");
+  const std::int64_t train_keys = it != spec.end() && it->is_number_integer() ? it->get<std::int64_t>() : 0;
+  if (train_keys > tiny.prefill) {
+    throw Error(where + "key 'train_keys': expected at most the workload's prefill (" + std::to_string(tiny.prefill) +
+                ") or 0 (the prefill), got " + std::to_string(train_keys));
+  }
+  if (spec.value("rerank", std::string()) == "indexer") {
+    throw Error(where + "key 'rerank': \"indexer\" is not run in a decoder's order yet (the indexer's score is "
+                        "indexed by the request's rows); use \"exact\", or \"factory\": \"brute_force\"");
+  }
+  if (train_keys == 0) spec["train_keys"] = tiny.prefill;
+  return spec;
+}
+
+/// Selector factories of a study's selectors (one fresh selector per call); over a tiny-lm text (`tiny` given),
+/// candidate searches train on its prefill (train_on_prefill).
+std::vector<SelectorFactory> selector_factories(const std::vector<StudySelectorSpec>& selectors,
+                                                const TinyLmWorkloadOptions* tiny = nullptr,
+                                                const std::string& workload = std::string()) {
   std::vector<SelectorFactory> factories;
   for (const StudySelectorSpec& s : selectors) {
-    factories.push_back([spec = json::parse(s.spec_json), name = s.name](const IndexerTensors* indexer) {
-      return detail::make_selector(spec, name, indexer);
+    json spec = json::parse(s.spec_json);
+    if (tiny != nullptr) spec = train_on_prefill(std::move(spec), tiny->study, workload, s.name);
+    const std::int64_t decoder_order = tiny != nullptr && learns_from_cache(spec) ? tiny->study.prefill : 0;
+    factories.push_back([spec = std::move(spec), name = s.name, decoder_order](const IndexerTensors* indexer) {
+      std::unique_ptr<Selector> selector = detail::make_selector(spec, name, indexer);
+      if (decoder_order > 0) selector = std::make_unique<DecoderOrderSelector>(std::move(selector), decoder_order);
+      return selector;
     });
   }
   return factories;
@@ -463,6 +584,12 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
     } else if (spec.type == "tiny-lm" && !spec.tiny_lm.task) {
       // Its attention caches one key per token (the model's heads are known once it is loaded).
       check_k_values(config.options.k_values, spec.tiny_lm.tokens, spec.name, "run_study_config");
+      (void)selector_factories(config.selectors, &spec.tiny_lm, spec.name);
+    } else if (spec.type == "tiny-lm") {
+      // A task runs in decode mode, where a candidate search that trains would see only the scored rows.
+      TinyLmWorkloadOptions decode = spec.tiny_lm;
+      decode.study.mode = TinyLmStudyMode::decode;
+      (void)selector_factories(config.selectors, &decode, spec.name);
     }
   }
   const std::size_t per_workload = config.selectors.size() * config.options.k_values.size();
@@ -526,8 +653,10 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
         const std::string name = specs[w].name + " context " + std::to_string(context);
         result.workload_seconds.push_back(c == 0 ? load_seconds : 0.0);
         report_progress(name, first_study[w] + c);
-        result.studies.push_back(run_tiny_lm_task_study(model, examples, selector_factories(config.selectors), options,
-                                                        tiny.study, name));
+        TinyLmWorkloadOptions decode = tiny;
+        decode.study.mode = TinyLmStudyMode::decode;
+        result.studies.push_back(run_tiny_lm_task_study(model, examples, selector_factories(config.selectors, &decode, name),
+                                                        options, tiny.study, name));
         result.positions.push_back(scored_positions(result.studies.back()));
       }
       continue;
@@ -540,8 +669,8 @@ StudySuiteResult run_study_config(const StudyConfig& config, const StudyProgress
       const std::vector<std::uint8_t> tokens = read_tiny_lm_text(tiny);
       result.workload_seconds.push_back(seconds());
       report_progress(specs[w].name, first_study[w]);
-      result.studies.push_back(run_tiny_lm_study(model, tokens, selector_factories(config.selectors), options,
-                                                 tiny.study, specs[w].name));
+      result.studies.push_back(run_tiny_lm_study(model, tokens, selector_factories(config.selectors, &tiny, specs[w].name),
+                                                 options, tiny.study, specs[w].name));
       result.positions.push_back(scored_positions(result.studies.back()));
       continue;
     }

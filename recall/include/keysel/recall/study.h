@@ -61,6 +61,12 @@ struct TinyLmStudyOptions {
   /// contexts. Decode mode runs only the scored rows.
   std::int64_t query_sample = 0;
   std::uint64_t sample_seed = 1;
+  /// The first `prefill` positions are the prefill a decoder has before the scored rows: no row before it is
+  /// scored (bits per byte, metrics, full attention's bits), and query_sample samples among the rows from it on.
+  /// Selectors that learn from the cache (candidate searches, study files: "train_keys") train on the prefill's
+  /// keys and queries only, so no scored row's selection depends on a query or key it could not have seen.
+  /// 0: every row is scored. Must leave at least one row (prefill < T - 1; in decode mode, below the prompt).
+  std::int64_t prefill = 0;
   /// Adds kSparseBitsPerByteMetric and kSparseBitsPerByteIncreaseMetric (positions >= 2k) beside bpb.
   bool bpb_sparse = false;
 };

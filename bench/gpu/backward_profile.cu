@@ -2,7 +2,9 @@
 // Systems / Nsight Compute (bench/gpu/backward_profile.sh builds it with nvcc alone, without CMake or any
 // package, so a bare GPU machine can run it in seconds).
 //
-//   backward_profile T HQ HKV D K [REPEATS]
+//   backward_profile T HQ HKV D K [REPEATS [SHARED]]
+//                               SHARED (0 to 1): the share of each row's keys common to its 16-token block (0: the
+//                               scattered selections above); times the library's kernels and the tiled prototype
 //   backward_profile check      the kernels against a double-precision transcription of SPEC §9 on small awkward
 //                               shapes, every granularity (exit status 1 on a mismatch)
 //
@@ -23,6 +25,7 @@
 #include <vector>
 
 #include "cuda_sparse_attention_backward_launch.h"
+#include "tiled_backward.cuh"
 
 namespace {
 
@@ -37,15 +40,35 @@ __global__ void fill_bf16(__nv_bfloat16* x, long long n, unsigned seed) {
   }
 }
 
-__global__ void fill_selection(std::int32_t* sel, long long tokens, int groups, int width) {
+__global__ void fill_selection(std::int32_t* sel, long long tokens, int groups, int width, float shared) {
   const long long row = blockIdx.x;  // t * groups + g
   const long long t = row / groups;
   const long long allowed = t + 1;
-  const unsigned long long a = 1000003ULL;  // prime > any T used here: coprime with every t + 1
+  const unsigned long long a = 1000003ULL;  // prime > any T used here: coprime with every modulus below
   const unsigned long long b = (static_cast<unsigned long long>(row) * 0x9E3779B97F4A7C15ULL) >> 20;
+  if (shared <= 0.0f) {
+    for (int j = threadIdx.x; j < width; j += blockDim.x) {
+      sel[row * width + j] =
+          j < allowed ? static_cast<std::int32_t>((a * static_cast<unsigned long long>(j) + b) % allowed) : -1;
+    }
+    return;
+  }
+  // A share of each row from its 16-token block's common set (even keys <= the block's first token), the rest
+  // its own (odd keys <= t): distinct within a row, largely common to neighbouring rows.
+  const long long t0 = t / 16 * 16;
+  const long long evens = t0 / 2 + 1, odds = (t + 1) / 2;
+  const unsigned long long b_block =
+      (static_cast<unsigned long long>(t0 * groups + row % groups + 1) * 0xD1B54A32D192ED03ULL) >> 20;
+  const long long n_shared = min(static_cast<long long>(shared * width + 0.5f), evens);
+  const long long n_own = min(static_cast<long long>(width) - n_shared, odds);
   for (int j = threadIdx.x; j < width; j += blockDim.x) {
-    sel[row * width + j] =
-        j < allowed ? static_cast<std::int32_t>((a * static_cast<unsigned long long>(j) + b) % allowed) : -1;
+    std::int32_t s = -1;
+    if (j < n_shared) {
+      s = static_cast<std::int32_t>(2 * ((a * j + b_block) % evens));
+    } else if (j < n_shared + n_own) {
+      s = static_cast<std::int32_t>(2 * ((a * (j - n_shared) + b) % odds) + 1);
+    }
+    sel[row * width + j] = s;
   }
 }
 
@@ -66,9 +89,14 @@ X* to_device(const std::vector<X>& host) {
   return d;
 }
 
+struct CheckResult {
+  double library;  // worst error over the bound 2e-4 (1 + max |ref|)
+  double tiled;    // the prototype's worst error over 1e-2 max |ref| + 1e-5 (bf16 P and dS); < 0: not supported
+};
+
 /// One small case: bf16 inputs, O and lse from a double forward (O rounded to bf16 as a forward would store it),
-/// the kernels' fp32 gradients against the double backward. Returns the worst error over the bound.
-double check_case(keysel::Granularity granularity, long long tokens, int hq, int hkv, int dim, int vdim, int width,
+/// the kernels' fp32 gradients against the double backward.
+CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq, int hkv, int dim, int vdim, int width,
                   unsigned seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> uni(-1.0f, 1.0f);
@@ -173,22 +201,50 @@ double check_case(keysel::Granularity granularity, long long tokens, int hq, int
   launch.device = 0;
   keysel::cuda_kernels::launch_sparse_attention_backward("backward_profile", launch, nullptr);
   check(cudaDeviceSynchronize(), "backward");
-  double worst = 0;
-  auto compare = [&](const std::vector<double>& ref, float* dev) {
+  auto compare = [&](const std::vector<double>& ref, float* dev, double relative, double absolute, double& worst,
+                     const char* what) {
     std::vector<float> got(ref.size());
     check(cudaMemcpy(got.data(), dev, got.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
     double amax = 0;
     for (double r : ref) amax = std::max(amax, std::fabs(r));
+    const double bound = relative * amax + absolute;
+    std::size_t at = 0;
+    double mine = 0;
     for (std::size_t i = 0; i < ref.size(); ++i) {
-      const double bound = 2e-4 * (1.0 + amax);
-      const double err = std::fabs(got[i] - ref[i]);
-      worst = std::max(worst, std::isnan(got[i]) ? INFINITY : err / bound);
+      const double err = std::isnan(got[i]) ? INFINITY : std::fabs(got[i] - ref[i]) / bound;
+      if (err > mine) {
+        mine = err;
+        at = i;
+      }
     }
+    if (mine > 1.0)
+      std::printf("  %s: worst at element %zu: got %.6g, reference %.6g (max |ref| %.3g)\n", what, at, got[at], ref[at],
+                  amax);
+    worst = std::max(worst, mine);
   };
-  compare(dq, dq_dev);
-  compare(dk, dk_dev);
-  compare(dv, dv_dev);
-  return worst;
+  CheckResult result{0.0, -1.0};
+  const int dims = dim;
+  compare(dq, dq_dev, 2e-4, 2e-4, result.library, "library dq");
+  compare(dk, dk_dev, 2e-4, 2e-4, result.library, "library dk");
+  compare(dv, dv_dev, 2e-4, 2e-4, result.library, "library dv");
+  tiled_backward::Problem tp{static_cast<const __nv_bfloat16*>(launch.q), static_cast<const __nv_bfloat16*>(launch.k),
+                             static_cast<const __nv_bfloat16*>(launch.v), static_cast<const __nv_bfloat16*>(launch.out),
+                             static_cast<const __nv_bfloat16*>(launch.grad_out), launch.lse, launch.selection, dq_dev,
+                             dk_dev, dv_dev, tokens, keys, hq, hkv, dims, vdim, groups, width,
+                             static_cast<float>(scale)};
+  if (tiled_backward::supports(tp)) {
+    check(cudaMemset(dq_dev, 0xff, dq.size() * 4), "cudaMemset");  // NaN: every element must be written
+    void* scratch = nullptr;
+    check(cudaMalloc(&scratch, tiled_backward::scratch_bytes(tp)), "cudaMalloc");
+    check(tiled_backward::run(tp, tiled_backward::carve(tp, scratch), nullptr), "tiled backward");
+    check(cudaDeviceSynchronize(), "tiled backward");
+    result.tiled = 0.0;
+    compare(dq, dq_dev, 1e-2, 1e-5, result.tiled, "tiled dq");
+    compare(dk, dk_dev, 1e-2, 1e-5, result.tiled, "tiled dk");
+    compare(dv, dv_dev, 1e-2, 1e-5, result.tiled, "tiled dv");
+    check(cudaFree(scratch), "cudaFree");
+  }
+  return result;
 }
 
 int run_checks() {
@@ -199,13 +255,24 @@ int run_checks() {
   } cases[] = {{keysel::Granularity::per_head, "per_head"},
                {keysel::Granularity::per_kv_head, "per_kv_head"},
                {keysel::Granularity::per_token, "per_token"}};
+  const struct {
+    long long tokens;
+    int hq, hkv, dim, vdim, width;
+  } shapes[] = {{70, 6, 2, 72, 40, 19},     // 3 heads per key head (library only)
+                {70, 10, 2, 72, 40, 19},    // 5: a pass of 4 and one of 1
+                {70, 8, 2, 64, 64, 19},     // tiles of 16 tokens, the last one partial
+                {45, 16, 1, 128, 64, 70},   // tiles of 4 tokens, more than one chunk of union keys
+                {150, 2, 2, 128, 128, 33}};  // one head per key head: tiles of 64 tokens
   for (const auto& c : cases) {
-    for (const int hq : {6, 10}) {  // 3 and 5 heads per key head: one pass and a pass of 4 plus 1
-      const double worst = check_case(c.granularity, 70, hq, 2, 72, 40, 19, 7u + hq);
-      const bool ok = worst <= 1.0;
+    for (const auto& sh : shapes) {
+      const CheckResult r = check_case(c.granularity, sh.tokens, sh.hq, sh.hkv, sh.dim, sh.vdim, sh.width,
+                                       7u + static_cast<unsigned>(sh.hq * 31 + sh.dim));
+      const bool ok = r.library <= 1.0 && r.tiled <= 1.0;
       failures += ok ? 0 : 1;
-      std::printf("check %-11s Hq=%-2d Hkv=2 D=72 Dv=40 T=N=70 k=19: worst error / bound %.3g %s\n", c.name, hq, worst,
-                  ok ? "ok" : "FAILED");
+      std::printf("check %-11s T=N=%-3lld Hq=%-2d Hkv=%d D=%-3d Dv=%-3d k=%-2d: worst error / bound: library %.3g, "
+                  "tiled %s%.3g %s\n",
+                  c.name, sh.tokens, sh.hq, sh.hkv, sh.dim, sh.vdim, sh.width, r.library, r.tiled < 0 ? "n/a " : "",
+                  r.tiled < 0 ? 0.0 : r.tiled, ok ? "ok" : "FAILED");
     }
   }
   return failures == 0 ? 0 : 1;
@@ -222,6 +289,7 @@ int main(int argc, char** argv) {
   const long long tokens = std::atoll(argv[1]);
   const int hq = std::atoi(argv[2]), hkv = std::atoi(argv[3]), dim = std::atoi(argv[4]), width = std::atoi(argv[5]);
   const int repeats = argc > 6 ? std::atoi(argv[6]) : 3;
+  const float shared = argc > 7 ? static_cast<float>(std::atof(argv[7])) : 0.0f;
   const long long q_elems = tokens * hq * dim, kv_elems = tokens * hkv * dim;
   __nv_bfloat16 *q, *k, *v, *o, *dout;
   float *lse, *dq, *dk, *dv;
@@ -242,7 +310,7 @@ int main(int argc, char** argv) {
   fill_bf16<<<1024, 256>>>(k, kv_elems, 4u);
   fill_bf16<<<1024, 256>>>(v, kv_elems, 5u);
   check(cudaMemset(lse, 0, tokens * hq * 4), "cudaMemset");
-  fill_selection<<<static_cast<unsigned>(tokens * hkv), 256>>>(sel, tokens, hkv, width);
+  fill_selection<<<static_cast<unsigned>(tokens * hkv), 256>>>(sel, tokens, hkv, width, shared);
   check(cudaDeviceSynchronize(), "fill");
 
   keysel::cuda_kernels::SparseBackwardLaunch launch{};
@@ -271,19 +339,36 @@ int main(int argc, char** argv) {
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
-  std::vector<float> ms;
-  for (int r = 0; r < repeats + 1; ++r) {
-    check(cudaEventRecord(start), "cudaEventRecord");
-    keysel::cuda_kernels::launch_sparse_attention_backward("backward_profile", launch, nullptr);
-    check(cudaEventRecord(stop), "cudaEventRecord");
-    check(cudaEventSynchronize(stop), "cudaEventSynchronize");
-    float t = 0;
-    check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
-    if (r > 0) ms.push_back(t);  // the first call warms the scratch pool
-  }
-  std::sort(ms.begin(), ms.end());
+  auto median_ms = [&](auto&& call) {
+    std::vector<float> ms;
+    for (int r = 0; r < repeats + 1; ++r) {
+      check(cudaEventRecord(start), "cudaEventRecord");
+      call();
+      check(cudaEventRecord(stop), "cudaEventRecord");
+      check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+      float t = 0;
+      check(cudaEventElapsedTime(&t, start, stop), "cudaEventElapsedTime");
+      if (r > 0) ms.push_back(t);  // the first call warms the scratch pool
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms.empty() ? 0.0 : static_cast<double>(ms[ms.size() / 2]);
+  };
   const double entries = static_cast<double>(tokens) * hkv * width;
-  std::printf("backward T=%lld Hq=%d Hkv=%d D=Dv=%d k=%d: median %.2f ms of %d (%.3g selection entries)\n", tokens, hq,
-              hkv, dim, width, ms.empty() ? 0.0 : ms[ms.size() / 2], repeats, entries);
+  const double library = median_ms([&] {
+    keysel::cuda_kernels::launch_sparse_attention_backward("backward_profile", launch, nullptr);
+  });
+  std::printf("backward T=%lld Hq=%d Hkv=%d D=Dv=%d k=%d shared=%.2f: library median %.2f ms of %d (%.3g selection "
+              "entries)\n", tokens, hq, hkv, dim, width, shared, library, repeats, entries);
+  tiled_backward::Problem tp{q, k, v, o, dout, lse, sel, dq, dk, dv, tokens, tokens, hq, hkv, dim, dim, hkv, width,
+                             launch.scale};
+  if (tiled_backward::supports(tp) && std::getenv("KEYSEL_PROFILE_NO_TILED") == nullptr) {
+    void* scratch = nullptr;
+    check(cudaMalloc(&scratch, tiled_backward::scratch_bytes(tp)), "cudaMalloc (tiled scratch)");
+    const tiled_backward::Scratch parts = tiled_backward::carve(tp, scratch);
+    const double tiled = median_ms([&] { check(tiled_backward::run(tp, parts, nullptr), "tiled backward"); });
+    std::printf("backward T=%lld Hq=%d Hkv=%d D=Dv=%d k=%d shared=%.2f: tiled prototype median %.2f ms of %d\n", tokens,
+                hq, hkv, dim, width, shared, tiled, repeats);
+    check(cudaFree(scratch), "cudaFree");
+  }
   return 0;
 }

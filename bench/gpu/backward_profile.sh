@@ -2,10 +2,13 @@
 # Profiles the CUDA sparse attention backward (SPEC §9) with Nsight Systems and Nsight Compute on one GPU, built
 # with nvcc and g++ alone (no CMake, no packages: seconds on a bare machine). Results go to $OUT.
 #
-#   bash bench/gpu/backward_profile.sh        SHAPES="T:K ..." (default "8192:2048 8192:256 32768:256"),
-#                                             Hq = 32, Hkv = 8, D = Dv = 128, bf16, per_kv_head
-# backward_profile.txt: the median time per shape; nsys_<T>_<K>.txt: time per kernel (cuda_gpu_kern_sum);
-# ncu_<kernel>.txt: Nsight Compute's SpeedOfLight, memory and occupancy sections of each kernel at the first shape.
+#   bash bench/gpu/backward_profile.sh        SHAPES="T:K:SHARED ..." (Hq = 32, Hkv = 8, D = Dv = 128, bf16,
+#                                             per_kv_head; SHARED: the share of a row's keys common to its 16-token
+#                                             block, 0 = scattered), NCU_SHAPE="T:K:SHARED" (default 8192:2048:0.75)
+# backward_profile.txt: `backward_profile check` (the library's kernels and the tiled prototype of
+# tiled_backward.cuh against a double transcription of SPEC §9), then the median times of both per shape;
+# nsys_<T>_<K>.txt: time per kernel where Nsight Systems is installed; ncu_<kernel>.txt: Nsight Compute's
+# SpeedOfLight, memory, occupancy and warp-state sections of each kernel at NCU_SHAPE.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -27,21 +30,22 @@ nvcc -arch=sm_$ARCH -o "$B/backward_profile" "$B"/*.o || { echo "build failed"; 
 echo "build: $((SECONDS - start)) s" | tee "$OUT/backward_profile.txt"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader >>"$OUT/backward_profile.txt"
 "$B/backward_profile" check >>"$OUT/backward_profile.txt" 2>&1 || echo "check FAILED" >>"$OUT/backward_profile.txt"
-SHAPES=${SHAPES:-"8192:2048 8192:256 32768:256"}
+SHAPES=${SHAPES:-"8192:2048:0 8192:2048:0.75 8192:256:0.75 32768:2048:0.75 32768:256:0.75"}
 for s in $SHAPES; do
-  T=${s%%:*}; K=${s##*:}
-  "$B/backward_profile" "$T" 32 8 128 "$K" 3 >>"$OUT/backward_profile.txt" 2>&1
+  IFS=: read -r T K SH <<<"$s"
+  "$B/backward_profile" "$T" 32 8 128 "$K" 3 "${SH:-0}" >>"$OUT/backward_profile.txt" 2>&1
   if command -v nsys >/dev/null; then
-    nsys profile -o "$B/nsys_${T}_${K}" --force-overwrite true "$B/backward_profile" "$T" 32 8 128 "$K" 1 >/dev/null 2>&1 &&
+    nsys profile -o "$B/nsys_${T}_${K}" --force-overwrite true "$B/backward_profile" "$T" 32 8 128 "$K" 1 "${SH:-0}" \
+      >/dev/null 2>&1 &&
       nsys stats -q --report cuda_gpu_kern_sum --format csv "$B/nsys_${T}_${K}.nsys-rep" >"$OUT/nsys_${T}_${K}.txt" 2>&1
   fi
 done
-first=${SHAPES%% *}; T=${first%%:*}; K=${first##*:}
+IFS=: read -r T K SH <<<"${NCU_SHAPE:-8192:2048:0.75}"
 if command -v ncu >/dev/null; then
-  for kern in backward_query_kernel backward_key_kernel; do
+  for kern in backward_query_kernel backward_key_kernel tile_kernel; do
     timeout 150 ncu --kernel-name regex:"$kern" --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats "$B/backward_profile" "$T" 32 8 128 "$K" 0 \
-      >"$OUT/ncu_$kern.txt" 2>&1
+      "${SH:-0}" >"$OUT/ncu_$kern.txt" 2>&1
   done
 fi
 cat "$OUT/backward_profile.txt"

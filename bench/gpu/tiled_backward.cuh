@@ -1,0 +1,409 @@
+// A tiled tensor-core prototype of the sparse attention backward (SPEC §9), for bench/gpu/backward_profile.cu
+// only: it is not part of the library until it has been measured and checked on a GPU.
+//
+// The library's CUDA backward gives each selection entry to a warp and gathers its key and value rows one at a
+// time. Neighbouring query rows of a real model select mostly the same keys (docs/training.md, "GPU speed"), so
+// this version takes a tile of R consecutive tokens of one key head (R Gq = 64 query rows, Gq = Hq / Hkv), the
+// union of their selections, and runs the five products of the backward on tensor cores (WMMA, bf16 in, fp32
+// accumulate) over chunks of 64 union keys, masking the keys a row did not select:
+//   S = Q K^T, dP = dO V^T, P = exp(scale S - lse), dS = P (dP - Delta)       (64 rows x 64 keys)
+//   dQ += scale dS K (kept in registers per tile), dK += scale dS^T Q, dV += P^T dO (added to memory atomically)
+// P and dS are rounded to bf16 before the last three products (as flash attention's backward does), and dK, dV
+// are summed with atomics, so the result is not bitwise reproducible: the library's kernel stays the
+// deterministic one.
+//
+// Union per (tile, key head): every valid entry becomes a 64-bit key (segment, key, token in tile), a radix sort
+// groups them, a scan numbers the distinct (segment, key) pairs, and each pair gets the set of the tile's tokens
+// that selected it as a 64-bit mask. Supports per_kv_head and per_token selections, bf16, D and Dv in {64, 128},
+// Gq dividing 64.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+
+namespace tiled_backward {
+
+constexpr int kRows = 64;   // query rows per tile (R tokens x Gq heads)
+constexpr int kChunk = 64;  // union keys per step
+constexpr int kThreads = 128;
+constexpr unsigned long long kInvalid = ~0ULL;
+
+struct Problem {
+  const __nv_bfloat16 *q, *k, *v, *out, *grad_out;
+  const float* lse;
+  const std::int32_t* selection;  // [T, groups, width]
+  float *grad_q, *grad_k, *grad_v;
+  long long tokens, keys;
+  int query_heads, kv_heads, head_dim, value_dim, groups, width;
+  float scale;
+};
+
+struct Scratch {
+  float* delta;                  // [T, Hq]
+  unsigned long long* entries;   // [T_pad * Hkv * width]: sort input
+  unsigned long long* sorted;    // same size
+  int* flags;                    // [entries]: first entry of a distinct (segment, key)
+  int* positions;                // [entries]: inclusive scan of flags
+  std::int32_t* union_key;       // [entries] (at most): the union keys, segment after segment
+  unsigned long long* union_mask;  // [entries]: tokens of the tile that selected the key
+  long long* segment_begin;      // [segments]
+  long long* segment_end;        // [segments]
+  void* sort_temp;
+  std::size_t sort_temp_bytes;
+  void* scan_temp;
+  std::size_t scan_temp_bytes;
+};
+
+inline int tile_tokens(const Problem& p) { return kRows / (p.query_heads / p.kv_heads); }
+inline long long tiles(const Problem& p) { return (p.tokens + tile_tokens(p) - 1) / tile_tokens(p); }
+inline long long segments(const Problem& p) { return tiles(p) * p.kv_heads; }
+inline long long entry_count(const Problem& p) { return segments(p) * tile_tokens(p) * p.width; }
+
+__global__ void delta_kernel(Problem p, float* delta) {
+  const long long row = static_cast<long long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.tokens * p.query_heads) return;
+  float sum = 0.0f;
+  for (int d = lane; d < p.value_dim; d += 32)
+    sum += __bfloat162float(p.grad_out[row * p.value_dim + d]) * __bfloat162float(p.out[row * p.value_dim + d]);
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) delta[row] = sum;
+}
+
+// Entry e = ((segment * R) + token in tile) * width + j, segment = tile * Hkv + key head.
+__global__ void entry_kernel(Problem p, int tile_len, unsigned long long* entries, long long count) {
+  const long long e = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= count) return;
+  const int j = static_cast<int>(e % p.width);
+  const long long rest = e / p.width;
+  const int local = static_cast<int>(rest % tile_len);
+  const long long segment = rest / tile_len;
+  const int g = static_cast<int>(segment % p.kv_heads);
+  const long long t = (segment / p.kv_heads) * tile_len + local;
+  unsigned long long key = kInvalid;
+  if (t < p.tokens) {
+    const int group = p.groups == 1 ? 0 : g;
+    const std::int32_t s = p.selection[(t * p.groups + group) * p.width + j];
+    if (s >= 0 && s < p.keys)
+      key = (static_cast<unsigned long long>(segment) << 38) | (static_cast<unsigned long long>(s) << 6) |
+            static_cast<unsigned long long>(local);
+  }
+  entries[e] = key;
+}
+
+__global__ void flag_kernel(const unsigned long long* sorted, long long count, int* flags) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const unsigned long long key = sorted[i];
+  flags[i] = key != kInvalid && (i == 0 || (sorted[i - 1] >> 6) != (key >> 6)) ? 1 : 0;
+}
+
+__global__ void union_kernel(const unsigned long long* sorted, const int* positions, long long count,
+                             std::int32_t* union_key, unsigned long long* union_mask, long long* segment_begin,
+                             long long* segment_end) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  const unsigned long long key = sorted[i];
+  if (key == kInvalid) return;
+  const long long u = positions[i] - 1;  // this entry's union slot
+  const long long segment = static_cast<long long>(key >> 38);
+  union_key[u] = static_cast<std::int32_t>((key >> 6) & 0xffffffffULL);
+  atomicOr(union_mask + u, 1ULL << (key & 63));
+  if (i == 0 || (sorted[i - 1] >> 38) != static_cast<unsigned long long>(segment)) segment_begin[segment] = u;
+  if (i + 1 == count || sorted[i + 1] == kInvalid || (sorted[i + 1] >> 38) != static_cast<unsigned long long>(segment))
+    segment_end[segment] = u + 1;
+}
+
+template <int D, int DV>
+struct Smem {
+  static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8;
+  __nv_bfloat16 q[kRows * kLdQ];
+  __nv_bfloat16 go[kRows * kLdV];
+  __nv_bfloat16 k[kChunk * kLdQ];
+  __nv_bfloat16 v[kChunk * kLdV];
+  float s[kRows * kLdS];
+  float dp[kRows * kLdS];
+  __nv_bfloat16 p[kRows * kLdB];
+  __nv_bfloat16 ds[kRows * kLdB];
+  float stage[kThreads / 32][16 * 16];
+  unsigned long long mask[kChunk];
+  std::int32_t key[kChunk];
+  float lse[kRows];
+  float delta[kRows];
+};
+
+template <int D, int DV>
+__global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* delta, const std::int32_t* union_key,
+                                                         const unsigned long long* union_mask,
+                                                         const long long* segment_begin,
+                                                         const long long* segment_end) {
+  using namespace nvcuda;
+  using S = Smem<D, DV>;
+  extern __shared__ __align__(128) unsigned char raw[];
+  S& sm = *reinterpret_cast<S*>(raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long segment = blockIdx.x;
+  const int g = static_cast<int>(segment % p.kv_heads);
+  const int gq = p.query_heads / p.kv_heads;
+  const int tile_len = kRows / gq;
+  const long long t0 = (segment / p.kv_heads) * tile_len;
+  // row m: token t0 + m / gq, head g * gq + m % gq
+  auto row_index = [&](int m) -> long long {
+    const long long t = t0 + m / gq;
+    return t < p.tokens ? t * p.query_heads + g * gq + m % gq : -1;
+  };
+  // Q and dO rows (16-byte copies; zeros past T), lse and Delta
+  for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
+    const int m = i / (D / 8), c = (i % (D / 8)) * 8;
+    const long long r = row_index(m);
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (r >= 0) x = *reinterpret_cast<const uint4*>(p.q + r * D + c);
+    *reinterpret_cast<uint4*>(&sm.q[m * S::kLdQ + c]) = x;
+  }
+  for (int i = threadIdx.x; i < kRows * (DV / 8); i += kThreads) {
+    const int m = i / (DV / 8), c = (i % (DV / 8)) * 8;
+    const long long r = row_index(m);
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (r >= 0) x = *reinterpret_cast<const uint4*>(p.grad_out + r * DV + c);
+    *reinterpret_cast<uint4*>(&sm.go[m * S::kLdV + c]) = x;
+  }
+  for (int m = threadIdx.x; m < kRows; m += kThreads) {
+    const long long r = row_index(m);
+    sm.lse[m] = r >= 0 ? p.lse[r] : -INFINITY;
+    sm.delta[m] = r >= 0 ? delta[r] : 0.0f;
+  }
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[D / 16];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
+
+  const long long begin = segment_begin[segment], end = segment_end[segment];
+  for (long long c0 = begin; c0 < end; c0 += kChunk) {
+    const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
+    __syncthreads();  // the previous chunk's readers are done
+    for (int c = threadIdx.x; c < kChunk; c += kThreads) {
+      sm.key[c] = c < len ? union_key[c0 + c] : -1;
+      sm.mask[c] = c < len ? union_mask[c0 + c] : 0ULL;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kChunk * (D / 8); i += kThreads) {
+      const int c = i / (D / 8), d = (i % (D / 8)) * 8;
+      const int s = sm.key[c];
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.k + (static_cast<long long>(s) * p.kv_heads + g) * D + d);
+      *reinterpret_cast<uint4*>(&sm.k[c * S::kLdQ + d]) = x;
+    }
+    for (int i = threadIdx.x; i < kChunk * (DV / 8); i += kThreads) {
+      const int c = i / (DV / 8), d = (i % (DV / 8)) * 8;
+      const int s = sm.key[c];
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.v + (static_cast<long long>(s) * p.kv_heads + g) * DV + d);
+      *reinterpret_cast<uint4*>(&sm.v[c * S::kLdV + d]) = x;
+    }
+    __syncthreads();
+
+    // S and dP for this warp's 16 rows
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc[kChunk / 16], dp_acc[kChunk / 16];
+#pragma unroll
+      for (int n = 0; n < kChunk / 16; ++n) {
+        wmma::fill_fragment(s_acc[n], 0.0f);
+        wmma::fill_fragment(dp_acc[n], 0.0f);
+      }
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &sm.q[(warp * 16) * S::kLdQ + kk * 16], S::kLdQ);
+#pragma unroll
+        for (int n = 0; n < kChunk / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;  // K^T
+          wmma::load_matrix_sync(b, &sm.k[(n * 16) * S::kLdQ + kk * 16], S::kLdQ);
+          wmma::mma_sync(s_acc[n], a, b, s_acc[n]);
+        }
+      }
+#pragma unroll
+      for (int kk = 0; kk < DV / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &sm.go[(warp * 16) * S::kLdV + kk * 16], S::kLdV);
+#pragma unroll
+        for (int n = 0; n < kChunk / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;  // V^T
+          wmma::load_matrix_sync(b, &sm.v[(n * 16) * S::kLdV + kk * 16], S::kLdV);
+          wmma::mma_sync(dp_acc[n], a, b, dp_acc[n]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kChunk / 16; ++n) {
+        wmma::store_matrix_sync(&sm.s[(warp * 16) * S::kLdS + n * 16], s_acc[n], S::kLdS, wmma::mem_row_major);
+        wmma::store_matrix_sync(&sm.dp[(warp * 16) * S::kLdS + n * 16], dp_acc[n], S::kLdS, wmma::mem_row_major);
+      }
+    }
+    __syncwarp();
+    // P and scale * dS of the warp's rows (zero where the row's token did not select the key)
+    for (int i = lane; i < 16 * kChunk; i += 32) {
+      const int m = warp * 16 + i / kChunk, c = i % kChunk;
+      const bool selected = c < len && ((sm.mask[c] >> (m / gq)) & 1ULL) != 0 && sm.lse[m] != -INFINITY;
+      const float prob = selected ? __expf(sm.s[m * S::kLdS + c] * p.scale - sm.lse[m]) : 0.0f;
+      const float ds = prob * (sm.dp[m * S::kLdS + c] - sm.delta[m]) * p.scale;
+      sm.p[m * S::kLdB + c] = __float2bfloat16(prob);
+      sm.ds[m * S::kLdB + c] = __float2bfloat16(ds);
+    }
+    __syncthreads();  // every row's P and dS before the key-side products
+
+    // dQ (this warp's rows) += (scale dS) K
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+      wmma::load_matrix_sync(a, &sm.ds[(warp * 16) * S::kLdB + kk * 16], S::kLdB);
+#pragma unroll
+      for (int n = 0; n < D / 16; ++n) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // K rows kk*16.., cols n*16..
+        wmma::load_matrix_sync(b, &sm.k[(kk * 16) * S::kLdQ + n * 16], S::kLdQ);
+        wmma::mma_sync(dq[n], a, b, dq[n]);
+      }
+    }
+    // dK of this warp's 16 keys = (scale dS)^T Q and dV = P^T dO, each 16 x 16 block staged and added atomically
+    const int key0 = warp * 16;
+    if (key0 < len) {
+      float* stage = sm.stage[warp];
+      for (int n = 0; n < D / 16; ++n) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < kRows / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> a;  // dS^T: (key, row)
+          wmma::load_matrix_sync(a, &sm.ds[(kk * 16) * S::kLdB + key0], S::kLdB);
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // Q: (row, d)
+          wmma::load_matrix_sync(b, &sm.q[(kk * 16) * S::kLdQ + n * 16], S::kLdQ);
+          wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < 256; i += 32) {
+          const int c = key0 + i / 16;
+          if (c < len) atomicAdd(p.grad_k + (static_cast<long long>(sm.key[c]) * p.kv_heads + g) * D + n * 16 + i % 16,
+                                 stage[i]);
+        }
+        __syncwarp();
+      }
+      for (int n = 0; n < DV / 16; ++n) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < kRows / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> a;  // P^T: (key, row)
+          wmma::load_matrix_sync(a, &sm.p[(kk * 16) * S::kLdB + key0], S::kLdB);
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // dO: (row, d)
+          wmma::load_matrix_sync(b, &sm.go[(kk * 16) * S::kLdV + n * 16], S::kLdV);
+          wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
+        __syncwarp();
+        for (int i = lane; i < 256; i += 32) {
+          const int c = key0 + i / 16;
+          if (c < len)
+            atomicAdd(p.grad_v + (static_cast<long long>(sm.key[c]) * p.kv_heads + g) * DV + n * 16 + i % 16,
+                      stage[i]);
+        }
+        __syncwarp();
+      }
+    }
+  }
+  // dQ rows of this warp (each row belongs to this tile alone)
+  float* stage = sm.stage[warp];
+  for (int n = 0; n < D / 16; ++n) {
+    wmma::store_matrix_sync(stage, dq[n], 16, wmma::mem_row_major);
+    __syncwarp();
+    for (int i = lane; i < 256; i += 32) {
+      const long long r = row_index(warp * 16 + i / 16);
+      if (r >= 0) p.grad_q[r * D + n * 16 + i % 16] = stage[i];
+    }
+    __syncwarp();
+  }
+}
+
+inline std::size_t aligned(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+/// Device bytes of the scratch for `p` (a caller allocates them once and passes them to run()).
+inline std::size_t scratch_bytes(const Problem& p) {
+  const long long n = entry_count(p);
+  std::size_t sort_bytes = 0, scan_bytes = 0;
+  cub::DeviceRadixSort::SortKeys(nullptr, sort_bytes, static_cast<const unsigned long long*>(nullptr),
+                                 static_cast<unsigned long long*>(nullptr), n);
+  cub::DeviceScan::InclusiveSum(nullptr, scan_bytes, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
+                                static_cast<int>(n));
+  return aligned(p.tokens * p.query_heads * 4) + 2 * aligned(n * 8) + 2 * aligned(n * 4) + aligned(n * 4) +
+         aligned(n * 8) + 2 * aligned(segments(p) * 8) + aligned(sort_bytes) + aligned(scan_bytes);
+}
+
+inline Scratch carve(const Problem& p, void* base) {
+  const long long n = entry_count(p);
+  char* at = static_cast<char*>(base);
+  auto take = [&](std::size_t bytes) {
+    char* here = at;
+    at += aligned(bytes);
+    return here;
+  };
+  Scratch s{};
+  s.delta = reinterpret_cast<float*>(take(p.tokens * p.query_heads * 4));
+  s.entries = reinterpret_cast<unsigned long long*>(take(n * 8));
+  s.sorted = reinterpret_cast<unsigned long long*>(take(n * 8));
+  s.flags = reinterpret_cast<int*>(take(n * 4));
+  s.positions = reinterpret_cast<int*>(take(n * 4));
+  s.union_key = reinterpret_cast<std::int32_t*>(take(n * 4));
+  s.union_mask = reinterpret_cast<unsigned long long*>(take(n * 8));
+  s.segment_begin = reinterpret_cast<long long*>(take(segments(p) * 8));
+  s.segment_end = reinterpret_cast<long long*>(take(segments(p) * 8));
+  cub::DeviceRadixSort::SortKeys(nullptr, s.sort_temp_bytes, s.entries, s.sorted, n);
+  s.sort_temp = take(s.sort_temp_bytes);
+  cub::DeviceScan::InclusiveSum(nullptr, s.scan_temp_bytes, s.flags, s.positions, static_cast<int>(n));
+  s.scan_temp = take(s.scan_temp_bytes);
+  return s;
+}
+
+template <int D, int DV>
+cudaError_t run_typed(const Problem& p, const Scratch& s, cudaStream_t stream) {
+  const long long n = entry_count(p);
+  const int tile_len = tile_tokens(p);
+  cudaMemsetAsync(p.grad_k, 0, p.keys * p.kv_heads * D * 4, stream);
+  cudaMemsetAsync(p.grad_v, 0, p.keys * p.kv_heads * DV * 4, stream);
+  cudaMemsetAsync(s.union_mask, 0, n * 8, stream);
+  cudaMemsetAsync(s.segment_begin, 0, segments(p) * 8, stream);
+  cudaMemsetAsync(s.segment_end, 0, segments(p) * 8, stream);
+  delta_kernel<<<static_cast<unsigned>((p.tokens * p.query_heads + 3) / 4), 128, 0, stream>>>(p, s.delta);
+  const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
+  entry_kernel<<<blocks, 256, 0, stream>>>(p, tile_len, s.entries, n);
+  std::size_t sort_bytes = s.sort_temp_bytes, scan_bytes = s.scan_temp_bytes;
+  cub::DeviceRadixSort::SortKeys(s.sort_temp, sort_bytes, s.entries, s.sorted, n, 0, 64, stream);
+  flag_kernel<<<blocks, 256, 0, stream>>>(s.sorted, n, s.flags);
+  cub::DeviceScan::InclusiveSum(s.scan_temp, scan_bytes, s.flags, s.positions, static_cast<int>(n), stream);
+  union_kernel<<<blocks, 256, 0, stream>>>(s.sorted, s.positions, n, s.union_key, s.union_mask, s.segment_begin,
+                                           s.segment_end);
+  const int smem = static_cast<int>(sizeof(Smem<D, DV>));
+  cudaFuncSetAttribute(tile_kernel<D, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  tile_kernel<D, DV><<<static_cast<unsigned>(segments(p)), kThreads, smem, stream>>>(
+      p, s.delta, s.union_key, s.union_mask, s.segment_begin, s.segment_end);
+  return cudaGetLastError();
+}
+
+/// Whether the prototype takes this shape.
+inline bool supports(const Problem& p) {
+  const int gq = p.kv_heads > 0 ? p.query_heads / p.kv_heads : 0;
+  return gq > 0 && p.query_heads % p.kv_heads == 0 && kRows % gq == 0 && (p.head_dim == 64 || p.head_dim == 128) &&
+         (p.value_dim == 64 || p.value_dim == 128) && (p.groups == 1 || p.groups == p.kv_heads) &&
+         entry_count(p) < (1LL << 31);
+}
+
+inline cudaError_t run(const Problem& p, const Scratch& s, cudaStream_t stream) {
+  if (p.head_dim == 128 && p.value_dim == 128) return run_typed<128, 128>(p, s, stream);
+  if (p.head_dim == 64 && p.value_dim == 64) return run_typed<64, 64>(p, s, stream);
+  if (p.head_dim == 128 && p.value_dim == 64) return run_typed<128, 64>(p, s, stream);
+  return run_typed<64, 128>(p, s, stream);
+}
+
+}  // namespace tiled_backward

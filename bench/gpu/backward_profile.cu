@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cuda_sparse_attention_backward_launch.h"
+#include "cuda_sparse_attention_launch.h"
 #include "tiled_backward.cuh"
 
 namespace {
@@ -92,6 +93,7 @@ X* to_device(const std::vector<X>& host) {
 struct CheckResult {
   double library;  // worst error over the bound 2e-4 (1 + max |ref|)
   double tiled;    // the prototype's worst error over 1e-2 max |ref| + 1e-5 (bf16 P and dS); < 0: not supported
+  double forward;  // the prototype forward's: out over 1e-2 max |ref| + 1e-3, lse over 1e-4 (1 + |lse|)
 };
 
 /// One small case: bf16 inputs, O and lse from a double forward (O rounded to bf16 as a forward would store it),
@@ -122,6 +124,7 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
   const double scale = 1.0 / std::sqrt(static_cast<double>(dim));
   auto group_of = [&](int h) { return groups == hq ? h : (groups == hkv ? h / gsize : 0); };
   std::vector<float> out(tokens * hq * vdim, 0.0f), lse(tokens * hq);
+  std::vector<double> out_ref(out.size(), 0.0), lse_ref(lse.size(), 0.0);
   std::vector<double> dq(q.size(), 0.0), dk(k.size(), 0.0), dv(v.size(), 0.0);
   for (long long t = 0; t < tokens; ++t) {
     for (int h = 0; h < hq; ++h) {
@@ -142,13 +145,17 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
         if (row[j] >= 0) sum += std::exp(logit[j] - mx);
       const double l = sum > 0 ? mx + std::log(sum) : -INFINITY;
       lse[t * hq + h] = static_cast<float>(l);
+      lse_ref[t * hq + h] = l;
       std::vector<double> o(vdim, 0.0);
       for (int j = 0; j < width; ++j) {
         if (row[j] < 0) continue;
         const double pj = std::exp(logit[j] - l);
         for (int d = 0; d < vdim; ++d) o[d] += pj * v[(row[j] * hkv + kv) * vdim + d];
       }
-      for (int d = 0; d < vdim; ++d) out[(t * hq + h) * vdim + d] = bf16_round(static_cast<float>(o[d]));
+      for (int d = 0; d < vdim; ++d) {
+        out[(t * hq + h) * vdim + d] = bf16_round(static_cast<float>(o[d]));
+        out_ref[(t * hq + h) * vdim + d] = o[d];
+      }
       // backward from the stored (rounded) O and float lse
       const float* go = &dout[(t * hq + h) * vdim];
       double delta = 0;
@@ -222,7 +229,7 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
                   amax);
     worst = std::max(worst, mine);
   };
-  CheckResult result{0.0, -1.0};
+  CheckResult result{0.0, -1.0, -1.0};
   const int dims = dim;
   compare(dq, dq_dev, 2e-4, 2e-4, result.library, "library dq");
   compare(dk, dk_dev, 2e-4, 2e-4, result.library, "library dk");
@@ -242,6 +249,36 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
     compare(dq, dq_dev, 1e-2, 1e-5, result.tiled, "tiled dq");
     compare(dk, dk_dev, 1e-2, 1e-5, result.tiled, "tiled dk");
     compare(dv, dv_dev, 1e-2, 1e-5, result.tiled, "tiled dv");
+    // the forward over the unions the backward built
+    __nv_bfloat16* out_dev = nullptr;
+    float* lse_dev = nullptr;
+    check(cudaMalloc(&out_dev, out.size() * 2), "cudaMalloc");
+    check(cudaMalloc(&lse_dev, lse.size() * 4), "cudaMalloc");
+    check(cudaMemset(out_dev, 0xff, out.size() * 2), "cudaMemset");
+    check(tiled_backward::forward(tp, tiled_backward::carve(tp, scratch), out_dev, lse_dev, nullptr), "tiled forward");
+    check(cudaDeviceSynchronize(), "tiled forward");
+    std::vector<__nv_bfloat16> out_got(out.size());
+    std::vector<float> lse_got(lse.size());
+    check(cudaMemcpy(out_got.data(), out_dev, out.size() * 2, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    check(cudaMemcpy(lse_got.data(), lse_dev, lse.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    double amax = 0;
+    for (double r : out_ref) amax = std::max(amax, std::fabs(r));
+    result.forward = 0.0;
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const double got = __bfloat162float(out_got[i]);
+      const double err = std::isnan(got) ? INFINITY : std::fabs(got - out_ref[i]) / (1e-2 * amax + 1e-3);
+      if (err > 1.0 && result.forward <= 1.0)
+        std::printf("  tiled out: element %zu: got %.6g, reference %.6g\n", i, got, out_ref[i]);
+      result.forward = std::max(result.forward, err);
+    }
+    for (std::size_t i = 0; i < lse.size(); ++i) {
+      const double ref = lse_ref[i], got = lse_got[i];
+      const double err = std::isinf(ref) ? (got == ref ? 0.0 : INFINITY) : std::fabs(got - ref) / (1e-4 * (1 + std::fabs(ref)));
+      if (err > 1.0 && result.forward <= 1.0) std::printf("  tiled lse: row %zu: got %.8g, reference %.8g\n", i, got, ref);
+      result.forward = std::max(result.forward, err);
+    }
+    check(cudaFree(out_dev), "cudaFree");
+    check(cudaFree(lse_dev), "cudaFree");
     check(cudaFree(scratch), "cudaFree");
   }
   return result;
@@ -267,12 +304,13 @@ int run_checks() {
     for (const auto& sh : shapes) {
       const CheckResult r = check_case(c.granularity, sh.tokens, sh.hq, sh.hkv, sh.dim, sh.vdim, sh.width,
                                        7u + static_cast<unsigned>(sh.hq * 31 + sh.dim));
-      const bool ok = r.library <= 1.0 && r.tiled <= 1.0;
+      const bool ok = r.library <= 1.0 && r.tiled <= 1.0 && r.forward <= 1.0;
       failures += ok ? 0 : 1;
       std::printf("check %-11s T=N=%-3lld Hq=%-2d Hkv=%d D=%-3d Dv=%-3d k=%-2d: worst error / bound: library %.3g, "
-                  "tiled %s%.3g %s\n",
+                  "tiled backward %s%.3g, tiled forward %s%.3g %s\n",
                   c.name, sh.tokens, sh.hq, sh.hkv, sh.dim, sh.vdim, sh.width, r.library, r.tiled < 0 ? "n/a " : "",
-                  r.tiled < 0 ? 0.0 : r.tiled, ok ? "ok" : "FAILED");
+                  r.tiled < 0 ? 0.0 : r.tiled, r.forward < 0 ? "n/a " : "", r.forward < 0 ? 0.0 : r.forward,
+                  ok ? "ok" : "FAILED");
     }
   }
   return failures == 0 ? 0 : 1;
@@ -359,15 +397,57 @@ int main(int argc, char** argv) {
   });
   std::printf("backward T=%lld Hq=%d Hkv=%d D=Dv=%d k=%d shared=%.2f: library median %.2f ms of %d (%.3g selection "
               "entries)\n", tokens, hq, hkv, dim, width, shared, library, repeats, entries);
+  // the library's forward: the decode kernel, one query row per token over one block holding every key
+  std::int32_t* block_table = nullptr;
+  check(cudaMalloc(&block_table, tokens * 4), "cudaMalloc");
+  check(cudaMemset(block_table, 0, tokens * 4), "cudaMemset");
+  float* lse_fwd = nullptr;
+  check(cudaMalloc(&lse_fwd, tokens * hq * 4), "cudaMalloc");
+  keysel::cuda_kernels::SparseDecodeLaunch fwd{};
+  fwd.q = q;
+  fwd.k = k;
+  fwd.v = v;
+  fwd.block_table = block_table;
+  fwd.selection = sel;
+  fwd.out = o;  // overwrites O with the forward's output (the backward timings above are done)
+  fwd.lse = lse_fwd;
+  fwd.batch = static_cast<int>(tokens);
+  fwd.query_heads = hq;
+  fwd.kv_heads = hkv;
+  fwd.head_dim = dim;
+  fwd.groups = hkv;
+  fwd.width = width;
+  fwd.block_size = static_cast<int>(tokens);
+  fwd.max_blocks = 1;
+  fwd.num_blocks = 1;
+  fwd.granularity = keysel::Granularity::per_kv_head;
+  fwd.out_bf16 = true;
+  fwd.scale = launch.scale;
+  check(cudaDeviceGetAttribute(&fwd.multiprocessors, cudaDevAttrMultiProcessorCount, 0), "cudaDeviceGetAttribute");
+  fwd.device = 0;
+  const double library_fwd =
+      median_ms([&] { keysel::cuda_kernels::launch_sparse_attention_decode("backward_profile", fwd, nullptr); });
+  std::printf("  library forward (decode kernel per token) median %.2f ms; forward + backward %.2f ms\n", library_fwd,
+              library_fwd + library);
   tiled_backward::Problem tp{q, k, v, o, dout, lse, sel, dq, dk, dv, tokens, tokens, hq, hkv, dim, dim, hkv, width,
                              launch.scale};
   if (tiled_backward::supports(tp) && std::getenv("KEYSEL_PROFILE_NO_TILED") == nullptr) {
     void* scratch = nullptr;
     check(cudaMalloc(&scratch, tiled_backward::scratch_bytes(tp)), "cudaMalloc (tiled scratch)");
     const tiled_backward::Scratch parts = tiled_backward::carve(tp, scratch);
-    const double tiled = median_ms([&] { check(tiled_backward::run(tp, parts, nullptr), "tiled backward"); });
-    std::printf("backward T=%lld Hq=%d Hkv=%d D=Dv=%d k=%d shared=%.2f: tiled prototype median %.2f ms of %d\n", tokens,
-                hq, hkv, dim, width, shared, tiled, repeats);
+    const double unions = median_ms([&] { check(tiled_backward::build_union(tp, parts, nullptr), "tiled unions"); });
+    long long union_entries = 0;
+    {
+      std::vector<long long> ends(static_cast<std::size_t>(tiled_backward::segments(tp)));
+      check(cudaMemcpy(ends.data(), parts.segment_end, ends.size() * 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
+      for (long long e : ends) union_entries = std::max(union_entries, e);
+    }
+    const double forward = median_ms([&] { check(tiled_backward::forward(tp, parts, o, lse_fwd, nullptr), "tiled fwd"); });
+    const double backward = median_ms([&] { check(tiled_backward::backward(tp, parts, nullptr), "tiled backward"); });
+    std::printf("  tiled prototype: unions %.2f ms (union keys / (T Hkv k / R) = %.2f), forward %.2f ms, backward "
+                "%.2f ms; forward + backward with the unions %.2f ms\n",
+                unions, static_cast<double>(union_entries) / (entries / tiled_backward::tile_tokens(tp)), forward,
+                backward, unions + forward + backward);
     check(cudaFree(scratch), "cudaFree");
   }
   return 0;

@@ -22,7 +22,8 @@ start=$SECONDS
 for f in core/src/error.cpp core/src/device.cpp; do
   g++ -std=c++20 -O2 "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
 done
-for f in bench/gpu/backward_profile.cu attention/src/cuda_sparse_attention_backward.cu attention/src/cuda_glue.cu; do
+for f in bench/gpu/backward_profile.cu attention/src/cuda_sparse_attention_backward.cu attention/src/cuda_sparse_attention.cu \
+         attention/src/cuda_glue.cu; do
   nvcc -std=c++20 -O3 -lineinfo -arch=sm_$ARCH "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
 done
 wait
@@ -42,10 +43,10 @@ for s in $SHAPES; do
 done
 IFS=: read -r T K SH <<<"${NCU_SHAPE:-8192:2048:0.75}"
 if command -v ncu >/dev/null; then
-  for kern in backward_query_kernel backward_key_kernel tile_kernel; do
+  for kern in backward_query_kernel backward_key_kernel ^tile_kernel forward_tile_kernel; do
     timeout 150 ncu --kernel-name regex:"$kern" --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats "$B/backward_profile" "$T" 32 8 128 "$K" 0 \
-      "${SH:-0}" >"$OUT/ncu_$kern.txt" 2>&1
+      "${SH:-0}" >"$OUT/ncu_${kern#^}.txt" 2>&1
   done
 fi
 cat "$OUT/backward_profile.txt"

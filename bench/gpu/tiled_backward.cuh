@@ -12,6 +12,8 @@
 // are summed with atomics, so the result is not bitwise reproducible: the library's kernel stays the
 // deterministic one.
 //
+// forward_tile_kernel is the matching forward over the same unions (online softmax over the chunks).
+//
 // Union per (tile, key head): every valid entry becomes a 64-bit key (segment, key, token in tile), a radix sort
 // groups them, a scan numbers the distinct (segment, key) pairs, and each pair gets the set of the tile's tokens
 // that selected it as a 64-bit mask. Supports per_kv_head and per_token selections, bf16, D and Dv in {64, 128},
@@ -366,28 +368,203 @@ inline Scratch carve(const Problem& p, void* base) {
   return s;
 }
 
-template <int D, int DV>
-cudaError_t run_typed(const Problem& p, const Scratch& s, cudaStream_t stream) {
+/// The unions of every (tile, key head): entries, sort, distinct (segment, key) pairs and their token masks.
+inline cudaError_t build_union(const Problem& p, const Scratch& s, cudaStream_t stream) {
   const long long n = entry_count(p);
-  const int tile_len = tile_tokens(p);
-  cudaMemsetAsync(p.grad_k, 0, p.keys * p.kv_heads * D * 4, stream);
-  cudaMemsetAsync(p.grad_v, 0, p.keys * p.kv_heads * DV * 4, stream);
   cudaMemsetAsync(s.union_mask, 0, n * 8, stream);
   cudaMemsetAsync(s.segment_begin, 0, segments(p) * 8, stream);
   cudaMemsetAsync(s.segment_end, 0, segments(p) * 8, stream);
-  delta_kernel<<<static_cast<unsigned>((p.tokens * p.query_heads + 3) / 4), 128, 0, stream>>>(p, s.delta);
   const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
-  entry_kernel<<<blocks, 256, 0, stream>>>(p, tile_len, s.entries, n);
+  entry_kernel<<<blocks, 256, 0, stream>>>(p, tile_tokens(p), s.entries, n);
   std::size_t sort_bytes = s.sort_temp_bytes, scan_bytes = s.scan_temp_bytes;
   cub::DeviceRadixSort::SortKeys(s.sort_temp, sort_bytes, s.entries, s.sorted, n, 0, 64, stream);
   flag_kernel<<<blocks, 256, 0, stream>>>(s.sorted, n, s.flags);
   cub::DeviceScan::InclusiveSum(s.scan_temp, scan_bytes, s.flags, s.positions, static_cast<int>(n), stream);
   union_kernel<<<blocks, 256, 0, stream>>>(s.sorted, s.positions, n, s.union_key, s.union_mask, s.segment_begin,
                                            s.segment_end);
+  return cudaGetLastError();
+}
+
+template <int D, int DV>
+cudaError_t backward_typed(const Problem& p, const Scratch& s, cudaStream_t stream) {
+  cudaMemsetAsync(p.grad_k, 0, p.keys * p.kv_heads * D * 4, stream);
+  cudaMemsetAsync(p.grad_v, 0, p.keys * p.kv_heads * DV * 4, stream);
+  delta_kernel<<<static_cast<unsigned>((p.tokens * p.query_heads + 3) / 4), 128, 0, stream>>>(p, s.delta);
   const int smem = static_cast<int>(sizeof(Smem<D, DV>));
   cudaFuncSetAttribute(tile_kernel<D, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   tile_kernel<D, DV><<<static_cast<unsigned>(segments(p)), kThreads, smem, stream>>>(
       p, s.delta, s.union_key, s.union_mask, s.segment_begin, s.segment_end);
+  return cudaGetLastError();
+}
+
+template <int D, int DV>
+struct ForwardSmem {
+  static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8, kLdO = DV + 4;
+  __nv_bfloat16 q[kRows * kLdQ];
+  __nv_bfloat16 k[kChunk * kLdQ];
+  __nv_bfloat16 v[kChunk * kLdV];
+  float s[kRows * kLdS];
+  float o[kRows * kLdO];
+  __nv_bfloat16 p[kRows * kLdB];
+  unsigned long long mask[kChunk];
+  std::int32_t key[kChunk];
+  float m[kRows];
+  float l[kRows];
+  float factor[kRows];
+};
+
+/// The forward over the same unions: out = softmax(scale q K^T) V over each row's selected keys (online softmax
+/// over the chunks, P rounded to bf16 before P V), lse = log sum exp (-inf and out = 0 for a row without keys).
+template <int D, int DV>
+__global__ void __launch_bounds__(kThreads) forward_tile_kernel(Problem p, __nv_bfloat16* out, float* lse_out,
+                                                                 const std::int32_t* union_key,
+                                                                 const unsigned long long* union_mask,
+                                                                 const long long* segment_begin,
+                                                                 const long long* segment_end) {
+  using namespace nvcuda;
+  using S = ForwardSmem<D, DV>;
+  extern __shared__ __align__(128) unsigned char raw[];
+  S& sm = *reinterpret_cast<S*>(raw);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long long segment = blockIdx.x;
+  const int g = static_cast<int>(segment % p.kv_heads);
+  const int gq = p.query_heads / p.kv_heads;
+  const int tile_len = kRows / gq;
+  const long long t0 = (segment / p.kv_heads) * tile_len;
+  auto row_index = [&](int m) -> long long {
+    const long long t = t0 + m / gq;
+    return t < p.tokens ? t * p.query_heads + g * gq + m % gq : -1;
+  };
+  for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
+    const int m = i / (D / 8), c = (i % (D / 8)) * 8;
+    const long long r = row_index(m);
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (r >= 0) x = *reinterpret_cast<const uint4*>(p.q + r * D + c);
+    *reinterpret_cast<uint4*>(&sm.q[m * S::kLdQ + c]) = x;
+  }
+  for (int i = threadIdx.x; i < kRows * S::kLdO; i += kThreads) sm.o[i] = 0.0f;
+  for (int m = threadIdx.x; m < kRows; m += kThreads) {
+    sm.m[m] = -INFINITY;
+    sm.l[m] = 0.0f;
+  }
+  const long long begin = segment_begin[segment], end = segment_end[segment];
+  for (long long c0 = begin; c0 < end; c0 += kChunk) {
+    const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
+    __syncthreads();
+    for (int c = threadIdx.x; c < kChunk; c += kThreads) {
+      sm.key[c] = c < len ? union_key[c0 + c] : -1;
+      sm.mask[c] = c < len ? union_mask[c0 + c] : 0ULL;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < kChunk * (D / 8); i += kThreads) {
+      const int c = i / (D / 8), d = (i % (D / 8)) * 8;
+      const int s = sm.key[c];
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.k + (static_cast<long long>(s) * p.kv_heads + g) * D + d);
+      *reinterpret_cast<uint4*>(&sm.k[c * S::kLdQ + d]) = x;
+    }
+    for (int i = threadIdx.x; i < kChunk * (DV / 8); i += kThreads) {
+      const int c = i / (DV / 8), d = (i % (DV / 8)) * 8;
+      const int s = sm.key[c];
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.v + (static_cast<long long>(s) * p.kv_heads + g) * DV + d);
+      *reinterpret_cast<uint4*>(&sm.v[c * S::kLdV + d]) = x;
+    }
+    __syncthreads();
+    {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc[kChunk / 16];
+#pragma unroll
+      for (int n = 0; n < kChunk / 16; ++n) wmma::fill_fragment(s_acc[n], 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &sm.q[(warp * 16) * S::kLdQ + kk * 16], S::kLdQ);
+#pragma unroll
+        for (int n = 0; n < kChunk / 16; ++n) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
+          wmma::load_matrix_sync(b, &sm.k[(n * 16) * S::kLdQ + kk * 16], S::kLdQ);
+          wmma::mma_sync(s_acc[n], a, b, s_acc[n]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < kChunk / 16; ++n)
+        wmma::store_matrix_sync(&sm.s[(warp * 16) * S::kLdS + n * 16], s_acc[n], S::kLdS, wmma::mem_row_major);
+    }
+    __syncwarp();
+    // online softmax of the warp's 16 rows: lanes hold columns lane and lane + 32
+    for (int rr = 0; rr < 16; ++rr) {
+      const int m = warp * 16 + rr;
+      const unsigned token_bit = static_cast<unsigned>(m / gq);
+      float x[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int c = lane + 32 * h;
+        const bool selected = c < len && ((sm.mask[c] >> token_bit) & 1ULL) != 0;
+        x[h] = selected ? sm.s[m * S::kLdS + c] * p.scale : -INFINITY;
+      }
+      float mx = fmaxf(x[0], x[1]);
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_old = sm.m[m];
+      const float m_new = fmaxf(m_old, mx);
+      float pr[2] = {0.0f, 0.0f};
+      float factor = 1.0f;
+      if (m_new != -INFINITY) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) pr[h] = x[h] == -INFINITY ? 0.0f : __expf(x[h] - m_new);
+        factor = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
+      }
+      float sum = pr[0] + pr[1];
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      sm.p[m * S::kLdB + lane] = __float2bfloat16(pr[0]);
+      sm.p[m * S::kLdB + lane + 32] = __float2bfloat16(pr[1]);
+      __syncwarp();
+      if (lane == 0) {
+        sm.l[m] = sm.l[m] * factor + sum;
+        sm.m[m] = m_new;
+        sm.factor[m] = factor;
+      }
+    }
+    __syncwarp();
+    for (int i = lane; i < 16 * DV; i += 32) {
+      const int m = warp * 16 + i / DV;
+      sm.o[m * S::kLdO + i % DV] *= sm.factor[m];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int n = 0; n < DV / 16; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::load_matrix_sync(acc, &sm.o[(warp * 16) * S::kLdO + n * 16], S::kLdO, wmma::mem_row_major);
+#pragma unroll
+      for (int kk = 0; kk < kChunk / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &sm.p[(warp * 16) * S::kLdB + kk * 16], S::kLdB);
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // V: (key, channel)
+        wmma::load_matrix_sync(b, &sm.v[(kk * 16) * S::kLdV + n * 16], S::kLdV);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(&sm.o[(warp * 16) * S::kLdO + n * 16], acc, S::kLdO, wmma::mem_row_major);
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRows * DV; i += kThreads) {
+    const int m = i / DV, c = i % DV;
+    const long long r = row_index(m);
+    if (r < 0) continue;
+    const float l = sm.l[m];
+    out[r * DV + c] = __float2bfloat16(l > 0.0f ? sm.o[m * S::kLdO + c] / l : 0.0f);
+  }
+  for (int m = threadIdx.x; m < kRows; m += kThreads) {
+    const long long r = row_index(m);
+    if (r >= 0) lse_out[r] = sm.l[m] > 0.0f ? sm.m[m] + __logf(sm.l[m]) : -INFINITY;
+  }
+}
+
+template <int D, int DV>
+cudaError_t forward_typed(const Problem& p, const Scratch& s, __nv_bfloat16* out, float* lse, cudaStream_t stream) {
+  const int smem = static_cast<int>(sizeof(ForwardSmem<D, DV>));
+  cudaFuncSetAttribute(forward_tile_kernel<D, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  forward_tile_kernel<D, DV><<<static_cast<unsigned>(segments(p)), kThreads, smem, stream>>>(
+      p, out, lse, s.union_key, s.union_mask, s.segment_begin, s.segment_end);
   return cudaGetLastError();
 }
 
@@ -399,11 +576,26 @@ inline bool supports(const Problem& p) {
          entry_count(p) < (1LL << 31);
 }
 
+/// The backward over unions already built (build_union): dQ, dK, dV of p.
+inline cudaError_t backward(const Problem& p, const Scratch& s, cudaStream_t stream) {
+  if (p.head_dim == 128 && p.value_dim == 128) return backward_typed<128, 128>(p, s, stream);
+  if (p.head_dim == 64 && p.value_dim == 64) return backward_typed<64, 64>(p, s, stream);
+  if (p.head_dim == 128 && p.value_dim == 64) return backward_typed<128, 64>(p, s, stream);
+  return backward_typed<64, 128>(p, s, stream);
+}
+
+/// The forward over unions already built: out (bf16 [T, Hq, Dv]) and lse ([T, Hq]) of p's q, k, v, selection.
+inline cudaError_t forward(const Problem& p, const Scratch& s, __nv_bfloat16* out, float* lse, cudaStream_t stream) {
+  if (p.head_dim == 128 && p.value_dim == 128) return forward_typed<128, 128>(p, s, out, lse, stream);
+  if (p.head_dim == 64 && p.value_dim == 64) return forward_typed<64, 64>(p, s, out, lse, stream);
+  if (p.head_dim == 128 && p.value_dim == 64) return forward_typed<128, 64>(p, s, out, lse, stream);
+  return forward_typed<64, 128>(p, s, out, lse, stream);
+}
+
+/// Unions, then the backward.
 inline cudaError_t run(const Problem& p, const Scratch& s, cudaStream_t stream) {
-  if (p.head_dim == 128 && p.value_dim == 128) return run_typed<128, 128>(p, s, stream);
-  if (p.head_dim == 64 && p.value_dim == 64) return run_typed<64, 64>(p, s, stream);
-  if (p.head_dim == 128 && p.value_dim == 64) return run_typed<128, 64>(p, s, stream);
-  return run_typed<64, 128>(p, s, stream);
+  const cudaError_t e = build_union(p, s, stream);
+  return e != cudaSuccess ? e : backward(p, s, stream);
 }
 
 }  // namespace tiled_backward

@@ -6,7 +6,8 @@
 #                                             per_kv_head; SHARED: the share of a row's keys common to its 16-token
 #                                             block, 0 = scattered), NCU_SHAPE="T:K:SHARED" (default 8192:2048:0.75)
 # backward_profile.txt: `backward_profile check` (the library's kernels and the tiled prototype of
-# tiled_backward.cuh against a double transcription of SPEC §9), then the median times of both per shape;
+# tiled_backward.cuh against a double transcription of SPEC §9), then the median times of both per shape and
+# PyTorch's flash attention forward + backward at the same token counts (bench/gpu/flash_peer.py);
 # nsys_<T>_<K>.txt: time per kernel where Nsight Systems is installed; ncu_<kernel>.txt: Nsight Compute's
 # SpeedOfLight, memory, occupancy and warp-state sections of each kernel at NCU_SHAPE.
 set -uo pipefail
@@ -41,6 +42,10 @@ for s in $SHAPES; do
       nsys stats -q --report cuda_gpu_kern_sum --format csv "$B/nsys_${T}_${K}.nsys-rep" >"$OUT/nsys_${T}_${K}.txt" 2>&1
   fi
 done
+# the dense peer a user would pick, at the same token counts, in the same call
+TOKENS=$(for s in $SHAPES; do echo "${s%%:*}"; done | sort -un | tr '\n' ' ')
+python3 bench/gpu/flash_peer.py --tokens $TOKENS >>"$OUT/backward_profile.txt" 2>&1 ||
+  echo "flash peer: not run (python3 with torch and a GPU needed)" >>"$OUT/backward_profile.txt"
 IFS=: read -r T K SH <<<"${NCU_SHAPE:-8192:2048:0.75}"
 if command -v ncu >/dev/null; then
   for kern in backward_query_kernel backward_key_kernel ^tile_kernel forward_tile_kernel; do

@@ -20,27 +20,13 @@ import argparse
 import json
 import math
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 import keysel
 import keysel.torch as kt
-
-
-def cuda_ms(fn, repeat):
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+from flash_peer import cuda_ms  # the same timing as the flash peer of backward_profile.sh (same folder)
 
 
 def random_causal_selection(t, groups, k, generator, chunk=512):

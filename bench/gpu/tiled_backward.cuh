@@ -121,6 +121,52 @@ __global__ void union_kernel(const unsigned long long* sorted, const int* positi
     segment_end[segment] = u + 1;
 }
 
+/// Which query row of [T, Hq] tile row m is (token t0 + m / gq, head g gq + m % gq), or -1 past the last token.
+struct TileRows {
+  long long t0, tokens;
+  int g, gq, query_heads;
+  __device__ long long operator()(int m) const {
+    const long long t = t0 + m / gq;
+    return t < tokens ? t * query_heads + static_cast<long long>(g) * gq + m % gq : -1;
+  }
+};
+
+__device__ inline TileRows tile_rows(const Problem& p, long long segment) {
+  const int gq = p.query_heads / p.kv_heads;
+  return TileRows{(segment / p.kv_heads) * (kRows / gq), p.tokens, static_cast<int>(segment % p.kv_heads), gq,
+                  p.query_heads};
+}
+
+/// rows x W bf16 rows into shared memory (leading dimension ld), 16 bytes per copy, zeros where index(m) < 0.
+template <int W, typename Index>
+__device__ void load_rows(__nv_bfloat16* dst, int ld, int rows, const __nv_bfloat16* src, Index index) {
+  for (int i = threadIdx.x; i < rows * (W / 8); i += blockDim.x) {
+    const int m = i / (W / 8), c = (i % (W / 8)) * 8;
+    const long long r = index(m);
+    uint4 x = make_uint4(0, 0, 0, 0);
+    if (r >= 0) x = *reinterpret_cast<const uint4*>(src + r * W + c);
+    *reinterpret_cast<uint4*>(&dst[m * ld + c]) = x;
+  }
+}
+
+/// One chunk of a tile's union: its keys and token masks (-1 and 0 past len), then their K and V rows of key head
+/// g. Ends with a barrier; starts with one, so the previous chunk's readers are done.
+template <int D, int DV>
+__device__ void load_chunk(const Problem& p, int g, const std::int32_t* union_key,
+                           const unsigned long long* union_mask, long long c0, int len, std::int32_t* key,
+                           unsigned long long* mask, __nv_bfloat16* k, int ldk, __nv_bfloat16* v, int ldv) {
+  __syncthreads();
+  for (int c = threadIdx.x; c < kChunk; c += blockDim.x) {
+    key[c] = c < len ? union_key[c0 + c] : -1;
+    mask[c] = c < len ? union_mask[c0 + c] : 0ULL;
+  }
+  __syncthreads();
+  const int kv_heads = p.kv_heads;
+  load_rows<D>(k, ldk, kChunk, p.k, [&](int c) { return key[c] < 0 ? -1LL : static_cast<long long>(key[c]) * kv_heads + g; });
+  load_rows<DV>(v, ldv, kChunk, p.v, [&](int c) { return key[c] < 0 ? -1LL : static_cast<long long>(key[c]) * kv_heads + g; });
+  __syncthreads();
+}
+
 template <int D, int DV>
 struct Smem {
   static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8;
@@ -150,30 +196,10 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* 
   S& sm = *reinterpret_cast<S*>(raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long segment = blockIdx.x;
-  const int g = static_cast<int>(segment % p.kv_heads);
-  const int gq = p.query_heads / p.kv_heads;
-  const int tile_len = kRows / gq;
-  const long long t0 = (segment / p.kv_heads) * tile_len;
-  // row m: token t0 + m / gq, head g * gq + m % gq
-  auto row_index = [&](int m) -> long long {
-    const long long t = t0 + m / gq;
-    return t < p.tokens ? t * p.query_heads + g * gq + m % gq : -1;
-  };
-  // Q and dO rows (16-byte copies; zeros past T), lse and Delta
-  for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
-    const int m = i / (D / 8), c = (i % (D / 8)) * 8;
-    const long long r = row_index(m);
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (r >= 0) x = *reinterpret_cast<const uint4*>(p.q + r * D + c);
-    *reinterpret_cast<uint4*>(&sm.q[m * S::kLdQ + c]) = x;
-  }
-  for (int i = threadIdx.x; i < kRows * (DV / 8); i += kThreads) {
-    const int m = i / (DV / 8), c = (i % (DV / 8)) * 8;
-    const long long r = row_index(m);
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (r >= 0) x = *reinterpret_cast<const uint4*>(p.grad_out + r * DV + c);
-    *reinterpret_cast<uint4*>(&sm.go[m * S::kLdV + c]) = x;
-  }
+  const TileRows row_index = tile_rows(p, segment);
+  const int g = row_index.g, gq = row_index.gq;
+  load_rows<D>(sm.q, S::kLdQ, kRows, p.q, row_index);
+  load_rows<DV>(sm.go, S::kLdV, kRows, p.grad_out, row_index);
   for (int m = threadIdx.x; m < kRows; m += kThreads) {
     const long long r = row_index(m);
     sm.lse[m] = r >= 0 ? p.lse[r] : -INFINITY;
@@ -187,27 +213,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* 
   const long long begin = segment_begin[segment], end = segment_end[segment];
   for (long long c0 = begin; c0 < end; c0 += kChunk) {
     const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
-    __syncthreads();  // the previous chunk's readers are done
-    for (int c = threadIdx.x; c < kChunk; c += kThreads) {
-      sm.key[c] = c < len ? union_key[c0 + c] : -1;
-      sm.mask[c] = c < len ? union_mask[c0 + c] : 0ULL;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kChunk * (D / 8); i += kThreads) {
-      const int c = i / (D / 8), d = (i % (D / 8)) * 8;
-      const int s = sm.key[c];
-      uint4 x = make_uint4(0, 0, 0, 0);
-      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.k + (static_cast<long long>(s) * p.kv_heads + g) * D + d);
-      *reinterpret_cast<uint4*>(&sm.k[c * S::kLdQ + d]) = x;
-    }
-    for (int i = threadIdx.x; i < kChunk * (DV / 8); i += kThreads) {
-      const int c = i / (DV / 8), d = (i % (DV / 8)) * 8;
-      const int s = sm.key[c];
-      uint4 x = make_uint4(0, 0, 0, 0);
-      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.v + (static_cast<long long>(s) * p.kv_heads + g) * DV + d);
-      *reinterpret_cast<uint4*>(&sm.v[c * S::kLdV + d]) = x;
-    }
-    __syncthreads();
+    load_chunk<D, DV>(p, g, union_key, union_mask, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
 
     // S and dP for this warp's 16 rows
     {
@@ -427,21 +433,9 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Problem p, __nv_
   S& sm = *reinterpret_cast<S*>(raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long segment = blockIdx.x;
-  const int g = static_cast<int>(segment % p.kv_heads);
-  const int gq = p.query_heads / p.kv_heads;
-  const int tile_len = kRows / gq;
-  const long long t0 = (segment / p.kv_heads) * tile_len;
-  auto row_index = [&](int m) -> long long {
-    const long long t = t0 + m / gq;
-    return t < p.tokens ? t * p.query_heads + g * gq + m % gq : -1;
-  };
-  for (int i = threadIdx.x; i < kRows * (D / 8); i += kThreads) {
-    const int m = i / (D / 8), c = (i % (D / 8)) * 8;
-    const long long r = row_index(m);
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (r >= 0) x = *reinterpret_cast<const uint4*>(p.q + r * D + c);
-    *reinterpret_cast<uint4*>(&sm.q[m * S::kLdQ + c]) = x;
-  }
+  const TileRows row_index = tile_rows(p, segment);
+  const int g = row_index.g, gq = row_index.gq;
+  load_rows<D>(sm.q, S::kLdQ, kRows, p.q, row_index);
   for (int i = threadIdx.x; i < kRows * S::kLdO; i += kThreads) sm.o[i] = 0.0f;
   for (int m = threadIdx.x; m < kRows; m += kThreads) {
     sm.m[m] = -INFINITY;
@@ -450,27 +444,7 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Problem p, __nv_
   const long long begin = segment_begin[segment], end = segment_end[segment];
   for (long long c0 = begin; c0 < end; c0 += kChunk) {
     const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
-    __syncthreads();
-    for (int c = threadIdx.x; c < kChunk; c += kThreads) {
-      sm.key[c] = c < len ? union_key[c0 + c] : -1;
-      sm.mask[c] = c < len ? union_mask[c0 + c] : 0ULL;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < kChunk * (D / 8); i += kThreads) {
-      const int c = i / (D / 8), d = (i % (D / 8)) * 8;
-      const int s = sm.key[c];
-      uint4 x = make_uint4(0, 0, 0, 0);
-      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.k + (static_cast<long long>(s) * p.kv_heads + g) * D + d);
-      *reinterpret_cast<uint4*>(&sm.k[c * S::kLdQ + d]) = x;
-    }
-    for (int i = threadIdx.x; i < kChunk * (DV / 8); i += kThreads) {
-      const int c = i / (DV / 8), d = (i % (DV / 8)) * 8;
-      const int s = sm.key[c];
-      uint4 x = make_uint4(0, 0, 0, 0);
-      if (s >= 0) x = *reinterpret_cast<const uint4*>(p.v + (static_cast<long long>(s) * p.kv_heads + g) * DV + d);
-      *reinterpret_cast<uint4*>(&sm.v[c * S::kLdV + d]) = x;
-    }
-    __syncthreads();
+    load_chunk<D, DV>(p, g, union_key, union_mask, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
     {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc[kChunk / 16];
 #pragma unroll

@@ -148,28 +148,20 @@ def test_pytorch_full_attention_matches_the_shipped_reference_logits(model, text
     ({"type": "indexer", "format": "int4", "hadamard": True}, 16, "per_kv_head"),
 ])
 def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatch, selector, k, granularity):
-    # Both sides at keysel's scalar level: the SIMD levels sum the low-precision indexer's products in other orders
-    # (and differently for one row and for many), so on some CPUs a near-tied key swaps places between the two
-    # sides' selections (an AVX-512 + AMX Xeon: 1.1e-4 bits per byte apart at the fp8 indexer's top-32). The
-    # native level is compared below with a bound for such swaps.
-    native = keysel.simd_level()
-    keysel.set_simd_level("scalar")
-    try:
-        metrics, full_bpb = cpp_study(selector, k, granularity)
-        stats = kt.TopkStats()
-        torch_selector = "exact" if selector["type"] == "exact" else selector
-        logits = forward(model, text, monkeypatch, indexer=selector["type"] == "indexer", k=k, granularity=granularity,
-                         selector=torch_selector, stats=stats)
-    finally:
-        keysel.set_simd_level(native)
-    native_metrics, _ = cpp_study(selector, k, granularity)
-    native_logits = forward(model, text, monkeypatch, indexer=selector["type"] == "indexer", k=k,
-                            granularity=granularity, selector=torch_selector)
-    assert bits_per_byte(native_logits, text) == pytest.approx(native_metrics["bpb"]["mean"], abs=1e-3)
+    metrics, full_bpb = cpp_study(selector, k, granularity)
+    stats = kt.TopkStats()
+    torch_selector = "exact" if selector["type"] == "exact" else selector
+    logits = forward(model, text, monkeypatch, indexer=selector["type"] == "indexer", k=k, granularity=granularity,
+                     selector=torch_selector, stats=stats)
     bpb = bits_per_byte(logits, text)
     full = bits_per_byte(full_forward(model, text), text)
     assert full == pytest.approx(full_bpb, abs=2e-5)
-    assert bpb == pytest.approx(metrics["bpb"]["mean"], abs=5e-6)  # measured: 2e-7 apart
+    # The low-precision indexer's scores are summed in other orders by the two sides (and by keysel's SIMD levels,
+    # one row or many), so a near-tied key can swap places: measured 1.1e-4 bits per byte and 2e-5 recall apart
+    # (fp8, top-32, an AVX-512 + AMX Xeon; torch 1.13 at the scalar level). Exact, streaming and random selections
+    # do not depend on such sums: 2e-7 apart.
+    swaps = selector["type"] == "indexer"
+    assert bpb == pytest.approx(metrics["bpb"]["mean"], abs=5e-4 if swaps else 5e-6)
     assert abs(bpb - full) > 1e-3  # the selection matters at this k
     summary = stats.summary()
     assert stats.layers == list(range(model.cfg.layers))
@@ -179,6 +171,8 @@ def test_bits_per_byte_and_metrics_equal_the_cpp_decoder(model, text, monkeypatc
         # out_err = |o_sel - o_full| / |o_full| differences two fp32 outputs that torch and the C++ decoder compute
         # in different orders: 7e-6 relative apart on an AVX-512 Xeon; the selections themselves agree to 1e-6.
         tolerance = dict(rel=5e-5, abs=1e-6) if name == "out_err" else dict(abs=1e-6)
+        if swaps:
+            tolerance = dict(rel=2e-3, abs=2e-4)
         assert ours["mean"] == pytest.approx(metrics[name]["mean"], **tolerance), name
 
 

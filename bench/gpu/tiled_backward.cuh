@@ -167,6 +167,27 @@ __device__ void load_chunk(const Problem& p, int g, const std::int32_t* union_ke
   __syncthreads();
 }
 
+/// Adds a staged 16 x 16 block (keys key0.., channels 16 n..) into grad [N, Hkv, width] at key head g: four floats
+/// per atomic where the GPU has vector atomics (sm_90), one otherwise.
+__device__ inline void add_block(float* grad, int width, int kv_heads, int g, const std::int32_t* key, int key0, int len,
+                                 int n, const float* stage, int lane) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  for (int i = lane; i < 64; i += 32) {  // 16 rows x 4 groups of 4 channels
+    const int c = key0 + i / 4;
+    if (c < len) {
+      float4* at = reinterpret_cast<float4*>(grad + (static_cast<long long>(key[c]) * kv_heads + g) * width + n * 16 +
+                                             (i % 4) * 4);
+      atomicAdd(at, *reinterpret_cast<const float4*>(stage + (i / 4) * 16 + (i % 4) * 4));
+    }
+  }
+#else
+  for (int i = lane; i < 256; i += 32) {
+    const int c = key0 + i / 16;
+    if (c < len) atomicAdd(grad + (static_cast<long long>(key[c]) * kv_heads + g) * width + n * 16 + i % 16, stage[i]);
+  }
+#endif
+}
+
 template <int D, int DV>
 struct Smem {
   static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8;
@@ -292,11 +313,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* 
         }
         wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
         __syncwarp();
-        for (int i = lane; i < 256; i += 32) {
-          const int c = key0 + i / 16;
-          if (c < len) atomicAdd(p.grad_k + (static_cast<long long>(sm.key[c]) * p.kv_heads + g) * D + n * 16 + i % 16,
-                                 stage[i]);
-        }
+        add_block(p.grad_k, D, p.kv_heads, g, sm.key, key0, len, n, stage, lane);
         __syncwarp();
       }
       for (int n = 0; n < DV / 16; ++n) {
@@ -312,12 +329,7 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* 
         }
         wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
         __syncwarp();
-        for (int i = lane; i < 256; i += 32) {
-          const int c = key0 + i / 16;
-          if (c < len)
-            atomicAdd(p.grad_v + (static_cast<long long>(sm.key[c]) * p.kv_heads + g) * DV + n * 16 + i % 16,
-                      stage[i]);
-        }
+        add_block(p.grad_v, DV, p.kv_heads, g, sm.key, key0, len, n, stage, lane);
         __syncwarp();
       }
     }

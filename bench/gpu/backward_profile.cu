@@ -96,6 +96,35 @@ struct CheckResult {
   double forward;  // the prototype forward's: out over 1e-2 max |ref| + 1e-3, lse over 1e-4 (1 + |lse|)
 };
 
+/// The library backward's launch for the problem the prototype takes (bf16, GPU 0).
+keysel::cuda_kernels::SparseBackwardLaunch library_launch(const tiled_backward::Problem& p,
+                                                          keysel::Granularity granularity) {
+  keysel::cuda_kernels::SparseBackwardLaunch launch{};
+  launch.q = p.q;
+  launch.k = p.k;
+  launch.v = p.v;
+  launch.out = p.out;
+  launch.grad_out = p.grad_out;
+  launch.lse = p.lse;
+  launch.selection = p.selection;
+  launch.grad_q = p.grad_q;
+  launch.grad_k = p.grad_k;
+  launch.grad_v = p.grad_v;
+  launch.tokens = p.tokens;
+  launch.keys = p.keys;
+  launch.query_heads = p.query_heads;
+  launch.kv_heads = p.kv_heads;
+  launch.head_dim = p.head_dim;
+  launch.value_dim = p.value_dim;
+  launch.groups = p.groups;
+  launch.width = p.width;
+  launch.granularity = granularity;
+  launch.bf16 = true;
+  launch.scale = p.scale;
+  launch.device = 0;
+  return launch;
+}
+
 /// One small case: bf16 inputs, O and lse from a double forward (O rounded to bf16 as a forward would store it),
 /// the kernels' fp32 gradients against the double backward.
 CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq, int hkv, int dim, int vdim, int width,
@@ -183,29 +212,11 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
   auto* dq_dev = to_device(std::vector<float>(dq.size(), NAN));
   auto* dk_dev = to_device(std::vector<float>(dk.size(), NAN));
   auto* dv_dev = to_device(std::vector<float>(dv.size(), NAN));
-  keysel::cuda_kernels::SparseBackwardLaunch launch{};
-  launch.q = to_device(bf16_vec(q));
-  launch.k = to_device(bf16_vec(k));
-  launch.v = to_device(bf16_vec(v));
-  launch.out = to_device(bf16_vec(out));
-  launch.grad_out = to_device(bf16_vec(dout));
-  launch.lse = to_device(lse);
-  launch.selection = to_device(sel);
-  launch.grad_q = dq_dev;
-  launch.grad_k = dk_dev;
-  launch.grad_v = dv_dev;
-  launch.tokens = tokens;
-  launch.keys = keys;
-  launch.query_heads = hq;
-  launch.kv_heads = hkv;
-  launch.head_dim = dim;
-  launch.value_dim = vdim;
-  launch.groups = groups;
-  launch.width = width;
-  launch.granularity = granularity;
-  launch.bf16 = true;
-  launch.scale = static_cast<float>(scale);
-  launch.device = 0;
+  const tiled_backward::Problem tp{to_device(bf16_vec(q)), to_device(bf16_vec(k)), to_device(bf16_vec(v)),
+                                   to_device(bf16_vec(out)), to_device(bf16_vec(dout)), to_device(lse), to_device(sel),
+                                   dq_dev, dk_dev, dv_dev, tokens, keys, hq, hkv, dim, vdim, groups, width,
+                                   static_cast<float>(scale)};
+  const keysel::cuda_kernels::SparseBackwardLaunch launch = library_launch(tp, granularity);
   keysel::cuda_kernels::launch_sparse_attention_backward("backward_profile", launch, nullptr);
   check(cudaDeviceSynchronize(), "backward");
   auto compare = [&](const std::vector<double>& ref, float* dev, double relative, double absolute, double& worst,
@@ -230,15 +241,9 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
     worst = std::max(worst, mine);
   };
   CheckResult result{0.0, -1.0, -1.0};
-  const int dims = dim;
   compare(dq, dq_dev, 2e-4, 2e-4, result.library, "library dq");
   compare(dk, dk_dev, 2e-4, 2e-4, result.library, "library dk");
   compare(dv, dv_dev, 2e-4, 2e-4, result.library, "library dv");
-  tiled_backward::Problem tp{static_cast<const __nv_bfloat16*>(launch.q), static_cast<const __nv_bfloat16*>(launch.k),
-                             static_cast<const __nv_bfloat16*>(launch.v), static_cast<const __nv_bfloat16*>(launch.out),
-                             static_cast<const __nv_bfloat16*>(launch.grad_out), launch.lse, launch.selection, dq_dev,
-                             dk_dev, dv_dev, tokens, keys, hq, hkv, dims, vdim, groups, width,
-                             static_cast<float>(scale)};
   if (tiled_backward::supports(tp)) {
     check(cudaMemset(dq_dev, 0xff, dq.size() * 4), "cudaMemset");  // NaN: every element must be written
     void* scratch = nullptr;
@@ -351,29 +356,9 @@ int main(int argc, char** argv) {
   fill_selection<<<static_cast<unsigned>(tokens * hkv), 256>>>(sel, tokens, hkv, width, shared);
   check(cudaDeviceSynchronize(), "fill");
 
-  keysel::cuda_kernels::SparseBackwardLaunch launch{};
-  launch.q = q;
-  launch.k = k;
-  launch.v = v;
-  launch.out = o;
-  launch.grad_out = dout;
-  launch.lse = lse;
-  launch.selection = sel;
-  launch.grad_q = dq;
-  launch.grad_k = dk;
-  launch.grad_v = dv;
-  launch.tokens = tokens;
-  launch.keys = tokens;
-  launch.query_heads = hq;
-  launch.kv_heads = hkv;
-  launch.head_dim = dim;
-  launch.value_dim = dim;
-  launch.groups = hkv;
-  launch.width = width;
-  launch.granularity = keysel::Granularity::per_kv_head;
-  launch.bf16 = true;
-  launch.scale = 1.0f / 16.0f;
-  launch.device = 0;
+  const tiled_backward::Problem tp{q, k, v, o, dout, lse, sel, dq, dk, dv, tokens, tokens, hq, hkv, dim, dim, hkv, width,
+                                   1.0f / 16.0f};
+  const keysel::cuda_kernels::SparseBackwardLaunch launch = library_launch(tp, keysel::Granularity::per_kv_head);
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "cudaEventCreate");
   check(cudaEventCreate(&stop), "cudaEventCreate");
@@ -429,8 +414,6 @@ int main(int argc, char** argv) {
       median_ms([&] { keysel::cuda_kernels::launch_sparse_attention_decode("backward_profile", fwd, nullptr); });
   std::printf("  library forward (decode kernel per token) median %.2f ms; forward + backward %.2f ms\n", library_fwd,
               library_fwd + library);
-  tiled_backward::Problem tp{q, k, v, o, dout, lse, sel, dq, dk, dv, tokens, tokens, hq, hkv, dim, dim, hkv, width,
-                             launch.scale};
   if (tiled_backward::supports(tp) && std::getenv("KEYSEL_PROFILE_NO_TILED") == nullptr) {
     void* scratch = nullptr;
     check(cudaMalloc(&scratch, tiled_backward::scratch_bytes(tp)), "cudaMalloc (tiled scratch)");

@@ -188,6 +188,55 @@ __device__ inline void add_block(float* grad, int width, int kv_heads, int g, co
 #endif
 }
 
+/// A warp's 16 rows against a chunk's keys: out[16][kChunk] (leading dimension ldo) = a[16][K] keys[kChunk][K]^T,
+/// bf16 in shared memory (leading dimensions lda, ldk), fp32 out.
+template <int K>
+__device__ void rows_times_keys(const __nv_bfloat16* a, int lda, const __nv_bfloat16* keys, int ldk, float* out,
+                                int ldo) {
+  using namespace nvcuda;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kChunk / 16];
+#pragma unroll
+  for (int n = 0; n < kChunk / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + kk * 16, lda);
+#pragma unroll
+    for (int n = 0; n < kChunk / 16; ++n) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;  // keys^T
+      wmma::load_matrix_sync(fb, keys + (n * 16) * ldk + kk * 16, ldk);
+      wmma::mma_sync(acc[n], fa, fb, acc[n]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kChunk / 16; ++n) wmma::store_matrix_sync(out + n * 16, acc[n], ldo, wmma::mem_row_major);
+}
+
+/// The 16 keys key0.. of a chunk: grad rows += weights^T rows, with weights [kRows][kChunk] (ldw; a row's weight
+/// per key) and rows [kRows][W] (ldr) bf16 in shared memory, each 16 x 16 block staged and added (add_block).
+template <int W>
+__device__ void add_keys_product(const __nv_bfloat16* weights, int ldw, const __nv_bfloat16* rows, int ldr,
+                                 float* grad, int kv_heads, int g, const std::int32_t* key, int key0, int len,
+                                 float* stage, int lane) {
+  using namespace nvcuda;
+  for (int n = 0; n < W / 16; ++n) {
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < kRows / 16; ++kk) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;  // weights^T: (key, row)
+      wmma::load_matrix_sync(fa, weights + (kk * 16) * ldw + key0, ldw);
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;  // rows: (row, channel)
+      wmma::load_matrix_sync(fb, rows + (kk * 16) * ldr + n * 16, ldr);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
+    __syncwarp();
+    add_block(grad, W, kv_heads, g, key, key0, len, n, stage, lane);
+    __syncwarp();
+  }
+}
+
 template <int D, int DV>
 struct Smem {
   static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8;
@@ -237,41 +286,9 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* 
     load_chunk<D, DV>(p, g, union_key, union_mask, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
 
     // S and dP for this warp's 16 rows
-    {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc[kChunk / 16], dp_acc[kChunk / 16];
-#pragma unroll
-      for (int n = 0; n < kChunk / 16; ++n) {
-        wmma::fill_fragment(s_acc[n], 0.0f);
-        wmma::fill_fragment(dp_acc[n], 0.0f);
-      }
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &sm.q[(warp * 16) * S::kLdQ + kk * 16], S::kLdQ);
-#pragma unroll
-        for (int n = 0; n < kChunk / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;  // K^T
-          wmma::load_matrix_sync(b, &sm.k[(n * 16) * S::kLdQ + kk * 16], S::kLdQ);
-          wmma::mma_sync(s_acc[n], a, b, s_acc[n]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < DV / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &sm.go[(warp * 16) * S::kLdV + kk * 16], S::kLdV);
-#pragma unroll
-        for (int n = 0; n < kChunk / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;  // V^T
-          wmma::load_matrix_sync(b, &sm.v[(n * 16) * S::kLdV + kk * 16], S::kLdV);
-          wmma::mma_sync(dp_acc[n], a, b, dp_acc[n]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < kChunk / 16; ++n) {
-        wmma::store_matrix_sync(&sm.s[(warp * 16) * S::kLdS + n * 16], s_acc[n], S::kLdS, wmma::mem_row_major);
-        wmma::store_matrix_sync(&sm.dp[(warp * 16) * S::kLdS + n * 16], dp_acc[n], S::kLdS, wmma::mem_row_major);
-      }
-    }
+    rows_times_keys<D>(&sm.q[(warp * 16) * S::kLdQ], S::kLdQ, sm.k, S::kLdQ, &sm.s[(warp * 16) * S::kLdS], S::kLdS);
+    rows_times_keys<DV>(&sm.go[(warp * 16) * S::kLdV], S::kLdV, sm.v, S::kLdV, &sm.dp[(warp * 16) * S::kLdS],
+                        S::kLdS);
     __syncwarp();
     // P and scale * dS of the warp's rows (zero where the row's token did not select the key)
     for (int i = lane; i < 16 * kChunk; i += 32) {
@@ -299,39 +316,10 @@ __global__ void __launch_bounds__(kThreads) tile_kernel(Problem p, const float* 
     // dK of this warp's 16 keys = (scale dS)^T Q and dV = P^T dO, each 16 x 16 block staged and added atomically
     const int key0 = warp * 16;
     if (key0 < len) {
-      float* stage = sm.stage[warp];
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-        for (int kk = 0; kk < kRows / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> a;  // dS^T: (key, row)
-          wmma::load_matrix_sync(a, &sm.ds[(kk * 16) * S::kLdB + key0], S::kLdB);
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // Q: (row, d)
-          wmma::load_matrix_sync(b, &sm.q[(kk * 16) * S::kLdQ + n * 16], S::kLdQ);
-          wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
-        __syncwarp();
-        add_block(p.grad_k, D, p.kv_heads, g, sm.key, key0, len, n, stage, lane);
-        __syncwarp();
-      }
-      for (int n = 0; n < DV / 16; ++n) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.0f);
-#pragma unroll
-        for (int kk = 0; kk < kRows / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> a;  // P^T: (key, row)
-          wmma::load_matrix_sync(a, &sm.p[(kk * 16) * S::kLdB + key0], S::kLdB);
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // dO: (row, d)
-          wmma::load_matrix_sync(b, &sm.go[(kk * 16) * S::kLdV + n * 16], S::kLdV);
-          wmma::mma_sync(acc, a, b, acc);
-        }
-        wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
-        __syncwarp();
-        add_block(p.grad_v, DV, p.kv_heads, g, sm.key, key0, len, n, stage, lane);
-        __syncwarp();
-      }
+      add_keys_product<D>(sm.ds, S::kLdB, sm.q, S::kLdQ, p.grad_k, p.kv_heads, g, sm.key, key0, len, sm.stage[warp],
+                          lane);
+      add_keys_product<DV>(sm.p, S::kLdB, sm.go, S::kLdV, p.grad_v, p.kv_heads, g, sm.key, key0, len,
+                           sm.stage[warp], lane);
     }
   }
   // dQ rows of this warp (each row belongs to this tile alone)
@@ -457,25 +445,7 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Problem p, __nv_
   for (long long c0 = begin; c0 < end; c0 += kChunk) {
     const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
     load_chunk<D, DV>(p, g, union_key, union_mask, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
-    {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_acc[kChunk / 16];
-#pragma unroll
-      for (int n = 0; n < kChunk / 16; ++n) wmma::fill_fragment(s_acc[n], 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &sm.q[(warp * 16) * S::kLdQ + kk * 16], S::kLdQ);
-#pragma unroll
-        for (int n = 0; n < kChunk / 16; ++n) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> b;
-          wmma::load_matrix_sync(b, &sm.k[(n * 16) * S::kLdQ + kk * 16], S::kLdQ);
-          wmma::mma_sync(s_acc[n], a, b, s_acc[n]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < kChunk / 16; ++n)
-        wmma::store_matrix_sync(&sm.s[(warp * 16) * S::kLdS + n * 16], s_acc[n], S::kLdS, wmma::mem_row_major);
-    }
+    rows_times_keys<D>(&sm.q[(warp * 16) * S::kLdQ], S::kLdQ, sm.k, S::kLdQ, &sm.s[(warp * 16) * S::kLdS], S::kLdS);
     __syncwarp();
     // online softmax of the warp's 16 rows: lanes hold columns lane and lane + 32
     for (int rr = 0; rr < 16; ++rr) {

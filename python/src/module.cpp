@@ -439,6 +439,15 @@ double indexer_kl_loss_reference_binding(nb::handle target, nb::handle queries, 
                                    gradients);
 }
 
+// The options sparse MLA's forward and backward share: scale (0: 576^-1/2), the optional sink and lengths.
+SparseMlaOptions mla_options(TensorArguments& args, double scale, nb::handle attn_sink, nb::handle topk_length) {
+  SparseMlaOptions options;
+  options.scale = scale;
+  options.attn_sink = args.optional_input(attn_sink, "attn_sink");
+  options.topk_length = args.optional_input(topk_length, "topk_length");
+  return options;
+}
+
 // Sparse MLA (SPEC §8): the CUDA kernel on GPU tensors, the fp32 CPU path otherwise.
 void sparse_mla_binding(nb::handle q, nb::handle kv, std::string_view kv_dtype, nb::handle indices, nb::handle out,
                         nb::handle lse, nb::handle max_logits, double scale, nb::handle attn_sink,
@@ -450,10 +459,7 @@ void sparse_mla_binding(nb::handle q, nb::handle kv, std::string_view kv_dtype, 
   const TensorView out_view = args.output(out, "out");
   const TensorView lse_view = args.optional_output(lse, "lse");
   const TensorView max_view = args.optional_output(max_logits, "max_logits");
-  SparseMlaOptions options;
-  options.scale = scale;
-  options.attn_sink = args.optional_input(attn_sink, "attn_sink");
-  options.topk_length = args.optional_input(topk_length, "topk_length");
+  const SparseMlaOptions options = mla_options(args, scale, attn_sink, topk_length);
   const TensorView workspace_view = args.optional_output(workspace, "workspace");
   nb::gil_scoped_release release;
   if (on_cuda(q_view)) {
@@ -480,10 +486,7 @@ void sparse_mla_backward_binding(nb::handle q, nb::handle kv, nb::handle indices
   const TensorView lse_view = args.input(lse, "lse");
   const TensorView grad_out_view = args.input(grad_out, "grad_out");
   const TensorView grad_lse_view = args.optional_input(grad_lse, "grad_lse");
-  SparseMlaOptions options;
-  options.scale = scale;
-  options.attn_sink = args.optional_input(attn_sink, "attn_sink");
-  options.topk_length = args.optional_input(topk_length, "topk_length");
+  const SparseMlaOptions options = mla_options(args, scale, attn_sink, topk_length);
   const SparseMlaGradients gradients{args.output(grad_q, "gradients.q"), args.output(grad_kv, "gradients.kv"),
                                      args.optional_output(grad_attn_sink, "gradients.attn_sink")};
   nb::gil_scoped_release release;

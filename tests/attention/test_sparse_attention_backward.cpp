@@ -22,12 +22,15 @@
 #include <string>
 #include <vector>
 
+#include "attention/gradient_check.h"
 #include "keysel/attention/reference.h"
 #include "keysel/attention/sparse_attention.h"
 #include "keysel/core/random.h"
 
 namespace keysel {
 namespace {
+
+using keysel::testing::expect_gradient_close;
 
 constexpr double kUnitRoundoff = 1.0 / 16777216.0;  // 2^-24
 constexpr float kSentinel = -12345.25f;
@@ -255,17 +258,6 @@ KernelGradients kernel_gradients(const Case& c, const std::vector<std::int32_t>&
   return g;
 }
 
-void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tolerance,
-                  const char* name) {
-  ASSERT_EQ(got.size(), want.size());
-  double largest = 0.0;
-  for (const double x : want) largest = std::max(largest, std::abs(x));
-  const double bound = tolerance * (1.0 + largest);
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    ASSERT_NEAR(got[i], want[i], bound) << name << "[" << i << "]";
-  }
-}
-
 TEST(SparseAttentionBackward, MatchesTheReferenceOnEveryKernelAndDtype) {
   const Shape shape{7, 61, 12, 4, 19, 21};  // g = 3, D and Dv past one register with a tail
   const std::int64_t width = 13;
@@ -284,9 +276,9 @@ TEST(SparseAttentionBackward, MatchesTheReferenceOnEveryKernelAndDtype) {
         const Gradients want = reference_gradients(c, sel, groups, width, granularity);
         const KernelGradients got = kernel_gradients(c, sel, groups, width, granularity, kernel, 0);
         const double tolerance = 64.0 * static_cast<double>(shape.D + shape.Dv + width) * kUnitRoundoff;
-        expect_close(got.q, want.q, tolerance, "grad_q");
-        expect_close(got.k, want.k, tolerance, "grad_k");
-        expect_close(got.v, want.v, tolerance, "grad_v");
+        expect_gradient_close(got.q, want.q, tolerance, "grad_q");
+        expect_gradient_close(got.k, want.k, tolerance, "grad_k");
+        expect_gradient_close(got.v, want.v, tolerance, "grad_v");
       }
     }
   }
@@ -308,9 +300,9 @@ TEST(SparseAttentionBackward, LseGradientMatchesTheReferenceOnEveryKernelAndThre
       const Gradients want = reference_gradients(c, sel, groups, width, granularity);
       const KernelGradients got = kernel_gradients(c, sel, groups, width, granularity, kernel, 0);
       const double tolerance = 64.0 * static_cast<double>(shape.D + shape.Dv + width) * kUnitRoundoff;
-      expect_close(got.q, want.q, tolerance, "grad_q");
-      expect_close(got.k, want.k, tolerance, "grad_k");
-      expect_close(got.v, want.v, tolerance, "grad_v");
+      expect_gradient_close(got.q, want.q, tolerance, "grad_q");
+      expect_gradient_close(got.k, want.k, tolerance, "grad_k");
+      expect_gradient_close(got.v, want.v, tolerance, "grad_v");
       // The lse term changes dQ and dK (not dV), and the result stays independent of the thread count.
       Case plain = c;
       plain.grad_lse.clear();
@@ -337,9 +329,9 @@ TEST(SparseAttentionBackward, Bf16OutAndGradOutStayWithinTheirRounding) {
     const Gradients want = reference_gradients(c, sel, groups, width, granularity);
     const KernelGradients got =
         kernel_gradients(c, sel, groups, width, granularity, AttentionKernel::automatic, 0, DType::bf16);
-    expect_close(got.q, want.q, 0.02, "grad_q");
-    expect_close(got.k, want.k, 0.02, "grad_k");
-    expect_close(got.v, want.v, 0.02, "grad_v");
+    expect_gradient_close(got.q, want.q, 0.02, "grad_q");
+    expect_gradient_close(got.k, want.k, 0.02, "grad_k");
+    expect_gradient_close(got.v, want.v, 0.02, "grad_v");
   }
 }
 

@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "attention/gradient_check.h"
 #include "keysel/attention/sparse_mla.h"
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
@@ -30,6 +31,8 @@
 
 namespace keysel {
 namespace {
+
+using keysel::testing::expect_gradient_close;
 
 constexpr double kUnitRoundoff = 1.0 / 16777216.0;  // 2^-24
 constexpr float kSentinel = -12345.25f;
@@ -201,15 +204,6 @@ KernelGradients kernel_gradients(const Problem& p, DType dtype, const SparseMlaO
   return g;
 }
 
-void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tolerance,
-                  const char* name) {
-  ASSERT_EQ(got.size(), want.size());
-  double largest = 0.0;
-  for (const double x : want) largest = std::max(largest, std::abs(x));
-  const double bound = tolerance * (1.0 + largest);
-  for (std::size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], bound) << name << "[" << i << "]";
-}
-
 TEST(SparseMlaBackward, MatchesTheReferenceOnEveryKernelAndDtype) {
   const Problem p = make(9, 5, 70, 23, 5);
   const double tolerance = 64.0 * static_cast<double>(kMlaQkDim + kMlaLatentDim + p.topk) * kUnitRoundoff;
@@ -222,9 +216,9 @@ TEST(SparseMlaBackward, MatchesTheReferenceOnEveryKernelAndDtype) {
           const SparseMlaOptions options = p.options(with_sink, with_sink);
           const Gradients want = reference_gradients(p, dtype, options, with_lse);
           const KernelGradients got = kernel_gradients(p, dtype, options, with_lse, kernel, 0);
-          expect_close(got.q, want.q, tolerance, "grad_q");
-          expect_close(got.kv, want.kv, tolerance, "grad_kv");
-          if (with_sink) expect_close(got.sink, want.sink, tolerance, "grad_attn_sink");
+          expect_gradient_close(got.q, want.q, tolerance, "grad_q");
+          expect_gradient_close(got.kv, want.kv, tolerance, "grad_kv");
+          if (with_sink) expect_gradient_close(got.sink, want.sink, tolerance, "grad_attn_sink");
           if (!with_sink) {
             EXPECT_EQ(got.sink[0], kSentinel);  // no sink gradient asked: none written
           }
@@ -278,8 +272,8 @@ TEST(SparseMlaBackward, InfiniteSinksAreTheirLimits) {
   for (std::size_t i = 0; i < lse_only.kv.size(); ++i) ASSERT_NEAR(lse_only.kv[i], lse_term.kv[i], 1e-12);
   EXPECT_NE(lse_no_sink.q, lse_term.q);  // dOut matters without the sink
   const KernelGradients kernel_plus = kernel_gradients(p, DType::fp32, plus_options, true, AttentionKernel::automatic, 0);
-  expect_close(kernel_plus.q, lse_only.q, 1e-5, "grad_q");
-  expect_close(kernel_plus.kv, lse_only.kv, 1e-5, "grad_kv");
+  expect_gradient_close(kernel_plus.q, lse_only.q, 1e-5, "grad_q");
+  expect_gradient_close(kernel_plus.kv, lse_only.kv, 1e-5, "grad_kv");
 }
 
 TEST(SparseMlaBackward, RejectsBadInputNamingTheArgumentAndWritesNothing) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gpu_test_support.h"
+#include "attention/gradient_check.h"
 #include "keysel/attention/cuda_sparse_attention.h"
 #include "keysel/attention/reference.h"
 #include "keysel/attention/sparse_attention.h"
@@ -22,6 +23,8 @@
 
 namespace keysel {
 namespace {
+
+using keysel::testing::expect_gradient_close;
 
 using keysel::testing::poisoned;
 using keysel::testing::to_device;
@@ -140,14 +143,6 @@ Gradients run_cuda(const Problem& p) {
   return {to_host<float>(d_gq), to_host<float>(d_gk), to_host<float>(d_gv)};
 }
 
-void expect_close(const std::vector<float>& got, const std::vector<double>& want, double tolerance, const char* name) {
-  ASSERT_EQ(got.size(), want.size());
-  double largest = 0.0;
-  for (const double x : want) largest = std::max(largest, std::abs(x));
-  const double bound = tolerance * (1.0 + largest);
-  for (std::size_t i = 0; i < got.size(); ++i) ASSERT_NEAR(got[i], want[i], bound) << name << "[" << i << "]";
-}
-
 TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
   KEYSEL_REQUIRE_GPU();
   const Case cases[] = {
@@ -179,9 +174,9 @@ TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
     // fp32: the CPU kernel's bound (tests/attention/test_sparse_attention_backward.cpp); bf16: out rounded to
     // 8 bits moves Delta by about 2^-8 relative.
     const double tolerance = c.bf16 ? 0.02 : 64.0 * static_cast<double>(c.D + c.Dv + c.W) / 16777216.0;
-    expect_close(got.q, gq, tolerance, "grad_q");
-    expect_close(got.k, gk, tolerance, "grad_k");
-    expect_close(got.v, gv, tolerance, "grad_v");
+    expect_gradient_close(got.q, gq, tolerance, "grad_q");
+    expect_gradient_close(got.k, gk, tolerance, "grad_k");
+    expect_gradient_close(got.v, gv, tolerance, "grad_v");
     // No atomics: a second run gives the same bits.
     const Gradients again = run_cuda(p);
     EXPECT_EQ(0, std::memcmp(got.k.data(), again.k.data(), got.k.size() * sizeof(float)));

@@ -336,9 +336,8 @@ json train_on_prefill(json spec, const TinyLmStudyOptions& tiny, const std::stri
     spec["candidates"] = train_on_prefill(spec["candidates"], tiny, workload, selector);
     return spec;
   }
-  if (type != "faiss") return spec;
+  if (!learns_from_cache(spec)) return spec;
   const std::string factory = spec.value("factory", std::string());
-  if (factory == "brute_force" || factory == "exact") return spec;
   const std::string where = "keysel::run_study_config: " + workload + ", selector \"" + selector + "\" (factory \"" +
                             factory + "\"): ";
   if (tiny.mode == TinyLmStudyMode::decode) {

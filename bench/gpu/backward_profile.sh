@@ -8,7 +8,7 @@
 # backward_profile.txt: `backward_profile check` (the library's kernels and the tiled prototype of
 # tiled_backward.cuh against a double transcription of SPEC §9), then the median times of both per shape and
 # PyTorch's flash attention forward + backward at the same token counts (bench/gpu/flash_peer.py);
-# nsys_<T>_<K>.txt: time per kernel where Nsight Systems is installed; ncu_<kernel>.txt: Nsight Compute's
+# NCU=0 skips Nsight Compute. nsys_<T>_<K>.txt: time per kernel where Nsight Systems is installed; ncu_<kernel>.txt: Nsight Compute's
 # SpeedOfLight, memory, occupancy and warp-state sections of each kernel at NCU_SHAPE.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -47,7 +47,7 @@ TOKENS=$(for s in $SHAPES; do echo "${s%%:*}"; done | sort -un | tr '\n' ' ')
 python3 bench/gpu/flash_peer.py --tokens $TOKENS >>"$OUT/backward_profile.txt" 2>&1 ||
   echo "flash peer: not run (python3 with torch and a GPU needed)" >>"$OUT/backward_profile.txt"
 IFS=: read -r T K SH <<<"${NCU_SHAPE:-8192:2048:0.75}"
-if command -v ncu >/dev/null; then
+if [ "${NCU:-1}" != 0 ] && command -v ncu >/dev/null; then
   for kern in backward_query_kernel backward_key_kernel ^tile_kernel forward_tile_kernel; do
     timeout 150 ncu --kernel-name regex:"$kern" --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section WarpStateStats "$B/backward_profile" "$T" 32 8 128 "$K" 0 \

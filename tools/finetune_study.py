@@ -10,7 +10,8 @@ selections, every layer's indexer trained beside the model):
                (DeepSeek's sparse stage)
 --variants picks them (default exact:64, full, indexer:64, exact:256: the packages examples/studies/finetune_4k.json
 compares). The first variant trains for its share of the budget; the others train for as many steps (or their share of what
-is left, if that ends first: the summary gives every variant's steps and seconds). Training windows are --context
+is left, if that ends first: the summary gives every variant's steps and seconds); --steps N caps every variant, the
+first included. Training windows are --context
 bytes (default the model's context; top-k training builds dense [rows, T, T] tensors, so a long-context model
 fine-tunes on shorter windows). --retrieval-fraction of each step's rows (default: the base's own training share,
 from its train_log.json) are retrieval examples (tools/retrieval_task.py) made from the training corpus, the same
@@ -77,6 +78,8 @@ def make_parser():
                     help="first guess of one package's evaluation and export (then the measured time)")
     ap.add_argument("--variants", default="exact:64,full,indexer:64,exact:256",
                     help="comma-separated, in training order; the first sets the steps of the others")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train every variant for at most this many steps (0: the first variant's time share decides)")
     ap.add_argument("--batch", type=int, default=8, help="rows of --context bytes per step")
     ap.add_argument("--context", type=int, default=None,
                     help="bytes per training window and per evaluation window of the bits per byte (default the "
@@ -275,6 +278,8 @@ def main():
         ap.error(f"--retrieval-fraction must be in [0, 1], got {args.retrieval_fraction}")
     if not 0 < args.eval_share < 1:
         ap.error(f"--eval-share must be in (0, 1), got {args.eval_share}")
+    if args.steps < 0:
+        ap.error(f"--steps must be >= 0, got {args.steps}")
     if args.row_chunk_elements < 1 or args.retrieval_per_context < 0 or args.retrieval_min_examples < 0:
         ap.error(f"--row-chunk-elements must be >= 1, --retrieval-per-context and --retrieval-min-examples >= 0, got "
                  f"{args.row_chunk_elements}, {args.retrieval_per_context} and {args.retrieval_min_examples}")
@@ -363,7 +368,7 @@ def main():
     summary["packages"]["base"] = dict(summary_entry({"evaluation": evaluate(base)}), steps=0)
     show("base", summary["packages"]["base"])
     export_seconds = max(args.export_seconds, time.time() - start)
-    first_steps = None
+    first_steps = args.steps or None
     for i, (name, mode, k, selector) in enumerate(variants):
         left = budget_end - args.reserve_seconds - time.time()
         seconds = left / (len(variants) - i) - export_seconds

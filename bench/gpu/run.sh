@@ -14,7 +14,9 @@
 #
 # GoogleTest and Google Benchmark come from the system or, where the machine has none, from Debian packages
 # unpacked out of .debs/ (fetch them once on a machine with a package mirror:
-#   mkdir -p .debs && cd .debs && apt-get download libgtest-dev libbenchmark-dev libbenchmark1debian).
+#   mkdir -p .debs && cd .debs && apt-get download libgtest-dev libbenchmark-dev libbenchmark1debian \
+#     nlohmann-json3-dev libdlpack-dev libblas3 libblas-dev
+# (or libopenblas-dev libopenblas0-pthread libopenblas-pthread-dev in place of the reference BLAS).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,6 +35,14 @@ if compgen -G ".debs/*.deb" >/dev/null; then
   PREFIX_ARGS=(-DCMAKE_PREFIX_PATH="$DEPS/usr")
   # OpenBLAS unpacked from its .deb has no alternatives symlinks: name the library for FindBLAS.
   blas=$(compgen -G "$DEPS/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so*" | head -1)
+  # Debian's reference BLAS (libblas3, libblas-dev: 0.3 MB against OpenBLAS's 11.7, enough for the GPU build,
+  # whose C++ uses BLAS only in recall/): its cblas.h is an alternatives link too.
+  if [ -z "$blas" ] && [ -e "$DEPS/usr/lib/x86_64-linux-gnu/blas/libblas.so.3" ]; then
+    blas="$DEPS/usr/lib/x86_64-linux-gnu/blas/libblas.so.3"
+    ln -sf cblas-netlib.h "$DEPS/usr/include/x86_64-linux-gnu/cblas.h"
+    PREFIX_ARGS+=(-DCMAKE_CXX_FLAGS="-isystem $DEPS/usr/include/x86_64-linux-gnu")
+    export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu/blas:${LD_LIBRARY_PATH:-}"
+  fi
   [ -n "$blas" ] && PREFIX_ARGS+=(-DBLAS_LIBRARIES="$blas")
   export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu/openblas-pthread:${LD_LIBRARY_PATH:-}"
   export LD_LIBRARY_PATH="$DEPS/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"

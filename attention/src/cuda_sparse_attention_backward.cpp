@@ -34,7 +34,7 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
                                     const TensorView& selection, Granularity granularity, double scale,
                                     const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                                     const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
-                                    void* stream) {
+                                    void* stream, const TensorView& grad_lse) {
   constexpr std::string_view function = "sparse_attention_backward_cuda";
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_dtype(function, q, "q", {DType::bf16, DType::fp32});
@@ -59,6 +59,9 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
   check_tensor(function, out, "out", {tokens, query_heads, value_dim}, {dtype}, device, false);
   check_tensor(function, lse, "lse", {tokens, query_heads}, {DType::fp32}, device, false);
   check_tensor(function, grad_out, "grad_out", {tokens, query_heads, value_dim}, {dtype}, device, false);
+  if (!grad_lse.empty()) {
+    check_tensor(function, grad_lse, "grad_lse", {tokens, query_heads}, {DType::fp32}, device, false);
+  }
   check_tensor(function, grad_q, "grad_q", {tokens, query_heads, head_dim}, {DType::fp32}, device, true);
   check_tensor(function, grad_k, "grad_k", {keys, kv_heads, head_dim}, {DType::fp32}, device, true);
   check_tensor(function, grad_v, "grad_v", {keys, kv_heads, value_dim}, {DType::fp32}, device, true);
@@ -68,7 +71,7 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
   constexpr std::int64_t kIntMax = 0x7fffffff;
   const std::int64_t units = tokens * (granularity == Granularity::per_head ? query_heads : kv_heads);
   const bool fits = width <= kIntMax && query_heads <= kIntMax && tokens <= kIntMax && keys <= kIntMax &&
-                    units / 4 < kIntMax && kv_heads * keys / 4 < kIntMax &&
+                    units / 4 < kIntMax && tokens * query_heads / 4 < kIntMax && kv_heads * keys / 4 < kIntMax &&
                     (width == 0 || units <= kIntMax * 64 / width) &&
                     static_cast<double>(kv_heads) * static_cast<double>(keys) * static_cast<double>(units) < 1.8e19;
   KEYSEL_CHECK_ARG(fits, "selection", "T * G * W entries below 2^37 and Hkv * N * units below 2^64", selection.str());
@@ -81,6 +84,7 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
                                      {out.raw_data(), "out"},
                                      {lse.raw_data(), "lse"},
                                      {grad_out.raw_data(), "grad_out"},
+                                     {grad_lse.raw_data(), "grad_lse"},
                                      {grad_q.raw_data(), "grad_q"},
                                      {grad_k.raw_data(), "grad_k"},
                                      {grad_v.raw_data(), "grad_v"}},
@@ -107,6 +111,9 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
   launch.width = static_cast<int>(width);
   launch.granularity = granularity;
   launch.bf16 = dtype == DType::bf16;
+  launch.out_bf16 = launch.bf16;
+  launch.grad_out_bf16 = launch.bf16;
+  launch.grad_lse = grad_lse.empty() ? nullptr : grad_lse.data<float>();
   launch.scale = static_cast<float>(effective_scale);
   launch.device = device.index;
   cuda_kernels::launch_sparse_attention_backward(function, launch, stream);
@@ -116,7 +123,8 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
 
 void sparse_attention_backward_cuda(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
                                     Granularity, double, const TensorView&, const TensorView&, const TensorView&,
-                                    const TensorView&, const TensorView&, const TensorView&, void*) {
+                                    const TensorView&, const TensorView&, const TensorView&, void*,
+                                    const TensorView&) {
   detail::throw_error("sparse_attention_backward_cuda", "keysel was built without CUDA");
 }
 

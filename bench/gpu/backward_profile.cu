@@ -120,6 +120,8 @@ keysel::cuda_kernels::SparseBackwardLaunch library_launch(const tiled_backward::
   launch.width = p.width;
   launch.granularity = granularity;
   launch.bf16 = true;
+  launch.out_bf16 = true;
+  launch.grad_out_bf16 = true;
   launch.scale = p.scale;
   launch.device = 0;
   return launch;

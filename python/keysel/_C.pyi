@@ -82,7 +82,7 @@ def sparse_attention(q: object, k_cache: object, v_cache: object, selection: obj
 
 def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object, stream: int = 0, grad_lse: object | None = None) -> None:
     """
-    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and (CPU only) grad_lse; CPU or CUDA, deterministic.
+    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and optionally grad_lse; CPU or CUDA, deterministic.
     """
 
 def indexer_kl_loss_reference(target: object, queries: object, weights: object, keys: object, positions: object, selection: object | None, reduction: str, grad_queries: object, grad_weights: object, grad_keys: object) -> float:
@@ -92,9 +92,9 @@ def indexer_kl_loss_reference(target: object, queries: object, weights: object, 
 
 def sparse_mla(q: object, kv: object, kv_dtype: str, indices: object, out: object, lse: object | None, max_logits: object | None, scale: float, attn_sink: object | None, topk_length: object | None, stream: int, workspace: object | None) -> None: ...
 
-def sparse_mla_backward(q: object, kv: object, indices: object, out: object, lse: object, grad_out: object, grad_lse: object | None, scale: float, attn_sink: object | None, topk_length: object | None, grad_q: object, grad_kv: object, grad_attn_sink: object | None) -> None:
+def sparse_mla_backward(q: object, kv: object, indices: object, out: object, lse: object, grad_out: object, grad_lse: object | None, scale: float, attn_sink: object | None, topk_length: object | None, grad_q: object, grad_kv: object, grad_attn_sink: object | None, stream: int = 0) -> None:
     """
-    Gradients of sparse_mla (SPEC §9.2) on the CPU into the float32 tensors grad_q [T, h_q, 576], grad_kv [N, 576] and grad_attn_sink [h_q] (or None); deterministic.
+    Gradients of sparse_mla (SPEC §9.2) into the float32 tensors grad_q [T, h_q, 576], grad_kv [N, 576] and grad_attn_sink [h_q] (or None); CPU or CUDA, deterministic.
     """
 
 def mla_v32_quantize(kv: object, cache: object, cache_dtype: str, slot_mapping: object) -> None: ...

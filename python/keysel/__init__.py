@@ -558,7 +558,7 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
     With P = exp(scale q.k - lse) over the selected keys, dP = grad_out . v, Delta = rowsum(grad_out * out),
     dS = P (dP - Delta) (+ P grad_lse with grad_lse, float32 [T, Hq]: d lse / d logit = P): grad_q = scale dS K,
     grad_k = scale dS^T Q, grad_v = P^T grad_out, the heads of a key head (GQA) and every query token that
-    selects a key summed into that key's rows. grad_lse is taken on the CPU only (None for CUDA tensors).
+    selects a key summed into that key's rows.
 
     q [T, Hq, D], k_cache [N, Hkv, D], v_cache [N, Hkv, Dv], out and grad_out [T, Hq, Dv] (float32, float16 or
     bfloat16, any strides), lse float32 [T, Hq] (out and lse as sparse_attention returned them), selection int32
@@ -568,7 +568,8 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
 
     CUDA tensors (torch or CuPy) run keysel's GPU backward on their device, asynchronously on `stream` (default:
     the library's current stream): q, k_cache, v_cache, out and grad_out all bfloat16 or all float32,
-    contiguous, D and Dv <= 256; the same definition and the same determinism (no atomics).
+    contiguous, D and Dv <= 256, grad_lse float32 contiguous; the same definition and the same determinism (no
+    atomics).
     """
     fn = "sparse_attention_backward"
     names = ("q", "k_cache", "v_cache", "selection", "out", "lse", "grad_out")
@@ -653,8 +654,8 @@ def sparse_mla(q, kv, indices, *, scale=None, attn_sink=None, topk_length=None, 
 
 
 def sparse_mla_backward(q, kv, indices, out, lse, grad_out, *, grad_lse=None, scale=None, attn_sink=None,
-                        topk_length=None, grad_q=None, grad_kv=None, grad_attn_sink=None):
-    """Gradients of sparse_mla (SPEC §9.2) on the CPU, the indices and topk_length held fixed.
+                        topk_length=None, grad_q=None, grad_kv=None, grad_attn_sink=None, stream=None):
+    """Gradients of sparse_mla (SPEC §9.2) on the CPU or a GPU, the indices and topk_length held fixed.
 
     q [T, h_q, 576], kv a latent cache [N, 576] (float32/float16/bfloat16; the fp8 V3.2 pages are not
     differentiated), indices, scale, attn_sink and topk_length as for sparse_mla; out [T, h_q, 512] and lse float32
@@ -667,6 +668,12 @@ def sparse_mla_backward(q, kv, indices, out, lse, grad_out, *, grad_lse=None, sc
     Returns (grad_q float32 [T, h_q, 576], grad_kv float32 [N, 576], grad_attn_sink float32 [h_q] or None without
     attn_sink); slots no row reads get zeros. Arithmetic in float32, deterministic (the same bits for any thread
     count). grad_q=, grad_kv=, grad_attn_sink= are written in place when given.
+
+    CUDA tensors (torch or CuPy) run keysel's GPU backward on their device, asynchronously on `stream` (default:
+    the library's current stream): q and kv both bfloat16 or both float32, out and grad_out bfloat16 or float32,
+    every tensor contiguous (indices: contiguous rows, any row stride); index values are not read by the host (a
+    slot outside the cache counts as invalid, as in sparse_mla on CUDA). The same definition and the same
+    determinism (no atomics).
     """
     fn = "sparse_mla_backward"
     names = ("q", "kv", "indices", "out", "lse", "grad_out")
@@ -686,7 +693,8 @@ def sparse_mla_backward(q, kv, indices, out, lse, grad_out, *, grad_lse=None, sc
     _io.call(fn, renames, _C.sparse_mla_backward, *converted, optional[0],
              0.0 if scale is None else _scale(scale, fn), optional[1], optional[2],
              _io.arg(result_q, fn, "grad_q")[0], _io.arg(result_kv, fn, "grad_kv")[0],
-             None if result_sink is None else _io.arg(result_sink, fn, "grad_attn_sink")[0])
+             None if result_sink is None else _io.arg(result_sink, fn, "grad_attn_sink")[0],
+             _io.stream_handle(stream, (q,)))
     return result_q, result_kv, result_sink
 
 

@@ -201,10 +201,11 @@ def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
 def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale,
                                     grad_lse=None):
     """(dq, dk, dv) of sparse_attention's out, and of its lse when grad_lse is given (SPEC §9), in the dtypes of q,
-    k_cache, v_cache: keysel's CUDA kernel for CUDA tensors it takes (_cuda_kernels_take) when there is no lse
-    gradient (the CUDA kernel has no lse term), keysel's CPU kernel where the compiled core takes the CPU tensors,
-    the gather-based pure-torch backward otherwise (other CUDA tensors, float64, backend "torch")."""
-    cuda = grad_lse is None and _cuda_kernels_take(q, k_cache, v_cache, out, grad_out)
+    k_cache, v_cache: keysel's CUDA kernel for CUDA tensors it takes (_cuda_kernels_take), keysel's CPU kernel
+    where the compiled core takes the CPU tensors, the gather-based pure-torch backward otherwise (other CUDA
+    tensors, float64, backend "torch")."""
+    cuda = _cuda_kernels_take(q, k_cache, v_cache, out, grad_out) and (grad_lse is None
+                                                                       or grad_lse.device == q.device)
     if cuda or (q.device.type == "cpu" and _use_core(q, k_cache, v_cache)
                 and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         dq, dk, dv = _core().sparse_attention_backward(
@@ -250,11 +251,27 @@ def _sparse_mla_impl(q, kv, indices, topk_length, attn_sink, scale):
     return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
+def _mla_cuda_backward_takes(q, kv, *more, out, grad_out):
+    """Whether keysel's CUDA sparse MLA backward runs these tensors: a CUDA build, backend not "torch", every tensor
+    (`more`: indices, topk_length, attn_sink, grad_lse; None skipped) on q's GPU, q and kv both bfloat16 or both
+    float32, out and grad_out bfloat16 or float32."""
+    if _settings["backend"] == "torch" or q.device.type != "cuda" or _core() is None:
+        return False
+    if not _core().built_with_cuda():
+        return False
+    if any(x is not None and x.device != q.device for x in (kv, out, grad_out) + more):
+        return False
+    floats = (torch.bfloat16, torch.float32)
+    return q.dtype == kv.dtype and q.dtype in floats and out.dtype in floats and grad_out.dtype in floats
+
+
 def _sparse_mla_backward_impl(q, kv, indices, topk_length, attn_sink, out, lse, grad_out, grad_lse, scale):
     """(dq, dkv, dsink) of sparse_mla (SPEC §9.2): keysel's deterministic CPU kernel where the compiled core takes
-    the CPU tensors, the gather-based pure-torch backward otherwise. dsink is zeros [H] without a sink."""
-    if (_use_core(q, kv) and q.device.type == "cpu"
-            and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
+    the CPU tensors, its deterministic CUDA kernel for CUDA tensors it takes (_mla_cuda_backward_takes), the
+    gather-based pure-torch backward otherwise. dsink is zeros [H] without a sink."""
+    cuda = _mla_cuda_backward_takes(q, kv, indices, topk_length, attn_sink, grad_lse, out=out, grad_out=grad_out)
+    if cuda or (_use_core(q, kv) and q.device.type == "cpu"
+                and grad_out.dtype in (torch.float32, torch.float16, torch.bfloat16)):
         sink = None if attn_sink is None else attn_sink.to(torch.float32).contiguous()
         length = None if topk_length is None else topk_length.to(torch.int32).contiguous()
         dq, dkv, dsink = _core().sparse_mla_backward(
@@ -452,9 +469,9 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
 
     Differentiable in q, k_cache and v_cache through out and lse (SPEC §9; the selection is a constant; d lse /
     d logit = P): the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16),
-    its CUDA kernel on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256 when the loss does not use
-    lse (the forward's CUDA kernel takes bfloat16 with D == Dv in {64, 128, 256}), and a gather-based pure-torch
-    backward elsewhere (other CUDA tensors, CUDA tensors with an lse gradient, float64, backend "torch")."""
+    its CUDA kernel on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256 (the forward's CUDA kernel
+    takes bfloat16 with D == Dv in {64, 128, 256}), and a gather-based pure-torch backward elsewhere (other CUDA
+    tensors, float64, backend "torch")."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _ops_registered:
         return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
@@ -473,8 +490,11 @@ def sparse_mla(q, kv, indices, *, topk_length=None, attn_sink=None, scale=None):
     1/sqrt(576). A row with no valid slot gets out = 0 and lse = -inf. Gradients flow into q, kv and attn_sink
     through out and lse (indices and topk_length are constants). CPU tensors of float32/float16/bfloat16 run
     keysel's kernels (the forward's sparse_mla and the deterministic sparse_mla_backward, which reject an index
-    >= N or a slot repeated in a row with keysel.Error); other tensors (float64, CUDA, backend "torch") run a
-    gather-based pure-torch version of the same definition."""
+    >= N or a slot repeated in a row with keysel.Error). CUDA tensors run the forward as a gather-based pure-torch
+    version of the same definition and, with q and kv both bfloat16 or both float32, the backward as keysel's
+    deterministic CUDA kernel (sparse_mla_backward on the GPU; an index outside [0, N) is invalid there); other
+    tensors (float64, backend "torch") run the pure-torch version both ways. The fp8 V3.2 cache is not
+    differentiated."""
     scale = 1.0 / math.sqrt(576) if scale is None else float(scale)
     if _ops_registered:
         return torch.ops.keysel.sparse_mla(q, kv, indices, topk_length, attn_sink, scale)

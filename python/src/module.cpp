@@ -398,11 +398,10 @@ void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::han
   const TensorView grad_v_view = args.output(grad_v, "grad_v");
   const TensorView grad_lse_view = args.optional_input(grad_lse, "grad_lse");
   if (on_cuda(q_view)) {
-    // The CUDA backward has no lse term (keysel.torch routes a CUDA call with an lse gradient elsewhere).
-    KEYSEL_CHECK_ARG_IN(function, grad_lse_view.empty(), "grad_lse", "None for CUDA tensors", grad_lse_view.str());
     nb::gil_scoped_release release;
     sparse_attention_backward_cuda(q_view, k_view, v_view, selection_view, parsed, scale, out_view, lse_view,
-                                   grad_out_view, grad_q_view, grad_k_view, grad_v_view, stream_pointer(stream));
+                                   grad_out_view, grad_q_view, grad_k_view, grad_v_view, stream_pointer(stream),
+                                   grad_lse_view);
     return;
   }
   // As sparse_attention: the selection already obeys the causal rule, so every query may read every key.
@@ -472,11 +471,12 @@ void sparse_mla_binding(nb::handle q, nb::handle kv, std::string_view kv_dtype, 
   }
 }
 
-// The backward of sparse MLA (SPEC §9.2) on the CPU: gradients into the caller's fp32 tensors.
+// The backward of sparse MLA (SPEC §9.2): gradients into the caller's fp32 tensors, on the CPU or, for CUDA
+// tensors, on their GPU.
 void sparse_mla_backward_binding(nb::handle q, nb::handle kv, nb::handle indices, nb::handle out, nb::handle lse,
                                  nb::handle grad_out, nb::handle grad_lse, double scale, nb::handle attn_sink,
                                  nb::handle topk_length, nb::handle grad_q, nb::handle grad_kv,
-                                 nb::handle grad_attn_sink) {
+                                 nb::handle grad_attn_sink, std::uintptr_t stream) {
   constexpr std::string_view function = "sparse_mla_backward";
   TensorArguments args(function);
   const TensorView q_view = args.input(q, "q");
@@ -490,8 +490,13 @@ void sparse_mla_backward_binding(nb::handle q, nb::handle kv, nb::handle indices
   const SparseMlaGradients gradients{args.output(grad_q, "gradients.q"), args.output(grad_kv, "gradients.kv"),
                                      args.optional_output(grad_attn_sink, "gradients.attn_sink")};
   nb::gil_scoped_release release;
-  sparse_mla_backward(q_view, kv_view, indices_view, out_view, lse_view, grad_out_view, grad_lse_view, gradients,
-                      options);
+  if (on_cuda(q_view)) {
+    sparse_mla_backward_cuda(q_view, kv_view, indices_view, out_view, lse_view, grad_out_view, grad_lse_view,
+                             gradients, options, stream_pointer(stream));
+  } else {
+    sparse_mla_backward(q_view, kv_view, indices_view, out_view, lse_view, grad_out_view, grad_lse_view, gradients,
+                        options);
+  }
 }
 
 void mla_v32_quantize_binding(nb::handle kv, nb::handle cache, std::string_view cache_dtype,
@@ -777,7 +782,7 @@ NB_MODULE(_C, m) {
         "selection"_a, "granularity"_a, "scale"_a, "out"_a, "lse"_a, "grad_out"_a, "grad_q"_a, "grad_k"_a,
         "grad_v"_a, "stream"_a = 0, "grad_lse"_a.none() = nb::none(),
         "Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and "
-        "grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and (CPU only) grad_lse; CPU or CUDA, "
+        "grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and optionally grad_lse; CPU or CUDA, "
         "deterministic.");
   m.def("indexer_kl_loss_reference", &indexer_kl_loss_reference_binding, "target"_a, "queries"_a, "weights"_a,
         "keys"_a, "positions"_a, "selection"_a.none(), "reduction"_a, "grad_queries"_a, "grad_weights"_a,
@@ -789,9 +794,9 @@ NB_MODULE(_C, m) {
         "workspace"_a.none());
   m.def("sparse_mla_backward", &sparse_mla_backward_binding, "q"_a, "kv"_a, "indices"_a, "out"_a, "lse"_a,
         "grad_out"_a, "grad_lse"_a.none(), "scale"_a, "attn_sink"_a.none(), "topk_length"_a.none(), "grad_q"_a,
-        "grad_kv"_a, "grad_attn_sink"_a.none(),
-        "Gradients of sparse_mla (SPEC §9.2) on the CPU into the float32 tensors grad_q [T, h_q, 576], grad_kv "
-        "[N, 576] and grad_attn_sink [h_q] (or None); deterministic.");
+        "grad_kv"_a, "grad_attn_sink"_a.none(), "stream"_a = 0,
+        "Gradients of sparse_mla (SPEC §9.2) into the float32 tensors grad_q [T, h_q, 576], grad_kv [N, 576] and "
+        "grad_attn_sink [h_q] (or None); CPU or CUDA, deterministic.");
   m.def("mla_v32_quantize", &mla_v32_quantize_binding, "kv"_a, "cache"_a, "cache_dtype"_a, "slot_mapping"_a);
   m.def("sparse_mla_workspace_bytes", &sparse_mla_cuda_workspace_bytes, "rows"_a, "heads"_a, "topk"_a,
         "device"_a = 0);

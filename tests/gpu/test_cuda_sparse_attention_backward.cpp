@@ -1,6 +1,7 @@
 // sparse_attention_backward_cuda against keysel::sparse_attention_backward_reference (double precision): fp32 and
-// bf16 inputs, every granularity, GQA / MHA / MQA, odd head dims, padded and empty selection rows, bitwise equal
-// results on a second run (no atomics), and bad input. Each test skips where no GPU is present.
+// bf16 inputs, every granularity, GQA / MHA / MQA, odd head dims, padded and empty selection rows, with and
+// without an lse gradient, bitwise equal results on a second run (no atomics), and bad input. Each test skips
+// where no GPU is present.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -81,7 +82,7 @@ struct Gradients {
 struct Problem {
   Case c;
   Values q, k, v, out, grad_out;
-  std::vector<float> lse;
+  std::vector<float> lse, grad_lse;  // grad_lse: d loss / d lse, used where a call asks for it
   std::vector<std::int32_t> selection;
   std::int64_t groups = 0;
 };
@@ -96,6 +97,7 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   p.v = random_values(rng, c.N * c.Hkv * c.Dv, 1.0, c.bf16);
   const Values grad = random_values(rng, c.T * c.Hq * c.Dv, 1.0, c.bf16);
   p.grad_out = grad;
+  p.grad_lse = random_values(rng, c.T * c.Hq, 1.0, false).f;
   // Random distinct keys per row (any order), then -1; row (0, 0) empty.
   p.selection.assign(static_cast<std::size_t>(c.T * p.groups * c.W), -1);
   std::vector<std::int32_t> all(static_cast<std::size_t>(c.N));
@@ -120,12 +122,12 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   return p;
 }
 
-Gradients run_cuda(const Problem& p) {
+Gradients run_cuda(const Problem& p, bool with_lse = false) {
   const Case& c = p.c;
   const DType dtype = c.bf16 ? DType::bf16 : DType::fp32;
   const CudaBuffer d_q = upload(p.q, c.bf16), d_k = upload(p.k, c.bf16), d_v = upload(p.v, c.bf16);
   const CudaBuffer d_out = upload(p.out, c.bf16), d_grad = upload(p.grad_out, c.bf16);
-  const CudaBuffer d_lse = to_device(p.lse), d_sel = to_device(p.selection);
+  const CudaBuffer d_lse = to_device(p.lse), d_sel = to_device(p.selection), d_grad_lse = to_device(p.grad_lse);
   CudaBuffer d_gq = poisoned<float>(c.T * c.Hq * c.D, 0xFF);
   CudaBuffer d_gk = poisoned<float>(c.N * c.Hkv * c.D, 0xFF);
   CudaBuffer d_gv = poisoned<float>(c.N * c.Hkv * c.Dv, 0xFF);
@@ -138,9 +140,36 @@ Gradients run_cuda(const Problem& p) {
       TensorView(d_grad.data(), dtype, {c.T, c.Hq, c.Dv}, gpu),
       TensorView(d_gq.data(), DType::fp32, {c.T, c.Hq, c.D}, gpu),
       TensorView(d_gk.data(), DType::fp32, {c.N, c.Hkv, c.D}, gpu),
-      TensorView(d_gv.data(), DType::fp32, {c.N, c.Hkv, c.Dv}, gpu));
+      TensorView(d_gv.data(), DType::fp32, {c.N, c.Hkv, c.Dv}, gpu), nullptr,
+      with_lse ? TensorView(d_grad_lse.data(), DType::fp32, {c.T, c.Hq}, gpu) : TensorView());
   cuda_synchronize();
   return {to_host<float>(d_gq), to_host<float>(d_gk), to_host<float>(d_gv)};
+}
+
+/// The double reference's gradients of the problem's (device-rounded) inputs, with the lse term when asked.
+struct ReferenceGradients {
+  std::vector<double> q, k, v;
+};
+
+ReferenceGradients reference(const Problem& p, bool with_lse) {
+  const Case& c = p.c;
+  const std::vector<std::int32_t> positions(static_cast<std::size_t>(c.T), static_cast<std::int32_t>(c.N - 1));
+  AttentionInputs in{TensorView(p.q.f.data(), DType::fp32, {c.T, c.Hq, c.D}),
+                     TensorView(p.k.f.data(), DType::fp32, {c.N, c.Hkv, c.D}),
+                     TensorView(p.v.f.data(), DType::fp32, {c.N, c.Hkv, c.Dv}),
+                     TensorView(positions.data(), DType::int32, {c.T}), 0.0};
+  ReferenceGradients g;
+  g.q.resize(static_cast<std::size_t>(c.T * c.Hq * c.D));
+  g.k.resize(static_cast<std::size_t>(c.N * c.Hkv * c.D));
+  g.v.resize(static_cast<std::size_t>(c.N * c.Hkv * c.Dv));
+  sparse_attention_backward_reference(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}),
+                                      c.granularity, TensorView(p.grad_out.f.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
+                                      TensorView(g.q.data(), DType::fp64, {c.T, c.Hq, c.D}),
+                                      TensorView(g.k.data(), DType::fp64, {c.N, c.Hkv, c.D}),
+                                      TensorView(g.v.data(), DType::fp64, {c.N, c.Hkv, c.Dv}),
+                                      with_lse ? TensorView(p.grad_lse.data(), DType::fp32, {c.T, c.Hq})
+                                               : TensorView());
+  return g;
 }
 
 TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
@@ -158,29 +187,56 @@ TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
                  " D=" + std::to_string(c.D));
     const Problem p = make_problem(c, ++seed);
     // The reference differentiates the forward of the same (device-rounded) inputs in double precision.
-    const std::vector<std::int32_t> positions(static_cast<std::size_t>(c.T), static_cast<std::int32_t>(c.N - 1));
-    AttentionInputs in{TensorView(p.q.f.data(), DType::fp32, {c.T, c.Hq, c.D}),
-                       TensorView(p.k.f.data(), DType::fp32, {c.N, c.Hkv, c.D}),
-                       TensorView(p.v.f.data(), DType::fp32, {c.N, c.Hkv, c.Dv}),
-                       TensorView(positions.data(), DType::int32, {c.T}), 0.0};
-    std::vector<double> gq(static_cast<std::size_t>(c.T * c.Hq * c.D)), gk(static_cast<std::size_t>(c.N * c.Hkv * c.D));
-    std::vector<double> gv(static_cast<std::size_t>(c.N * c.Hkv * c.Dv));
-    sparse_attention_backward_reference(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}),
-                                        c.granularity, TensorView(p.grad_out.f.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
-                                        TensorView(gq.data(), DType::fp64, {c.T, c.Hq, c.D}),
-                                        TensorView(gk.data(), DType::fp64, {c.N, c.Hkv, c.D}),
-                                        TensorView(gv.data(), DType::fp64, {c.N, c.Hkv, c.Dv}));
+    const ReferenceGradients want = reference(p, false);
     const Gradients got = run_cuda(p);
     // fp32: the CPU kernel's bound (tests/attention/test_sparse_attention_backward.cpp); bf16: out rounded to
     // 8 bits moves Delta by about 2^-8 relative.
     const double tolerance = c.bf16 ? 0.02 : 64.0 * static_cast<double>(c.D + c.Dv + c.W) / 16777216.0;
-    expect_gradient_close(got.q, gq, tolerance, "grad_q");
-    expect_gradient_close(got.k, gk, tolerance, "grad_k");
-    expect_gradient_close(got.v, gv, tolerance, "grad_v");
+    expect_gradient_close(got.q, want.q, tolerance, "grad_q");
+    expect_gradient_close(got.k, want.k, tolerance, "grad_k");
+    expect_gradient_close(got.v, want.v, tolerance, "grad_v");
     // No atomics: a second run gives the same bits.
     const Gradients again = run_cuda(p);
     EXPECT_EQ(0, std::memcmp(got.k.data(), again.k.data(), got.k.size() * sizeof(float)));
     EXPECT_EQ(0, std::memcmp(got.v.data(), again.v.data(), got.v.size() * sizeof(float)));
+    EXPECT_EQ(0, std::memcmp(got.q.data(), again.q.data(), got.q.size() * sizeof(float)));
+  }
+}
+
+TEST(CudaSparseAttentionBackward, TakesAnLseGradient) {
+  KEYSEL_REQUIRE_GPU();
+  // dS = P (dP - Delta + dLse): against the reference's lse term (SPEC §9), every granularity, both dtypes.
+  const Case cases[] = {
+      {37, 61, 6, 2, 19, 21, 13, Granularity::per_head, false},
+      {37, 61, 6, 2, 19, 21, 13, Granularity::per_kv_head, true},
+      {37, 61, 6, 2, 19, 21, 13, Granularity::per_token, false},
+      {11, 300, 8, 1, 128, 64, 100, Granularity::per_token, true},  // MQA
+  };
+  std::uint64_t seed = 40;
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(granularity_name(c.granularity)) + (c.bf16 ? " bf16" : " fp32") +
+                 " D=" + std::to_string(c.D));
+    const Problem p = make_problem(c, ++seed);
+    const ReferenceGradients want = reference(p, true);
+    const Gradients got = run_cuda(p, true);
+    const double tolerance = c.bf16 ? 0.02 : 64.0 * static_cast<double>(c.D + c.Dv + c.W) / 16777216.0;
+    expect_gradient_close(got.q, want.q, tolerance, "grad_q");
+    expect_gradient_close(got.k, want.k, tolerance, "grad_k");
+    expect_gradient_close(got.v, want.v, tolerance, "grad_v");
+    // The lse term moves dQ by far more than the fp32 bound (the comparison sees it) and leaves dV's bits alone.
+    if (!c.bf16) {
+      const ReferenceGradients without = reference(p, false);
+      double moved = 0.0, largest = 0.0;
+      for (std::size_t i = 0; i < want.q.size(); ++i) {
+        moved = std::max(moved, std::abs(want.q[i] - without.q[i]));
+        largest = std::max(largest, std::abs(want.q[i]));
+      }
+      EXPECT_GT(moved, 10.0 * tolerance * (1.0 + largest));
+    }
+    const Gradients plain = run_cuda(p, false);
+    EXPECT_EQ(0, std::memcmp(got.v.data(), plain.v.data(), got.v.size() * sizeof(float)));
+    const Gradients again = run_cuda(p, true);
+    EXPECT_EQ(0, std::memcmp(got.k.data(), again.k.data(), got.k.size() * sizeof(float)));
     EXPECT_EQ(0, std::memcmp(got.q.data(), again.q.data(), got.q.size() * sizeof(float)));
   }
 }
@@ -212,6 +268,19 @@ TEST(CudaSparseAttentionBackward, RejectsBadInputNamingTheArgument) {
   };
   expect_error([&] { call(3, DType::fp32); }, "grad_q");
   expect_error([&] { call(4, DType::bf16); }, "'k'");
+  const CudaBuffer d_grad_lse = to_device(p.lse);
+  const auto call_with_lse = [&](const TensorView& grad_lse) {
+    sparse_attention_backward_cuda(
+        TensorView(d_q.data(), DType::fp32, {3, 4, 8}, gpu), TensorView(d_k.data(), DType::fp32, {10, 2, 8}, gpu),
+        TensorView(d_v.data(), DType::fp32, {10, 2, 8}, gpu), TensorView(d_sel.data(), DType::int32, {3, 2, 4}, gpu),
+        Granularity::per_kv_head, 0.0, TensorView(d_out.data(), DType::fp32, {3, 4, 8}, gpu),
+        TensorView(d_lse.data(), DType::fp32, {3, 4}, gpu), TensorView(d_out.data(), DType::fp32, {3, 4, 8}, gpu),
+        TensorView(d_gq.data(), DType::fp32, {3, 4, 8}, gpu), TensorView(d_gk.data(), DType::fp32, {10, 2, 8}, gpu),
+        TensorView(d_gv.data(), DType::fp32, {10, 2, 8}, gpu), nullptr, grad_lse);
+  };
+  expect_error([&] { call_with_lse(TensorView(d_grad_lse.data(), DType::fp32, {4, 3}, gpu)); }, "grad_lse");
+  expect_error([&] { call_with_lse(TensorView(d_grad_lse.data(), DType::bf16, {3, 4}, gpu)); }, "grad_lse");
+  expect_error([&] { call_with_lse(TensorView(p.lse.data(), DType::fp32, {3, 4})); }, "grad_lse");
 }
 
 }  // namespace

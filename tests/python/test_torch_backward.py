@@ -189,7 +189,8 @@ def test_lse_gradient_in_float64(granularity):
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_torch_sparse_attention_gradients(granularity, backend):
-    """backend auto: keysel's CPU kernel; backend torch: the gather-based pure-torch backward (what CUDA runs)."""
+    """backend auto: keysel's CPU kernel; backend torch: the gather-based pure-torch backward (what CUDA tensors the
+    CUDA kernels do not take run)."""
     q, k, v, sel, grad_out = make_problem(5, t=6, n=23, hq=6, hkv=3, d=9, dv=11, width=7, granularity=granularity)
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
     grad_lse = torch.randn(6, 6, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
@@ -334,6 +335,64 @@ def test_torch_attention_on_cuda_runs_keysel_kernels_both_ways(granularity):
     assert torch.equal(torch.isfinite(lse.cpu()), finite)
     assert_close(lse.cpu()[finite], want_lse[finite], 1e-4)
     want = reference_gradients(q, k, v, sel, grad_out.to(torch.bfloat16), granularity, 0.125)
+    for leaf, expected in zip(leaves, want):
+        assert leaf.grad.dtype == torch.bfloat16
+        assert_close(leaf.grad.float().cpu(), expected, 3e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_cuda_backward_kernel_takes_an_lse_gradient(granularity, dtype):
+    """keysel.sparse_attention_backward on CUDA tensors with grad_lse (dS = P (dP - Delta + dLse)) against the
+    float64 reference of sum(out * grad_out) + sum(lse * grad_lse); two runs give the same bits."""
+    q, k, v, sel, grad_out = make_problem(23, t=37, n=71, hq=6, hkv=2, d=24, dv=40, width=13,
+                                          granularity=granularity, dtype=dtype)
+    grad_lse = torch.randn(37, 6, generator=torch.Generator().manual_seed(24), dtype=torch.float64)
+    out = masked_reference(q, k, v, sel, granularity, 0.3)
+    lse = torch.logsumexp(masked_lse_scores(q, k, sel, granularity, 0.3), dim=-1).float()
+    cuda = torch.device("cuda")
+    args = (q.to(cuda), k.to(cuda), v.to(cuda), sel.to(cuda), out.to(dtype).to(cuda).contiguous(), lse.to(cuda),
+            grad_out.to(dtype).to(cuda))
+    got = keysel.sparse_attention_backward(*args, granularity=granularity, scale=0.3,
+                                           grad_lse=grad_lse.float().to(cuda))
+    want = reference_gradients(q, k, v, sel, grad_out.to(dtype), granularity, 0.3, grad_lse.float())
+    without = reference_gradients(q, k, v, sel, grad_out.to(dtype), granularity, 0.3)
+    assert float((want[0] - without[0]).abs().max()) > 0.1  # the lse term matters
+    relative = 1e-4 if dtype == torch.float32 else 3e-2  # bf16 out and grad_out enter Delta rounded
+    for g, expected in zip(got, want):
+        assert g.device.type == "cuda"
+        assert_close(g.cpu(), expected, relative)
+    again = keysel.sparse_attention_backward(*args, granularity=granularity, scale=0.3,
+                                             grad_lse=grad_lse.float().to(cuda))
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+    with pytest.raises(keysel.Error, match="grad_lse"):
+        keysel.sparse_attention_backward(*args, granularity=granularity, scale=0.3,
+                                         grad_lse=grad_lse.float().to(cuda)[:, :2])
+
+
+@needs_cuda
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_torch_attention_on_cuda_differentiates_lse_with_keysel_kernels(granularity, monkeypatch):
+    """A loss that uses lse on bf16 CUDA tensors: keysel.torch's backward runs keysel's CUDA kernel (the
+    gather-based fallback is made to fail) and matches the float64 reference."""
+    q, k, v, sel, grad_out = make_problem(25, t=45, n=133, hq=8, hkv=2, d=64, dv=64, width=29,
+                                          granularity=granularity, dtype=torch.bfloat16)
+    grad_lse = torch.randn(45, 8, generator=torch.Generator().manual_seed(26), dtype=torch.float64)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the gather-based backward ran on CUDA tensors keysel's kernel takes")
+
+    monkeypatch.setattr(kt._fallback, "sparse_attention_backward", no_fallback)
+    cuda = torch.device("cuda")
+    leaves = [x.to(cuda).requires_grad_(True) for x in (q, k, v)]
+    out, lse = kt.sparse_attention(*leaves, sel.to(cuda), granularity=granularity, scale=0.125)
+    glse = grad_lse.float().to(cuda)
+    loss = (out.float() * grad_out.to(torch.bfloat16).float().to(cuda)).sum() + torch.where(
+        torch.isfinite(lse), lse * glse, torch.zeros_like(lse)).sum()
+    loss.backward()
+    want = reference_gradients(q, k, v, sel, grad_out.to(torch.bfloat16), granularity, 0.125, grad_lse.float())
     for leaf, expected in zip(leaves, want):
         assert leaf.grad.dtype == torch.bfloat16
         assert_close(leaf.grad.float().cpu(), expected, 3e-2)

@@ -1,8 +1,9 @@
-"""Gradients of sparse MLA (docs/SPEC.md §9.2): keysel.sparse_mla_backward (the CPU kernel) and
-keysel.torch.sparse_mla under autograd (keysel's kernels on CPU float32/bfloat16 tensors, the gather-based torch
-version for float64 and backend "torch"), against a dense float64 reference written below (scores over every slot
-of the cache, -inf outside a row's valid slots, the sink as one more column of the softmax that is dropped from
-the output, differentiated by torch's autograd), and torch.autograd.gradcheck in float64.
+"""Gradients of sparse MLA (docs/SPEC.md §9.2): keysel.sparse_mla_backward (the CPU kernel, and the CUDA kernel on
+CUDA tensors) and keysel.torch.sparse_mla under autograd (keysel's kernels on CPU float32/bfloat16 tensors, its
+CUDA backward on CUDA tensors, the gather-based torch version for float64 and backend "torch"), against a dense
+float64 reference written below (scores over every slot of the cache, -inf outside a row's valid slots, the sink
+as one more column of the softmax that is dropped from the output, differentiated by torch's autograd), and
+torch.autograd.gradcheck in float64. The CUDA tests skip without a GPU (or a CUDA build of keysel), saying so.
 
 Tolerances: the kernel computes in float32 (unit roundoff 6e-8); a gradient sums at most 576 products per logit
 and a few dozen rows per slot, so 2e-4 relative to the largest gradient leaves a margin of about ten while a wrong
@@ -155,7 +156,8 @@ def test_core_backward_rejects_bad_input_naming_the_argument():
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("with_sink", [False, True])
 def test_torch_sparse_mla_forward_and_gradients(backend, with_sink):
-    """backend auto: keysel's CPU kernels; backend torch: the gather-based pure-torch version (what CUDA runs)."""
+    """backend auto: keysel's CPU kernels; backend torch: the gather-based pure-torch version (what the forward
+    runs on CUDA tensors)."""
     q, kv, indices, length, sink, grad_out, grad_lse = make_problem(4, t=7, h=2, n=31, k=11)
     sink = sink if with_sink else None
     leaves = [x.clone().requires_grad_(True) for x in (q, kv)] + ([sink.clone().requires_grad_(True)] if with_sink
@@ -225,3 +227,101 @@ def test_opcheck_of_the_differentiable_op_and_its_backward():
     out, lse = kt.sparse_mla(q, kv, indices, topk_length=length, attn_sink=sink, scale=0.06)
     torch.library.opcheck(torch.ops.keysel.sparse_mla_backward.default,
                           (q, kv, indices, length, sink, out, lse, grad_out.float(), grad_lse.float(), 0.06))
+
+
+CUDA_KERNELS = torch.cuda.is_available() and keysel.built_with_cuda()
+needs_cuda = pytest.mark.skipif(not CUDA_KERNELS, reason="no CUDA GPU here, or keysel built without CUDA: the "
+                                "GPU backward runs on the GPU machine (bench/gpu/run.sh python)")
+
+
+def cuda_problem(seed, dtype, t=37, h=16, n=150, k=61):
+    """make_problem's tensors at awkward sizes, with out-of-range and negative slots besides -1 (invalid on the
+    GPU: the reference's valid_mask skips them too)."""
+    q, kv, indices, length, sink, grad_out, grad_lse = make_problem(seed, t=t, h=h, n=n, k=k, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    odd = torch.rand(t, k, generator=generator)
+    indices = torch.where(odd < 0.05, torch.full_like(indices, n + 3), indices)
+    indices = torch.where((odd >= 0.05) & (odd < 0.1), torch.full_like(indices, -9), indices)
+    length[1] = -2
+    return q, kv, indices, length, sink, grad_out, grad_lse
+
+
+@needs_cuda
+@pytest.mark.parametrize("with_sink", [False, True])
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_backward_matches_the_dense_reference(with_sink, with_lse, dtype):
+    """keysel.sparse_mla_backward on CUDA tensors (keysel's GPU kernel) against the float64 reference, from the
+    float64 forward's out (in q's dtype) and lse; two runs give the same bits."""
+    q, kv, indices, length, sink, grad_out, grad_lse = cuda_problem(11, dtype)
+    sink = sink if with_sink else None
+    scale = 0.06
+    out, lse = dense_reference(q, kv, indices, length, sink, scale)
+    cuda = torch.device("cuda")
+    args = [x.to(cuda) for x in (q, kv, indices)] + [out.to(dtype).to(cuda), lse.float().to(cuda),
+                                                     grad_out.to(dtype).to(cuda)]
+    options = dict(grad_lse=grad_lse.float().to(cuda) if with_lse else None, scale=scale,
+                   attn_sink=None if sink is None else sink.to(cuda), topk_length=length.to(cuda))
+    dq, dkv, dsink = keysel.sparse_mla_backward(*args, **options)
+    assert dq.device.type == "cuda" and dq.dtype == dkv.dtype == torch.float32
+    want = reference_gradients(q, kv, indices, length, sink, grad_out.to(dtype), grad_lse if with_lse else None,
+                               scale)
+    relative = 2e-4 if dtype == torch.float32 else 3e-2  # bf16 out enters Delta rounded
+    for got, expected in zip((dq, dkv), want[:2]):
+        assert float(expected.abs().max()) > 0.1  # not a comparison of zeros
+        assert_close(got.cpu(), expected, relative)
+    if with_sink:
+        assert_close(dsink.cpu(), want[2], relative)
+    else:
+        assert dsink is None
+    read = valid_mask(indices, length, kv.shape[0]).any(0)
+    assert torch.all(dkv.cpu()[~read] == 0) and torch.all(dq.cpu()[0] == 0)
+    again = keysel.sparse_mla_backward(*args, **options)
+    for a, b in zip((dq, dkv, dsink), again):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@needs_cuda
+def test_cuda_backward_takes_a_float32_out_of_a_bfloat16_forward():
+    """keysel.sparse_mla returns a float32 out by default for bfloat16 q and kv; the CUDA backward takes it."""
+    q, kv, indices, length, sink, grad_out, grad_lse = cuda_problem(12, torch.bfloat16, h=3)
+    cuda = torch.device("cuda")
+    qc, kvc, ic, lc, sc = (x.to(cuda) for x in (q, kv, indices, length, sink))
+    out, lse, _ = keysel.sparse_mla(qc, kvc, ic, scale=0.06, attn_sink=sc, topk_length=lc)
+    assert out.dtype == torch.float32
+    dq, dkv, dsink = keysel.sparse_mla_backward(qc, kvc, ic, out, lse, grad_out.float().to(cuda),
+                                                grad_lse=grad_lse.float().to(cuda), scale=0.06, attn_sink=sc,
+                                                topk_length=lc)
+    want = reference_gradients(q, kv, indices, length, sink, grad_out.float(), grad_lse, 0.06)
+    # The forward's bf16 tensor-core products move out and lse by about 2^-9 relative.
+    for got, expected in zip((dq, dkv, dsink), want):
+        assert_close(got.cpu(), expected, 3e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_sparse_mla_backward_on_cuda_runs_keysel_kernel(dtype, monkeypatch):
+    """keysel.torch.sparse_mla on CUDA tensors: the forward is the gather-based torch version, the backward keysel's
+    CUDA kernel (the gather-based backward is made to fail); gradients into q, kv and attn_sink against the float64
+    reference, through out and lse."""
+    q, kv, indices, length, sink, grad_out, grad_lse = cuda_problem(13, dtype)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the gather-based backward ran on CUDA tensors keysel's kernel takes")
+
+    monkeypatch.setattr(kt._fallback, "sparse_mla_backward", no_fallback)
+    cuda = torch.device("cuda")
+    leaves = [q.to(cuda).requires_grad_(True), kv.to(cuda).requires_grad_(True), sink.to(cuda).requires_grad_(True)]
+    out, lse = kt.sparse_mla(leaves[0], leaves[1], indices.to(cuda), topk_length=length.to(cuda),
+                             attn_sink=leaves[2], scale=0.06)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    go = grad_out.to(dtype).to(cuda)
+    glse = grad_lse.float().to(cuda)
+    loss = (out.float() * go.float()).sum() + torch.where(torch.isfinite(lse), lse * glse,
+                                                          torch.zeros_like(lse)).sum()
+    loss.backward()
+    want = reference_gradients(q, kv, indices, length, sink, grad_out.to(dtype), grad_lse.float(), 0.06)
+    relative = 2e-4 if dtype == torch.float32 else 3e-2
+    for leaf, expected in zip(leaves, want):
+        assert leaf.grad.dtype == leaf.dtype
+        assert_close(leaf.grad.float().cpu(), expected, relative)

@@ -35,8 +35,9 @@ void sparse_attention_decode_cuda(const TensorView& q, const CudaKvCache& cache,
                                   Granularity granularity, double scale, const TensorView& out,
                                   const TensorView& lse = {}, void* stream = nullptr);
 
-/// The backward of attention over a selection (SPEC §9) on a GPU: dQ, dK, dV of sum(out * grad_out), the
-/// selection held fixed; the CUDA counterpart of keysel::sparse_attention_backward, one sequence per call.
+/// The backward of attention over a selection (SPEC §9) on a GPU: dQ, dK, dV of sum(out * grad_out) +
+/// sum(lse * grad_lse), the selection held fixed; the CUDA counterpart of keysel::sparse_attention_backward, one
+/// sequence per call.
 ///   q:         [T, Hq, D] on Device::cuda(i), contiguous; q, k, v, out and grad_out all bf16 or all fp32
 ///   k, v:      [N, Hkv, D], [N, Hkv, Dv] on the same GPU, contiguous; D, Dv <= 256; Hq % Hkv == 0
 ///   selection: int32 [T, G, W], G = group_count(granularity, Hq, Hkv), contiguous. Entries are not read by the
@@ -47,13 +48,16 @@ void sparse_attention_decode_cuda(const TensorView& q, const CudaKvCache& cache,
 ///   grad_out:  [T, Hq, Dv]
 ///   grad_q, grad_k, grad_v: fp32 [T, Hq, D], [N, Hkv, D], [N, Hkv, Dv], contiguous, written in full
 ///   stream:    a cudaStream_t (nullptr: the default stream); asynchronous with respect to the host.
+///   grad_lse:  d loss / d lse, fp32 [T, Hq] contiguous on the same GPU, or empty (no lse term): adds P * grad_lse
+///              to dS (d lse / d logit = P); it changes dQ and dK, never dV; rows with no selected key ignore it
 /// fp32 arithmetic; deterministic (no atomics: each key's dK/dV is summed by one warp over the query tokens that
 /// select it in ascending order). Scratch memory from keysel's stream-ordered pool: 16 bytes per selection entry
-/// plus 16 per (key, key head). Throws keysel::Error (launching nothing) on a bad shape, dtype, device or scale.
+/// plus 16 per (key, key head) and 4 per query row. Throws keysel::Error (launching nothing) on a bad shape,
+/// dtype, device or scale.
 void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, const TensorView& v,
                                     const TensorView& selection, Granularity granularity, double scale,
                                     const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                                     const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
-                                    void* stream = nullptr);
+                                    void* stream = nullptr, const TensorView& grad_lse = {});
 
 }  // namespace keysel

@@ -98,6 +98,31 @@ void sparse_mla_backward(const TensorView& q, const TensorView& kv, const Tensor
                          const SparseMlaGradients& gradients, const SparseMlaOptions& options = {},
                          const SparseAttentionOptions& attention = {});
 
+/// Gradients of sparse MLA on a GPU (SPEC §9.2; declared in every build, without CUDA it throws): the contract of
+/// sparse_mla_backward, computed by sparse_attention_backward_cuda's kernels (portable, sm_80 and later) over the
+/// latent cache, with
+///   q:          bf16 or fp32 [T, h_q, 576] on Device::cuda(i), contiguous
+///   kv:         a latent cache [N, 576] of q's dtype on the same GPU, contiguous (the fp8 V3.2 pages are not
+///               differentiated)
+///   indices:    int32 [T, topk] (channels contiguous, any row stride). Values are not read by the host: a slot
+///               outside [0, N) counts as invalid (like -1); the caller keeps the valid slots of a row distinct
+///               (a repeated slot counts once per entry)
+///   out:        the forward's output, bf16 or fp32 [T, h_q, 512], contiguous; lse: fp32 [T, h_q], contiguous
+///   grad_out:   bf16 or fp32 [T, h_q, 512], contiguous; grad_lse: fp32 [T, h_q] contiguous, or empty
+///   gradients:  q fp32 [T, h_q, 576], kv fp32 [N, 576] (zeros on slots no row reads), attn_sink fp32 [h_q] or
+///               empty (needs options.attn_sink); contiguous, on the GPU, written in full
+///   options:    scale, attn_sink (fp32 [h_q] on the GPU), topk_length (int32 [T] on the GPU)
+///   stream:     a cudaStream_t (nullptr: the default stream); asynchronous with respect to the host.
+/// fp32 arithmetic; deterministic (no atomics): grad_q[t, h] sums its row's valid slots in row order, each
+/// grad_kv row is summed by one warp over the rows that read it (tokens ascending, then heads ascending),
+/// grad_attn_sink[h] by one thread over the tokens in ascending order (in double). Scratch memory from keysel's
+/// stream-ordered pool: 20 bytes per index entry, up to 12 per (token, head), 16 per slot. Throws keysel::Error
+/// (launching nothing) on a bad shape, dtype, device or pointer.
+void sparse_mla_backward_cuda(const TensorView& q, const TensorView& kv, const TensorView& indices,
+                              const TensorView& out, const TensorView& lse, const TensorView& grad_out,
+                              const TensorView& grad_lse, const SparseMlaGradients& gradients,
+                              const SparseMlaOptions& options = {}, void* stream = nullptr);
+
 /// Sparse MLA on a GPU (bf16 tensor cores, sm_80 and later; declared in every build, without CUDA it throws):
 /// the contract of sparse_mla_reference, with
 ///   q:          bf16 [T, h_q, 576] on Device::cuda(i), contiguous (1 <= h_q <= 65535)

@@ -52,7 +52,7 @@ fi
   2>&1 | tee "$OUT/machine.txt"
 
 PYTHON_OPT=OFF; PY_TARGET=()
-if has python; then
+if has python || [ "${PYTHON_BUILD:-0}" = 1 ]; then  # PYTHON_BUILD=1: build keysel._C without the python stage
   if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/keysel-site .whl/*.whl &&
       export PYTHONPATH=/tmp/keysel-site${PYTHONPATH:+:$PYTHONPATH}

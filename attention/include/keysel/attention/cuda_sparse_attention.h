@@ -78,12 +78,12 @@ struct CudaBackwardOptions {
   /// true: the deterministic kernel (the same bits on every run). false: the tiled tensor-core kernel where it
   /// takes the call (bf16 inputs; D and Dv of 64 or 128; Hq / Hkv dividing 64; per_kv_head or per_token, or
   /// per_head where Hq == Hkv; q, k, v, grad_out, grad_k, grad_v 16-byte aligned; fewer than 2^31 selection
-  /// entries of whole tiles; 125 KB of shared memory per block at D = Dv = 128, 85 KB at 64), the deterministic
+  /// entries of whole tiles; 125 KB of shared memory per block at D = Dv = 128, 93 KB at 64), the deterministic
   /// kernel otherwise. The tiled kernel takes the tiles of sparse_attention_prefill_cuda: S, dP = dO V^T and the
   /// three products on tensor cores (bf16 in, fp32 accumulate), P and dS rounded to bf16 before dQ = scale dS K,
   /// dK = scale dS^T Q and dV = P^T dO (as flash attention's backward does), dK and dV added to memory with
   /// atomics. So it is NOT bitwise reproducible (the order of the atomics changes from run to run), its error is
-  /// that of bf16 P and dS (about 2^-8 of the sum of the absolute terms), and a key repeated in one selection row
+  /// that of bf16 P and dS (at most 2^-7 of the sum of the absolute values of its terms), and a key repeated in one selection row
   /// counts once there. Scratch: 28 bytes per selection entry of whole tiles, 16 per tile and key head, 4 per
   /// query row.
   bool deterministic = true;

@@ -493,7 +493,9 @@ UnionLayout union_layout(std::string_view function, const TiledShape& shape) {
   return l;
 }
 
-unsigned blocks_of(long long items, int per_block) { return static_cast<unsigned>((items + per_block - 1) / per_block); }
+unsigned blocks_of(long long items, int per_block) {
+  return static_cast<unsigned>((items + per_block - 1) / per_block);
+}
 
 template <int D, int DV>
 void forward_typed(std::string_view function, const Params& p, const TiledUnions& unions, long long segments,

@@ -29,7 +29,9 @@ inline std::int64_t tiled_tile_tokens(const TiledShape& s) { return kTiledRows /
 inline std::int64_t tiled_segments(const TiledShape& s) {
   return (s.tokens + tiled_tile_tokens(s) - 1) / tiled_tile_tokens(s) * s.kv_heads;
 }
-inline std::int64_t tiled_entry_count(const TiledShape& s) { return tiled_segments(s) * tiled_tile_tokens(s) * s.width; }
+inline std::int64_t tiled_entry_count(const TiledShape& s) {
+  return tiled_segments(s) * tiled_tile_tokens(s) * s.width;
+}
 
 /// Why the tiled kernels cannot run `shape` on a GPU with `shared_memory_optin` bytes of shared memory per block
 /// (cudaDevAttrMaxSharedMemoryPerBlockOptin): the argument to name, what it expects, what it got; nothing when

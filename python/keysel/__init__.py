@@ -612,8 +612,8 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
     CUDA tensors (torch or CuPy) run keysel's GPU backward on their device, asynchronously on `stream` (default:
     the library's current stream): q, k_cache, v_cache, out and grad_out all bfloat16 or all float32,
     contiguous, D and Dv <= 256, grad_lse float32 contiguous; the same definition and, by default, the same
-    determinism (no atomics). deterministic=False runs keysel's tiled tensor-core backward instead where it takes the call
-    (bfloat16, D and Dv of 64 or 128, Hq / Hkv dividing 64, granularity "per_kv_head" or "per_token"; the
+    determinism (no atomics). deterministic=False runs keysel's tiled tensor-core backward instead where it takes
+    the call (bfloat16, D and Dv of 64 or 128, Hq / Hkv dividing 64, granularity "per_kv_head" or "per_token"; the
     deterministic kernel otherwise): P and dS rounded to bfloat16 before the three products (as flash attention's
     backward), dK and dV added with atomics, so not bitwise reproducible. CPU tensors ignore it.
     """

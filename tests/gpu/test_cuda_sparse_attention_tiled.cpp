@@ -229,13 +229,14 @@ Magnitudes magnitudes(const Problem& p, bool with_lse) {
         const double prob = std::exp(scale * logit - lse);
         const double ds_abs = prob * (std::abs(dp) + delta_abs + dlse);
         for (std::int64_t d = 0; d < c.Dv; ++d) {
-          m.out[static_cast<std::size_t>(r * c.Dv + d)] += prob * std::abs(p.v.f[static_cast<std::size_t>(key * c.Dv + d)]);
-          m.dv[static_cast<std::size_t>(key * c.Dv + d)] +=
-              prob * std::abs(p.grad_out.f[static_cast<std::size_t>(r * c.Dv + d)]);
+          const auto at_row = static_cast<std::size_t>(r * c.Dv + d), at_key = static_cast<std::size_t>(key * c.Dv + d);
+          m.out[at_row] += prob * std::abs(p.v.f[at_key]);
+          m.dv[at_key] += prob * std::abs(p.grad_out.f[at_row]);
         }
         for (std::int64_t d = 0; d < c.D; ++d) {
-          m.dq[static_cast<std::size_t>(r * c.D + d)] += scale * ds_abs * std::abs(p.k.f[static_cast<std::size_t>(key * c.D + d)]);
-          m.dk[static_cast<std::size_t>(key * c.D + d)] += scale * ds_abs * std::abs(p.q.f[static_cast<std::size_t>(r * c.D + d)]);
+          const auto at_row = static_cast<std::size_t>(r * c.D + d), at_key = static_cast<std::size_t>(key * c.D + d);
+          m.dq[at_row] += scale * ds_abs * std::abs(p.k.f[at_key]);
+          m.dk[at_key] += scale * ds_abs * std::abs(p.q.f[at_row]);
         }
       }
     }
@@ -328,10 +329,12 @@ Gradients run_backward(const Problem& p, const std::vector<std::int32_t>& select
   CudaBackwardOptions options;
   options.deterministic = deterministic;
   sparse_attention_backward_cuda(
-      TensorView(d_q.data(), DType::bf16, {c.T, c.Hq, c.D}, gpu), TensorView(d_k.data(), DType::bf16, {c.N, c.Hkv, c.D}, gpu),
+      TensorView(d_q.data(), DType::bf16, {c.T, c.Hq, c.D}, gpu),
+      TensorView(d_k.data(), DType::bf16, {c.N, c.Hkv, c.D}, gpu),
       TensorView(d_v.data(), DType::bf16, {c.N, c.Hkv, c.Dv}, gpu),
       TensorView(d_sel.data(), DType::int32, {c.T, p.groups, c.W}, gpu), c.granularity, 0.0,
-      TensorView(d_out.data(), DType::bf16, {c.T, c.Hq, c.Dv}, gpu), TensorView(d_lse.data(), DType::fp32, {c.T, c.Hq}, gpu),
+      TensorView(d_out.data(), DType::bf16, {c.T, c.Hq, c.Dv}, gpu),
+      TensorView(d_lse.data(), DType::fp32, {c.T, c.Hq}, gpu),
       TensorView(d_grad.data(), DType::bf16, {c.T, c.Hq, c.Dv}, gpu),
       TensorView(d_gq.data(), DType::fp32, {c.T, c.Hq, c.D}, gpu),
       TensorView(d_gk.data(), DType::fp32, {c.N, c.Hkv, c.D}, gpu),
@@ -456,7 +459,8 @@ TEST(CudaSparseAttentionTiled, PrefillRejectsWhatItDoesNotTakeNamingTheArgument)
   KEYSEL_REQUIRE_GPU();
   const Device gpu = Device::cuda();
   const std::int64_t T = 20, N = 30, W = 5;
-  CudaBuffer q = poisoned<float>(T * 8 * 128, 0), k = poisoned<float>(N * 8 * 128, 0), v = poisoned<float>(N * 8 * 128, 0);
+  CudaBuffer q = poisoned<float>(T * 8 * 128, 0), k = poisoned<float>(N * 8 * 128, 0),
+             v = poisoned<float>(N * 8 * 128, 0);
   CudaBuffer sel = poisoned<std::int32_t>(T * 8 * W, 0xFF), out = poisoned<float>(T * 8 * 128, 0xFF),
              lse = poisoned<float>(T * 8, 0xFF);
   struct Call {
@@ -470,7 +474,8 @@ TEST(CudaSparseAttentionTiled, PrefillRejectsWhatItDoesNotTakeNamingTheArgument)
     struct Views {
       TensorView q, k, v, selection, out, lse;
     } w{TensorView(static_cast<char*>(q.data()) + c.q_offset, c.q_dtype, {T, c.hq, c.d}, gpu),
-        TensorView(k.data(), DType::bf16, {N, c.hkv, c.d}, gpu), TensorView(v.data(), DType::bf16, {N, c.hkv, c.dv}, gpu),
+        TensorView(k.data(), DType::bf16, {N, c.hkv, c.d}, gpu),
+        TensorView(v.data(), DType::bf16, {N, c.hkv, c.dv}, gpu),
         TensorView(sel.data(), DType::int32, {T, c.groups, W}, gpu),
         TensorView(out.data(), c.out_dtype, {c.out_tokens, c.hq, c.dv}, gpu),
         TensorView(lse.data(), c.lse_dtype, {T, c.hq}, gpu)};
@@ -498,9 +503,9 @@ TEST(CudaSparseAttentionTiled, PrefillRejectsWhatItDoesNotTakeNamingTheArgument)
   EXPECT_NO_THROW(run(good));  // every selection entry is -1: out = 0, lse = -inf
   cuda_synchronize();
   const std::vector<std::uint16_t> written = to_host<std::uint16_t>(out);
-  for (std::int64_t i = 0; i < T * 8 * 64; ++i) ASSERT_EQ(0, written[static_cast<std::size_t>(i)]) << "out[" << i << "]";
+  for (std::size_t i = 0; i < static_cast<std::size_t>(T * 8 * 64); ++i) ASSERT_EQ(0, written[i]) << "out[" << i << "]";
   const std::vector<float> lse_written = to_host<float>(lse);
-  for (std::int64_t i = 0; i < T * 8; ++i) ASSERT_TRUE(std::isinf(lse_written[static_cast<std::size_t>(i)]) && lse_written[static_cast<std::size_t>(i)] < 0);
+  for (const float x : lse_written) ASSERT_TRUE(std::isinf(x) && x < 0) << x;
   Call c = good;
   c.q_dtype = DType::fp32;
   expect_error(c, "q");  // fp32 inputs

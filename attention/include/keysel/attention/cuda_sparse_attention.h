@@ -82,10 +82,10 @@ struct CudaBackwardOptions {
   /// kernel otherwise. The tiled kernel takes the tiles of sparse_attention_prefill_cuda: S, dP = dO V^T and the
   /// three products on tensor cores (bf16 in, fp32 accumulate), P and dS rounded to bf16 before dQ = scale dS K,
   /// dK = scale dS^T Q and dV = P^T dO (as flash attention's backward does), dK and dV added to memory with
-  /// atomics. So it is NOT bitwise reproducible (the order of the atomics changes from run to run), its error is
-  /// that of bf16 P and dS (at most 2^-7 of the sum of the absolute values of its terms), and a key repeated in one selection row
-  /// counts once there. Scratch: 28 bytes per selection entry of whole tiles, 16 per tile and key head, 4 per
-  /// query row.
+  /// atomics. So it is NOT bitwise reproducible (the order of the atomics changes from run to run), an output's
+  /// error is that of bf16 P and dS (at most 2^-7 of the sum of the absolute values of its terms), and a key
+  /// repeated in one selection row counts once there. Scratch: 28 bytes per selection entry of whole tiles, 16
+  /// per tile and key head, 4 per query row.
   bool deterministic = true;
 };
 

@@ -33,6 +33,7 @@ namespace {
 constexpr int kMaxCachedDevices = 64;
 std::atomic<int> g_multiprocessors[kMaxCachedDevices];
 std::atomic<int> g_capability[kMaxCachedDevices];
+std::atomic<int> g_shared_memory_optin[kMaxCachedDevices];
 
 /// An environment switch: set, non-empty and not "0".
 bool environment_flag(const char* name) {
@@ -48,8 +49,9 @@ DeviceFacts device_facts(std::string_view function, int device) {
   if (cached) {
     facts.multiprocessors = g_multiprocessors[device].load(std::memory_order_relaxed);
     facts.capability = g_capability[device].load(std::memory_order_relaxed);
+    facts.shared_memory_optin = g_shared_memory_optin[device].load(std::memory_order_relaxed);
   }
-  if (facts.multiprocessors <= 0 || facts.capability <= 0) {
+  if (facts.multiprocessors <= 0 || facts.capability <= 0 || facts.shared_memory_optin <= 0) {
     int major = 0, minor = 0;
     check(cudaDeviceGetAttribute(&facts.multiprocessors, cudaDevAttrMultiProcessorCount, device), function,
           "cudaDeviceGetAttribute");
@@ -57,10 +59,13 @@ DeviceFacts device_facts(std::string_view function, int device) {
           "cudaDeviceGetAttribute");
     check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), function,
           "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&facts.shared_memory_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+          function, "cudaDeviceGetAttribute");
     facts.capability = 10 * major + minor;
     if (cached) {
       g_multiprocessors[device].store(facts.multiprocessors, std::memory_order_relaxed);
       g_capability[device].store(facts.capability, std::memory_order_relaxed);
+      g_shared_memory_optin[device].store(facts.shared_memory_optin, std::memory_order_relaxed);
     }
   }
   facts.programmatic = facts.capability >= 90 && !no_pdl;

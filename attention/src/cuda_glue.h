@@ -20,6 +20,7 @@ namespace keysel::cuda_glue {
 struct DeviceFacts {
   int multiprocessors = 0;
   int capability = 0;  // 10 * major + minor
+  int shared_memory_optin = 0;  // bytes of shared memory a block may ask for (cudaDevAttrMaxSharedMemoryPerBlockOptin)
   /// sm_90+ and not switched off by the environment variable KEYSEL_CUDA_NO_PDL (read once): kernels that
   /// depend on the stream's previous kernel are launched as programmatic dependents (overlapping its end).
   bool programmatic = false;

@@ -1,4 +1,5 @@
-// Argument checks of sparse_attention_backward_cuda; the kernels are in cuda_sparse_attention_backward.cu.
+// Argument checks of sparse_attention_backward_cuda; the kernels are in cuda_sparse_attention_backward.cu (the
+// deterministic ones) and cuda_sparse_attention_tiled.cu (the tiled ones, deterministic = false).
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -10,6 +11,7 @@
 #if KEYSEL_CUDA
 #include "cuda_glue.h"
 #include "cuda_sparse_attention_backward_launch.h"
+#include "cuda_sparse_attention_tiled_launch.h"
 #endif
 
 namespace keysel {
@@ -28,13 +30,15 @@ void check_tensor(std::string_view function, const TensorView& view, std::string
   if (output) expect_writable(function, view, argument);
 }
 
+bool aligned16(const TensorView& view) { return reinterpret_cast<std::uintptr_t>(view.raw_data()) % 16 == 0; }
+
 }  // namespace
 
 void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, const TensorView& v,
                                     const TensorView& selection, Granularity granularity, double scale,
                                     const TensorView& out, const TensorView& lse, const TensorView& grad_out,
                                     const TensorView& grad_q, const TensorView& grad_k, const TensorView& grad_v,
-                                    void* stream, const TensorView& grad_lse) {
+                                    void* stream, const TensorView& grad_lse, const CudaBackwardOptions& options) {
   constexpr std::string_view function = "sparse_attention_backward_cuda";
   expect_shape(function, q, "q", {kAnyExtent, kAnyExtent, kAnyExtent});
   expect_dtype(function, q, "q", {DType::bf16, DType::fp32});
@@ -75,7 +79,7 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
                     (width == 0 || units <= kIntMax * 64 / width) &&
                     static_cast<double>(kv_heads) * static_cast<double>(keys) * static_cast<double>(units) < 1.8e19;
   KEYSEL_CHECK_ARG(fits, "selection", "T * G * W entries below 2^37 and Hkv * N * units below 2^64", selection.str());
-  cuda_glue::use_device(function, device.index);
+  const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
   cuda_glue::expect_device_pointers(function,
                                     {{q.raw_data(), "q"},
                                      {k.raw_data(), "k"},
@@ -89,6 +93,38 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
                                      {grad_k.raw_data(), "grad_k"},
                                      {grad_v.raw_data(), "grad_v"}},
                                     device.index);
+
+  if (!options.deterministic && dtype == DType::bf16 && aligned16(q) && aligned16(k) && aligned16(v) &&
+      aligned16(grad_out) && aligned16(grad_k) && aligned16(grad_v)) {
+    cuda_kernels::TiledShape shape;
+    shape.tokens = tokens;
+    shape.keys = keys;
+    shape.query_heads = query_heads;
+    shape.kv_heads = kv_heads;
+    shape.head_dim = head_dim;
+    shape.value_dim = value_dim;
+    shape.groups = groups;
+    shape.width = width;
+    if (!cuda_kernels::tiled_refusal(shape, facts.shared_memory_optin, true)) {
+      cuda_kernels::TiledBackwardLaunch tiled{};
+      tiled.shape = shape;
+      tiled.q = q.raw_data();
+      tiled.k = k.raw_data();
+      tiled.v = v.raw_data();
+      tiled.out = out.raw_data();
+      tiled.grad_out = grad_out.raw_data();
+      tiled.lse = lse.data<float>();
+      tiled.grad_lse = grad_lse.empty() ? nullptr : grad_lse.data<float>();
+      tiled.selection = selection.data<std::int32_t>();
+      tiled.grad_q = grad_q.mutable_data<float>();
+      tiled.grad_k = grad_k.mutable_data<float>();
+      tiled.grad_v = grad_v.mutable_data<float>();
+      tiled.scale = static_cast<float>(effective_scale);
+      tiled.device = device.index;
+      cuda_kernels::launch_sparse_attention_tiled_backward(function, tiled, stream);
+      return;
+    }
+  }
 
   cuda_kernels::SparseBackwardLaunch launch{};
   launch.q = q.raw_data();
@@ -124,7 +160,7 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
 void sparse_attention_backward_cuda(const TensorView&, const TensorView&, const TensorView&, const TensorView&,
                                     Granularity, double, const TensorView&, const TensorView&, const TensorView&,
                                     const TensorView&, const TensorView&, const TensorView&, void*,
-                                    const TensorView&) {
+                                    const TensorView&, const CudaBackwardOptions&) {
   detail::throw_error("sparse_attention_backward_cuda", "keysel was built without CUDA");
 }
 

@@ -4,7 +4,8 @@
 //
 //   backward_profile T HQ HKV D K [REPEATS [SHARED]]
 //                               SHARED (0 to 1): the share of each row's keys common to its 16-token block (0: the
-//                               scattered selections above); times the library's kernels and the tiled prototype
+//                               scattered selections above); times the library's deterministic kernels and its
+//                               tiled ones (cuda_sparse_attention_tiled.cu: unions, forward, backward apart)
 //   backward_profile check      the kernels against a double-precision transcription of SPEC §9 on small awkward
 //                               shapes, every granularity (exit status 1 on a mismatch)
 //
@@ -26,9 +27,81 @@
 
 #include "cuda_sparse_attention_backward_launch.h"
 #include "cuda_sparse_attention_launch.h"
-#include "tiled_backward.cuh"
+#include "cuda_sparse_attention_tiled_launch.h"
 
 namespace {
+
+namespace kernels = keysel::cuda_kernels;
+
+/// One problem of the driver: bf16 q, K, V, O, dO; fp32 lse and gradients.
+struct Problem {
+  const __nv_bfloat16 *q, *k, *v, *out, *grad_out;
+  const float* lse;
+  const std::int32_t* selection;  // [T, groups, width]
+  float *grad_q, *grad_k, *grad_v;
+  long long tokens, keys;
+  int query_heads, kv_heads, head_dim, value_dim, groups, width;
+  float scale;
+};
+
+kernels::TiledShape tiled_shape(const Problem& p) {
+  kernels::TiledShape s;
+  s.tokens = p.tokens;
+  s.keys = p.keys;
+  s.query_heads = p.query_heads;
+  s.kv_heads = p.kv_heads;
+  s.head_dim = p.head_dim;
+  s.value_dim = p.value_dim;
+  s.groups = p.groups;
+  s.width = p.width;
+  return s;
+}
+
+int shared_memory_optin() {
+  int bytes = 0;
+  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
+  return bytes;
+}
+
+/// Whether the library's tiled kernels (forward and backward) take `p` on GPU 0.
+bool tiled_takes(const Problem& p) {
+  return !kernels::tiled_refusal(tiled_shape(p), shared_memory_optin(), true) &&
+         !kernels::tiled_refusal(tiled_shape(p), shared_memory_optin(), false);
+}
+
+kernels::TiledForwardLaunch tiled_forward_launch(const Problem& p, __nv_bfloat16* out, float* lse) {
+  kernels::TiledForwardLaunch launch{};
+  launch.shape = tiled_shape(p);
+  launch.q = p.q;
+  launch.k = p.k;
+  launch.v = p.v;
+  launch.selection = p.selection;
+  launch.out = out;
+  launch.out_bf16 = true;
+  launch.lse = lse;
+  launch.scale = p.scale;
+  launch.device = 0;
+  return launch;
+}
+
+kernels::TiledBackwardLaunch tiled_backward_launch(const Problem& p) {
+  kernels::TiledBackwardLaunch launch{};
+  launch.shape = tiled_shape(p);
+  launch.q = p.q;
+  launch.k = p.k;
+  launch.v = p.v;
+  launch.out = p.out;
+  launch.grad_out = p.grad_out;
+  launch.lse = p.lse;
+  launch.grad_lse = nullptr;
+  launch.selection = p.selection;
+  launch.grad_q = p.grad_q;
+  launch.grad_k = p.grad_k;
+  launch.grad_v = p.grad_v;
+  launch.scale = p.scale;
+  launch.device = 0;
+  return launch;
+}
 
 __global__ void fill_bf16(__nv_bfloat16* x, long long n, unsigned seed) {
   for (long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; i < n;
@@ -92,13 +165,12 @@ X* to_device(const std::vector<X>& host) {
 
 struct CheckResult {
   double library;  // worst error over the bound 2e-4 (1 + max |ref|)
-  double tiled;    // the prototype's worst error over 1e-2 max |ref| + 1e-5 (bf16 P and dS); < 0: not supported
-  double forward;  // the prototype forward's: out over 1e-2 max |ref| + 1e-3, lse over 1e-4 (1 + |lse|)
+  double tiled;    // the tiled backward's worst error over 1e-2 max |ref| + 1e-5 (bf16 P and dS); < 0: not taken
+  double forward;  // the tiled forward's: out over 1e-2 max |ref| + 1e-3, lse over 1e-4 (1 + |lse|)
 };
 
-/// The library backward's launch for the problem the prototype takes (bf16, GPU 0).
-keysel::cuda_kernels::SparseBackwardLaunch library_launch(const tiled_backward::Problem& p,
-                                                          keysel::Granularity granularity) {
+/// The library's deterministic backward's launch for `p` (bf16, GPU 0).
+keysel::cuda_kernels::SparseBackwardLaunch library_launch(const Problem& p, keysel::Granularity granularity) {
   keysel::cuda_kernels::SparseBackwardLaunch launch{};
   launch.q = p.q;
   launch.k = p.k;
@@ -214,7 +286,7 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
   auto* dq_dev = to_device(std::vector<float>(dq.size(), NAN));
   auto* dk_dev = to_device(std::vector<float>(dk.size(), NAN));
   auto* dv_dev = to_device(std::vector<float>(dv.size(), NAN));
-  const tiled_backward::Problem tp{to_device(bf16_vec(q)), to_device(bf16_vec(k)), to_device(bf16_vec(v)),
+  const Problem tp{to_device(bf16_vec(q)), to_device(bf16_vec(k)), to_device(bf16_vec(v)),
                                    to_device(bf16_vec(out)), to_device(bf16_vec(dout)), to_device(lse), to_device(sel),
                                    dq_dev, dk_dev, dv_dev, tokens, keys, hq, hkv, dim, vdim, groups, width,
                                    static_cast<float>(scale)};
@@ -246,23 +318,24 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
   compare(dq, dq_dev, 2e-4, 2e-4, result.library, "library dq");
   compare(dk, dk_dev, 2e-4, 2e-4, result.library, "library dk");
   compare(dv, dv_dev, 2e-4, 2e-4, result.library, "library dv");
-  if (tiled_backward::supports(tp)) {
+  if (tiled_takes(tp)) {
     check(cudaMemset(dq_dev, 0xff, dq.size() * 4), "cudaMemset");  // NaN: every element must be written
-    void* scratch = nullptr;
-    check(cudaMalloc(&scratch, tiled_backward::scratch_bytes(tp)), "cudaMalloc");
-    check(tiled_backward::run(tp, tiled_backward::carve(tp, scratch), nullptr), "tiled backward");
+    check(cudaMemset(dk_dev, 0xff, dk.size() * 4), "cudaMemset");
+    check(cudaMemset(dv_dev, 0xff, dv.size() * 4), "cudaMemset");
+    kernels::launch_sparse_attention_tiled_backward("backward_profile", tiled_backward_launch(tp), nullptr);
     check(cudaDeviceSynchronize(), "tiled backward");
     result.tiled = 0.0;
     compare(dq, dq_dev, 1e-2, 1e-5, result.tiled, "tiled dq");
     compare(dk, dk_dev, 1e-2, 1e-5, result.tiled, "tiled dk");
     compare(dv, dv_dev, 1e-2, 1e-5, result.tiled, "tiled dv");
-    // the forward over the unions the backward built
+    // the tiled forward
     __nv_bfloat16* out_dev = nullptr;
     float* lse_dev = nullptr;
     check(cudaMalloc(&out_dev, out.size() * 2), "cudaMalloc");
     check(cudaMalloc(&lse_dev, lse.size() * 4), "cudaMalloc");
     check(cudaMemset(out_dev, 0xff, out.size() * 2), "cudaMemset");
-    check(tiled_backward::forward(tp, tiled_backward::carve(tp, scratch), out_dev, lse_dev, nullptr), "tiled forward");
+    kernels::launch_sparse_attention_tiled_forward("backward_profile", tiled_forward_launch(tp, out_dev, lse_dev),
+                                                   nullptr);
     check(cudaDeviceSynchronize(), "tiled forward");
     std::vector<__nv_bfloat16> out_got(out.size());
     std::vector<float> lse_got(lse.size());
@@ -286,7 +359,6 @@ CheckResult check_case(keysel::Granularity granularity, long long tokens, int hq
     }
     check(cudaFree(out_dev), "cudaFree");
     check(cudaFree(lse_dev), "cudaFree");
-    check(cudaFree(scratch), "cudaFree");
   }
   return result;
 }
@@ -358,8 +430,7 @@ int main(int argc, char** argv) {
   fill_selection<<<static_cast<unsigned>(tokens * hkv), 256>>>(sel, tokens, hkv, width, shared);
   check(cudaDeviceSynchronize(), "fill");
 
-  const tiled_backward::Problem tp{q, k, v, o, dout, lse, sel, dq, dk, dv, tokens, tokens, hq, hkv, dim, dim, hkv, width,
-                                   1.0f / 16.0f};
+  const Problem tp{q, k, v, o, dout, lse, sel, dq, dk, dv, tokens, tokens, hq, hkv, dim, dim, hkv, width, 1.0f / 16.0f};
   const keysel::cuda_kernels::SparseBackwardLaunch launch = library_launch(tp, keysel::Granularity::per_kv_head);
   cudaEvent_t start, stop;
   check(cudaEventCreate(&start), "cudaEventCreate");
@@ -416,23 +487,32 @@ int main(int argc, char** argv) {
       median_ms([&] { keysel::cuda_kernels::launch_sparse_attention_decode("backward_profile", fwd, nullptr); });
   std::printf("  library forward (decode kernel per token) median %.2f ms; forward + backward %.2f ms\n", library_fwd,
               library_fwd + library);
-  if (tiled_backward::supports(tp) && std::getenv("KEYSEL_PROFILE_NO_TILED") == nullptr) {
+  if (tiled_takes(tp) && std::getenv("KEYSEL_PROFILE_NO_TILED") == nullptr) {
+    // The unions built once into memory of the driver's, then the forward and the backward over them; the
+    // library's entry points build them per call (in scratch memory of keysel's pool).
+    const kernels::TiledShape shape = tiled_shape(tp);
     void* scratch = nullptr;
-    check(cudaMalloc(&scratch, tiled_backward::scratch_bytes(tp)), "cudaMalloc (tiled scratch)");
-    const tiled_backward::Scratch parts = tiled_backward::carve(tp, scratch);
-    const double unions = median_ms([&] { check(tiled_backward::build_union(tp, parts, nullptr), "tiled unions"); });
+    check(cudaMalloc(&scratch, kernels::tiled_union_bytes("backward_profile", shape)), "cudaMalloc (tiled scratch)");
+    kernels::TiledUnions unions{};
+    const double build = median_ms([&] {
+      unions = kernels::build_tiled_unions("backward_profile", shape, sel, scratch, nullptr);
+    });
     long long union_entries = 0;
     {
-      std::vector<long long> ends(static_cast<std::size_t>(tiled_backward::segments(tp)));
-      check(cudaMemcpy(ends.data(), parts.segment_end, ends.size() * 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
+      std::vector<long long> ends(static_cast<std::size_t>(kernels::tiled_segments(shape)));
+      check(cudaMemcpy(ends.data(), unions.segment_end, ends.size() * 8, cudaMemcpyDeviceToHost), "cudaMemcpy");
       for (long long e : ends) union_entries = std::max(union_entries, e);
     }
-    const double forward = median_ms([&] { check(tiled_backward::forward(tp, parts, o, lse_fwd, nullptr), "tiled fwd"); });
-    const double backward = median_ms([&] { check(tiled_backward::backward(tp, parts, nullptr), "tiled backward"); });
-    std::printf("  tiled prototype: unions %.2f ms (union keys / (T Hkv k / R) = %.2f), forward %.2f ms, backward "
+    const kernels::TiledForwardLaunch fwd_tiled = tiled_forward_launch(tp, o, lse_fwd);
+    const kernels::TiledBackwardLaunch bwd_tiled = tiled_backward_launch(tp);
+    const double forward = median_ms(
+        [&] { kernels::launch_sparse_attention_tiled_forward("backward_profile", fwd_tiled, nullptr, &unions); });
+    const double backward = median_ms(
+        [&] { kernels::launch_sparse_attention_tiled_backward("backward_profile", bwd_tiled, nullptr, &unions); });
+    std::printf("  tiled kernels: unions %.2f ms (union keys / (T Hkv k / R) = %.2f), forward %.2f ms, backward "
                 "%.2f ms; forward + backward with the unions %.2f ms\n",
-                unions, static_cast<double>(union_entries) / (entries / tiled_backward::tile_tokens(tp)), forward,
-                backward, unions + forward + backward);
+                build, static_cast<double>(union_entries) / (entries / kernels::tiled_tile_tokens(shape)), forward,
+                backward, build + forward + backward);
     check(cudaFree(scratch), "cudaFree");
   }
   return 0;

@@ -5,8 +5,9 @@
 #   bash bench/gpu/backward_profile.sh        SHAPES="T:K:SHARED ..." (Hq = 32, Hkv = 8, D = Dv = 128, bf16,
 #                                             per_kv_head; SHARED: the share of a row's keys common to its 16-token
 #                                             block, 0 = scattered), NCU_SHAPE="T:K:SHARED" (default 8192:2048:0.75)
-# backward_profile.txt: `backward_profile check` (the library's kernels and the tiled prototype of
-# tiled_backward.cuh against a double transcription of SPEC §9), then the median times of both per shape and
+# backward_profile.txt: `backward_profile check` (the library's deterministic kernels and its tiled ones of
+# attention/src/cuda_sparse_attention_tiled.cu against a double transcription of SPEC §9), then the median times
+# of both per shape and
 # PyTorch's flash attention forward + backward at the same token counts (bench/gpu/flash_peer.py);
 # NCU=0 skips Nsight Compute. nsys_<T>_<K>.txt: time per kernel where Nsight Systems is installed; ncu_<kernel>.txt: Nsight Compute's
 # SpeedOfLight, memory, occupancy and warp-state sections of each kernel at NCU_SHAPE.
@@ -24,7 +25,7 @@ for f in core/src/error.cpp core/src/device.cpp; do
   g++ -std=c++20 -O2 "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
 done
 for f in bench/gpu/backward_profile.cu attention/src/cuda_sparse_attention_backward.cu attention/src/cuda_sparse_attention.cu \
-         attention/src/cuda_glue.cu; do
+         attention/src/cuda_sparse_attention_tiled.cu attention/src/cuda_glue.cu; do
   nvcc -std=c++20 -O3 -lineinfo -arch=sm_$ARCH "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
 done
 wait

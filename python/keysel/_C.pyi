@@ -80,9 +80,19 @@ def indexer_k_quant_and_cache(k: object, kv_cache: object, kv_cache_dtype: str, 
 
 def sparse_attention(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, block_table: object | None, out: object, lse: object | None, stream: int) -> None: ...
 
-def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object, stream: int = 0, grad_lse: object | None = None) -> None:
+def sparse_attention_backward(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object, grad_out: object, grad_q: object, grad_k: object, grad_v: object, stream: int = 0, grad_lse: object | None = None, deterministic: bool = True) -> None:
     """
-    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and optionally grad_lse; CPU or CUDA, deterministic.
+    Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and optionally grad_lse; CPU or CUDA, deterministic unless deterministic=False lets CUDA tensors take the tiled kernel.
+    """
+
+def sparse_attention_prefill(q: object, k_cache: object, v_cache: object, selection: object, granularity: str, scale: float, out: object, lse: object | None, stream: int) -> None:
+    """
+    The tiled tensor-core forward of attention over a selection for one sequence on a GPU (bf16 CUDA tensors).
+    """
+
+def sparse_attention_prefill_supported(q: object, k_cache: object, v_cache: object, selection: object, granularity: str) -> bool:
+    """
+    Whether sparse_attention_prefill takes these tensors (False where it would raise keysel.Error).
     """
 
 def indexer_kl_loss_reference(target: object, queries: object, weights: object, keys: object, positions: object, selection: object | None, reduction: str, grad_queries: object, grad_weights: object, grad_keys: object) -> float:

@@ -58,7 +58,8 @@ __all__ = [
     "Error", "IndexerKeyCache", "Selector", "built_with_cuda", "built_with_faiss", "cuda_device_count", "exact_topk",
     "indexer_logits_cuda", "indexer_scores", "indexer_topk_cuda", "load_dump", "make_selector", "metric_names",
     "metrics", "num_threads", "run_study", "select_topk", "select_topk_workspace_bytes", "set_num_threads",
-    "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "indexer_kl_loss_reference", "indexer_topk_workspace_bytes", "topk_rows",
+    "set_simd_level", "simd_level", "sparse_attention", "sparse_attention_backward", "sparse_attention_prefill",
+    "sparse_attention_prefill_supported", "indexer_kl_loss_reference", "indexer_topk_workspace_bytes", "topk_rows",
     "topk_rows_workspace_bytes", "paged_mqa_logits", "ragged_mqa_logits", "select_topk_paged", "paged_topk_workspace_bytes",
     "indexer_k_quant_and_cache", "sparse_mla", "sparse_mla_backward", "sparse_mla_workspace_bytes", "mla_v32_quantize",
 ]
@@ -551,8 +552,50 @@ def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head
     return result, result_lse
 
 
+def sparse_attention_prefill(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None, out=None,
+                             lse=None, stream=None):
+    """sparse_attention's out and lse for every token of one sequence on a GPU, by keysel's tiled tensor-core
+    forward (sparse_attention_prefill_cuda): tiles of 64 query rows (64 / g tokens x the g = Hq / Hkv heads of a key
+    head) read the union of their selections once, in chunks of 64 keys; q K^T and P V on tensor cores, an online
+    softmax in float32, P rounded to bfloat16 before P V. Deterministic; on `stream`.
+
+    q bfloat16 [T, Hq, D], k_cache [N, Hkv, D], v_cache [N, Hkv, Dv] (bfloat16, contiguous, on one GPU), D and Dv
+    of 64 or 128, Hq / Hkv dividing 64; selection int32 [T, G, W] with granularity "per_kv_head" or "per_token"
+    ("per_head" only where Hq == Hkv); an entry outside [0, N) is skipped, a key repeated in a row counts once.
+    Returns (out [T, Hq, Dv], lse float32 [T, Hq]); out is float32 unless out= is given (bfloat16 or float32);
+    a query with no selected key gets zeros and -inf. Shapes the kernel does not take raise keysel.Error naming
+    the argument (sparse_attention_prefill_supported tells beforehand; sparse_attention with a one-page block
+    table runs the decode kernel on them).
+    """
+    fn = "sparse_attention_prefill"
+    q_c, _ = _io.arg(q, fn, "q")
+    k_c, _ = _io.arg(k_cache, fn, "k_cache")
+    v_c, _ = _io.arg(v_cache, fn, "v_cache")
+    s_c, _ = _io.arg(selection, fn, "selection")
+    t, hq, _d = _io.shape(q, fn, "q", 3, "[T, Hq, D]")
+    dv = _io.shape(v_cache, fn, "v_cache", 3, "[N, Hkv, Dv]")[2]
+    inputs = (q, k_cache, v_cache, selection)
+    result = out if out is not None else _io.empty((t, hq, dv), "float32", inputs, fn)
+    result_lse = lse if lse is not None else _io.empty((t, hq), "float32", inputs, fn)
+    out_c, _ = _io.arg(result, fn, "out")
+    lse_c, _ = _io.arg(result_lse, fn, "lse")
+    _io.call(fn, _io.ATTENTION, _C.sparse_attention_prefill, q_c, k_c, v_c, s_c, granularity, _scale(scale, fn),
+             out_c, lse_c, _io.stream_handle(stream, (q,)))
+    return result, result_lse
+
+
+def sparse_attention_prefill_supported(q, k_cache, v_cache, selection, *, granularity="per_kv_head"):
+    """Whether sparse_attention_prefill takes these tensors (the GPU's shared memory and the sizes included): False
+    where it would raise keysel.Error, and without CUDA."""
+    fn = "sparse_attention_prefill_supported"
+    args = [_io.arg(x, fn, name)[0] for x, name in
+            ((q, "q"), (k_cache, "k_cache"), (v_cache, "v_cache"), (selection, "selection"))]
+    return bool(_io.call(fn, _io.ATTENTION, _C.sparse_attention_prefill_supported, *args, granularity))
+
+
 def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out, *, granularity="per_kv_head",
-                              scale=None, grad_lse=None, grad_q=None, grad_k=None, grad_v=None, stream=None):
+                              scale=None, grad_lse=None, grad_q=None, grad_k=None, grad_v=None, stream=None,
+                              deterministic=True):
     """Gradients of sparse_attention's out (and lse) with the selection held fixed (SPEC §9), on the CPU or a GPU.
 
     With P = exp(scale q.k - lse) over the selected keys, dP = grad_out . v, Delta = rowsum(grad_out * out),
@@ -568,8 +611,11 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
 
     CUDA tensors (torch or CuPy) run keysel's GPU backward on their device, asynchronously on `stream` (default:
     the library's current stream): q, k_cache, v_cache, out and grad_out all bfloat16 or all float32,
-    contiguous, D and Dv <= 256, grad_lse float32 contiguous; the same definition and the same determinism (no
-    atomics).
+    contiguous, D and Dv <= 256, grad_lse float32 contiguous; the same definition and, by default, the same
+    determinism (no atomics). deterministic=False runs keysel's tiled tensor-core backward instead where it takes
+    the call (bfloat16, D and Dv of 64 or 128, Hq / Hkv dividing 64, granularity "per_kv_head" or "per_token"; the
+    deterministic kernel otherwise): P and dS rounded to bfloat16 before the three products (as flash attention's
+    backward), dK and dV added with atomics, so not bitwise reproducible. CPU tensors ignore it.
     """
     fn = "sparse_attention_backward"
     names = ("q", "k_cache", "v_cache", "selection", "out", "lse", "grad_out")
@@ -586,7 +632,7 @@ def sparse_attention_backward(q, k_cache, v_cache, selection, out, lse, grad_out
         converted.append(_io.arg(result, fn, name)[0])
     glse_c = None if grad_lse is None else _io.arg(grad_lse, fn, "grad_lse")[0]
     _io.call(fn, _io.ATTENTION, _C.sparse_attention_backward, *converted[:4], granularity, _scale(scale, fn),
-             *converted[4:], _io.stream_handle(stream, (q,)), glse_c)
+             *converted[4:], _io.stream_handle(stream, (q,)), glse_c, bool(deterministic))
     return tuple(results)
 
 

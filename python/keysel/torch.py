@@ -174,6 +174,35 @@ def _cuda_kernels_take(q, k_cache, v_cache, *more, forward=False):
     return len(dtypes) == 1 and dtypes <= {torch.bfloat16, torch.float32} and d <= 256 and dv <= 256
 
 
+# The tiled prefill forward (keysel.sparse_attention_prefill) serves CUDA calls of at least this many query tokens
+# whose shape it takes; shorter ones run the decode kernel, which splits each row's keys across thread blocks (a
+# tile holds 64 / g tokens, so a few tokens leave most of a tile's rows and of the GPU idle). A first choice, to be
+# revisited with GPU timings.
+TILED_MIN_TOKENS = 64
+
+
+def _tiled_forward_takes(q, k_cache, v_cache, selection, granularity):
+    """Whether keysel's tiled CUDA forward runs these CUDA tensors: a CUDA build, backend not "torch", at least
+    TILED_MIN_TOKENS query tokens, all bfloat16 on one GPU, and a shape keysel.sparse_attention_prefill takes
+    (D, Dv of 64 or 128, Hq / Hkv dividing 64, per_kv_head or per_token, the GPU's shared memory)."""
+    if _settings["backend"] == "torch" or q.device.type != "cuda" or _core() is None:
+        return False
+    if q.dim() != 3 or q.shape[0] < TILED_MIN_TOKENS or not _core().built_with_cuda():
+        return False
+    if any(x.device != q.device or x.dtype != torch.bfloat16 for x in (k_cache, v_cache)) or q.dtype != torch.bfloat16:
+        return False
+    return _core().sparse_attention_prefill_supported(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
+                                                      selection, granularity=granularity)
+
+
+def _sparse_attention_prefill_cuda(q, k_cache, v_cache, selection, granularity, scale):
+    out = torch.empty((q.shape[0], q.shape[1], v_cache.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
+    _core().sparse_attention_prefill(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection,
+                                     granularity=granularity, scale=scale, out=out, lse=lse)
+    return out, lse
+
+
 def _sparse_attention_cuda(q, k_cache, v_cache, selection, granularity, scale):
     # keysel's CUDA kernel serves a batch of rows over a paged cache: one sequence's [N, Hkv, D] cache is one page
     # of N tokens that every query row's one-entry block table names.
@@ -187,7 +216,12 @@ def _sparse_attention_cuda(q, k_cache, v_cache, selection, granularity, scale):
     return out, lse
 
 
-def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
+def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale, deterministic=None):
+    # `deterministic` is for the backward; both CUDA forwards are deterministic.
+    if q.device.type == "cuda" and k_cache.shape[0] > 0:
+        selection32 = selection.to(torch.int32).contiguous()
+        if _tiled_forward_takes(q, k_cache, v_cache, selection32, granularity):
+            return _sparse_attention_prefill_cuda(q, k_cache, v_cache, selection32, granularity, scale)
     if q.shape[0] > 0 and k_cache.shape[0] > 0 and _cuda_kernels_take(q, k_cache, v_cache, forward=True):
         return _sparse_attention_cuda(q, k_cache, v_cache, selection, granularity, scale)
     if _use_core(q, k_cache, v_cache):
@@ -199,11 +233,15 @@ def _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale):
 
 
 def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale,
-                                    grad_lse=None):
+                                    grad_lse=None, deterministic=None):
     """(dq, dk, dv) of sparse_attention's out, and of its lse when grad_lse is given (SPEC §9), in the dtypes of q,
     k_cache, v_cache: keysel's CUDA kernel for CUDA tensors it takes (_cuda_kernels_take), keysel's CPU kernel
     where the compiled core takes the CPU tensors, the gather-based pure-torch backward otherwise (other CUDA
-    tensors, float64, backend "torch")."""
+    tensors, float64, backend "torch"). On CUDA, deterministic=False lets keysel take its tiled kernel (atomics);
+    None: deterministic exactly when torch.are_deterministic_algorithms_enabled(), read here, when the backward
+    runs."""
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     cuda = _cuda_kernels_take(q, k_cache, v_cache, out, grad_out) and (grad_lse is None
                                                                        or grad_lse.device == q.device)
     if cuda or (q.device.type == "cpu" and _use_core(q, k_cache, v_cache)
@@ -211,18 +249,20 @@ def _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, gr
         dq, dk, dv = _core().sparse_attention_backward(
             q.contiguous(), k_cache.contiguous(), v_cache.contiguous(), selection.to(torch.int32).contiguous(),
             out.contiguous(), lse.to(torch.float32).contiguous(), grad_out.contiguous(), granularity=granularity,
-            scale=scale, grad_lse=None if grad_lse is None else grad_lse.to(torch.float32).contiguous())
+            scale=scale, grad_lse=None if grad_lse is None else grad_lse.to(torch.float32).contiguous(),
+            deterministic=bool(deterministic))
         return dq.to(q.dtype), dk.to(k_cache.dtype), dv.to(v_cache.dtype)
     return _fallback.sparse_attention_backward(q, k_cache, v_cache, selection, grad_out, granularity, scale,
                                                grad_lse)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k_cache, v_cache, selection, granularity, scale = inputs
+    q, k_cache, v_cache, selection, granularity, scale, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k_cache, v_cache, selection, out, lse)
     ctx.granularity = granularity
     ctx.scale = scale
+    ctx.deterministic = deterministic
     # An output the loss does not use arrives as None (not zeros): an unused lse adds no term and keeps CUDA
     # tensors on keysel's CUDA backward.
     ctx.set_materialize_grads(False)
@@ -232,8 +272,9 @@ def _attention_backward(ctx, grad_out, grad_lse, backward):
     q, k_cache, v_cache, selection, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = backward(q, k_cache, v_cache, selection, out, lse, grad_out, ctx.granularity, ctx.scale, grad_lse)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = backward(q, k_cache, v_cache, selection, out, lse, grad_out, ctx.granularity, ctx.scale, grad_lse,
+                          ctx.deterministic)
+    return dq, dk, dv, None, None, None, None
 
 
 # Sparse MLA (SPEC §8, §9.2): q [T, H, 576], one latent cache kv [N, 576] (values: its first 512 channels),
@@ -323,9 +364,9 @@ class _SparseAttentionFunction(torch.autograd.Function):
     newer torches register the same backward on torch.ops.keysel.sparse_attention."""
 
     @staticmethod
-    def forward(ctx, q, k_cache, v_cache, selection, granularity, scale):
+    def forward(ctx, q, k_cache, v_cache, selection, granularity, scale, deterministic):
         output = _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
-        _attention_setup_context(ctx, (q, k_cache, v_cache, selection, granularity, scale), output)
+        _attention_setup_context(ctx, (q, k_cache, v_cache, selection, granularity, scale, deterministic), output)
         return output
 
     @staticmethod
@@ -369,12 +410,12 @@ if _TORCH_VERSION >= (2, 4):
 
         @torch.library.custom_op("keysel::sparse_attention", mutates_args=())
         def _sparse_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 selection: torch.Tensor, granularity: str,
-                                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                                 selection: torch.Tensor, granularity: str, scale: float,
+                                 deterministic: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
             return _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
 
         @_sparse_attention_op.register_fake
-        def _(q, k_cache, v_cache, selection, granularity, scale):
+        def _(q, k_cache, v_cache, selection, granularity, scale, deterministic=None):
             out = q.new_empty((q.shape[0], q.shape[1], v_cache.shape[2]))
             lse = q.new_empty((q.shape[0], q.shape[1]), dtype=torch.float32)
             return out, lse
@@ -383,13 +424,13 @@ if _TORCH_VERSION >= (2, 4):
         def _sparse_attention_backward_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                           selection: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                                           grad_out: torch.Tensor, granularity: str, scale: float,
-                                          grad_lse: Optional[torch.Tensor]
+                                          grad_lse: Optional[torch.Tensor], deterministic: Optional[bool] = None
                                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             return _sparse_attention_backward_impl(q, k_cache, v_cache, selection, out, lse, grad_out, granularity,
-                                                   scale, grad_lse)
+                                                   scale, grad_lse, deterministic)
 
         @_sparse_attention_backward_op.register_fake
-        def _(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale, grad_lse):
+        def _(q, k_cache, v_cache, selection, out, lse, grad_out, granularity, scale, grad_lse, deterministic=None):
             return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
 
         @torch.library.custom_op("keysel::sparse_mla", mutates_args=())
@@ -464,19 +505,27 @@ def exact_topk_from(q, k_cache, positions, key_start, k, *, granularity="per_kv_
     return _exact_topk_from_impl(q, k_cache, positions, key_start, k, granularity, scale, n_sink, n_local)
 
 
-def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None):
+def sparse_attention(q, k_cache, v_cache, selection, *, granularity="per_kv_head", scale=None, deterministic=None):
     """Attention of q [T, Hq, D] over the selected keys -> (out [T, Hq, Dv] in q's dtype, lse float32 [T, Hq]).
 
     Differentiable in q, k_cache and v_cache through out and lse (SPEC §9; the selection is a constant; d lse /
     d logit = P): the backward is keysel's deterministic CPU kernel on CPU tensors (float32/float16/bfloat16),
-    its CUDA kernel on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256 (the forward's CUDA kernel
-    takes bfloat16 with D == Dv in {64, 128, 256}), and a gather-based pure-torch backward elsewhere (other CUDA
-    tensors, float64, backend "torch")."""
+    its CUDA kernels on CUDA tensors all bfloat16 or all float32 with D, Dv <= 256, and a gather-based pure-torch
+    backward elsewhere (other CUDA tensors, float64, backend "torch").
+
+    On CUDA tensors all bfloat16, the forward is keysel's tiled tensor-core prefill kernel where it takes the
+    shape (T >= TILED_MIN_TOKENS = 64 query tokens, D and Dv of 64 or 128, Hq / Hkv dividing 64, per_kv_head or
+    per_token), else its decode kernel (D == Dv in {64, 128, 256}). The CUDA backward is the tiled kernel
+    (atomics: not bitwise reproducible; P and dS rounded to bfloat16 as in flash attention's backward) where it
+    takes the shape, unless `deterministic` is True; deterministic=None (the default) means True exactly when
+    torch.are_deterministic_algorithms_enabled() when the backward runs. Otherwise, and always on the CPU, the
+    deterministic kernel."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    deterministic = None if deterministic is None else bool(deterministic)
     if _ops_registered:
-        return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale)
+        return torch.ops.keysel.sparse_attention(q, k_cache, v_cache, selection, granularity, scale, deterministic)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k_cache, v_cache)):
-        return _SparseAttentionFunction.apply(q, k_cache, v_cache, selection, granularity, scale)
+        return _SparseAttentionFunction.apply(q, k_cache, v_cache, selection, granularity, scale, deterministic)
     return _sparse_attention_impl(q, k_cache, v_cache, selection, granularity, scale)
 
 

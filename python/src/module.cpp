@@ -377,12 +377,42 @@ void sparse_attention_binding(nb::handle q, nb::handle k_cache, nb::handle v_cac
   sparse_attention(inputs, selection_view, parsed, out_view, lse_view);
 }
 
+// The tiled prefill forward of one sequence on its GPU (CUDA tensors only).
+void sparse_attention_prefill_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle selection,
+                                      std::string_view granularity, double scale, nb::handle out, nb::handle lse,
+                                      std::uintptr_t stream) {
+  TensorArguments args("sparse_attention_prefill");
+  const Granularity parsed = parse_granularity(granularity);
+  const TensorView q_view = args.input(q, "q");
+  const TensorView k_view = args.input(k_cache, "k");
+  const TensorView v_view = args.input(v_cache, "v");
+  const TensorView selection_view = args.input(selection, "selection");
+  const TensorView out_view = args.output(out, "out");
+  const TensorView lse_view = lse.is_none() ? TensorView() : args.output(lse, "lse");
+  nb::gil_scoped_release release;
+  sparse_attention_prefill_cuda(q_view, k_view, v_view, selection_view, parsed, scale, out_view, lse_view,
+                                stream_pointer(stream));
+}
+
+bool sparse_attention_prefill_supported_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache,
+                                                nb::handle selection, std::string_view granularity) {
+  TensorArguments args("sparse_attention_prefill_supported");
+  const Granularity parsed = parse_granularity(granularity);
+  const TensorView q_view = args.input(q, "q");
+  const TensorView k_view = args.input(k_cache, "k");
+  const TensorView v_view = args.input(v_cache, "v");
+  const TensorView selection_view = args.input(selection, "selection");
+  nb::gil_scoped_release release;
+  return sparse_attention_prefill_cuda_supported(q_view, k_view, v_view, selection_view, parsed);
+}
+
 // The backward of sparse_attention (SPEC §9): dQ, dK, dV into the caller's fp32 tensors, on the CPU or, for CUDA
-// tensors, on their GPU (one sequence per call, as on the CPU).
+// tensors, on their GPU (one sequence per call, as on the CPU); `deterministic` = false lets CUDA tensors take the
+// tiled kernel (the CPU kernel is deterministic either way).
 void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::handle v_cache, nb::handle selection,
                                        std::string_view granularity, double scale, nb::handle out, nb::handle lse,
                                        nb::handle grad_out, nb::handle grad_q, nb::handle grad_k, nb::handle grad_v,
-                                       std::uintptr_t stream, nb::handle grad_lse) {
+                                       std::uintptr_t stream, nb::handle grad_lse, bool deterministic) {
   constexpr std::string_view function = "sparse_attention_backward";
   TensorArguments args(function);
   const Granularity parsed = parse_granularity(granularity);
@@ -401,7 +431,7 @@ void sparse_attention_backward_binding(nb::handle q, nb::handle k_cache, nb::han
     nb::gil_scoped_release release;
     sparse_attention_backward_cuda(q_view, k_view, v_view, selection_view, parsed, scale, out_view, lse_view,
                                    grad_out_view, grad_q_view, grad_k_view, grad_v_view, stream_pointer(stream),
-                                   grad_lse_view);
+                                   grad_lse_view, CudaBackwardOptions{deterministic});
     return;
   }
   // As sparse_attention: the selection already obeys the causal rule, so every query may read every key.
@@ -780,10 +810,16 @@ NB_MODULE(_C, m) {
         "granularity"_a, "scale"_a, "block_table"_a.none(), "out"_a, "lse"_a.none(), "stream"_a);
   m.def("sparse_attention_backward", &sparse_attention_backward_binding, "q"_a, "k_cache"_a, "v_cache"_a,
         "selection"_a, "granularity"_a, "scale"_a, "out"_a, "lse"_a, "grad_out"_a, "grad_q"_a, "grad_k"_a,
-        "grad_v"_a, "stream"_a = 0, "grad_lse"_a.none() = nb::none(),
+        "grad_v"_a, "stream"_a = 0, "grad_lse"_a.none() = nb::none(), "deterministic"_a = true,
         "Gradients of sparse_attention (SPEC §9) into the float32 tensors grad_q [T, Hq, D], grad_k [N, Hkv, D] and "
         "grad_v [N, Hkv, Dv], given the forward's out and lse, grad_out and optionally grad_lse; CPU or CUDA, "
-        "deterministic.");
+        "deterministic unless deterministic=False lets CUDA tensors take the tiled kernel.");
+  m.def("sparse_attention_prefill", &sparse_attention_prefill_binding, "q"_a, "k_cache"_a, "v_cache"_a,
+        "selection"_a, "granularity"_a, "scale"_a, "out"_a, "lse"_a.none(), "stream"_a,
+        "The tiled tensor-core forward of attention over a selection for one sequence on a GPU (bf16 CUDA tensors).");
+  m.def("sparse_attention_prefill_supported", &sparse_attention_prefill_supported_binding, "q"_a, "k_cache"_a,
+        "v_cache"_a, "selection"_a, "granularity"_a,
+        "Whether sparse_attention_prefill takes these tensors (False where it would raise keysel.Error).");
   m.def("indexer_kl_loss_reference", &indexer_kl_loss_reference_binding, "target"_a, "queries"_a, "weights"_a,
         "keys"_a, "positions"_a, "selection"_a.none(), "reduction"_a, "grad_queries"_a, "grad_weights"_a,
         "grad_keys"_a,

@@ -217,7 +217,7 @@ def test_autograd_function_of_older_torches():
     """The torch.autograd.Function torch < 2.4 uses (newer ones register the same backward on the custom op)."""
     q, k, v, sel, grad_out = make_problem(6, granularity="per_token")
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    out, _ = kt._SparseAttentionFunction.apply(*leaves, sel, "per_token", 0.5)
+    out, _ = kt._SparseAttentionFunction.apply(*leaves, sel, "per_token", 0.5, None)
     out.backward(grad_out.float())
     want = reference_gradients(q, k, v, sel, grad_out, "per_token", 0.5)
     for leaf, expected in zip(leaves, want):
@@ -283,11 +283,12 @@ def test_opcheck_of_the_differentiable_op_and_its_backward():
     leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
     # With inputs that require grad, opcheck also runs the registered autograd formula.
     torch.library.opcheck(torch.ops.keysel.sparse_attention.default, (*leaves, sel, "per_head", 0.5))
+    torch.library.opcheck(torch.ops.keysel.sparse_attention.default, (*leaves, sel, "per_head", 0.5, False))
     out, lse = kt.sparse_attention(q, k, v, sel, granularity="per_head", scale=0.5)
     torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
                           (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5, None))
     torch.library.opcheck(torch.ops.keysel.sparse_attention_backward.default,
-                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5, torch.ones(5, 6)))
+                          (q, k, v, sel, out, lse, grad_out.float(), "per_head", 0.5, torch.ones(5, 6), True))
 
 
 CUDA_KERNELS = torch.cuda.is_available() and keysel.built_with_cuda()

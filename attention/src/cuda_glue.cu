@@ -133,6 +133,16 @@ DeviceFacts use_device(std::string_view function, int device) {
   return device_facts(function, device);
 }
 
+void check_tensor(std::string_view function, const TensorView& view, std::string_view argument,
+                  std::initializer_list<std::int64_t> shape, std::initializer_list<DType> dtypes, Device device,
+                  bool output) {
+  expect_shape(function, view, argument, shape);
+  expect_dtype(function, view, argument, dtypes);
+  expect_device(function, view, argument, device);
+  expect_contiguous(function, view, argument);
+  if (output) expect_writable(function, view, argument);
+}
+
 void make_current(std::string_view function, int device) {
   int current = -1;
   if (cudaGetDevice(&current) != cudaSuccess || current != device) {

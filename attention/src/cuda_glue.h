@@ -10,6 +10,8 @@
 #include <initializer_list>
 #include <string_view>
 
+#include "keysel/core/tensor.h"
+
 #if defined(__CUDACC__)
 #include <cuda_runtime_api.h>
 #endif
@@ -34,6 +36,12 @@ struct DeviceFacts {
 DeviceFacts use_device(std::string_view function, int device);
 /// Makes `device` (a valid index) current unless it already is.
 void make_current(std::string_view function, int device);
+
+/// The checks a CUDA entry point makes of each tensor argument: its shape (kAnyExtent matches any extent), dtype
+/// and device, contiguous, and writable when it is an `output`.
+void check_tensor(std::string_view function, const TensorView& view, std::string_view argument,
+                  std::initializer_list<std::int64_t> shape, std::initializer_list<DType> dtypes, Device device,
+                  bool output);
 
 /// A pointer argument and its name, for the messages.
 struct NamedPointer {

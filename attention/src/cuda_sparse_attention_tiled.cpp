@@ -18,20 +18,13 @@ namespace keysel {
 
 #if KEYSEL_CUDA
 
+using cuda_glue::check_tensor;
+
 namespace {
 
 constexpr std::string_view kFunction = "sparse_attention_prefill_cuda";
 
 bool aligned16(const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; }
-
-void check_tensor(const TensorView& view, std::string_view argument, std::initializer_list<std::int64_t> shape,
-                  std::initializer_list<DType> dtypes, Device device, bool output) {
-  expect_shape(kFunction, view, argument, shape);
-  expect_dtype(kFunction, view, argument, dtypes);
-  expect_device(kFunction, view, argument, device);
-  expect_contiguous(kFunction, view, argument);
-  if (output) expect_writable(kFunction, view, argument);
-}
 
 /// Every check of sparse_attention_prefill_cuda (throwing keysel::Error on the first that fails), those of out
 /// left out where `out` is null; the launch's parameters.
@@ -44,19 +37,19 @@ cuda_kernels::TiledForwardLaunch checked_launch(const TensorView& q, const Tenso
   KEYSEL_CHECK_ARG_IN(kFunction, device.kind == DeviceKind::cuda, "q", "a tensor on a CUDA device", q.str());
   expect_contiguous(kFunction, q, "q");
   const std::int64_t tokens = q.size(0), query_heads = q.size(1), head_dim = q.size(2);
-  check_tensor(k, "k", {kAnyExtent, kAnyExtent, head_dim}, {DType::bf16}, device, false);
+  check_tensor(kFunction, k, "k", {kAnyExtent, kAnyExtent, head_dim}, {DType::bf16}, device, false);
   const std::int64_t keys = k.size(0), kv_heads = k.size(1);
-  check_tensor(v, "v", {keys, kv_heads, kAnyExtent}, {DType::bf16}, device, false);
+  check_tensor(kFunction, v, "v", {keys, kv_heads, kAnyExtent}, {DType::bf16}, device, false);
   const std::int64_t value_dim = v.size(2);
   KEYSEL_CHECK_ARG_IN(kFunction, kv_heads >= 1 && query_heads % kv_heads == 0, "k",
                       "Hkv >= 1 dividing Hq = " + std::to_string(query_heads), kv_heads);
   KEYSEL_CHECK_ARG_IN(kFunction, keys >= 1, "k", "N >= 1 keys", k.str());
   const std::int64_t groups = group_count(granularity, query_heads, kv_heads);
-  check_tensor(selection, "selection", {tokens, groups, kAnyExtent}, {DType::int32}, device, false);
+  check_tensor(kFunction, selection, "selection", {tokens, groups, kAnyExtent}, {DType::int32}, device, false);
   if (out != nullptr) {
-    check_tensor(*out, "out", {tokens, query_heads, value_dim}, {DType::bf16, DType::fp32}, device, true);
+    check_tensor(kFunction, *out, "out", {tokens, query_heads, value_dim}, {DType::bf16, DType::fp32}, device, true);
   }
-  if (!lse.empty()) check_tensor(lse, "lse", {tokens, query_heads}, {DType::fp32}, device, true);
+  if (!lse.empty()) check_tensor(kFunction, lse, "lse", {tokens, query_heads}, {DType::fp32}, device, true);
   const double effective_scale = scale == 0.0 ? 1.0 / std::sqrt(static_cast<double>(head_dim)) : scale;
   KEYSEL_CHECK_ARG_IN(kFunction, std::isfinite(effective_scale) && effective_scale > 0.0, "scale",
                       "finite and > 0 (or 0)", scale);

@@ -17,19 +17,7 @@ namespace keysel {
 
 #if KEYSEL_CUDA
 
-namespace {
-
-void check_tensor(std::string_view function, const TensorView& view, std::string_view argument,
-                  std::initializer_list<std::int64_t> shape, std::initializer_list<DType> dtypes, Device device,
-                  bool output) {
-  expect_shape(function, view, argument, shape);
-  expect_dtype(function, view, argument, dtypes);
-  expect_device(function, view, argument, device);
-  expect_contiguous(function, view, argument);
-  if (output) expect_writable(function, view, argument);
-}
-
-}  // namespace
+using cuda_glue::check_tensor;
 
 void sparse_mla_backward_cuda(const TensorView& q, const TensorView& kv, const TensorView& indices,
                               const TensorView& out, const TensorView& lse, const TensorView& grad_out,

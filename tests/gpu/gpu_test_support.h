@@ -1,4 +1,5 @@
-// Shared helpers of the GPU tests: the skip rule, device copies of host vectors, poisoning.
+// Shared helpers of the GPU tests: the skip rule, device copies of host vectors, poisoning, values as a kernel
+// reads them.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -8,6 +9,8 @@
 
 #include "keysel/attention/cuda_memory.h"
 #include "keysel/core/device.h"
+#include "keysel/core/dtype.h"
+#include "keysel/core/random.h"
 
 /// Every GPU test starts with this: without a device (or without CUDA) it skips with a message saying so.
 #define KEYSEL_REQUIRE_GPU()                                                                    \
@@ -42,5 +45,36 @@ std::vector<T> to_host(const CudaBuffer& buffer) {
   buffer.copy_to_host(host.data());
   return host;
 }
+
+/// Values as a kernel reads them: `f` for the CPU side (rounded to bf16 where the kernel reads bf16) and `bits`,
+/// the bf16 bits (empty for fp32).
+struct DeviceValues {
+  std::vector<float> f;
+  std::vector<std::uint16_t> bits;
+};
+
+/// `x` as the kernel reads it: rounded to bf16 (with its bits) or unchanged.
+inline DeviceValues device_values(const std::vector<float>& x, bool bf16) {
+  DeviceValues v;
+  v.f = x;
+  if (bf16) {
+    v.bits.resize(x.size());
+    for (std::size_t i = 0; i < x.size(); ++i) {
+      v.bits[i] = fp32_to_bf16_bits(x[i]);
+      v.f[i] = bf16_bits_to_fp32(v.bits[i]);
+    }
+  }
+  return v;
+}
+
+/// `count` normal values of standard deviation `stddev` from `rng`, as the kernel reads them.
+inline DeviceValues random_device_values(RandomStream& rng, std::int64_t count, double stddev, bool bf16) {
+  std::vector<float> x(static_cast<std::size_t>(count));
+  for (float& value : x) value = static_cast<float>(rng.normal(0.0, stddev));
+  return device_values(x, bf16);
+}
+
+/// A device copy of what the kernel reads: the bf16 bits or the fp32 values.
+inline CudaBuffer upload(const DeviceValues& v, bool bf16) { return bf16 ? to_device(v.bits) : to_device(v.f); }
 
 }  // namespace keysel::testing

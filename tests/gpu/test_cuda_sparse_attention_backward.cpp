@@ -27,9 +27,13 @@ namespace {
 
 using keysel::testing::expect_gradient_close;
 
+using keysel::testing::device_values;
+using keysel::testing::DeviceValues;
 using keysel::testing::poisoned;
+using keysel::testing::random_device_values;
 using keysel::testing::to_device;
 using keysel::testing::to_host;
+using keysel::testing::upload;
 
 struct Case {
   std::int64_t T, N, Hq, Hkv, D, Dv, W;
@@ -37,51 +41,13 @@ struct Case {
   bool bf16;
 };
 
-/// Values as the device reads them (bf16 bits or fp32) and as fp32 for the CPU side.
-struct Values {
-  std::vector<float> f;
-  std::vector<std::uint16_t> bits;
-};
-
-Values random_values(RandomStream& rng, std::int64_t count, double stddev, bool bf16) {
-  Values v;
-  v.f.resize(static_cast<std::size_t>(count));
-  if (bf16) v.bits.resize(v.f.size());
-  for (std::size_t i = 0; i < v.f.size(); ++i) {
-    const auto x = static_cast<float>(rng.normal(0.0, stddev));
-    if (bf16) {
-      v.bits[i] = fp32_to_bf16_bits(x);
-      v.f[i] = bf16_bits_to_fp32(v.bits[i]);
-    } else {
-      v.f[i] = x;
-    }
-  }
-  return v;
-}
-
-/// Rounds fp32 values to what the device reads (bf16 or unchanged).
-Values as_device_values(const std::vector<float>& x, bool bf16) {
-  Values v;
-  v.f = x;
-  if (bf16) {
-    v.bits.resize(x.size());
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      v.bits[i] = fp32_to_bf16_bits(x[i]);
-      v.f[i] = bf16_bits_to_fp32(v.bits[i]);
-    }
-  }
-  return v;
-}
-
-CudaBuffer upload(const Values& v, bool bf16) { return bf16 ? to_device(v.bits) : to_device(v.f); }
-
 struct Gradients {
   std::vector<float> q, k, v;
 };
 
 struct Problem {
   Case c;
-  Values q, k, v, out, grad_out;
+  DeviceValues q, k, v, out, grad_out;
   std::vector<float> lse, grad_lse;  // grad_lse: d loss / d lse, used where a call asks for it
   std::vector<std::int32_t> selection;
   std::int64_t groups = 0;
@@ -92,12 +58,12 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   p.c = c;
   RandomStream rng(seed);
   p.groups = group_count(c.granularity, c.Hq, c.Hkv);
-  p.q = random_values(rng, c.T * c.Hq * c.D, 1.5, c.bf16);
-  p.k = random_values(rng, c.N * c.Hkv * c.D, 1.0, c.bf16);
-  p.v = random_values(rng, c.N * c.Hkv * c.Dv, 1.0, c.bf16);
-  const Values grad = random_values(rng, c.T * c.Hq * c.Dv, 1.0, c.bf16);
+  p.q = random_device_values(rng, c.T * c.Hq * c.D, 1.5, c.bf16);
+  p.k = random_device_values(rng, c.N * c.Hkv * c.D, 1.0, c.bf16);
+  p.v = random_device_values(rng, c.N * c.Hkv * c.Dv, 1.0, c.bf16);
+  const DeviceValues grad = random_device_values(rng, c.T * c.Hq * c.Dv, 1.0, c.bf16);
   p.grad_out = grad;
-  p.grad_lse = random_values(rng, c.T * c.Hq, 1.0, false).f;
+  p.grad_lse = random_device_values(rng, c.T * c.Hq, 1.0, false).f;
   // Random distinct keys per row (any order), then -1; row (0, 0) empty.
   p.selection.assign(static_cast<std::size_t>(c.T * p.groups * c.W), -1);
   std::vector<std::int32_t> all(static_cast<std::size_t>(c.N));
@@ -118,7 +84,7 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   sparse_attention(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}), c.granularity,
                    TensorView(out.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
                    TensorView(p.lse.data(), DType::fp32, {c.T, c.Hq}));
-  p.out = as_device_values(out, c.bf16);
+  p.out = device_values(out, c.bf16);
   return p;
 }
 

@@ -47,7 +47,9 @@
 namespace keysel {
 namespace {
 
+using keysel::testing::DeviceValues;
 using keysel::testing::poisoned;
+using keysel::testing::random_device_values;
 using keysel::testing::to_device;
 using keysel::testing::to_host;
 
@@ -64,33 +66,16 @@ std::string describe(const Case& c) {
          " Dv=" + std::to_string(c.Dv) + " W=" + std::to_string(c.W);
 }
 
-/// bf16 values: the bits the device reads and the same values as fp32.
-struct Values {
-  std::vector<float> f;
-  std::vector<std::uint16_t> bits;
-};
-
-Values random_bf16(RandomStream& rng, std::int64_t count, double stddev) {
-  Values v;
-  v.f.resize(static_cast<std::size_t>(count));
-  v.bits.resize(v.f.size());
-  for (std::size_t i = 0; i < v.f.size(); ++i) {
-    v.bits[i] = fp32_to_bf16_bits(static_cast<float>(rng.normal(0.0, stddev)));
-    v.f[i] = bf16_bits_to_fp32(v.bits[i]);
-  }
-  return v;
-}
-
 struct Problem {
   Case c;
   std::int64_t groups = 0;
-  Values q, k, v, grad_out;
+  DeviceValues q, k, v, grad_out;
   std::vector<float> grad_lse;
   std::vector<std::int32_t> selection;  // the reference's rule: distinct keys in [0, N), then -1
   std::vector<std::int32_t> scattered;  // the same keys at random slots; the other slots -1, other negatives,
                                         // keys >= N, or a repeat of one of the row's keys
   std::vector<double> out, lse;         // the reference forward
-  Values out_bf16;                      // out rounded to bf16 (what a bf16 forward stores)
+  DeviceValues out_bf16;                      // out rounded to bf16 (what a bf16 forward stores)
 };
 
 /// Selections as a real model's: the tokens of a block of 8 draw most of their keys from a pool of the block
@@ -100,10 +85,10 @@ Problem make_problem(const Case& c, std::uint64_t seed) {
   p.c = c;
   RandomStream rng(seed);
   p.groups = group_count(c.granularity, c.Hq, c.Hkv);
-  p.q = random_bf16(rng, c.T * c.Hq * c.D, 1.5);
-  p.k = random_bf16(rng, c.N * c.Hkv * c.D, 1.0);
-  p.v = random_bf16(rng, c.N * c.Hkv * c.Dv, 1.0);
-  p.grad_out = random_bf16(rng, c.T * c.Hq * c.Dv, 1.0);
+  p.q = random_device_values(rng, c.T * c.Hq * c.D, 1.5, true);
+  p.k = random_device_values(rng, c.N * c.Hkv * c.D, 1.0, true);
+  p.v = random_device_values(rng, c.N * c.Hkv * c.Dv, 1.0, true);
+  p.grad_out = random_device_values(rng, c.T * c.Hq * c.Dv, 1.0, true);
   p.grad_lse.resize(static_cast<std::size_t>(c.T * c.Hq));
   for (float& x : p.grad_lse) x = static_cast<float>(rng.normal(0.0, 1.0));
   const std::size_t entries = static_cast<std::size_t>(c.T * p.groups * c.W);
@@ -491,7 +476,9 @@ TEST(CudaSparseAttentionTiled, PrefillRejectsWhatItDoesNotTakeNamingTheArgument)
   };
   const auto expect_error = [&](const Call& c, const std::string& argument) {
     // supported() looks at the inputs only: a bad out or lse is a caller's error, not a shape the kernel lacks.
-    if (argument != "out" && argument != "lse") EXPECT_FALSE(supported(c)) << argument;
+    if (argument != "out" && argument != "lse") {
+      EXPECT_FALSE(supported(c)) << argument;
+    }
     try {
       run(c);
       ADD_FAILURE() << "no error for " << argument;

@@ -31,35 +31,17 @@ namespace keysel {
 namespace {
 
 using keysel::testing::expect_gradient_close;
+using keysel::testing::device_values;
+using keysel::testing::DeviceValues;
 using keysel::testing::poisoned;
 using keysel::testing::to_device;
 using keysel::testing::to_host;
+using keysel::testing::upload;
 
 constexpr double kUnitRoundoff = 1.0 / 16777216.0;  // 2^-24
 constexpr std::int64_t kIndexPad = 3;               // the device indices' row stride is topk + kIndexPad
 
 std::size_t sz(std::int64_t n) { return static_cast<std::size_t>(n); }
-
-/// fp32 values and, rounded to bf16, their bits and the values the device reads.
-struct Values {
-  std::vector<float> f;           // what the device reads (rounded when bf16)
-  std::vector<std::uint16_t> bits;
-};
-
-Values device_values(const std::vector<float>& x, bool bf16) {
-  Values v;
-  v.f = x;
-  if (bf16) {
-    v.bits.resize(x.size());
-    for (std::size_t i = 0; i < x.size(); ++i) {
-      v.bits[i] = fp32_to_bf16_bits(x[i]);
-      v.f[i] = bf16_bits_to_fp32(v.bits[i]);
-    }
-  }
-  return v;
-}
-
-CudaBuffer upload(const Values& v, bool bf16) { return bf16 ? to_device(v.bits) : to_device(v.f); }
 
 struct Case {
   std::int64_t T, H, N, topk;
@@ -70,7 +52,7 @@ struct Case {
 
 struct Problem {
   Case c;
-  Values q, kv, out, grad_out;
+  DeviceValues q, kv, out, grad_out;
   std::vector<float> lse, grad_lse, sink;
   std::vector<std::int32_t> indices;         // [T, topk] for the reference: invalid entries -1
   std::vector<std::int32_t> device_indices;  // [T, topk + kIndexPad]: -1, -7 and slots >= N where invalid

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "backward_reference.h"
 #include "gpu_test_support.h"
 #include "attention/gradient_check.h"
 #include "keysel/attention/cuda_sparse_attention.h"
@@ -31,6 +32,8 @@ using keysel::testing::device_values;
 using keysel::testing::DeviceValues;
 using keysel::testing::poisoned;
 using keysel::testing::random_device_values;
+using keysel::testing::reference_gradients;
+using keysel::testing::ReferenceGradients;
 using keysel::testing::to_device;
 using keysel::testing::to_host;
 using keysel::testing::upload;
@@ -113,31 +116,6 @@ Gradients run_cuda(const Problem& p, bool with_lse = false) {
 }
 
 /// The double reference's gradients of the problem's (device-rounded) inputs, with the lse term when asked.
-struct ReferenceGradients {
-  std::vector<double> q, k, v;
-};
-
-ReferenceGradients reference(const Problem& p, bool with_lse) {
-  const Case& c = p.c;
-  const std::vector<std::int32_t> positions(static_cast<std::size_t>(c.T), static_cast<std::int32_t>(c.N - 1));
-  AttentionInputs in{TensorView(p.q.f.data(), DType::fp32, {c.T, c.Hq, c.D}),
-                     TensorView(p.k.f.data(), DType::fp32, {c.N, c.Hkv, c.D}),
-                     TensorView(p.v.f.data(), DType::fp32, {c.N, c.Hkv, c.Dv}),
-                     TensorView(positions.data(), DType::int32, {c.T}), 0.0};
-  ReferenceGradients g;
-  g.q.resize(static_cast<std::size_t>(c.T * c.Hq * c.D));
-  g.k.resize(static_cast<std::size_t>(c.N * c.Hkv * c.D));
-  g.v.resize(static_cast<std::size_t>(c.N * c.Hkv * c.Dv));
-  sparse_attention_backward_reference(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}),
-                                      c.granularity, TensorView(p.grad_out.f.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
-                                      TensorView(g.q.data(), DType::fp64, {c.T, c.Hq, c.D}),
-                                      TensorView(g.k.data(), DType::fp64, {c.N, c.Hkv, c.D}),
-                                      TensorView(g.v.data(), DType::fp64, {c.N, c.Hkv, c.Dv}),
-                                      with_lse ? TensorView(p.grad_lse.data(), DType::fp32, {c.T, c.Hq})
-                                               : TensorView());
-  return g;
-}
-
 TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
   KEYSEL_REQUIRE_GPU();
   const Case cases[] = {
@@ -153,7 +131,7 @@ TEST(CudaSparseAttentionBackward, MatchesTheDoubleReference) {
                  " D=" + std::to_string(c.D));
     const Problem p = make_problem(c, ++seed);
     // The reference differentiates the forward of the same (device-rounded) inputs in double precision.
-    const ReferenceGradients want = reference(p, false);
+    const ReferenceGradients want = reference_gradients(p, false);
     const Gradients got = run_cuda(p);
     // fp32: the CPU kernel's bound (tests/attention/test_sparse_attention_backward.cpp); bf16: out rounded to
     // 8 bits moves Delta by about 2^-8 relative.
@@ -183,7 +161,7 @@ TEST(CudaSparseAttentionBackward, TakesAnLseGradient) {
     SCOPED_TRACE(std::string(granularity_name(c.granularity)) + (c.bf16 ? " bf16" : " fp32") +
                  " D=" + std::to_string(c.D));
     const Problem p = make_problem(c, ++seed);
-    const ReferenceGradients want = reference(p, true);
+    const ReferenceGradients want = reference_gradients(p, true);
     const Gradients got = run_cuda(p, true);
     const double tolerance = c.bf16 ? 0.02 : 64.0 * static_cast<double>(c.D + c.Dv + c.W) / 16777216.0;
     expect_gradient_close(got.q, want.q, tolerance, "grad_q");
@@ -191,7 +169,7 @@ TEST(CudaSparseAttentionBackward, TakesAnLseGradient) {
     expect_gradient_close(got.v, want.v, tolerance, "grad_v");
     // The lse term moves dQ by far more than the fp32 bound (the comparison sees it) and leaves dV's bits alone.
     if (!c.bf16) {
-      const ReferenceGradients without = reference(p, false);
+      const ReferenceGradients without = reference_gradients(p, false);
       double moved = 0.0, largest = 0.0;
       for (std::size_t i = 0; i < want.q.size(); ++i) {
         moved = std::max(moved, std::abs(want.q[i] - without.q[i]));

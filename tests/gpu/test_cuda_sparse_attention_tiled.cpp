@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "backward_reference.h"
 #include "gpu_test_support.h"
 #include "keysel/attention/cuda_sparse_attention.h"
 #include "keysel/attention/reference.h"
@@ -50,6 +51,8 @@ namespace {
 using keysel::testing::DeviceValues;
 using keysel::testing::poisoned;
 using keysel::testing::random_device_values;
+using keysel::testing::reference_gradients;
+using keysel::testing::ReferenceGradients;
 using keysel::testing::to_device;
 using keysel::testing::to_host;
 
@@ -329,31 +332,6 @@ Gradients run_backward(const Problem& p, const std::vector<std::int32_t>& select
   return {to_host<float>(d_gq), to_host<float>(d_gk), to_host<float>(d_gv)};
 }
 
-struct ReferenceGradients {
-  std::vector<double> q, k, v;
-};
-
-ReferenceGradients reference_backward(const Problem& p, bool with_lse) {
-  const Case& c = p.c;
-  const std::vector<std::int32_t> positions(static_cast<std::size_t>(c.T), static_cast<std::int32_t>(c.N - 1));
-  const AttentionInputs in{TensorView(p.q.f.data(), DType::fp32, {c.T, c.Hq, c.D}),
-                           TensorView(p.k.f.data(), DType::fp32, {c.N, c.Hkv, c.D}),
-                           TensorView(p.v.f.data(), DType::fp32, {c.N, c.Hkv, c.Dv}),
-                           TensorView(positions.data(), DType::int32, {c.T}), 0.0};
-  ReferenceGradients g;
-  g.q.resize(static_cast<std::size_t>(c.T * c.Hq * c.D));
-  g.k.resize(static_cast<std::size_t>(c.N * c.Hkv * c.D));
-  g.v.resize(static_cast<std::size_t>(c.N * c.Hkv * c.Dv));
-  sparse_attention_backward_reference(in, TensorView(p.selection.data(), DType::int32, {c.T, p.groups, c.W}),
-                                      c.granularity, TensorView(p.grad_out.f.data(), DType::fp32, {c.T, c.Hq, c.Dv}),
-                                      TensorView(g.q.data(), DType::fp64, {c.T, c.Hq, c.D}),
-                                      TensorView(g.k.data(), DType::fp64, {c.N, c.Hkv, c.D}),
-                                      TensorView(g.v.data(), DType::fp64, {c.N, c.Hkv, c.Dv}),
-                                      with_lse ? TensorView(p.grad_lse.data(), DType::fp32, {c.T, c.Hq})
-                                               : TensorView());
-  return g;
-}
-
 const Case kCases[] = {
     {1, 50, 8, 2, 64, 64, 13, Granularity::per_kv_head},    // one token in a tile of 16
     {63, 90, 4, 4, 128, 64, 40, Granularity::per_token},    // g = 1: one partial tile of 64 tokens
@@ -406,7 +384,7 @@ TEST(CudaSparseAttentionTiled, BackwardMatchesTheDoubleReference) {
     }
     for (const bool with_lse : {false, true}) {
       SCOPED_TRACE(describe(c) + (with_lse ? " with grad_lse" : ""));
-      const ReferenceGradients want = reference_backward(p, with_lse);
+      const ReferenceGradients want = reference_gradients(p, with_lse);
       const Magnitudes m = magnitudes(p, with_lse);
       const Gradients got = run_backward(p, p.scattered, with_lse, false);
       expect_within(got.q, want.q, m.dq, 0.0, "grad_q");

@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu/backward_profile.sh        SHAPES="T:K:SHARED ..." (Hq = 32, Hkv = 8, D = Dv = 128, bf16,
 #                                             per_kv_head; SHARED: the share of a row's keys common to its 16-token
-#                                             block, 0 = scattered), NCU_SHAPE="T:K:SHARED" (default 8192:2048:0.75)
+#                                             block, 0 = scattered), NCU_SHAPE="T:K:SHARED" (default 8192:2048:0.75),
+#                                             NCU_KERNELS="regex ..." (the kernels Nsight Compute profiles)
 # backward_profile.txt: `backward_profile check` (the library's deterministic kernels and its tiled ones of
 # attention/src/cuda_sparse_attention_tiled.cu against a double transcription of SPEC §9), then the median times
 # of both per shape and
@@ -49,9 +50,10 @@ python3 bench/gpu/flash_peer.py --tokens $TOKENS >>"$OUT/backward_profile.txt" 2
   echo "flash peer: not run (python3 with torch and a GPU needed)" >>"$OUT/backward_profile.txt"
 IFS=: read -r T K SH <<<"${NCU_SHAPE:-8192:2048:0.75}"
 if [ "${NCU:-1}" != 0 ] && command -v ncu >/dev/null; then
-  for kern in backward_query_kernel backward_key_kernel ^tile_kernel forward_tile_kernel; do
+  for kern in ${NCU_KERNELS:-backward_query_kernel backward_key_kernel ^tile_kernel forward_tile_kernel}; do
     timeout 150 ncu --kernel-name regex:"$kern" --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section Occupancy --section LaunchStats --section WarpStateStats "$B/backward_profile" "$T" 32 8 128 "$K" 0 \
+      --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section SchedulerStats "$B/backward_profile" "$T" 32 8 128 "$K" 0 \
       "${SH:-0}" >"$OUT/ncu_${kern#^}.txt" 2>&1
   done
 fi

@@ -42,6 +42,7 @@ namespace {
 
 constexpr int kRows = kTiledRows;  // query rows per tile
 constexpr int kChunk = 64;         // union keys per step
+constexpr int kRowBlocks = kRows / 16;  // 16-row blocks of a tile (a warp's MMA rows)
 constexpr int kThreads = 128;
 constexpr unsigned long long kInvalid = ~0ULL;
 
@@ -130,6 +131,73 @@ __global__ void union_kernel(const unsigned long long* sorted, const int* positi
   if (i + 1 == count || sorted[i + 1] == kInvalid || (sorted[i + 1] >> 6) / n != segment) segment_end[segment] = u + 1;
 }
 
+/// Row block b of a tile (query rows 16 b .. 16 b + 15) holds tokens 16 b / g .. (16 b + 15) / g of the tile: their
+/// bits in a union mask.
+__host__ __device__ inline unsigned long long block_tokens(int b, int gq) {
+  const int lo = 16 * b / gq, hi = (16 * b + 15) / gq;
+  return ((2ULL << (hi - lo)) - 1) << lo;  // hi - lo < 16
+}
+
+/// Bit b set where row block b selects a key whose union mask is `mask`.
+__device__ inline unsigned row_blocks_of(unsigned long long mask, int gq) {
+  unsigned bits = 0;
+#pragma unroll
+  for (int b = 0; b < kRowBlocks; ++b) bits |= ((mask & block_tokens(b, gq)) != 0 ? 1u : 0u) << b;
+  return bits;
+}
+
+constexpr int kOrderThreads = 256;
+
+/// The walking order of each segment's union (one block per segment): its slots grouped by the row blocks that
+/// select them (row_blocks_of, ascending), in slot order (ascending key) within a group. A stable counting sort,
+/// so the order, and with it the forward's bits, is the same on every run.
+__global__ void __launch_bounds__(kOrderThreads) order_kernel(const unsigned long long* union_mask,
+                                                              const long long* segment_begin,
+                                                              const long long* segment_end, int gq,
+                                                              std::int32_t* order) {
+  constexpr int kGroups = 1 << kRowBlocks;
+  constexpr int kWarps = kOrderThreads / 32;
+  __shared__ int next[kGroups];            // the next position of each group
+  __shared__ int counts[kWarps][kGroups];  // a step's entries per warp and group
+  const long long begin = segment_begin[blockIdx.x], end = segment_end[blockIdx.x];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x < kGroups) next[threadIdx.x] = 0;
+  __syncthreads();
+  for (long long i = begin + threadIdx.x; i < end; i += kOrderThreads)
+    atomicAdd(&next[row_blocks_of(union_mask[i], gq)], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int at = 0;
+    for (int b = 0; b < kGroups; ++b) {
+      const int n = next[b];
+      next[b] = at;
+      at += n;
+    }
+  }
+  for (long long c0 = begin; c0 < end; c0 += kOrderThreads) {
+    const long long i = c0 + threadIdx.x;
+    const int group = i < end ? static_cast<int>(row_blocks_of(union_mask[i], gq)) : kGroups;
+    const unsigned peers = __match_any_sync(0xffffffffu, group);
+    const int rank = __popc(peers & ((1u << lane) - 1u));  // earlier lanes of this warp in the same group
+    for (int j = threadIdx.x; j < kWarps * kGroups; j += kOrderThreads) counts[j / kGroups][j % kGroups] = 0;
+    __syncthreads();  // also: the previous step's updates of next are done
+    if (group < kGroups && rank == 0) counts[warp][group] = __popc(peers);
+    __syncthreads();
+    if (group < kGroups) {
+      int at = next[group] + rank;
+      for (int w = 0; w < warp; ++w) at += counts[w][group];
+      order[begin + at] = static_cast<std::int32_t>(i);
+    }
+    __syncthreads();
+    if (threadIdx.x < kGroups) {
+      int n = 0;
+      for (int w = 0; w < kWarps; ++w) n += counts[w][threadIdx.x];
+      next[threadIdx.x] += n;
+    }
+    __syncthreads();  // counts read before the next step clears them
+  }
+}
+
 /// Which query row of [T, Hq] tile row m is (token t0 + m / gq, head g gq + m % gq), or -1 past the last token.
 struct TileRows {
   long long t0, tokens;
@@ -146,34 +214,43 @@ __device__ inline TileRows tile_rows(const Params& p, long long segment) {
                   p.query_heads};
 }
 
-/// rows x W bf16 rows into shared memory (leading dimension ld), 16 bytes per copy, zeros where index(m) < 0.
-template <int W, typename Index>
-__device__ void load_rows(__nv_bfloat16* dst, int ld, int rows, const __nv_bfloat16* src, Index index) {
-  for (int i = threadIdx.x; i < rows * (W / 8); i += blockDim.x) {
-    const int m = i / (W / 8), c = (i % (W / 8)) * 8;
-    const long long r = index(m);
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (r >= 0) x = *reinterpret_cast<const uint4*>(src + r * W + c);
-    *reinterpret_cast<uint4*>(&dst[m * ld + c]) = x;
+/// Rows x W bf16 rows into shared memory (leading dimension ld), 16 bytes per copy, zeros where index(m) < 0; each
+/// thread issues all of its loads before its stores.
+template <int W, int Rows, typename Index>
+__device__ void load_rows(__nv_bfloat16* dst, int ld, const __nv_bfloat16* src, Index index) {
+  constexpr int kPer = Rows * (W / 8) / kThreads;
+  static_assert(kPer * kThreads == Rows * (W / 8), "whole copies per thread");
+  uint4 x[kPer];
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    const long long r = index(i / (W / 8));
+    x[j] = r >= 0 ? *reinterpret_cast<const uint4*>(src + r * W + (i % (W / 8)) * 8) : make_uint4(0, 0, 0, 0);
+  }
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * kThreads;
+    *reinterpret_cast<uint4*>(&dst[(i / (W / 8)) * ld + (i % (W / 8)) * 8]) = x[j];
   }
 }
 
-/// One chunk of a segment's union: its keys and token masks (-1 and 0 past len), then their K and V rows of key
-/// head g. Starts with a barrier (the previous chunk's readers are done) and ends with one.
+/// One chunk of a segment's union (positions c0.. of its order): its keys and token masks (-1 and 0 past len),
+/// then their K and V rows of key head g. Starts with a barrier (the previous chunk's readers are done) and ends
+/// with one.
 template <int D, int DV>
-__device__ void load_chunk(const Params& p, int g, const std::int32_t* union_key, const unsigned long long* union_mask,
-                           long long c0, int len, std::int32_t* key, unsigned long long* mask, __nv_bfloat16* k,
-                           int ldk, __nv_bfloat16* v, int ldv) {
+__device__ void load_chunk(const Params& p, int g, const TiledUnions& unions, long long c0, int len, std::int32_t* key,
+                           unsigned long long* mask, __nv_bfloat16* k, int ldk, __nv_bfloat16* v, int ldv) {
   __syncthreads();
   for (int c = threadIdx.x; c < kChunk; c += blockDim.x) {
-    key[c] = c < len ? union_key[c0 + c] : -1;
-    mask[c] = c < len ? union_mask[c0 + c] : 0ULL;
+    const std::int32_t slot = c < len ? unions.order[c0 + c] : 0;
+    key[c] = c < len ? unions.union_key[slot] : -1;
+    mask[c] = c < len ? unions.union_mask[slot] : 0ULL;
   }
   __syncthreads();
   const int kv_heads = p.kv_heads;
   const auto row_of = [&](int c) { return key[c] < 0 ? -1LL : static_cast<long long>(key[c]) * kv_heads + g; };
-  load_rows<D>(k, ldk, kChunk, p.k, row_of);
-  load_rows<DV>(v, ldv, kChunk, p.v, row_of);
+  load_rows<D, kChunk>(k, ldk, p.k, row_of);
+  load_rows<DV, kChunk>(v, ldv, p.v, row_of);
   __syncthreads();
 }
 
@@ -198,22 +275,53 @@ __device__ inline void add_block(float* grad, int width, int kv_heads, int g, co
 #endif
 }
 
+using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
+using RowFragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>;
+using ColFragment = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major>;
+using KeysT = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::col_major>;
+using RowsB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, 16, __nv_bfloat16, nvcuda::wmma::row_major>;
+
+/// The 16 x 16 blocks (row block b, this warp's 16 keys) for every row block b in `blocks`: out (leading dimension
+/// ldo, the block's first element at out + 16 b ldo) = a[16 b.., K] keys[16, K]^T, bf16 in shared memory, fp32
+/// out. The keys' fragments are loaded once for all row blocks.
+template <int K>
+__device__ void blocks_times_keys(unsigned blocks, const __nv_bfloat16* a, int lda, const __nv_bfloat16* keys, int ldk,
+                                  float* out, int ldo) {
+  using namespace nvcuda;
+  KeysT kf[K / 16];
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) wmma::load_matrix_sync(kf[kk], keys + kk * 16, ldk);
+#pragma unroll
+  for (int b = 0; b < kRowBlocks; ++b) {
+    if (((blocks >> b) & 1u) == 0) continue;
+    AccFragment acc;
+    wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) {
+      RowFragment fa;
+      wmma::load_matrix_sync(fa, a + (b * 16) * lda + kk * 16, lda);
+      wmma::mma_sync(acc, fa, kf[kk], acc);
+    }
+    wmma::store_matrix_sync(out + (b * 16) * ldo, acc, ldo, wmma::mem_row_major);
+  }
+}
+
 /// A warp's 16 rows against a chunk's keys: out[16][kChunk] (leading dimension ldo) = a[16][K] keys[kChunk][K]^T,
 /// bf16 in shared memory (leading dimensions lda, ldk), fp32 out.
 template <int K>
 __device__ void rows_times_keys(const __nv_bfloat16* a, int lda, const __nv_bfloat16* keys, int ldk, float* out,
                                 int ldo) {
   using namespace nvcuda;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kChunk / 16];
+  AccFragment acc[kChunk / 16];
 #pragma unroll
   for (int n = 0; n < kChunk / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
 #pragma unroll
   for (int kk = 0; kk < K / 16; ++kk) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    RowFragment fa;
     wmma::load_matrix_sync(fa, a + kk * 16, lda);
 #pragma unroll
     for (int n = 0; n < kChunk / 16; ++n) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;  // keys^T
+      KeysT fb;  // keys^T
       wmma::load_matrix_sync(fb, keys + (n * 16) * ldk + kk * 16, ldk);
       wmma::mma_sync(acc[n], fa, fb, acc[n]);
     }
@@ -222,23 +330,27 @@ __device__ void rows_times_keys(const __nv_bfloat16* a, int lda, const __nv_bflo
   for (int n = 0; n < kChunk / 16; ++n) wmma::store_matrix_sync(out + n * 16, acc[n], ldo, wmma::mem_row_major);
 }
 
-/// The 16 keys key0.. of a chunk: grad rows += weights^T rows, with weights [kRows][kChunk] (ldw; a row's weight
-/// per key) and rows [kRows][W] (ldr) bf16 in shared memory, each 16 x 16 block staged and added (add_block).
+/// This warp's 16 keys (key0..): grad rows += weights^T rows over the row blocks in `blocks`, with weights the
+/// 16 x 16 blocks at weights + 16 b ldw (a row's weight per key, bf16) and rows [kRows][W] (ldr) bf16 in shared
+/// memory; each 16 x 16 result staged and added (add_block).
 template <int W>
-__device__ void add_keys_product(const __nv_bfloat16* weights, int ldw, const __nv_bfloat16* rows, int ldr,
-                                 float* grad, int kv_heads, int g, const std::int32_t* key, int key0, int len,
+__device__ void add_keys_product(unsigned blocks, const __nv_bfloat16* weights, int ldw, const __nv_bfloat16* rows,
+                                 int ldr, float* grad, int kv_heads, int g, const std::int32_t* key, int key0, int len,
                                  float* stage, int lane) {
   using namespace nvcuda;
+  ColFragment wf[kRowBlocks];  // weights^T: (key, row)
+#pragma unroll
+  for (int b = 0; b < kRowBlocks; ++b)
+    if (((blocks >> b) & 1u) != 0) wmma::load_matrix_sync(wf[b], weights + (b * 16) * ldw, ldw);
   for (int n = 0; n < W / 16; ++n) {
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    AccFragment acc;
     wmma::fill_fragment(acc, 0.0f);
 #pragma unroll
-    for (int kk = 0; kk < kRows / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::col_major> fa;  // weights^T: (key, row)
-      wmma::load_matrix_sync(fa, weights + (kk * 16) * ldw + key0, ldw);
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;  // rows: (row, channel)
-      wmma::load_matrix_sync(fb, rows + (kk * 16) * ldr + n * 16, ldr);
-      wmma::mma_sync(acc, fa, fb, acc);
+    for (int b = 0; b < kRowBlocks; ++b) {
+      if (((blocks >> b) & 1u) == 0) continue;
+      RowsB fb;  // rows: (row, channel)
+      wmma::load_matrix_sync(fb, rows + (b * 16) * ldr + n * 16, ldr);
+      wmma::mma_sync(acc, wf[b], fb, acc);
     }
     wmma::store_matrix_sync(stage, acc, 16, wmma::mem_row_major);
     __syncwarp();
@@ -247,111 +359,140 @@ __device__ void add_keys_product(const __nv_bfloat16* weights, int ldw, const __
   }
 }
 
+/// Shared memory of the backward. P and scale dS (bf16) take the first half of their 16 x 16 blocks of S and dP
+/// (fp32): the block (row block b, keys 16 w..) of P starts at bf16 element 16 b kLdP + 32 w of s, leading
+/// dimension kLdP = 2 kLdS. 110 KB at D = Dv = 128: two blocks per SM on sm_80 and sm_90.
 template <int D, int DV>
 struct Smem {
-  static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8;
+  static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdP = 2 * kLdS;
   __nv_bfloat16 q[kRows * kLdQ];
   __nv_bfloat16 go[kRows * kLdV];
   __nv_bfloat16 k[kChunk * kLdQ];
   __nv_bfloat16 v[kChunk * kLdV];
   float s[kRows * kLdS];
   float dp[kRows * kLdS];
-  __nv_bfloat16 p[kRows * kLdB];
-  __nv_bfloat16 ds[kRows * kLdB];
   float stage[kThreads / 32][16 * 16];
   unsigned long long mask[kChunk];
   std::int32_t key[kChunk];
   float lse[kRows];
   float delta[kRows];
+  unsigned blocks[kChunk / 16];  // per 16 keys: bit b where row block b selects one of them
 };
 
+// Work split of a chunk: warp w takes keys 16 w .. 16 w + 15 for S, dP, P, dS, dK and dV (over the row blocks that
+// select any of them), and channels (D / 4) w .. of dQ for all 64 rows; so the warps share the work evenly however
+// few row blocks a chunk concerns.
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreads) tile_kernel(Params p, const float* delta, TiledUnions unions) {
+__global__ void __launch_bounds__(kThreads, 2) tile_kernel(Params p, const float* delta, TiledUnions unions) {
   using namespace nvcuda;
   using S = Smem<D, DV>;
+  constexpr int kQBlocks = D / 16 / (kThreads / 32);  // dQ column blocks per warp
   extern __shared__ __align__(128) unsigned char raw[];
   S& sm = *reinterpret_cast<S*>(raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long segment = blockIdx.x;
   const TileRows row_index = tile_rows(p, segment);
   const int g = row_index.g, gq = row_index.gq;
-  load_rows<D>(sm.q, S::kLdQ, kRows, p.q, row_index);
-  load_rows<DV>(sm.go, S::kLdV, kRows, p.grad_out, row_index);
+  load_rows<D, kRows>(sm.q, S::kLdQ, p.q, row_index);
+  load_rows<DV, kRows>(sm.go, S::kLdV, p.grad_out, row_index);
   for (int m = threadIdx.x; m < kRows; m += kThreads) {
     const long long r = row_index(m);
     sm.lse[m] = r >= 0 ? p.lse[r] : -INFINITY;
     sm.delta[m] = r >= 0 ? delta[r] : 0.0f;
   }
+  __nv_bfloat16* const pb = reinterpret_cast<__nv_bfloat16*>(sm.s);
+  __nv_bfloat16* const dsb = reinterpret_cast<__nv_bfloat16*>(sm.dp);
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[D / 16];
+  AccFragment dq[kRowBlocks][kQBlocks];
 #pragma unroll
-  for (int n = 0; n < D / 16; ++n) wmma::fill_fragment(dq[n], 0.0f);
+  for (int b = 0; b < kRowBlocks; ++b)
+#pragma unroll
+    for (int j = 0; j < kQBlocks; ++j) wmma::fill_fragment(dq[b][j], 0.0f);
 
   const long long begin = unions.segment_begin[segment], end = unions.segment_end[segment];
+  const int key0 = warp * 16;
   for (long long c0 = begin; c0 < end; c0 += kChunk) {
     const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
-    load_chunk<D, DV>(p, g, unions.union_key, unions.union_mask, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v,
-                      S::kLdV);
+    load_chunk<D, DV>(p, g, unions, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
+    unsigned blocks = lane < 16 && key0 + lane < len ? row_blocks_of(sm.mask[key0 + lane], gq) : 0u;
+    blocks = __reduce_or_sync(0xffffffffu, blocks);
+    if (lane == 0) sm.blocks[warp] = blocks;
 
-    // S and dP for this warp's 16 rows
-    rows_times_keys<D>(&sm.q[(warp * 16) * S::kLdQ], S::kLdQ, sm.k, S::kLdQ, &sm.s[(warp * 16) * S::kLdS], S::kLdS);
-    rows_times_keys<DV>(&sm.go[(warp * 16) * S::kLdV], S::kLdV, sm.v, S::kLdV, &sm.dp[(warp * 16) * S::kLdS],
-                        S::kLdS);
+    // S and dP of this warp's keys
+    blocks_times_keys<D>(blocks, sm.q, S::kLdQ, &sm.k[key0 * S::kLdQ], S::kLdQ, &sm.s[key0], S::kLdS);
+    blocks_times_keys<DV>(blocks, sm.go, S::kLdV, &sm.v[key0 * S::kLdV], S::kLdV, &sm.dp[key0], S::kLdS);
     __syncwarp();
-    // P and scale * dS of the warp's rows (zero where the row's token did not select the key)
-    for (int i = lane; i < 16 * kChunk; i += 32) {
-      const int m = warp * 16 + i / kChunk, c = i % kChunk;
-      const bool selected = c < len && ((sm.mask[c] >> (m / gq)) & 1ULL) != 0 && sm.lse[m] != -INFINITY;
-      const float prob = selected ? __expf(sm.s[m * S::kLdS + c] * p.scale - sm.lse[m]) : 0.0f;
-      const float ds = prob * (sm.dp[m * S::kLdS + c] - sm.delta[m]) * p.scale;
-      sm.p[m * S::kLdB + c] = __float2bfloat16(prob);
-      sm.ds[m * S::kLdB + c] = __float2bfloat16(ds);
-    }
-    __syncthreads();  // every row's P and dS before the key-side products
-
-    // dQ (this warp's rows) += (scale dS) K
+    // P and scale dS (zero where the row's token did not select the key), over S and dP in place: two rows per
+    // step, all of a step's reads before its writes
 #pragma unroll
-    for (int kk = 0; kk < kChunk / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-      wmma::load_matrix_sync(a, &sm.ds[(warp * 16) * S::kLdB + kk * 16], S::kLdB);
-#pragma unroll
-      for (int n = 0; n < D / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // K rows kk*16.., cols n*16..
-        wmma::load_matrix_sync(b, &sm.k[(kk * 16) * S::kLdQ + n * 16], S::kLdQ);
-        wmma::mma_sync(dq[n], a, b, dq[n]);
+    for (int b = 0; b < kRowBlocks; ++b) {
+      if (((blocks >> b) & 1u) == 0) continue;
+      for (int i = lane; i < 256; i += 32) {
+        const int m = b * 16 + i / 16, c = key0 + i % 16;
+        const bool selected = c < len && ((sm.mask[c] >> (m / gq)) & 1ULL) != 0 && sm.lse[m] != -INFINITY;
+        const float prob = selected ? __expf(sm.s[m * S::kLdS + c] * p.scale - sm.lse[m]) : 0.0f;
+        const float ds = prob * (sm.dp[m * S::kLdS + c] - sm.delta[m]) * p.scale;
+        __syncwarp();
+        pb[m * S::kLdP + 2 * key0 + i % 16] = __float2bfloat16(prob);
+        dsb[m * S::kLdP + 2 * key0 + i % 16] = __float2bfloat16(ds);
       }
     }
-    // dK of this warp's 16 keys = (scale dS)^T Q and dV = P^T dO, each 16 x 16 block staged and added atomically
-    const int key0 = warp * 16;
-    if (key0 < len) {
-      add_keys_product<D>(sm.ds, S::kLdB, sm.q, S::kLdQ, p.grad_k, p.kv_heads, g, sm.key, key0, len, sm.stage[warp],
-                          lane);
-      add_keys_product<DV>(sm.p, S::kLdB, sm.go, S::kLdV, p.grad_v, p.kv_heads, g, sm.key, key0, len,
+    __syncwarp();
+    // dK = (scale dS)^T Q and dV = P^T dO of this warp's keys, each 16 x 16 block staged and added atomically
+    if (blocks != 0) {
+      add_keys_product<D>(blocks, dsb + 2 * key0, S::kLdP, sm.q, S::kLdQ, p.grad_k, p.kv_heads, g, sm.key, key0, len,
+                          sm.stage[warp], lane);
+      add_keys_product<DV>(blocks, pb + 2 * key0, S::kLdP, sm.go, S::kLdV, p.grad_v, p.kv_heads, g, sm.key, key0, len,
                            sm.stage[warp], lane);
     }
-  }
-  // dQ rows of this warp (each row belongs to this tile alone)
-  float* stage = sm.stage[warp];
-  for (int n = 0; n < D / 16; ++n) {
-    wmma::store_matrix_sync(stage, dq[n], 16, wmma::mem_row_major);
-    __syncwarp();
-    for (int i = lane; i < 256; i += 32) {
-      const long long r = row_index(warp * 16 + i / 16);
-      if (r >= 0) p.grad_q[r * D + n * 16 + i % 16] = stage[i];
+    __syncthreads();  // every warp's dS and blocks before dQ
+
+    // dQ (all rows, this warp's channels) += (scale dS) K over the (row block, key block) pairs that select keys
+#pragma unroll
+    for (int kb = 0; kb < kChunk / 16; ++kb) {
+      const unsigned kb_blocks = sm.blocks[kb];
+      if (kb_blocks == 0) continue;
+      RowsB kf[kQBlocks];  // K rows 16 kb.., this warp's columns
+#pragma unroll
+      for (int j = 0; j < kQBlocks; ++j)
+        wmma::load_matrix_sync(kf[j], &sm.k[(kb * 16) * S::kLdQ + (warp * kQBlocks + j) * 16], S::kLdQ);
+#pragma unroll
+      for (int b = 0; b < kRowBlocks; ++b) {
+        if (((kb_blocks >> b) & 1u) == 0) continue;
+        RowFragment a;
+        wmma::load_matrix_sync(a, dsb + (b * 16) * S::kLdP + 32 * kb, S::kLdP);
+#pragma unroll
+        for (int j = 0; j < kQBlocks; ++j) wmma::mma_sync(dq[b][j], a, kf[j], dq[b][j]);
+      }
     }
-    __syncwarp();
+  }
+  // dQ of this warp's channels (each row belongs to this tile alone)
+  float* stage = sm.stage[warp];
+#pragma unroll
+  for (int b = 0; b < kRowBlocks; ++b) {
+#pragma unroll
+    for (int j = 0; j < kQBlocks; ++j) {
+      wmma::store_matrix_sync(stage, dq[b][j], 16, wmma::mem_row_major);
+      __syncwarp();
+      const int n = warp * kQBlocks + j;
+      for (int i = lane; i < 256; i += 32) {
+        const long long r = row_index(b * 16 + i / 16);
+        if (r >= 0) p.grad_q[r * D + n * 16 + i % 16] = stage[i];
+      }
+      __syncwarp();
+    }
   }
 }
 
+/// Shared memory of the forward; a row's P (bf16) takes the first half of its row of S (leading dimension kLdP).
 template <int D, int DV>
 struct ForwardSmem {
-  static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdB = kChunk + 8, kLdO = DV + 4;
+  static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdP = 2 * kLdS, kLdO = DV + 4;
   __nv_bfloat16 q[kRows * kLdQ];
   __nv_bfloat16 k[kChunk * kLdQ];
   __nv_bfloat16 v[kChunk * kLdV];
   float s[kRows * kLdS];
   float o[kRows * kLdO];
-  __nv_bfloat16 p[kRows * kLdB];
   unsigned long long mask[kChunk];
   std::int32_t key[kChunk];
   float m[kRows];
@@ -361,9 +502,10 @@ struct ForwardSmem {
 
 /// out = softmax(scale q K^T) V over each row's selected keys (online softmax over the chunks, P rounded to bf16
 /// before P V), lse = log sum exp (-inf and out = 0 for a row without keys); out bf16 or fp32, lse_out optional.
+/// Warp w takes row block w; it skips a chunk none of whose keys its rows select.
 template <int D, int DV>
-__global__ void __launch_bounds__(kThreads) forward_tile_kernel(Params p, void* out, bool out_bf16, float* lse_out,
-                                                                 TiledUnions unions) {
+__global__ void __launch_bounds__(kThreads, 2) forward_tile_kernel(Params p, void* out, bool out_bf16, float* lse_out,
+                                                                    TiledUnions unions) {
   using namespace nvcuda;
   using S = ForwardSmem<D, DV>;
   extern __shared__ __align__(128) unsigned char raw[];
@@ -372,7 +514,9 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Params p, void* 
   const long long segment = blockIdx.x;
   const TileRows row_index = tile_rows(p, segment);
   const int g = row_index.g, gq = row_index.gq;
-  load_rows<D>(sm.q, S::kLdQ, kRows, p.q, row_index);
+  const unsigned long long my_tokens = block_tokens(warp, gq);
+  __nv_bfloat16* const pb = reinterpret_cast<__nv_bfloat16*>(sm.s);
+  load_rows<D, kRows>(sm.q, S::kLdQ, p.q, row_index);
   for (int i = threadIdx.x; i < kRows * S::kLdO; i += kThreads) sm.o[i] = 0.0f;
   for (int m = threadIdx.x; m < kRows; m += kThreads) {
     sm.m[m] = -INFINITY;
@@ -381,8 +525,10 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Params p, void* 
   const long long begin = unions.segment_begin[segment], end = unions.segment_end[segment];
   for (long long c0 = begin; c0 < end; c0 += kChunk) {
     const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
-    load_chunk<D, DV>(p, g, unions.union_key, unions.union_mask, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v,
-                      S::kLdV);
+    load_chunk<D, DV>(p, g, unions, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
+    const bool mine = (lane < len && (sm.mask[lane] & my_tokens) != 0) ||
+                      (lane + 32 < len && (sm.mask[lane + 32] & my_tokens) != 0);
+    if (!__any_sync(0xffffffffu, mine)) continue;  // no key of this chunk for these rows: m, l and O stay
     rows_times_keys<D>(&sm.q[(warp * 16) * S::kLdQ], S::kLdQ, sm.k, S::kLdQ, &sm.s[(warp * 16) * S::kLdS], S::kLdS);
     __syncwarp();
     // online softmax of the warp's 16 rows: lanes hold columns lane and lane + 32
@@ -409,8 +555,9 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Params p, void* 
       }
       float sum = pr[0] + pr[1];
       for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      sm.p[m * S::kLdB + lane] = __float2bfloat16(pr[0]);
-      sm.p[m * S::kLdB + lane + 32] = __float2bfloat16(pr[1]);
+      __syncwarp();  // the row's S read by every lane before P overwrites it
+      pb[m * S::kLdP + lane] = __float2bfloat16(pr[0]);
+      pb[m * S::kLdP + lane + 32] = __float2bfloat16(pr[1]);
       __syncwarp();
       if (lane == 0) {
         sm.l[m] = sm.l[m] * factor + sum;
@@ -426,13 +573,13 @@ __global__ void __launch_bounds__(kThreads) forward_tile_kernel(Params p, void* 
     __syncwarp();
 #pragma unroll
     for (int n = 0; n < DV / 16; ++n) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      AccFragment acc;
       wmma::load_matrix_sync(acc, &sm.o[(warp * 16) * S::kLdO + n * 16], S::kLdO, wmma::mem_row_major);
 #pragma unroll
       for (int kk = 0; kk < kChunk / 16; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
-        wmma::load_matrix_sync(a, &sm.p[(warp * 16) * S::kLdB + kk * 16], S::kLdB);
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;  // V: (key, channel)
+        RowFragment a;
+        wmma::load_matrix_sync(a, pb + (warp * 16) * S::kLdP + kk * 16, S::kLdP);
+        RowsB b;  // V: (key, channel)
         wmma::load_matrix_sync(b, &sm.v[(kk * 16) * S::kLdV + n * 16], S::kLdV);
         wmma::mma_sync(acc, a, b, acc);
       }
@@ -497,32 +644,35 @@ unsigned blocks_of(long long items, int per_block) {
   return static_cast<unsigned>((items + per_block - 1) / per_block);
 }
 
-template <int D, int DV>
-void forward_typed(std::string_view function, const Params& p, const TiledUnions& unions, long long segments,
-                   void* out, bool out_bf16, float* lse, cudaStream_t stream) {
-  const int smem = static_cast<int>(sizeof(ForwardSmem<D, DV>));
-  cuda_glue::check(cudaFuncSetAttribute(forward_tile_kernel<D, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                   function, "cudaFuncSetAttribute (forward_tile_kernel)");
-  forward_tile_kernel<D, DV><<<static_cast<unsigned>(segments), kThreads, smem, stream>>>(p, out, out_bf16, lse,
-                                                                                         unions);
-  cuda_glue::check(cudaGetLastError(), function, "forward_tile_kernel launch");
+/// Calls f.template operator()<D, DV>() for the head dims the tiled kernels take (tiled_refusal has checked them).
+template <typename F>
+void with_dims(int d, int dv, F&& f) {
+  if (d == 128 && dv == 128) {
+    f.template operator()<128, 128>();
+  } else if (d == 64 && dv == 64) {
+    f.template operator()<64, 64>();
+  } else if (d == 128 && dv == 64) {
+    f.template operator()<128, 64>();
+  } else {
+    f.template operator()<64, 128>();
+  }
 }
 
-template <int D, int DV>
-void backward_typed(std::string_view function, const Params& p, const float* delta, const TiledUnions& unions,
-                    long long segments, cudaStream_t stream) {
-  const int smem = static_cast<int>(sizeof(Smem<D, DV>));
-  cuda_glue::check(cudaFuncSetAttribute(tile_kernel<D, DV>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                   function, "cudaFuncSetAttribute (tile_kernel)");
-  tile_kernel<D, DV><<<static_cast<unsigned>(segments), kThreads, smem, stream>>>(p, delta, unions);
-  cuda_glue::check(cudaGetLastError(), function, "tile_kernel launch");
+/// Lets `kernel` take `smem` bytes of dynamic shared memory, with the SM's carveout at its most shared memory
+/// (two blocks of the backward per SM).
+template <typename Kernel>
+void allow_shared(std::string_view function, Kernel kernel, int smem, const char* name) {
+  cuda_glue::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), function, name);
+  cuda_glue::check(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                        cudaSharedmemCarveoutMaxShared),
+                   function, name);
 }
 
 std::size_t shared_bytes(int head_dim, int value_dim, bool backward) {
-  if (head_dim == 128 && value_dim == 128) return backward ? sizeof(Smem<128, 128>) : sizeof(ForwardSmem<128, 128>);
-  if (head_dim == 128 && value_dim == 64) return backward ? sizeof(Smem<128, 64>) : sizeof(ForwardSmem<128, 64>);
-  if (head_dim == 64 && value_dim == 128) return backward ? sizeof(Smem<64, 128>) : sizeof(ForwardSmem<64, 128>);
-  return backward ? sizeof(Smem<64, 64>) : sizeof(ForwardSmem<64, 64>);
+  std::size_t bytes = 0;
+  with_dims(head_dim, value_dim,
+            [&]<int D, int DV>() { bytes = backward ? sizeof(Smem<D, DV>) : sizeof(ForwardSmem<D, DV>); });
+  return bytes;
 }
 
 }  // namespace
@@ -594,7 +744,7 @@ TiledUnions build_tiled_unions(std::string_view function, const TiledShape& shap
   long long* segment_end = reinterpret_cast<long long*>(take(l.bounds));
   void* sort_storage = take(l.sort);
   void* scan_storage = take(l.scan);
-  TiledUnions unions{union_key, union_mask, segment_begin, segment_end};
+  TiledUnions unions{union_key, union_mask, nullptr, segment_begin, segment_end};
   if (l.segments == 0) return unions;
   // A segment without a valid entry keeps begin = end = 0.
   cuda_glue::check(cudaMemsetAsync(segment_begin, 0, 2 * l.bounds, cuda_stream), function, "cudaMemsetAsync");
@@ -622,6 +772,13 @@ TiledUnions build_tiled_unions(std::string_view function, const TiledShape& shap
   union_kernel<<<blocks, 256, 0, cuda_stream>>>(sorted, positions, l.entries, shape.keys, union_key, union_mask,
                                                 segment_begin, segment_end);
   cuda_glue::check(cudaGetLastError(), function, "union_kernel launch");
+  // The walking order, in the first sort buffer (4 bytes per union slot; no slot is more than an entry): both sort
+  // buffers are free once union_kernel is done.
+  std::int32_t* order = reinterpret_cast<std::int32_t*>(first);
+  order_kernel<<<static_cast<unsigned>(l.segments), kOrderThreads, 0, cuda_stream>>>(
+      union_mask, segment_begin, segment_end, static_cast<int>(shape.query_heads / shape.kv_heads), order);
+  cuda_glue::check(cudaGetLastError(), function, "order_kernel launch");
+  unions.order = order;
   return unions;
 }
 
@@ -643,16 +800,13 @@ void launch_sparse_attention_tiled_forward(std::string_view function, const Tile
   p.v = static_cast<const __nv_bfloat16*>(in.v);
   p.selection = in.selection;
   p.scale = in.scale;
-  const int d = p.head_dim, dv = p.value_dim;
-  if (d == 128 && dv == 128) {
-    forward_typed<128, 128>(function, p, *unions, segments, in.out, in.out_bf16, in.lse, cuda_stream);
-  } else if (d == 64 && dv == 64) {
-    forward_typed<64, 64>(function, p, *unions, segments, in.out, in.out_bf16, in.lse, cuda_stream);
-  } else if (d == 128 && dv == 64) {
-    forward_typed<128, 64>(function, p, *unions, segments, in.out, in.out_bf16, in.lse, cuda_stream);
-  } else {
-    forward_typed<64, 128>(function, p, *unions, segments, in.out, in.out_bf16, in.lse, cuda_stream);
-  }
+  with_dims(p.head_dim, p.value_dim, [&]<int D, int DV>() {
+    const int smem = static_cast<int>(sizeof(ForwardSmem<D, DV>));
+    allow_shared(function, forward_tile_kernel<D, DV>, smem, "cudaFuncSetAttribute (forward_tile_kernel)");
+    forward_tile_kernel<D, DV><<<static_cast<unsigned>(segments), kThreads, smem, cuda_stream>>>(
+        p, in.out, in.out_bf16, in.lse, *unions);
+    cuda_glue::check(cudaGetLastError(), function, "forward_tile_kernel launch");
+  });
   if (scratch) scratch->release();
 }
 
@@ -693,16 +847,12 @@ void launch_sparse_attention_tiled_backward(std::string_view function, const Til
   p.scale = in.scale;
   delta_kernel<<<blocks_of(rows, kThreads / 32), kThreads, 0, cuda_stream>>>(p, delta);
   cuda_glue::check(cudaGetLastError(), function, "delta_kernel launch");
-  const int d = p.head_dim, dv = p.value_dim;
-  if (d == 128 && dv == 128) {
-    backward_typed<128, 128>(function, p, delta, *unions, segments, cuda_stream);
-  } else if (d == 64 && dv == 64) {
-    backward_typed<64, 64>(function, p, delta, *unions, segments, cuda_stream);
-  } else if (d == 128 && dv == 64) {
-    backward_typed<128, 64>(function, p, delta, *unions, segments, cuda_stream);
-  } else {
-    backward_typed<64, 128>(function, p, delta, *unions, segments, cuda_stream);
-  }
+  with_dims(p.head_dim, p.value_dim, [&]<int D, int DV>() {
+    const int smem = static_cast<int>(sizeof(Smem<D, DV>));
+    allow_shared(function, tile_kernel<D, DV>, smem, "cudaFuncSetAttribute (tile_kernel)");
+    tile_kernel<D, DV><<<static_cast<unsigned>(segments), kThreads, smem, cuda_stream>>>(p, delta, *unions);
+    cuda_glue::check(cudaGetLastError(), function, "tile_kernel launch");
+  });
   scratch.release();
 }
 

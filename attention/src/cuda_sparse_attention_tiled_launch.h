@@ -44,10 +44,13 @@ std::optional<TiledRefusal> tiled_refusal(const TiledShape& shape, int shared_me
 
 /// The unions of every segment: for segment i, union slots [segment_begin[i], segment_end[i]) list the distinct
 /// keys its tokens select (ascending) and, per key, the tokens of the tile that select it (bit j: token j of the
-/// tile). Device memory.
+/// tile). The kernels walk slot order[i] at position i of a segment: its slots grouped by which of the tile's
+/// four 16-row blocks select the key (ascending group, then key), so that a 64-key chunk mostly concerns the same
+/// row blocks and the kernels skip the blocks of rows that select none of a chunk's keys. Device memory.
 struct TiledUnions {
   const std::int32_t* union_key = nullptr;
   const unsigned long long* union_mask = nullptr;
+  const std::int32_t* order = nullptr;
   const long long* segment_begin = nullptr;
   const long long* segment_end = nullptr;
 };

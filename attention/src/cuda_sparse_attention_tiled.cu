@@ -306,30 +306,6 @@ __device__ void blocks_times_keys(unsigned blocks, const __nv_bfloat16* a, int l
   }
 }
 
-/// A warp's 16 rows against a chunk's keys: out[16][kChunk] (leading dimension ldo) = a[16][K] keys[kChunk][K]^T,
-/// bf16 in shared memory (leading dimensions lda, ldk), fp32 out.
-template <int K>
-__device__ void rows_times_keys(const __nv_bfloat16* a, int lda, const __nv_bfloat16* keys, int ldk, float* out,
-                                int ldo) {
-  using namespace nvcuda;
-  AccFragment acc[kChunk / 16];
-#pragma unroll
-  for (int n = 0; n < kChunk / 16; ++n) wmma::fill_fragment(acc[n], 0.0f);
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
-    RowFragment fa;
-    wmma::load_matrix_sync(fa, a + kk * 16, lda);
-#pragma unroll
-    for (int n = 0; n < kChunk / 16; ++n) {
-      KeysT fb;  // keys^T
-      wmma::load_matrix_sync(fb, keys + (n * 16) * ldk + kk * 16, ldk);
-      wmma::mma_sync(acc[n], fa, fb, acc[n]);
-    }
-  }
-#pragma unroll
-  for (int n = 0; n < kChunk / 16; ++n) wmma::store_matrix_sync(out + n * 16, acc[n], ldo, wmma::mem_row_major);
-}
-
 /// This warp's 16 keys (key0..): grad rows += weights^T rows over the row blocks in `blocks`, with weights the
 /// 16 x 16 blocks at weights + 16 b ldw (a row's weight per key, bf16) and rows [kRows][W] (ldr) bf16 in shared
 /// memory; each 16 x 16 result staged and added (add_block).
@@ -484,7 +460,8 @@ __global__ void __launch_bounds__(kThreads, 2) tile_kernel(Params p, const float
   }
 }
 
-/// Shared memory of the forward; a row's P (bf16) takes the first half of its row of S (leading dimension kLdP).
+/// Shared memory of the forward. P (bf16) takes the first half of its 16 x 16 blocks of S, as in the backward.
+/// m holds the running row maxima of the chunk before and of this chunk (by the chunk's parity).
 template <int D, int DV>
 struct ForwardSmem {
   static constexpr int kLdQ = D + 8, kLdV = DV + 8, kLdS = kChunk + 4, kLdP = 2 * kLdS, kLdO = DV + 4;
@@ -495,98 +472,139 @@ struct ForwardSmem {
   float o[kRows * kLdO];
   unsigned long long mask[kChunk];
   std::int32_t key[kChunk];
-  float m[kRows];
+  float part_max[kThreads / 32][kRows];  // per warp (16 keys) and row
+  float part_sum[kThreads / 32][kRows];
+  float m[2][kRows];
   float l[kRows];
-  float factor[kRows];
+  unsigned blocks[kChunk / 16];
 };
 
 /// out = softmax(scale q K^T) V over each row's selected keys (online softmax over the chunks, P rounded to bf16
 /// before P V), lse = log sum exp (-inf and out = 0 for a row without keys); out bf16 or fp32, lse_out optional.
-/// Warp w takes row block w; it skips a chunk none of whose keys its rows select.
+/// Work split of a chunk as in the backward: warp w takes keys 16 w.. for S and P (over the row blocks that select
+/// any of them), and channels (Dv / 4) w.. of O for all rows; each row's maximum and sum are combined over the
+/// warps in a fixed order.
 template <int D, int DV>
 __global__ void __launch_bounds__(kThreads, 2) forward_tile_kernel(Params p, void* out, bool out_bf16, float* lse_out,
                                                                     TiledUnions unions) {
   using namespace nvcuda;
   using S = ForwardSmem<D, DV>;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kOBlocks = DV / 16 / kWarps;  // O column blocks per warp
   extern __shared__ __align__(128) unsigned char raw[];
   S& sm = *reinterpret_cast<S*>(raw);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long segment = blockIdx.x;
   const TileRows row_index = tile_rows(p, segment);
   const int g = row_index.g, gq = row_index.gq;
-  const unsigned long long my_tokens = block_tokens(warp, gq);
   __nv_bfloat16* const pb = reinterpret_cast<__nv_bfloat16*>(sm.s);
   load_rows<D, kRows>(sm.q, S::kLdQ, p.q, row_index);
   for (int i = threadIdx.x; i < kRows * S::kLdO; i += kThreads) sm.o[i] = 0.0f;
   for (int m = threadIdx.x; m < kRows; m += kThreads) {
-    sm.m[m] = -INFINITY;
+    sm.m[0][m] = -INFINITY;
     sm.l[m] = 0.0f;
   }
   const long long begin = unions.segment_begin[segment], end = unions.segment_end[segment];
-  for (long long c0 = begin; c0 < end; c0 += kChunk) {
+  const int key0 = warp * 16;
+  int parity = 0;
+  for (long long c0 = begin; c0 < end; c0 += kChunk, parity ^= 1) {
     const int len = end - c0 < kChunk ? static_cast<int>(end - c0) : kChunk;
     load_chunk<D, DV>(p, g, unions, c0, len, sm.key, sm.mask, sm.k, S::kLdQ, sm.v, S::kLdV);
-    const bool mine = (lane < len && (sm.mask[lane] & my_tokens) != 0) ||
-                      (lane + 32 < len && (sm.mask[lane + 32] & my_tokens) != 0);
-    if (!__any_sync(0xffffffffu, mine)) continue;  // no key of this chunk for these rows: m, l and O stay
-    rows_times_keys<D>(&sm.q[(warp * 16) * S::kLdQ], S::kLdQ, sm.k, S::kLdQ, &sm.s[(warp * 16) * S::kLdS], S::kLdS);
+    unsigned blocks = lane < 16 && key0 + lane < len ? row_blocks_of(sm.mask[key0 + lane], gq) : 0u;
+    blocks = __reduce_or_sync(0xffffffffu, blocks);
+    if (lane == 0) sm.blocks[warp] = blocks;
+    blocks_times_keys<D>(blocks, sm.q, S::kLdQ, &sm.k[key0 * S::kLdQ], S::kLdQ, &sm.s[key0], S::kLdS);
     __syncwarp();
-    // online softmax of the warp's 16 rows: lanes hold columns lane and lane + 32
-    for (int rr = 0; rr < 16; ++rr) {
-      const int m = warp * 16 + rr;
-      const unsigned token_bit = static_cast<unsigned>(m / gq);
-      float x[2];
+    // each row's maximum over this warp's keys (two lanes per row, 8 keys each)
+    const int half = lane / 16;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = lane + 32 * h;
-        const bool selected = c < len && ((sm.mask[c] >> token_bit) & 1ULL) != 0;
-        x[h] = selected ? sm.s[m * S::kLdS + c] * p.scale : -INFINITY;
+    for (int b = 0; b < kRowBlocks; ++b) {
+      const int m = b * 16 + lane % 16;
+      float mx = -INFINITY;
+      if (((blocks >> b) & 1u) != 0) {
+        const unsigned token_bit = static_cast<unsigned>(m / gq);
+        for (int j = 0; j < 8; ++j) {
+          const int c = key0 + half * 8 + j;
+          if (c < len && ((sm.mask[c] >> token_bit) & 1ULL) != 0) mx = fmaxf(mx, sm.s[m * S::kLdS + c] * p.scale);
+        }
       }
-      float mx = fmaxf(x[0], x[1]);
-      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const float m_old = sm.m[m];
-      const float m_new = fmaxf(m_old, mx);
-      float pr[2] = {0.0f, 0.0f};
-      float factor = 1.0f;
-      if (m_new != -INFINITY) {
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      if (half == 0) sm.part_max[warp][m] = mx;
+    }
+    __syncthreads();  // every warp's maxima
+    // P of this warp's blocks against the new maxima, in place over S, and its row sums
+    const float* m_old = sm.m[parity];
+    float* m_new = sm.m[parity ^ 1];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) pr[h] = x[h] == -INFINITY ? 0.0f : __expf(x[h] - m_new);
-        factor = m_old == -INFINITY ? 0.0f : __expf(m_old - m_new);
+    for (int b = 0; b < kRowBlocks; ++b) {
+      const int m = b * 16 + lane % 16;
+      float mx = m_old[m];
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, sm.part_max[w][m]);
+      if (warp == 0 && half == 0) m_new[m] = mx;
+      float sum = 0.0f;
+      if (((blocks >> b) & 1u) != 0) {
+        const unsigned token_bit = static_cast<unsigned>(m / gq);
+        float pr[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int c = key0 + half * 8 + j;
+          const bool selected = c < len && ((sm.mask[c] >> token_bit) & 1ULL) != 0;
+          pr[j] = selected ? __expf(sm.s[m * S::kLdS + c] * p.scale - mx) : 0.0f;
+          sum += pr[j];
+        }
+        __syncwarp();  // the block's S read by every lane before P overwrites it
+#pragma unroll
+        for (int j = 0; j < 8; ++j) pb[m * S::kLdP + 2 * key0 + half * 8 + j] = __float2bfloat16(pr[j]);
       }
-      float sum = pr[0] + pr[1];
-      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      __syncwarp();  // the row's S read by every lane before P overwrites it
-      pb[m * S::kLdP + lane] = __float2bfloat16(pr[0]);
-      pb[m * S::kLdP + lane + 32] = __float2bfloat16(pr[1]);
-      __syncwarp();
-      if (lane == 0) {
+      sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+      if (half == 0) sm.part_sum[warp][m] = sum;
+    }
+    __syncthreads();  // every warp's P, sums and blocks
+    // O (this warp's channels) = O exp(m_old - m_new) + P V over the (row block, key block) pairs with keys
+    unsigned any_blocks = 0;
+#pragma unroll
+    for (int kb = 0; kb < kChunk / 16; ++kb) any_blocks |= sm.blocks[kb];
+    for (int i = lane; i < kRows * (DV / kWarps); i += 32) {
+      const int m = i / (DV / kWarps), c = warp * (DV / kWarps) + i % (DV / kWarps);
+      if (((any_blocks >> (m / 16)) & 1u) == 0) continue;
+      const float factor = m_old[m] == -INFINITY ? 0.0f : __expf(m_old[m] - m_new[m]);
+      sm.o[m * S::kLdO + c] *= factor;
+    }
+    if (warp == 0) {
+      for (int m = lane; m < kRows; m += 32) {
+        if (((any_blocks >> (m / 16)) & 1u) == 0) continue;  // m_new = m_old, l stays
+        const float factor = m_old[m] == -INFINITY ? 0.0f : __expf(m_old[m] - m_new[m]);
+        float sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) sum += sm.part_sum[w][m];
         sm.l[m] = sm.l[m] * factor + sum;
-        sm.m[m] = m_new;
-        sm.factor[m] = factor;
       }
     }
     __syncwarp();
-    for (int i = lane; i < 16 * DV; i += 32) {
-      const int m = warp * 16 + i / DV;
-      sm.o[m * S::kLdO + i % DV] *= sm.factor[m];
-    }
-    __syncwarp();
 #pragma unroll
-    for (int n = 0; n < DV / 16; ++n) {
-      AccFragment acc;
-      wmma::load_matrix_sync(acc, &sm.o[(warp * 16) * S::kLdO + n * 16], S::kLdO, wmma::mem_row_major);
+    for (int b = 0; b < kRowBlocks; ++b) {
+      if (((any_blocks >> b) & 1u) == 0) continue;
 #pragma unroll
-      for (int kk = 0; kk < kChunk / 16; ++kk) {
-        RowFragment a;
-        wmma::load_matrix_sync(a, pb + (warp * 16) * S::kLdP + kk * 16, S::kLdP);
-        RowsB b;  // V: (key, channel)
-        wmma::load_matrix_sync(b, &sm.v[(kk * 16) * S::kLdV + n * 16], S::kLdV);
-        wmma::mma_sync(acc, a, b, acc);
+      for (int j = 0; j < kOBlocks; ++j) {
+        const int n = warp * kOBlocks + j;
+        AccFragment acc;
+        wmma::load_matrix_sync(acc, &sm.o[(b * 16) * S::kLdO + n * 16], S::kLdO, wmma::mem_row_major);
+#pragma unroll
+        for (int kb = 0; kb < kChunk / 16; ++kb) {
+          if (((sm.blocks[kb] >> b) & 1u) == 0) continue;
+          RowFragment a;
+          wmma::load_matrix_sync(a, pb + (b * 16) * S::kLdP + 32 * kb, S::kLdP);
+          RowsB vb;  // V: (key, channel)
+          wmma::load_matrix_sync(vb, &sm.v[(kb * 16) * S::kLdV + n * 16], S::kLdV);
+          wmma::mma_sync(acc, a, vb, acc);
+        }
+        wmma::store_matrix_sync(&sm.o[(b * 16) * S::kLdO + n * 16], acc, S::kLdO, wmma::mem_row_major);
       }
-      wmma::store_matrix_sync(&sm.o[(warp * 16) * S::kLdO + n * 16], acc, S::kLdO, wmma::mem_row_major);
     }
   }
   __syncthreads();
+  const float* m_final = sm.m[parity];
   for (int i = threadIdx.x; i < kRows * DV; i += kThreads) {
     const int m = i / DV, c = i % DV;
     const long long r = row_index(m);
@@ -602,7 +620,7 @@ __global__ void __launch_bounds__(kThreads, 2) forward_tile_kernel(Params p, voi
   if (lse_out == nullptr) return;
   for (int m = threadIdx.x; m < kRows; m += kThreads) {
     const long long r = row_index(m);
-    if (r >= 0) lse_out[r] = sm.l[m] > 0.0f ? sm.m[m] + __logf(sm.l[m]) : -INFINITY;
+    if (r >= 0) lse_out[r] = sm.l[m] > 0.0f ? m_final[m] + __logf(sm.l[m]) : -INFINITY;
   }
 }
 

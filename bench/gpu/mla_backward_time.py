@@ -91,10 +91,15 @@ def free_bytes(device):
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def rel_diff(got, want):
-    """||got - want|| / ||want|| in float64."""
-    want = want.double()
-    return float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
+def rel_diff(got, want, rows=1024):
+    """||got - want|| / ||want||, summed in float64 over blocks of `rows` leading rows (no float64 copy of the whole
+    gradient: at T = 32K, H = 128 grad_q alone has 2.4G elements)."""
+    num = den = 0.0
+    for r0 in range(0, want.shape[0], rows):
+        w = want[r0:r0 + rows].double()
+        num += float((got[r0:r0 + rows].double() - w).square().sum())
+        den += float(w.square().sum())
+    return math.sqrt(num) / max(math.sqrt(den), 1e-300)
 
 
 class Timer:
@@ -287,7 +292,7 @@ def main():
             # selected key 0, the order of scattered writes to one place being unspecified)
             mask = torch.zeros((t, t + 1), dtype=torch.bool, device=device)
             mask.scatter_(1, torch.where(indices >= 0, indices, t).long(), True)
-            mask = mask[:, :t]
+            mask = mask[:, :t].contiguous()
             leaves = [q.detach().clone().requires_grad_(True), kv.detach().clone().requires_grad_(True)]
 
             def masked_both():
@@ -360,8 +365,8 @@ def main():
         checks = [f"{a} {row[a]:.1e}" for a in ("autograd_vs_kernel_dq", "autograd_vs_kernel_dkv",
                                                 "masked_vs_kernel_dq", "masked_vs_kernel_dkv") if a in row]
         if checks:
-            worst = max(row[a] for a in row if a.endswith(("_vs_kernel_dq", "_vs_kernel_dkv")))
-            verdict = "" if worst <= AGREE else f"  DISAGREE (over {AGREE:g}: bf16 rounding gives about 1e-2 at most)"
+            agree = all(row[a] <= AGREE for a in row if a.endswith(("_vs_kernel_dq", "_vs_kernel_dkv")))  # NaN: no
+            verdict = "" if agree else f"  DISAGREE (over {AGREE:g}: bf16 rounding gives about 1e-2 at most)"
             print(f"#   T={t} H={h} k={k}: relative difference of the gradients, " + ", ".join(checks) + verdict)
         print(f"{t:>6} {h:>4} {k:>5} | {cell(row['keysel_fwd_ms'], 8)} {cell(row['keysel_bwd_ms'], 9)} "
               f"{cell(row.get('keysel_bwd_tflops'), 8, '{:.1f}')} {cell(row.get('kernels_fwd_bwd_ms'), 9)} "

@@ -47,10 +47,12 @@ def masked_dense(q, k, v, selection, scale):
     """[T, Hq, D] attention with float32 softmax over the selection (a -inf mask elsewhere)."""
     t, hq, _ = q.shape
     g = hq // k.shape[1]
-    mask = torch.zeros((t, k.shape[1], k.shape[0]), dtype=torch.bool, device=q.device)
-    valid = selection >= 0
-    mask.scatter_(2, selection.clamp(min=0).long(), valid)
-    mask = mask.repeat_interleave(g, dim=1)                                             # [T, Hq, N]
+    n = k.shape[0]
+    # -1 entries go to a spare column N (dropped after), so they cannot clear a selected key 0
+    mask = torch.zeros((t, k.shape[1], n + 1), dtype=torch.bool, device=q.device)
+    index = torch.where(selection >= 0, selection, n).long()
+    mask.scatter_(2, index, torch.ones_like(index, dtype=torch.bool))
+    mask = mask[:, :, :n].repeat_interleave(g, dim=1)                                   # [T, Hq, N]
     scores = torch.einsum("thd,nhd->htn", q, k.repeat_interleave(g, dim=1)).float() * scale
     p = torch.softmax(scores.masked_fill(~mask.transpose(0, 1), float("-inf")), dim=-1)
     return torch.einsum("htn,nhd->thd", p.to(q.dtype), v.repeat_interleave(g, dim=1))
@@ -126,6 +128,8 @@ def main():
             row["keysel_fwd_ms"] = cuda_ms(keysel_forward, args.repeat)
             row["keysel_bwd_ms"] = cuda_ms(keysel_backward, args.repeat)
             # agreement of the autograd path with the kernel called directly (same inputs, same selection)
+            for x in leaves:
+                x.grad = None  # the timed calls added theirs up
             keysel_both()
             row["grad_q_max_diff"] = float((leaves[0].grad.float() - grads[0]).abs().max())
             if t <= args.masked_max_tokens:

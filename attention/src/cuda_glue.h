@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <initializer_list>
 #include <string_view>
 
@@ -42,6 +43,9 @@ void make_current(std::string_view function, int device);
 void check_tensor(std::string_view function, const TensorView& view, std::string_view argument,
                   std::initializer_list<std::int64_t> shape, std::initializer_list<DType> dtypes, Device device,
                   bool output);
+
+/// Whether `pointer` is aligned to 16 bytes (what the kernels' vector loads and stores need).
+inline bool aligned16(const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; }
 
 /// A pointer argument and its name, for the messages.
 struct NamedPointer {

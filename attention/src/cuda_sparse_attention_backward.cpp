@@ -18,13 +18,8 @@ namespace keysel {
 
 #if KEYSEL_CUDA
 
+using cuda_glue::aligned16;
 using cuda_glue::check_tensor;
-
-namespace {
-
-bool aligned16(const TensorView& view) { return reinterpret_cast<std::uintptr_t>(view.raw_data()) % 16 == 0; }
-
-}  // namespace
 
 void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, const TensorView& v,
                                     const TensorView& selection, Granularity granularity, double scale,
@@ -86,17 +81,10 @@ void sparse_attention_backward_cuda(const TensorView& q, const TensorView& k, co
                                      {grad_v.raw_data(), "grad_v"}},
                                     device.index);
 
-  if (!options.deterministic && dtype == DType::bf16 && aligned16(q) && aligned16(k) && aligned16(v) &&
-      aligned16(grad_out) && aligned16(grad_k) && aligned16(grad_v)) {
-    cuda_kernels::TiledShape shape;
-    shape.tokens = tokens;
-    shape.keys = keys;
-    shape.query_heads = query_heads;
-    shape.kv_heads = kv_heads;
-    shape.head_dim = head_dim;
-    shape.value_dim = value_dim;
-    shape.groups = groups;
-    shape.width = width;
+  if (!options.deterministic && dtype == DType::bf16 && aligned16(q.raw_data()) && aligned16(k.raw_data()) &&
+      aligned16(v.raw_data()) && aligned16(grad_out.raw_data()) && aligned16(grad_k.raw_data()) &&
+      aligned16(grad_v.raw_data())) {
+    const cuda_kernels::TiledShape shape = cuda_kernels::tiled_shape(q, k, v, selection);
     if (!cuda_kernels::tiled_refusal(shape, facts.shared_memory_optin, true)) {
       cuda_kernels::TiledBackwardLaunch tiled{};
       tiled.shape = shape;

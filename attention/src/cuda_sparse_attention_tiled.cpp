@@ -18,13 +18,12 @@ namespace keysel {
 
 #if KEYSEL_CUDA
 
+using cuda_glue::aligned16;
 using cuda_glue::check_tensor;
 
 namespace {
 
 constexpr std::string_view kFunction = "sparse_attention_prefill_cuda";
-
-bool aligned16(const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; }
 
 /// Every check of sparse_attention_prefill_cuda (throwing keysel::Error on the first that fails), those of out
 /// left out where `out` is null; the launch's parameters.
@@ -54,15 +53,7 @@ cuda_kernels::TiledForwardLaunch checked_launch(const TensorView& q, const Tenso
   KEYSEL_CHECK_ARG_IN(kFunction, std::isfinite(effective_scale) && effective_scale > 0.0, "scale",
                       "finite and > 0 (or 0)", scale);
   const cuda_glue::DeviceFacts facts = cuda_glue::use_device(kFunction, device.index);
-  cuda_kernels::TiledShape shape;
-  shape.tokens = tokens;
-  shape.keys = keys;
-  shape.query_heads = query_heads;
-  shape.kv_heads = kv_heads;
-  shape.head_dim = head_dim;
-  shape.value_dim = value_dim;
-  shape.groups = groups;
-  shape.width = selection.size(2);
+  const cuda_kernels::TiledShape shape = cuda_kernels::tiled_shape(q, k, v, selection);
   if (const std::optional<cuda_kernels::TiledRefusal> refusal =
           cuda_kernels::tiled_refusal(shape, facts.shared_memory_optin, false)) {
     detail::throw_argument_error(kFunction, refusal->argument, refusal->expected, refusal->got);

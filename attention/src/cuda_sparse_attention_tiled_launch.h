@@ -10,6 +10,8 @@
 #include <string>
 #include <string_view>
 
+#include "keysel/core/tensor.h"
+
 namespace keysel::cuda_kernels {
 
 /// Query rows per tile: 64 / g consecutive tokens x the g = Hq / Hkv query heads of one key head.
@@ -21,6 +23,22 @@ struct TiledShape {
   std::int64_t tokens = 0, keys = 0;
   std::int64_t query_heads = 0, kv_heads = 0, head_dim = 0, value_dim = 0, groups = 0, width = 0;
 };
+
+/// The shape of q [T, Hq, D], k [N, Hkv, D], v [N, Hkv, Dv] and selection [T, G, W], whose ranks and extents the
+/// caller has checked.
+inline TiledShape tiled_shape(const TensorView& q, const TensorView& k, const TensorView& v,
+                              const TensorView& selection) {
+  TiledShape shape;
+  shape.tokens = q.size(0);
+  shape.keys = k.size(0);
+  shape.query_heads = q.size(1);
+  shape.kv_heads = k.size(1);
+  shape.head_dim = q.size(2);
+  shape.value_dim = v.size(2);
+  shape.groups = selection.size(1);
+  shape.width = selection.size(2);
+  return shape;
+}
 
 /// Tokens per tile (64 / g), tiles, segments (a tile and a key head: one thread block each) and selection
 /// entries the union build sorts (every token of every tile, the last tile padded). Valid where tiled_refusal

@@ -11,6 +11,7 @@
 
 #if KEYSEL_CUDA
 #include "cuda_glue.h"
+#include "cuda_sparse_mla_checks.h"
 #include "cuda_sparse_mla_launch.h"
 #include "cuda_workspace.h"
 #endif
@@ -30,6 +31,33 @@ void check_sizes(std::string_view function, std::int64_t rows, std::int64_t head
 }
 
 }  // namespace
+
+namespace detail {
+
+std::int64_t check_cuda_mla_indices(std::string_view function, const TensorView& indices, std::int64_t rows,
+                                    Device device) {
+  expect_shape(function, indices, "indices", {rows, kAnyExtent});
+  expect_dtype(function, indices, "indices", {DType::int32});
+  expect_device(function, indices, "indices", device);
+  KEYSEL_CHECK_ARG_IN(function, indices.size(1) <= 1 || indices.stride(1) == 1, "indices",
+                      "contiguous slots in each row", indices.str());
+  return indices.size(1);
+}
+
+float check_cuda_mla_options(std::string_view function, const SparseMlaOptions& options, std::int64_t rows,
+                             std::int64_t heads, Device device) {
+  if (!options.attn_sink.empty()) {
+    cuda_glue::check_tensor(function, options.attn_sink, "attn_sink", {heads}, {DType::fp32}, device, false);
+  }
+  if (!options.topk_length.empty()) {
+    cuda_glue::check_tensor(function, options.topk_length, "topk_length", {rows}, {DType::int32}, device, false);
+  }
+  KEYSEL_CHECK_ARG_IN(function, options.scale == 0.0 || (std::isfinite(options.scale) && options.scale > 0.0),
+                      "scale", "a finite scale > 0 (0: 1/sqrt(576))", options.scale);
+  return static_cast<float>(options.scale > 0.0 ? options.scale : 1.0 / std::sqrt(double(kMlaQkDim)));
+}
+
+}  // namespace detail
 
 std::int64_t sparse_mla_cuda_workspace_bytes(std::int64_t rows, std::int64_t heads, std::int64_t topk, int device) {
   constexpr std::string_view function = "sparse_mla_cuda_workspace_bytes";
@@ -76,12 +104,7 @@ void sparse_mla_cuda(const TensorView& q, const TensorView& kv, const TensorView
     launch.kv_stride = checked_mul(kv.stride(0), 2, function, "kv");
     launch.slots = kv.size(0);
   }
-  expect_shape(function, indices, "indices", {rows, kAnyExtent});
-  expect_dtype(function, indices, "indices", {DType::int32});
-  expect_device(function, indices, "indices", device);
-  KEYSEL_CHECK_ARG(indices.size(1) == 0 || indices.stride(1) == 1, "indices", "contiguous slots in each row",
-                   indices.str());
-  const std::int64_t topk = indices.size(1);
+  const std::int64_t topk = detail::check_cuda_mla_indices(function, indices, rows, device);
   check_sizes(function, rows, heads, topk);
   expect_shape(function, out, "out", {rows, heads, kMlaLatentDim});
   expect_dtype(function, out, "out", {DType::bf16, DType::fp32});
@@ -96,20 +119,7 @@ void sparse_mla_cuda(const TensorView& q, const TensorView& kv, const TensorView
     expect_writable(function, view, name);
     expect_contiguous(function, view, name);
   }
-  if (!options.attn_sink.empty()) {
-    expect_shape(function, options.attn_sink, "attn_sink", {heads});
-    expect_dtype(function, options.attn_sink, "attn_sink", {DType::fp32});
-    expect_device(function, options.attn_sink, "attn_sink", device);
-    expect_contiguous(function, options.attn_sink, "attn_sink");
-  }
-  if (!options.topk_length.empty()) {
-    expect_shape(function, options.topk_length, "topk_length", {rows});
-    expect_dtype(function, options.topk_length, "topk_length", {DType::int32});
-    expect_device(function, options.topk_length, "topk_length", device);
-    expect_contiguous(function, options.topk_length, "topk_length");
-  }
-  KEYSEL_CHECK_ARG(options.scale == 0.0 || (std::isfinite(options.scale) && options.scale > 0.0), "scale",
-                   "a finite scale > 0 (0: 1/sqrt(576))", options.scale);
+  const float scale = detail::check_cuda_mla_options(function, options, rows, heads, device);
   const cuda_glue::DeviceFacts facts = cuda_glue::use_device(function, device.index);
   launch.workspace = detail::workspace_pointer(function, workspace,
                                                static_cast<std::int64_t>(cuda_kernels::sparse_mla_workspace_bytes(
@@ -127,9 +137,8 @@ void sparse_mla_cuda(const TensorView& q, const TensorView& kv, const TensorView
                                      {options.topk_length.raw_data(), "topk_length"},
                                      {launch.workspace, "workspace"}},
                                     device.index);
-  KEYSEL_CHECK_ARG(reinterpret_cast<std::uintptr_t>(q.raw_data()) % 16 == 0 &&
-                       reinterpret_cast<std::uintptr_t>(kv.raw_data()) % 16 == 0,
-                   "q", "16-byte aligned q and kv", "unaligned addresses");
+  KEYSEL_CHECK_ARG(cuda_glue::aligned16(q.raw_data()) && cuda_glue::aligned16(kv.raw_data()), "q",
+                   "16-byte aligned q and kv", "unaligned addresses");
   launch.q = q.raw_data();
   launch.kv = static_cast<const std::uint8_t*>(kv.raw_data());
   launch.indices = indices.data<std::int32_t>();
@@ -143,7 +152,7 @@ void sparse_mla_cuda(const TensorView& q, const TensorView& kv, const TensorView
   launch.max_logits = max_logits.empty() ? nullptr : max_logits.mutable_data<float>();
   launch.rows = static_cast<int>(rows);
   launch.heads = static_cast<int>(heads);
-  launch.scale = static_cast<float>(options.scale > 0.0 ? options.scale : 1.0 / std::sqrt(double(kMlaQkDim)));
+  launch.scale = scale;
   launch.multiprocessors = facts.multiprocessors;
   launch.device = device.index;
   cuda_kernels::launch_sparse_mla(function, launch, stream);

@@ -1,6 +1,5 @@
 // Argument checks of sparse_mla_backward_cuda; the kernels are in cuda_sparse_mla_backward.cu and
 // cuda_sparse_attention_backward.cu.
-#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -11,6 +10,7 @@
 #if KEYSEL_CUDA
 #include "cuda_glue.h"
 #include "cuda_sparse_mla_backward_launch.h"
+#include "cuda_sparse_mla_checks.h"
 #endif
 
 namespace keysel {
@@ -36,26 +36,14 @@ void sparse_mla_backward_cuda(const TensorView& q, const TensorView& kv, const T
                    kv.str());
   check_tensor(function, kv, "kv", {kAnyExtent, kMlaQkDim}, {dtype}, device, false);
   const std::int64_t slots = kv.size(0);
-  expect_shape(function, indices, "indices", {tokens, kAnyExtent});
-  expect_dtype(function, indices, "indices", {DType::int32});
-  expect_device(function, indices, "indices", device);
-  KEYSEL_CHECK_ARG(indices.size(1) <= 1 || indices.stride(1) == 1, "indices", "contiguous slots in each row",
-                   indices.str());
+  const std::int64_t topk = detail::check_cuda_mla_indices(function, indices, tokens, device);
   KEYSEL_CHECK_ARG(tokens <= 1 || indices.stride(0) >= 0, "indices", "a row stride >= 0", indices.str());
-  const std::int64_t topk = indices.size(1);
   check_tensor(function, out, "out", {tokens, heads, kMlaLatentDim}, {DType::bf16, DType::fp32}, device, false);
   check_tensor(function, lse, "lse", {tokens, heads}, {DType::fp32}, device, false);
   check_tensor(function, grad_out, "grad_out", {tokens, heads, kMlaLatentDim}, {DType::bf16, DType::fp32}, device,
                false);
   if (!grad_lse.empty()) check_tensor(function, grad_lse, "grad_lse", {tokens, heads}, {DType::fp32}, device, false);
-  if (!options.attn_sink.empty()) {
-    check_tensor(function, options.attn_sink, "attn_sink", {heads}, {DType::fp32}, device, false);
-  }
-  if (!options.topk_length.empty()) {
-    check_tensor(function, options.topk_length, "topk_length", {tokens}, {DType::int32}, device, false);
-  }
-  KEYSEL_CHECK_ARG(options.scale == 0.0 || (std::isfinite(options.scale) && options.scale > 0.0), "scale",
-                   "a finite scale > 0 (0: 1/sqrt(576))", options.scale);
+  const float scale = detail::check_cuda_mla_options(function, options, tokens, heads, device);
   check_tensor(function, gradients.q, "gradients.q", {tokens, heads, kMlaQkDim}, {DType::fp32}, device, true);
   check_tensor(function, gradients.kv, "gradients.kv", {slots, kMlaQkDim}, {DType::fp32}, device, true);
   if (!gradients.attn_sink.empty()) {
@@ -106,7 +94,7 @@ void sparse_mla_backward_cuda(const TensorView& q, const TensorView& kv, const T
   launch.tokens = tokens;
   launch.slots = slots;
   launch.heads = static_cast<int>(heads);
-  launch.scale = static_cast<float>(options.scale > 0.0 ? options.scale : 1.0 / std::sqrt(double(kMlaQkDim)));
+  launch.scale = scale;
   launch.device = device.index;
   cuda_kernels::launch_sparse_mla_backward(function, launch, stream);
 }

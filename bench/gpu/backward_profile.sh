@@ -22,7 +22,7 @@ sed -e 's/@PROJECT_VERSION@/profile/' -e 's/#cmakedefine01 KEYSEL_CUDA/#define K
     -e 's/#cmakedefine01 \(KEYSEL_[A-Z]*\)/#define \1 0/' core/build_config.h.in >"$B/generated/keysel/core/build_config.h"
 INC=(-Icore/include -Iattention/include -I"$B/generated" -Iattention/src)
 start=$SECONDS
-for f in core/src/error.cpp core/src/device.cpp; do
+for f in core/src/error.cpp core/src/device.cpp core/src/tensor.cpp core/src/dtype.cpp; do
   g++ -std=c++20 -O2 "${INC[@]}" -c "$f" -o "$B/$(basename "$f").o" &
 done
 for f in bench/gpu/backward_profile.cu attention/src/cuda_sparse_attention_backward.cu attention/src/cuda_sparse_attention.cu \

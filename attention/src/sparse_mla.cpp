@@ -16,6 +16,7 @@
 #include "keysel/core/dtype.h"
 #include "keysel/core/error.h"
 #include "keysel/core/selection.h"
+#include "keysel/core/threads.h"
 #include "sparse_attention_backward.h"
 
 namespace keysel {
@@ -367,19 +368,33 @@ void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& ind
                    Granularity::per_kv_head, out, lse_view, attention);
   if (!max_logits.empty()) {  // the largest selected logit, from q . kv of the (decoded) rows in fp32
     const float scale = static_cast<float>(inputs.scale);
-    for (std::int64_t t = 0; t < shape.tokens; ++t) {
-      const auto& row = rows[static_cast<std::size_t>(t)];
-      for (std::int64_t h = 0; h < shape.heads; ++h) {
-        float top = -std::numeric_limits<float>::infinity();
-        for (const std::int32_t s : row) {
-          float dot = 0.0f;
+    float* const top_out = max_logits.mutable_data<float>();
+    const int threads = attention.threads > 0 ? attention.threads : num_threads();
+    // Each (token, head) is one sequential fp32 sum per slot, so the bits do not depend on the thread count.
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> keys, query(static_cast<std::size_t>(kMlaQkDim));
+#pragma omp for schedule(dynamic)
+      for (std::int64_t t = 0; t < shape.tokens; ++t) {
+        const auto& row = rows[static_cast<std::size_t>(t)];
+        keys.resize(row.size() * static_cast<std::size_t>(kMlaQkDim));  // the row's rows of K, once per token
+        for (std::size_t i = 0; i < row.size(); ++i) {
           for (std::int64_t d = 0; d < kMlaQkDim; ++d) {
-            dot += static_cast<float>(q.load({t, h, d})) * static_cast<float>(k_view.load({s, 0, d}));
+            keys[i * kMlaQkDim + static_cast<std::size_t>(d)] = static_cast<float>(k_view.load({row[i], 0, d}));
           }
-          top = std::max(top, scale * dot);
         }
-        const std::int64_t index[] = {t, h};
-        max_logits.mutable_data<float>()[max_logits.offset(index)] = top;
+        for (std::int64_t h = 0; h < shape.heads; ++h) {
+          for (std::int64_t d = 0; d < kMlaQkDim; ++d) query[static_cast<std::size_t>(d)] = static_cast<float>(q.load({t, h, d}));
+          float top = -std::numeric_limits<float>::infinity();
+          for (std::size_t i = 0; i < row.size(); ++i) {
+            const float* key = keys.data() + i * kMlaQkDim;
+            float dot = 0.0f;
+            for (std::int64_t d = 0; d < kMlaQkDim; ++d) dot += query[static_cast<std::size_t>(d)] * key[d];
+            top = std::max(top, scale * dot);
+          }
+          const std::int64_t index[] = {t, h};
+          top_out[max_logits.offset(index)] = top;
+        }
       }
     }
   }

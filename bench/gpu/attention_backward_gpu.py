@@ -30,29 +30,35 @@ from flash_peer import cuda_ms  # the same timing as the flash peer of backward_
 
 
 def random_causal_selection(t, groups, k, generator, chunk=512):
-    """int32 [T, G, k]: row i holds min(k, i + 1) distinct random keys in [0, i], then -1."""
-    sel = torch.empty((t, groups, k), dtype=torch.int32, device="cuda")
+    """int32 [T, G, k] on the generator's device: row i holds min(k, i + 1) distinct random keys in [0, i] and -1 in
+    its other entries (in no particular order)."""
+    device = generator.device
+    sel = torch.empty((t, groups, k), dtype=torch.int32, device=device)
+    keys = torch.arange(t, device=device)
     for r0 in range(0, t, chunk):
         r1 = min(t, r0 + chunk)
-        keys = torch.arange(t, device="cuda")
-        allowed = keys[None, :] <= torch.arange(r0, r1, device="cuda")[:, None]          # [rows, N]
-        noise = torch.rand((r1 - r0, groups, t), device="cuda", generator=generator)
+        allowed = keys[None, :] <= torch.arange(r0, r1, device=device)[:, None]          # [rows, N]
+        noise = torch.rand((r1 - r0, groups, t), device=device, generator=generator)
         noise = noise.masked_fill(~allowed[:, None, :], -1.0)
-        values, index = torch.topk(noise, k, dim=-1, sorted=False)
-        sel[r0:r1] = torch.where(values >= 0, index, torch.full_like(index, -1)).to(torch.int32)
+        values, index = torch.topk(noise, min(k, t), dim=-1, sorted=False)
+        sel[r0:r1, :, :index.shape[-1]] = torch.where(values >= 0, index, torch.full_like(index, -1)).to(torch.int32)
+        sel[r0:r1, :, index.shape[-1]:] = -1
     return sel
+
+
+def selection_mask(selection, n):
+    """bool [..., N] from an int selection [..., k]: True at each valid entry. -1 entries go to a spare column N
+    (dropped after), so they cannot clear a selected key 0 (the order of scattered writes to one place is
+    unspecified)."""
+    mask = torch.zeros((*selection.shape[:-1], n + 1), dtype=torch.bool, device=selection.device)
+    mask.scatter_(-1, torch.where(selection >= 0, selection, n).long(), True)
+    return mask[..., :n]
 
 
 def masked_dense(q, k, v, selection, scale):
     """[T, Hq, D] attention with float32 softmax over the selection (a -inf mask elsewhere)."""
-    t, hq, _ = q.shape
-    g = hq // k.shape[1]
-    n = k.shape[0]
-    # -1 entries go to a spare column N (dropped after), so they cannot clear a selected key 0
-    mask = torch.zeros((t, k.shape[1], n + 1), dtype=torch.bool, device=q.device)
-    index = torch.where(selection >= 0, selection, n).long()
-    mask.scatter_(2, index, torch.ones_like(index, dtype=torch.bool))
-    mask = mask[:, :, :n].repeat_interleave(g, dim=1)                                   # [T, Hq, N]
+    g = q.shape[1] // k.shape[1]
+    mask = selection_mask(selection, k.shape[0]).repeat_interleave(g, dim=1)            # [T, Hq, N]
     scores = torch.einsum("thd,nhd->htn", q, k.repeat_interleave(g, dim=1)).float() * scale
     p = torch.softmax(scores.masked_fill(~mask.transpose(0, 1), float("-inf")), dim=-1)
     return torch.einsum("htn,nhd->thd", p.to(q.dtype), v.repeat_interleave(g, dim=1))

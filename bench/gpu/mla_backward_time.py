@@ -8,8 +8,8 @@ PyTorch user would run instead.
 One causal prefill of T tokens over its own latent cache (N = T): q [T, H, 576] (512 latent + 64 RoPE channels),
 kv [N, 576] (one latent head; the value of a slot is its first 512 channels, Dv = 512), bf16, scale 1/sqrt(192)
 (the non-absorbed model's qk head dim). Each row t selects min(k, t + 1) distinct random keys in [0, t] (-1 in
-its other entries), drawn once outside the timings (as bench/gpu/attention_backward_gpu.py draws them: random keys
-are the worst case for the cache hit rate). Timed (CUDA events on a GPU, perf_counter on the CPU), median of the
+its other entries), drawn once outside the timings by bench/gpu/attention_backward_gpu.py's random_causal_selection
+(random keys are the worst case for the cache hit rate). Timed (CUDA events on a GPU, perf_counter on the CPU), median of the
 timed calls after warm-ups: two warm-ups and up to --repeat timed calls, fewer where one call is long (one warm-up
 when it took over 0.25 s; the timed calls cut to what fits in --measure-s, at least one). Per shape (T, H, k):
   keysel fwd          keysel.sparse_mla, keysel's forward kernel (bf16 out, lse)
@@ -51,28 +51,12 @@ import torch.nn.functional as F
 
 import keysel
 import keysel.torch as kt
+from attention_backward_gpu import random_causal_selection, selection_mask  # same folder
 
 D_QK, D_V = 576, 512
 FLASH_QK, FLASH_V = 192, 128          # the non-absorbed MHA form: 128 nope + 64 RoPE channels, v 128
 BWD_FLOPS, FWD_FLOPS = 2 * (3 * D_QK + 2 * D_V), 2 * (D_QK + D_V)
 AGREE = 3e-2  # ||grad - kernel's grad|| / ||kernel's grad|| above this (or NaN) is flagged
-
-
-def random_causal_indices(t, k, generator, device, chunk=512):
-    """int32 [T, k]: row i holds min(k, i + 1) distinct random keys in [0, i] and -1 in its other entries (in no
-    particular order: attention_backward_gpu.py's draw with one key head)."""
-    sel = torch.empty((t, k), dtype=torch.int32, device=device)
-    keys = torch.arange(t, device=device)
-    for r0 in range(0, t, chunk):
-        r1 = min(t, r0 + chunk)
-        allowed = keys[None, :] <= torch.arange(r0, r1, device=device)[:, None]          # [rows, N]
-        noise = torch.rand((r1 - r0, t), device=device, generator=generator)
-        noise = noise.masked_fill(~allowed, -1.0)
-        values, index = torch.topk(noise, min(k, t), dim=-1, sorted=False)
-        index = torch.where(values >= 0, index, torch.full_like(index, -1)).to(torch.int32)
-        sel[r0:r1, :index.shape[1]] = index
-        sel[r0:r1, index.shape[1]:] = -1
-    return sel
 
 
 def masked_mla(q, kv, mask, scale):
@@ -206,7 +190,7 @@ def main():
         notes = []
         row = {"tokens": t, "heads": h, "k": k, "device": name, "dtype": "bfloat16", "scale": scale}
         if (t, k) not in index_cache:  # one draw per (T, k), shared by the head counts
-            index_cache[(t, k)] = random_causal_indices(t, k, generator, device)
+            index_cache[(t, k)] = random_causal_selection(t, 1, k, generator)[:, 0]
         indices = index_cache[(t, k)]
         valid_slots = int((indices >= 0).sum())
         entries = h * valid_slots
@@ -248,67 +232,56 @@ def main():
         if not have_kernel_grads:
             grad_q = grad_kv = None
 
-        # keysel.torch.sparse_mla under autograd (on CUDA: gather-based forward, keysel's backward kernel)
-        row["autograd_fwd_bwd_ms"] = None
-        gathered = t * k * D_QK * 4
-        logits = t * h * k * 4
-        need = max(3 * gathered, gathered + 5 * logits) + 2 * t * h * D_QK * 4 if cuda else 0
-        reason = timer.skip_reason("autograd", entries)
-        if need > args.memory_fraction * free_bytes(device):
-            reason = (f"its gather-based CUDA forward needs about {need / 2**30:.0f} GiB (float32 latents [T, k, 576] "
-                      f"{gathered / 2**30:.1f} GiB, three at once), {free_bytes(device) / 2**30:.0f} GiB free")
-        if reason:
-            notes.append(f"autograd fwd+bwd: not run, {reason}")
-        else:
+        def baseline(key, label, work, need, too_big, prepare):
+            """row[key + "_fwd_bwd_ms"]: the median time of prepare()'s function (fwd + bwd from fresh q, kv leaves,
+            returning their gradients), and how far its gradients are from the kernel's; unless it would overrun
+            --budget-s, or its `need` bytes do not fit the free memory (too_big() says by how much)."""
+            row[key + "_fwd_bwd_ms"] = None
+            reason = timer.skip_reason(key, work)
+            if need > args.memory_fraction * free_bytes(device):
+                reason = too_big()
+            if reason:
+                notes.append(f"{label} fwd+bwd: not run, {reason}")
+                return
+            both = prepare()
             leaves = [q.detach().clone().requires_grad_(True), kv.detach().clone().requires_grad_(True)]
-
-            def autograd_both():
-                o, _ = kt.sparse_mla(leaves[0], leaves[1], indices, scale=scale)
-                return torch.autograd.grad(o, leaves, grad_out)
-
             try:
-                row["autograd_fwd_bwd_ms"], row["autograd_calls"], grads = timer("autograd", entries, autograd_both)
+                row[key + "_fwd_bwd_ms"], row[key + "_calls"], grads = timer(key, work, lambda: both(leaves))
                 if have_kernel_grads:
-                    row["autograd_vs_kernel_dq"] = rel_diff(grads[0], grad_q)
-                    row["autograd_vs_kernel_dkv"] = rel_diff(grads[1], grad_kv)
+                    row[key + "_vs_kernel_dq"] = rel_diff(grads[0], grad_q)
+                    row[key + "_vs_kernel_dkv"] = rel_diff(grads[1], grad_kv)
                 del grads
             except torch.OutOfMemoryError:
-                notes.append("autograd fwd+bwd: out of memory")
-            del leaves
+                notes.append(f"{label} fwd+bwd: out of memory")
+            del leaves, both
             if cuda:
                 torch.cuda.empty_cache()
+
+        # keysel.torch.sparse_mla under autograd (on CUDA: gather-based forward, keysel's backward kernel)
+        gathered = t * k * D_QK * 4
+        need = max(3 * gathered, gathered + 5 * t * h * k * 4) + 2 * t * h * D_QK * 4 if cuda else 0
+
+        def autograd_both(leaves):
+            o, _ = kt.sparse_mla(leaves[0], leaves[1], indices, scale=scale)
+            return torch.autograd.grad(o, leaves, grad_out)
+
+        baseline("autograd", "autograd", entries, need,
+                 lambda: (f"its gather-based CUDA forward needs about {need / 2**30:.0f} GiB (float32 latents "
+                          f"[T, k, 576] {gathered / 2**30:.1f} GiB, three at once), "
+                          f"{free_bytes(device) / 2**30:.0f} GiB free"),
+                 lambda: autograd_both)
 
         # the masked dense baseline
-        row["masked_fwd_bwd_ms"] = None
-        need = 5 * h * t * t * 4
-        reason = timer.skip_reason("masked", h * t * t)
-        if need > args.memory_fraction * free_bytes(device):
-            reason = (f"[H, T, N] float32 is {h * t * t * 4 / 2**30:.0f} GiB, about five of them at once "
-                      f"({need / 2**30:.0f} GiB; {free_bytes(device) / 2**30:.0f} GiB free)")
-        if reason:
-            notes.append(f"masked fwd+bwd: not run, {reason}")
-        else:
-            # True at each valid slot; -1 entries land in a spare column (scattering False for them could clear a
-            # selected key 0, the order of scattered writes to one place being unspecified)
-            mask = torch.zeros((t, t + 1), dtype=torch.bool, device=device)
-            mask.scatter_(1, torch.where(indices >= 0, indices, t).long(), True)
-            mask = mask[:, :t].contiguous()
-            leaves = [q.detach().clone().requires_grad_(True), kv.detach().clone().requires_grad_(True)]
+        masked_need = 5 * h * t * t * 4
 
-            def masked_both():
-                return torch.autograd.grad(masked_mla(leaves[0], leaves[1], mask, scale), leaves, grad_out)
+        def masked_prepare():
+            mask = selection_mask(indices, t).contiguous()
+            return lambda leaves: torch.autograd.grad(masked_mla(leaves[0], leaves[1], mask, scale), leaves, grad_out)
 
-            try:
-                row["masked_fwd_bwd_ms"], row["masked_calls"], grads = timer("masked", h * t * t, masked_both)
-                if have_kernel_grads:
-                    row["masked_vs_kernel_dq"] = rel_diff(grads[0], grad_q)
-                    row["masked_vs_kernel_dkv"] = rel_diff(grads[1], grad_kv)
-                del grads
-            except torch.OutOfMemoryError:
-                notes.append("masked fwd+bwd: out of memory")
-            del leaves, mask
-            if cuda:
-                torch.cuda.empty_cache()
+        baseline("masked", "masked", h * t * t, masked_need,
+                 lambda: (f"[H, T, N] float32 is {h * t * t * 4 / 2**30:.0f} GiB, about five of them at once "
+                          f"({masked_need / 2**30:.0f} GiB; {free_bytes(device) / 2**30:.0f} GiB free)"),
+                 masked_prepare)
         del q, kv, grad_out, out, lse, top, grad_q, grad_kv
 
         # dense flash on the non-absorbed form (once per (T, H))

@@ -384,7 +384,9 @@ void sparse_mla(const TensorView& q, const TensorView& kv, const TensorView& ind
           }
         }
         for (std::int64_t h = 0; h < shape.heads; ++h) {
-          for (std::int64_t d = 0; d < kMlaQkDim; ++d) query[static_cast<std::size_t>(d)] = static_cast<float>(q.load({t, h, d}));
+          for (std::int64_t d = 0; d < kMlaQkDim; ++d) {
+            query[static_cast<std::size_t>(d)] = static_cast<float>(q.load({t, h, d}));
+          }
           float top = -std::numeric_limits<float>::infinity();
           for (std::size_t i = 0; i < row.size(); ++i) {
             const float* key = keys.data() + i * kMlaQkDim;
